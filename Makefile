@@ -1,0 +1,65 @@
+# Build skeleton for OSCAR. Everything here is non-interactive (CI runs with CI=true, no stdin).
+#
+#   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin
+#   make .stamp-venv  create .venv and install the project with the [test] extra
+#   make test       lint + format check + typecheck + pytest (ARGS passed to pytest)
+#   make lint | typecheck | bench | clean
+
+PY ?= python3
+VENV = .venv
+BIN = $(VENV)/bin
+STAMP = .stamp-venv
+ARGS ?=
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: deps venv test lint typecheck bench clean
+
+# apt_install CHECK_CMDS PACKAGES: install PACKAGES unless every command in CHECK_CMDS exists.
+define apt_install
+	missing=""; \
+	for c in $(1); do command -v "$$c" >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "error: missing$$missing; run as root: apt-get install -y $(2)" >&2; exit 1; \
+		fi; \
+		echo "deps: installing $(2) (missing:$$missing)"; \
+		apt-get update -qq || echo "deps: apt-get update reported problems; continuing" >&2; \
+		apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	fi
+endef
+
+deps:
+	@$(call apt_install,autoreconf automake,autoconf automake libtool)
+	@$(call apt_install,coap-client-openssl,libcoap3-bin)
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; deps is order-only so it never forces a re-install.
+$(STAMP): pyproject.toml | deps
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+		|| { echo "error: $(PY) is older than Python 3.10; run make PY=python3.X" >&2; exit 1; }
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy oscar
+
+test: deps $(STAMP) lint typecheck
+	$(BIN)/pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(STAMP) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -1,0 +1,59 @@
+"""The exception hierarchy of the oscar library.
+
+::
+
+    Exception
+    ├── OscarError                     base of everything the library raises on purpose
+    │   ├── InvalidObject              incoming protected data failed a check (opaque)
+    │   ├── CertificateError           a certificate is not acceptable for the use asked
+    │   └── SequenceUnavailable        no sequence number can be guaranteed fresh: refuse to seal
+    └── ValueError / TypeError         misuse by the caller (bad argument, unknown profile name)
+        └── PlaintextTooLarge          (also an OscarError) the profile's AEAD cannot seal that much
+
+``InvalidObject`` is deliberately opaque: ``str()`` never says which check failed, so a peer that
+is shown the message learns nothing. The failed check is kept in ``reason`` for the local log. A
+reason is always one of the library's own fixed phrases, never a value taken from the object or
+a secret.
+
+This module does not log, and it does not map errors to CoAP codes: the roles do that.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CertificateError",
+    "InvalidObject",
+    "OscarError",
+    "PlaintextTooLarge",
+    "SequenceUnavailable",
+]
+
+
+class OscarError(Exception):
+    """Base class of the errors the oscar library raises on purpose."""
+
+
+class InvalidObject(OscarError):
+    """A protected object (or a COSE message) failed a check.
+
+    ``reason`` says which check, for the local log only; ``str(exc)`` is the same for every failure.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("invalid protected object")
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"InvalidObject(reason={self.reason!r})"
+
+
+class CertificateError(OscarError):
+    """A certificate does not chain to the trust anchor, is not valid now, or names someone else."""
+
+
+class SequenceUnavailable(OscarError):
+    """The sequence-number allocator cannot guarantee an unused number, so nothing may be sealed."""
+
+
+class PlaintextTooLarge(OscarError, ValueError):
+    """The plaintext is longer than the profile's AEAD can seal (AES-CCM-16-*: 65,535 bytes)."""

@@ -1,0 +1,393 @@
+"""OSCAR protected objects: seal, verify without a secret, and open (DESIGN §4).
+
+A protected object is a tagged COSE_Sign1 whose payload is a tagged COSE_Encrypt0 (encrypt, then
+sign). The wire layout is pinned in DESIGN §4 and described with a worked example in
+``docs/PROTOCOL.md``; this module is its reference implementation.
+
+Incoming objects go through the checks in DESIGN order, and any failure raises the one opaque
+:class:`~oscar.errors.InvalidObject` (its ``reason`` is for the local log):
+
+1. size limit, before any decoding;
+2. strict CBOR and exact structure: tags 18 and 16, exactly the pinned header labels and types,
+   an empty unprotected Sign1 header, a minimal Partial IV equal to the signed ``seq``;
+3. known algorithms only, read from the protected headers only;
+4. the signer: a certificate must chain to the trust anchor (when one is given), be valid at ``now``
+   and name the producer in ``iss``; ``sub`` must be a resource of that producer; ``kid`` must be
+   the signer key's id;
+5. the signature;
+6. expiry, then freshness (replay and rollback against :class:`~oscar.freshness.FreshnessState`);
+7. decryption, with ``[producer, resource, epoch, seq]`` as external AAD.
+
+:func:`verify` stops after step 6's expiry check and needs no secret (the proxy's view);
+:func:`open` does everything and records the object as the newest accepted.
+
+What this module does not do: look up certificates or secrets itself (the caller hands in a key, a
+certificate or a lookup function), keep time (``now`` is an argument), or allocate sequence numbers
+(see :mod:`oscar.sequence`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from cryptography import x509
+
+from . import certs
+from .algorithms import (
+    AeadAlgorithm,
+    PrivateKey,
+    PublicKey,
+    SignatureAlgorithm,
+    aead_for,
+    signature_algorithm_of_key,
+    signature_for,
+)
+from .cbor import dumps
+from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, HeaderMap, Sign1
+from .errors import CertificateError, InvalidObject
+from .freshness import FreshnessState
+from .keys import MAX_SEQ, AccessSecret, ContentKeys, KeyCache, SecretLookup
+from .profiles import DEFAULT_PROFILE, Profile
+
+__all__ = [
+    "CONTENT_FORMAT_COSE_SIGN1",
+    "DEFAULT_MAX_OBJECT_SIZE",
+    "ObjectMetadata",
+    "ProtectedObject",
+    "Reading",
+    "Signer",
+    "SignerLookup",
+    "external_aad",
+    "open",
+    "seal",
+    "verify",
+]
+
+#: CoAP content format of a protected object: application/cose; cose-type="cose-sign1".
+CONTENT_FORMAT_COSE_SIGN1 = 18
+
+#: Largest object accepted by default: a 1 MiB representation plus its headers and tag.
+DEFAULT_MAX_OBJECT_SIZE = (1 << 20) + 4096
+
+CWT_CLAIMS = 15
+EPOCH = -65537
+SEQ = -65538
+ISS, SUB, EXP, IAT = 1, 2, 4, 6
+
+_SIGN1_LABELS = frozenset({ALG, KID, CWT_CLAIMS, EPOCH, SEQ})
+_CWT_LABELS = frozenset({ISS, SUB, EXP, IAT})
+_ENC_LABELS = frozenset({ALG, CONTENT_TYPE})
+_MAX_PIV_LENGTH = 8
+
+#: The signer of an object: its public key, or its certificate.
+Signer: TypeAlias = "PublicKey | x509.Certificate"
+#: Finds the signer of (producer id, kid), or None when unknown.
+SignerLookup = Callable[[str, bytes], "Signer | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMetadata:
+    """What an object says about itself, all of it covered by the producer's signature."""
+
+    producer_id: str
+    resource_id: str
+    epoch: int
+    seq: int
+    iat: int
+    exp: int
+    content_format: int
+    aead: AeadAlgorithm
+    signature_algorithm: SignatureAlgorithm
+    kid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """An opened object: the plaintext representation and its signed metadata."""
+
+    plaintext: bytes = field(repr=False)
+    metadata: ObjectMetadata
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (
+            f"Reading(resource_id={m.resource_id!r}, epoch={m.epoch}, seq={m.seq}, "
+            f"content_format={m.content_format}, length={len(self.plaintext)})"
+        )
+
+
+def external_aad(producer_id: str, resource_id: str, epoch: int, seq: int) -> bytes:
+    """The external AAD of DESIGN §4: CBOR ``[producer id, resource id, epoch, seq]``."""
+    return dumps([producer_id, resource_id, epoch, seq])
+
+
+def _partial_iv(seq: int) -> bytes:
+    return seq.to_bytes(max(1, (seq.bit_length() + 7) // 8), "big")
+
+
+def _uint(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise InvalidObject(f"{what} is not an unsigned integer")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if type(value) is not str or not value:
+        raise InvalidObject(f"{what} is not a non-empty text string")
+    return value
+
+
+def owns(producer_id: str, resource_id: str) -> bool:
+    """Whether ``resource_id`` names a resource of ``producer_id`` (``<producer-id>/<path>``)."""
+    return resource_id.startswith(producer_id + "/") and len(resource_id) > len(producer_id) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectedObject:
+    """A structurally valid protected object, decoded but not yet verified."""
+
+    metadata: ObjectMetadata
+    sign1: Sign1
+    encrypt0: Encrypt0
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_size: int = DEFAULT_MAX_OBJECT_SIZE) -> ProtectedObject:
+        """Checks 1 to 3 of the module docstring; raises :class:`InvalidObject` on any failure."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidObject("input is not bytes")
+        if len(data) > max_size:
+            raise InvalidObject("object exceeds the size limit")
+        sign1 = Sign1.from_bytes(bytes(data))
+        header = sign1.protected_map
+        if header.keys() != _SIGN1_LABELS:
+            raise InvalidObject("Sign1 protected header has missing or unknown labels")
+        if sign1.unprotected:
+            raise InvalidObject("Sign1 unprotected header is not empty")
+        signature_algorithm = signature_for(header[ALG])
+        kid = header[KID]
+        if type(kid) is not bytes or len(kid) != certs.KID_LENGTH:
+            raise InvalidObject("kid is not an 8-byte string")
+        claims = header[CWT_CLAIMS]
+        if type(claims) is not dict or claims.keys() != _CWT_LABELS:
+            raise InvalidObject("CWT claims are missing or unknown")
+        producer_id = _text(claims[ISS], "iss")
+        resource_id = _text(claims[SUB], "sub")
+        if not owns(producer_id, resource_id):
+            raise InvalidObject("resource does not belong to the issuing producer")
+        iat = _uint(claims[IAT], "iat")
+        exp = _uint(claims[EXP], "exp")
+        if exp < iat:
+            raise InvalidObject("exp precedes iat")
+        epoch = _uint(header[EPOCH], "epoch")
+        seq = _uint(header[SEQ], "seq")
+
+        encrypt0 = Encrypt0.from_bytes(sign1.payload)
+        inner = encrypt0.protected_map
+        if inner.keys() != _ENC_LABELS:
+            raise InvalidObject("Encrypt0 protected header has missing or unknown labels")
+        if encrypt0.unprotected.keys() != {PARTIAL_IV}:
+            raise InvalidObject("Encrypt0 unprotected header is not exactly the Partial IV")
+        aead = aead_for(inner[ALG])
+        content_format = inner[CONTENT_TYPE]
+        if type(content_format) is not int or not 0 <= content_format <= 0xFFFF:
+            raise InvalidObject("content type is not a CoAP content format")
+        piv = encrypt0.unprotected[PARTIAL_IV]
+        if type(piv) is not bytes or piv != _partial_iv(seq) or len(piv) > _MAX_PIV_LENGTH:
+            raise InvalidObject("Partial IV does not encode the signed seq minimally")
+        if len(encrypt0.ciphertext) < aead.tag_length:
+            raise InvalidObject("ciphertext shorter than the tag")
+        metadata = ObjectMetadata(
+            producer_id,
+            resource_id,
+            epoch,
+            seq,
+            iat,
+            exp,
+            content_format,
+            aead,
+            signature_algorithm,
+            kid,
+        )
+        return cls(metadata, sign1, encrypt0)
+
+    def to_bytes(self) -> bytes:
+        return self.sign1.to_bytes()
+
+
+def seal(
+    *,
+    secret: AccessSecret | ContentKeys,
+    producer_id: str,
+    resource_id: str,
+    epoch: int,
+    seq: int,
+    iat: int,
+    exp: int,
+    content_format: int,
+    plaintext: bytes,
+    signing_key: PrivateKey,
+    profile: Profile = DEFAULT_PROFILE,
+) -> bytes:
+    """Encrypt ``plaintext`` under the epoch's content key, then sign; return the object's bytes.
+
+    ``secret`` is the epoch's access secret, or keys already derived from it (faster when sealing
+    many objects). The caller guarantees ``seq`` is unused under this epoch (see
+    :class:`~oscar.sequence.SequenceAllocator`).
+
+    Raises ``ValueError``/``TypeError`` for bad arguments (a key that is not of the profile's
+    signature algorithm, a resource of another producer, ``exp`` before ``iat``) and
+    :class:`~oscar.errors.PlaintextTooLarge` when the profile's AEAD cannot seal that much.
+    """
+    if not isinstance(producer_id, str) or not isinstance(resource_id, str) or not producer_id:
+        raise ValueError("producer and resource ids must be text")
+    if not owns(producer_id, resource_id):
+        raise ValueError(f"resource {resource_id!r} is not of the form '{producer_id}/<path>'")
+    for name, value in (("epoch", epoch), ("seq", seq), ("iat", iat), ("exp", exp)):
+        if type(value) is not int or not 0 <= value <= MAX_SEQ:
+            raise ValueError(f"{name} must be an integer from 0 to 2**64 - 1")
+    if exp < iat:
+        raise ValueError("exp must not be earlier than iat")
+    if type(content_format) is not int or not 0 <= content_format <= 0xFFFF:
+        raise ValueError("content_format must be a CoAP content format (0 to 65535)")
+    if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+        raise TypeError("plaintext must be bytes")
+    signature_algorithm = signature_algorithm_of_key(signing_key)
+    if signature_algorithm is not profile.signature:
+        raise ValueError(
+            f"profile {profile.name} signs with {profile.signature.name}, "
+            f"but the key is a {signature_algorithm.name} key"
+        )
+    aead = profile.aead
+    if isinstance(secret, ContentKeys):
+        if (secret.resource_id, secret.epoch, secret.aead) != (resource_id, epoch, aead):
+            raise ValueError("the content keys were derived for another resource, epoch or AEAD")
+        keys = secret
+    else:
+        keys = ContentKeys.derive(secret, resource_id, epoch, aead)
+
+    aad = external_aad(producer_id, resource_id, epoch, seq)
+    enc_protected = dumps({ALG: aead.cose_id, CONTENT_TYPE: content_format})
+    ciphertext = aead.encrypt(
+        keys.cipher,
+        keys.nonce(seq),
+        bytes(plaintext),
+        Encrypt0.to_be_encrypted(enc_protected, aad),
+    )
+    encrypt0 = Encrypt0(enc_protected, {}, {PARTIAL_IV: _partial_iv(seq)}, ciphertext).to_bytes()
+
+    # Keys in RFC 8949 §4.2.1 order, so equal objects encode to equal bytes.
+    header: HeaderMap = {
+        ALG: signature_algorithm.cose_id,
+        KID: certs.key_id(signing_key.public_key()),
+        CWT_CLAIMS: {ISS: producer_id, SUB: resource_id, EXP: exp, IAT: iat},
+        EPOCH: epoch,
+        SEQ: seq,
+    }
+    return Sign1.sign(header, {}, encrypt0, signing_key, signature_algorithm).to_bytes()
+
+
+def _resolve_signer(
+    obj: ProtectedObject,
+    signer: Signer | SignerLookup,
+    now: int,
+    trust_anchor: x509.Certificate | None,
+    revoked_serials: Container[int],
+) -> PublicKey:
+    m = obj.metadata
+    if callable(signer) and not isinstance(signer, x509.Certificate):
+        found = signer(m.producer_id, m.kid)
+        if found is None:
+            raise InvalidObject("signer unknown")
+        signer = found
+    if isinstance(signer, x509.Certificate):
+        try:
+            return certs.check_certificate(
+                signer,
+                trust_anchor,
+                device_id=m.producer_id,
+                now=now,
+                revoked_serials=revoked_serials,
+            )
+        except CertificateError as exc:
+            raise InvalidObject(f"signer certificate not acceptable: {exc}") from None
+    return signer
+
+
+def verify(
+    data: bytes,
+    *,
+    signer: Signer | SignerLookup,
+    now: int,
+    trust_anchor: x509.Certificate | None = None,
+    revoked_serials: Container[int] = (),
+    max_size: int = DEFAULT_MAX_OBJECT_SIZE,
+) -> ProtectedObject:
+    """Check an object without any secret: structure, signer, signature, expiry.
+
+    ``signer`` is the producer's public key or certificate, or a function of (producer id, kid)
+    returning one. With ``trust_anchor`` a certificate must chain to it. Returns the decoded object;
+    raises :class:`InvalidObject` if any check fails.
+    """
+    obj = ProtectedObject.from_bytes(data, max_size=max_size)
+    public_key = _resolve_signer(obj, signer, now, trust_anchor, revoked_serials)
+    m = obj.metadata
+    if certs.key_id(public_key) != m.kid:
+        raise InvalidObject("kid does not identify the signer's key")
+    obj.sign1.verify(public_key, m.signature_algorithm)
+    if now > m.exp:
+        raise InvalidObject("object expired")
+    return obj
+
+
+def open(
+    data: bytes,
+    *,
+    secrets: SecretLookup | KeyCache,
+    signer: Signer | SignerLookup,
+    now: int,
+    freshness: FreshnessState | None = None,
+    trust_anchor: x509.Certificate | None = None,
+    revoked_serials: Container[int] = (),
+    max_size: int = DEFAULT_MAX_OBJECT_SIZE,
+) -> Reading:
+    """Verify, check freshness, decrypt; return the plaintext with its metadata.
+
+    ``secrets`` finds the access secret of (resource id, epoch) (a :class:`KeyCache` also keeps
+    derived keys). With ``freshness`` the object must be newer than every object accepted before for
+    its resource, and is recorded as the newest once it has decrypted. Raises :class:`InvalidObject`
+    if any check fails; nothing is recorded then.
+    """
+    obj = verify(
+        data,
+        signer=signer,
+        now=now,
+        trust_anchor=trust_anchor,
+        revoked_serials=revoked_serials,
+        max_size=max_size,
+    )
+    m = obj.metadata
+    if freshness is not None:
+        freshness.check(m.resource_id, m.epoch, m.seq)
+    if isinstance(secrets, KeyCache):
+        keys = secrets.keys_for(m.resource_id, m.epoch, m.aead)
+    else:
+        secret = secrets(m.resource_id, m.epoch)
+        keys = (
+            None if secret is None else ContentKeys.derive(secret, m.resource_id, m.epoch, m.aead)
+        )
+    if keys is None:
+        raise InvalidObject("no access secret for this resource and epoch")
+    aad = Encrypt0.to_be_encrypted(
+        obj.encrypt0.protected, external_aad(m.producer_id, m.resource_id, m.epoch, m.seq)
+    )
+    plaintext = m.aead.decrypt(
+        keys.cipher,
+        keys.nonce(m.seq),
+        obj.encrypt0.ciphertext,
+        aad,
+    )
+    if freshness is not None:
+        freshness.accept(m.resource_id, m.epoch, m.seq)
+    return Reading(plaintext, m)
