@@ -1,0 +1,30 @@
+"""Shared fixtures and the hypothesis profile for the suite."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import HealthCheck, settings
+
+from testkit import Pki, make_pki
+
+# Crypto calls vary in time on a loaded 2-core machine; deadlines would only make tests flaky.
+settings.register_profile(
+    "oscar", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile("oscar")
+
+
+@pytest.fixture(scope="session")
+def es256_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture(scope="session")
+def eddsa_key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="session")
+def pki() -> Pki:
+    return make_pki()

@@ -1,0 +1,37 @@
+"""Shared test material: fixed ids and secrets, and a throwaway PKI (CA + producer certificate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from oscar import AccessSecret, certs
+
+NOW = 1_800_000_000
+SECRET = AccessSecret(bytes(range(32)))
+OTHER_SECRET = AccessSecret(bytes(range(1, 33)))
+PRODUCER = "sensor-1"
+RESOURCE = "sensor-1/temperature"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    producer_key: ec.EllipticCurvePrivateKey
+    producer_cert: x509.Certificate
+
+
+def make_pki(producer_id: str = PRODUCER, *, not_after: int = NOW + 86_400) -> Pki:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = certs.make_ca_certificate(
+        ca_key, "OSCAR test CA", serial=1, not_before=NOW - 86_400, not_after=NOW + 10 * 86_400
+    )
+    producer_key = ec.generate_private_key(ec.SECP256R1())
+    csr = certs.make_csr(producer_key, producer_id)
+    cert = certs.issue_certificate(
+        csr, producer_id, ca_cert, ca_key, serial=1000, not_before=NOW - 3600, not_after=not_after
+    )
+    return Pki(ca_key, ca_cert, producer_key, cert)
