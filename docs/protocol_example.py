@@ -64,7 +64,8 @@ def render() -> str:
     enc_structure = Encrypt0.to_be_encrypted(obj.encrypt0.protected, aad)
     sig_structure = Sign1.to_be_signed(obj.sign1.protected, obj.sign1.payload)
     reading = oscar.open(data, secrets=lambda r, e: SECRET, signer=key.public_key(), now=IAT)
-    assert reading.plaintext == PLAINTEXT
+    if reading.plaintext != PLAINTEXT:
+        raise RuntimeError("the worked example does not open to its plaintext")
 
     out = [
         "Inputs:",
