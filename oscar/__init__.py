@@ -13,6 +13,7 @@ Modules: :mod:`~oscar.cbor` (strict decoding), :mod:`~oscar.cose` (COSE messages
 
 from __future__ import annotations
 
+from .certs import ProducerKey, SigningKey
 from .errors import (
     CertificateError,
     InvalidObject,
@@ -49,12 +50,14 @@ __all__ = [
     "ObjectMetadata",
     "OscarError",
     "PlaintextTooLarge",
+    "ProducerKey",
     "Profile",
     "ProtectedObject",
     "Reading",
     "SequenceAllocator",
     "SequenceStore",
     "SequenceUnavailable",
+    "SigningKey",
     "open",
     "profile_by_name",
     "seal",

@@ -52,6 +52,14 @@ PublicKey: TypeAlias = "ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey"
 Cipher: TypeAlias = "AESCCM | AESGCM | ChaCha20Poly1305"
 
 
+ES256_ID, EDDSA_ID = -7, -8
+AES_CCM_16_64_128_ID, A128GCM_ID, A256GCM_ID, CHACHA20_POLY1305_ID = 10, 1, 3, 24
+
+# Made once: building these per signature shows up in the per-object cost.
+_SIGN_ES256 = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+_VERIFY_ES256 = ec.ECDSA(hashes.SHA256())
+
+
 @dataclass(frozen=True, slots=True)
 class AeadAlgorithm:
     """An AEAD algorithm as COSE registers it."""
@@ -68,9 +76,9 @@ class AeadAlgorithm:
         """The ``cryptography`` AEAD object for ``key`` (ValueError if the length is wrong)."""
         if len(key) != self.key_length:
             raise ValueError(f"{self.name} needs a {self.key_length}-byte key")
-        if self.cose_id == AES_CCM_16_64_128.cose_id:
+        if self.cose_id == AES_CCM_16_64_128_ID:
             return AESCCM(key, tag_length=self.tag_length)
-        if self.cose_id == CHACHA20_POLY1305.cose_id:
+        if self.cose_id == CHACHA20_POLY1305_ID:
             return ChaCha20Poly1305(key)
         return AESGCM(key)
 
@@ -103,10 +111,10 @@ class SignatureAlgorithm:
 
     def sign(self, key: PrivateKey, data: bytes) -> bytes:
         """Sign ``data``; raises TypeError if ``key`` is not of this algorithm."""
-        if self is ES256:
+        if self.cose_id == ES256_ID:
             if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
                 raise TypeError("ES256 needs an ECDSA P-256 private key")
-            der = key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+            der = key.sign(data, _SIGN_ES256)
             r, s = decode_dss_signature(der)
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
         if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -122,13 +130,13 @@ class SignatureAlgorithm:
         if len(signature) != self.signature_length:
             raise InvalidObject("signature has the wrong length")
         try:
-            if self is ES256:
+            if self.cose_id == ES256_ID:
                 if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
                     raise InvalidObject("signer key does not match the signature algorithm")
                 der = encode_dss_signature(
                     int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
                 )
-                key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+                key.verify(der, data, _VERIFY_ES256)
             else:
                 if not isinstance(key, ed25519.Ed25519PublicKey):
                     raise InvalidObject("signer key does not match the signature algorithm")
@@ -137,14 +145,14 @@ class SignatureAlgorithm:
             raise InvalidObject("bad signature") from None
 
 
-AES_CCM_16_64_128 = AeadAlgorithm(10, "AES-CCM-16-64-128", 16, 13, 8, 65_535)
-A128GCM = AeadAlgorithm(1, "A128GCM", 16, 12, 16, None)
-A256GCM = AeadAlgorithm(3, "A256GCM", 32, 12, 16, None)
-CHACHA20_POLY1305 = AeadAlgorithm(24, "ChaCha20/Poly1305", 32, 12, 16, None)
+AES_CCM_16_64_128 = AeadAlgorithm(AES_CCM_16_64_128_ID, "AES-CCM-16-64-128", 16, 13, 8, 65_535)
+A128GCM = AeadAlgorithm(A128GCM_ID, "A128GCM", 16, 12, 16, None)
+A256GCM = AeadAlgorithm(A256GCM_ID, "A256GCM", 32, 12, 16, None)
+CHACHA20_POLY1305 = AeadAlgorithm(CHACHA20_POLY1305_ID, "ChaCha20/Poly1305", 32, 12, 16, None)
 AEADS = {a.cose_id: a for a in (AES_CCM_16_64_128, A128GCM, A256GCM, CHACHA20_POLY1305)}
 
-ES256 = SignatureAlgorithm(-7, "ES256", 64)
-EDDSA = SignatureAlgorithm(-8, "EdDSA", 64)
+ES256 = SignatureAlgorithm(ES256_ID, "ES256", 64)
+EDDSA = SignatureAlgorithm(EDDSA_ID, "EdDSA", 64)
 SIGNATURES = {s.cose_id: s for s in (ES256, EDDSA)}
 
 

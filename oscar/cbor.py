@@ -12,20 +12,19 @@ Anything else (floats, undefined, indefinite lengths, reserved additional inform
 raises :class:`MalformedCBOR`, and nothing else is ever raised for bad input. The decoder does not
 interpret tags: a tag comes back as :class:`Tag` and the caller decides what it means.
 
-Encoding is delegated to cbor2, whose output for the types above is already the preferred
-serialisation; map keys keep the order the caller gives them.
+Encoding (:func:`dumps`) writes the same subset in preferred serialisation; map keys keep the
+order the caller gives them. Both directions are plain Python with no dependency: the test suite
+cross-checks them against cbor2.
 
 This module does no I/O and knows nothing of COSE.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+import json
+from typing import NamedTuple, Union
 
-import cbor2
-
-__all__ = ["DEFAULT_MAX_DEPTH", "MalformedCBOR", "Tag", "diagnostic", "dumps", "loads"]
+__all__ = ["DEFAULT_MAX_DEPTH", "MalformedCBOR", "Tag", "diagnostic", "dumps", "head", "loads"]
 
 DEFAULT_MAX_DEPTH = 16
 
@@ -37,9 +36,12 @@ class MalformedCBOR(ValueError):
     """The bytes are not CBOR of the strict subset this decoder accepts."""
 
 
-@dataclass(frozen=True, slots=True)
-class Tag:
-    """A tagged data item (major type 6), left uninterpreted."""
+class Tag(NamedTuple):
+    """A tagged data item (major type 6), left uninterpreted.
+
+    A NamedTuple rather than a frozen dataclass: it is made for every object received, and on
+    CPython 3.11 it is built about five times faster while staying immutable.
+    """
 
     tag: int
     value: Value
@@ -50,83 +52,78 @@ _MIN_FOR_LENGTH = {1: 24, 2: 0x100, 4: 0x10000, 8: 0x100000000}
 _SIMPLE = {20: False, 21: True, 22: None}
 
 
-class _Decoder:
-    __slots__ = ("data", "end", "max_depth")
-
-    def __init__(self, data: bytes, max_depth: int) -> None:
-        self.data = data
-        self.end = len(data)
-        self.max_depth = max_depth
-
-    def item(self, pos: int, depth: int) -> tuple[Value, int]:
-        data = self.data
-        if pos >= self.end:
+def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[Value, int]:
+    """Decode the item at ``pos``; return it and the position after it."""
+    if pos >= end:
+        raise MalformedCBOR("truncated")
+    initial = data[pos]
+    pos += 1
+    major = initial >> 5
+    info = initial & 0x1F
+    if major == 7:
+        if 20 <= info <= 22:
+            return _SIMPLE[info], pos
+        raise MalformedCBOR("unsupported simple value or float")
+    if info < 24:
+        arg = info
+    elif info < 28:
+        size = 1 << (info - 24)
+        stop = pos + size
+        if stop > end:
             raise MalformedCBOR("truncated")
-        initial = data[pos]
-        pos += 1
-        major = initial >> 5
-        info = initial & 0x1F
-        if major == 7:
-            if info in _SIMPLE:
-                return _SIMPLE[info], pos
-            raise MalformedCBOR("unsupported simple value or float")
-        if info < 24:
-            arg = info
-        elif info < 28:
-            size = 1 << (info - 24)
-            stop = pos + size
-            if stop > self.end:
-                raise MalformedCBOR("truncated")
-            arg = int.from_bytes(data[pos:stop], "big")
-            if arg < _MIN_FOR_LENGTH[size]:
-                raise MalformedCBOR("argument not in shortest form")
-            pos = stop
-        elif info == 31:
-            raise MalformedCBOR("indefinite length")
-        else:
-            raise MalformedCBOR("reserved additional information")
+        arg = int.from_bytes(data[pos:stop], "big")
+        if arg < _MIN_FOR_LENGTH[size]:
+            raise MalformedCBOR("argument not in shortest form")
+        pos = stop
+    elif info == 31:
+        raise MalformedCBOR("indefinite length")
+    else:
+        raise MalformedCBOR("reserved additional information")
 
-        if major == 0:
-            return arg, pos
-        if major == 1:
-            return -1 - arg, pos
-        if major == 2 or major == 3:
-            stop = pos + arg
-            if stop > self.end:
-                raise MalformedCBOR("truncated")
-            chunk = data[pos:stop]
-            if major == 2:
-                return chunk, stop
-            try:
-                return chunk.decode("utf-8"), stop
-            except UnicodeDecodeError:
-                raise MalformedCBOR("invalid UTF-8 in text string") from None
-        if depth >= self.max_depth:
-            raise MalformedCBOR("nested too deeply")
-        if major == 4:
-            # Every item takes at least one byte: refuse impossible counts before looping.
-            if arg > self.end - pos:
-                raise MalformedCBOR("truncated")
-            items: list[Value] = []
-            for _ in range(arg):
-                value, pos = self.item(pos, depth + 1)
-                items.append(value)
-            return items, pos
-        if major == 5:
-            if 2 * arg > self.end - pos:
-                raise MalformedCBOR("truncated")
-            mapping: dict[int | str, Value] = {}
-            for _ in range(arg):
-                key, pos = self.item(pos, depth + 1)
-                if type(key) is not int and type(key) is not str:
-                    raise MalformedCBOR("map key is neither integer nor text")
-                if key in mapping:
-                    raise MalformedCBOR("duplicate map key")
-                mapping[key], pos = self.item(pos, depth + 1)
-            return mapping, pos
-        # major == 6
-        value, pos = self.item(pos, depth + 1)
-        return Tag(arg, value), pos
+    if major == 2:
+        stop = pos + arg
+        if stop > end:
+            raise MalformedCBOR("truncated")
+        return data[pos:stop], stop
+    if major == 0:
+        return arg, pos
+    if major == 1:
+        return -1 - arg, pos
+    if major == 3:
+        stop = pos + arg
+        if stop > end:
+            raise MalformedCBOR("truncated")
+        try:
+            return data[pos:stop].decode("utf-8"), stop
+        except UnicodeDecodeError:
+            raise MalformedCBOR("invalid UTF-8 in text string") from None
+    if depth >= max_depth:
+        raise MalformedCBOR("nested too deeply")
+    depth += 1
+    if major == 4:
+        # Every item takes at least one byte: refuse impossible counts before looping.
+        if arg > end - pos:
+            raise MalformedCBOR("truncated")
+        items: list[Value] = []
+        for _ in range(arg):
+            value, pos = _item(data, pos, end, depth, max_depth)
+            items.append(value)
+        return items, pos
+    if major == 5:
+        if 2 * arg > end - pos:
+            raise MalformedCBOR("truncated")
+        mapping: dict[int | str, Value] = {}
+        for _ in range(arg):
+            key, pos = _item(data, pos, end, depth, max_depth)
+            if type(key) is not int and type(key) is not str:
+                raise MalformedCBOR("map key is neither integer nor text")
+            if key in mapping:
+                raise MalformedCBOR("duplicate map key")
+            mapping[key], pos = _item(data, pos, end, depth, max_depth)
+        return mapping, pos
+    # major == 6
+    value, pos = _item(data, pos, end, depth, max_depth)
+    return Tag(arg, value), pos
 
 
 def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Value:
@@ -135,28 +132,78 @@ def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Value:
     Raises :class:`MalformedCBOR` for anything outside the accepted subset, for trailing bytes and
     for nesting deeper than ``max_depth``; :class:`TypeError` if ``data`` is not bytes.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError("CBOR input must be bytes")
-    raw = bytes(data)
-    value, pos = _Decoder(raw, max_depth).item(0, 0)
-    if pos != len(raw):
+    if type(data) is not bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("CBOR input must be bytes")
+        data = bytes(data)
+    end = len(data)
+    value, pos = _item(data, 0, end, 0, max_depth)
+    if pos != end:
         raise MalformedCBOR("trailing bytes after the CBOR item")
     return value
 
 
+def head(major: int, argument: int) -> bytes:
+    """The initial byte(s) of an item of ``major`` type with ``argument``, in shortest form."""
+    if argument < 24:
+        return _HEADS[major][argument]
+    if argument < 0x100:
+        return bytes((major << 5 | 24, argument))
+    if argument < 0x10000:
+        return bytes((major << 5 | 25,)) + argument.to_bytes(2, "big")
+    if argument < 0x100000000:
+        return bytes((major << 5 | 26,)) + argument.to_bytes(4, "big")
+    if argument < 0x10000000000000000:
+        return bytes((major << 5 | 27,)) + argument.to_bytes(8, "big")
+    raise ValueError("CBOR integers and lengths are limited to 64 bits")
+
+
+_HEADS = [[bytes((major << 5 | n,)) for n in range(24)] for major in range(8)]
+
+
 def dumps(value: object) -> bytes:
-    """Encode ``value`` (ints, bytes, text, lists, dicts, :class:`Tag`), preferred serialisation."""
-    return cbor2.dumps(_to_cbor2(value))
+    """Encode ``value`` in preferred serialisation; map keys keep the order given.
+
+    Accepts int (-2**64 to 2**64 - 1), bytes, str, bool, None, list, tuple, dict and :class:`Tag`;
+    raises ``TypeError`` for any other type and ``ValueError`` for an integer out of range.
+    """
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
 
 
-def _to_cbor2(value: object) -> object:
-    if isinstance(value, Tag):
-        return cbor2.CBORTag(value.tag, _to_cbor2(value.value))
-    if isinstance(value, list):
-        return [_to_cbor2(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_cbor2(v) for k, v in value.items()}
-    return value
+def _encode(value: object, out: list[bytes]) -> None:
+    if type(value) is bytes:
+        out.append(head(2, len(value)))
+        out.append(value)
+    elif type(value) is int:
+        out.append(head(0, value) if value >= 0 else head(1, -1 - value))
+    elif type(value) is str:
+        raw = value.encode("utf-8")
+        out.append(head(3, len(raw)))
+        out.append(raw)
+    elif type(value) is list or type(value) is tuple:
+        out.append(head(4, len(value)))
+        for item in value:
+            _encode(item, out)
+    elif type(value) is dict:
+        out.append(head(5, len(value)))
+        for key, item in value.items():
+            _encode(key, out)
+            _encode(item, out)
+    elif type(value) is Tag:
+        out.append(head(6, value.tag))
+        _encode(value.value, out)
+    elif value is True:
+        out.append(b"\xf5")
+    elif value is False:
+        out.append(b"\xf4")
+    elif value is None:
+        out.append(b"\xf6")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        _encode(bytes(value), out)
+    else:
+        raise TypeError(f"cannot encode {type(value).__name__} as CBOR")
 
 
 def diagnostic(value: Value, indent: int | None = None, _level: int = 0) -> str:
@@ -173,8 +220,8 @@ def diagnostic(value: Value, indent: int | None = None, _level: int = 0) -> str:
     if isinstance(value, bytes):
         return f"h'{value.hex()}'"
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # RFC 8949 §8: text strings are escaped as in JSON (control characters included).
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, Tag):
         return f"{value.tag}({diagnostic(value.value, indent, _level)})"
     if isinstance(value, list):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Container
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -24,10 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from .algorithms import PrivateKey, PublicKey, signature_algorithm_of_key
+from .algorithms import PrivateKey, PublicKey, SignatureAlgorithm, signature_algorithm_of_key
 from .errors import CertificateError
 
 __all__ = [
+    "ProducerKey",
+    "SigningKey",
     "check_certificate",
     "device_id_of",
     "generate_signing_key",
@@ -219,6 +222,83 @@ def issue_certificate(
         )
         .sign(ca_key, _hash_for(ca_key))
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A producer's private key with its ``kid`` and algorithm worked out once (for sealing)."""
+
+    private_key: PrivateKey = field(repr=False)
+    kid: bytes
+    algorithm: SignatureAlgorithm
+
+    @classmethod
+    def from_private_key(cls, private_key: PrivateKey) -> SigningKey:
+        """Wrap a P-256 or Ed25519 private key; ValueError for any other."""
+        algorithm = signature_algorithm_of_key(private_key)
+        return cls(private_key, key_id(private_key.public_key()), algorithm)
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerKey:
+    """A producer's public key the caller trusts, with its ``kid`` worked out once.
+
+    Build one per certificate with :meth:`from_certificate` (which checks it against the CA once)
+    and pass it to ``oscar.verify``/``oscar.open`` for every object: a chain check costs a signature
+    verification and a kid costs a hash, neither of which should be paid per object. The validity
+    window and revocation are still checked per object, by :meth:`check`.
+    """
+
+    public_key: PublicKey = field(repr=False)
+    kid: bytes
+    #: The producer the key belongs to; None for a bare key vouched for by the caller.
+    producer_id: str | None = None
+    serial: int | None = None
+    not_before: int | None = None
+    not_after: int | None = None
+
+    @classmethod
+    def from_public_key(cls, public_key: PublicKey, producer_id: str | None = None) -> ProducerKey:
+        """Trust a bare public key (for ``producer_id`` only, if given)."""
+        return cls(_supported_public_key(public_key), key_id(public_key), producer_id)
+
+    @classmethod
+    def from_certificate(
+        cls,
+        certificate: x509.Certificate,
+        ca_certificate: x509.Certificate | None,
+        *,
+        now: int,
+        revoked_serials: Container[int] = (),
+    ) -> ProducerKey:
+        """Check the certificate (see :func:`check_certificate`) and keep what objects need."""
+        device_id = device_id_of(certificate)
+        public_key = check_certificate(
+            certificate,
+            ca_certificate,
+            device_id=device_id,
+            now=now,
+            revoked_serials=revoked_serials,
+        )
+        return cls(
+            public_key,
+            key_id(public_key),
+            device_id,
+            certificate.serial_number,
+            int(certificate.not_valid_before_utc.timestamp()),
+            int(certificate.not_valid_after_utc.timestamp()),
+        )
+
+    def check(self, producer_id: str, now: int, revoked_serials: Container[int] = ()) -> None:
+        """Raise :class:`CertificateError` unless it may sign for ``producer_id`` at ``now``."""
+        if self.producer_id is not None and self.producer_id != producer_id:
+            raise CertificateError("the certificate names another device")
+        if (self.not_before is not None and now < self.not_before) or (
+            self.not_after is not None and now > self.not_after
+        ):
+            raise CertificateError("the certificate is not valid at this time")
+        if self.serial is not None and self.serial in revoked_serials:
+            raise CertificateError("the certificate has been revoked")
 
 
 def device_id_of(certificate: x509.Certificate) -> str:

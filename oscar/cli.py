@@ -1,0 +1,541 @@
+"""``oscar``: the offline operator tool (keygen, seal, open, verify, inspect).
+
+This is the thin I/O shell over the library: it reads and writes files, stdin and stdout, reads the
+clock and lets the operating system make keys; every protocol decision is taken by
+:mod:`oscar.objects`. ``-`` stands for stdin or stdout wherever a FILE is asked for.
+
+Exit status: 0 success, 1 the object was rejected (or is not decodable), 2 bad usage or bad
+input (unreadable file, bad PEM, bad secret, unknown algorithm, arguments the library refuses).
+Every failure is one line on stderr, ``oscar <command>: error: ...``; exceptions are translated to
+it in one place, :func:`main`. No message ever holds a secret or plaintext.
+
+What it does not do: talk to the network, or remember anything. In particular it keeps no record of
+sequence numbers: the operator must never seal two objects with the same ``--seq`` under the same
+resource and epoch (the AEAD nonce would repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from . import __version__, algorithms, cbor, certs, objects, profiles
+from .algorithms import PrivateKey, PublicKey
+from .cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
+from .errors import InvalidObject, OscarError
+from .keys import AccessSecret
+
+__all__ = ["build_parser", "main"]
+
+PROG = "oscar"
+DEFAULT_LIFETIME = 3600
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Bad usage or bad input found by the tool itself; the message is shown as is (exit 2)."""
+
+
+class Undecodable(Exception):
+    """The input is not even a decodable COSE_Sign1 (or CBOR, for --diag): exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a usage error in one line, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _read(path: str, what: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def _write(path: str, data: bytes, what: str) -> None:
+    if path == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def _write_fd(fd: int, data: bytes, mode: int) -> None:
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # the umask may have taken bits away
+        f.write(data)
+
+
+def _create(path: str, data: bytes, mode: int, *, force: bool, what: str) -> None:
+    """Write a new file with exactly ``mode``; an existing one is replaced only with ``force``."""
+    if path == "-":
+        _write(path, data, what)
+        return
+    try:
+        if not force:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                raise UsageError(f"{path!r} exists; use --force to replace it") from None
+            written = path
+        else:
+            # Through a new file and a rename: the result has ``mode`` whatever the old file's was,
+            # and no reader ever sees half a key.
+            fd, written = tempfile.mkstemp(
+                dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}."
+            )
+        try:
+            _write_fd(fd, data, mode)
+            if written != path:
+                os.replace(written, path)
+        except BaseException:
+            os.unlink(written)  # no half-written key left behind to block the next attempt
+            raise
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def _secret(args: argparse.Namespace) -> AccessSecret:
+    if args.input == "-" and args.secret_file == "-":  # noqa: S105 (a path, not a password)
+        raise UsageError("--secret-file and --in cannot both be stdin")
+    if args.secret_file is not None:
+        try:
+            text = _read(args.secret_file, "secret file").decode("ascii")
+        except UnicodeDecodeError:
+            raise UsageError("the secret file does not hold hexadecimal text") from None
+        source = "--secret-file"
+    else:
+        text, source = args.secret, "--secret"
+    try:
+        return AccessSecret.from_hex(text)
+    except ValueError as exc:  # its message never echoes the input
+        raise UsageError(f"{source}: {exc}") from None
+
+
+def _private_key(path: str) -> PrivateKey:
+    try:
+        return certs.load_private_key(_read(path, "key"))
+    except ValueError as exc:
+        raise UsageError(f"key {path!r}: {exc}") from None
+
+
+def _signer(path: str) -> PublicKey | x509.Certificate:
+    try:
+        return certs.load_signer(_read(path, "signer"))
+    except ValueError as exc:
+        raise UsageError(f"signer {path!r}: {exc}") from None
+
+
+def _trust_anchor(path: str | None) -> x509.Certificate | None:
+    if path is None:
+        return None
+    try:
+        anchor = certs.load_signer(_read(path, "CA certificate"))
+    except ValueError as exc:
+        raise UsageError(f"CA {path!r}: {exc}") from None
+    if not isinstance(anchor, x509.Certificate):
+        raise UsageError(f"CA {path!r}: a public key, not a certificate")
+    return anchor
+
+
+def _now(args: argparse.Namespace) -> int:
+    return int(time.time()) if args.now is None else int(args.now)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Make a signing key (ES256: ECDSA P-256, or EdDSA: Ed25519) and write it as unencrypted PKCS#8
+    PEM with mode 0600, and its public key too with --public. An existing file is replaced only with
+    --force. Prints the key id (kid), nothing secret.
+    """
+    if args.out == "-" and args.public == "-":
+        raise UsageError("--out and --public cannot both be stdout")
+    key = certs.generate_signing_key(args.alg)
+    _create(args.out, certs.private_key_pem(key), 0o600, force=args.force, what="key")
+    if args.public is not None:
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        _create(args.public, public_pem, 0o644, force=args.force, what="public key")
+    # Keep stdout for the key when it goes there.
+    report = sys.stderr if "-" in (args.out, args.public) else sys.stdout
+    kid = certs.key_id(key.public_key()).hex()
+    print(f"{algorithms.signature_algorithm_of_key(key).name} key written, kid {kid}", file=report)
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    """Encrypt the plaintext under the epoch's content key, then sign it with the producer's key;
+    write the protected object (COSE_Sign1 over COSE_Encrypt0). The signature algorithm follows
+    the key. SEQ must never be reused under one resource and epoch, and this tool keeps no record
+    of it. AES-CCM-16-64-128 seals at most 65535 bytes: larger plaintexts need another AEAD.
+    """
+    secret = _secret(args)
+    key = _private_key(args.key)
+    aead = profiles.aead_by_name(args.aead)
+    profile = profiles.profile_for(aead, algorithms.signature_algorithm_of_key(key))
+    iat = int(time.time()) if args.iat is None else int(args.iat)
+    if args.exp is not None:
+        exp = int(args.exp)
+    else:
+        exp = iat + (DEFAULT_LIFETIME if args.max_age is None else int(args.max_age))
+    plaintext = _read(args.input, "input")
+    sealed = objects.seal(
+        secret=secret,
+        producer_id=args.producer,
+        resource_id=args.resource,
+        epoch=args.epoch,
+        seq=args.seq,
+        iat=iat,
+        exp=exp,
+        content_format=args.content_format,
+        plaintext=plaintext,
+        signing_key=key,
+        profile=profile,
+    )
+    _write(args.output, sealed, "output")
+    return 0
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    """Verify a protected object (structure, signer, signature, expiry) and decrypt it with the
+    access secret; write the plaintext, or with --json its signed metadata and the plaintext (text,
+    or base64). Exit status 1 if any check fails.
+    """
+    secret = _secret(args)
+    signer = _signer(args.signer)
+    anchor = _trust_anchor(args.ca)
+    data = _read(args.input, "input")
+    reading = objects.open(
+        data,
+        secrets=lambda _resource, _epoch: secret,
+        signer=signer,
+        now=_now(args),
+        trust_anchor=anchor,
+    )
+    if not args.json:
+        _write(args.output, reading.plaintext, "output")
+        return 0
+    document = _metadata_json(reading.metadata)
+    try:
+        document["plaintext"] = reading.plaintext.decode("utf-8")
+    except UnicodeDecodeError:
+        document["plaintext_base64"] = base64.b64encode(reading.plaintext).decode("ascii")
+    _write(args.output, json.dumps(document, indent=2).encode("ascii") + b"\n", "output")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a protected object without any secret: structure, signer (its chain to --ca, if
+    given), signature and expiry. Prints one line of its signed metadata. Exit status 1 if any
+    check fails.
+    """
+    signer = _signer(args.signer)
+    anchor = _trust_anchor(args.ca)
+    data = _read(args.input, "input")
+    obj = objects.verify(data, signer=signer, now=_now(args), trust_anchor=anchor)
+    m = obj.metadata
+    print(
+        _printable(
+            f"verified: producer={cbor.diagnostic(m.producer_id)} "
+            f"resource={cbor.diagnostic(m.resource_id)} epoch={m.epoch} seq={m.seq} "
+            f"iat={m.iat} exp={m.exp} aead={m.aead.name} signature={m.signature_algorithm.name} "
+            f"content-format={m.content_format} kid={m.kid.hex()}"
+        )
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the headers of any decodable COSE_Sign1 in readable form, verifying nothing: not the
+    signature, not the signer, not the expiry. Exit status 1 if the bytes are not a COSE_Sign1.
+    """
+    data = _read(args.input, "input")
+    if args.diag:
+        try:
+            value = cbor.loads(data)
+        except cbor.MalformedCBOR as exc:
+            raise Undecodable(f"malformed CBOR: {exc}") from None
+        print(_printable(cbor.diagnostic(value, indent=2), keep_newlines=True))
+        return 0
+    try:
+        lines = _describe(data)
+    except InvalidObject as exc:
+        raise Undecodable(exc.reason) from None
+    print("\n".join(_printable(line) for line in lines))
+    return 0
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+_HEADER_LABELS: dict[int | str, str] = {
+    ALG: "alg",
+    CRIT: "crit",
+    CONTENT_TYPE: "content type",
+    KID: "kid",
+    IV: "IV",
+    PARTIAL_IV: "Partial IV",
+    objects.CWT_CLAIMS: "CWT claims",
+    objects.EPOCH: "epoch",
+    objects.SEQ: "seq",
+}
+_CLAIM_LABELS: dict[int | str, str] = {
+    1: "iss",
+    2: "sub",
+    3: "aud",
+    4: "exp",
+    5: "nbf",
+    6: "iat",
+    7: "cti",
+}
+_TIME_CLAIMS = frozenset({4, 5, 6})
+_ALG_NAMES = {
+    **{cose_id: aead.name for cose_id, aead in algorithms.AEADS.items()},
+    **{cose_id: sig.name for cose_id, sig in algorithms.SIGNATURES.items()},
+}
+# C0 and C1 controls, DEL: an object is untrusted, and must not drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str, *, keep_newlines: bool = False) -> str:
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _metadata_json(m: objects.ObjectMetadata) -> dict[str, object]:
+    return {
+        "producer": m.producer_id,
+        "resource": m.resource_id,
+        "epoch": m.epoch,
+        "seq": m.seq,
+        "iat": m.iat,
+        "exp": m.exp,
+        "content_format": m.content_format,
+        "aead": m.aead.name,
+        "signature": m.signature_algorithm.name,
+        "kid": m.kid.hex(),
+    }
+
+
+def _label(label: int | str, names: Mapping[int | str, str]) -> str:
+    name = names.get(label)
+    return cbor.diagnostic(label) + (f" {name}" if name else "")
+
+
+def _time(value: cbor.Value) -> str:
+    if type(value) is not int:
+        return cbor.diagnostic(value)
+    try:
+        moment = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+    return f"{value} ({moment.strftime('%Y-%m-%dT%H:%M:%SZ')})"
+
+
+def _header_value(label: int | str, value: cbor.Value) -> str:
+    text = cbor.diagnostic(value)
+    if label == ALG and type(value) is int:
+        return f"{text} ({_ALG_NAMES.get(value, 'unsupported')})"
+    if label == PARTIAL_IV and type(value) is bytes:
+        return f"{text} (seq {int.from_bytes(value, 'big')})"
+    return text
+
+
+def _header(title: str, header: Mapping[int | str, cbor.Value], pad: str) -> list[str]:
+    if not header:
+        return [f"{pad}{title}: {{}}"]
+    lines = [f"{pad}{title}:"]
+    for label, value in header.items():
+        name = _label(label, _HEADER_LABELS)
+        if label == objects.CWT_CLAIMS and isinstance(value, dict):
+            lines.append(f"{pad}  {name}:")
+            for claim, claimed in value.items():
+                shown = _time(claimed) if claim in _TIME_CLAIMS else cbor.diagnostic(claimed)
+                lines.append(f"{pad}    {_label(claim, _CLAIM_LABELS)}: {shown}")
+        else:
+            lines.append(f"{pad}  {name}: {_header_value(label, value)}")
+    return lines
+
+
+def _tagged(data: bytes, tag: int) -> bool:
+    # The strict decoder only accepts shortest forms, so a tag below 24 is this one initial byte.
+    return data[:1] == bytes([0xC0 | tag])
+
+
+def _describe(data: bytes) -> list[str]:
+    sign1 = Sign1.from_bytes(data, tag_required=False)
+    tag = "tag 18" if _tagged(data, 18) else "untagged"
+    lines = [f"COSE_Sign1 ({tag}), {len(data)} bytes: decoded only, not verified"]
+    lines += _header(f"protected ({len(sign1.protected)} bytes)", sign1.protected_map, "  ")
+    lines += _header("unprotected", sign1.unprotected, "  ")
+    lines += _payload(sign1.payload)
+    lines.append(f"  signature: {cbor.diagnostic(sign1.signature)} ({len(sign1.signature)} bytes)")
+    try:
+        objects.ProtectedObject.from_bytes(data)
+    except InvalidObject as exc:
+        lines.append(f"structure: not an OSCAR protected object ({exc.reason})")
+    else:
+        lines.append("structure: an OSCAR protected object (signature, signer, expiry not checked)")
+    return lines
+
+
+def _payload(payload: bytes) -> list[str]:
+    try:
+        encrypt0 = Encrypt0.from_bytes(payload, tag_required=False)
+    except InvalidObject as exc:
+        try:
+            shown = cbor.diagnostic(cbor.loads(payload))
+        except cbor.MalformedCBOR:
+            shown = f"h'{payload[:32].hex()}{'...' if len(payload) > 32 else ''}'"
+        return [f"  payload: {len(payload)} bytes, not a COSE_Encrypt0 ({exc.reason}): {shown}"]
+    tag = "tag 16" if _tagged(payload, 16) else "untagged"
+    return [
+        f"  payload: COSE_Encrypt0 ({tag}), {len(payload)} bytes",
+        *_header(f"protected ({len(encrypt0.protected)} bytes)", encrypt0.protected_map, "    "),
+        *_header("unprotected", encrypt0.unprotected, "    "),
+        f"    ciphertext: {len(encrypt0.ciphertext)} bytes (with the tag)",
+    ]
+
+
+# --- parser and entry point ----------------------------------------------------------------------
+
+
+def _add_secret(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    # No ``type=``: argparse would echo a bad value in its error message.
+    group.add_argument("--secret", metavar="HEX", help="access secret, 64 hex digits (shows in ps)")
+    group.add_argument(
+        "--secret-file", metavar="FILE", help="file with the secret as 64 hex digits"
+    )
+
+
+def _add_in(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--in", dest="input", metavar="FILE", required=True, help=what)
+
+
+def _add_checks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--signer", metavar="PEM", required=True, help="public key or certificate")
+    parser.add_argument("--ca", metavar="PEM", help="the signer certificate must chain to this CA")
+    parser.add_argument("--now", type=int, help="check validity and expiry at (default: now)")
+    _add_in(parser, "the protected object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``oscar`` argument parser, one subcommand per operation."""
+    parser = _Parser(
+        prog=PROG,
+        description="OSCAR offline operator tool. FILE '-' is stdin or stdout; times (IAT, EXP, "
+        "NOW) are seconds since 1970.",
+        epilog="exit status: 0 success, 1 object rejected, 2 bad usage or input",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=handler.__doc__)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    keygen = command("keygen", cmd_keygen, "make a signing key")
+    keygen.add_argument(
+        "--alg", choices=["ES256", "EdDSA"], default="ES256", help="(default: ES256)"
+    )
+    keygen.add_argument("--out", metavar="KEY.pem", required=True, help="private key, mode 0600")
+    keygen.add_argument("--public", metavar="OUT.pem", help="also write the public key here")
+    keygen.add_argument("--force", action="store_true", help="replace existing files")
+
+    seal = command("seal", cmd_seal, "seal a representation")
+    _add_secret(seal)
+    seal.add_argument("--producer", required=True, help="producer id (iss claim)")
+    seal.add_argument("--resource", required=True, help="resource id <producer>/<path> (sub)")
+    seal.add_argument("--epoch", type=int, required=True, help="epoch of the access secret")
+    seal.add_argument("--seq", type=int, required=True, help="NEVER reuse in a resource and epoch")
+    seal.add_argument("--key", metavar="KEY.pem", required=True, help="private key, sets the alg")
+    seal.add_argument(
+        "--aead",
+        metavar="NAME|ID",
+        default="AES-CCM-16-64-128",
+        help="AES-CCM-16-64-128 (10, the default; at most 65535 bytes), A128GCM (1), "
+        "A256GCM (3) or ChaCha20/Poly1305 (24)",
+    )
+    seal.add_argument("--content-format", metavar="N", type=int, default=0, help="(default: 0)")
+    seal.add_argument("--iat", type=int, help="issued-at time (default: now)")
+    lifetime = seal.add_mutually_exclusive_group()
+    lifetime.add_argument("--exp", type=int, help="expiry time (default: IAT + 3600)")
+    lifetime.add_argument("--max-age", metavar="S", type=int, help="or expire S seconds after IAT")
+    _add_in(seal, "the plaintext")
+    seal.add_argument("--out", dest="output", metavar="FILE", required=True, help="the object")
+
+    open_ = command("open", cmd_open, "verify and decrypt")
+    _add_secret(open_)
+    _add_checks(open_)
+    open_.add_argument(
+        "--out", dest="output", metavar="FILE", default="-", help="(default: stdout)"
+    )
+    open_.add_argument("--json", action="store_true", help="metadata and plaintext as JSON")
+
+    _add_checks(command("verify", cmd_verify, "verify without a secret"))
+
+    inspect = command("inspect", cmd_inspect, "show the headers, not verified")
+    _add_in(inspect, "the object")
+    inspect.add_argument("--diag", action="store_true", help="all in CBOR diagnostic notation")
+    return parser
+
+
+def _fail(prog: str, message: str, status: int) -> int:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; return the exit status (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    prog = f"{PROG} {args.command}"
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except InvalidObject as exc:
+        return _fail(prog, f"object rejected: {exc.reason}", 1)
+    except Undecodable as exc:
+        return _fail(prog, f"cannot decode: {exc}", 1)
+    except (UsageError, OscarError, ValueError, TypeError) as exc:
+        return _fail(prog, str(exc), 2)
+    except OSError as exc:  # stdin or stdout failed
+        return _fail(prog, exc.strerror or type(exc).__name__, 2)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback: it could show secret or plaintext values
+        return _fail(prog, f"internal error ({type(exc).__name__})", 2)
