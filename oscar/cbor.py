@@ -106,20 +106,39 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
             raise MalformedCBOR("truncated")
         items: list[Value] = []
         for _ in range(arg):
-            value, pos = _item(data, pos, end, depth, max_depth)
-            items.append(value)
+            # Small integers are most items of a COSE header: decode them without a call.
+            if pos < end and data[pos] < 0x18:
+                items.append(data[pos])
+                pos += 1
+            else:
+                value, pos = _item(data, pos, end, depth, max_depth)
+                items.append(value)
         return items, pos
     if major == 5:
         if 2 * arg > end - pos:
             raise MalformedCBOR("truncated")
         mapping: dict[int | str, Value] = {}
         for _ in range(arg):
-            key, pos = _item(data, pos, end, depth, max_depth)
-            if type(key) is not int and type(key) is not str:
-                raise MalformedCBOR("map key is neither integer nor text")
+            if pos >= end:
+                raise MalformedCBOR("truncated")
+            initial = data[pos]
+            if initial < 0x18:  # small unsigned key, the usual COSE label
+                key: Value = initial
+                pos += 1
+            elif 0x20 <= initial < 0x38:  # small negative key
+                key = 0x1F - initial
+                pos += 1
+            else:
+                key, pos = _item(data, pos, end, depth, max_depth)
+                if type(key) is not int and type(key) is not str:
+                    raise MalformedCBOR("map key is neither integer nor text")
             if key in mapping:
                 raise MalformedCBOR("duplicate map key")
-            mapping[key], pos = _item(data, pos, end, depth, max_depth)
+            if pos < end and data[pos] < 0x18:
+                mapping[key] = data[pos]
+                pos += 1
+            else:
+                mapping[key], pos = _item(data, pos, end, depth, max_depth)
         return mapping, pos
     # major == 6
     value, pos = _item(data, pos, end, depth, max_depth)

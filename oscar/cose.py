@@ -51,6 +51,12 @@ PARTIAL_IV = 6
 
 HeaderMap = dict[int | str, cbor.Value]
 
+# The fixed first bytes of the structures below, encoded once.
+_SIG_STRUCTURE_HEAD = b"\x84" + cbor.dumps("Signature1")
+_ENC_STRUCTURE_HEAD = b"\x83" + cbor.dumps("Encrypt0")
+_SIGN1_HEAD = cbor.head(6, SIGN1_TAG) + b"\x84"
+_ENCRYPT0_HEAD = cbor.head(6, ENCRYPT0_TAG) + b"\x83"
+
 
 def _decode(data: bytes, tag: int, length: int, tag_required: bool, what: str) -> list[cbor.Value]:
     try:
@@ -146,7 +152,18 @@ class Sign1(NamedTuple):
     @staticmethod
     def to_be_signed(protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
         """The Sig_structure ``["Signature1", protected, external_aad, payload]`` as bytes."""
-        return cbor.dumps(["Signature1", protected, external_aad, payload])
+        # Written out rather than through cbor.dumps: this runs for every object signed or checked.
+        return b"".join(
+            (
+                _SIG_STRUCTURE_HEAD,
+                cbor.head(2, len(protected)),
+                protected,
+                cbor.head(2, len(external_aad)),
+                external_aad,
+                cbor.head(2, len(payload)),
+                payload,
+            )
+        )
 
     @classmethod
     def sign(
@@ -178,8 +195,18 @@ class Sign1(NamedTuple):
         algorithm.verify(key, self.signature, tbs)
 
     def to_bytes(self, *, tagged: bool = True) -> bytes:
-        body: list[cbor.Value] = [self.protected, self.unprotected, self.payload, self.signature]
-        return cbor.dumps(cbor.Tag(SIGN1_TAG, body) if tagged else body)
+        return b"".join(
+            (
+                _SIGN1_HEAD if tagged else b"\x84",
+                cbor.head(2, len(self.protected)),
+                self.protected,
+                cbor.dumps(self.unprotected) if self.unprotected else b"\xa0",
+                cbor.head(2, len(self.payload)),
+                self.payload,
+                cbor.head(2, len(self.signature)),
+                self.signature,
+            )
+        )
 
 
 class Encrypt0(NamedTuple):
@@ -209,7 +236,15 @@ class Encrypt0(NamedTuple):
     @staticmethod
     def to_be_encrypted(protected: bytes, external_aad: bytes = b"") -> bytes:
         """The Enc_structure ``["Encrypt0", protected, external_aad]`` as bytes (the AEAD's AAD)."""
-        return cbor.dumps(["Encrypt0", protected, external_aad])
+        return b"".join(
+            (
+                _ENC_STRUCTURE_HEAD,
+                cbor.head(2, len(protected)),
+                protected,
+                cbor.head(2, len(external_aad)),
+                external_aad,
+            )
+        )
 
     @classmethod
     def encrypt(
@@ -244,5 +279,13 @@ class Encrypt0(NamedTuple):
         return algorithm.decrypt(algorithm.cipher(key), nonce, self.ciphertext, aad)
 
     def to_bytes(self, *, tagged: bool = True) -> bytes:
-        body: list[cbor.Value] = [self.protected, self.unprotected, self.ciphertext]
-        return cbor.dumps(cbor.Tag(ENCRYPT0_TAG, body) if tagged else body)
+        return b"".join(
+            (
+                _ENCRYPT0_HEAD if tagged else b"\x83",
+                cbor.head(2, len(self.protected)),
+                self.protected,
+                cbor.dumps(self.unprotected),
+                cbor.head(2, len(self.ciphertext)),
+                self.ciphertext,
+            )
+        )
