@@ -122,16 +122,18 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
             if pos >= end:
                 raise MalformedCBOR("truncated")
             initial = data[pos]
+            key: int | str
             if initial < 0x18:  # small unsigned key, the usual COSE label
-                key: Value = initial
+                key = initial
                 pos += 1
             elif 0x20 <= initial < 0x38:  # small negative key
                 key = 0x1F - initial
                 pos += 1
             else:
-                key, pos = _item(data, pos, end, depth, max_depth)
-                if type(key) is not int and type(key) is not str:
+                decoded, pos = _item(data, pos, end, depth, max_depth)
+                if type(decoded) is not int and type(decoded) is not str:
                     raise MalformedCBOR("map key is neither integer nor text")
+                key = decoded
             if key in mapping:
                 raise MalformedCBOR("duplicate map key")
             if pos < end and data[pos] < 0x18:
