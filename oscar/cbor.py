@@ -6,7 +6,8 @@ preferred serialisation, so that one value has one encoding:
 - unsigned and negative integers up to 64 bits, byte strings, UTF-8 text strings, arrays, maps whose
   keys are integers or text, tags, and the simple values false, true and null;
 - definite lengths only, every argument in its shortest form, no duplicate map keys;
-- nesting bounded by ``max_depth``; no bytes after the single top-level item.
+- nesting bounded by ``max_depth``, container elements in all by ``max_items``; no bytes after the
+  single top-level item.
 
 Anything else (floats, undefined, indefinite lengths, reserved additional information, truncation)
 raises :class:`MalformedCBOR`, and nothing else is ever raised for bad input. The decoder does not
@@ -27,6 +28,8 @@ from typing import NamedTuple, Union
 __all__ = ["DEFAULT_MAX_DEPTH", "MalformedCBOR", "Tag", "diagnostic", "dumps", "head", "loads"]
 
 DEFAULT_MAX_DEPTH = 16
+MAX_DEPTH = 256
+DEFAULT_MAX_ITEMS = 65_536
 
 #: What the decoder returns. Nested containers hold the same kinds.
 Value = Union[int, bytes, str, bool, None, list["Value"], dict[int | str, "Value"], "Tag"]
@@ -52,8 +55,11 @@ _MIN_FOR_LENGTH = {1: 24, 2: 0x100, 4: 0x10000, 8: 0x100000000}
 _SIMPLE = {20: False, 21: True, 22: None}
 
 
-def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[Value, int]:
-    """Decode the item at ``pos``; return it and the position after it."""
+def _item(data: bytes, pos: int, end: int, depth: int, limits: list[int]) -> tuple[Value, int]:
+    """Decode the item at ``pos``; return it and the position after it.
+
+    ``limits`` is ``[max_depth, items left]``, shared by the whole decode.
+    """
     if pos >= end:
         raise MalformedCBOR("truncated")
     initial = data[pos]
@@ -97,9 +103,13 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
             return data[pos:stop].decode("utf-8"), stop
         except UnicodeDecodeError:
             raise MalformedCBOR("invalid UTF-8 in text string") from None
-    if depth >= max_depth:
+    if depth >= limits[0]:
         raise MalformedCBOR("nested too deeply")
     depth += 1
+    # Containers spend the item budget up front, so junk costs little before it is refused.
+    limits[1] -= arg << 1 if major == 5 else arg if major == 4 else 1
+    if limits[1] < 0:
+        raise MalformedCBOR("too many items")
     if major == 4:
         # Every item takes at least one byte: refuse impossible counts before looping.
         if arg > end - pos:
@@ -111,7 +121,7 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
                 items.append(data[pos])
                 pos += 1
             else:
-                value, pos = _item(data, pos, end, depth, max_depth)
+                value, pos = _item(data, pos, end, depth, limits)
                 items.append(value)
         return items, pos
     if major == 5:
@@ -130,7 +140,7 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
                 key = 0x1F - initial
                 pos += 1
             else:
-                decoded, pos = _item(data, pos, end, depth, max_depth)
+                decoded, pos = _item(data, pos, end, depth, limits)
                 if type(decoded) is not int and type(decoded) is not str:
                     raise MalformedCBOR("map key is neither integer nor text")
                 key = decoded
@@ -140,25 +150,31 @@ def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[
                 mapping[key] = data[pos]
                 pos += 1
             else:
-                mapping[key], pos = _item(data, pos, end, depth, max_depth)
+                mapping[key], pos = _item(data, pos, end, depth, limits)
         return mapping, pos
     # major == 6
-    value, pos = _item(data, pos, end, depth, max_depth)
+    value, pos = _item(data, pos, end, depth, limits)
     return Tag(arg, value), pos
 
 
-def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Value:
+def loads(
+    data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int = DEFAULT_MAX_ITEMS
+) -> Value:
     """Decode exactly one strict CBOR item from ``data``.
 
-    Raises :class:`MalformedCBOR` for anything outside the accepted subset, for trailing bytes and
-    for nesting deeper than ``max_depth``; :class:`TypeError` if ``data`` is not bytes.
+    Raises :class:`MalformedCBOR` for anything outside the accepted subset, for trailing bytes, for
+    nesting deeper than ``max_depth`` and for more than ``max_items`` container elements in all;
+    :class:`TypeError` if ``data`` is not bytes; ValueError if ``max_depth`` exceeds
+    :data:`MAX_DEPTH` (deeper would exhaust Python's stack).
     """
+    if not 0 <= max_depth <= MAX_DEPTH:
+        raise ValueError(f"max_depth must be between 0 and {MAX_DEPTH}")
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError("CBOR input must be bytes")
         data = bytes(data)
     end = len(data)
-    value, pos = _item(data, 0, end, 0, max_depth)
+    value, pos = _item(data, 0, end, 0, [max_depth, max_items])
     if pos != end:
         raise MalformedCBOR("trailing bytes after the CBOR item")
     return value

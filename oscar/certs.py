@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from .algorithms import PrivateKey, PublicKey, SignatureAlgorithm, signature_algorithm_of_key
 from .errors import CertificateError
+from .names import is_device_id, require_device_id
 
 __all__ = [
     "ProducerKey",
@@ -125,8 +126,7 @@ def _utc(timestamp: int) -> datetime.datetime:
 
 def make_csr(key: PrivateKey, device_id: str) -> x509.CertificateSigningRequest:
     """A CSR for ``key`` whose subject CN is ``device_id``."""
-    if not device_id:
-        raise ValueError("a device id is needed")
+    require_device_id(device_id)
     return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(_name(device_id))
@@ -182,6 +182,7 @@ def issue_certificate(
     Raises :class:`CertificateError` if the CSR's signature is bad, its key is not a supported
     signing key, or its subject names another device.
     """
+    require_device_id(device_id)
     if not csr.is_signature_valid:
         raise CertificateError("the CSR's signature does not verify")
     try:
@@ -254,8 +255,11 @@ class ProducerKey:
     #: The producer the key belongs to; None for a bare key vouched for by the caller.
     producer_id: str | None = None
     serial: int | None = None
+    #: The validity window: the certificate's, narrowed to its CA's.
     not_before: int | None = None
     not_after: int | None = None
+    #: The CA certificate the chain was checked against; None if it was not checked.
+    anchor: x509.Certificate | None = field(default=None, repr=False)
 
     @classmethod
     def from_public_key(cls, public_key: PublicKey, producer_id: str | None = None) -> ProducerKey:
@@ -280,13 +284,15 @@ class ProducerKey:
             now=now,
             revoked_serials=revoked_serials,
         )
+        windows = [certificate] if ca_certificate is None else [certificate, ca_certificate]
         return cls(
             public_key,
             key_id(public_key),
             device_id,
             certificate.serial_number,
-            int(certificate.not_valid_before_utc.timestamp()),
-            int(certificate.not_valid_after_utc.timestamp()),
+            max(int(c.not_valid_before_utc.timestamp()) for c in windows),
+            min(int(c.not_valid_after_utc.timestamp()) for c in windows),
+            ca_certificate,
         )
 
     def check(self, producer_id: str, now: int, revoked_serials: Container[int] = ()) -> None:
@@ -303,10 +309,16 @@ class ProducerKey:
 
 def device_id_of(certificate: x509.Certificate) -> str:
     """The device id a certificate names (its single subject CN); CertificateError otherwise."""
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        raise CertificateError("the certificate does not name exactly one device")
-    return names[0].value
+    try:
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        raise CertificateError("the certificate's subject is malformed") from None
+    if len(names) != 1:
+        raise CertificateError("the certificate does not name exactly one well-formed device")
+    value = names[0].value
+    if not is_device_id(value):
+        raise CertificateError("the certificate does not name exactly one well-formed device")
+    return value
 
 
 def check_certificate(
@@ -338,14 +350,17 @@ def check_certificate(
         if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
             raise CertificateError(f"the {what} is not valid at this time")
     try:
-        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if constraints.ca:
-            raise CertificateError("a CA certificate cannot sign objects")
-        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not usage.digital_signature:
-            raise CertificateError("the certificate does not allow signing")
+        extensions = certificate.extensions
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         raise CertificateError("the certificate lacks BasicConstraints or KeyUsage") from None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise CertificateError("the certificate's extensions are malformed") from None
+    if constraints.ca:
+        raise CertificateError("a CA certificate cannot sign objects")
+    if not usage.digital_signature:
+        raise CertificateError("the certificate does not allow signing")
     if device_id_of(certificate) != device_id:
         raise CertificateError("the certificate names another device")
     if certificate.serial_number in revoked_serials:

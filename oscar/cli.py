@@ -25,16 +25,17 @@ import re
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import __version__, algorithms, cbor, certs, objects, profiles
-from .algorithms import PrivateKey, PublicKey
+from .algorithms import PrivateKey
 from .cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
-from .errors import InvalidObject, OscarError
+from .errors import CertificateError, InvalidObject, OscarError
 from .keys import AccessSecret
 
 __all__ = ["build_parser", "main"]
@@ -53,10 +54,23 @@ class Undecodable(Exception):
     """The input is not even a decodable COSE_Sign1 (or CBOR, for --diag): exit 1."""
 
 
+# argparse quotes the offending argument in its messages; a mistyped option could be followed by a
+# secret, so such runs never reach the terminal.
+_SECRETISH = re.compile(r"[0-9A-Fa-f]{16,}")
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reports a usage error in one line, like every other failure."""
+    """An ArgumentParser that reports a usage error in one line, like every other failure, and
+    never repeats an argument that could be a secret. Options cannot be abbreviated."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message = "unrecognized arguments"
+        message = _SECRETISH.sub("<redacted>", message)
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -145,23 +159,32 @@ def _private_key(path: str) -> PrivateKey:
         raise UsageError(f"key {path!r}: {exc}") from None
 
 
-def _signer(path: str) -> PublicKey | x509.Certificate:
-    try:
-        return certs.load_signer(_read(path, "signer"))
-    except ValueError as exc:
-        raise UsageError(f"signer {path!r}: {exc}") from None
+def _signer(args: argparse.Namespace) -> tuple[objects.Signer, x509.Certificate | None]:
+    """The signer and trust anchor to check against, from --signer and --ca.
 
-
-def _trust_anchor(path: str | None) -> x509.Certificate | None:
-    if path is None:
-        return None
+    A certificate without --ca is trusted because the operator handed it over, so it is turned
+    into a ProducerKey explicitly (the library refuses an unanchored certificate otherwise).
+    """
     try:
-        anchor = certs.load_signer(_read(path, "CA certificate"))
+        signer = certs.load_signer(_read(args.signer, "signer"))
     except ValueError as exc:
-        raise UsageError(f"CA {path!r}: {exc}") from None
+        raise UsageError(f"signer {args.signer!r}: {exc}") from None
+    if args.ca is None:
+        if not isinstance(signer, x509.Certificate):
+            return signer, None
+        try:
+            return certs.ProducerKey.from_certificate(signer, None, now=_now(args)), None
+        except CertificateError as exc:
+            raise InvalidObject(f"signer not acceptable: {exc}") from None
+    if not isinstance(signer, x509.Certificate):
+        raise UsageError("--ca needs a certificate as --signer, not a bare public key")
+    try:
+        anchor = certs.load_signer(_read(args.ca, "CA certificate"))
+    except ValueError as exc:
+        raise UsageError(f"CA {args.ca!r}: {exc}") from None
     if not isinstance(anchor, x509.Certificate):
-        raise UsageError(f"CA {path!r}: a public key, not a certificate")
-    return anchor
+        raise UsageError(f"CA {args.ca!r}: a public key, not a certificate")
+    return signer, anchor
 
 
 def _now(args: argparse.Namespace) -> int:
@@ -231,14 +254,14 @@ def cmd_open(args: argparse.Namespace) -> int:
     or base64). Exit status 1 if any check fails.
     """
     secret = _secret(args)
-    signer = _signer(args.signer)
-    anchor = _trust_anchor(args.ca)
+    signer, anchor = _signer(args)
     data = _read(args.input, "input")
     reading = objects.open(
         data,
         secrets=lambda _resource, _epoch: secret,
         signer=signer,
         now=_now(args),
+        resource_id=args.resource,
         trust_anchor=anchor,
     )
     if not args.json:
@@ -258,10 +281,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     given), signature and expiry. Prints one line of its signed metadata. Exit status 1 if any
     check fails.
     """
-    signer = _signer(args.signer)
-    anchor = _trust_anchor(args.ca)
+    signer, anchor = _signer(args)
     data = _read(args.input, "input")
-    obj = objects.verify(data, signer=signer, now=_now(args), trust_anchor=anchor)
+    obj = objects.verify(
+        data, signer=signer, now=_now(args), resource_id=args.resource, trust_anchor=anchor
+    )
     m = obj.metadata
     print(
         _printable(
@@ -328,7 +352,12 @@ _CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 def _printable(text: str, *, keep_newlines: bool = False) -> str:
     pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
-    return pattern.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    text = pattern.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    # Format characters (bidi overrides, zero-width joiners) and line/paragraph separators would let
+    # a crafted header rearrange or hide what the operator sees.
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cf", "Zl", "Zp") else c for c in text
+    )
 
 
 def _metadata_json(m: objects.ObjectMetadata) -> dict[str, object]:
@@ -446,6 +475,9 @@ def _add_checks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signer", metavar="PEM", required=True, help="public key or certificate")
     parser.add_argument("--ca", metavar="PEM", help="the signer certificate must chain to this CA")
     parser.add_argument("--now", type=int, help="check validity and expiry at (default: now)")
+    parser.add_argument(
+        "--resource", metavar="RID", help="the object must be of this resource (default: any)"
+    )
     _add_in(parser, "the protected object")
 
 
@@ -461,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=handler.__doc__)
+        sub = commands.add_parser(
+            name, help=summary, description=handler.__doc__, allow_abbrev=False
+        )
         sub.set_defaults(handler=handler)
         return sub
 

@@ -51,6 +51,10 @@ PARTIAL_IV = 6
 
 HeaderMap = dict[int | str, cbor.Value]
 
+#: Container elements a message envelope or one header may hold: COSE headers have a handful, and
+#: junk is refused before it costs real time (the proxy decodes objects from anyone who publishes).
+MAX_ITEMS = 128
+
 # The fixed first bytes of the structures below, encoded once.
 _SIG_STRUCTURE_HEAD = b"\x84" + cbor.dumps("Signature1")
 _ENC_STRUCTURE_HEAD = b"\x83" + cbor.dumps("Encrypt0")
@@ -60,7 +64,7 @@ _ENCRYPT0_HEAD = cbor.head(6, ENCRYPT0_TAG) + b"\x83"
 
 def _decode(data: bytes, tag: int, length: int, tag_required: bool, what: str) -> list[cbor.Value]:
     try:
-        value = cbor.loads(data)
+        value = cbor.loads(data, max_items=MAX_ITEMS)
     except cbor.MalformedCBOR as exc:
         raise InvalidObject(f"malformed CBOR: {exc}") from None
     except TypeError:
@@ -83,7 +87,7 @@ def _protected_header(raw: cbor.Value) -> tuple[bytes, HeaderMap]:
     if raw == b"":
         return raw, {}
     try:
-        header = cbor.loads(raw)
+        header = cbor.loads(raw, max_items=MAX_ITEMS)
     except cbor.MalformedCBOR:
         raise InvalidObject("protected header is not strict CBOR") from None
     if type(header) is not dict:

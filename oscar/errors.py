@@ -12,8 +12,8 @@
 
 ``InvalidObject`` is deliberately opaque: ``str()`` never says which check failed, so a peer that
 is shown the message learns nothing. The failed check is kept in ``reason`` for the local log. A
-reason is always one of the library's own fixed phrases, never a value taken from the object or
-a secret.
+reason is always built from the library's own fixed phrases, never from a value taken from the
+object or from a secret.
 
 This module does not log, and it does not map errors to CoAP codes: the roles do that.
 """

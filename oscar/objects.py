@@ -15,7 +15,8 @@ Incoming objects go through the checks in DESIGN order, and any failure raises t
    and name the producer in ``iss``; ``sub`` must be a resource of that producer; ``kid`` must be
    the signer key's id;
 5. the signature;
-6. expiry, then freshness (replay and rollback against :class:`~oscar.freshness.FreshnessState`);
+6. expiry and an ``iat`` not too far ahead, then freshness (replay and rollback against
+   :class:`~oscar.freshness.FreshnessState`);
 7. decryption, with ``[producer, resource, epoch, seq]`` as external AAD.
 
 :func:`verify` stops after step 6's expiry check and needs no secret (the proxy's view);
@@ -47,11 +48,13 @@ from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, HeaderMap, Sign1
 from .errors import CertificateError, InvalidObject
 from .freshness import FreshnessState
 from .keys import MAX_SEQ, AccessSecret, ContentKeys, KeyCache, SecretLookup
+from .names import is_device_id, is_resource_id, owns, require_device_id, require_resource_id
 from .profiles import DEFAULT_PROFILE, Profile
 
 __all__ = [
     "CONTENT_FORMAT_COSE_SIGN1",
     "CWT_CLAIMS",
+    "DEFAULT_MAX_CLOCK_SKEW",
     "DEFAULT_MAX_OBJECT_SIZE",
     "EPOCH",
     "EXP",
@@ -75,6 +78,9 @@ CONTENT_FORMAT_COSE_SIGN1 = 18
 
 #: Largest object accepted by default: a 1 MiB representation plus its headers and tag.
 DEFAULT_MAX_OBJECT_SIZE = (1 << 20) + 4096
+
+#: How far ``iat`` may lie ahead of the receiver's clock, in seconds (boards drift).
+DEFAULT_MAX_CLOCK_SKEW = 300
 
 CWT_CLAIMS = 15
 EPOCH = -65537
@@ -144,15 +150,8 @@ def _uint(value: object, what: str) -> int:
     return value
 
 
-def _text(value: object, what: str) -> str:
-    if type(value) is not str or not value:
-        raise InvalidObject(f"{what} is not a non-empty text string")
-    return value
-
-
-def owns(producer_id: str, resource_id: str) -> bool:
-    """Whether ``resource_id`` names a resource of ``producer_id`` (``<producer-id>/<path>``)."""
-    return resource_id.startswith(producer_id + "/") and len(resource_id) > len(producer_id) + 1
+def _size(data: bytes | bytearray | memoryview) -> int:
+    return data.nbytes if isinstance(data, memoryview) else len(data)
 
 
 class ProtectedObject(NamedTuple):
@@ -167,7 +166,7 @@ class ProtectedObject(NamedTuple):
         """Checks 1 to 3 of the module docstring; raises :class:`InvalidObject` on any failure."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidObject("input is not bytes")
-        if len(data) > max_size:
+        if _size(data) > max_size:
             raise InvalidObject("object exceeds the size limit")
         sign1 = Sign1.from_bytes(bytes(data))
         header = sign1.protected_map
@@ -182,8 +181,12 @@ class ProtectedObject(NamedTuple):
         claims = header[CWT_CLAIMS]
         if type(claims) is not dict or claims.keys() != _CWT_LABELS:
             raise InvalidObject("CWT claims are missing or unknown")
-        producer_id = _text(claims[ISS], "iss")
-        resource_id = _text(claims[SUB], "sub")
+        producer_id = claims[ISS]
+        resource_id = claims[SUB]
+        if not is_device_id(producer_id):
+            raise InvalidObject("iss is not a well-formed producer id")
+        if not is_resource_id(resource_id):
+            raise InvalidObject("sub is not a well-formed resource id")
         if not owns(producer_id, resource_id):
             raise InvalidObject("resource does not belong to the issuing producer")
         iat = _uint(claims[IAT], "iat")
@@ -251,8 +254,8 @@ def seal(
     signature algorithm, a resource of another producer, ``exp`` before ``iat``) and
     :class:`~oscar.errors.PlaintextTooLarge` when the profile's AEAD cannot seal that much.
     """
-    if not isinstance(producer_id, str) or not isinstance(resource_id, str) or not producer_id:
-        raise ValueError("producer and resource ids must be text")
+    require_device_id(producer_id, "producer id")
+    require_resource_id(resource_id)
     if not owns(producer_id, resource_id):
         raise ValueError(f"resource {resource_id!r} is not of the form '{producer_id}/<path>'")
     for name, value in (("epoch", epoch), ("seq", seq), ("iat", iat), ("exp", exp)):
@@ -317,15 +320,25 @@ def _resolve_signer(
     try:
         if isinstance(signer, certs.ProducerKey):
             key = signer
+            if trust_anchor is not None and key.anchor != trust_anchor:
+                raise CertificateError("the signer key was not checked against the trust anchor")
         elif isinstance(signer, x509.Certificate):
+            # A certificate, whether handed in or found, is only as good as its chain. To trust
+            # one without a CA, the caller says so by making a ProducerKey from it.
+            if trust_anchor is None:
+                raise CertificateError("a certificate signer needs a trust anchor")
             key = certs.ProducerKey.from_certificate(
                 signer, trust_anchor, now=now, revoked_serials=revoked_serials
             )
         else:
+            if trust_anchor is not None:
+                raise CertificateError("a bare public key cannot chain to the trust anchor")
             key = certs.ProducerKey.from_public_key(signer)
         key.check(m.producer_id, now, revoked_serials)
-    except (CertificateError, ValueError) as exc:
+    except CertificateError as exc:
         raise InvalidObject(f"signer not acceptable: {exc}") from None
+    except ValueError:
+        raise InvalidObject("signer not acceptable: unsupported key") from None
     if key.kid != m.kid:
         raise InvalidObject("kid does not identify the signer's key")
     return key.public_key
@@ -336,23 +349,33 @@ def verify(
     *,
     signer: Signer | SignerLookup,
     now: int,
+    resource_id: str | None = None,
     trust_anchor: x509.Certificate | None = None,
     revoked_serials: Container[int] = (),
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
     max_size: int = DEFAULT_MAX_OBJECT_SIZE,
 ) -> ProtectedObject:
-    """Check an object without any secret: structure, signer, signature, expiry.
+    """Check an object without any secret: structure, signer, signature, times.
 
     ``signer`` is a :class:`~oscar.certs.ProducerKey`, the producer's certificate or public key, or
-    a function of (producer id, kid) returning one. With ``trust_anchor`` a certificate must chain
-    to it (a ``ProducerKey`` was checked when it was made). Returns the decoded object;
-    raises :class:`InvalidObject` if any check fails.
+    a function of (producer id, kid) returning one. A certificate needs ``trust_anchor`` and must
+    chain to it; with ``trust_anchor`` set, a ``ProducerKey`` must have been checked against that
+    same anchor and a bare public key is refused. ``resource_id``, when given, is the resource the
+    caller asked for: an object of any other resource is refused. An object is refused after its
+    ``exp`` and when its ``iat`` lies more than ``max_clock_skew`` seconds ahead of ``now``.
+
+    Returns the decoded object; raises :class:`InvalidObject` if any check fails.
     """
     obj = ProtectedObject.from_bytes(data, max_size=max_size)
-    public_key = _resolve_signer(obj, signer, now, trust_anchor, revoked_serials)
     m = obj.metadata
+    if resource_id is not None and m.resource_id != resource_id:
+        raise InvalidObject("object is for another resource")
+    public_key = _resolve_signer(obj, signer, now, trust_anchor, revoked_serials)
     obj.sign1.verify(public_key, m.signature_algorithm)
     if now > m.exp:
         raise InvalidObject("object expired")
+    if m.iat > now + max_clock_skew:
+        raise InvalidObject("object issued in the future")
     return obj
 
 
@@ -362,12 +385,14 @@ def open(
     secrets: SecretLookup | KeyCache,
     signer: Signer | SignerLookup,
     now: int,
+    resource_id: str | None = None,
     freshness: FreshnessState | None = None,
     trust_anchor: x509.Certificate | None = None,
     revoked_serials: Container[int] = (),
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
     max_size: int = DEFAULT_MAX_OBJECT_SIZE,
 ) -> Reading:
-    """Verify, check freshness, decrypt; return the plaintext with its metadata.
+    """Verify (see :func:`verify`), check freshness, decrypt; return plaintext and metadata.
 
     ``secrets`` finds the access secret of (resource id, epoch) (a :class:`KeyCache` also keeps
     derived keys). With ``freshness`` the object must be newer than every object accepted before for
@@ -378,8 +403,10 @@ def open(
         data,
         signer=signer,
         now=now,
+        resource_id=resource_id,
         trust_anchor=trust_anchor,
         revoked_serials=revoked_serials,
+        max_clock_skew=max_clock_skew,
         max_size=max_size,
     )
     m = obj.metadata
@@ -397,12 +424,7 @@ def open(
     aad = Encrypt0.to_be_encrypted(
         obj.encrypt0.protected, external_aad(m.producer_id, m.resource_id, m.epoch, m.seq)
     )
-    plaintext = m.aead.decrypt(
-        keys.cipher,
-        keys.nonce(m.seq),
-        obj.encrypt0.ciphertext,
-        aad,
-    )
+    plaintext = m.aead.decrypt(keys.cipher, keys.nonce(m.seq), obj.encrypt0.ciphertext, aad)
     if freshness is not None:
         freshness.accept(m.resource_id, m.epoch, m.seq)
     return Reading(plaintext, m)

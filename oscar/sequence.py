@@ -7,9 +7,13 @@ After a crash the next start resumes at the persisted limit, skipping at most on
 numbers and never repeating one.
 
 Persistence is injected: a :class:`SequenceStore` saves and loads the limit of (resource, epoch),
-and ``save`` must be durable (written and synced) when it returns. If it raises, the allocator hands
-out nothing more until a later save succeeds, raising :class:`~oscar.errors.SequenceUnavailable`:
-a producer that cannot guarantee fresh numbers refuses to seal.
+and ``save`` must be durable (written and synced) when it returns. Each new window starts above the
+limit found in the store, so several allocators over one store in one thread never overlap; across
+processes the store must be owned by one process at a time (the producer locks its state).
+
+If ``save`` raises, the allocator hands out nothing more until a later save succeeds, raising
+:class:`~oscar.errors.SequenceUnavailable`: a producer that cannot guarantee fresh numbers refuses
+to seal.
 
 This module does not do I/O; the producer's store does.
 """
@@ -65,14 +69,8 @@ class SequenceAllocator:
         self._resource_id = resource_id
         self._epoch = epoch
         self._window = window
-        try:
-            saved = store.load(resource_id, epoch)
-        except Exception as exc:
-            raise SequenceUnavailable("cannot read the persisted sequence limit") from exc
-        if saved is not None and (type(saved) is not int or not 0 <= saved <= MAX_SEQ + 1):
-            raise SequenceUnavailable("the persisted sequence limit is corrupt")
         # Everything below the saved limit may have been used before a crash.
-        self._next = saved or 0
+        self._next = self._stored_limit()
         self._limit = self._next  # nothing reserved by this instance yet
 
     def __repr__(self) -> str:
@@ -86,6 +84,17 @@ class SequenceAllocator:
         """The number :meth:`allocate` would return next."""
         return self._next
 
+    def _stored_limit(self) -> int:
+        try:
+            stored = self._store.load(self._resource_id, self._epoch)
+        except Exception as exc:
+            raise SequenceUnavailable("cannot read the persisted sequence limit") from exc
+        if stored is None:
+            return 0
+        if type(stored) is not int or not 0 <= stored <= MAX_SEQ + 1:
+            raise SequenceUnavailable("the persisted sequence limit is corrupt")
+        return stored
+
     def allocate(self) -> int:
         """Return the next unused seq, reserving a new window first when needed.
 
@@ -93,13 +102,17 @@ class SequenceAllocator:
         epoch has used up all 2**64 numbers (a new epoch is needed).
         """
         if self._next >= self._limit:
-            if self._next > MAX_SEQ:
+            # Re-read: another allocator on the same store may have reserved since, and a window
+            # must start above everything reserved by anyone.
+            start = max(self._next, self._stored_limit())
+            if start > MAX_SEQ:
                 raise SequenceUnavailable("sequence numbers of this epoch are used up")
-            new_limit = min(self._next + self._window, MAX_SEQ + 1)
+            new_limit = min(start + self._window, MAX_SEQ + 1)
             try:
                 self._store.save(self._resource_id, self._epoch, new_limit)
             except Exception as exc:
                 raise SequenceUnavailable("cannot persist the sequence reservation") from exc
+            self._next = start
             self._limit = new_limit
         seq = self._next
         self._next += 1

@@ -68,8 +68,8 @@ def test_accepts_preferred_serialisation(hex_: str, value: object) -> None:
         ("a201020103", "duplicate"),
         ("a1800102", "map key"),  # array as a key
         ("a1f501", "map key"),  # true as a key
-        ("9affffffff", "truncated"),  # a 4-billion-item array in 5 bytes
-        ("baffffffff", "truncated"),
+        ("9affffffff", "too many items"),  # a 4-billion-item array in 5 bytes
+        ("baffffffff", "too many items"),
         ("5affffffff", "truncated"),
         ("9b00000000ffffffff", "shortest form"),
     ],
@@ -86,6 +86,19 @@ def test_nesting_bomb_is_refused_quickly() -> None:
     tags = b"\xd8\x20" * 50_000 + b"\x00"
     with pytest.raises(MalformedCBOR, match="deeply"):
         cbor.loads(tags)
+
+
+def test_item_budget_is_exact_and_declared_lengths_are_checked() -> None:
+    three = bytes.fromhex("83010203")
+    assert cbor.loads(three, max_items=3) == [1, 2, 3]
+    with pytest.raises(MalformedCBOR, match="too many items"):
+        cbor.loads(three, max_items=2)
+    with pytest.raises(MalformedCBOR, match="too many items"):
+        cbor.loads(bytes.fromhex("a201020304"), max_items=3)  # a map costs two per entry
+    with pytest.raises(MalformedCBOR, match="truncated"):
+        cbor.loads(bytes.fromhex("9affffffff"), max_items=2**40)
+    with pytest.raises(ValueError):
+        cbor.loads(b"\x00", max_depth=10**6)  # deeper than Python's stack allows
 
 
 def test_depth_limit_is_exact() -> None:

@@ -697,3 +697,55 @@ def test_module_entry_point_keygen_to_stdout(tmp_path: Path) -> None:
     key = certs.load_private_key(result.stdout)
     assert certs.key_id(key.public_key()).hex().encode() in result.stderr
     assert os.path.exists(tmp_path / "pub.pem")
+
+
+# --- review findings: anchoring, expected resource, no echo of secrets, terminal safety ----------
+
+
+def test_ca_with_a_bare_public_key_signer_is_a_usage_error(
+    run: Run, pems: Pems, sealed: Path
+) -> None:
+    result = run(*open_argv(sealed, pems.public["ES256"], "--ca", str(pems.ca)))
+    assert_error(result, 2, "--ca needs a certificate")
+
+
+def test_open_and_verify_of_another_resource_than_asked(run: Run, pems: Pems, sealed: Path) -> None:
+    ok = run(*open_argv(sealed, pems.public["ES256"], "--resource", RESOURCE))
+    assert (ok.code, ok.out) == (0, PLAINTEXT)
+    other = run(*open_argv(sealed, pems.public["ES256"], "--resource", PRODUCER + "/door"))
+    assert_error(other, 1, "object rejected", "another resource")
+    verify = run(
+        "verify", "--signer", pems.public["ES256"], "--in", sealed, "--now", str(NOW),
+        "--resource", PRODUCER + "/door",
+    )  # fmt: skip
+    assert_error(verify, 1, "another resource")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--secret", SECRET_HEX, "--signer", "x", "--in", "y"],  # unrecognized
+        ["seal", f"--sec={SECRET_HEX}", "--producer", "p"],  # abbreviation of --secret
+        ["seal", "--sec", SECRET_HEX],
+        ["open", "--secret", SECRET_HEX, "--signer", "x", "--in", "y", "--now", SECRET_HEX],
+    ],
+)
+def test_usage_errors_never_echo_a_secret(run: Run, argv: list[str]) -> None:
+    result = run(*argv)
+    assert_error(result, 2)
+
+
+def test_inspect_escapes_bidi_and_line_separators(
+    run: Run, pems: Pems, plain: Path, tmp_path: Path
+) -> None:
+    sign1 = Sign1.sign(
+        {1: -7, 99: "safe\u202eevil\u2028line\u200b"}, {}, b"payload",
+        certs.load_private_key(pems.private["ES256"].read_bytes()), ES256,
+    )  # fmt: skip
+    path = tmp_path / "bidi.cose"
+    path.write_bytes(sign1.to_bytes())
+    result = run("inspect", "--in", path)
+    assert result.code == 0, result.err
+    text = result.out.decode("utf-8")
+    assert "\u202e" not in text and "\u2028" not in text and "\u200b" not in text
+    assert "\\u202e" in text

@@ -6,6 +6,8 @@ from typing import Any
 
 import cbor2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +20,8 @@ from oscar import (
     InvalidObject,
     KeyCache,
     PlaintextTooLarge,
+    ProducerKey,
+    SigningKey,
     certs,
 )
 from oscar.algorithms import EDDSA, ES256
@@ -273,7 +277,7 @@ def test_resource_must_belong_to_the_producer() -> None:
     assert reason_of(resign(make(), steal)) == "resource does not belong to the issuing producer"
     with pytest.raises(ValueError, match="form"):
         make(resource_id="sensor-2/temperature")
-    with pytest.raises(ValueError, match="form"):
+    with pytest.raises(ValueError, match="resource id"):
         make(resource_id="sensor-1/")
 
 
@@ -421,7 +425,7 @@ def test_key_cache_derives_once_and_is_bounded() -> None:
     cache.forget(RESOURCE, 3)
     open_(make(), secrets=cache)
     assert len(calls) == 5
-    assert "redacted" not in repr(cache) and SECRET.value.hex() not in repr(cache)
+    assert repr(SECRET.value) not in repr(cache) and SECRET.value.hex() not in repr(cache)
 
 
 def test_verify_without_a_secret() -> None:
@@ -436,7 +440,20 @@ def test_certificate_signer_chain_owner_validity_and_revocation() -> None:
     data = make(signing_key=pki.producer_key)
     kw = {"signer": pki.producer_cert, "trust_anchor": pki.ca_cert}
     assert open_(data, **kw).plaintext
-    assert open_(data, signer=pki.producer_cert).plaintext  # already-trusted certificate
+    # A certificate with no anchor to check it against is refused ...
+    assert "needs a trust anchor" in reason_of(data, signer=pki.producer_cert)
+    # ... unless the caller trusts it explicitly, as a ProducerKey.
+    assert open_(data, signer=ProducerKey.from_certificate(pki.producer_cert, None, now=NOW))
+    anchored = ProducerKey.from_certificate(pki.producer_cert, pki.ca_cert, now=NOW)
+    assert open_(data, signer=anchored, trust_anchor=pki.ca_cert).plaintext
+    assert "not checked against the trust anchor" in reason_of(
+        data,
+        signer=ProducerKey.from_certificate(pki.producer_cert, None, now=NOW),
+        trust_anchor=pki.ca_cert,
+    )
+    assert "bare public key" in reason_of(
+        data, signer=pki.producer_key.public_key(), trust_anchor=pki.ca_cert
+    )
     other = make_pki()  # another CA certifying the same name
     assert "not issued by the trusted CA" in reason_of(
         data, signer=pki.producer_cert, trust_anchor=other.ca_cert
@@ -486,7 +503,10 @@ def test_ccm_limit_and_large_objects_under_gcm() -> None:
         ({"seq": 2**64}, "seq"),
         ({"epoch": "1"}, "epoch"),
         ({"content_format": 65_536}, "content_format"),
-        ({"producer_id": ""}, "text"),
+        ({"producer_id": ""}, "producer id"),
+        ({"producer_id": "a/b", "resource_id": "a/b/c"}, "producer id"),
+        ({"resource_id": "sensor-1/../x"}, "resource id"),
+        ({"resource_id": "sensor-1/a b"}, "resource id"),
     ],
 )
 def test_seal_misuse_is_a_value_error(overrides: dict[str, Any], error: str) -> None:
@@ -497,11 +517,115 @@ def test_seal_misuse_is_a_value_error(overrides: dict[str, Any], error: str) -> 
 def test_secrets_and_plaintext_stay_out_of_reprs_and_messages() -> None:
     reading = open_(make())
     assert b"celsius".decode() not in repr(reading)
-    assert SECRET.value.hex() not in repr(SECRET) and "redacted" in repr(SECRET)
+    assert repr(reading.plaintext) not in repr(reading)
+    for shown in (repr(SECRET), str(SECRET)):
+        assert repr(SECRET.value) not in shown and SECRET.value.hex() not in shown
+    assert "redacted" in repr(SECRET)
     keys = ContentKeys.derive(SECRET, RESOURCE, 3, oscar.DEFAULT_PROFILE.aead)
-    assert keys.key.hex() not in repr(keys) and keys.base_iv.hex() not in repr(keys)
+    for field in (keys.key, keys.base_iv):
+        assert repr(field) not in repr(keys) and field.hex() not in repr(keys)
+    assert "key=" not in repr(keys) and "base_iv=" not in repr(keys)
+    signing = SigningKey.from_private_key(KEYS["ES256"])
+    assert "private_key" not in repr(signing)
     with pytest.raises(ValueError) as info:
         AccessSecret.from_hex("zz" + SECRET.value.hex()[2:])
     assert SECRET.value.hex()[2:] not in str(info.value)
     with pytest.raises(ValueError):
         AccessSecret(b"short")
+
+
+def test_object_of_another_resource_than_asked_for_is_refused() -> None:
+    door = make(resource_id="sensor-1/door")
+    assert open_(door, resource_id="sensor-1/door", secrets=lambda r, e: SECRET).plaintext
+    state = FreshnessState()
+    assert reason_of(door, resource_id=RESOURCE, freshness=state) == (
+        "object is for another resource"
+    )
+    assert len(state) == 0
+
+
+def test_iat_too_far_in_the_future_is_refused() -> None:
+    ahead = make(iat=NOW + 301, exp=NOW + 900)
+    assert reason_of(ahead) == "object issued in the future"
+    assert open_(ahead, max_clock_skew=301).plaintext
+    assert open_(make(iat=NOW + 300, exp=NOW + 900)).plaintext
+
+
+def test_header_junk_is_refused_by_the_item_budget() -> None:
+    def junk(h: dict[int, Any], o: list[Any]) -> None:
+        h[15][2] = [[0] * 100] * 100  # 10,000 items where a text string belongs
+
+    assert "not strict CBOR" in reason_of(resign(make(), junk))
+    # A whole envelope of junk, too: a megabyte of one-byte items in the unprotected header.
+    outer = loads(make()).value
+    outer[1] = {1: [0] * 500_000}
+    assert "too many items" in reason_of(cbor2.dumps(cbor2.CBORTag(18, outer)))
+
+
+def test_size_limit_counts_bytes_not_memoryview_elements() -> None:
+    import array
+
+    data = make()
+    words = array.array("I", data + bytes(-len(data) % 4))
+    with pytest.raises(InvalidObject) as info:
+        oscar.ProtectedObject.from_bytes(memoryview(words), max_size=len(data) // 4 + 1)
+    assert info.value.reason == "object exceeds the size limit"
+
+
+def test_certificate_with_duplicate_extensions_is_an_invalid_object() -> None:
+    pki = make_pki()
+    der = pki.producer_cert.public_bytes(serialization.Encoding.DER)
+    bad = x509.load_der_x509_certificate(_duplicate_last_extension(der, pki.ca_key))
+    data = make(signing_key=pki.producer_key)
+    assert "malformed" in reason_of(data, signer=bad, trust_anchor=pki.ca_cert)
+
+
+def _duplicate_last_extension(der: bytes, ca_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Re-sign a certificate whose last extension appears twice (builders refuse to make one)."""
+
+    def parse(b: bytes, i: int = 0) -> tuple[int, int]:
+        length, j = b[i + 1], i + 2
+        if length & 0x80:
+            n = length & 0x7F
+            length, j = int.from_bytes(b[j : j + n], "big"), j + n
+        return j, length
+
+    def body(b: bytes) -> bytes:
+        j, length = parse(b)
+        return b[j : j + length]
+
+    def children(b: bytes) -> list[bytes]:
+        out, i = [], 0
+        while i < len(b):
+            j, length = parse(b, i)
+            out.append(b[i : j + length])
+            i = j + length
+        return out
+
+    def tlv(tag: int, content: bytes) -> bytes:
+        n = len(content)
+        size = (
+            bytes([n])
+            if n < 128
+            else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+            + n.to_bytes((n.bit_length() + 7) // 8, "big")
+        )
+        return bytes([tag]) + size + content
+
+    tbs, alg, _sig = children(body(der))
+    parts = children(body(tbs))
+    extensions = children(body(body(parts[-1])))
+    extensions.append(extensions[-1])
+    new_tbs = tlv(0x30, b"".join(parts[:-1]) + tlv(0xA3, tlv(0x30, b"".join(extensions))))
+    signature = ca_key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    return tlv(0x30, new_tbs + alg + tlv(0x03, b"\x00" + signature))
+
+
+def test_producer_key_from_certificate_is_bounded_by_the_ca_window() -> None:
+    pki = make_pki(not_after=NOW + 30 * 86_400)  # outlives its CA (NOW + 10 days)
+    key = ProducerKey.from_certificate(pki.producer_cert, pki.ca_cert, now=NOW)
+    assert key.not_after == NOW + 10 * 86_400
+    data = make(signing_key=pki.producer_key, exp=NOW + 20 * 86_400)
+    assert "not valid at this time" in reason_of(
+        data, signer=key, trust_anchor=pki.ca_cert, now=NOW + 11 * 86_400
+    )

@@ -140,3 +140,21 @@ def test_sealed_objects_of_one_epoch_never_share_a_nonce_across_restart() -> Non
             obj = oscar.ProtectedObject.from_bytes(data)
             partial_ivs.append(obj.encrypt0.unprotected[6])
     assert len(set(partial_ivs)) == 9
+
+
+def test_two_allocators_over_one_store_never_overlap() -> None:
+    store = MemorySequenceStore()
+    a = SequenceAllocator(store, RESOURCE, 1, window=4)
+    first = [a.allocate() for _ in range(4)]
+    b = SequenceAllocator(store, RESOURCE, 1, window=4)  # created while a still holds a window
+    c = SequenceAllocator(store, RESOURCE, 1, window=4)  # created before b saved anything
+    seqs = first + [x.allocate() for _ in range(6) for x in (a, b, c)]
+    assert len(seqs) == len(set(seqs))
+
+
+@given(st.lists(st.integers(0, 2), min_size=1, max_size=60), st.integers(1, 5))
+def test_interleaved_allocators_property(order: list[int], window: int) -> None:
+    store = MemorySequenceStore()
+    allocators = [SequenceAllocator(store, RESOURCE, 1, window=window) for _ in range(3)]
+    seqs = [allocators[i].allocate() for i in order]
+    assert len(seqs) == len(set(seqs))
