@@ -43,8 +43,8 @@ from .algorithms import (
     aead_for,
     signature_for,
 )
-from .cbor import dumps
-from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, HeaderMap, Sign1
+from .cbor import dumps, head
+from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, Sign1
 from .errors import CertificateError, InvalidObject
 from .freshness import FreshnessState
 from .keys import MAX_SEQ, AccessSecret, ContentKeys, KeyCache, SecretLookup
@@ -65,6 +65,7 @@ __all__ = [
     "ObjectMetadata",
     "ProtectedObject",
     "Reading",
+    "Sealer",
     "Signer",
     "SignerLookup",
     "external_aad",
@@ -229,6 +230,144 @@ class ProtectedObject(NamedTuple):
         return self.sign1.to_bytes()
 
 
+class Sealer:
+    """Seals objects of one resource and epoch, with the checks and the fixed bytes done once.
+
+    A producer keeps one per (resource, epoch): the ids, the key and the keys are checked and the
+    unchanging parts of the headers and the external AAD encoded when it is made, so each
+    :meth:`seal` only encodes ``seq``, ``iat``, ``exp`` and the ciphertext. The output is the same,
+    byte for byte, as :func:`seal`'s.
+    """
+
+    __slots__ = (
+        "_aad_prefix",
+        "_aead",
+        "_enc_protected",
+        "_header_prefix",
+        "_header_seq_label",
+        "_keys",
+        "_private_key",
+        "_signature",
+        "epoch",
+        "producer_id",
+        "resource_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        secret: AccessSecret | ContentKeys,
+        producer_id: str,
+        resource_id: str,
+        epoch: int,
+        signing_key: PrivateKey | certs.SigningKey,
+        profile: Profile = DEFAULT_PROFILE,
+    ) -> None:
+        """Raises ``ValueError``/``TypeError`` for bad arguments (malformed ids, a resource of
+        another producer, a key not of the profile's signature algorithm, keys of another epoch).
+        """
+        require_device_id(producer_id, "producer id")
+        require_resource_id(resource_id)
+        if not owns(producer_id, resource_id):
+            raise ValueError(f"resource {resource_id!r} is not of the form '{producer_id}/<path>'")
+        _check_uint("epoch", epoch)
+        if not isinstance(signing_key, certs.SigningKey):
+            signing_key = certs.SigningKey.from_private_key(signing_key)
+        if signing_key.algorithm is not profile.signature:
+            raise ValueError(
+                f"profile {profile.name} signs with {profile.signature.name}, "
+                f"but the key is a {signing_key.algorithm.name} key"
+            )
+        aead = profile.aead
+        if isinstance(secret, ContentKeys):
+            if (secret.resource_id, secret.epoch, secret.aead) != (resource_id, epoch, aead):
+                raise ValueError(
+                    "the content keys were derived for another resource, epoch or AEAD"
+                )
+            keys = secret
+        else:
+            keys = ContentKeys.derive(secret, resource_id, epoch, aead)
+        self.producer_id = producer_id
+        self.resource_id = resource_id
+        self.epoch = epoch
+        self._aead = aead
+        self._keys = keys
+        self._signature = signing_key.algorithm
+        self._private_key = signing_key.private_key
+        self._enc_protected: dict[int, bytes] = {}
+        # external_aad = [producer, resource, epoch, seq]: everything but the seq, encoded once.
+        self._aad_prefix = head(4, 4) + dumps(producer_id) + dumps(resource_id) + dumps(epoch)
+        # The Sign1 protected header in RFC 8949 §4.2.1 key order, so that equal objects encode to
+        # equal bytes: {1: alg, 4: kid, 15: {1: iss, 2: sub, 4: exp, 6: iat}, -65537: epoch,
+        # -65538: seq}. Everything up to exp is fixed; so are the epoch and the seq label.
+        self._header_prefix = b"".join(
+            (
+                head(5, 5),
+                dumps(ALG),
+                dumps(signing_key.algorithm.cose_id),
+                dumps(KID),
+                dumps(signing_key.kid),
+                dumps(CWT_CLAIMS),
+                head(5, 4),
+                dumps(ISS),
+                dumps(producer_id),
+                dumps(SUB),
+                dumps(resource_id),
+                dumps(EXP),
+            )
+        )
+        self._header_seq_label = dumps(EPOCH) + dumps(epoch) + dumps(SEQ)
+
+    def __repr__(self) -> str:
+        return f"Sealer(resource_id={self.resource_id!r}, epoch={self.epoch})"
+
+    def seal(self, *, seq: int, iat: int, exp: int, content_format: int, plaintext: bytes) -> bytes:
+        """Encrypt, then sign; return the object's bytes. ``seq`` must be unused in this epoch.
+
+        Raises ``ValueError``/``TypeError`` for bad arguments and
+        :class:`~oscar.errors.PlaintextTooLarge` when the AEAD cannot seal that much.
+        """
+        _check_uint("seq", seq)
+        _check_uint("iat", iat)
+        _check_uint("exp", exp)
+        if exp < iat:
+            raise ValueError("exp must not be earlier than iat")
+        enc_protected = self._enc_protected.get(content_format)
+        if enc_protected is None:
+            if type(content_format) is not int or not 0 <= content_format <= 0xFFFF:
+                raise ValueError("content_format must be a CoAP content format (0 to 65535)")
+            enc_protected = dumps({ALG: self._aead.cose_id, CONTENT_TYPE: content_format})
+            self._enc_protected[content_format] = enc_protected
+        if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+            raise TypeError("plaintext must be bytes")
+
+        keys = self._keys
+        aad = Encrypt0.to_be_encrypted(enc_protected, self._aad_prefix + head(0, seq))
+        ciphertext = self._aead.encrypt(keys.cipher, keys.nonce(seq), bytes(plaintext), aad)
+        encrypt0 = Encrypt0(enc_protected, {}, {PARTIAL_IV: _partial_iv(seq)}, ciphertext)
+        payload = encrypt0.to_bytes()
+        protected = b"".join(
+            (
+                self._header_prefix,
+                head(0, exp),
+                _IAT_LABEL,
+                head(0, iat),
+                self._header_seq_label,
+                head(0, seq),
+            )
+        )
+        signature = self._signature.sign(self._private_key, Sign1.to_be_signed(protected, payload))
+        return Sign1(protected, {}, {}, payload, signature).to_bytes()
+
+
+_IAT_LABEL = dumps(IAT)
+
+
+def _check_uint(name: str, value: object) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
+        raise ValueError(f"{name} must be an integer from 0 to 2**64 - 1")
+
+
 def seal(
     *,
     secret: AccessSecret | ContentKeys,
@@ -246,62 +385,25 @@ def seal(
     """Encrypt ``plaintext`` under the epoch's content key, then sign; return the object's bytes.
 
     ``secret`` is the epoch's access secret, or keys already derived from it, and ``signing_key``
-    a private key or a :class:`~oscar.certs.SigningKey` (both faster when sealing many objects).
-    The caller guarantees ``seq`` is unused under this epoch (see
-    :class:`~oscar.sequence.SequenceAllocator`).
+    a private key or a :class:`~oscar.certs.SigningKey`. The caller guarantees ``seq`` is unused
+    under this epoch (see :class:`~oscar.sequence.SequenceAllocator`). To seal many objects of one
+    epoch, keep a :class:`Sealer`: this function makes one per call.
 
     Raises ``ValueError``/``TypeError`` for bad arguments (a key that is not of the profile's
     signature algorithm, a resource of another producer, ``exp`` before ``iat``) and
     :class:`~oscar.errors.PlaintextTooLarge` when the profile's AEAD cannot seal that much.
     """
-    require_device_id(producer_id, "producer id")
-    require_resource_id(resource_id)
-    if not owns(producer_id, resource_id):
-        raise ValueError(f"resource {resource_id!r} is not of the form '{producer_id}/<path>'")
-    for name, value in (("epoch", epoch), ("seq", seq), ("iat", iat), ("exp", exp)):
-        if type(value) is not int or not 0 <= value <= MAX_SEQ:
-            raise ValueError(f"{name} must be an integer from 0 to 2**64 - 1")
-    if exp < iat:
-        raise ValueError("exp must not be earlier than iat")
-    if type(content_format) is not int or not 0 <= content_format <= 0xFFFF:
-        raise ValueError("content_format must be a CoAP content format (0 to 65535)")
-    if not isinstance(plaintext, (bytes, bytearray, memoryview)):
-        raise TypeError("plaintext must be bytes")
-    if not isinstance(signing_key, certs.SigningKey):
-        signing_key = certs.SigningKey.from_private_key(signing_key)
-    signature_algorithm = signing_key.algorithm
-    if signature_algorithm is not profile.signature:
-        raise ValueError(
-            f"profile {profile.name} signs with {profile.signature.name}, "
-            f"but the key is a {signature_algorithm.name} key"
-        )
-    aead = profile.aead
-    if isinstance(secret, ContentKeys):
-        if (secret.resource_id, secret.epoch, secret.aead) != (resource_id, epoch, aead):
-            raise ValueError("the content keys were derived for another resource, epoch or AEAD")
-        keys = secret
-    else:
-        keys = ContentKeys.derive(secret, resource_id, epoch, aead)
-
-    aad = external_aad(producer_id, resource_id, epoch, seq)
-    enc_protected = dumps({ALG: aead.cose_id, CONTENT_TYPE: content_format})
-    ciphertext = aead.encrypt(
-        keys.cipher,
-        keys.nonce(seq),
-        bytes(plaintext),
-        Encrypt0.to_be_encrypted(enc_protected, aad),
+    sealer = Sealer(
+        secret=secret,
+        producer_id=producer_id,
+        resource_id=resource_id,
+        epoch=epoch,
+        signing_key=signing_key,
+        profile=profile,
     )
-    encrypt0 = Encrypt0(enc_protected, {}, {PARTIAL_IV: _partial_iv(seq)}, ciphertext).to_bytes()
-
-    # Keys in RFC 8949 §4.2.1 order, so equal objects encode to equal bytes.
-    header: HeaderMap = {
-        ALG: signature_algorithm.cose_id,
-        KID: signing_key.kid,
-        CWT_CLAIMS: {ISS: producer_id, SUB: resource_id, EXP: exp, IAT: iat},
-        EPOCH: epoch,
-        SEQ: seq,
-    }
-    return Sign1.sign(header, {}, encrypt0, signing_key.private_key, signature_algorithm).to_bytes()
+    return sealer.seal(
+        seq=seq, iat=iat, exp=exp, content_format=content_format, plaintext=plaintext
+    )
 
 
 def _resolve_signer(

@@ -629,3 +629,18 @@ def test_producer_key_from_certificate_is_bounded_by_the_ca_window() -> None:
     assert "not valid at this time" in reason_of(
         data, signer=key, trust_anchor=pki.ca_cert, now=NOW + 11 * 86_400
     )
+
+
+def test_a_kept_sealer_gives_the_same_bytes_as_seal() -> None:
+    for name in ("ccm-es256", "chacha20-eddsa"):
+        profile = PROFILES[name]
+        sealer = oscar.Sealer(
+            secret=SECRET, producer_id=PRODUCER, resource_id=RESOURCE, epoch=3,
+            signing_key=key_for(profile), profile=profile,
+        )  # fmt: skip
+        for seq, cf in ((0, 0), (7, 50), (70_000, 50), (2**64 - 1, 65_535)):
+            args = {"seq": seq, "iat": NOW, "exp": NOW + 5, "content_format": cf, "plaintext": b"v"}
+            assert sealer.seal(**args) == make(profile, **args)
+        with pytest.raises(ValueError, match="content_format"):
+            sealer.seal(seq=1, iat=NOW, exp=NOW, content_format=-1, plaintext=b"")
+        assert "redacted" not in repr(sealer) and RESOURCE in repr(sealer)
