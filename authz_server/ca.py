@@ -1,0 +1,127 @@
+"""The AS's certificate authority and its state directory: made once, then loaded by every command.
+
+A state directory holds ``master.key`` (mode 0600, the only secret outside the database), ``as.db``
+(everything else, secrets encrypted) and ``ca.pem`` (the CA certificate, public, for convenience).
+:func:`init_state` makes one; :class:`CertificateAuthority` issues device certificates from CSRs and
+signs revocation lists, with the key read from the database and decrypted only in memory.
+
+Randomness (the CA key, serial numbers) comes from the operating system; the time comes in as
+``now`` so that tests can pin it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from oscar import certs
+from oscar.errors import CertificateError
+
+from .store import MASTER_KEY_NAME, Store, StoreError
+from .vault import create_master_key
+
+__all__ = ["CA_CERT_NAME", "CertificateAuthority", "init_state"]
+
+CA_CERT_NAME = "ca.pem"
+CA_LIFETIME = 10 * 365 * 86_400
+DEVICE_CERT_LIFETIME = 365 * 86_400
+
+
+async def init_state(
+    state_dir: Path, *, as_uri: str, now: int, ca_name: str = "OSCAR AS CA"
+) -> Store:
+    """Make a new state directory: master key, database, CA key and certificate.
+
+    Refuses a directory that already holds a master key or a database. Returns the open store.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (state_dir / MASTER_KEY_NAME).exists() or (state_dir / "as.db").exists():
+        raise StoreError(f"{state_dir} holds an AS state already; refusing to overwrite it")
+    master_key = create_master_key(state_dir / MASTER_KEY_NAME)
+    store = await Store.create(state_dir, master_key)
+    try:
+        ca_key = certs.generate_signing_key("ES256")
+        ca_cert = certs.make_ca_certificate(
+            ca_key, ca_name, serial=_serial(), not_before=now - 300, not_after=now + CA_LIFETIME
+        )
+        pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        await store.set_ca_key(certs.private_key_pem(ca_key))
+        await store.set_meta("ca_cert", pem)
+        await store.set_meta("as_uri", as_uri)
+        (state_dir / CA_CERT_NAME).write_bytes(pem)
+        await store.audit("admin", "init", ca_name, "ok", {"as_uri": as_uri}, now)
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+def _serial() -> int:
+    # RFC 5280: positive, at most 20 octets; 159 random bits leave the sign bit clear.
+    return secrets.randbits(159) | 1
+
+
+class CertificateAuthority:
+    """Issues device certificates and revocation lists under the AS CA."""
+
+    __slots__ = ("_key", "certificate", "certificate_pem")
+
+    def __init__(self, key_pem: bytes, certificate_pem: bytes) -> None:
+        self._key = certs.load_private_key(key_pem)
+        self.certificate = x509.load_pem_x509_certificate(certificate_pem)
+        self.certificate_pem = certificate_pem
+
+    def __repr__(self) -> str:
+        return f"CertificateAuthority({self.certificate.subject.rfc4514_string()!r})"
+
+    @classmethod
+    async def load(cls, store: Store) -> CertificateAuthority:
+        pem = await store.get_meta("ca_cert")
+        if not isinstance(pem, bytes):
+            raise StoreError("the database holds no CA certificate")
+        return cls(await store.ca_key(), pem)
+
+    def issue(
+        self, csr_der: bytes, device_id: str, now: int, lifetime: int = DEVICE_CERT_LIFETIME
+    ) -> x509.Certificate:
+        """Certify the key in ``csr_der`` for ``device_id`` (the authenticated identity).
+
+        Raises :class:`~oscar.errors.CertificateError` for a malformed CSR, a bad CSR signature,
+        an unsupported key or a subject that names another device.
+        """
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+        except ValueError:
+            raise CertificateError("the CSR is not DER PKCS#10") from None
+        return certs.issue_certificate(
+            csr,
+            device_id,
+            self.certificate,
+            self._key,
+            serial=_serial(),
+            not_before=now - 300,
+            not_after=min(now + lifetime, int(self.certificate.not_valid_after_utc.timestamp())),
+        )
+
+    def revocation_list(self, revoked: list[tuple[int, int]], now: int, validity: int) -> bytes:
+        """A DER X.509 CRL of ``(serial, revoked at)`` pairs, valid for ``validity`` seconds."""
+        utc = datetime.timezone.utc
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(datetime.datetime.fromtimestamp(now, utc))
+            .next_update(datetime.datetime.fromtimestamp(now + validity, utc))
+        )
+        for serial, at in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(datetime.datetime.fromtimestamp(at, utc))
+                .build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,125 @@
+"""Encryption at rest for the AS: the master key file and the envelope around every stored secret.
+
+Envelope encryption, two levels:
+
+- the **master key** (32 random bytes) lives in its own file, ``master.key``, mode 0600, outside the
+  database; a stolen database file alone reveals no secret;
+- a **data key** (32 random bytes) encrypts every access secret, PSK and the CA key with
+  AES-256-GCM. It is stored in the database only wrapped (encrypted) under the master key, so
+  changing the master key means re-wrapping one value, not every row.
+
+Each ciphertext is bound to what it protects through the AEAD's associated data (for example
+``b"psk\\x00sensor-1"``), so a value copied to another row does not decrypt. The audit chain is
+keyed by its own key derived from the master key (HMAC), so a database edit cannot be re-chained.
+
+This module does no database I/O; it reads and writes only the master key file.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from oscar.keys import hkdf_sha256
+
+__all__ = [
+    "KEY_LENGTH",
+    "MasterKeyError",
+    "Vault",
+    "VaultError",
+    "create_master_key",
+    "read_master_key",
+]
+
+KEY_LENGTH = 32
+_NONCE = 12
+_VERSION = b"\x01"
+
+
+class VaultError(Exception):
+    """A stored ciphertext does not decrypt: wrong master key, or the database was tampered with."""
+
+
+class MasterKeyError(Exception):
+    """The master key file is missing, unreadable, of the wrong size or readable by others."""
+
+
+def create_master_key(path: Path) -> bytes:
+    """Write a fresh master key to ``path`` (mode 0600; refuses to overwrite) and return it."""
+    key = os.urandom(KEY_LENGTH)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise MasterKeyError(f"{path} exists already; refusing to overwrite a master key") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+def read_master_key(path: Path) -> bytes:
+    """Read the master key; refuse a file others can read or write."""
+    try:
+        info = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MasterKeyError(f"cannot read the master key {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise MasterKeyError(f"{path} is accessible to other users; it must be mode 0600")
+    if len(data) != KEY_LENGTH:
+        raise MasterKeyError(f"{path} is not a {KEY_LENGTH}-byte master key")
+    return data
+
+
+def _seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return _VERSION + nonce + AESGCM(key).encrypt(nonce, plaintext, context)
+
+
+def _open(key: bytes, blob: bytes, context: bytes) -> bytes:
+    if len(blob) < 1 + _NONCE + 16 or blob[:1] != _VERSION:
+        raise VaultError("a stored secret is malformed")
+    try:
+        return AESGCM(key).decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context)
+    except InvalidTag:
+        raise VaultError(
+            "a stored secret does not decrypt (wrong master key or tampering)"
+        ) from None
+
+
+class Vault:
+    """Encrypts and decrypts stored secrets under the data key; keys the audit chain."""
+
+    __slots__ = ("_audit_key", "_data_key")
+
+    def __init__(self, master_key: bytes, wrapped_data_key: bytes) -> None:
+        if len(master_key) != KEY_LENGTH:
+            raise ValueError("the master key is 32 bytes")
+        self._data_key = _open(master_key, wrapped_data_key, b"OSCAR data key")
+        self._audit_key = hkdf_sha256(master_key, b"OSCAR audit chain", KEY_LENGTH)
+
+    def __repr__(self) -> str:
+        return "Vault(<keys redacted>)"
+
+    @staticmethod
+    def new_wrapped_data_key(master_key: bytes) -> bytes:
+        """A fresh data key, wrapped under ``master_key``, to store in the database."""
+        return _seal(master_key, os.urandom(KEY_LENGTH), b"OSCAR data key")
+
+    def encrypt(self, plaintext: bytes, context: bytes) -> bytes:
+        """Encrypt a secret for storage, bound to ``context`` (what and whose it is)."""
+        return _seal(self._data_key, plaintext, context)
+
+    def decrypt(self, blob: bytes, context: bytes) -> bytes:
+        """Decrypt a stored secret; :class:`VaultError` if it fails to authenticate."""
+        return _open(self._data_key, blob, context)
+
+    def chain(self, previous: bytes, record: bytes) -> bytes:
+        """The audit chain value after ``record``: HMAC-SHA256(audit key, previous || record)."""
+        return hmac.new(self._audit_key, previous + record, "sha256").digest()
