@@ -280,6 +280,7 @@ class Store:
 
     @staticmethod
     async def _connect(path: Path) -> aiosqlite.Connection:
+        db = None
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
             await db.execute("PRAGMA journal_mode=WAL")
@@ -288,6 +289,8 @@ class Store:
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA busy_timeout=10000")
         except sqlite3.DatabaseError as exc:
+            if db is not None:
+                await db.close()  # its worker thread would keep the process alive
             raise StoreError(f"the database {path} is unusable: {exc}") from None
         return db
 
@@ -310,7 +313,10 @@ class Store:
                 raise
 
     async def close(self) -> None:
-        await self._db.close()
+        """Close the database; closing twice is harmless."""
+        if self._db is not None:
+            db, self._db = self._db, None  # type: ignore[assignment]
+            await db.close()
 
     # --- transactions ----------------------------------------------------------------------------
 
@@ -594,11 +600,9 @@ class Store:
                 raise StoreError(str(exc)) from None
         return Epoch(*row[:6], secret=secret)
 
-    async def rotate(
-        self, resource_id: str, next_secret: bytes, now: int, *, actor: str, reason: str
-    ) -> int:
-        """Activate the pre-active epoch, deactivate the active one, make a new pre-active one
-        with ``next_secret``. Returns the new active epoch."""
+    async def rotate(self, resource_id: str, now: int, *, actor: str, reason: str) -> int:
+        """Activate the pre-active epoch, deactivate the active one, make a new pre-active one.
+        Returns the new active epoch."""
         await self._begin()
         try:
             epoch = await self._rotate(resource_id, now)
