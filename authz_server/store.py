@@ -18,6 +18,8 @@ Who may do what is decided in :mod:`authz_server.policy`; this module stores and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fnmatch
 import json
 import os
@@ -221,6 +223,8 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, vault: Vault) -> None:
         self._db = db
         self._vault = vault
+        self._lock = asyncio.Lock()
+        self._in_transaction = False
 
     @staticmethod
     def _new_secret() -> bytes:
@@ -320,17 +324,42 @@ class Store:
 
     # --- transactions ----------------------------------------------------------------------------
 
-    async def _begin(self) -> None:
-        await self._db.execute("BEGIN IMMEDIATE")
+    # One connection serves every coroutine of the process, and SQLite transactions do not nest:
+    # a lock keeps each transaction whole while other coroutines wait their turn.
 
-    async def _commit(self) -> None:
-        await self._db.execute(
-            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'"
-        )
-        await self._db.execute("COMMIT")
+    async def _begin(self) -> None:
+        await self._lock.acquire()
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._in_transaction = True
+
+    async def _commit(self, *, count: bool = True) -> None:
+        try:
+            if count:
+                await self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'"
+                )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        finally:
+            # The caller's rollback, if it follows, finds the transaction over already.
+            self._in_transaction = False
+            self._lock.release()
 
     async def _rollback(self) -> None:
-        await self._db.execute("ROLLBACK")
+        if not self._in_transaction:
+            return
+        try:
+            await self._db.execute("ROLLBACK")
+        finally:
+            self._in_transaction = False
+            self._lock.release()
 
     async def changes(self) -> int:
         """A counter that grows with every committed change (the admin CLI's included)."""
@@ -884,7 +913,7 @@ class Store:
         await self._begin()
         try:
             await self._audit(actor, action, subject, result, detail, now)
-            await self._db.execute("COMMIT")
+            await self._commit(count=False)
         except BaseException:
             await self._rollback()
             raise

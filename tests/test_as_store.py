@@ -285,3 +285,21 @@ def test_kill_9_in_a_burst_of_rotations_leaves_a_consistent_database(
             await s.close()
 
     asyncio.run(check())
+
+
+@pytest.mark.asyncio
+async def test_concurrent_coroutines_share_one_store_safely(store: Store) -> None:
+    async def rotate(i: int) -> int:
+        return await store.rotate(RID, NOW + i, actor="as", reason="concurrent")
+
+    async def audit(i: int) -> None:
+        await store.audit(CONSUMER, "secret", RID, "denied", {"i": i}, NOW + i)
+
+    results = await asyncio.gather(*(rotate(i) for i in range(20)), *(audit(i) for i in range(20)))
+    assert sorted(r for r in results if r is not None) == list(range(2, 22))
+    assert states(await store.epochs(RID))[-2:] == [(21, "active"), (22, "pre-active")]
+    assert (await store.verify_audit())[0]
+    # A failing transaction releases the store for the next one.
+    with pytest.raises(NotFound):
+        await store.rotate("sensor-1/none", NOW, actor="as", reason="missing")
+    assert await store.rotate(RID, NOW + 99, actor="as", reason="after") == 22
