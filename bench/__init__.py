@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: The benchmark modules ``python -m bench`` runs, in order (names under the ``bench`` package).
-MODULES = ("seal_open",)
+MODULES = ("seal_open", "as_grants")
 
 #: Runs ``n`` iterations of the measured work.
 Operation = Callable[[int], object]
