@@ -52,7 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy oscar
+	$(BIN)/mypy oscar authz_server
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)

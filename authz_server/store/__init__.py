@@ -1,0 +1,182 @@
+"""The AS's state: one SQLite database (WAL) in the state directory, behind :class:`Store`.
+
+Everything the AS knows lives here: devices and their PSKs, certificates, resources, epochs with
+their access secrets and KMIP states, grants and exclusions, and the audit chain. Rules:
+
+- every statement is parameterized; identifiers are validated before they get here as well;
+- every change that belongs together (an epoch and its successor, a revocation and its rotations, an
+  action and its audit record) is one transaction (``BEGIN IMMEDIATE``), so a kill -9 leaves either
+  all of it or none of it;
+- secrets (PSKs, access secrets, the CA key) are stored only encrypted by the :class:`Vault`;
+  ``PRAGMA secure_delete`` makes SQLite overwrite what is deleted or replaced, and a destroyed
+  secret is first overwritten with zeros, then cleared;
+- the schema is versioned (``PRAGMA user_version``) and migrated forward on open;
+- a change counter in ``meta`` lets the server notice what the admin CLI changed.
+
+Who may do what is decided in :mod:`authz_server.api`; the store only stores and fetches.
+The package: :mod:`.schema` (SQL, records, errors), :mod:`.database` (file, transactions,
+audit chain), :mod:`.keyring` (resources, epochs, grants), and :class:`Store` here (devices,
+certificates).
+"""
+
+from __future__ import annotations
+
+from ..vault import VaultError
+from .keyring import KeyRecords
+from .schema import (
+    DB_NAME,
+    MASTER_KEY_NAME,
+    ROLES,
+    AuditRecord,
+    Conflict,
+    Device,
+    Epoch,
+    NotFound,
+    Resource,
+    StoreError,
+    psk_context,
+)
+
+__all__ = [
+    "DB_NAME",
+    "MASTER_KEY_NAME",
+    "ROLES",
+    "AuditRecord",
+    "Conflict",
+    "Device",
+    "Epoch",
+    "NotFound",
+    "Resource",
+    "Store",
+    "StoreError",
+]
+
+
+class Store(KeyRecords):
+    """The AS database: devices and certificates here, keys in :class:`KeyRecords`, the file,
+    transactions and audit chain in :class:`Database`."""
+
+    # --- devices ---------------------------------------------------------------------------------
+
+    async def add_device(self, device_id: str, role: str, psk: bytes, now: int) -> None:
+        """Enroll a device with its PSK; :class:`Conflict` if the id was ever used."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        await self._begin()
+        try:
+            if await self._one("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+                raise Conflict(f"device {device_id!r} exists already (ids are never reused)")
+            await self._db.execute(
+                "INSERT INTO devices VALUES (?, ?, ?, 'active', ?, NULL)",
+                (device_id, role, self._vault.encrypt(psk, psk_context(device_id)), now),
+            )
+            await self._audit("admin", "enroll", device_id, "ok", {"role": role}, now)
+            await self._commit()
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def device(self, device_id: str) -> Device | None:
+        row = await self._one(
+            "SELECT id, role, status, enrolled_at, revoked_at FROM devices WHERE id = ?",
+            (device_id,),
+        )
+        return None if row is None else Device(*row)
+
+    async def devices(self) -> list[Device]:
+        rows = await self._all(
+            "SELECT id, role, status, enrolled_at, revoked_at FROM devices ORDER BY id"
+        )
+        return [Device(*row) for row in rows]
+
+    async def active_psks(self) -> dict[str, bytes]:
+        """PSK by device id, for every device that may connect."""
+        rows = await self._all("SELECT id, psk FROM devices WHERE status = 'active'")
+        try:
+            return {dev: self._vault.decrypt(bytes(psk), psk_context(dev)) for dev, psk in rows}
+        except VaultError as exc:
+            raise StoreError(str(exc)) from None
+
+    async def revoke_device(self, device_id: str, now: int) -> list[str]:
+        """Revoke a device: PSK erased, certificates revoked, grants revoked (with rotation of
+        every resource a consumer could read). Returns the resources rotated."""
+        await self._begin()
+        try:
+            device = await self._one("SELECT role, status FROM devices WHERE id = ?", (device_id,))
+            if device is None:
+                raise NotFound(f"no device {device_id!r}")
+            if device[1] == "revoked":
+                raise Conflict(f"device {device_id!r} is revoked already")
+            # Overwrite before clearing; secure_delete zeroes the freed pages.
+            await self._db.execute(
+                "UPDATE devices SET psk = zeroblob(length(psk)) WHERE id = ?", (device_id,)
+            )
+            await self._db.execute(
+                "UPDATE devices SET psk = NULL, status = 'revoked', revoked_at = ? WHERE id = ?",
+                (now, device_id),
+            )
+            await self._db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+                (now, device_id),
+            )
+            rotated: list[str] = []
+            if device[0] == "consumer":
+                rotated = await self._revoke_grants(device_id, None, now)
+            await self._audit("admin", "revoke-device", device_id, "ok", {"rotated": rotated}, now)
+            await self._commit()
+            return rotated
+        except BaseException:
+            await self._rollback()
+            raise
+
+    # --- certificates ----------------------------------------------------------------------------
+
+    async def add_certificate(
+        self,
+        serial: int,
+        device_id: str,
+        kid: bytes,
+        der: bytes,
+        not_before: int,
+        not_after: int,
+        now: int,
+    ) -> None:
+        await self._begin()
+        try:
+            await self._db.execute(
+                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (format(serial, "x"), device_id, kid, der, not_before, not_after, now),
+            )
+            await self._audit(
+                device_id,
+                "certificate",
+                device_id,
+                "ok",
+                {"serial": format(serial, "x"), "kid": kid.hex(), "not_after": not_after},
+                now,
+            )
+            await self._commit()
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def certificate(
+        self, *, device_id: str | None = None, kid: bytes | None = None, now: int
+    ) -> bytes | None:
+        """The newest unrevoked, unexpired certificate (DER) of a device or with a key id."""
+        # One fixed statement: a NULL parameter matches nothing, so either key selects.
+        row = await self._one(
+            "SELECT der FROM certificates WHERE (device_id = ? OR kid = ?) "
+            "AND revoked_at IS NULL AND not_before <= ? AND ? <= not_after "
+            "ORDER BY issued_at DESC LIMIT 1",
+            (device_id, kid, now, now),
+        )
+        return None if row is None else bytes(row[0])
+
+    async def revoked_certificates(self) -> list[tuple[int, int]]:
+        """(serial, revoked at) of every revoked certificate that has not yet expired anyway."""
+        rows = await self._all(
+            "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL "
+            "ORDER BY revoked_at"
+        )
+        return [(int(serial, 16), at) for serial, at in rows]

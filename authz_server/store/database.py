@@ -1,0 +1,317 @@
+"""The connection, migrations, transactions, metadata and audit chain of the AS database.
+
+:class:`Database` is the base of :class:`authz_server.store.Store`: it opens the file (WAL,
+``synchronous=FULL``, ``secure_delete``), migrates the schema forward, runs each transaction whole
+under a lock, and appends to and verifies the audit chain. Record-specific queries live in the
+subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from oscar import cbor
+from oscar.keys import ACCESS_SECRET_LENGTH
+
+from ..vault import MasterKeyError, Vault, VaultError, read_master_key
+from .schema import (
+    CA_KEY_CONTEXT,
+    DB_NAME,
+    MASTER_KEY_NAME,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    AuditRecord,
+    Conflict,
+    StoreError,
+    split_script,
+)
+
+__all__ = ["Database"]
+
+_D = TypeVar("_D", bound="Database")
+
+
+class Database:
+    """The AS database file. Open with :meth:`open`; every method is a short transaction."""
+
+    def __init__(self, db: aiosqlite.Connection, vault: Vault) -> None:
+        self._db = db
+        self._vault = vault
+        self._lock = asyncio.Lock()
+        self._in_transaction = False
+
+    @staticmethod
+    def _new_secret() -> bytes:
+        """A fresh access secret: 32 bytes from the operating system's CSPRNG."""
+        return os.urandom(ACCESS_SECRET_LENGTH)
+
+    def __repr__(self) -> str:
+        return "Store(<open>)"
+
+    # --- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls: type[_D], state_dir: Path, master_key: bytes) -> _D:
+        """Make the database of a new state directory (which must not hold one)."""
+        path = state_dir / DB_NAME
+        if path.exists():
+            raise Conflict(f"{path} exists already")
+        db = await cls._connect(path)
+        try:
+            await cls._migrate(db)
+            wrapped = Vault.new_wrapped_data_key(master_key)
+            await db.execute("INSERT INTO meta VALUES ('data_key', ?)", (wrapped,))
+            await db.execute("INSERT INTO meta VALUES ('changes', 0)")
+            await db.commit()
+            return cls(db, Vault(master_key, wrapped))
+        except BaseException:
+            await db.close()
+            raise
+
+    @classmethod
+    async def open(cls: type[_D], state_dir: Path) -> _D:
+        """Open an existing state directory; :class:`StoreError` saying what is wrong otherwise."""
+        path = state_dir / DB_NAME
+        if not path.is_file():
+            raise StoreError(f"no AS database at {path}; run 'oscar-as init --state {state_dir}'")
+        try:
+            master_key = read_master_key(state_dir / MASTER_KEY_NAME)
+        except MasterKeyError as exc:
+            raise StoreError(str(exc)) from None
+        db = await cls._connect(path)
+        try:
+            await cls._migrate(db)
+            row = await (await db.execute("SELECT value FROM meta WHERE key='data_key'")).fetchone()
+            if row is None:
+                raise StoreError("the database has no data key: it is not an AS database")
+            try:
+                vault = Vault(master_key, bytes(row[0]))
+            except VaultError:
+                raise StoreError("the master key does not open this database") from None
+            return cls(db, vault)
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreError(f"the database {path} is unusable: {exc}") from None
+        except BaseException:
+            await db.close()
+            raise
+
+    @staticmethod
+    async def _connect(path: Path) -> aiosqlite.Connection:
+        db = None
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA secure_delete=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                await db.close()  # its worker thread would keep the process alive
+            raise StoreError(f"the database {path} is unusable: {exc}") from None
+        return db
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection) -> None:
+        version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema {version}, newer than this program's {SCHEMA_VERSION}"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in split_script(MIGRATIONS[number]):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version={number + 1}")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Close the database; closing twice is harmless."""
+        if self._db is not None:
+            db, self._db = self._db, None  # type: ignore[assignment]
+            await db.close()
+
+    # --- transactions ----------------------------------------------------------------------------
+
+    # One connection serves every coroutine of the process, and SQLite transactions do not nest:
+    # a lock keeps each transaction whole while other coroutines wait their turn.
+
+    async def _begin(self) -> None:
+        await self._lock.acquire()
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._in_transaction = True
+
+    async def _commit(self, *, count: bool = True) -> None:
+        try:
+            if count:
+                await self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'"
+                )
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            raise
+        finally:
+            # The caller's rollback, if it follows, finds the transaction over already.
+            self._in_transaction = False
+            self._lock.release()
+
+    async def _rollback(self) -> None:
+        if not self._in_transaction:
+            return
+        try:
+            await self._db.execute("ROLLBACK")
+        finally:
+            self._in_transaction = False
+            self._lock.release()
+
+    async def changes(self) -> int:
+        """A counter that grows with every committed change (the admin CLI's included)."""
+        row = await (
+            await self._db.execute("SELECT value FROM meta WHERE key='changes'")
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        return await (await self._db.execute(sql, tuple(params))).fetchone()
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        return list(await (await self._db.execute(sql, tuple(params))).fetchall())
+
+    # --- meta ------------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> bytes | None:
+        row = await self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes) else row[0]
+
+    async def set_meta(self, key: str, value: bytes | str | int) -> None:
+        await self._begin()
+        try:
+            await self._db.execute(
+                "INSERT INTO meta VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+            await self._commit()
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def set_ca_key(self, pem: bytes) -> None:
+        await self.set_meta("ca_key", self._vault.encrypt(pem, CA_KEY_CONTEXT))
+
+    async def ca_key(self) -> bytes:
+        blob = await self.get_meta("ca_key")
+        if not isinstance(blob, bytes):
+            raise StoreError("the database holds no CA key")
+        try:
+            return self._vault.decrypt(blob, CA_KEY_CONTEXT)
+        except VaultError as exc:
+            raise StoreError(str(exc)) from None
+
+    # --- audit -----------------------------------------------------------------------------------
+
+    async def audit(
+        self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
+    ) -> None:
+        """Append one audit record in a transaction of its own (denials, for example)."""
+        await self._begin()
+        try:
+            await self._audit(actor, action, subject, result, detail, now)
+            await self._commit(count=False)
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def _audit(
+        self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
+    ) -> None:
+        last = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
+        seq, previous = (1, b"") if last is None else (last[0] + 1, bytes(last[1]))
+        text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        chain = self._vault.chain(
+            previous, _audit_bytes(seq, now, actor, action, subject, result, text)
+        )
+        await self._db.execute(
+            "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, now, actor, action, subject, result, text, chain),
+        )
+        await self._db.execute(
+            "INSERT INTO meta VALUES ('audit_head', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (cbor.dumps([seq, chain]),),
+        )
+
+    async def audit_records(self, since: int = 0) -> list[AuditRecord]:
+        rows = await self._all(
+            "SELECT seq, at, actor, action, subject, result, detail FROM audit WHERE seq > ? "
+            "ORDER BY seq",
+            (since,),
+        )
+        return [
+            AuditRecord(
+                seq=row[0],
+                at=row[1],
+                actor=row[2],
+                action=row[3],
+                subject=row[4],
+                result=row[5],
+                detail=json.loads(row[6]),
+            )
+            for row in rows
+        ]
+
+    async def verify_audit(self) -> tuple[bool, str]:
+        """Walk the chain: (True, summary) if intact, else (False, where it breaks)."""
+        previous, expected_seq = b"", 1
+        async with self._db.execute(
+            "SELECT seq, at, actor, action, subject, result, detail, chain FROM audit ORDER BY seq"
+        ) as cursor:
+            async for seq, at, actor, action, subject, result, detail, chain in cursor:
+                if seq != expected_seq:
+                    return False, f"record {expected_seq} is missing"
+                want = self._vault.chain(
+                    previous, _audit_bytes(seq, at, actor, action, subject, result, detail)
+                )
+                if bytes(chain) != want:
+                    return False, f"record {seq} was altered"
+                previous, expected_seq = want, seq + 1
+        head = await self.get_meta("audit_head")
+        count = expected_seq - 1
+        if head is None:
+            return (count == 0), ("empty" if count == 0 else "the chain head is missing")
+        try:
+            decoded = cbor.loads(bytes(head))
+        except (cbor.MalformedCBOR, TypeError, ValueError):
+            return False, "the chain head is unreadable"
+        if not isinstance(decoded, list) or len(decoded) != 2:
+            return False, "the chain head is unreadable"
+        head_seq, head_chain = decoded
+        if head_seq != count or head_chain != previous:
+            return False, f"records after {count} were removed (head says {head_seq!r})"
+        return True, f"{count} records, chain intact"
+
+
+def _audit_bytes(
+    seq: int, at: int, actor: str, action: str, subject: str, result: str, detail: str
+) -> bytes:
+    return cbor.dumps([seq, at, actor, action, subject, result, detail])
