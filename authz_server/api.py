@@ -1,0 +1,592 @@
+"""The AS's endpoints: who may ask what, strict parsing of requests, CBOR replies.
+
+Every endpoint takes a :class:`Request` (already stripped of the transport: the *authenticated*
+device id from the DTLS session, method, path, query, payload) and returns a :class:`Reply` or
+raises an :class:`ApiError`, whose class says the CoAP code::
+
+    ApiError                      5.00  (anything unexpected; the detail stays in the log)
+    ├── BadRequest                4.00  malformed CBOR, wrong keys or types, bad id grammar
+    ├── Unauthorized              4.01  the identity is not (or no longer) an active device
+    ├── Forbidden                 4.03  authenticated, but not allowed (audited)
+    ├── NotFound                  4.04  no such path, resource, epoch or certificate
+    ├── MethodNotAllowed          4.05
+    ├── RequestTooLarge           4.13  payload over MAX_PAYLOAD bytes
+    ├── UnsupportedContentFormat  4.15  a payload that says it is not CBOR
+    └── TooManyRequests           4.29  rate limit; Max-Age = seconds to wait
+
+Errors render as CBOR ``{"error": text}``; the text never holds key material. Every 4.01 and 4.03
+is written to the audit log. Decoding is strict: :func:`oscar.cbor.loads`, exact key sets, exact
+types, ids checked with :mod:`oscar.names` before they reach the store. Nothing here changes state
+unless the request was valid and allowed.
+
+What this module does not do: sockets, DTLS, rate limiting and Observe bookkeeping
+(:mod:`authz_server.server`), storage (:mod:`authz_server.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiocoap import Message
+from aiocoap.error import ConstructionRenderableError
+from aiocoap.numbers.codes import Code
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from oscar import cbor, certs, names
+from oscar.errors import CertificateError
+from oscar.profiles import PROFILES
+
+from .ca import CertificateAuthority
+from .store import Conflict, Device, Resource, Store
+
+__all__ = [
+    "CBOR_FORMAT",
+    "MAX_PAYLOAD",
+    "ApiError",
+    "BadRequest",
+    "Endpoints",
+    "Forbidden",
+    "MethodNotAllowed",
+    "NotFound",
+    "Reply",
+    "Request",
+    "RequestTooLarge",
+    "SerializedStore",
+    "TooManyRequests",
+    "Unauthorized",
+    "UnsupportedContentFormat",
+]
+
+log = logging.getLogger("oscar.as")
+
+MAX_PAYLOAD = 4096
+CBOR_FORMAT = 60
+LINK_FORMAT = 40
+MAX_UINT32 = 0xFFFF_FFFF
+
+# KMIP states as the store keeps them and /secret reports them; "active" is a device status too.
+PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED = "pre-active", "active", "deactivated", "compromised"
+
+_EPOCH = re.compile(r"0|[1-9][0-9]{0,18}")
+_KID = re.compile(r"[0-9a-f]{16}")
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+class ApiError(ConstructionRenderableError):  # type: ignore[misc]
+    """A request the AS answers with an error code and CBOR ``{"error": message}``."""
+
+    code = Code.INTERNAL_SERVER_ERROR
+    message = "internal error"
+
+    def to_message(self) -> Message:
+        return Message(
+            code=self.code,
+            payload=cbor.dumps({"error": self.message}),
+            content_format=CBOR_FORMAT,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.code.dotted} {self.message}"
+
+
+class BadRequest(ApiError):
+    code = Code.BAD_REQUEST
+    message = "bad request"
+
+
+class Unauthorized(ApiError):
+    code = Code.UNAUTHORIZED
+    message = "not an active device"
+
+
+class Forbidden(ApiError):
+    code = Code.FORBIDDEN
+    message = "forbidden"
+
+
+class NotFound(ApiError):
+    code = Code.NOT_FOUND
+    message = "not found"
+
+
+class MethodNotAllowed(ApiError):
+    code = Code.METHOD_NOT_ALLOWED
+    message = "method not allowed"
+
+
+class RequestTooLarge(ApiError):
+    code = Code.REQUEST_ENTITY_TOO_LARGE
+    message = f"the payload is larger than {MAX_PAYLOAD} bytes"
+
+
+class UnsupportedContentFormat(ApiError):
+    code = Code.UNSUPPORTED_CONTENT_FORMAT
+    message = "requests carry CBOR (content format 60)"
+
+
+class TooManyRequests(ApiError):
+    code = Code.TOO_MANY_REQUESTS
+    message = "too many requests"
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(f"too many requests; retry in {wait} s")
+        self.wait = wait
+
+    def to_message(self) -> Message:
+        response = super().to_message()
+        response.opt.max_age = self.wait
+        return response
+
+
+# --- request and reply ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as the endpoints see it; ``device`` is the DTLS-authenticated identity."""
+
+    device: str | None
+    method: str
+    path: tuple[str, ...]
+    query: tuple[str, ...] = ()
+    payload: bytes = b""
+    content_format: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: Code
+    payload: bytes
+    content_format: int = CBOR_FORMAT
+
+    @classmethod
+    def cbor(cls, code: Code, value: dict[str, Any]) -> Reply:
+        return cls(code, cbor.dumps(value))
+
+    def __repr__(self) -> str:  # replies may hold secrets
+        return f"Reply({self.code.dotted}, <{len(self.payload)} bytes>)"
+
+    def to_message(self) -> Message:
+        return Message(code=self.code, payload=self.payload, content_format=self.content_format)
+
+
+# --- strict parsing ------------------------------------------------------------------------------
+
+
+def _uint(limit: int) -> Callable[[object], bool]:
+    return lambda value: type(value) is int and 0 <= value <= limit
+
+
+def _is_bytes(value: object) -> bool:
+    return type(value) is bytes
+
+
+def _is_text(value: object) -> bool:
+    return type(value) is str
+
+
+def parse_body(request: Request, fields: dict[str, Callable[[object], bool]]) -> dict[str, Any]:
+    """The request's CBOR map, which must have exactly the keys of ``fields``, each value passing
+    its check. BadRequest otherwise (the message names the rule, never echoes the value)."""
+    if request.content_format not in (None, CBOR_FORMAT):
+        raise UnsupportedContentFormat()
+    if len(request.payload) > MAX_PAYLOAD:
+        raise RequestTooLarge()
+    try:
+        value = cbor.loads(request.payload, max_depth=4, max_items=64)
+    except cbor.MalformedCBOR:
+        raise BadRequest("the payload is not well-formed CBOR") from None
+    if type(value) is not dict:
+        raise BadRequest("the payload must be a CBOR map")
+    if set(value) != set(fields):
+        raise BadRequest("the map must have exactly the keys " + ", ".join(sorted(fields)))
+    for key, check in fields.items():
+        if not check(value[key]):
+            raise BadRequest(f"{key!r} has the wrong type or is out of range")
+    return cast(dict[str, Any], value)
+
+
+def parse_query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` query items, each key at most once and from ``allowed``; no payload."""
+    if request.payload:
+        raise BadRequest("this request takes no payload")
+    items: dict[str, str] = {}
+    for item in request.query:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed or key in items or not value:
+            raise BadRequest("the query takes " + (", ".join(allowed) or "nothing") + ", once each")
+        items[key] = value
+    return items
+
+
+def _resource_id(text: str) -> str:
+    if not names.is_resource_id(text):
+        raise BadRequest("a resource id is '<producer id>/<path>' of A-Z a-z 0-9 . _ ~ -")
+    return text
+
+
+def _epoch_number(text: str) -> int:
+    if not _EPOCH.fullmatch(text):
+        raise BadRequest("an epoch is an unsigned decimal integer")
+    return int(text)
+
+
+# --- the store, one call at a time ---------------------------------------------------------------
+
+
+class SerializedStore:
+    """Runs the :class:`Store`'s coroutines one at a time.
+
+    The store's transactions (``BEGIN IMMEDIATE`` ... ``COMMIT``) share one SQLite connection, so
+    two coroutines inside two methods at once would nest transactions. Everything inside the
+    server goes through one of these.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return "SerializedStore(<open>)"
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            async with self._lock:
+                return await method(*args, **kwargs)
+
+        return call
+
+
+# --- endpoints -----------------------------------------------------------------------------------
+
+#: (path, rt, observable) of everything served, for /.well-known/core and the docs.
+ENDPOINTS: tuple[tuple[str, str, bool], ...] = (
+    ("cert", "oscar.as.cert", False),
+    ("crl", "oscar.as.crl", False),
+    ("resources", "oscar.as.resources", False),
+    ("secret", "oscar.as.secret", False),
+    ("keys", "oscar.as.keys", True),
+)
+
+
+def link_format() -> bytes:
+    """RFC 6690 description of the endpoints."""
+    links = [
+        f'</{path}>;rt="{rt}";ct={CBOR_FORMAT}' + (";obs" if observable else "")
+        for path, rt, observable in ENDPOINTS
+    ]
+    return ",".join(links).encode()
+
+
+class Endpoints:
+    """The AS's endpoint logic over a store and the CA. ``clock`` gives the time in seconds."""
+
+    def __init__(
+        self,
+        store: Store | SerializedStore,
+        ca: CertificateAuthority,
+        *,
+        clock: Callable[[], int],
+        crl_validity: int = 3600,
+    ) -> None:
+        self.store = cast(Store, store)
+        self.ca = ca
+        self.clock = clock
+        self.crl_validity = crl_validity
+
+    def __repr__(self) -> str:
+        return "Endpoints(<store>, <ca>)"
+
+    async def handle(self, request: Request) -> Reply:
+        """Answer one request; raises :class:`ApiError` subclasses for every refusal."""
+        now = self.clock()
+        device = await self.authenticate(request.device, now)
+        route = _ROUTES.get(request.path)
+        if route is None:
+            raise NotFound("no such endpoint")
+        method = route.get(request.method)
+        if method is None:
+            raise MethodNotAllowed(f"/{'/'.join(request.path)} takes " + ", ".join(route))
+        return cast(Reply, await method(self, device, request, now))
+
+    async def authenticate(self, device_id: str | None, now: int) -> Device:
+        """The active device behind the DTLS identity; Unauthorized (audited) otherwise."""
+        device = None
+        if device_id is not None and names.is_device_id(device_id):
+            device = await self.store.device(device_id)
+        if device is None or device.status != ACTIVE:
+            actor = device_id if names.is_device_id(device_id) else "unknown"
+            await self.store.audit(actor, "request", actor, "denied", {"reason": "inactive"}, now)
+            log.info("refused %s: not an active device", actor)
+            raise Unauthorized()
+        return device
+
+    async def deny(
+        self, device: Device, action: str, subject: str, reason: str, now: int
+    ) -> Forbidden:
+        """Audit a refusal and return the error to raise."""
+        await self.store.audit(device.id, action, subject, "denied", {"reason": reason}, now)
+        log.info("denied %s %s to %s: %s", action, subject, device.id, reason)
+        return Forbidden(reason)
+
+    # --- /.well-known/core -----------------------------------------------------------------------
+
+    async def get_wkc(self, device: Device, request: Request, now: int) -> Reply:
+        parse_query(request, ())
+        return Reply(Code.CONTENT, link_format(), LINK_FORMAT)
+
+    # --- /cert -----------------------------------------------------------------------------------
+
+    async def post_cert(self, device: Device, request: Request, now: int) -> Reply:
+        if request.query:
+            raise BadRequest("POST /cert takes no query")
+        if device.role not in ("producer", "proxy"):
+            raise await self.deny(
+                device, "certificate", device.id, "only producers and proxies", now
+            )
+        csr_der = parse_body(request, {"csr": _is_bytes})["csr"]
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+            subject = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        except ValueError:
+            raise BadRequest("the CSR is not DER PKCS#10") from None
+        if subject != [device.id]:
+            raise await self.deny(
+                device, "certificate", device.id, "the CSR names another device", now
+            )
+        try:
+            certificate = self.ca.issue(csr_der, device.id, now)
+        except CertificateError as exc:
+            raise BadRequest(str(exc)) from None
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        await self.store.add_certificate(
+            certificate.serial_number,
+            device.id,
+            certs.key_id(cast(Any, certificate.public_key())),
+            der,
+            int(certificate.not_valid_before_utc.timestamp()),
+            int(certificate.not_valid_after_utc.timestamp()),
+            now,
+        )
+        serial = format(certificate.serial_number, "x")
+        log.info("issued certificate %s to %s", serial, device.id)
+        return Reply.cbor(Code.CREATED, {"cert": der, "serial": serial})
+
+    async def get_cert(self, device: Device, request: Request, now: int) -> Reply:
+        query = parse_query(request, ("id", "kid"))
+        if len(query) != 1:
+            raise BadRequest("GET /cert takes exactly one of id= or kid=")
+        if "id" in query:
+            if not names.is_device_id(query["id"]):
+                raise BadRequest("a device id is 1 to 32 characters of A-Z a-z 0-9 . _ -")
+            der = await self.store.certificate(device_id=query["id"], now=now)
+        else:
+            if not _KID.fullmatch(query["kid"]):
+                raise BadRequest("a key id is 16 lowercase hex digits")
+            der = await self.store.certificate(kid=bytes.fromhex(query["kid"]), now=now)
+        if der is None:
+            raise NotFound("no valid certificate")
+        return Reply.cbor(Code.CONTENT, {"cert": der})
+
+    # --- /crl ------------------------------------------------------------------------------------
+
+    async def get_crl(self, device: Device, request: Request, now: int) -> Reply:
+        parse_query(request, ())
+        revoked = await self.store.revoked_certificates()
+        return Reply.cbor(
+            Code.CONTENT, {"crl": self.ca.revocation_list(revoked, now, self.crl_validity)}
+        )
+
+    # --- /resources ------------------------------------------------------------------------------
+
+    async def post_resources(self, device: Device, request: Request, now: int) -> Reply:
+        if request.query:
+            raise BadRequest("POST /resources takes no query")
+        if device.role != "producer":
+            raise await self.deny(device, "register", device.id, "only producers register", now)
+        body = parse_body(
+            request,
+            {
+                "path": _is_text,
+                "content_format": _uint(0xFFFF),
+                "profile": _is_text,
+                "max_age": _uint(MAX_UINT32),
+                "rotation_period": _uint(MAX_UINT32),
+            },
+        )
+        resource_id = _resource_id(f"{device.id}/{body['path']}")
+        if body["profile"] not in PROFILES:
+            raise BadRequest("unknown profile; choose one of " + ", ".join(PROFILES))
+        existing = await self.store.resource(resource_id)
+        code = Code.CHANGED
+        if existing is None:
+            try:
+                await self.store.register_resource(
+                    Resource(
+                        resource_id,
+                        device.id,
+                        body["content_format"],
+                        body["profile"],
+                        body["max_age"],
+                        body["rotation_period"],
+                        now,
+                    )
+                )
+                code = Code.CREATED
+                log.info("registered %s", resource_id)
+            except Conflict:  # registered in the meantime: answer as for an existing one
+                pass
+        epoch = await self.store.epoch(resource_id)
+        if epoch is None:
+            raise ApiError("the resource has no active epoch")
+        return Reply.cbor(code, {"resource": resource_id, "epoch": epoch.epoch})
+
+    async def get_resources(self, device: Device, request: Request, now: int) -> Reply:
+        parse_query(request, ())
+        if device.role == "producer":
+            chosen = await self.store.resources(device.id)
+        elif device.role == "proxy":
+            chosen = await self.store.resources()
+        else:
+            patterns = [
+                pattern
+                for _, _, pattern, until, _, revoked_at in await self.store.grants(device.id)
+                if revoked_at is None and (until is None or now < until)
+            ]
+            chosen = [
+                r
+                for r in await self.store.resources()
+                if any(fnmatch.fnmatchcase(r.id, p) for p in patterns)
+            ]
+        listed = []
+        for resource in chosen:
+            active = await self.store.epoch(resource.id)
+            if active is None:
+                continue
+            if device.role == "consumer" and not await self.store.may_read(
+                device.id, resource.id, active.epoch, now
+            ):
+                continue
+            listed.append(
+                {
+                    "resource": resource.id,
+                    "producer": resource.producer_id,
+                    "content_format": resource.content_format,
+                    "profile": resource.profile,
+                    "max_age": resource.max_age,
+                    "rotation_period": resource.rotation_period,
+                    "epoch": active.epoch,
+                }
+            )
+        return Reply.cbor(Code.CONTENT, {"resources": listed})
+
+    # --- /secret ---------------------------------------------------------------------------------
+
+    async def get_secret(self, device: Device, request: Request, now: int) -> Reply:
+        query = parse_query(request, ("r", "e"))
+        if "r" not in query:
+            raise BadRequest("GET /secret takes r=<resource id> and optionally e=<epoch>")
+        resource_id = _resource_id(query["r"])
+        wanted = _epoch_number(query["e"]) if "e" in query else None
+        if device.role == "proxy":
+            raise await self.deny(device, "secret", resource_id, "proxies get no secrets", now)
+        owner = names.owns(device.id, resource_id)
+        if device.role != "consumer" and not owner:
+            raise await self.deny(device, "secret", resource_id, "not the owner", now)
+        epoch = await self.store.epoch(resource_id, wanted, with_secret=True)
+        if owner:
+            resource = await self.store.resource(resource_id)
+            if resource is None or resource.producer_id != device.id or epoch is None:
+                raise NotFound("no such resource or epoch")
+        else:
+            # A consumer learns nothing about resources it may not read, existing or not.
+            number = wanted if wanted is not None else epoch.epoch if epoch else 0
+            if not await self.store.may_read(device.id, resource_id, number, now):
+                raise await self.deny(device, "secret", resource_id, "no grant for this epoch", now)
+            resource = await self.store.resource(resource_id)
+            if resource is None or epoch is None:
+                raise NotFound("no such resource or epoch")
+            if epoch.state == PRE_ACTIVE:
+                raise await self.deny(device, "secret", resource_id, "epoch not active yet", now)
+        if epoch.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED, COMPROMISED) or not epoch.secret:
+            raise NotFound("the epoch is destroyed")
+        log.debug("secret of %s epoch %d to %s", resource_id, epoch.epoch, device.id)
+        return Reply.cbor(
+            Code.CONTENT,
+            {
+                "resource": resource_id,
+                "epoch": epoch.epoch,
+                "state": epoch.state,
+                "secret": epoch.secret,
+                "profile": resource.profile,
+            },
+        )
+
+    # --- /keys -----------------------------------------------------------------------------------
+
+    async def get_keys(self, device: Device, request: Request, now: int) -> Reply:
+        query = parse_query(request, ("r",))
+        if "r" not in query:
+            raise BadRequest("GET /keys takes r=<resource id>")
+        resource_id = _resource_id(query["r"])
+        if device.role != "producer" or not names.owns(device.id, resource_id):
+            raise await self.deny(device, "keys", resource_id, "not the owner", now)
+        resource = await self.store.resource(resource_id)
+        if resource is None or resource.producer_id != device.id:
+            raise NotFound("no such resource")
+        return Reply.cbor(Code.CONTENT, await self.key_state(resource))
+
+    async def key_state(self, resource: Resource) -> dict[str, Any]:
+        """The owner's view: the active and the pre-active epoch with their secrets."""
+        active = await self.store.epoch(resource.id, with_secret=True)
+        following = [e for e in await self.store.epochs(resource.id) if e.state == PRE_ACTIVE]
+        upcoming = (
+            await self.store.epoch(resource.id, following[0].epoch, with_secret=True)
+            if following
+            else None
+        )
+        if active is None or upcoming is None or not active.secret or not upcoming.secret:
+            raise ApiError("the resource lacks an active or a pre-active epoch")
+        return {
+            "resource": resource.id,
+            "profile": resource.profile,
+            "rotation_period": resource.rotation_period,
+            "active": {
+                "epoch": active.epoch,
+                "secret": active.secret,
+                "activated_at": active.activated_at,
+            },
+            "next": {"epoch": upcoming.epoch, "secret": upcoming.secret},
+        }
+
+    async def key_fingerprint(self, resource_id: str) -> tuple[int, ...]:
+        """What a /keys observer cares about, without secrets: (active, pre-active) epochs."""
+        return tuple(
+            e.epoch for e in await self.store.epochs(resource_id) if e.state in (ACTIVE, PRE_ACTIVE)
+        )
+
+
+_Handler = Callable[[Endpoints, Device, Request, int], Any]
+
+_ROUTES: dict[tuple[str, ...], dict[str, _Handler]] = {
+    (".well-known", "core"): {"GET": Endpoints.get_wkc},
+    ("cert",): {"GET": Endpoints.get_cert, "POST": Endpoints.post_cert},
+    ("crl",): {"GET": Endpoints.get_crl},
+    ("resources",): {"GET": Endpoints.get_resources, "POST": Endpoints.post_resources},
+    ("secret",): {"GET": Endpoints.get_secret},
+    ("keys",): {"GET": Endpoints.get_keys},
+}

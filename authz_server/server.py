@@ -1,0 +1,465 @@
+"""The AS process: the aiocoap site over DTLS-PSK, and the background work of a running server.
+
+:func:`serve` opens the state directory's store, loads the CA and every active device's PSK, and
+serves the endpoints of :mod:`authz_server.api` with aiocoap's ``tinydtls_server`` only (no plain
+CoAP on any port). Around the site it runs:
+
+- the connection guard of :mod:`authz_server.dtls` (bounded table, idle sweep);
+- a watcher that polls ``store.changes()`` every ``tick`` seconds, so what the admin CLI changes
+  in the database takes effect at once: newly enrolled devices may connect, revoked ones lose
+  their credentials and their open sessions, and ``/keys`` observers of resources whose epochs
+  changed get a notification;
+- a scheduler (once a second) that rotates the resources whose rotation period has passed and
+  destroys deactivated or compromised epochs older than the retention.
+
+Every request is checked, in order: the DTLS identity (a credentials label) names a device; its
+rate limit; the payload size; then the endpoint, which checks that the device is still active.
+
+One log line per event on logger ``oscar.as``; never a PSK, a secret or a payload.
+
+``python -m authz_server.server --state DIR --listen HOST:PORT`` runs it until SIGTERM/SIGINT.
+This module does not parse requests (api.py) nor touch SQL (store.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiocoap import Context, Message, interfaces
+from aiocoap.numbers.codes import Code
+from aiocoap.resource import Resource as CoapResource
+
+from oscar import names
+
+from .api import (
+    MAX_PAYLOAD,
+    ApiError,
+    Endpoints,
+    Request,
+    RequestTooLarge,
+    SerializedStore,
+    TooManyRequests,
+    Unauthorized,
+)
+from .ca import CertificateAuthority
+from .dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
+from .ratelimit import RateLimit
+from .store import Store, StoreError
+
+__all__ = ["ServeOptions", "build_parser", "main", "serve"]
+
+log = logging.getLogger("oscar.as")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    retention: int = 7 * 86_400  # seconds a deactivated/compromised epoch stays readable
+    rate: float = 50.0  # requests/s per identity (token bucket)
+    burst: int = 100
+    max_connections: int = 1024  # DTLS connection table cap
+    tick: float = 0.2  # how often to poll the store for changes made by the admin CLI
+    crl_validity: int = 3600
+
+    def __post_init__(self) -> None:
+        if type(self.retention) is not int or self.retention < 0:
+            raise ValueError("retention must be a whole number of seconds, 0 or more")
+        if not isinstance(self.rate, (int, float)) or not 0 < self.rate < math.inf:
+            raise ValueError("rate must be a positive number of requests per second")
+        if type(self.burst) is not int or self.burst < 1:
+            raise ValueError("burst must be a whole number of requests, at least 1")
+        if type(self.max_connections) is not int or self.max_connections < 1:
+            raise ValueError("max_connections must be a whole number, at least 1")
+        if not isinstance(self.tick, (int, float)) or not 0 < self.tick <= 60:
+            raise ValueError("tick must be more than 0 and at most 60 seconds")
+        if type(self.crl_validity) is not int or self.crl_validity < 1:
+            raise ValueError("crl_validity must be a whole number of seconds, at least 1")
+
+
+def _wall_clock() -> int:
+    return int(time.time())
+
+
+class AuthorizationSite(CoapResource):  # type: ignore[misc]
+    """The aiocoap server site: identity, rate limit and size first, then the endpoints;
+    ``GET /keys`` with Observe goes through :meth:`add_observation` and :meth:`notify`."""
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        limit: RateLimit,
+        on_unauthorized: Callable[[str], None],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.endpoints = endpoints
+        self.limit = limit
+        self._on_unauthorized = on_unauthorized
+        self._monotonic = monotonic
+        self._observers: dict[str, set[Any]] = {}
+        self._observed_remotes: dict[Any, int] = {}
+        self._fingerprints: dict[str, tuple[int, ...]] = {}
+
+    @staticmethod
+    def identity(remote: Any) -> str | None:
+        """The device id the DTLS session authenticated, or None."""
+        claims: Any = getattr(remote, "authenticated_claims", ())
+        if len(claims) != 1:
+            return None
+        return device_of_label(claims[0])
+
+    # --- request path ----------------------------------------------------------------------------
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return True
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        device = self.identity(request.remote)
+        try:
+            if device is None:
+                raise Unauthorized()
+            wait = self.limit.take(device, self._monotonic())
+            if wait:
+                raise TooManyRequests(max(1, math.ceil(wait)))
+            block1 = request.opt.block1
+            if len(request.payload) + (block1.start if block1 else 0) > MAX_PAYLOAD:
+                raise RequestTooLarge()
+        except ApiError as exc:
+            pipe.add_response(exc.to_message(), is_last=True)
+            return
+        mark_established(request.remote)
+        if (
+            request.opt.observe == 0
+            and request.code == Code.GET
+            and tuple(request.opt.uri_path) == ("keys",)
+        ):
+            await interfaces.ObservableResource._render_to_pipe(self, pipe)
+        else:
+            await interfaces.Resource._render_to_pipe(self, pipe)
+
+    async def render(self, request: Message) -> Message:
+        device = self.identity(request.remote)
+        content_format = request.opt.content_format
+        api_request = Request(
+            device=device,
+            method=request.code.name if request.code.is_request() else "",
+            path=tuple(request.opt.uri_path),
+            query=tuple(request.opt.uri_query),
+            payload=bytes(request.payload),
+            content_format=None if content_format is None else int(content_format),
+        )
+        try:
+            reply = await self.endpoints.handle(api_request)
+        except Unauthorized as exc:
+            if device is not None:
+                self._on_unauthorized(device)
+            return exc.to_message()
+        except ApiError as exc:
+            return exc.to_message()
+        except Exception:
+            log.exception(
+                "internal error answering %s /%s", api_request.method, "/".join(api_request.path)
+            )
+            return ApiError().to_message()
+        return reply.to_message()
+
+    # --- observation of /keys --------------------------------------------------------------------
+
+    async def add_observation(self, request: Message, observation: Any) -> None:
+        resource_id = next((q[2:] for q in request.opt.uri_query if q.startswith("r=")), None)
+        remote = request.remote
+        if names.is_resource_id(resource_id) and resource_id not in self._fingerprints:
+            try:
+                self._fingerprints[resource_id] = await self.endpoints.key_fingerprint(resource_id)
+            except Exception:
+                log.exception("cannot read the key state of an observed resource")
+        key = resource_id or ""
+        self._observers.setdefault(key, set()).add(observation)
+        self._observed_remotes[remote] = self._observed_remotes.get(remote, 0) + 1
+
+        def cancel() -> None:
+            watchers = self._observers.get(key)
+            if watchers is not None:
+                watchers.discard(observation)
+                if not watchers:
+                    del self._observers[key]
+                    self._fingerprints.pop(key, None)
+            left = self._observed_remotes.get(remote, 1) - 1
+            if left:
+                self._observed_remotes[remote] = left
+            else:
+                self._observed_remotes.pop(remote, None)
+
+        observation.accept(cancel)
+
+    def has_observation(self, remote: object) -> bool:
+        return remote in self._observed_remotes
+
+    def observed(self) -> list[str]:
+        return [r for r in self._observers if r]
+
+    async def refresh(self) -> list[str]:
+        """Notify the observers of every resource whose (active, pre-active) epochs changed."""
+        changed = []
+        for resource_id in self.observed():
+            try:
+                fingerprint = await self.endpoints.key_fingerprint(resource_id)
+            except Exception:
+                log.exception("cannot read the key state of an observed resource")
+                continue
+            if self._fingerprints.get(resource_id) != fingerprint:
+                self._fingerprints[resource_id] = fingerprint
+                changed.append(resource_id)
+                for observation in list(self._observers.get(resource_id, ())):
+                    observation.trigger()
+        if changed:
+            log.info("notified key observers of %s", ", ".join(changed))
+        return changed
+
+
+class _Server:
+    """The pieces of one running AS, and its background work."""
+
+    def __init__(self, store: Store, ca: CertificateAuthority, options: ServeOptions) -> None:
+        self.raw_store = store
+        self.store = SerializedStore(store)
+        self.options = options
+        self.endpoints = Endpoints(
+            self.store, ca, clock=_wall_clock, crl_validity=options.crl_validity
+        )
+        self.limit = RateLimit(options.rate, options.burst)
+        self.creds = IndexedCreds()
+        self.site = AuthorizationSite(self.endpoints, self.limit, self._end_later)
+        self.ctx: Any = None
+        self.guard: ConnectionGuard | None = None
+
+    def _end_later(self, device_id: str) -> None:
+        # Let the 4.01 go out on the session first, then close it.
+        asyncio.get_running_loop().call_later(0.05, self._end_sessions, device_id)
+
+    def _end_sessions(self, device_id: str) -> int:
+        if self.ctx is None or self.guard is None:
+            return 0
+        ended = self.guard.end_sessions(label_of(device_id))
+        if ended:
+            log.info("ended %d session(s) of %s", ended, device_id)
+        return ended
+
+    async def reload_credentials(self, *, initial: bool = False) -> None:
+        """Make the credentials match the store's active devices; end revoked ones' sessions."""
+        psks = await self.store.active_psks()
+        current = self.creds.device_ids()
+        for device_id in sorted(psks.keys() - current):
+            try:
+                self.creds.set_device(device_id, psks[device_id])
+            except ValueError as exc:
+                log.warning("device %s cannot connect: %s", device_id, exc)
+                continue
+            if not initial:
+                log.info("device %s may connect", device_id)
+        for device_id in sorted(current - psks.keys()):
+            self.creds.remove_device(device_id)
+            log.info("device %s is no longer active: credentials removed", device_id)
+            self._end_sessions(device_id)
+        psks.clear()
+
+    async def schedule(self, now: int) -> None:
+        for resource_id in await self.store.due_rotations(now):
+            try:
+                epoch = await self.store.rotate(resource_id, now, actor="as", reason="schedule")
+            except StoreError as exc:
+                log.warning("scheduled rotation of %s failed: %s", resource_id, exc)
+                continue
+            log.info("rotated %s to epoch %d (schedule)", resource_id, epoch)
+        for resource_id, epoch in await self.store.destroy_expired(now, self.options.retention):
+            log.info("destroyed epoch %d of %s (retention over)", epoch, resource_id)
+
+    async def watch(self) -> None:
+        """Poll for changes (admin CLI, scheduler) and run the schedule, until cancelled."""
+        seen = await self.store.changes()
+        next_schedule = 0.0
+        while True:
+            await asyncio.sleep(self.options.tick)
+            try:
+                changes = await self.store.changes()
+                if changes != seen:
+                    seen = changes
+                    await self.reload_credentials()
+                    await self.site.refresh()
+                if time.monotonic() >= next_schedule:
+                    next_schedule = time.monotonic() + 1.0
+                    await self.schedule(_wall_clock())
+                    await self.site.refresh()
+                    self.limit.prune(time.monotonic())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A locked or briefly unavailable database must not stop the server.
+                log.exception("background work failed; retrying")
+
+
+async def serve(
+    state_dir: Path,
+    host: str,
+    port: int,
+    options: ServeOptions = ServeOptions(),  # frozen, so sharing it is safe
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the AS on ``coaps://host:port`` until ``stop`` is set or the task is cancelled.
+
+    Raises ValueError for a port outside 2..65535 or an address aiocoap cannot bind (the any
+    address), :class:`StoreError` for an unusable state directory, OSError if the port is taken.
+    """
+    if type(port) is not int or not 2 <= port <= 65535:
+        raise ValueError("the DTLS port must be between 2 and 65535")
+    store = await Store.open(Path(state_dir))
+    server: _Server | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        ca = await CertificateAuthority.load(store)
+        server = _Server(store, ca, options)
+        await server.reload_credentials(initial=True)
+        # tinydtls_server serves DTLS on the bind port + 1 and binds nothing on the bind port.
+        server.ctx = await Context.create_server_context(
+            server.site,
+            bind=(host, port - 1),
+            transports=["tinydtls_server"],
+            server_credentials=server.creds,
+        )
+        server.guard = ConnectionGuard(
+            server.ctx, cap=options.max_connections, pinned=server.site.has_observation
+        )
+        tasks = [
+            asyncio.create_task(server.guard.run(), name="oscar-as connection guard"),
+            asyncio.create_task(server.watch(), name="oscar-as watcher"),
+        ]
+        log.info(
+            "serving coaps://%s:%d (%d devices may connect)",
+            f"[{host}]" if ":" in host else host,
+            port,
+            len(server.creds.device_ids()),
+        )
+        if ready is not None:
+            ready.set()
+        if stop is None:
+            await asyncio.Event().wait()
+        else:
+            await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if server is not None and server.ctx is not None:
+            if server.guard is not None:
+                server.guard.drain()
+                server.guard.uninstall()
+            await server.ctx.shutdown()
+        await store.close()
+        log.info("stopped")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("use HOST:PORT, for example 127.0.0.1:5684")
+    number = int(port)
+    if not 2 <= number <= 65535:
+        raise argparse.ArgumentTypeError("the port must be between 2 and 65535")
+    return host, number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServeOptions()
+    parser = argparse.ArgumentParser(
+        prog="oscar-as serve", description="Run the OSCAR Authorization Server (CoAP over DTLS)."
+    )
+    parser.add_argument("--state", type=Path, required=True, help="the AS state directory")
+    parser.add_argument(
+        "--listen", type=_listen, required=True, metavar="HOST:PORT", help="address and DTLS port"
+    )
+    parser.add_argument("--retention", type=int, default=defaults.retention, metavar="SECONDS")
+    parser.add_argument("--rate", type=float, default=defaults.rate, help="requests/s per device")
+    parser.add_argument("--burst", type=int, default=defaults.burst)
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    parser.add_argument("--tick", type=float, default=defaults.tick, metavar="SECONDS")
+    parser.add_argument(
+        "--crl-validity", type=int, default=defaults.crl_validity, metavar="SECONDS"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # aiocoap logs every session close as a warning ("Unhandled alert level 1 code 0"), and at
+    # debug level it would log messages: keep it to errors.
+    for name in ("coap-server", "coap"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def _run(state: Path, host: str, port: int, options: ServeOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(state, host, port, options, stop=stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server; 0 after a clean stop, 1 if it cannot start, 2 for bad arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    host, port = args.listen
+    try:
+        options = ServeOptions(
+            retention=args.retention,
+            rate=args.rate,
+            burst=args.burst,
+            max_connections=args.max_connections,
+            tick=args.tick,
+            crl_validity=args.crl_validity,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(_run(args.state, host, port, options))
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except (ValueError, OSError) as exc:
+        log.error("cannot serve on %s:%d: %s", host, port, exc)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

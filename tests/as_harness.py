@@ -1,0 +1,196 @@
+"""Real AS processes and real DTLS clients for the AS tests (no fixtures here; plain helpers).
+
+- :func:`make_state` / :func:`enroll`: a state directory and devices, through the store itself;
+- :class:`AsProcess`: ``python -m authz_server.server`` on 127.0.0.1 with its log in a file;
+- :class:`Client`: one device's aiocoap DTLS client context, with CBOR in and out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiocoap import GET, Context, Message
+from aiocoap.numbers.constants import TransportTuning
+
+from authz_server.ca import init_state
+from authz_server.store import Store
+from oscar import cbor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FastFail(TransportTuning):
+    """Gives up on a request after about 0.6 s instead of about 90 s (failed handshakes)."""
+
+    ACK_TIMEOUT = 0.2
+    MAX_RETRANSMIT = 1
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def free_port() -> int:
+    """A UDP port on 127.0.0.1 that is free now (the server binds only this one)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 2:
+            return port
+
+
+async def make_state(state_dir: Path) -> None:
+    store = await init_state(state_dir, as_uri="coaps://127.0.0.1", now=now())
+    await store.close()
+
+
+async def enroll(store: Store, device_id: str, role: str) -> bytes:
+    """Enroll a device; returns its fresh 16-byte PSK."""
+    psk = os.urandom(16)
+    await store.add_device(device_id, role, psk, now())
+    return psk
+
+
+class AsProcess:
+    """One AS server process."""
+
+    def __init__(self, state_dir: Path, log_path: Path, *args: str) -> None:
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.args = args
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int | None = None, timeout: float = 20.0) -> None:
+        self.port = port or free_port()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "authz_server.server",
+                    "--state",
+                    str(self.state_dir),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "serving coaps://" in self.log()[offset:]:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("the AS did not start:\n" + self.log()[offset:])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_kib(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def uri(self) -> str:
+        return f"coaps://127.0.0.1:{self.port}"
+
+
+class Client:
+    """A device talking to the AS over DTLS-PSK."""
+
+    def __init__(self, ctx: Context, uri: str, device_id: str) -> None:
+        self.ctx = ctx
+        self.uri = uri
+        self.id = device_id
+
+    @classmethod
+    async def connect(cls, server: AsProcess, device_id: str, psk: bytes) -> Client:
+        ctx = await Context.create_client_context(transports=["tinydtls"])
+        ctx.client_credentials.load_from_dict(
+            {f"{server.uri}/*": {"dtls": {"psk": psk, "client-identity": device_id.encode()}}}
+        )
+        return cls(ctx, server.uri, device_id)
+
+    def message(
+        self,
+        code: Any,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        *,
+        payload: bytes | None = None,
+        **options: Any,
+    ) -> Message:
+        """A request; query items go into Uri-Query options as they are (no URI escaping), a
+        ``body`` is CBOR-encoded, a ``payload`` is sent raw."""
+        if payload is None and body is not None:
+            payload = cbor.dumps(body)
+        message = Message(code=code, uri=f"{self.uri}/{path}", payload=payload or b"", **options)
+        if query:
+            message.opt.uri_query = tuple(f"{k}={v}" for k, v in query.items())
+        if payload and message.opt.content_format is None:
+            message.opt.content_format = 60
+        return message
+
+    async def send(self, message: Message, timeout: float = 10.0) -> Message:
+        return await asyncio.wait_for(self.ctx.request(message).response, timeout)
+
+    async def call(
+        self,
+        code: Any,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        **kwargs: Any,
+    ) -> tuple[str, Any]:
+        """(dotted response code, decoded CBOR payload or raw bytes)."""
+        response = await self.send(self.message(code, path, query, body, **kwargs))
+        return response.code.dotted, decode(response)
+
+    async def get(self, path: str, **query: Any) -> tuple[str, Any]:
+        return await self.call(GET, path, query or None)
+
+    async def close(self) -> None:
+        await self.ctx.shutdown()
+
+
+def decode(response: Message) -> Any:
+    if response.opt.content_format == 60:
+        return cbor.loads(response.payload)
+    return response.payload
