@@ -273,6 +273,9 @@ class SerializedStore:
 
 # --- endpoints -----------------------------------------------------------------------------------
 
+#: Deliveries remembered in memory (past it the set starts over; the table still dedupes).
+_MAX_REMEMBERED_DELIVERIES = 100_000
+
 #: (path, rt, observable) of everything served, for /.well-known/core and the docs.
 ENDPOINTS: tuple[tuple[str, str, bool], ...] = (
     ("cert", "oscar.as.cert", False),
@@ -307,6 +310,7 @@ class Endpoints:
         self.ca = ca
         self.clock = clock
         self.crl_validity = crl_validity
+        self._delivered: set[tuple[str, str, int]] = set()
 
     def __repr__(self) -> str:
         return "Endpoints(<store>, <ca>)"
@@ -406,7 +410,7 @@ class Endpoints:
 
     async def get_crl(self, device: Device, request: Request, now: int) -> Reply:
         parse_query(request, ())
-        revoked = await self.store.revoked_certificates()
+        revoked = await self.store.revoked_certificates(now)
         return Reply.cbor(
             Code.CONTENT, {"crl": self.ca.revocation_list(revoked, now, self.crl_validity)}
         )
@@ -524,6 +528,13 @@ class Endpoints:
                 raise await self.deny(device, "secret", resource_id, "epoch not active yet", now)
         if epoch.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED, COMPROMISED) or not epoch.secret:
             raise NotFound("the epoch is destroyed")
+        delivery = (device.id, resource_id, epoch.epoch)
+        if delivery not in self._delivered:
+            # Audited (durably) before the secret leaves; later requests for it skip the disk.
+            await self.store.record_delivery(device.id, resource_id, epoch.epoch, now)
+            if len(self._delivered) >= _MAX_REMEMBERED_DELIVERIES:
+                self._delivered.clear()
+            self._delivered.add(delivery)
         log.debug("secret of %s epoch %d to %s", resource_id, epoch.epoch, device.id)
         return Reply.cbor(
             Code.CONTENT,

@@ -291,10 +291,16 @@ async def test_grants_by_pattern_and_expiry_and_denials(env: Env) -> None:
     await env.store.add_grant("expired", "p1/b", t + 3600, t)
 
     reader = await env.client(server, "all-of-p1")
-    for rid in ("p1/a", "p1/b"):
+    for rid in ("p1/a", "p1/b", "p1/a"):
         code, body = await reader.get("secret", r=rid)
         assert (code, body["resource"], body["epoch"]) == ("2.05", rid, 1)
         env.keep(body["secret"])
+    # Each first delivery of a secret is in the audit log (once), with no key material.
+    deliveries = [
+        (r.subject, r.detail) for r in await env.store.audit_records()
+        if r.action == "secret" and r.actor == "all-of-p1"
+    ]  # fmt: skip
+    assert deliveries == [("p1/a", {"epoch": 1}), ("p1/b", {"epoch": 1})]
     assert (await reader.get("secret", r="p2/c")) == ("4.03", {"error": "no grant for this epoch"})
     assert (await reader.get("secret", r="p1/a", e=2))[0] == "4.03"  # pre-active: owner only
     code, listed = await reader.get("resources")

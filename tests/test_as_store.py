@@ -303,3 +303,60 @@ async def test_concurrent_coroutines_share_one_store_safely(store: Store) -> Non
     with pytest.raises(NotFound):
         await store.rotate("sensor-1/none", NOW, actor="as", reason="missing")
     assert await store.rotate(RID, NOW + 99, actor="as", reason="after") == 22
+
+
+@pytest.mark.asyncio
+async def test_first_delivery_of_each_secret_is_audited_once(store: Store) -> None:
+    before = await store.changes()
+    assert await store.record_delivery(CONSUMER, RID, 1, NOW + 1)
+    assert not await store.record_delivery(CONSUMER, RID, 1, NOW + 2)
+    assert await store.record_delivery(CONSUMER, RID, 2, NOW + 3)
+    assert await store.record_delivery(OTHER, RID, 1, NOW + 4)
+    delivered = [r for r in await store.audit_records() if r.action == "secret"]
+    assert [(r.actor, r.detail["epoch"]) for r in delivered] == [
+        (CONSUMER, 1),
+        (CONSUMER, 2),
+        (OTHER, 1),
+    ]
+    assert await store.changes() == before  # deliveries do not wake the server's change poll
+    assert (await store.verify_audit())[0]
+
+
+@pytest.mark.asyncio
+async def test_revocation_list_drops_expired_certificates(store: Store) -> None:
+    await store.add_certificate(0xA1, PRODUCER, b"k" * 8, b"der", NOW - 10, NOW + 100, NOW)
+    await store.add_certificate(0xA2, PRODUCER, b"j" * 8, b"der", NOW - 10, NOW + 5, NOW)
+    await store.revoke_device(PRODUCER, NOW + 1)
+    assert sorted(s for s, _ in await store.revoked_certificates(NOW + 2)) == [0xA1, 0xA2]
+    assert [s for s, _ in await store.revoked_certificates(NOW + 50)] == [0xA1]
+
+
+def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
+    from authz_server.store.schema import MIGRATIONS, SCHEMA_VERSION, split_script
+    from authz_server.vault import Vault, create_master_key
+
+    state = tmp_path / "old"
+    state.mkdir()
+    master = create_master_key(state / "master.key")
+    con = sqlite3.connect(state / "as.db")
+    for statement in split_script(MIGRATIONS[0]):
+        con.execute(statement)
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO meta VALUES ('data_key', ?)", (Vault.new_wrapped_data_key(master),))
+    con.execute("INSERT INTO meta VALUES ('changes', 0)")
+    con.execute("INSERT INTO devices VALUES ('old-1', 'consumer', NULL, 'revoked', 1, 2)")
+    con.commit()
+    con.close()
+
+    async def check() -> None:
+        s = await Store.open(state)
+        try:
+            assert [d.id for d in await s.devices()] == ["old-1"]
+            assert await s.record_delivery("old-1", RID, 1, NOW)  # the table of version 2
+        finally:
+            await s.close()
+
+    asyncio.run(check())
+    con = sqlite3.connect(state / "as.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    con.close()

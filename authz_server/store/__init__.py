@@ -173,10 +173,11 @@ class Store(KeyRecords):
         )
         return None if row is None else bytes(row[0])
 
-    async def revoked_certificates(self) -> list[tuple[int, int]]:
-        """(serial, revoked at) of every revoked certificate that has not yet expired anyway."""
+    async def revoked_certificates(self, now: int) -> list[tuple[int, int]]:
+        """(serial, revoked at) of every revoked certificate that has not expired anyway."""
         rows = await self._all(
             "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL "
-            "ORDER BY revoked_at"
+            "AND not_after >= ? ORDER BY revoked_at",
+            (now,),
         )
         return [(int(serial, 16), at) for serial, at in rows]

@@ -394,6 +394,28 @@ class KeyRecords(Database):
             "SELECT * FROM grants WHERE consumer_id = ? ORDER BY id", (consumer_id,)
         )
 
+    async def record_delivery(self, device_id: str, resource_id: str, epoch: int, now: int) -> bool:
+        """Note that ``device_id`` was handed the secret of (resource, epoch); the first time,
+        audit it, durably, in the same transaction. Returns whether it was the first time.
+
+        Called before the secret is sent, so no delivery escapes the log; repeated deliveries of
+        the same epoch to the same device are not logged again (they reveal nothing new).
+        """
+        await self._begin()
+        try:
+            cursor = await self._db.execute(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+                (device_id, resource_id, epoch, now),
+            )
+            first = cursor.rowcount == 1
+            if first:
+                await self._audit(device_id, "secret", resource_id, "ok", {"epoch": epoch}, now)
+            await self._commit(count=False)
+            return first
+        except BaseException:
+            await self._rollback()
+            raise
+
     async def may_read(self, consumer_id: str, resource_id: str, epoch: int, now: int) -> bool:
         """Whether a live grant covers the resource and no revocation excludes the epoch."""
         grants = await self._all(

@@ -121,6 +121,16 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # 2: who was handed which epoch's secret, so that each first delivery is audited once.
+    """
+    CREATE TABLE deliveries (
+        device_id TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        delivered_at INTEGER NOT NULL,
+        PRIMARY KEY (device_id, resource_id, epoch)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
