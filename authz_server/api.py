@@ -2,17 +2,8 @@
 
 Every endpoint takes a :class:`Request` (already stripped of the transport: the *authenticated*
 device id from the DTLS session, method, path, query, payload) and returns a :class:`Reply` or
-raises an :class:`ApiError`, whose class says the CoAP code::
-
-    ApiError                      5.00  (anything unexpected; the detail stays in the log)
-    ├── BadRequest                4.00  malformed CBOR, wrong keys or types, bad id grammar
-    ├── Unauthorized              4.01  the identity is not (or no longer) an active device
-    ├── Forbidden                 4.03  authenticated, but not allowed (audited)
-    ├── NotFound                  4.04  no such path, resource, epoch or certificate
-    ├── MethodNotAllowed          4.05
-    ├── RequestTooLarge           4.13  payload over MAX_PAYLOAD bytes
-    ├── UnsupportedContentFormat  4.15  a payload that says it is not CBOR
-    └── TooManyRequests           4.29  rate limit; Max-Age = seconds to wait
+raises an :class:`ApiError`, whose class says the CoAP code (the tree is drawn in
+:mod:`authz_server.messages`, with the records and the strict parsing).
 
 Errors render as CBOR ``{"error": text}``; the text never holds key material. Every 4.01 and 4.03
 is written to the audit log. Decoding is strict: :func:`oscar.cbor.loads`, exact key sets, exact
@@ -28,23 +19,44 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
-from aiocoap import Message
-from aiocoap.error import ConstructionRenderableError
 from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from oscar import cbor, certs, names
+from oscar import certs, names
 from oscar.errors import CertificateError
 from oscar.profiles import PROFILES
 
 from .ca import CertificateAuthority
+from .messages import (
+    CBOR_FORMAT,
+    KID_PATTERN,
+    LINK_FORMAT,
+    MAX_PAYLOAD,
+    MAX_UINT32,
+    ApiError,
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    Reply,
+    Request,
+    RequestTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedContentFormat,
+    epoch_number,
+    is_bytes,
+    is_text,
+    parse_body,
+    parse_query,
+    resource_id_param,
+    uint_at_most,
+)
 from .store import Conflict, Device, Resource, Store
 
 __all__ = [
@@ -67,178 +79,9 @@ __all__ = [
 
 log = logging.getLogger("oscar.as")
 
-MAX_PAYLOAD = 4096
-CBOR_FORMAT = 60
-LINK_FORMAT = 40
-MAX_UINT32 = 0xFFFF_FFFF
 
 # KMIP states as the store keeps them and /secret reports them; "active" is a device status too.
 PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED = "pre-active", "active", "deactivated", "compromised"
-
-_EPOCH = re.compile(r"0|[1-9][0-9]{0,18}")
-_KID = re.compile(r"[0-9a-f]{16}")
-
-
-# --- errors --------------------------------------------------------------------------------------
-
-
-class ApiError(ConstructionRenderableError):  # type: ignore[misc]
-    """A request the AS answers with an error code and CBOR ``{"error": message}``."""
-
-    code = Code.INTERNAL_SERVER_ERROR
-    message = "internal error"
-
-    def to_message(self) -> Message:
-        return Message(
-            code=self.code,
-            payload=cbor.dumps({"error": self.message}),
-            content_format=CBOR_FORMAT,
-        )
-
-    def __str__(self) -> str:
-        return f"{self.code.dotted} {self.message}"
-
-
-class BadRequest(ApiError):
-    code = Code.BAD_REQUEST
-    message = "bad request"
-
-
-class Unauthorized(ApiError):
-    code = Code.UNAUTHORIZED
-    message = "not an active device"
-
-
-class Forbidden(ApiError):
-    code = Code.FORBIDDEN
-    message = "forbidden"
-
-
-class NotFound(ApiError):
-    code = Code.NOT_FOUND
-    message = "not found"
-
-
-class MethodNotAllowed(ApiError):
-    code = Code.METHOD_NOT_ALLOWED
-    message = "method not allowed"
-
-
-class RequestTooLarge(ApiError):
-    code = Code.REQUEST_ENTITY_TOO_LARGE
-    message = f"the payload is larger than {MAX_PAYLOAD} bytes"
-
-
-class UnsupportedContentFormat(ApiError):
-    code = Code.UNSUPPORTED_CONTENT_FORMAT
-    message = "requests carry CBOR (content format 60)"
-
-
-class TooManyRequests(ApiError):
-    code = Code.TOO_MANY_REQUESTS
-    message = "too many requests"
-
-    def __init__(self, wait: int) -> None:
-        super().__init__(f"too many requests; retry in {wait} s")
-        self.wait = wait
-
-    def to_message(self) -> Message:
-        response = super().to_message()
-        response.opt.max_age = self.wait
-        return response
-
-
-# --- request and reply ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as the endpoints see it; ``device`` is the DTLS-authenticated identity."""
-
-    device: str | None
-    method: str
-    path: tuple[str, ...]
-    query: tuple[str, ...] = ()
-    payload: bytes = b""
-    content_format: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: Code
-    payload: bytes
-    content_format: int = CBOR_FORMAT
-
-    @classmethod
-    def cbor(cls, code: Code, value: dict[str, Any]) -> Reply:
-        return cls(code, cbor.dumps(value))
-
-    def __repr__(self) -> str:  # replies may hold secrets
-        return f"Reply({self.code.dotted}, <{len(self.payload)} bytes>)"
-
-    def to_message(self) -> Message:
-        return Message(code=self.code, payload=self.payload, content_format=self.content_format)
-
-
-# --- strict parsing ------------------------------------------------------------------------------
-
-
-def _uint(limit: int) -> Callable[[object], bool]:
-    return lambda value: type(value) is int and 0 <= value <= limit
-
-
-def _is_bytes(value: object) -> bool:
-    return type(value) is bytes
-
-
-def _is_text(value: object) -> bool:
-    return type(value) is str
-
-
-def parse_body(request: Request, fields: dict[str, Callable[[object], bool]]) -> dict[str, Any]:
-    """The request's CBOR map, which must have exactly the keys of ``fields``, each value passing
-    its check. BadRequest otherwise (the message names the rule, never echoes the value)."""
-    if request.content_format not in (None, CBOR_FORMAT):
-        raise UnsupportedContentFormat()
-    if len(request.payload) > MAX_PAYLOAD:
-        raise RequestTooLarge()
-    try:
-        value = cbor.loads(request.payload, max_depth=4, max_items=64)
-    except cbor.MalformedCBOR:
-        raise BadRequest("the payload is not well-formed CBOR") from None
-    if type(value) is not dict:
-        raise BadRequest("the payload must be a CBOR map")
-    if set(value) != set(fields):
-        raise BadRequest("the map must have exactly the keys " + ", ".join(sorted(fields)))
-    for key, check in fields.items():
-        if not check(value[key]):
-            raise BadRequest(f"{key!r} has the wrong type or is out of range")
-    return cast(dict[str, Any], value)
-
-
-def parse_query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
-    """``key=value`` query items, each key at most once and from ``allowed``; no payload."""
-    if request.payload:
-        raise BadRequest("this request takes no payload")
-    items: dict[str, str] = {}
-    for item in request.query:
-        key, sep, value = item.partition("=")
-        if not sep or key not in allowed or key in items or not value:
-            raise BadRequest("the query takes " + (", ".join(allowed) or "nothing") + ", once each")
-        items[key] = value
-    return items
-
-
-def _resource_id(text: str) -> str:
-    if not names.is_resource_id(text):
-        raise BadRequest("a resource id is '<producer id>/<path>' of A-Z a-z 0-9 . _ ~ -")
-    return text
-
-
-def _epoch_number(text: str) -> int:
-    if not _EPOCH.fullmatch(text):
-        raise BadRequest("an epoch is an unsigned decimal integer")
-    return int(text)
 
 
 # --- the store, one call at a time ---------------------------------------------------------------
@@ -362,7 +205,7 @@ class Endpoints:
             raise await self.deny(
                 device, "certificate", device.id, "only producers and proxies", now
             )
-        csr_der = parse_body(request, {"csr": _is_bytes})["csr"]
+        csr_der = parse_body(request, {"csr": is_bytes})["csr"]
         try:
             csr = x509.load_der_x509_csr(csr_der)
             subject = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
@@ -399,7 +242,7 @@ class Endpoints:
                 raise BadRequest("a device id is 1 to 32 characters of A-Z a-z 0-9 . _ -")
             der = await self.store.certificate(device_id=query["id"], now=now)
         else:
-            if not _KID.fullmatch(query["kid"]):
+            if not KID_PATTERN.fullmatch(query["kid"]):
                 raise BadRequest("a key id is 16 lowercase hex digits")
             der = await self.store.certificate(kid=bytes.fromhex(query["kid"]), now=now)
         if der is None:
@@ -425,14 +268,14 @@ class Endpoints:
         body = parse_body(
             request,
             {
-                "path": _is_text,
-                "content_format": _uint(0xFFFF),
-                "profile": _is_text,
-                "max_age": _uint(MAX_UINT32),
-                "rotation_period": _uint(MAX_UINT32),
+                "path": is_text,
+                "content_format": uint_at_most(0xFFFF),
+                "profile": is_text,
+                "max_age": uint_at_most(MAX_UINT32),
+                "rotation_period": uint_at_most(MAX_UINT32),
             },
         )
-        resource_id = _resource_id(f"{device.id}/{body['path']}")
+        resource_id = resource_id_param(f"{device.id}/{body['path']}")
         if body["profile"] not in PROFILES:
             raise BadRequest("unknown profile; choose one of " + ", ".join(PROFILES))
         existing = await self.store.resource(resource_id)
@@ -504,8 +347,8 @@ class Endpoints:
         query = parse_query(request, ("r", "e"))
         if "r" not in query:
             raise BadRequest("GET /secret takes r=<resource id> and optionally e=<epoch>")
-        resource_id = _resource_id(query["r"])
-        wanted = _epoch_number(query["e"]) if "e" in query else None
+        resource_id = resource_id_param(query["r"])
+        wanted = epoch_number(query["e"]) if "e" in query else None
         if device.role == "proxy":
             raise await self.deny(device, "secret", resource_id, "proxies get no secrets", now)
         owner = names.owns(device.id, resource_id)
@@ -553,7 +396,7 @@ class Endpoints:
         query = parse_query(request, ("r",))
         if "r" not in query:
             raise BadRequest("GET /keys takes r=<resource id>")
-        resource_id = _resource_id(query["r"])
+        resource_id = resource_id_param(query["r"])
         if device.role != "producer" or not names.owns(device.id, resource_id):
             raise await self.deny(device, "keys", resource_id, "not the owner", now)
         resource = await self.store.resource(resource_id)
