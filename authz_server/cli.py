@@ -35,13 +35,14 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
 from oscar import __version__, certs
 from oscar.algorithms import PublicKey
+from oscar.cli import OneLineParser
 from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
 
 from .ca import CA_CERT_NAME, init_state
@@ -65,26 +66,6 @@ class UsageError(Exception):
 
 class Refused(Exception):
     """The state says no, other than through the store's NotFound/Conflict (exit 1)."""
-
-
-# argparse quotes the offending argument in its messages; a mistyped option could be followed by a
-# secret, so such runs never reach the terminal.
-_SECRETISH = re.compile(r"[0-9A-Fa-f]{16,}")
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reports a usage error in one line, like every other failure, and
-    never repeats an argument that could be a secret. Options cannot be abbreviated."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments"):
-            message = "unrecognized arguments"
-        message = _SECRETISH.sub("<redacted>", message)
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -609,7 +590,7 @@ def cmd_audit(args: argparse.Namespace, now: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``oscar-as`` argument parser, one subcommand per operation."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="OSCAR Authorization Server: admin commands on a state directory, and serve.",
         epilog="exit status: 0 success, 1 refused by the state, 2 bad usage or input",

@@ -38,7 +38,7 @@ from .cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
 from .errors import CertificateError, InvalidObject, OscarError
 from .keys import AccessSecret
 
-__all__ = ["build_parser", "main"]
+__all__ = ["OneLineParser", "build_parser", "main"]
 
 PROG = "oscar"
 DEFAULT_LIFETIME = 3600
@@ -59,9 +59,11 @@ class Undecodable(Exception):
 _SECRETISH = re.compile(r"[0-9A-Fa-f]{16,}")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a usage error in one line, like every other failure, and
-    never repeats an argument that could be a secret. Options cannot be abbreviated."""
+    never repeats an argument that could be a secret. Options cannot be abbreviated.
+
+    Shared by every OSCAR command-line tool (``oscar``, ``oscar-as``, …)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
@@ -483,7 +485,7 @@ def _add_checks(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``oscar`` argument parser, one subcommand per operation."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="OSCAR offline operator tool. FILE '-' is stdin or stdout; times (IAT, EXP, "
         "NOW) are seconds since 1970.",
