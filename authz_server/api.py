@@ -354,17 +354,15 @@ class Endpoints:
         owner = names.owns(device.id, resource_id)
         if device.role != "consumer" and not owner:
             raise await self.deny(device, "secret", resource_id, "not the owner", now)
-        epoch = await self.store.epoch(resource_id, wanted, with_secret=True)
+        view = await self.store.secret_view(device.id, resource_id, wanted, now)
+        resource, epoch = view.resource, view.epoch
         if owner:
-            resource = await self.store.resource(resource_id)
             if resource is None or resource.producer_id != device.id or epoch is None:
                 raise NotFound("no such resource or epoch")
         else:
             # A consumer learns nothing about resources it may not read, existing or not.
-            number = wanted if wanted is not None else epoch.epoch if epoch else 0
-            if not await self.store.may_read(device.id, resource_id, number, now):
+            if not view.readable:
                 raise await self.deny(device, "secret", resource_id, "no grant for this epoch", now)
-            resource = await self.store.resource(resource_id)
             if resource is None or epoch is None:
                 raise NotFound("no such resource or epoch")
             if epoch.state == PRE_ACTIVE:

@@ -360,3 +360,33 @@ def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
     con = sqlite3.connect(state / "as.db")
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     con.close()
+
+
+@pytest.mark.asyncio
+async def test_secret_view_agrees_with_may_read(store: Store) -> None:
+    """The one-query view a secret request uses decides exactly as may_read does."""
+    await store.register_resource(
+        Resource("sensor-1/humidity", PRODUCER, 0, "ccm-es256", 60, 0, NOW)
+    )
+    await store.add_grant(CONSUMER, "sensor-1/t*", None, NOW)
+    await store.add_grant(OTHER, "sensor-1/*", NOW + 5, NOW)
+    await store.revoke_grants(OTHER, None, NOW + 1)
+    await store.add_grant(OTHER, "sensor-1/humidity", None, NOW + 2)
+    for device in (CONSUMER, OTHER, PROXY, "nobody"):
+        for rid in (RID, "sensor-1/humidity", "sensor-1/none", "sensor-10/temperature"):
+            for epoch in (None, 1, 2, 3, 4, 99):
+                for now in (NOW + 3, NOW + 10):
+                    view = await store.secret_view(device, rid, epoch, now)
+                    number = epoch if epoch is not None else view.epoch.epoch if view.epoch else 0
+                    assert view.readable == await store.may_read(device, rid, number, now), (
+                        device,
+                        rid,
+                        epoch,
+                        now,
+                    )
+                    if view.epoch is not None:
+                        assert view.epoch.epoch == number and view.resource is not None
+    view = await store.secret_view(CONSUMER, RID, None, NOW + 3)
+    active = await store.epoch(RID, with_secret=True)
+    assert view.epoch == active and view.readable
+    assert (await store.secret_view(CONSUMER, "sensor-1/none", None, NOW)).resource is None

@@ -13,7 +13,8 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,6 +116,8 @@ class Database:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA busy_timeout=10000")
+            # Grant patterns match in SQL exactly as in Python (fnmatch, case-sensitive).
+            await db.create_function("oscar_match", 2, _match, deterministic=True)
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 await db.close()  # its worker thread would keep the process alive
@@ -191,8 +194,9 @@ class Database:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return await (await self._db.execute(sql, tuple(params))).fetchone()
+    async def _one(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> Any:
+        bound = params if isinstance(params, Mapping) else tuple(params)
+        return await (await self._db.execute(sql, bound)).fetchone()
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         return list(await (await self._db.execute(sql, tuple(params))).fetchall())
@@ -309,6 +313,10 @@ class Database:
         if head_seq != count or head_chain != previous:
             return False, f"records after {count} were removed (head says {head_seq!r})"
         return True, f"{count} records, chain intact"
+
+
+def _match(name: object, pattern: object) -> int:
+    return int(isinstance(name, str) and isinstance(pattern, str) and fnmatchcase(name, pattern))
 
 
 def _audit_bytes(

@@ -18,6 +18,7 @@ from .schema import (
     Epoch,
     NotFound,
     Resource,
+    SecretView,
     StoreError,
     secret_context,
 )
@@ -415,6 +416,50 @@ class KeyRecords(Database):
         except BaseException:
             await self._rollback()
             raise
+
+    async def secret_view(
+        self, device_id: str, resource_id: str, epoch: int | None, now: int
+    ) -> SecretView:
+        """Everything a secret request is decided on, in one query (one thread hop): the resource,
+        the epoch asked for (the active one when ``epoch`` is None) with its secret decrypted, and
+        whether the device's live grants cover the resource and leave that epoch unexcluded."""
+        row = await self._one(
+            "SELECT r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
+            "r.rotation_period, r.registered_at, "
+            "e.epoch, e.state, e.created_at, e.activated_at, e.deactivated_at, e.secret, "
+            "EXISTS (SELECT 1 FROM grants g WHERE g.consumer_id = :device "
+            "  AND g.revoked_at IS NULL AND (g.until IS NULL OR :now < g.until) "
+            "  AND oscar_match(:resource, g.pattern)), "
+            "EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = :device "
+            "  AND x.resource_id = :resource AND x.from_epoch <= COALESCE(e.epoch, :epoch, 0) "
+            "  AND (x.to_epoch IS NULL OR COALESCE(e.epoch, :epoch, 0) <= x.to_epoch)) "
+            "FROM (SELECT 1) AS one "
+            "LEFT JOIN resources r ON r.id = :resource "
+            "LEFT JOIN epochs e ON e.resource_id = :resource "
+            "  AND (e.epoch = :epoch OR (:epoch IS NULL AND e.state = 'active'))",
+            {"device": device_id, "resource": resource_id, "epoch": epoch, "now": now},
+        )
+        resource = None if row[0] is None else Resource(*row[0:7])
+        found = None
+        if row[7] is not None:
+            secret = None
+            if row[12] is not None:
+                try:
+                    secret = self._vault.decrypt(
+                        bytes(row[12]), secret_context(resource_id, row[7])
+                    )
+                except VaultError as exc:
+                    raise StoreError(str(exc)) from None
+            found = Epoch(
+                resource_id=resource_id,
+                epoch=row[7],
+                state=row[8],
+                created_at=row[9],
+                activated_at=row[10],
+                deactivated_at=row[11],
+                secret=secret,
+            )
+        return SecretView(resource, found, bool(row[13]), bool(row[14]))
 
     async def may_read(self, consumer_id: str, resource_id: str, epoch: int, now: int) -> bool:
         """Whether a live grant covers the resource and no revocation excludes the epoch."""

@@ -27,6 +27,7 @@ __all__ = [
     "Epoch",
     "NotFound",
     "Resource",
+    "SecretView",
     "StoreError",
     "psk_context",
     "secret_context",
@@ -211,3 +212,19 @@ def secret_context(resource_id: str, epoch: int) -> bytes:
 
 
 CA_KEY_CONTEXT = b"ca key"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretView:
+    """What a secret request is decided on: the resource, the epoch asked for (secret included),
+    and whether the asking device's live grants cover the resource and leave the epoch open."""
+
+    resource: Resource | None
+    epoch: Epoch | None
+    granted: bool
+    excluded: bool
+
+    @property
+    def readable(self) -> bool:
+        """A consumer may read: some live grant covers it and no revocation excludes the epoch."""
+        return self.granted and not self.excluded
