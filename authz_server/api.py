@@ -116,6 +116,12 @@ class SerializedStore:
 
 # --- endpoints -----------------------------------------------------------------------------------
 
+#: Rotation periods under this (by default) would let one producer keep the AS rotating and
+#: auditing without pause.
+MIN_ROTATION_PERIOD = 60
+#: Resources one producer may register.
+MAX_RESOURCES_PER_PRODUCER = 1000
+
 #: Deliveries remembered in memory (past it the set starts over; the table still dedupes).
 _MAX_REMEMBERED_DELIVERIES = 100_000
 
@@ -148,11 +154,13 @@ class Endpoints:
         *,
         clock: Callable[[], int],
         crl_validity: int = 3600,
+        min_rotation_period: int = MIN_ROTATION_PERIOD,
     ) -> None:
         self.store = cast(Store, store)
         self.ca = ca
         self.clock = clock
         self.crl_validity = crl_validity
+        self.min_rotation_period = min_rotation_period
         self._delivered: set[tuple[str, str, int]] = set()
 
     def __repr__(self) -> str:
@@ -278,9 +286,15 @@ class Endpoints:
         resource_id = resource_id_param(f"{device.id}/{body['path']}")
         if body["profile"] not in PROFILES:
             raise BadRequest("unknown profile; choose one of " + ", ".join(PROFILES))
+        if 0 < body["rotation_period"] < self.min_rotation_period:
+            raise BadRequest(
+                f"rotation_period is 0 (never) or at least {self.min_rotation_period} seconds"
+            )
         existing = await self.store.resource(resource_id)
         code = Code.CHANGED
         if existing is None:
+            if len(await self.store.resources(device.id)) >= MAX_RESOURCES_PER_PRODUCER:
+                raise await self.deny(device, "register", resource_id, "resource quota", now)
             try:
                 await self.store.register_resource(
                     Resource(

@@ -370,7 +370,10 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
     asyncio.run(_with_store(args.state, _nothing))
     from .server import ServeOptions, serve  # the network stack loads only for this command
 
-    names = ("retention", "rate", "burst", "max_connections", "tick", "crl_validity")
+    names = (
+        "retention", "rate", "burst", "max_connections", "tick", "crl_validity",
+        "min_rotation_period",
+    )  # fmt: skip
     options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     _configure_logging(args.log_level, json_lines=args.log_json)
 
@@ -418,6 +421,8 @@ def _configure_logging(level: str, *, json_lines: bool) -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # aiosqlite logs every statement with its parameters at debug level, ciphertexts included.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def cmd_grant(args: argparse.Namespace, now: int) -> int:
@@ -564,10 +569,18 @@ def cmd_grants(args: argparse.Namespace, now: int) -> int:
 
 def cmd_audit(args: argparse.Namespace, now: int) -> int:
     """Print the audit log (one record a line, or a JSON list), or with --verify check its hash
-    chain: exit status 0 if intact, 1 naming the first record that was altered or removed.
+    chain: exit status 0 if intact, 1 naming the first record that was altered or removed. The
+    chain cannot show a log cut back to an earlier consistent state by someone who can write the
+    whole state directory: print --head now and then, keep it elsewhere, and --verify --expect it.
     """
+    if args.head:
+        seq, chain = _run(args, lambda store: store.audit_head())
+        print(f"{seq}:{chain.hex()}")
+        return 0
+    if args.expect is not None and not args.verify:
+        raise UsageError("--expect goes with --verify")
     if args.verify:
-        intact, summary = _run(args, lambda store: store.verify_audit())
+        intact, summary = _run(args, lambda store: store.verify_audit(args.expect))
         if not intact:
             raise Refused(f"the audit log is broken: {summary}")
         print(f"audit log intact: {summary}")
@@ -638,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tick", metavar="S", type=_positive(float), help="lifecycle timer")
     serve.add_argument("--crl-validity", metavar="S", type=_positive(int), help="CRL lifetime")
     serve.add_argument(
+        "--min-rotation-period",
+        metavar="S",
+        type=_positive(int),
+        help="shortest rotation period a producer may register (default 60)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         type=str.lower,
@@ -678,7 +697,28 @@ def build_parser() -> argparse.ArgumentParser:
     audit = listing("audit", cmd_audit, "print or verify the audit log")
     audit.add_argument("--since", metavar="SEQ", type=_not_negative, default=0)
     audit.add_argument("--verify", action="store_true", help="check the hash chain")
+    audit.add_argument(
+        "--head",
+        action="store_true",
+        help="print the last record's SEQ:CHAIN, to keep somewhere the AS cannot write",
+    )
+    audit.add_argument(
+        "--expect",
+        metavar="SEQ:CHAIN",
+        type=_head,
+        help="with --verify: the log must still hold this head, printed earlier by --head",
+    )
     return parser
+
+
+def _head(text: str) -> tuple[int, bytes]:
+    seq, sep, chain = text.partition(":")
+    try:
+        if not sep or not seq.isdigit() or len(chain) != 64:
+            raise ValueError
+        return int(seq), bytes.fromhex(chain)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a head is SEQ:CHAIN as printed by --head") from None
 
 
 def _fail(prog: str, message: str, status: int) -> int:

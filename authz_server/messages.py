@@ -52,6 +52,7 @@ CBOR_FORMAT = 60
 LINK_FORMAT = 40
 MAX_UINT32 = 0xFFFF_FFFF
 
+MAX_EPOCH = 2**63 - 1
 EPOCH_PATTERN = re.compile(r"0|[1-9][0-9]{0,18}")
 KID_PATTERN = re.compile(r"[0-9a-f]{16}")
 
@@ -213,6 +214,7 @@ def resource_id_param(text: str) -> str:
 
 
 def epoch_number(text: str) -> int:
-    if not EPOCH_PATTERN.fullmatch(text):
-        raise BadRequest("an epoch is an unsigned decimal integer")
+    # SQLite integers end at 2**63 - 1: a larger epoch can name nothing stored.
+    if not EPOCH_PATTERN.fullmatch(text) or int(text) > MAX_EPOCH:
+        raise BadRequest(f"an epoch is an unsigned decimal integer up to {MAX_EPOCH}")
     return int(text)

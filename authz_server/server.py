@@ -70,8 +70,11 @@ class ServeOptions:
     max_connections: int = 1024  # DTLS connection table cap
     tick: float = 0.2  # how often to poll the store for changes made by the admin CLI
     crl_validity: int = 3600
+    min_rotation_period: int = 60  # shortest rotation period a producer may ask for (0 = never)
 
     def __post_init__(self) -> None:
+        if type(self.min_rotation_period) is not int or self.min_rotation_period < 1:
+            raise ValueError("min_rotation_period must be a whole number of seconds, at least 1")
         if type(self.retention) is not int or self.retention < 0:
             raise ValueError("retention must be a whole number of seconds, 0 or more")
         if not isinstance(self.rate, (int, float)) or not 0 < self.rate < math.inf:
@@ -236,7 +239,11 @@ class _Server:
         self.store = SerializedStore(store)
         self.options = options
         self.endpoints = Endpoints(
-            self.store, ca, clock=_wall_clock, crl_validity=options.crl_validity
+            self.store,
+            ca,
+            clock=_wall_clock,
+            crl_validity=options.crl_validity,
+            min_rotation_period=options.min_rotation_period,
         )
         self.limit = RateLimit(options.rate, options.burst)
         self.creds = IndexedCreds()
@@ -275,6 +282,8 @@ class _Server:
         psks.clear()
 
     async def schedule(self, now: int) -> None:
+        for consumer_id, rotated in await self.store.expire_grants(now):
+            log.info("grant of %s expired; rotated %s", consumer_id, ", ".join(rotated) or "none")
         for resource_id in await self.store.due_rotations(now):
             try:
                 epoch = await self.store.rotate(resource_id, now, actor="as", reason="schedule")
@@ -406,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--crl-validity", type=int, default=defaults.crl_validity, metavar="SECONDS"
     )
     parser.add_argument(
+        "--min-rotation-period",
+        type=int,
+        default=defaults.min_rotation_period,
+        metavar="SECONDS",
+        help="shortest rotation period a producer may register (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
     return parser
@@ -421,6 +437,8 @@ def configure_logging(level: str) -> None:
     # debug level it would log messages: keep it to errors.
     for name in ("coap-server", "coap"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # aiosqlite logs every statement with its parameters at debug level, ciphertexts included.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 async def _run(state: Path, host: str, port: int, options: ServeOptions) -> None:
@@ -444,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             max_connections=args.max_connections,
             tick=args.tick,
             crl_validity=args.crl_validity,
+            min_rotation_period=args.min_rotation_period,
         )
     except ValueError as exc:
         parser.error(str(exc))

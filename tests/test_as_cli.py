@@ -31,6 +31,7 @@ from cryptography import x509
 
 from authz_server.cli import main
 from authz_server.store import Resource, Store
+from oscar import cbor
 
 T = TypeVar("T")
 PRODUCER, CONSUMER, OTHER, PROXY = "sensor-1", "phone-1", "phone-2", "cloud-1"
@@ -481,6 +482,30 @@ def test_audit_verify_detects_a_deleted_record(audited: Cli) -> None:
 def test_audit_verify_detects_a_deleted_last_record(audited: Cli) -> None:
     tamper(audited.state, "DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)")
     assert "removed" in audited.fail(1, "audit", "--verify").err
+
+
+def test_audit_head_recorded_elsewhere_detects_a_consistent_cut(audited: Cli) -> None:
+    head = audited.ok("audit", "--head").out.strip()
+    seq, chain = head.split(":")
+    assert int(seq) > 3 and len(chain) == 64
+    assert "chain intact" in audited.ok("audit", "--verify", "--expect", head).out
+    # Cut the last two records and make the stored head agree, as a thief with the file would.
+    cut = int(seq) - 2
+    db = sqlite3.connect(audited.state / "as.db")
+    chain_at_cut = db.execute("SELECT chain FROM audit WHERE seq = ?", (cut,)).fetchone()[0]
+    db.execute("DROP TRIGGER audit_no_delete")
+    db.execute("DELETE FROM audit WHERE seq > ?", (cut,))
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'",
+        (cbor.dumps([cut, bytes(chain_at_cut)]),),
+    )
+    db.commit()
+    db.close()
+    audited.ok("audit", "--verify")  # consistent on its own ...
+    result = audited.fail(1, "audit", "--verify", "--expect", head)  # ... not against the head
+    assert "recorded head" in result.err
+    audited.fail(2, "audit", "--verify", "--expect", "12:zz")
+    audited.fail(2, "audit", "--expect", head)  # --expect goes with --verify
 
 
 def test_audit_triggers_guard_against_plain_edits(audited: Cli) -> None:

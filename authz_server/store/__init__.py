@@ -64,7 +64,8 @@ class Store(KeyRecords):
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         await self._begin()
         try:
-            if await self._one("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+            # Ids differing only in case would name one subject to case-insensitive X.509 matching.
+            if await self._one("SELECT 1 FROM devices WHERE lower(id) = lower(?)", (device_id,)):
                 raise Conflict(f"device {device_id!r} exists already (ids are never reused)")
             await self._db.execute(
                 "INSERT INTO devices VALUES (?, ?, ?, 'active', ?, NULL)",
@@ -122,12 +123,24 @@ class Store(KeyRecords):
             rotated: list[str] = []
             if device[0] == "consumer":
                 rotated = await self._revoke_grants(device_id, None, now)
+            elif device[0] == "producer":
+                # Its next secret is in the revoked device's hands: retire its resources by
+                # marking the live epochs compromised (objects it sealed stay readable to those
+                # entitled; its certificate, revoked above, vouches for nothing new).
+                await self._db.execute(
+                    "UPDATE epochs SET state = 'compromised', deactivated_at = ? "
+                    "WHERE state IN ('active', 'pre-active') AND resource_id IN "
+                    "(SELECT id FROM resources WHERE producer_id = ?)",
+                    (now, device_id),
+                )
             await self._audit("admin", "revoke-device", device_id, "ok", {"rotated": rotated}, now)
             await self._commit()
-            return rotated
+            revoked = rotated
         except BaseException:
             await self._rollback()
             raise
+        await self._erase_freed()  # the PSK's old ciphertext must not linger in the WAL
+        return revoked
 
     # --- certificates ----------------------------------------------------------------------------
 

@@ -116,6 +116,7 @@ class Database:
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA secure_delete=ON")
             await db.execute("PRAGMA busy_timeout=10000")
+            await db.execute("PRAGMA journal_size_limit=0")
             # Grant patterns match in SQL exactly as in Python (fnmatch, case-sensitive).
             await db.create_function("oscar_match", 2, _match, deterministic=True)
         except sqlite3.DatabaseError as exc:
@@ -186,6 +187,12 @@ class Database:
         finally:
             self._in_transaction = False
             self._lock.release()
+
+    async def _erase_freed(self) -> None:
+        """Fold the WAL into the database and truncate it, so that the old versions of pages a
+        destruction or revocation overwrote do not linger in ``as.db-wal``."""
+        async with self._lock:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def changes(self) -> int:
         """A counter that grows with every committed change (the admin CLI's included)."""
@@ -284,8 +291,23 @@ class Database:
             for row in rows
         ]
 
-    async def verify_audit(self) -> tuple[bool, str]:
-        """Walk the chain: (True, summary) if intact, else (False, where it breaks)."""
+    async def audit_head(self) -> tuple[int, bytes]:
+        """The last record's sequence number and chain value (0, b"" for an empty log).
+
+        Recorded somewhere the AS cannot write (a ticket, another host), it lets
+        :meth:`verify_audit` detect a log cut back to an earlier, self-consistent state, which
+        nothing inside the state directory can.
+        """
+        row = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
+        return (0, b"") if row is None else (int(row[0]), bytes(row[1]))
+
+    async def verify_audit(self, expected: tuple[int, bytes] | None = None) -> tuple[bool, str]:
+        """Walk the chain: (True, summary) if intact, else (False, where it breaks).
+
+        ``expected`` is a head recorded earlier (see :meth:`audit_head`): the log must still hold
+        that record with that chain value.
+        """
+        seen: dict[int, bytes] = {}
         previous, expected_seq = b"", 1
         async with self._db.execute(
             "SELECT seq, at, actor, action, subject, result, detail, chain FROM audit ORDER BY seq"
@@ -299,8 +321,12 @@ class Database:
                 if bytes(chain) != want:
                     return False, f"record {seq} was altered"
                 previous, expected_seq = want, seq + 1
-        head = await self.get_meta("audit_head")
+                if expected is not None and seq == expected[0]:
+                    seen[seq] = want
         count = expected_seq - 1
+        if expected is not None and expected[0] > 0 and seen.get(expected[0]) != expected[1]:
+            return False, f"the log no longer holds the recorded head (record {expected[0]})"
+        head = await self.get_meta("audit_head")
         if head is None:
             return (count == 0), ("empty" if count == 0 else "the chain head is missing")
         try:

@@ -260,10 +260,13 @@ class KeyRecords(Database):
                 await self._commit()
             else:
                 await self._rollback()
-            return [(r, e) for r, e in rows]
+            destroyed = [(r, e) for r, e in rows]
         except BaseException:
             await self._rollback()
             raise
+        if destroyed:
+            await self._erase_freed()
+        return destroyed
 
     # --- grants ----------------------------------------------------------------------------------
 
@@ -304,6 +307,8 @@ class KeyRecords(Database):
                     "SELECT epoch FROM epochs WHERE resource_id = ? AND state = 'active'",
                     (resource_id,),
                 )
+                if active is None:  # a retired resource: nothing new to let it into
+                    continue
                 await self._db.execute(
                     "UPDATE exclusions SET to_epoch = ? WHERE consumer_id = ? AND resource_id = ? "
                     "AND to_epoch IS NULL",
@@ -361,14 +366,37 @@ class KeyRecords(Database):
         chosen = [(gid, p) for gid, p in grants if pattern is None or p == pattern]
         if not chosen and required:
             raise NotFound(f"no grant of {consumer_id!r}" + (f" on {pattern!r}" if pattern else ""))
+        return await self._end_grants(consumer_id, chosen, now, keep_covered=False)
+
+    async def _end_grants(
+        self, consumer_id: str, chosen: list[tuple[int, str]], now: int, *, keep_covered: bool
+    ) -> list[str]:
+        """End these grants: every live resource they covered rotates and the consumer is
+        excluded from the new epoch on. With ``keep_covered``, resources another live grant of the
+        consumer still covers are left alone (an expiry, unlike a revocation, takes only what
+        that grant gave)."""
         patterns = [p for _, p in chosen]
-        resources = [
-            row[0]
-            for row in await self._all("SELECT id FROM resources ORDER BY id")
-            if any(fnmatch.fnmatchcase(row[0], p) for p in patterns)
-        ]
         for gid, _ in chosen:
             await self._db.execute("UPDATE grants SET revoked_at = ? WHERE id = ?", (now, gid))
+        remaining = []
+        if keep_covered:
+            remaining = [
+                p
+                for (p,) in await self._all(
+                    "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
+                    "AND (until IS NULL OR ? < until)",
+                    (consumer_id, now),
+                )
+            ]
+        resources = [
+            rid
+            for (rid,) in await self._all(
+                "SELECT DISTINCT resource_id FROM epochs WHERE state = 'active' "
+                "ORDER BY resource_id"
+            )
+            if any(fnmatch.fnmatchcase(rid, p) for p in patterns)
+            and not any(fnmatch.fnmatchcase(rid, p) for p in remaining)
+        ]
         for resource_id in resources:
             new_epoch = await self._rotate(resource_id, now)
             await self._db.execute(
@@ -376,6 +404,33 @@ class KeyRecords(Database):
                 (consumer_id, resource_id, new_epoch, now),
             )
         return resources
+
+    async def expire_grants(self, now: int) -> list[tuple[str, list[str]]]:
+        """End every grant whose ``until`` has passed as a revocation would: what it alone gave
+        rotates, and the consumer is excluded from the new epoch on. Returns (consumer, rotated)
+        per grant ended."""
+        expired = await self._all(
+            "SELECT id, consumer_id, pattern FROM grants WHERE revoked_at IS NULL "
+            "AND until IS NOT NULL AND until <= ? ORDER BY id",
+            (now,),
+        )
+        ended = []
+        for gid, consumer_id, pattern in expired:
+            await self._begin()
+            try:
+                rotated = await self._end_grants(
+                    consumer_id, [(gid, pattern)], now, keep_covered=True
+                )
+                await self._audit(
+                    "as", "expire-grant", consumer_id, "ok",
+                    {"pattern": pattern, "rotated": rotated}, now,
+                )  # fmt: skip
+                await self._commit()
+            except BaseException:
+                await self._rollback()
+                raise
+            ended.append((consumer_id, rotated))
+        return ended
 
     async def excluded_resources(self, consumer_id: str) -> list[str]:
         rows = await self._all(
