@@ -8,8 +8,10 @@ evicts one, and keeps a session alive after its credentials are removed. This mo
   identity gets a decoy key (stable per identity, unknown to anyone), so the handshake goes on and
   fails at the Finished message exactly as a wrong key does (RFC 4279 §2): an unknown identity and a
   wrong key fail alike, and nobody learns which identities exist.
-- :class:`ConnectionGuard`: bounds the transport's connection table (a cap, preferring to evict
-  peers that never completed a request, and an idle sweep), and ends the sessions of one identity.
+- :class:`ConnectionGuard`: bounds the transport's connection table (a cap that evicts the least
+  recently seen peer other than the one that just arrived, preferring peers that never completed a
+  request, and an idle sweep), bounds the sessions of each identity, and ends the sessions of one
+  identity.
 - :func:`end_sessions`: close every session authenticated with one credentials label (a revoked
   device), sending close_notify.
 
@@ -35,6 +37,7 @@ from aiocoap import error
 from aiocoap.credentials import DTLS, CredentialsMap
 
 __all__ = [
+    "MAX_SESSIONS_PER_IDENTITY",
     "ConnectionGuard",
     "IndexedCreds",
     "device_of_label",
@@ -49,7 +52,13 @@ log = logging.getLogger("oscar.as")
 MAX_PSK = 16
 MAX_IDENTITY = 32
 
+# Established sessions one identity may hold at once: one more evicts its least recently used one.
+# Without a bound, one device could fill the whole connection table with its own sessions.
+MAX_SESSIONS_PER_IDENTITY = 4
+
 _ESTABLISHED = "_oscar_established"
+_GUARD = "_oscar_guard"  # on the transport's pool: the ConnectionGuard installed there
+_ALERT = b"\x15"  # DTLS record content type 21
 
 
 def label_of(device_id: str) -> str:
@@ -65,9 +74,17 @@ def device_of_label(label: object) -> str | None:
 
 
 def mark_established(remote: object) -> None:
-    """Note that this connection carried an authenticated request (so it is no junk peer)."""
-    with contextlib.suppress(AttributeError):  # not a DTLS server address
+    """Note that this connection carried an authenticated request (so it is no junk peer), and let
+    the pool's :class:`ConnectionGuard` apply the per-identity session bound to it."""
+    if _established(remote):
+        return
+    try:
         setattr(remote, _ESTABLISHED, True)
+    except AttributeError:  # not a DTLS server address
+        return
+    guard = getattr(getattr(remote, "_protocol", None), _GUARD, None)
+    if isinstance(guard, ConnectionGuard):
+        guard.established(remote)
 
 
 def _established(connection: object) -> bool:
@@ -175,8 +192,13 @@ class ConnectionGuard:
     """Keeps the DTLS server's connection table bounded.
 
     - At most ``cap`` entries: a datagram that makes the table larger evicts the least recently
-      active peer that never carried an authenticated request (junk, half-done or failed
-      handshakes), or the least recently active idle one if all did.
+      seen peer other than the one that sent it: among those that never carried an authenticated
+      request (junk, half-done or failed handshakes) first, then among the established ones that
+      ``pinned`` does not keep, then among all. The newcomer itself is never the victim, so
+      established sessions cannot lock new clients out.
+    - At most ``per_identity`` established sessions per credentials label: when one more
+      authenticates (:func:`mark_established`), the identity's least recently seen other session is
+      closed (unpinned ones first).
     - Every ``interval`` seconds: peers without an authenticated request are dropped after
       ``pending_idle`` seconds of silence, the others after ``idle`` seconds, except those
       ``pinned`` says to keep (connections with a live observation).
@@ -192,12 +214,16 @@ class ConnectionGuard:
         interval: float = 1.0,
         pinned: Callable[[object], bool] = lambda connection: False,
         clock: Callable[[], float] = time.monotonic,
+        per_identity: int = MAX_SESSIONS_PER_IDENTITY,
     ) -> None:
         if type(cap) is not int or cap < 1:
             raise ValueError("the connection cap must be a whole number, at least 1")
+        if type(per_identity) is not int or per_identity < 1:
+            raise ValueError("the per-identity session cap must be a whole number, at least 1")
         self._pool = _pool(ctx)
         self._ctx = ctx
         self.cap = cap
+        self.per_identity = per_identity
         self.idle = idle
         self.pending_idle = pending_idle
         self.interval = interval
@@ -208,25 +234,64 @@ class ConnectionGuard:
         self._original = self._pool.datagram_received
         # asyncio calls protocol.datagram_received: an instance attribute shadows the method.
         self._pool.datagram_received = self._datagram_received
+        setattr(self._pool, _GUARD, self)  # for mark_established
 
     def __len__(self) -> int:
         return len(self._pool._connections)
 
     def _datagram_received(self, data: bytes, sockaddr: Any) -> None:
+        if data[:1] == _ALERT and sockaddr not in self._pool._connections:
+            # An alert from an address without a connection: above all the close_notify a peer
+            # sends back when this guard closed its session. A new DTLS context would ignore it
+            # (only a ClientHello opens a session), but its table entry would be the newest one
+            # and so make the cap evict a handshake in progress instead.
+            return
         self._seen[sockaddr] = self._clock()
         self._original(data, sockaddr)
         connections = self._pool._connections
-        while len(connections) > self.cap:
-            self._evict_one()
+        while len(connections) > self.cap and self._evict_one(sockaddr):
+            pass
 
-    def _evict_one(self) -> None:
-        connections = self._pool._connections
-        victim = next((k for k, a in connections.items() if not _established(a)), None)
-        if victim is None:
-            victim = next((k for k, a in connections.items() if not self._pinned(a)), None)
-        if victim is None:
-            victim = next(iter(connections))
-        self.drop(victim, "connection table full")
+    def _last_seen(self, sockaddr: Any) -> float:
+        return self._seen.get(sockaddr, float("-inf"))
+
+    def _evict_one(self, newcomer: Any) -> bool:
+        """Drop the least recently seen peer other than ``newcomer``: pending handshakes first,
+        then unpinned established sessions, then any. False if there is none."""
+        others = [(k, a) for k, a in self._pool._connections.items() if k != newcomer]
+        for keep in (_established, self._pinned, lambda connection: False):
+            candidates = [k for k, a in others if not keep(a)]
+            if candidates:
+                # min() keeps the first of equal times; the table is in least-recently-received
+                # order.
+                self.drop(min(candidates, key=self._last_seen), "connection table full")
+                return True
+        return False
+
+    def established(self, connection: Any) -> None:
+        """``connection`` carried its first authenticated request: if its identity now holds more
+        than ``per_identity`` established sessions, close its least recently seen other ones."""
+        label = connection._psk_store._claims
+        if label is None:
+            return
+        mine = [
+            (k, a)
+            for k, a in self._pool._connections.items()
+            if _established(a) and a._psk_store._claims == label
+        ]
+        excess = len(mine) - self.per_identity
+        if excess <= 0 or not any(a is connection for _, a in mine):
+            return  # within the bound, or a connection closed meanwhile (no live session)
+        mine = [(k, a) for k, a in mine if a is not connection]
+        mine.sort(key=lambda item: (self._pinned(item[1]), self._last_seen(item[0])))
+        for sockaddr, _ in mine[:excess]:
+            self.drop(sockaddr, "too many sessions of one identity")
+        log.info(
+            "device %s: closed %d older session(s), at most %d per device",
+            device_of_label(label),
+            excess,
+            self.per_identity,
+        )
 
     def drop(self, sockaddr: Any, reason: str) -> None:
         connection = self._pool._connections.get(sockaddr)
@@ -273,3 +338,5 @@ class ConnectionGuard:
 
     def uninstall(self) -> None:
         self._pool.__dict__.pop("datagram_received", None)
+        if self._pool.__dict__.get(_GUARD) is self:
+            del self._pool.__dict__[_GUARD]

@@ -20,13 +20,13 @@ from typing import Any
 import cbor2
 import pytest
 import pytest_asyncio
-from aiocoap import DELETE, GET, POST, PUT
+from aiocoap import DELETE, GET, POST, PUT, Message
 from aiocoap.error import NetworkError
 from as_harness import AsProcess, Client, FastFail, decode, enroll, make_state, now
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server.dtls import IndexedCreds
+from authz_server.dtls import MAX_SESSIONS_PER_IDENTITY, IndexedCreds
 from authz_server.ratelimit import RateLimit
 from authz_server.store import Store
 from oscar import certs
@@ -391,7 +391,7 @@ async def test_revocation_rotates_refuses_and_notifies(env: Env) -> None:
 @pytest.mark.asyncio
 async def test_scheduled_rotation_notifies_the_producer(env: Env) -> None:
     await env.device("clock", "producer")
-    server = env.server()
+    server = env.server("--min-rotation-period", "1")
     producer = await env.client(server, "clock")
     assert (await register(producer, "tick", rotation_period=1))[0] == "2.01"
     observation = Observation(producer, "clock/tick")
@@ -692,3 +692,109 @@ async def test_junk_from_thousands_of_ports_leaves_memory_bounded(env: Env) -> N
     grown = server.rss_kib() - baseline
     # Unbounded, the transport's table grows by about 0.7 KiB per source: 4000 sources ~ 2.8 MiB.
     assert grown < 1024, f"RSS grew by {grown} KiB"
+
+
+# --- connection table: one device cannot lock the others out -------------------------------------
+
+
+async def open_session(client: Client) -> Message:
+    """A request on a new session of ``client``; keep the response: aiocoap's client holds a DTLS
+    connection only weakly, and closes it (close_notify) once nothing refers to it any more."""
+    response = await client.send(client.message(GET, "crl"))
+    assert response.code.dotted == "2.05"
+    return response
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("cap", "sessions"),
+    [
+        (8, 8),  # the whole table: the per-identity bound alone keeps room
+        (3, MAX_SESSIONS_PER_IDENTITY),  # within the per-identity bound: eviction makes room
+    ],
+)
+async def test_one_device_with_many_sessions_does_not_lock_others_out(
+    env: Env, cap: int, sessions: int
+) -> None:
+    await env.device("hog", "consumer")
+    await env.device("victim", "consumer")
+    server = env.server("--max-connections", str(cap))
+    hogs = [await env.client(server, "hog") for _ in range(sessions)]
+    held = [await open_session(hog) for hog in hogs]  # one session per source port
+
+    victim = await env.client(server, "victim")
+    started = time.monotonic()
+    response = await victim.send(victim.message(GET, "crl", transport_tuning=FastFail()), 5)
+    assert response.code.dotted == "2.05"
+    assert time.monotonic() - started < 3
+    assert (await victim.get("crl"))[0] == "2.05"
+    assert (await hogs[-1].get("crl"))[0] == "2.05"  # the hog's newest session is still there
+    del held  # the hog's sessions stayed open on its side until here
+
+
+@pytest.mark.asyncio
+async def test_sessions_per_identity_are_bounded(env: Env) -> None:
+    await env.device("many", "consumer")
+    server = env.server()
+    closed = "device many: closed 1 older session(s)"
+    contexts = [await env.client(server, "many") for _ in range(MAX_SESSIONS_PER_IDENTITY + 2)]
+    held = [await open_session(context) for context in contexts]  # one session per source port
+    # The two oldest sessions were closed as the fifth and the sixth authenticated.
+    assert server.log().count(closed) == 2
+
+    # The newest ones are still live: a request on them needs no new handshake, so no session of
+    # the device is closed for it ...
+    for context in reversed(contexts[2:]):
+        assert (await context.get("crl"))[0] == "2.05"
+    assert server.log().count(closed) == 2
+    # ... while the oldest context has to make a new session (on the same DTLS connection object
+    # of the client), which closes another old one.
+    response = await contexts[0].send(contexts[0].message(GET, "crl"))
+    assert response.code.dotted == "2.05"
+    assert response.remote is held[0].remote
+    assert server.log().count(closed) == 3
+
+
+# --- limits from the security review -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rotation_period_floor_epoch_range_and_quiet_debug_log(env: Env) -> None:
+    await env.device("fast", "producer")
+    server = env.server("--log-level", "debug")
+    producer = await env.client(server, "fast")
+    before = await env.store.changes()
+    code, body = await register(producer, "spin", rotation_period=1)
+    assert code == "4.00" and "at least 60" in body["error"]
+    assert await env.store.changes() == before
+    assert (await register(producer, "ok", rotation_period=60))[0] == "2.01"
+    # An epoch past SQLite's integers is a clear 4.00, not a 5.00 with a traceback.
+    assert (await producer.get("secret", r="fast/ok", e="9999999999999999999"))[0] == "4.00"
+    assert (await producer.get("secret", r="fast/ok", e=str(2**63 - 1)))[0] == "4.04"
+    log = server.log()
+    assert "Traceback" not in log
+    assert "aiosqlite" not in log  # no statement (with its parameters) reaches the log
+
+
+@pytest.mark.asyncio
+async def test_an_expired_grant_shuts_the_consumer_out_while_running(env: Env) -> None:
+    await env.device("src", "producer")
+    await env.device("brief", "consumer")
+    server = env.server("--tick", "0.1")
+    producer = await env.client(server, "src")
+    assert (await register(producer, "r"))[0] == "2.01"
+    observation = Observation(producer, "src/r")
+    code, first = await observation.first()
+    assert code == "2.05"
+    env.keep(first["active"]["secret"], first["next"]["secret"])
+    await env.store.add_grant("brief", "src/*", now() + 2, now())
+    reader = await env.client(server, "brief")
+    code, body = await reader.get("secret", r="src/r")
+    assert code == "2.05"
+    env.keep(body["secret"])
+    note = await observation.next(timeout=6)  # the expiry rotates at once
+    assert note["active"]["epoch"] == first["active"]["epoch"] + 1
+    env.keep(note["active"]["secret"], note["next"]["secret"])
+    assert (await reader.get("secret", r="src/r"))[0] == "4.03"
+    assert (await reader.get("secret", r="src/r", e=str(note["active"]["epoch"])))[0] == "4.03"
+    observation.cancel()
