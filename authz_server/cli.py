@@ -42,7 +42,7 @@ from cryptography import x509
 
 from oscar import __version__, certs
 from oscar.algorithms import PublicKey
-from oscar.cli import OneLineParser
+from oscar.cli import OneLineParser, fail, parse_args
 from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
 
 from .ca import CA_CERT_NAME, init_state
@@ -721,32 +721,25 @@ def _head(text: str) -> tuple[int, bytes]:
         raise argparse.ArgumentTypeError("a head is SEQ:CHAIN as printed by --head") from None
 
 
-def _fail(prog: str, message: str, status: int) -> int:
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; return the exit status (see the module docstring)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     prog = f"{PROG} {args.command}"
     handler: Handler = args.handler
     try:
         return handler(args, int(time.time()))
     except (NotFound, Conflict, Refused) as exc:
-        return _fail(prog, str(exc), 1)
+        return fail(prog, str(exc), 1)
     except (UsageError, StoreError, MasterKeyError, VaultError, ValueError) as exc:
-        return _fail(prog, str(exc), 2)
+        return fail(prog, str(exc), 2)
     except sqlite3.Error as exc:  # past the store's translation: damaged, or locked too long
-        return _fail(prog, f"database error: {exc}", 2)
+        return fail(prog, f"database error: {exc}", 2)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(prog, f"{where}{exc.strerror or type(exc).__name__}", 2)
+        return fail(prog, f"{where}{exc.strerror or type(exc).__name__}", 2)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # never a traceback: it could show secret values
-        return _fail(prog, f"internal error ({type(exc).__name__})", 2)
+        return fail(prog, f"internal error ({type(exc).__name__})", 2)

@@ -38,7 +38,7 @@ from .cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
 from .errors import CertificateError, InvalidObject, OscarError
 from .keys import AccessSecret
 
-__all__ = ["OneLineParser", "build_parser", "main"]
+__all__ = ["OneLineParser", "build_parser", "fail", "main", "parse_args"]
 
 PROG = "oscar"
 DEFAULT_LIFETIME = 3600
@@ -547,31 +547,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(prog: str, message: str, status: int) -> int:
+def fail(prog: str, message: str, status: int) -> int:
+    """Print ``message`` as one ``PROG: error:`` line on stderr; return ``status``."""
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     return status
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit status when argparse ended the run (--help, --version,
+    or a usage error it already reported in one line)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; return the exit status (see the module docstring)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     prog = f"{PROG} {args.command}"
     handler: Handler = args.handler
     try:
         return handler(args)
     except InvalidObject as exc:
-        return _fail(prog, f"object rejected: {exc.reason}", 1)
+        return fail(prog, f"object rejected: {exc.reason}", 1)
     except Undecodable as exc:
-        return _fail(prog, f"cannot decode: {exc}", 1)
+        return fail(prog, f"cannot decode: {exc}", 1)
     except (UsageError, OscarError, ValueError, TypeError) as exc:
-        return _fail(prog, str(exc), 2)
+        return fail(prog, str(exc), 2)
     except OSError as exc:  # stdin or stdout failed
-        return _fail(prog, exc.strerror or type(exc).__name__, 2)
+        return fail(prog, exc.strerror or type(exc).__name__, 2)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # never a traceback: it could show secret or plaintext values
-        return _fail(prog, f"internal error ({type(exc).__name__})", 2)
+        return fail(prog, f"internal error ({type(exc).__name__})", 2)
