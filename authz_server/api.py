@@ -16,7 +16,6 @@ What this module does not do: sockets, DTLS, rate limiting and Observe bookkeepi
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 from collections.abc import Callable
@@ -71,7 +70,6 @@ __all__ = [
     "Reply",
     "Request",
     "RequestTooLarge",
-    "SerializedStore",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedContentFormat",
@@ -82,36 +80,6 @@ log = logging.getLogger("oscar.as")
 
 # KMIP states as the store keeps them and /secret reports them; "active" is a device status too.
 PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED = "pre-active", "active", "deactivated", "compromised"
-
-
-# --- the store, one call at a time ---------------------------------------------------------------
-
-
-class SerializedStore:
-    """Runs the :class:`Store`'s coroutines one at a time.
-
-    The store's transactions (``BEGIN IMMEDIATE`` ... ``COMMIT``) share one SQLite connection, so
-    two coroutines inside two methods at once would nest transactions. Everything inside the
-    server goes through one of these.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._lock = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return "SerializedStore(<open>)"
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._store, name)
-        if not asyncio.iscoroutinefunction(method):
-            return method
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            async with self._lock:
-                return await method(*args, **kwargs)
-
-        return call
 
 
 # --- endpoints -----------------------------------------------------------------------------------
@@ -149,14 +117,14 @@ class Endpoints:
 
     def __init__(
         self,
-        store: Store | SerializedStore,
+        store: Store,
         ca: CertificateAuthority,
         *,
         clock: Callable[[], int],
         crl_validity: int = 3600,
         min_rotation_period: int = MIN_ROTATION_PERIOD,
     ) -> None:
-        self.store = cast(Store, store)
+        self.store = store
         self.ca = ca
         self.clock = clock
         self.crl_validity = crl_validity

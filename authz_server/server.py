@@ -48,7 +48,6 @@ from .api import (
     Endpoints,
     Request,
     RequestTooLarge,
-    SerializedStore,
     TooManyRequests,
     Unauthorized,
 )
@@ -236,7 +235,7 @@ class _Server:
 
     def __init__(self, store: Store, ca: CertificateAuthority, options: ServeOptions) -> None:
         self.raw_store = store
-        self.store = SerializedStore(store)
+        self.store = store
         self.options = options
         self.endpoints = Endpoints(
             self.store,

@@ -468,3 +468,27 @@ async def test_a_recorded_head_detects_a_log_cut_back_consistently(
     assert ok  # consistent on its own, as the reviewer showed ...
     ok, summary = await store.verify_audit(head)  # ... but not against the recorded head
     assert not ok and "recorded head" in summary
+
+
+@pytest.mark.asyncio
+async def test_a_read_never_sees_another_tasks_transaction_half_done(store: Store) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def writer() -> None:
+        async with store._transaction():
+            await store._db.execute(
+                "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
+            )
+            started.set()
+            await release.wait()
+            raise RuntimeError("abandoned")  # rolled back: the grant never existed
+
+    task = asyncio.create_task(writer())
+    await started.wait()
+    reader = asyncio.create_task(store.may_read(CONSUMER, RID, 1, NOW))
+    await asyncio.sleep(0.05)
+    assert not reader.done()  # it waits for the transaction to end ...
+    release.set()
+    with pytest.raises(RuntimeError):
+        await task
+    assert await reader is False  # ... and so never saw the grant that was rolled back

@@ -62,8 +62,7 @@ class Store(KeyRecords):
         """Enroll a device with its PSK; :class:`Conflict` if the id was ever used."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
-        await self._begin()
-        try:
+        async with self._transaction():
             # Ids differing only in case would name one subject to case-insensitive X.509 matching.
             if await self._one("SELECT 1 FROM devices WHERE lower(id) = lower(?)", (device_id,)):
                 raise Conflict(f"device {device_id!r} exists already (ids are never reused)")
@@ -72,10 +71,6 @@ class Store(KeyRecords):
                 (device_id, role, self._vault.encrypt(psk, psk_context(device_id)), now),
             )
             await self._audit("admin", "enroll", device_id, "ok", {"role": role}, now)
-            await self._commit()
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def device(self, device_id: str) -> Device | None:
         row = await self._one(
@@ -101,8 +96,7 @@ class Store(KeyRecords):
     async def revoke_device(self, device_id: str, now: int) -> list[str]:
         """Revoke a device: PSK erased, certificates revoked, grants revoked (with rotation of
         every resource a consumer could read). Returns the resources rotated."""
-        await self._begin()
-        try:
+        async with self._transaction():
             device = await self._one("SELECT role, status FROM devices WHERE id = ?", (device_id,))
             if device is None:
                 raise NotFound(f"no device {device_id!r}")
@@ -134,11 +128,7 @@ class Store(KeyRecords):
                     (now, device_id),
                 )
             await self._audit("admin", "revoke-device", device_id, "ok", {"rotated": rotated}, now)
-            await self._commit()
             revoked = rotated
-        except BaseException:
-            await self._rollback()
-            raise
         await self._erase_freed()  # the PSK's old ciphertext must not linger in the WAL
         return revoked
 
@@ -154,8 +144,7 @@ class Store(KeyRecords):
         not_after: int,
         now: int,
     ) -> None:
-        await self._begin()
-        try:
+        async with self._transaction():
             await self._db.execute(
                 "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                 (format(serial, "x"), device_id, kid, der, not_before, not_after, now),
@@ -168,10 +157,6 @@ class Store(KeyRecords):
                 {"serial": format(serial, "x"), "kid": kid.hex(), "not_after": not_after},
                 now,
             )
-            await self._commit()
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def certificate(
         self, *, device_id: str | None = None, kid: bytes | None = None, now: int

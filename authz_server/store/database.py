@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,14 +41,25 @@ __all__ = ["Database"]
 _D = TypeVar("_D", bound="Database")
 
 
+class _Transaction:
+    """What a transaction's body may still decide: whether it counts as a change."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: bool) -> None:
+        self.count = count
+
+
 class Database:
     """The AS database file. Open with :meth:`open`; every method is a short transaction."""
 
     def __init__(self, db: aiosqlite.Connection, vault: Vault) -> None:
         self._db = db
         self._vault = vault
+        # One connection serves every coroutine of the process, and SQLite transactions do not
+        # nest: the lock keeps each transaction whole, and readers out of it while it runs.
         self._lock = asyncio.Lock()
-        self._in_transaction = False
+        self._owner: asyncio.Task[Any] | None = None
 
     @staticmethod
     def _new_secret() -> bytes:
@@ -151,42 +162,42 @@ class Database:
 
     # --- transactions ----------------------------------------------------------------------------
 
-    # One connection serves every coroutine of the process, and SQLite transactions do not nest:
-    # a lock keeps each transaction whole while other coroutines wait their turn.
+    @contextlib.asynccontextmanager
+    async def _transaction(self, *, count: bool = True) -> AsyncIterator[_Transaction]:
+        """One whole transaction (``BEGIN IMMEDIATE`` … ``COMMIT``; ``ROLLBACK`` on any error).
 
-    async def _begin(self) -> None:
-        await self._lock.acquire()
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
-            raise
-        self._in_transaction = True
+        It bumps the change counter unless ``count`` (or the yielded ``tx.count``) is false. The
+        lock keeps other coroutines out until it ends, their reads included (see :meth:`_read`).
+        """
+        tx = _Transaction(count)
+        async with self._lock:
+            self._owner = asyncio.current_task()
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield tx
+                    if tx.count:
+                        await self._db.execute(
+                            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                            "WHERE key = 'changes'"
+                        )
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._owner = None
 
-    async def _commit(self, *, count: bool = True) -> None:
-        try:
-            if count:
-                await self._db.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'"
-                )
-            await self._db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("ROLLBACK")
-            raise
-        finally:
-            # The caller's rollback, if it follows, finds the transaction over already.
-            self._in_transaction = False
-            self._lock.release()
-
-    async def _rollback(self) -> None:
-        if not self._in_transaction:
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[None]:
+        """Wait for another task's transaction to end, so no read sees it half done; inside the
+        reader's own transaction, go ahead."""
+        if self._owner is not None and self._owner is asyncio.current_task():
+            yield
             return
-        try:
-            await self._db.execute("ROLLBACK")
-        finally:
-            self._in_transaction = False
-            self._lock.release()
+        async with self._lock:
+            yield
 
     async def _erase_freed(self) -> None:
         """Fold the WAL into the database and truncate it, so that the old versions of pages a
@@ -203,10 +214,12 @@ class Database:
 
     async def _one(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> Any:
         bound = params if isinstance(params, Mapping) else tuple(params)
-        return await (await self._db.execute(sql, bound)).fetchone()
+        async with self._read():
+            return await (await self._db.execute(sql, bound)).fetchone()
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        return list(await (await self._db.execute(sql, tuple(params))).fetchall())
+        async with self._read():
+            return list(await (await self._db.execute(sql, tuple(params))).fetchall())
 
     # --- meta ------------------------------------------------------------------------------------
 
@@ -215,17 +228,12 @@ class Database:
         return None if row is None else bytes(row[0]) if isinstance(row[0], bytes) else row[0]
 
     async def set_meta(self, key: str, value: bytes | str | int) -> None:
-        await self._begin()
-        try:
+        async with self._transaction():
             await self._db.execute(
                 "INSERT INTO meta VALUES (?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
-            await self._commit()
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def set_ca_key(self, pem: bytes) -> None:
         await self.set_meta("ca_key", self._vault.encrypt(pem, CA_KEY_CONTEXT))
@@ -245,13 +253,8 @@ class Database:
         self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
     ) -> None:
         """Append one audit record in a transaction of its own (denials, for example)."""
-        await self._begin()
-        try:
+        async with self._transaction(count=False):
             await self._audit(actor, action, subject, result, detail, now)
-            await self._commit(count=False)
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def _audit(
         self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
@@ -309,9 +312,13 @@ class Database:
         """
         seen: dict[int, bytes] = {}
         previous, expected_seq = b"", 1
-        async with self._db.execute(
-            "SELECT seq, at, actor, action, subject, result, detail, chain FROM audit ORDER BY seq"
-        ) as cursor:
+        async with (
+            self._read(),
+            self._db.execute(
+                "SELECT seq, at, actor, action, subject, result, detail, chain "
+                "FROM audit ORDER BY seq"
+            ) as cursor,
+        ):
             async for seq, at, actor, action, subject, result, detail, chain in cursor:
                 if seq != expected_seq:
                     return False, f"record {expected_seq} is missing"

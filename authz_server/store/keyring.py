@@ -33,8 +33,7 @@ class KeyRecords(Database):
 
     async def register_resource(self, resource: Resource) -> None:
         """Register a resource: epoch 1 active and epoch 2 pre-active, each with a new secret."""
-        await self._begin()
-        try:
+        async with self._transaction():
             if await self._one("SELECT 1 FROM resources WHERE id = ?", (resource.id,)):
                 raise Conflict(f"resource {resource.id!r} is registered already")
             await self._db.execute(
@@ -60,10 +59,6 @@ class KeyRecords(Database):
                 {"profile": resource.profile, "rotation_period": resource.rotation_period},
                 now,
             )
-            await self._commit()
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def _insert_epoch(
         self,
@@ -139,17 +134,12 @@ class KeyRecords(Database):
     async def rotate(self, resource_id: str, now: int, *, actor: str, reason: str) -> int:
         """Activate the pre-active epoch, deactivate the active one, make a new pre-active one.
         Returns the new active epoch."""
-        await self._begin()
-        try:
+        async with self._transaction():
             epoch = await self._rotate(resource_id, now)
             await self._audit(
                 actor, "rotate", resource_id, "ok", {"epoch": epoch, "reason": reason}, now
             )
-            await self._commit()
             return epoch
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def _rotate(self, resource_id: str, now: int) -> int:
         rows = await self._all(
@@ -178,8 +168,7 @@ class KeyRecords(Database):
         """Mark an epoch compromised (the active one by default) and move on at once: the
         pre-active epoch becomes active and a new pre-active epoch is made (a compromised
         pre-active epoch is simply replaced). Returns the active epoch afterwards."""
-        await self._begin()
-        try:
+        async with self._transaction():
             target = await self.epoch(resource_id, epoch)
             if target is None:
                 raise NotFound(f"no epoch {epoch} of resource {resource_id!r}")
@@ -218,11 +207,7 @@ class KeyRecords(Database):
                 {"epoch": target.epoch, "active": new_active},
                 now,
             )
-            await self._commit()
             return new_active
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def due_rotations(self, now: int) -> list[str]:
         """Resources whose active epoch has lived its rotation period."""
@@ -237,8 +222,7 @@ class KeyRecords(Database):
     async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
         """Destroy deactivated and compromised epochs older than ``retention`` seconds: the secret
         is overwritten with zeros, then cleared. Returns the (resource, epoch) destroyed."""
-        await self._begin()
-        try:
+        async with self._transaction() as tx:
             rows = await self._all(
                 "SELECT resource_id, epoch FROM epochs WHERE state IN ('deactivated', "
                 "'compromised') AND deactivated_at + ? <= ? ORDER BY resource_id, epoch",
@@ -256,14 +240,8 @@ class KeyRecords(Database):
                     (resource_id, epoch),
                 )
                 await self._audit("as", "destroy", resource_id, "ok", {"epoch": epoch}, now)
-            if rows:
-                await self._commit()
-            else:
-                await self._rollback()
+            tx.count = bool(rows)  # nothing destroyed: nothing for the server's poll to notice
             destroyed = [(r, e) for r, e in rows]
-        except BaseException:
-            await self._rollback()
-            raise
         if destroyed:
             await self._erase_freed()
         return destroyed
@@ -284,8 +262,7 @@ class KeyRecords(Database):
         sealed while it was shut out becomes readable.
         Returns the resources rotated.
         """
-        await self._begin()
-        try:
+        async with self._transaction():
             device = await self._one(
                 "SELECT role, status FROM devices WHERE id = ?", (consumer_id,)
             )
@@ -324,18 +301,13 @@ class KeyRecords(Database):
                 {"pattern": pattern, "until": until, "rotated": rotated},
                 now,
             )
-            await self._commit()
             return rotated
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def revoke_grants(self, consumer_id: str, pattern: str | None, now: int) -> list[str]:
         """Revoke the consumer's grants (those with exactly ``pattern``, or all): every resource
         it could read rotates at once and it is excluded from the new epoch on. Returns the
         resources rotated."""
-        await self._begin()
-        try:
+        async with self._transaction():
             rotated = await self._revoke_grants(consumer_id, pattern, now, required=True)
             await self._audit(
                 "admin",
@@ -345,11 +317,7 @@ class KeyRecords(Database):
                 {"pattern": pattern, "rotated": rotated},
                 now,
             )
-            await self._commit()
             return rotated
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def _revoke_grants(
         self,
@@ -416,8 +384,7 @@ class KeyRecords(Database):
         )
         ended = []
         for gid, consumer_id, pattern in expired:
-            await self._begin()
-            try:
+            async with self._transaction():
                 rotated = await self._end_grants(
                     consumer_id, [(gid, pattern)], now, keep_covered=True
                 )
@@ -425,10 +392,6 @@ class KeyRecords(Database):
                     "as", "expire-grant", consumer_id, "ok",
                     {"pattern": pattern, "rotated": rotated}, now,
                 )  # fmt: skip
-                await self._commit()
-            except BaseException:
-                await self._rollback()
-                raise
             ended.append((consumer_id, rotated))
         return ended
 
@@ -457,8 +420,7 @@ class KeyRecords(Database):
         Called before the secret is sent, so no delivery escapes the log; repeated deliveries of
         the same epoch to the same device are not logged again (they reveal nothing new).
         """
-        await self._begin()
-        try:
+        async with self._transaction(count=False):
             cursor = await self._db.execute(
                 "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
                 (device_id, resource_id, epoch, now),
@@ -466,11 +428,7 @@ class KeyRecords(Database):
             first = cursor.rowcount == 1
             if first:
                 await self._audit(device_id, "secret", resource_id, "ok", {"epoch": epoch}, now)
-            await self._commit(count=False)
             return first
-        except BaseException:
-            await self._rollback()
-            raise
 
     async def secret_view(
         self, device_id: str, resource_id: str, epoch: int | None, now: int
