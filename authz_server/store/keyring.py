@@ -174,6 +174,8 @@ class KeyRecords(Database):
                 raise NotFound(f"no epoch {epoch} of resource {resource_id!r}")
             if target.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED):
                 raise Conflict(f"epoch {target.epoch} is {target.state} already")
+            if target.state == ACTIVE:
+                await self._rotate(resource_id, now)  # the pre-active epoch takes over at once
             await self._db.execute(
                 "UPDATE epochs SET state = 'compromised', deactivated_at = COALESCE("
                 "deactivated_at, ?) WHERE resource_id = ? AND epoch = ?",
@@ -182,18 +184,6 @@ class KeyRecords(Database):
             if target.state == PRE_ACTIVE:
                 # Replace the leaked pre-active secret with a new epoch after it.
                 await self._insert_epoch(resource_id, target.epoch + 1, PRE_ACTIVE, now)
-            elif target.state == ACTIVE:
-                # The active epoch is compromised: the pre-active one takes over at once.
-                pre = await self._one(
-                    "SELECT epoch FROM epochs WHERE resource_id = ? AND state = 'pre-active'",
-                    (resource_id,),
-                )
-                await self._db.execute(
-                    "UPDATE epochs SET state = 'active', activated_at = ? "
-                    "WHERE resource_id = ? AND epoch = ?",
-                    (now, resource_id, pre[0]),
-                )
-                await self._insert_epoch(resource_id, pre[0] + 1, PRE_ACTIVE, now)
             row = await self._one(
                 "SELECT epoch FROM epochs WHERE resource_id = ? AND state = 'active'",
                 (resource_id,),
