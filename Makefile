@@ -40,8 +40,8 @@ venv: $(STAMP)
 
 # Re-installs only when pyproject.toml changes; deps is order-only so it never forces a re-install.
 $(STAMP): pyproject.toml | deps
-	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-		|| { echo "error: $(PY) is older than Python 3.10; run make PY=python3.X" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "error: $(PY) is older than Python 3.11 (tomllib); run make PY=python3.X" >&2; exit 1; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
@@ -52,7 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy oscar authz_server
+	$(BIN)/mypy oscar authz_server producer consumer
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)

@@ -56,7 +56,7 @@ from .messages import (
     resource_id_param,
     uint_at_most,
 )
-from .store import Conflict, Device, Resource, Store
+from .store import Conflict, Device, Resource, Store, StoreError
 
 __all__ = [
     "CBOR_FORMAT",
@@ -337,6 +337,14 @@ class Endpoints:
         if device.role != "consumer" and not owner:
             raise await self.deny(device, "secret", resource_id, "not the owner", now)
         view = await self.store.secret_view(device.id, resource_id, wanted, now)
+        if (
+            not owner
+            and view.readable
+            and view.epoch is not None
+            and view.epoch.state == PRE_ACTIVE
+            and await self._rotate_if_due(view.resource, now)
+        ):
+            view = await self.store.secret_view(device.id, resource_id, wanted, now)
         resource, epoch = view.resource, view.epoch
         if owner:
             if resource is None or resource.producer_id != device.id or epoch is None:
@@ -369,6 +377,23 @@ class Endpoints:
                 "profile": resource.profile,
             },
         )
+
+    async def _rotate_if_due(self, resource: Resource | None, now: int) -> bool:
+        """Rotate now if the scheduler is merely late: a producer switches to the next epoch at
+        the boundary by its own clock, and its consumers ask for that epoch at once."""
+        if resource is None or resource.rotation_period <= 0:
+            return False
+        active = await self.store.epoch(resource.id)
+        if active is None or active.activated_at is None:
+            return False
+        if active.activated_at + resource.rotation_period > now:
+            return False
+        try:
+            epoch = await self.store.rotate(resource.id, now, actor="as", reason="schedule")
+        except StoreError:
+            return True  # rotated meanwhile by the scheduler: read the view again
+        log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
+        return True
 
     # --- /keys -----------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class CertificateAuthority:
 
     def revocation_list(self, revoked: list[tuple[int, int]], now: int, validity: int) -> bytes:
         """A DER X.509 CRL of ``(serial, revoked at)`` pairs, valid for ``validity`` seconds."""
-        utc = datetime.timezone.utc
+        utc = datetime.UTC
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)

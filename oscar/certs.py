@@ -121,7 +121,7 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
 
 
 def _utc(timestamp: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
 
 
 def make_csr(key: PrivateKey, device_id: str) -> x509.CertificateSigningRequest:

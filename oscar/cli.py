@@ -386,7 +386,7 @@ def _time(value: cbor.Value) -> str:
     if type(value) is not int:
         return cbor.diagnostic(value)
     try:
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
     except (OverflowError, OSError, ValueError):
         return str(value)
     return f"{value} ({moment.strftime('%Y-%m-%dT%H:%M:%SZ')})"

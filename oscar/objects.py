@@ -29,6 +29,7 @@ certificate or a lookup function), keep time (``now`` is an argument), or alloca
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Container
 from typing import NamedTuple, TypeAlias
 
@@ -69,7 +70,9 @@ __all__ = [
     "Signer",
     "SignerLookup",
     "external_aad",
+    "object_etag",
     "open",
+    "open_verified",
     "seal",
     "verify",
 ]
@@ -134,6 +137,15 @@ class Reading(NamedTuple):
             f"Reading(resource_id={m.resource_id!r}, epoch={m.epoch}, seq={m.seq}, "
             f"content_format={m.content_format}, length={len(self.plaintext)})"
         )
+
+
+def object_etag(resource_id: str, epoch: int, seq: int) -> bytes:
+    """The CoAP ETag of an object: 8 bytes of SHA-256(CBOR [resource id, epoch, seq]).
+
+    It names the object by what its signature covers, not by its bytes, so a producer, a proxy and
+    a consumer agree on it, and a re-encoded or re-signed copy (ECDSA's (r, n - s)) is the same
+    object, not a new one."""
+    return hashlib.sha256(dumps([resource_id, epoch, seq])).digest()[:8]
 
 
 def external_aad(producer_id: str, resource_id: str, epoch: int, seq: int) -> bytes:
@@ -511,6 +523,18 @@ def open(
         max_clock_skew=max_clock_skew,
         max_size=max_size,
     )
+    return open_verified(obj, secrets=secrets, freshness=freshness)
+
+
+def open_verified(
+    obj: ProtectedObject,
+    *,
+    secrets: SecretLookup | KeyCache,
+    freshness: FreshnessState | None = None,
+) -> Reading:
+    """The second half of :func:`open`, for an object :func:`verify` has just accepted: check
+    freshness, decrypt, record. A caller that must fetch the secret between the two (a consumer
+    asking the AS) verifies first, so that only a signed object can make it ask."""
     m = obj.metadata
     if freshness is not None:
         freshness.check(m.resource_id, m.epoch, m.seq)

@@ -117,7 +117,7 @@ async def refused(client: Client, path: str, **query: Any) -> bool:
         response = await client.send(
             client.message(GET, path, query or None, transport_tuning=FastFail()), timeout=5
         )
-    except (NetworkError, asyncio.TimeoutError):
+    except (TimeoutError, NetworkError):
         return True
     return response.code.dotted == "4.01"
 

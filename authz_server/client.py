@@ -1,0 +1,546 @@
+"""The device side of the AS protocol: credentials bundles, the DTLS client, sealed state files.
+
+Producers, consumers and the proxy all talk to the AS the same way, so this lives with the AS:
+
+- :class:`Bundle`: the credentials bundle ``oscar-as enroll`` writes (JSON, mode 0600), loaded
+  strictly; its PSK never appears in a ``repr``.
+- :class:`AsClient`: CoAP over DTLS-PSK to the AS (``coaps://``), CBOR in and out, one method per
+  endpoint (docs/PROTOCOL.md, "AS endpoints"). Refusals raise :class:`AccessDenied` (4.01/4.03),
+  an unreachable AS :class:`AsUnavailable`, anything else :class:`AsError`.
+- :class:`SealedFile`: a small state file encrypted and authenticated (AES-256-GCM) under a key
+  derived from the bundle's PSK, written atomically with mode 0600. A stolen state directory without
+  the bundle reveals nothing; a tampered or truncated file is refused, never half-read.
+
+Importing this module does not load the DTLS transport: :meth:`AsClient.start` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from oscar import cbor, names
+from oscar.errors import OscarError
+from oscar.keys import AccessSecret, hkdf_sha256
+
+__all__ = [
+    "AccessDenied",
+    "AsClient",
+    "AsError",
+    "AsUnavailable",
+    "Bundle",
+    "BundleError",
+    "EpochKey",
+    "KeyState",
+    "SealedFile",
+    "SecretGrant",
+    "StateError",
+]
+
+log = logging.getLogger("oscar.asclient")
+
+CBOR_FORMAT = 60
+ROLES = ("producer", "consumer", "proxy")
+
+
+class BundleError(OscarError):
+    """The credentials bundle is missing, unreadable, exposed or malformed."""
+
+
+class StateError(OscarError):
+    """A state file cannot be read back: corrupt, tampered with, or made under another bundle."""
+
+
+class AsError(OscarError):
+    """The AS refused or failed a request. ``code`` is the CoAP code (``"4.04"``), or None."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AccessDenied(AsError):
+    """4.01 or 4.03: this device may not have what it asked for."""
+
+
+class AsUnavailable(AsError):
+    """The AS did not answer (network down, AS stopped, handshake failed) within the timeout."""
+
+
+# --- the bundle ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Bundle:
+    """A device's credentials from enrollment: identity, AS address, PSK, the CA certificate."""
+
+    device_id: str
+    role: str
+    as_uri: str
+    psk_identity: str
+    psk: bytes = field(repr=False)
+    ca_certificate: x509.Certificate = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Bundle(device_id={self.device_id!r}, role={self.role!r}, as_uri={self.as_uri!r})"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+        """Read and check a bundle file; :class:`BundleError` says what is wrong.
+
+        Like ssh with a private key, a bundle that others may read is refused: it holds the PSK.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(65_536)
+        except OSError as exc:
+            raise BundleError(f"cannot read the bundle {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise BundleError(f"the bundle {path} is not a regular file")
+        if mode & 0o077:
+            raise BundleError(
+                f"the bundle {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+                "it holds a PSK: chmod 600 it"
+            )
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "the bundle") -> Bundle:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise BundleError(f"{where} is not JSON") from None
+        keys = {"id", "role", "as_uri", "psk_identity", "psk_hex", "ca_cert_pem"}
+        if not isinstance(doc, dict) or set(doc) != keys:
+            raise BundleError(f"{where} must hold exactly: {', '.join(sorted(keys))}")
+        if not all(isinstance(doc[k], str) for k in keys):
+            raise BundleError(f"every field of {where} is a string")
+        if not names.is_device_id(doc["id"]):
+            raise BundleError(f"{where} has a malformed device id")
+        if doc["role"] not in ROLES:
+            raise BundleError(f"{where} has an unknown role (one of {', '.join(ROLES)})")
+        uri = urlsplit(doc["as_uri"])
+        if uri.scheme != "coaps" or not uri.hostname or uri.path not in ("", "/"):
+            raise BundleError(f"{where}: as_uri must be coaps://HOST[:PORT]")
+        identity = doc["psk_identity"]
+        if not 1 <= len(identity.encode()) <= 32:
+            raise BundleError(f"{where}: the PSK identity must be 1 to 32 bytes")
+        try:
+            psk = bytes.fromhex(doc["psk_hex"])
+        except ValueError:
+            raise BundleError(f"{where}: psk_hex is not hex") from None
+        if not 1 <= len(psk) <= 16:
+            raise BundleError(f"{where}: the PSK must be 1 to 16 bytes (tinydtls)")
+        try:
+            ca = x509.load_pem_x509_certificate(doc["ca_cert_pem"].encode())
+        except ValueError:
+            raise BundleError(f"{where}: ca_cert_pem is not a PEM certificate") from None
+        return cls(doc["id"], doc["role"], doc["as_uri"].rstrip("/"), identity, psk, ca)
+
+    def state_key(self, purpose: str) -> bytes:
+        """A 32-byte key for this device's local state files, derived from its PSK."""
+        info = cbor.dumps(["OSCAR state", self.device_id, purpose])
+        return hkdf_sha256(self.psk, info, 32)
+
+
+# --- sealed state files --------------------------------------------------------------------------
+
+
+class SealedFile:
+    """One state file: ``nonce || AES-256-GCM(key, CBOR value, aad=label)``, mode 0600.
+
+    :meth:`save` writes a temporary file, fsyncs it, renames it over the old one and fsyncs the
+    directory, so a crash leaves the old or the new content, never a mix. The nonce is random
+    (96 bits): safe far beyond the number of writes a device makes to one file.
+    """
+
+    def __init__(self, path: Path, key: bytes, label: str) -> None:
+        self.path = Path(path)
+        self._aead = AESGCM(key)
+        self._aad = cbor.dumps(["OSCAR state file", label])
+
+    def __repr__(self) -> str:
+        return f"SealedFile({str(self.path)!r})"
+
+    def load(self) -> Any:
+        """The stored value, or None when the file does not exist; :class:`StateError` when it
+        cannot be authenticated or decoded."""
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.path}: {exc.strerror}") from None
+        if len(blob) < 12 + 16:
+            raise StateError(f"{self.path} is truncated")
+        try:
+            plain = self._aead.decrypt(blob[:12], blob[12:], self._aad)
+        except Exception:
+            raise StateError(
+                f"{self.path} fails authentication: corrupt, tampered with, or written under "
+                "another bundle (remove it to start over)"
+            ) from None
+        try:
+            return cbor.loads(plain, max_items=1_000_000)
+        except ValueError:
+            raise StateError(f"{self.path} holds malformed data") from None
+
+    def save(self, value: Any) -> None:
+        """Replace the content atomically and durably; OSError if the disk refuses."""
+        nonce = os.urandom(12)
+        blob = nonce + self._aead.encrypt(nonce, cbor.dumps(value), self._aad)
+        atomic_write(self.path, blob)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` all or nothing, durably, with ``mode``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def private_dir(path: Path) -> Path:
+    """Create (mode 0700) or check a state directory; BundleError-free OSError on failure."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    return path
+
+
+# --- replies -------------------------------------------------------------------------------------
+
+
+class SecretGrant(NamedTuple):
+    """A ``GET /secret`` reply."""
+
+    resource_id: str
+    epoch: int
+    state: str
+    secret: AccessSecret
+    profile: str
+
+
+class EpochKey(NamedTuple):
+    epoch: int
+    secret: AccessSecret
+    activated_at: int | None
+
+
+class KeyState(NamedTuple):
+    """A ``GET /keys`` reply: what a producer needs to seal now and after the next boundary."""
+
+    resource_id: str
+    profile: str
+    rotation_period: int
+    active: EpochKey
+    next: EpochKey
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "resource": self.resource_id,
+            "profile": self.profile,
+            "rotation_period": self.rotation_period,
+            "active": {
+                "epoch": self.active.epoch,
+                "secret": self.active.secret.value,
+                "activated_at": self.active.activated_at,
+            },
+            "next": {"epoch": self.next.epoch, "secret": self.next.secret.value},
+        }
+
+    @classmethod
+    def from_cbor(cls, doc: Any) -> KeyState:
+        """Parse a /keys reply (or a stored copy); AsError if it is not of that shape."""
+        try:
+            active, upcoming = doc["active"], doc["next"]
+            state = cls(
+                _text(doc["resource"]),
+                _text(doc["profile"]),
+                _uint(doc["rotation_period"]),
+                EpochKey(
+                    _uint(active["epoch"]),
+                    AccessSecret(_bytes(active["secret"])),
+                    _uint(active["activated_at"]),
+                ),
+                EpochKey(_uint(upcoming["epoch"]), AccessSecret(_bytes(upcoming["secret"])), None),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise AsError("malformed key state from the AS") from None
+        return state
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("text expected")
+    return value
+
+
+def _uint(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError("unsigned integer expected")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("bytes expected")
+    return value
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+class AsClient:
+    """Requests to the AS over DTLS-PSK with the bundle's identity.
+
+    ``async with AsClient(bundle) as client: ...`` or :meth:`start` / :meth:`close`. Each request
+    gives up after ``timeout`` seconds with :class:`AsUnavailable`.
+    """
+
+    def __init__(self, bundle: Bundle, *, timeout: float = 10.0) -> None:
+        self.bundle = bundle
+        self.timeout = timeout
+        self._ctx: Any = None
+
+    def __repr__(self) -> str:
+        return f"AsClient({self.bundle.device_id!r} -> {self.bundle.as_uri})"
+
+    async def __aenter__(self) -> AsClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._ctx is not None:
+            return
+        from aiocoap import Context  # the DTLS transport loads here, not at import
+
+        ctx = await Context.create_client_context(transports=["tinydtls"])
+        ctx.client_credentials.load_from_dict(
+            {
+                f"{self.bundle.as_uri}/*": {
+                    "dtls": {
+                        "psk": self.bundle.psk,
+                        "client-identity": self.bundle.psk_identity.encode(),
+                    }
+                }
+            }
+        )
+        self._ctx = ctx
+
+    async def close(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            await ctx.shutdown()
+
+    def _message(
+        self, method: str, path: str, query: dict[str, str] | None, body: Any, observe: bool
+    ) -> Any:
+        from aiocoap import Message
+        from aiocoap.numbers.codes import Code
+
+        message = Message(code=getattr(Code, method), uri=f"{self.bundle.as_uri}/{path}")
+        if query:
+            message.opt.uri_query = tuple(f"{k}={v}" for k, v in query.items())
+        if body is not None:
+            message.payload = cbor.dumps(body)
+            message.opt.content_format = CBOR_FORMAT
+        if observe:
+            message.opt.observe = 0
+        return message
+
+    async def call(
+        self, method: str, path: str, query: dict[str, str] | None = None, body: Any = None
+    ) -> Any:
+        """One request; returns the decoded CBOR reply of a 2.xx answer."""
+        if self._ctx is None:
+            await self.start()
+        request = self._ctx.request(self._message(method, path, query, body, False))
+        response = await self._response(request.response, f"{method} /{path}")
+        return _decode(response, f"{method} /{path}")
+
+    async def _response(self, awaitable: Any, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout)
+        except TimeoutError:
+            raise AsUnavailable(f"the AS did not answer {what} within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise AsUnavailable(f"cannot reach the AS: {exc.strerror or exc}") from None
+        except Exception as exc:  # aiocoap's NetworkError, ConRetransmitsExceeded, ...
+            from aiocoap import error
+
+            if isinstance(exc, error.Error):
+                raise AsUnavailable(f"cannot reach the AS: {type(exc).__name__}") from None
+            raise
+
+    # --- one method per endpoint ---
+
+    async def request_certificate(self, csr_der: bytes) -> bytes:
+        """POST /cert: the DER certificate for our CSR."""
+        reply = await self.call("POST", "cert", body={"csr": csr_der})
+        der: bytes = _field(reply, "cert", bytes)
+        return der
+
+    async def certificate(self, *, kid: bytes | None = None, device_id: str | None = None) -> bytes:
+        """GET /cert by key id or device id: DER. AsError with code 4.04 when there is none."""
+        query = {"kid": kid.hex()} if kid is not None else {"id": str(device_id)}
+        der: bytes = _field(await self.call("GET", "cert", query), "cert", bytes)
+        return der
+
+    async def revocation_list(self) -> x509.CertificateRevocationList:
+        der = _field(await self.call("GET", "crl"), "crl", bytes)
+        try:
+            return x509.load_der_x509_crl(der)
+        except ValueError:
+            raise AsError("the AS sent a malformed CRL") from None
+
+    async def register(
+        self,
+        path: str,
+        *,
+        content_format: int,
+        profile: str,
+        max_age: int,
+        rotation_period: int,
+    ) -> tuple[str, int]:
+        """POST /resources: (resource id, active epoch). Registering again with the same
+        parameters is fine; different parameters update the registration."""
+        reply = await self.call(
+            "POST",
+            "resources",
+            body={
+                "path": path,
+                "content_format": content_format,
+                "profile": profile,
+                "max_age": max_age,
+                "rotation_period": rotation_period,
+            },
+        )
+        return _field(reply, "resource", str), _field(reply, "epoch", int)
+
+    async def secret(self, resource_id: str, epoch: int | None = None) -> SecretGrant:
+        """GET /secret: the access secret of (resource, epoch), the active epoch by default."""
+        query = {"r": resource_id}
+        if epoch is not None:
+            query["e"] = str(epoch)
+        reply = await self.call("GET", "secret", query)
+        try:
+            grant = SecretGrant(
+                _text(reply["resource"]),
+                _uint(reply["epoch"]),
+                _text(reply["state"]),
+                AccessSecret(_bytes(reply["secret"])),
+                _text(reply["profile"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise AsError("malformed /secret reply from the AS") from None
+        if grant.resource_id != resource_id or (epoch is not None and grant.epoch != epoch):
+            raise AsError("the AS answered for another resource or epoch")
+        return grant
+
+    async def keys(self, resource_id: str) -> KeyState:
+        """GET /keys: the producer's active and next epoch secrets of its resource."""
+        reply = await self.call("GET", "keys", {"r": resource_id})
+        return self._key_state(reply, resource_id)
+
+    @staticmethod
+    def _key_state(reply: Any, resource_id: str) -> KeyState:
+        state = KeyState.from_cbor(reply)
+        if state.resource_id != resource_id:
+            raise AsError("the AS answered for another resource")
+        return state
+
+    async def watch_keys(self, resource_id: str) -> AsyncIterator[KeyState]:
+        """Observe GET /keys: the current state, then one per change, until the observation ends
+        (then :class:`AsUnavailable`, so the caller retries)."""
+        if self._ctx is None:
+            await self.start()
+        request = self._ctx.request(
+            self._message("GET", "keys", {"r": resource_id}, None, observe=True)
+        )
+        try:
+            first = await self._response(request.response, "GET /keys")
+            yield self._key_state(_decode(first, "GET /keys"), resource_id)
+            if first.opt.observe is None:
+                raise AsUnavailable("the AS did not accept the observation of /keys")
+            async for notification in request.observation:
+                yield self._key_state(_decode(notification, "GET /keys"), resource_id)
+            raise AsUnavailable("the AS ended the observation of /keys")
+        except (TimeoutError, OSError) as exc:
+            raise AsUnavailable(f"observation of /keys failed: {exc}") from None
+        except AsError:
+            raise
+        except Exception as exc:
+            from aiocoap import error
+
+            if isinstance(exc, error.Error):
+                raise AsUnavailable(f"observation of /keys failed: {type(exc).__name__}") from None
+            raise
+        finally:
+            if not request.observation.cancelled:
+                request.observation.cancel()
+
+
+def _decode(response: Any, what: str) -> Any:
+    code = response.code
+    dotted = code.dotted
+    detail = ""
+    if response.opt.content_format == CBOR_FORMAT and response.payload:
+        try:
+            doc = cbor.loads(response.payload)
+        except ValueError:
+            raise AsError(f"{what}: the AS sent malformed CBOR", dotted) from None
+    else:
+        doc = None
+    if code.is_successful():
+        if not isinstance(doc, dict):
+            raise AsError(f"{what}: the AS sent no CBOR map", dotted)
+        return doc
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, str):
+        detail = ": " + error[:200]
+    if dotted in ("4.01", "4.03"):
+        raise AccessDenied(f"{what}: access denied by the AS ({dotted}){detail}", dotted)
+    if dotted in ("5.03", "4.29"):
+        raise AsUnavailable(f"{what}: the AS is busy ({dotted}){detail}", dotted)
+    raise AsError(f"{what}: the AS answered {dotted}{detail}", dotted)
+
+
+def _field(reply: Any, name: str, kind: type) -> Any:
+    value = reply.get(name)
+    if not isinstance(value, kind) or (kind is int and type(value) is not int):
+        raise AsError(f"the AS reply lacks {name!r}")
+    return value
