@@ -264,7 +264,9 @@ class KeyState(NamedTuple):
     profile: str
     rotation_period: int
     active: EpochKey
-    next: EpochKey
+    #: Always set in a reply from the AS; None in a producer's own record after it switched to
+    #: the next epoch by itself (at the boundary, with the AS out of reach).
+    next: EpochKey | None
 
     def to_cbor(self) -> dict[str, Any]:
         return {
@@ -276,14 +278,24 @@ class KeyState(NamedTuple):
                 "secret": self.active.secret.value,
                 "activated_at": self.active.activated_at,
             },
-            "next": {"epoch": self.next.epoch, "secret": self.next.secret.value},
+            "next": None
+            if self.next is None
+            else {"epoch": self.next.epoch, "secret": self.next.secret.value},
         }
 
     @classmethod
-    def from_cbor(cls, doc: Any) -> KeyState:
-        """Parse a /keys reply (or a stored copy); AsError if it is not of that shape."""
+    def from_cbor(cls, doc: Any, *, next_required: bool = True) -> KeyState:
+        """Parse a /keys reply (or, with ``next_required=False``, a producer's stored copy);
+        AsError if it is not of that shape."""
         try:
             active, upcoming = doc["active"], doc["next"]
+            following = (
+                None
+                if upcoming is None and not next_required
+                else EpochKey(
+                    _uint(upcoming["epoch"]), AccessSecret(_bytes(upcoming["secret"])), None
+                )
+            )
             state = cls(
                 _text(doc["resource"]),
                 _text(doc["profile"]),
@@ -293,7 +305,7 @@ class KeyState(NamedTuple):
                     AccessSecret(_bytes(active["secret"])),
                     _uint(active["activated_at"]),
                 ),
-                EpochKey(_uint(upcoming["epoch"]), AccessSecret(_bytes(upcoming["secret"])), None),
+                following,
             )
         except (KeyError, TypeError, ValueError):
             raise AsError("malformed key state from the AS") from None

@@ -1,0 +1,183 @@
+"""``oscar-producer``: run a producer from flags, a TOML configuration, or both.
+
+::
+
+    oscar-producer --bundle sensor-1.json --state state/ --listen 127.0.0.1:5683 \\
+        --resource temperature=/run/temp.txt [--resource PATH=FILE ...]
+    oscar-producer --config producer.toml [--listen HOST:PORT] [--log-level debug]
+
+Each ``--resource PATH=FILE`` serves the file's content as the protected resource
+``<producer id>/PATH`` and seals a new object whenever the file changes; ``--content-format``,
+``--max-age``, ``--lifetime``, ``--profile``, ``--rotation-period`` and ``--interval`` apply to
+those (the content format is guessed from the file name unless given). Flags override the
+configuration file; ``--resource`` adds to its resources. See :mod:`producer.config` for the file.
+
+Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start (bundle, state, certificate, port),
+2 for bad usage or a bad configuration. Each failure is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from authz_server.client import BundleError, StateError
+from oscar.cli import OneLineParser, fail, parse_args
+from oscar.profiles import DEFAULT_PROFILE, PROFILES
+
+from .config import (
+    ConfigError,
+    ProducerConfig,
+    PublishTarget,
+    ResourceSpec,
+    config_from_mapping,
+    guess_content_format,
+    load_config,
+    parse_listen,
+)
+from .core import Producer, ProducerError
+
+PROG = "oscar-producer"
+log = logging.getLogger("oscar.producer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=PROG,
+        description="Publish protected CoAP resources: each value sealed once, served to all.",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration")
+    parser.add_argument("--bundle", type=Path, metavar="FILE", help="credentials bundle (0600)")
+    parser.add_argument("--state", type=Path, metavar="DIR", help="state directory (made 0700)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address of the CoAP server")
+    parser.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="PATH=FILE",
+        help="serve FILE's content as <producer id>/PATH (repeatable)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="also PUT every new object to URI/<resource id> (coap://, repeatable)",
+    )
+    parser.add_argument("--content-format", type=int, metavar="N", help="for --resource files")
+    parser.add_argument("--max-age", type=int, default=60, metavar="SECONDS")
+    parser.add_argument("--lifetime", type=int, default=3600, metavar="SECONDS")
+    parser.add_argument(
+        "--profile", default=DEFAULT_PROFILE.name, choices=sorted(PROFILES), metavar="NAME"
+    )
+    parser.add_argument("--rotation-period", type=int, default=3600, metavar="SECONDS")
+    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
+    parser.add_argument("--key-algorithm", choices=("ES256", "EdDSA"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> ProducerConfig:
+    specs = []
+    for item in args.resource:
+        path, sep, file = item.partition("=")
+        if not sep or not path or not file:
+            raise ConfigError(f"--resource {item!r}: PATH=FILE expected")
+        file_path = Path(file)
+        specs.append(
+            ResourceSpec(
+                path,
+                file=file_path,
+                interval=args.interval,
+                content_format=(
+                    guess_content_format(file_path)
+                    if args.content_format is None
+                    else args.content_format
+                ),
+                max_age=args.max_age,
+                lifetime=args.lifetime,
+                profile=args.profile,
+                rotation_period=args.rotation_period,
+            )
+        )
+    publish = [PublishTarget(uri) for uri in args.publish]
+    listen = parse_listen(args.listen) if args.listen is not None else None
+    overrides = {
+        "bundle": args.bundle,
+        "state": args.state,
+        "listen": listen,
+        "key_algorithm": args.key_algorithm,
+    }
+    if args.config is not None:
+        base = load_config(args.config, **overrides)
+    else:
+        base = config_from_mapping({}, base=Path.cwd(), where="the flags", **overrides)
+    return ProducerConfig(
+        bundle=base.bundle,
+        state=base.state,
+        listen=base.listen,
+        resources=[*base.resources, *specs],
+        publish=[*base.publish, *publish],
+        key_algorithm=base.key_algorithm,
+        sequence_window=base.sequence_window,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # aiocoap logs messages (payloads included) at debug level and session closes as warnings.
+    for name in ("coap", "coap-server"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def run(config: ProducerConfig) -> None:
+    """Start a producer and run it until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    producer = Producer(config)
+    try:
+        await producer.start()
+        log.info(
+            "producer %s ready: %s",
+            producer.device_id,
+            ", ".join(p.resource_id for p in producer.resources.values()) or "no resources",
+        )
+        await stop.wait()
+    finally:
+        await producer.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        return fail(PROG, str(exc), 2)
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run(config))
+    except (BundleError, StateError, ProducerError) as exc:
+        return fail(PROG, f"cannot start: {exc}", 1)
+    except OSError as exc:
+        return fail(PROG, f"cannot start: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The producer's configuration: resources, where their values come from, and where objects go.
+
+From code::
+
+    ProducerConfig(bundle=Path("sensor-1.json"), state=Path("state"), listen=("127.0.0.1", 5683),
+                   resources=[ResourceSpec("temperature", file=Path("/run/temp.txt"))])
+
+or from a TOML file (:func:`load_config`; relative paths are relative to the file)::
+
+    bundle = "sensor-1.json"
+    state = "/var/lib/oscar/producer"
+    listen = "127.0.0.1:5683"          # leave out to serve nothing (a producer that only publishes)
+    key_algorithm = "ES256"            # or "EdDSA" (for the *-eddsa profiles)
+
+    [[resource]]
+    path = "temperature"               # the resource is <producer id>/temperature
+    file = "/run/temp.txt"             # or command = ["read-sensor"]; or neither: set by code
+    interval = 1.0                     # seconds between looks at the file / runs of the command
+    content_format = 0                 # the representation's own CoAP content format
+    max_age = 60                       # CoAP Max-Age of a response, seconds
+    lifetime = 3600                    # exp - iat of each object; re-sealed when half of it is gone
+    profile = "ccm-es256"              # see oscar.profiles
+    rotation_period = 3600             # seconds per epoch; 0 = only on revocation
+
+    [[publish]]                        # PUT every new object to <uri>/<resource id>
+    uri = "coaps://proxy.example:5684"
+    psk_identity = "sensor-1"          # DTLS credentials for a coaps:// target
+    psk_hex = "..."
+
+Every check happens here, before anything starts: a bad value is a :class:`ConfigError` naming
+the field, and nothing is written to the state directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from oscar import names
+from oscar.errors import OscarError
+from oscar.profiles import DEFAULT_PROFILE, PROFILES
+
+__all__ = [
+    "ConfigError",
+    "ProducerConfig",
+    "PublishTarget",
+    "ResourceSpec",
+    "Value",
+    "guess_content_format",
+    "load_config",
+    "parse_listen",
+]
+
+#: A value source given in code: returns the representation (or None for "no change"), maybe async.
+Value = Callable[[], "bytes | Awaitable[bytes | None] | None"]
+
+MAX_PERIOD = 0xFFFF_FFFF
+#: The largest plaintext a producer seals: one MiB (an object then stays under oscar's size limit).
+MAX_VALUE_SIZE = 1 << 20
+
+_EXTENSIONS = {
+    ".txt": 0,
+    ".text": 0,
+    ".csv": 0,
+    ".xml": 41,
+    ".json": 50,
+    ".cbor": 60,
+    ".senml": 110,
+}
+
+
+class ConfigError(OscarError, ValueError):
+    """The configuration is unusable; the message names the field."""
+
+
+def guess_content_format(path: Path) -> int:
+    """CoAP content format from a file name: text, XML, JSON, CBOR, else octet-stream (42)."""
+    return _EXTENSIONS.get(path.suffix.lower(), 42)
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """One protected resource: its path under the producer id, value source and parameters."""
+
+    path: str
+    file: Path | None = None
+    command: tuple[str, ...] | None = None
+    callback: Value | None = field(default=None, compare=False)
+    interval: float = 1.0
+    content_format: int = 0
+    max_age: int = 60
+    lifetime: int = 3600
+    profile: str = DEFAULT_PROFILE.name
+    rotation_period: int = 3600
+
+    def __post_init__(self) -> None:
+        where = f"resource {self.path!r}"
+        if not isinstance(self.path, str) or not names.is_resource_id(f"p/{self.path}"):
+            raise ConfigError(
+                f"{where}: a path is '/'-separated segments of A-Z a-z 0-9 . _ ~ - "
+                "(none empty, '.' or '..'; at most 255 characters with the producer id)"
+            )
+        sources = [s for s in (self.file, self.command, self.callback) if s is not None]
+        if len(sources) > 1:
+            raise ConfigError(f"{where}: give at most one of file, command, callback")
+        if self.command is not None and (
+            not self.command or not all(isinstance(a, str) and a for a in self.command)
+        ):
+            raise ConfigError(f"{where}: command is a non-empty list of strings")
+        if not isinstance(self.interval, (int, float)) or not 0.05 <= self.interval <= 86_400:
+            raise ConfigError(f"{where}: interval is 0.05 to 86400 seconds")
+        _uint(self.content_format, 0xFFFF, f"{where}: content_format")
+        _uint(self.max_age, MAX_PERIOD, f"{where}: max_age")
+        _uint(self.lifetime, MAX_PERIOD, f"{where}: lifetime")
+        _uint(self.rotation_period, MAX_PERIOD, f"{where}: rotation_period")
+        if self.lifetime < 2 or self.lifetime < self.max_age:
+            raise ConfigError(f"{where}: lifetime must be at least 2 s and at least max_age")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"{where}: unknown profile; choose one of {', '.join(PROFILES)}")
+
+
+@dataclass(frozen=True, repr=False)
+class PublishTarget:
+    """A proxy that takes PUTs of new objects at ``<uri>/<resource id>``."""
+
+    uri: str
+    psk_identity: str | None = None
+    psk: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.uri)
+        if parts.scheme not in ("coap", "coaps") or not parts.hostname or parts.query:
+            raise ConfigError(f"publish uri {self.uri!r}: coap://HOST[:PORT][/PREFIX] expected")
+        if parts.scheme == "coaps" and (not self.psk_identity or not self.psk):
+            raise ConfigError(f"publish uri {self.uri!r}: coaps needs psk_identity and psk_hex")
+        if self.psk is not None and not 1 <= len(self.psk) <= 16:
+            raise ConfigError(f"publish uri {self.uri!r}: a DTLS PSK is 1 to 16 bytes")
+
+    def __repr__(self) -> str:
+        return f"PublishTarget({self.uri!r})"
+
+    def resource_uri(self, resource_id: str) -> str:
+        return f"{self.uri.rstrip('/')}/{resource_id}"
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Everything a producer needs to start."""
+
+    bundle: Path
+    state: Path
+    listen: tuple[str, int] | None = None
+    resources: Sequence[ResourceSpec] = ()
+    publish: Sequence[PublishTarget] = ()
+    key_algorithm: str = "ES256"
+    #: Sequence numbers reserved per write of the state (DESIGN §4): fewer writes, more skipped.
+    sequence_window: int = 64
+    #: Seconds to wait for the AS per request.
+    as_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.key_algorithm not in ("ES256", "EdDSA"):
+            raise ConfigError("key_algorithm is ES256 or EdDSA")
+        seen: set[str] = set()
+        for spec in self.resources:
+            if spec.path in seen:
+                raise ConfigError(f"resource {spec.path!r} is configured twice")
+            seen.add(spec.path)
+            signs_with = PROFILES[spec.profile].signature.name
+            if signs_with != self.key_algorithm:
+                raise ConfigError(
+                    f"resource {spec.path!r}: profile {spec.profile} signs with {signs_with}, "
+                    f"but the producer key is {self.key_algorithm} (set key_algorithm)"
+                )
+        if self.listen is None and not self.publish:
+            raise ConfigError("nothing to do: give listen, publish, or both")
+        if type(self.sequence_window) is not int or not 1 <= self.sequence_window <= 1 << 20:
+            raise ConfigError("sequence_window is 1 to 1048576")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen {text!r}: HOST:PORT expected, port 1 to 65535")
+    return host, int(port)
+
+
+def _uint(value: object, maximum: int, what: str) -> None:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise ConfigError(f"{what} is a whole number from 0 to {maximum}")
+
+
+_TOP = {"bundle", "state", "listen", "resource", "publish", "key_algorithm", "sequence_window"}
+_RESOURCE = {
+    "path",
+    "file",
+    "command",
+    "interval",
+    "content_format",
+    "max_age",
+    "lifetime",
+    "profile",
+    "rotation_period",
+}
+_PUBLISH = {"uri", "psk_identity", "psk_hex"}
+
+
+def load_config(path: Path, **overrides: Any) -> ProducerConfig:
+    """Read a TOML configuration; ``overrides`` (not None) replace its top-level values."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return config_from_mapping(doc, base=path.parent, where=str(path), **overrides)
+
+
+def config_from_mapping(
+    doc: dict[str, Any], *, base: Path, where: str = "config", **overrides: Any
+) -> ProducerConfig:
+    """Build a :class:`ProducerConfig` from decoded TOML; unknown keys are errors (typos)."""
+    unknown = set(doc) - _TOP
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+
+    def resolve(value: object, what: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {what} is a path (text)")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else base / p
+
+    resources = []
+    for i, item in enumerate(_tables(doc.get("resource", []), f"{where}: [[resource]]")):
+        bad = set(item) - _RESOURCE
+        if bad:
+            raise ConfigError(f"{where}: resource {i + 1}: unknown key(s) {', '.join(sorted(bad))}")
+        args = {k: v for k, v in item.items() if k not in ("file", "command")}
+        if "file" in item:
+            args["file"] = resolve(item["file"], f"resource {i + 1} file")
+        if "command" in item:
+            command = item["command"]
+            if isinstance(command, str) or not isinstance(command, list):
+                raise ConfigError(f"{where}: resource {i + 1}: command is a list of strings")
+            args["command"] = tuple(command)
+        if "path" not in args:
+            raise ConfigError(f"{where}: resource {i + 1} needs a path")
+        try:
+            resources.append(ResourceSpec(**args))
+        except TypeError as exc:
+            raise ConfigError(f"{where}: resource {i + 1}: {exc}") from None
+    publish = []
+    for i, item in enumerate(_tables(doc.get("publish", []), f"{where}: [[publish]]")):
+        bad = set(item) - _PUBLISH
+        if bad or "uri" not in item:
+            raise ConfigError(f"{where}: publish {i + 1}: keys are uri, psk_identity, psk_hex")
+        psk = None
+        if "psk_hex" in item:
+            try:
+                psk = bytes.fromhex(str(item["psk_hex"]))
+            except ValueError:
+                raise ConfigError(f"{where}: publish {i + 1}: psk_hex is not hex") from None
+        publish.append(PublishTarget(str(item["uri"]), item.get("psk_identity"), psk))
+
+    values: dict[str, Any] = {
+        "bundle": resolve(doc["bundle"], "bundle") if "bundle" in doc else None,
+        "state": resolve(doc["state"], "state") if "state" in doc else None,
+        "listen": parse_listen(doc["listen"]) if isinstance(doc.get("listen"), str) else None,
+        "resources": resources,
+        "publish": publish,
+    }
+    if "listen" in doc and not isinstance(doc["listen"], str):
+        raise ConfigError(f'{where}: listen is "HOST:PORT"')
+    for key in ("key_algorithm", "sequence_window"):
+        if key in doc:
+            values[key] = doc[key]
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+    if values["bundle"] is None or values["state"] is None:
+        raise ConfigError(f"{where}: bundle and state are required")
+    return ProducerConfig(**values)
+
+
+def _tables(value: object, what: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{what} must be an array of tables")
+    return value

@@ -1,0 +1,539 @@
+"""The producer: seal each new value once, serve and publish that object, follow the AS's keys.
+
+Embedding it in a program::
+
+    config = ProducerConfig(bundle=Path("sensor-1.json"), state=Path("state"),
+                            listen=("127.0.0.1", 5683), resources=[ResourceSpec("temperature")])
+    async with Producer(config) as producer:
+        while True:
+            producer.update("temperature", read_sensor())   # sealed once, served to everyone
+            await asyncio.sleep(10)
+
+Per resource it holds the active epoch's secret and the next one's (from ``GET /keys``, observed),
+switches to the next at the boundary by its own clock even when the AS is out of reach, and
+re-seals the current value under a new epoch as soon as the AS announces a rotation (scheduled,
+or at once on a revocation or compromise). When it has no secret it may use — before the AS first
+answered, or after both known epochs ran out — it seals nothing and says so in the log; the last
+object stays served until its ``exp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from authz_server.client import (
+    AccessDenied,
+    AsClient,
+    AsError,
+    Bundle,
+    EpochKey,
+    KeyState,
+    StateError,
+)
+from oscar import certs, names
+from oscar.errors import CertificateError, OscarError, PlaintextTooLarge, SequenceUnavailable
+from oscar.objects import Sealer, object_etag
+from oscar.profiles import PROFILES
+from oscar.sequence import SequenceAllocator
+
+from .config import MAX_VALUE_SIZE, ProducerConfig, ResourceSpec
+from .state import ProducerState
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+__all__ = ["Producer", "ProducerError", "Published"]
+
+log = logging.getLogger("oscar.producer")
+
+#: Renew the certificate when less than this share of its validity is left.
+CERT_RENEW_FRACTION = 0.2
+TICK = 0.25
+
+
+class ProducerError(OscarError):
+    """The producer cannot start: bad bundle or state, or no certificate to be had."""
+
+
+class Published:
+    """One resource: its keys, its current value and the one object sealed from it.
+
+    ``obj``, ``etag``, ``iat``, ``exp``, ``epoch`` and ``seq`` describe the object being served
+    (None before the first). Observers are told through ``on_change``.
+    """
+
+    def __init__(self, producer: Producer, spec: ResourceSpec) -> None:
+        self.producer = producer
+        self.spec = spec
+        self.resource_id = f"{producer.device_id}/{spec.path}"
+        self.profile = PROFILES[spec.profile]
+        self.value: bytes | None = None
+        self.obj: bytes | None = None
+        self.etag = b""
+        self.iat = 0
+        self.exp = 0
+        self.epoch: int | None = None
+        self.seq: int | None = None
+        self.sealed_count = 0
+        self.on_change: list[Callable[[], None]] = []
+        # keys
+        self.current: EpochKey | None = None
+        self.following: EpochKey | None = None
+        self.rotation_period = spec.rotation_period
+        self._sealer: Sealer | None = None
+        self._allocator: SequenceAllocator | None = None
+        self._expired_logged = False
+        # sources
+        self._file_stat: tuple[int, int, int] | None = None
+        self._next_poll = 0.0
+
+    def __repr__(self) -> str:
+        return f"Published({self.resource_id!r}, epoch={self.epoch}, seq={self.seq})"
+
+    # --- keys ---
+
+    @property
+    def boundary(self) -> int | None:
+        """When the current epoch ends by the producer's clock (None: no scheduled end)."""
+        if self.current is None or self.current.activated_at is None or self.rotation_period <= 0:
+            return None
+        return self.current.activated_at + self.rotation_period
+
+    def restore(self, stored: KeyState) -> None:
+        """Take the key state saved before a restart, then catch up with the clock."""
+        self.rotation_period = stored.rotation_period
+        self._switch(stored.active)
+        self.following = stored.next
+
+    def apply(self, state: KeyState) -> None:
+        """A key state from the AS (a reply or a notification)."""
+        self.rotation_period = state.rotation_period
+        changed = False
+        if self.current is None or state.active.epoch > self.current.epoch:
+            changed = self._switch(state.active)
+            self.following = state.next
+        elif state.active.epoch == self.current.epoch:
+            self.current = state.active  # the AS's activated_at is authoritative
+            self.following = state.next
+        # else: this producer switched ahead at the boundary; the AS will catch up.
+        self._save_keys()
+        if changed:
+            log.info("%s: now sealing under epoch %s", self.resource_id, self.epoch_number)
+            self.reseal()
+
+    def tick(self, now: int) -> None:
+        """Switch epochs at the boundary; re-seal an object before it goes stale."""
+        boundary = self.boundary
+        switched = False
+        while boundary is not None and now >= boundary:
+            upcoming = self.following
+            if upcoming is None or self.current is None or upcoming.epoch <= self.current.epoch:
+                if not self._expired_logged:
+                    log.error(
+                        "%s: epoch %s ended and the AS has not sent the next secret: sealing "
+                        "nothing new until it does",
+                        self.resource_id,
+                        None if self.current is None else self.current.epoch,
+                    )
+                    self._expired_logged = True
+                break
+            switched = self._switch(EpochKey(upcoming.epoch, upcoming.secret, boundary))
+            self.following = None
+            boundary = self.boundary
+        if switched:
+            log.info("%s: boundary reached, now epoch %s", self.resource_id, self.epoch_number)
+            self._save_keys()
+            self.reseal()
+        elif self.obj is not None and self.exp - now < self.spec.lifetime // 2:
+            self.reseal()  # half the object's lifetime is gone: a fresh one for the caches
+
+    @property
+    def epoch_number(self) -> int | None:
+        return None if self.current is None else self.current.epoch
+
+    def may_seal(self, now: int) -> bool:
+        boundary = self.boundary
+        return self._sealer is not None and (boundary is None or now < boundary)
+
+    def _switch(self, key: EpochKey) -> bool:
+        sequences = self.producer.state.sequences
+        floor = sequences.floor(self.resource_id)
+        if key.epoch < floor:
+            log.error(
+                "%s: refusing epoch %d: epoch %d was used already",
+                self.resource_id,
+                key.epoch,
+                floor,
+            )
+            return False
+        sequences.raise_floor(self.resource_id, key.epoch)  # durable before the first seal
+        self._sealer = Sealer(
+            secret=key.secret,
+            producer_id=self.producer.device_id,
+            resource_id=self.resource_id,
+            epoch=key.epoch,
+            signing_key=self.producer.signing_key,
+            profile=self.profile,
+        )
+        self._allocator = SequenceAllocator(
+            sequences, self.resource_id, key.epoch, self.producer.config.sequence_window
+        )
+        self.current = key
+        self._expired_logged = False
+        return True
+
+    def _save_keys(self) -> None:
+        if self.current is None:
+            return
+        self.producer.state.keys.put(
+            KeyState(
+                self.resource_id,
+                self.spec.profile,
+                self.rotation_period,
+                self.current,
+                self.following,
+            )
+        )
+
+    # --- values and objects ---
+
+    def update(self, value: bytes) -> bool:
+        """A new value: seal it if it differs from the current one. True if an object was made."""
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError("a value is bytes")
+        value = bytes(value)
+        if len(value) > MAX_VALUE_SIZE:
+            log.error(
+                "%s: value of %d bytes is over the %d-byte limit; not sealed",
+                self.resource_id,
+                len(value),
+                MAX_VALUE_SIZE,
+            )
+            return False
+        if value == self.value and self.obj is not None:
+            return False
+        self.value = value
+        return self.reseal()
+
+    def reseal(self) -> bool:
+        """Seal the current value under the current epoch with a fresh seq."""
+        if self.value is None:
+            return False
+        now = self.producer.now()
+        sealer, allocator = self._sealer, self._allocator
+        if sealer is None or allocator is None or not self.may_seal(now):
+            if sealer is None:
+                log.warning("%s: no access secret yet; the value waits", self.resource_id)
+            return False
+        try:
+            seq = allocator.allocate()
+            obj = sealer.seal(
+                seq=seq,
+                iat=now,
+                exp=now + self.spec.lifetime,
+                content_format=self.spec.content_format,
+                plaintext=self.value,
+            )
+        except SequenceUnavailable as exc:
+            log.error("%s: not sealed, fail closed: %s", self.resource_id, exc)
+            return False
+        except PlaintextTooLarge:
+            log.error(
+                "%s: %d bytes is too large for profile %s (AES-CCM seals at most 65535 bytes); "
+                "choose an A128GCM, A256GCM or ChaCha20 profile",
+                self.resource_id,
+                len(self.value),
+                self.spec.profile,
+            )
+            return False
+        self.obj, self.iat, self.exp = obj, now, now + self.spec.lifetime
+        self.epoch, self.seq = sealer.epoch, seq
+        self.etag = object_etag(self.resource_id, sealer.epoch, seq)
+        self.sealed_count += 1
+        log.debug("%s: sealed epoch %d seq %d", self.resource_id, self.epoch, seq)
+        for notify in self.on_change:
+            notify()
+        self.producer.publish(self)
+        return True
+
+    def max_age(self, now: int) -> int:
+        return max(0, min(self.spec.max_age, self.exp - now))
+
+    # --- sources ---
+
+    def poll_file(self, now_mono: float) -> None:
+        path = self.spec.file
+        if path is None or now_mono < self._next_poll:
+            return
+        self._next_poll = now_mono + self.spec.interval
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if self._file_stat is not None or self.value is None:
+                log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
+                self._file_stat = None
+            return
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key == self._file_stat:
+            return
+        if st.st_size > MAX_VALUE_SIZE:
+            log.error("%s: %s is over the %d-byte limit", self.resource_id, path, MAX_VALUE_SIZE)
+            self._file_stat = key
+            return
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_VALUE_SIZE + 1)
+        except OSError as exc:
+            log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
+            return
+        self._file_stat = key
+        self.update(data)
+
+
+class Producer:
+    """A producer process's worth of state and tasks; see the module docstring."""
+
+    def __init__(self, config: ProducerConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.bundle: Bundle | None = None
+        self.device_id = ""
+        self.state: ProducerState = None  # type: ignore[assignment]  # set by start()
+        self.signing_key: certs.SigningKey = None  # type: ignore[assignment]
+        self.certificate_pem = b""
+        self.resources: dict[str, Published] = {}
+        self.as_client: AsClient | None = None
+        self.server: Any = None
+        self._publisher: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+
+    def __repr__(self) -> str:
+        return f"Producer({self.device_id!r}, resources={len(self.resources)})"
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- start and stop ---
+
+    async def start(self) -> None:
+        """Load or make the key and certificate, restore key states, start serving and syncing.
+
+        Raises :class:`ProducerError` (or a BundleError/StateError) when it cannot start."""
+        config = self.config
+        bundle = Bundle.load(config.bundle)
+        if bundle.role != "producer":
+            raise ProducerError(f"the bundle is for a {bundle.role}, not a producer")
+        self.bundle, self.device_id = bundle, bundle.device_id
+        for spec in config.resources:
+            if not names.is_resource_id(f"{self.device_id}/{spec.path}"):
+                raise ProducerError(f"resource {spec.path!r}: the resource id is too long")
+        self.state = ProducerState(config.state, bundle.state_key("producer"))
+        self.signing_key = certs.SigningKey.from_private_key(
+            self.state.signing_key(config.key_algorithm)
+        )
+        self.as_client = client = AsClient(bundle, timeout=config.as_timeout)
+        await self._ensure_certificate(bundle, client)
+        for spec in config.resources:
+            published = Published(self, spec)
+            stored = self.state.keys.get(published.resource_id)
+            if stored is not None:
+                published.restore(stored)
+                published.tick(self.now())
+            self.resources[spec.path] = published
+        if config.publish:
+            from .publish import Publisher
+
+            self._publisher = Publisher(config.publish, self.device_id)
+        if config.listen is not None:
+            from .server import serve
+
+            self.server = await serve(self, *config.listen)
+        self.started = True
+        for published in self.resources.values():
+            published.poll_file(time.monotonic())
+            self._spawn(self._sync_keys(published, client), f"keys {published.resource_id}")
+            if published.spec.command is not None or published.spec.callback is not None:
+                self._spawn(self._run_source(published), f"source {published.resource_id}")
+        self._spawn(self._ticker(), "ticker")
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._publisher is not None:
+            await self._publisher.close()
+        if self.server is not None:
+            await self.server.shutdown()
+            self.server = None
+        if self.as_client is not None:
+            await self.as_client.close()
+        self.started = False
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _ensure_certificate(self, bundle: Bundle, client: AsClient) -> None:
+        now = self.now()
+        ca = bundle.ca_certificate
+        pem = self.state.certificate_pem()
+        if pem is not None and self._usable_certificate(pem, ca, now, renew=True):
+            self.certificate_pem = pem
+            return
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        csr = certs.make_csr(self.signing_key.private_key, self.device_id)
+        try:
+            der = await client.request_certificate(csr.public_bytes(Encoding.DER))
+        except AsError as exc:
+            if pem is not None and self._usable_certificate(pem, ca, now, renew=False):
+                log.warning("certificate renewal failed (%s); using the current one", exc)
+                self.certificate_pem = pem
+                return
+            raise ProducerError(f"cannot get a certificate from the AS: {exc}") from None
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        new_pem = cert.public_bytes(Encoding.PEM)
+        if not self._usable_certificate(new_pem, ca, now, renew=False):
+            raise ProducerError("the AS issued a certificate that does not fit this producer")
+        self.state.save_certificate(new_pem)
+        self.certificate_pem = new_pem
+        log.info("certificate %x issued by the AS", cert.serial_number)
+
+    def _usable_certificate(
+        self, pem: bytes, ca: x509.Certificate, now: int, *, renew: bool
+    ) -> bool:
+        from cryptography import x509
+
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+            key = certs.ProducerKey.from_certificate(cert, ca, now=now)
+        except (ValueError, CertificateError) as exc:
+            log.warning("stored certificate not usable: %s", exc)
+            return False
+        if key.kid != self.signing_key.kid or key.producer_id != self.device_id:
+            return False
+        if renew and key.not_after is not None and key.not_before is not None:
+            left = key.not_after - now
+            return left > CERT_RENEW_FRACTION * (key.not_after - key.not_before)
+        return True
+
+    # --- values ---
+
+    def update(self, path: str, value: bytes) -> bool:
+        """Set a resource's value from code; sealed once if it changed. True if sealed."""
+        try:
+            published = self.resources[path]
+        except KeyError:
+            raise KeyError(f"no resource {path!r}") from None
+        return published.update(value)
+
+    def publish(self, published: Published) -> None:
+        if self._publisher is not None and published.obj is not None:
+            self._publisher.submit(published.resource_id, published.obj)
+
+    # --- background tasks ---
+
+    async def _ticker(self) -> None:
+        while True:
+            now = self.now()
+            mono = time.monotonic()
+            for published in self.resources.values():
+                try:
+                    published.poll_file(mono)
+                    published.tick(now)
+                except (OSError, StateError) as exc:
+                    log.error("%s: %s", published.resource_id, exc)
+            await asyncio.sleep(TICK)
+
+    async def _run_source(self, published: Published) -> None:
+        spec = published.spec
+        while True:
+            try:
+                value = await self._read_source(spec)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: value source failed: %s", published.resource_id, exc)
+                value = None
+            if value is not None:
+                published.update(value)
+            await asyncio.sleep(spec.interval)
+
+    async def _read_source(self, spec: ResourceSpec) -> bytes | None:
+        if spec.callback is not None:
+            result = spec.callback()
+            if inspect.isawaitable(result):
+                result = await result
+            return None if result is None else bytes(result)
+        if not spec.command:
+            return None
+        process = await asyncio.create_subprocess_exec(
+            *spec.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), max(10.0, spec.interval))
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise RuntimeError("the command timed out") from None
+        if process.returncode != 0:
+            raise RuntimeError(f"the command exited with status {process.returncode}")
+        return out
+
+    async def _sync_keys(self, published: Published, client: AsClient) -> None:
+        """Register the resource, then follow its key state; retry with backoff when the AS is
+        away (the producer keeps going on what it holds)."""
+        spec, delay, registered = published.spec, 1.0, False
+        while True:
+            try:
+                if not registered:
+                    await client.register(
+                        spec.path,
+                        content_format=spec.content_format,
+                        profile=spec.profile,
+                        max_age=spec.max_age,
+                        rotation_period=spec.rotation_period,
+                    )
+                    registered = True
+                async for state in client.watch_keys(published.resource_id):
+                    if state.profile != spec.profile:
+                        log.error(
+                            "%s: the AS has profile %s registered",
+                            published.resource_id,
+                            state.profile,
+                        )
+                    published.apply(state)
+                    delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except AccessDenied as exc:
+                log.error("%s: %s", published.resource_id, exc)
+                delay = 30.0
+            except AsError as exc:
+                log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
+            except (OSError, StateError) as exc:
+                log.error("%s: %s", published.resource_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

@@ -1,0 +1,122 @@
+"""Publishing: PUT each new object to a proxy, for producers that sleep or serve nothing.
+
+Each target gets the newest object of each resource at ``<uri>/<resource id>`` (content format
+18). Only the newest matters — an older one would be refused by the proxy as a rollback anyway —
+so a target that is away collects at most one pending object per resource, and gets it when it
+answers again (retried with backoff from 1 to 30 s). ``coaps://`` targets use the DTLS-PSK
+credentials of their configuration; the DTLS transport loads only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from .config import PublishTarget
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger("oscar.producer")
+
+TIMEOUT = 10.0
+
+
+class Publisher:
+    """Background PUTs to every target; :meth:`submit` never blocks."""
+
+    def __init__(self, targets: Sequence[PublishTarget], device_id: str) -> None:
+        self.targets = list(targets)
+        self.device_id = device_id
+        self._pending: list[dict[str, bytes]] = [{} for _ in self.targets]
+        self._wake = [asyncio.Event() for _ in self.targets]
+        self._ctx: Any = None
+        self._ctx_lock = asyncio.Lock()
+        self.published = [0 for _ in self.targets]
+        self.failures = [0 for _ in self.targets]
+        self._tasks = [
+            asyncio.create_task(self._run(i), name=f"publish {t.uri}")
+            for i, t in enumerate(self.targets)
+        ]
+
+    def __repr__(self) -> str:
+        return f"Publisher({[t.uri for t in self.targets]!r})"
+
+    def submit(self, resource_id: str, obj: bytes) -> None:
+        for pending, wake in zip(self._pending, self._wake, strict=True):
+            pending[resource_id] = obj
+            wake.set()
+
+    async def _context(self) -> Any:
+        async with self._ctx_lock:
+            if self._ctx is None:
+                from aiocoap import Context
+
+                secure = [t for t in self.targets if t.uri.startswith("coaps:")]
+                transports = ["udp6", "tinydtls"] if secure else ["udp6"]
+                ctx = await Context.create_client_context(transports=transports)
+                if secure:
+                    ctx.client_credentials.load_from_dict(
+                        {
+                            f"{t.uri.rstrip('/')}/*": {
+                                "dtls": {
+                                    "psk": t.psk,
+                                    "client-identity": str(t.psk_identity).encode(),
+                                }
+                            }
+                            for t in secure
+                        }
+                    )
+                self._ctx = ctx
+            return self._ctx
+
+    async def _run(self, index: int) -> None:
+        target, pending, wake = self.targets[index], self._pending[index], self._wake[index]
+        delay = 1.0
+        while True:
+            await wake.wait()
+            wake.clear()
+            while pending:
+                resource_id = next(iter(pending))
+                obj = pending.pop(resource_id)
+                try:
+                    await self._put(target, resource_id, obj)
+                    self.published[index] += 1
+                    delay = 1.0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.failures[index] += 1
+                    log.warning(
+                        "publishing %s to %s failed: %s; retrying in %.0f s",
+                        resource_id,
+                        target.uri,
+                        exc,
+                        delay,
+                    )
+                    pending.setdefault(resource_id, obj)  # unless a newer one came meanwhile
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+    async def _put(self, target: PublishTarget, resource_id: str, obj: bytes) -> None:
+        from aiocoap import PUT, Message
+
+        ctx = await self._context()
+        request = ctx.request(
+            Message(code=PUT, uri=target.resource_uri(resource_id), payload=obj, content_format=18)
+        )
+        response = await asyncio.wait_for(request.response, TIMEOUT)
+        if not response.code.is_successful():
+            raise RuntimeError(f"the target answered {response.code.dotted}")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._ctx is not None:
+            await self._ctx.shutdown()
+            self._ctx = None

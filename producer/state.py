@@ -1,0 +1,172 @@
+"""What a producer keeps on disk, in its state directory (mode 0700).
+
+=================  ========================================================================
+``key.pem``        its signing key, PKCS#8 PEM, mode 0600, made on first start
+``cert.pem``       its certificate from the AS CA (public)
+``keys.state``     per resource: the active and next epoch secrets (sealed, see below)
+``sequence.state`` per resource: the lowest epoch it may still seal under and, per epoch, the
+                   sequence limit reserved so far (sealed)
+=================  ========================================================================
+
+The two ``.state`` files are :class:`~authz_server.client.SealedFile` s: AES-256-GCM under a key
+derived from the bundle's PSK, replaced atomically and fsynced. ``sequence.state`` is written
+*before* any number of a new window is used, so after a crash or kill -9 every seq below the stored
+limit counts as used (DESIGN §4, nonce uniqueness).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from authz_server.client import KeyState, SealedFile, StateError, atomic_write
+from oscar import certs
+from oscar.algorithms import PrivateKey
+
+__all__ = ["KeyFile", "ProducerState", "SequenceFile"]
+
+
+class SequenceFile:
+    """The :class:`oscar.sequence.SequenceStore` of a producer: limits per (resource, epoch)."""
+
+    def __init__(self, sealed: SealedFile) -> None:
+        self._sealed = sealed
+        doc = sealed.load()
+        self._doc: dict[str, Any] = {} if doc is None else _check_sequence_doc(doc, sealed.path)
+
+    def __repr__(self) -> str:
+        return f"SequenceFile({str(self._sealed.path)!r})"
+
+    def floor(self, resource_id: str) -> int:
+        """The lowest epoch the producer may still seal under for this resource."""
+        entry = self._doc.get(resource_id)
+        return 0 if entry is None else int(entry["floor"])
+
+    def raise_floor(self, resource_id: str, epoch: int) -> None:
+        """Never seal under an epoch below ``epoch`` again; forget the limits below it."""
+        entry = self._doc.setdefault(resource_id, {"floor": 0, "limits": {}})
+        if epoch <= entry["floor"]:
+            return
+        entry["floor"] = epoch
+        entry["limits"] = {e: n for e, n in entry["limits"].items() if e >= epoch}
+        self._sealed.save(self._doc)
+
+    def load(self, resource_id: str, epoch: int) -> int | None:
+        entry = self._doc.get(resource_id)
+        if entry is None:
+            return None
+        limit = entry["limits"].get(epoch)
+        return None if limit is None else int(limit)
+
+    def save(self, resource_id: str, epoch: int, limit: int) -> None:
+        entry = self._doc.setdefault(resource_id, {"floor": 0, "limits": {}})
+        if epoch < entry["floor"]:
+            raise ValueError("epoch below the floor")
+        previous = entry["limits"].get(epoch)
+        entry["limits"][epoch] = limit
+        try:
+            self._sealed.save(self._doc)
+        except BaseException:
+            if previous is None:
+                del entry["limits"][epoch]
+            else:
+                entry["limits"][epoch] = previous
+            raise
+
+
+def _check_sequence_doc(doc: Any, path: Path) -> dict[str, Any]:
+    ok = isinstance(doc, dict)
+    for rid, entry in doc.items() if ok else ():
+        ok = ok and (
+            isinstance(rid, str)
+            and isinstance(entry, dict)
+            and set(entry) == {"floor", "limits"}
+            and type(entry["floor"]) is int
+            and isinstance(entry["limits"], dict)
+            and all(type(k) is int and type(v) is int for k, v in entry["limits"].items())
+        )
+    if not ok:
+        raise StateError(f"{path} does not hold sequence limits")
+    return dict(doc)
+
+
+class KeyFile:
+    """The epoch secrets per resource, as last learnt from the AS or switched to locally."""
+
+    def __init__(self, sealed: SealedFile) -> None:
+        self._sealed = sealed
+        doc = sealed.load()
+        if doc is not None and not isinstance(doc, dict):
+            raise StateError(f"{sealed.path} does not hold key states")
+        self._states: dict[str, KeyState] = {}
+        for rid, item in (doc or {}).items():
+            try:
+                self._states[rid] = KeyState.from_cbor(item, next_required=False)
+            except Exception:
+                raise StateError(f"{sealed.path} holds a malformed key state") from None
+
+    def __repr__(self) -> str:
+        return f"KeyFile({str(self._sealed.path)!r}, resources={len(self._states)})"
+
+    def get(self, resource_id: str) -> KeyState | None:
+        return self._states.get(resource_id)
+
+    def put(self, state: KeyState) -> None:
+        self._states[state.resource_id] = state
+        self._sealed.save({rid: s.to_cbor() for rid, s in self._states.items()})
+
+
+class ProducerState:
+    """The state directory: key, certificate, key states and sequence limits."""
+
+    def __init__(self, directory: Path, state_key: bytes) -> None:
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not directory.is_dir():
+            raise StateError(f"{directory} is not a directory")
+        self.directory = directory
+        self.key_path = directory / "key.pem"
+        self.cert_path = directory / "cert.pem"
+        self.keys = KeyFile(SealedFile(directory / "keys.state", state_key, "producer keys"))
+        self.sequences = SequenceFile(
+            SealedFile(directory / "sequence.state", state_key, "producer sequence")
+        )
+
+    def __repr__(self) -> str:
+        return f"ProducerState({str(self.directory)!r})"
+
+    def signing_key(self, algorithm: str) -> PrivateKey:
+        """The producer's key, made (mode 0600) on first use."""
+        try:
+            pem = self.key_path.read_bytes()
+        except FileNotFoundError:
+            key = certs.generate_signing_key(algorithm)
+            atomic_write(self.key_path, certs.private_key_pem(key), 0o600)
+            return key
+        except OSError as exc:
+            raise StateError(f"cannot read {self.key_path}: {exc.strerror}") from None
+        if os.stat(self.key_path).st_mode & 0o077:
+            raise StateError(f"{self.key_path} is readable by others: chmod 600 it")
+        try:
+            key = certs.load_private_key(pem)
+        except ValueError as exc:
+            raise StateError(f"{self.key_path}: {exc}") from None
+        wanted = "ES256" if algorithm == "ES256" else "EdDSA"
+        if certs.SigningKey.from_private_key(key).algorithm.name != wanted:
+            raise StateError(
+                f"{self.key_path} is not an {wanted} key (key_algorithm changed? "
+                "move the old state away to start over)"
+            )
+        return key
+
+    def certificate_pem(self) -> bytes | None:
+        try:
+            return self.cert_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {self.cert_path}: {exc.strerror}") from None
+
+    def save_certificate(self, pem: bytes) -> None:
+        atomic_write(self.cert_path, pem, 0o644)
