@@ -344,6 +344,8 @@ class AsClient:
         self.bundle = bundle
         self.timeout = timeout
         self._ctx: Any = None
+        #: Counts the DTLS client contexts made; see :meth:`reset`.
+        self.generation = 0
 
     def __repr__(self) -> str:
         return f"AsClient({self.bundle.device_id!r} -> {self.bundle.as_uri})"
@@ -372,6 +374,15 @@ class AsClient:
             }
         )
         self._ctx = ctx
+        self.generation += 1
+
+    async def reset(self, generation: int) -> None:
+        """Drop the context (and its DTLS session) if it is still ``generation``: after the AS
+        restarted, the old session is dead, and only a new handshake gets through. Callers pass
+        the generation they saw fail, so several of them do not throw away each other's fresh
+        session."""
+        if self._ctx is not None and generation == self.generation:
+            await self.close()
 
     async def close(self) -> None:
         ctx, self._ctx = self._ctx, None

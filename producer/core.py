@@ -32,6 +32,7 @@ from authz_server.client import (
     AccessDenied,
     AsClient,
     AsError,
+    AsUnavailable,
     Bundle,
     EpochKey,
     KeyState,
@@ -56,6 +57,9 @@ log = logging.getLogger("oscar.producer")
 #: Renew the certificate when less than this share of its validity is left.
 CERT_RENEW_FRACTION = 0.2
 TICK = 0.25
+#: Seconds of silence after which the /keys observation is made again (at most).
+KEEPALIVE = 30.0
+MAX_BACKOFF = 30.0
 
 
 class ProducerError(OscarError):
@@ -504,9 +508,15 @@ class Producer:
 
     async def _sync_keys(self, published: Published, client: AsClient) -> None:
         """Register the resource, then follow its key state; retry with backoff when the AS is
-        away (the producer keeps going on what it holds)."""
+        away (the producer keeps going on what it holds).
+
+        An observation can die silently (the AS restarted and lost the DTLS session), so when it
+        has been quiet for ``keepalive`` seconds it is made again: the fresh GET doubles as a
+        liveness check, and a failure starts a new DTLS session."""
         spec, delay, registered = published.spec, 1.0, False
         while True:
+            generation = client.generation
+            keepalive = max(1.0, min(KEEPALIVE, published.rotation_period / 4 or KEEPALIVE))
             try:
                 if not registered:
                     await client.register(
@@ -517,23 +527,33 @@ class Producer:
                         rotation_period=spec.rotation_period,
                     )
                     registered = True
-                async for state in client.watch_keys(published.resource_id):
-                    if state.profile != spec.profile:
-                        log.error(
-                            "%s: the AS has profile %s registered",
-                            published.resource_id,
-                            state.profile,
-                        )
-                    published.apply(state)
-                    delay = 1.0
+                watch = client.watch_keys(published.resource_id)
+                try:
+                    while True:
+                        state = await asyncio.wait_for(anext(watch), keepalive)
+                        if state.profile != spec.profile:
+                            log.error(
+                                "%s: the AS has profile %s registered",
+                                published.resource_id,
+                                state.profile,
+                            )
+                        published.apply(state)
+                        delay = 1.0
+                except TimeoutError:
+                    continue  # quiet for a while: observe afresh
+                finally:
+                    await watch.aclose()
             except asyncio.CancelledError:
                 raise
             except AccessDenied as exc:
                 log.error("%s: %s", published.resource_id, exc)
                 delay = 30.0
+            except AsUnavailable as exc:
+                log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
+                await client.reset(generation)
             except AsError as exc:
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
             except (OSError, StateError) as exc:
                 log.error("%s: %s", published.resource_id, exc)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, MAX_BACKOFF)
