@@ -492,3 +492,28 @@ async def test_a_read_never_sees_another_tasks_transaction_half_done(store: Stor
     with pytest.raises(RuntimeError):
         await task
     assert await reader is False  # ... and so never saw the grant that was rolled back
+
+
+@pytest.mark.asyncio
+async def test_a_consumer_asking_for_a_due_epoch_rotates_it(store: Store) -> None:
+    """A producer switches at the boundary by its own clock; its consumers ask for the new
+    epoch at once, before the AS's scheduler (once a second) has rotated: the AS rotates then."""
+    from authz_server.api import Endpoints, Forbidden
+    from authz_server.ca import CertificateAuthority
+    from authz_server.messages import Request
+    from oscar import cbor
+
+    await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
+    clock = [NOW + 3599]
+    endpoints = Endpoints(store, await CertificateAuthority.load(store), clock=lambda: clock[0])
+    ask = Request(CONSUMER, "GET", ("secret",), ("r=" + RID, "e=2"))
+    with pytest.raises(Forbidden):  # not due yet: the pre-active secret stays with the producer
+        await endpoints.handle(ask)
+    assert states(await store.epochs(RID))[1] == (2, "pre-active")
+    clock[0] = NOW + 3600
+    reply = await endpoints.handle(ask)
+    assert cbor.loads(reply.payload)["epoch"] == 2
+    assert states(await store.epochs(RID)) == [(1, "deactivated"), (2, "active"), (3, "pre-active")]
+    # and epoch 3 is refused again: it is not due
+    with pytest.raises(Forbidden):
+        await endpoints.handle(Request(CONSUMER, "GET", ("secret",), ("r=" + RID, "e=3")))
