@@ -1,5 +1,36 @@
 """OSCAR consumer: fetches protected representations from producers or proxies, verifies and
-decrypts them; a library API and a CLI.
+decrypts them; a library API and the ``oscar-consumer`` CLI.
 
-Not implemented yet: see the issue tracker.
+::
+
+    from consumer import Consumer
+
+    async with Consumer("reader-1.bundle", "state/") as consumer:
+        reading = await consumer.get("coap://sensor.local/sensor-1/temperature")
+        print(reading.metadata.seq, reading.plaintext)
+
+Modules: :mod:`~consumer.client` (the :class:`Consumer` and its pipeline), :mod:`~consumer.trust`
+(producer certificates and revocation), :mod:`~consumer.store` (the encrypted state directory),
+:mod:`~consumer.errors`, :mod:`~consumer.cli`.
 """
+
+from __future__ import annotations
+
+from oscar.errors import InvalidObject
+from oscar.objects import ObjectMetadata, Reading
+
+from .client import DEFAULT_TIMEOUT, Consumer, Target, parse_target
+from .errors import AccessDenied, ConsumerError, TransportError
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AccessDenied",
+    "Consumer",
+    "ConsumerError",
+    "InvalidObject",
+    "ObjectMetadata",
+    "Reading",
+    "Target",
+    "TransportError",
+    "parse_target",
+]

@@ -1,0 +1,248 @@
+"""``oscar-consumer``: fetch, verify and open protected representations from the command line.
+
+::
+
+    oscar-consumer --bundle FILE --state DIR get URI [-o FILE] [--json] [--proxy URI]
+    oscar-consumer --bundle FILE --state DIR observe URI [--count N] [--json] [--proxy URI]
+
+``get`` writes the plaintext to stdout as it is (or to ``-o FILE``, written atomically with mode
+0600); ``observe`` writes each reading's plaintext followed by a newline. With ``--json`` each
+reading is one JSON line: ``value`` (text for text content formats that are valid UTF-8, else
+base64, as ``encoding`` says), ``producer``, ``resource``, ``epoch``, ``seq``, ``iat``, ``exp``,
+``content_format``.
+
+Exit status: 0 success; 1 an object was rejected (for ``observe``: at least one notification was,
+each reported on its own line while observing goes on); 2 bad usage, an unusable bundle or a
+corrupt state directory; 3 access denied by the AS; 4 network or transport failure (including an
+observation the server ended). Every failure is one line ``oscar-consumer: error: ...`` on stderr,
+and exceptions are translated to it in one place, :func:`main`. Logs go to stderr
+(``--log-level``, default warning); aiocoap's own loggers are kept at errors.
+
+This is a thin shell over :class:`consumer.client.Consumer`: it parses, prints and maps errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from authz_server.client import BundleError, StateError, atomic_write
+from oscar.cli import OneLineParser, fail, parse_args
+from oscar.errors import InvalidObject, OscarError
+from oscar.objects import Reading
+
+from .client import DEFAULT_TIMEOUT, Consumer, parse_target
+from .errors import AccessDenied, TransportError
+
+__all__ = ["build_parser", "main", "reading_json"]
+
+PROG = "oscar-consumer"
+
+#: Content formats shown as text in JSON when they are valid UTF-8: text/plain, link-format, xml,
+#: json, json-patch, merge-patch, senml+json, sensml+json, senml-etch+json, td+json.
+TEXT_FORMATS = frozenset({0, 40, 41, 50, 51, 52, 110, 111, 320, 432})
+
+
+class UsageError(Exception):
+    """Bad usage found by the tool itself; the message is shown as is (exit 2)."""
+
+
+def reading_json(reading: Reading) -> str:
+    """One reading as one line of JSON (ASCII only: nothing in it can drive a terminal)."""
+    m = reading.metadata
+    value: str | None = None
+    if m.content_format in TEXT_FORMATS:
+        try:
+            value = reading.plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            value = None
+    encoding = "text"
+    if value is None:
+        value, encoding = base64.b64encode(reading.plaintext).decode("ascii"), "base64"
+    return json.dumps(
+        {
+            "value": value,
+            "encoding": encoding,
+            "producer": m.producer_id,
+            "resource": m.resource_id,
+            "epoch": m.epoch,
+            "seq": m.seq,
+            "iat": m.iat,
+            "exp": m.exp,
+            "content_format": m.content_format,
+        }
+    )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds") from None
+    if not 0 < value < 86_400 * 365:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``oscar-consumer`` argument parser, one subcommand per operation."""
+    parser = OneLineParser(
+        prog=PROG,
+        description="OSCAR consumer: fetch, verify and decrypt protected CoAP representations.",
+        epilog="exit status: 0 success, 1 object rejected, 2 bad usage, 3 access denied by the "
+        "AS, 4 network or transport failure",
+    )
+    parser.add_argument("--bundle", metavar="FILE", required=True, help="credentials bundle")
+    parser.add_argument(
+        "--state", metavar="DIR", required=True, help="state directory (made with mode 0700)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for an answer (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="(default: warning)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("uri", metavar="URI", help="coap://HOST[:PORT]/<producer>/<path>")
+        sub.add_argument("--json", action="store_true", help="one JSON line per reading")
+        sub.add_argument("--proxy", metavar="URI", help="forward proxy coap://HOST[:PORT]")
+        sub.add_argument(
+            "--resource", metavar="RID", help="expected resource id (default: the URI's path)"
+        )
+
+    get = commands.add_parser(
+        "get", help="fetch one reading", description="Fetch, verify and open one reading."
+    )
+    common(get)
+    get.add_argument("-o", "--output", metavar="FILE", help="write the plaintext here (0600)")
+    observe = commands.add_parser(
+        "observe",
+        help="observe a resource",
+        description="Observe a resource: one reading per new object, until the server ends the "
+        "observation (exit 4) or --count readings (exit 0).",
+    )
+    common(observe)
+    observe.add_argument("--count", type=_count, metavar="N", help="stop after N readings")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Logs to stderr at ``level``; aiocoap's loggers at errors only (at debug they show
+    message bytes, and every DTLS session close is a warning)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for name in ("coap-server", "coap"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="aiocoap")
+
+
+def _write_out(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+async def _get(consumer: Consumer, args: argparse.Namespace) -> int:
+    reading = await consumer.get(args.uri, resource=args.resource, proxy=args.proxy)
+    if args.output is not None:
+        try:
+            atomic_write(Path(args.output), reading.plaintext, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
+    if args.json:
+        _write_out(reading_json(reading).encode("ascii") + b"\n")
+    elif args.output is None:
+        _write_out(reading.plaintext)
+    return 0
+
+
+async def _observe(consumer: Consumer, args: argparse.Namespace) -> int:
+    rejected = 0
+
+    def on_reject(exc: InvalidObject) -> None:
+        nonlocal rejected
+        rejected += 1
+        fail(PROG, f"object rejected: {exc.reason}", 1)
+
+    received = 0
+    observation = consumer.observe(
+        args.uri, resource=args.resource, proxy=args.proxy, on_reject=on_reject
+    )
+    try:
+        async for reading in observation:
+            if args.json:
+                _write_out(reading_json(reading).encode("ascii") + b"\n")
+            else:
+                _write_out(reading.plaintext + b"\n")
+            received += 1
+            if args.count is not None and received >= args.count:
+                break
+    finally:
+        await observation.aclose()
+    return 1 if rejected else 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
+    async with Consumer(args.bundle, args.state, timeout=args.timeout) as consumer:
+        if args.command == "get":
+            return await _get(consumer, args)
+        return await _observe(consumer, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; return the exit status (see the module docstring)."""
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(_run(args))
+    except InvalidObject as exc:
+        return fail(PROG, f"object rejected: {exc.reason}", 1)
+    except AccessDenied as exc:
+        return fail(PROG, f"access denied by the AS: {exc}", 3)
+    except TransportError as exc:
+        return fail(PROG, f"network: {exc}", 4)
+    except StateError as exc:
+        return fail(PROG, f"state corrupt or unreadable: {exc}", 2)
+    except BundleError as exc:
+        return fail(PROG, str(exc), 2)
+    except OSError as exc:  # the state directory cannot be made, stdout is closed
+        where = f" {exc.filename}" if exc.filename else ""
+        return fail(PROG, f"cannot use{where}: {exc.strerror or type(exc).__name__}", 2)
+    except (UsageError, OscarError, ValueError, TypeError) as exc:
+        return fail(PROG, str(exc), 2)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback: it could show secret or plaintext values
+        return fail(PROG, f"internal error ({type(exc).__name__})", 2)

@@ -1,0 +1,399 @@
+"""The consumer library: fetch protected objects over CoAP, check them, open them.
+
+::
+
+    async with Consumer("reader-1.bundle", "state/") as consumer:
+        reading = await consumer.get("coap://sensor.local/sensor-1/temperature")
+        async for reading in consumer.observe("coap://proxy.local/sensor-1/temperature"):
+            ...
+
+A producer serves resource ``<producer>/<path>`` at CoAP path ``/<producer>/<path>``, so the
+resource an object must be of is the URI's path (``resource=`` overrides it, for a reverse proxy
+with another prefix). With ``proxy=`` the request goes to that forward proxy with Proxy-Uri set to
+the URI.
+
+Every object received goes through the same pipeline, failing closed at the first problem:
+
+1. the CoAP answer must be 2.05 with content format 18; the object is decoded strictly
+   (size limit, CBOR, COSE structure) and must be of the expected resource;
+2. the signer's certificate, by kid (cache, else the AS), checked against the bundle's CA, naming
+   the object's producer, who owns the resource; then the signature and the expiry
+   (:func:`oscar.verify`);
+3. revocation: the signer's certificate must not be on the CA's current CRL (cache, else the AS).
+   It is checked after the signature, so that nothing but the certificate is ever asked of the AS
+   because of an object whose signature did not verify;
+4. freshness: older than the newest accepted for the resource is a rollback or replay;
+5. the access secret of (resource, epoch) (cache, else the AS), decryption
+   (:func:`oscar.open_verified`), and only then the new freshness state is recorded on disk.
+
+An object equal in (epoch, seq) to the newest accepted is the same object again (a producer seals
+a value once and serves it to everyone): :meth:`Consumer.get` returns it again, and so does the
+first answer of :meth:`Consumer.observe`; later notifications equal to it are skipped.
+
+What this module does not do: keep state on disk (:mod:`consumer.store`), decide whom to trust
+(:mod:`consumer.trust`), or speak DTLS to producers or proxies (``coap://`` only; objects are
+protected end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, NamedTuple
+
+from authz_server.client import AccessDenied as AsAccessDenied
+from authz_server.client import AsClient, AsError, AsUnavailable, Bundle, BundleError
+from oscar import names
+from oscar.errors import CertificateError, InvalidObject
+from oscar.keys import KeyCache
+from oscar.objects import (
+    CONTENT_FORMAT_COSE_SIGN1,
+    DEFAULT_MAX_OBJECT_SIZE,
+    ProtectedObject,
+    Reading,
+    open_verified,
+    verify,
+)
+
+from .errors import AccessDenied, TransportError
+from .store import DEFAULT_MAX_SECRETS, ConsumerStore
+from .trust import Trust
+
+__all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
+
+log = logging.getLogger("oscar.consumer")
+
+#: Seconds to wait for a CoAP or AS response.
+DEFAULT_TIMEOUT = 10.0
+
+#: Called with each rejected notification of an observation (the observation goes on).
+RejectHandler = Callable[[InvalidObject], None]
+
+
+class Target(NamedTuple):
+    """Where to send a request and which resource the answer must be of."""
+
+    uri: str
+    resource_id: str
+    proxy: str | None
+
+    @property
+    def peer(self) -> str:
+        """The host the request goes to, for messages."""
+        return self.proxy or urllib.parse.urlsplit(self.uri)._replace(path="", query="").geturl()
+
+
+def _check_coap_uri(uri: str, what: str) -> urllib.parse.SplitResult:
+    if not isinstance(uri, str):
+        raise TypeError(f"the {what} must be a string")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != "coap":
+        raise ValueError(f"the {what} must be a coap:// URI")
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a malformed port)
+    except ValueError:
+        raise ValueError(f"the {what} has a malformed port") from None
+    if not parts.hostname or parts.username is not None or parts.fragment:
+        raise ValueError(f"the {what} must name a host, with no user name or fragment")
+    return parts
+
+
+def parse_target(uri: str, *, resource: str | None = None, proxy: str | None = None) -> Target:
+    """Check a request URI (and proxy URI); the resource is ``resource`` or the URI's path.
+
+    Raises ``ValueError`` saying what is wrong.
+    """
+    parts = _check_coap_uri(uri, "URI")
+    if resource is None:
+        try:
+            resource = urllib.parse.unquote(parts.path.removeprefix("/"), errors="strict")
+        except UnicodeDecodeError:
+            resource = ""
+        if not names.is_resource_id(resource):
+            raise ValueError(
+                "the URI's path is not a resource id '/<producer id>/<path>' (use --resource)"
+            )
+    else:
+        names.require_resource_id(resource)
+    if proxy is not None:
+        proxy_parts = _check_coap_uri(proxy, "proxy URI")
+        if proxy_parts.path not in ("", "/") or proxy_parts.query:
+            raise ValueError("the proxy URI is coap://HOST[:PORT], with no path")
+        proxy = proxy.rstrip("/")
+    return Target(uri, resource, proxy)
+
+
+class Consumer:
+    """A consumer device: fetches, verifies and opens protected objects (see the module doc).
+
+    ``bundle`` is the consumer's credentials bundle or its path. ``state_dir`` holds the encrypted
+    caches and the freshness state (:mod:`consumer.store`); with None they live in memory only, so
+    a new ``Consumer`` would accept again an object older than one an earlier one accepted.
+    ``timeout`` bounds each request to a producer, proxy or the AS, in seconds.
+
+    Raises :class:`~authz_server.client.BundleError` for an unusable bundle and
+    :class:`~authz_server.client.StateError` for a corrupt state file (nothing is changed then).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
+        max_secrets: int = DEFAULT_MAX_SECRETS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.load(bundle)
+        if bundle.role != "consumer":
+            raise BundleError(f"the bundle is a {bundle.role}'s, not a consumer's")
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self.bundle = bundle
+        self.timeout = timeout
+        self.max_object_size = max_object_size
+        self._clock = clock
+        self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
+        self.trust = Trust(bundle, self.store, self._as)
+        self._keys = KeyCache(self.store.secret)
+        self._coap: Any = None
+        self._as_client: AsClient | None = None
+        self._as_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"Consumer({self.bundle.device_id!r}, {self.store!r})"
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Make the CoAP client context (the AS client is made when first needed)."""
+        if self._coap is None:
+            from aiocoap import Context
+
+            self._coap = await Context.create_client_context(transports=["udp6"])
+
+    async def close(self) -> None:
+        coap, self._coap = self._coap, None
+        as_client, self._as_client = self._as_client, None
+        if as_client is not None:
+            await as_client.close()
+        if coap is not None:
+            await coap.shutdown()
+
+    async def _as(self) -> AsClient:
+        async with self._as_lock:
+            if self._as_client is None:
+                client = AsClient(self.bundle, timeout=self.timeout)
+                await client.start()
+                self._as_client = client
+            return self._as_client
+
+    # --- the pipeline -----------------------------------------------------------------------------
+
+    async def open_object(self, data: bytes, resource_id: str) -> Reading:
+        """Check and open one object that must be of ``resource_id`` (see the module docstring),
+        however it came (a file, a multicast group). An object equal in (epoch, seq) to the
+        newest accepted is returned again.
+
+        Raises :class:`InvalidObject` if the object is rejected, :class:`AccessDenied` if the AS
+        refuses the secret, :class:`TransportError` if the AS is needed and cannot be reached.
+        """
+        reading = await self._open(data, resource_id, skip_same=False)
+        if reading is None:  # pragma: no cover - only skip_same=True skips
+            raise InvalidObject("object skipped")
+        return reading
+
+    async def _open(self, data: bytes, resource_id: str, *, skip_same: bool) -> Reading | None:
+        """:meth:`open_object`; with ``skip_same`` an object equal to the newest accepted gives
+        None."""
+        now = int(self._clock())
+        obj = ProtectedObject.from_bytes(data, max_size=self.max_object_size)
+        m = obj.metadata
+        if m.resource_id != resource_id:
+            raise InvalidObject("object is for another resource")
+        key = await self.trust.signer(m.kid, now)
+        obj = verify(
+            data,
+            signer=key,
+            now=now,
+            resource_id=resource_id,
+            trust_anchor=self.bundle.ca_certificate,
+            max_size=self.max_object_size,
+        )
+        revoked = await self.trust.revoked_serials(now)
+        try:
+            key.check(m.producer_id, now, revoked)
+        except CertificateError as exc:
+            raise InvalidObject(f"signer not acceptable: {exc}") from None
+
+        freshness = self.store.freshness
+        is_same = freshness.newest(resource_id) == (m.epoch, m.seq)
+        if is_same and skip_same:
+            return None
+        if not is_same:
+            freshness.check(resource_id, m.epoch, m.seq)
+        if self.store.secret(resource_id, m.epoch) is None:
+            await self._fetch_secret(resource_id, m.epoch)
+        reading = open_verified(obj, secrets=self._keys)
+        if not is_same:
+            # Another task may have accepted a newer object while we waited for the AS.
+            self.store.freshness.accept(resource_id, m.epoch, m.seq)
+            self.store.save_freshness()
+        return reading
+
+    async def _fetch_secret(self, resource_id: str, epoch: int) -> None:
+        client = await self._as()
+        try:
+            grant = await client.secret(resource_id, epoch)
+        except AsAccessDenied as exc:
+            raise AccessDenied(str(exc)) from None
+        except AsUnavailable as exc:
+            raise TransportError(f"cannot get the access secret: {exc}") from None
+        except AsError as exc:
+            if exc.code in ("4.04", "4.10"):
+                raise InvalidObject("the AS has no access secret for this epoch") from None
+            raise TransportError(f"cannot get the access secret: {exc}") from None
+        self.store.put_secret(resource_id, epoch, grant.secret)
+        log.info("access secret of %s epoch %d from the AS", resource_id, epoch)
+
+    # --- CoAP -------------------------------------------------------------------------------------
+
+    def _message(self, target: Target, observe: bool) -> Any:
+        from aiocoap import GET, Message
+        from aiocoap.message import UndecidedRemote
+
+        if target.proxy is None:
+            message = Message(code=GET, uri=target.uri)
+        else:
+            message = Message(code=GET)
+            message.opt.proxy_uri = target.uri
+            message.remote = UndecidedRemote.from_pathless_uri(target.proxy)
+        if observe:
+            message.opt.observe = 0
+        return message
+
+    async def _response(self, awaitable: Any, target: Target, *, wait: bool = True) -> Any:
+        """Await an aiocoap response (for at most ``timeout`` seconds, unless ``wait`` is false),
+        translating every failure to :class:`TransportError`."""
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout if wait else None)
+        except TimeoutError:
+            raise TransportError(
+                f"no answer from {target.peer} within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise TransportError(f"cannot reach {target.peer}: {exc.strerror or exc}") from None
+        except Exception as exc:
+            from aiocoap import error
+
+            if isinstance(exc, error.Error):
+                raise TransportError(f"cannot reach {target.peer}: {_describe(exc)}") from None
+            raise
+
+    def _payload(self, response: Any, target: Target) -> bytes:
+        code = response.code
+        if not code.is_successful():
+            raise TransportError(f"{target.peer} answered {code.dotted}")
+        if code.dotted != "2.05":
+            raise TransportError(f"{target.peer} answered {code.dotted}, not 2.05 Content")
+        if response.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
+            raise InvalidObject("the answer is not a protected object (content format)")
+        payload: bytes = response.payload
+        return payload
+
+    async def get(
+        self, uri: str, *, resource: str | None = None, proxy: str | None = None
+    ) -> Reading:
+        """Fetch, check and open the current representation of a resource.
+
+        Raises ``ValueError`` for a malformed URI, :class:`InvalidObject` when the object is
+        rejected (including a rollback: an object older than one accepted before),
+        :class:`AccessDenied` and :class:`TransportError`.
+        """
+        target = parse_target(uri, resource=resource, proxy=proxy)
+        await self.start()
+        request = self._coap.request(self._message(target, observe=False))
+        response = await self._response(request.response, target)
+        return await self.open_object(self._payload(response, target), target.resource_id)
+
+    async def observe(
+        self,
+        uri: str,
+        *,
+        resource: str | None = None,
+        proxy: str | None = None,
+        on_reject: RejectHandler | None = None,
+    ) -> AsyncGenerator[Reading, None]:
+        """Observe a resource: the current reading, then one per new object.
+
+        A rejected notification is logged, passed to ``on_reject`` and skipped: the observation
+        goes on (someone on the path must not be able to end it with one packet). A notification
+        equal to the newest accepted object is skipped silently. ``timeout`` bounds the wait for
+        the first answer only. Ends with :class:`TransportError` when the server ends the
+        observation or cannot be reached; raises :class:`AccessDenied` as :meth:`get` does.
+        """
+        target = parse_target(uri, resource=resource, proxy=proxy)
+        await self.start()
+        request = self._coap.request(self._message(target, observe=True))
+        observation = request.observation
+        try:
+            first = await self._response(request.response, target)
+            reading = await self._notification(first, target, False, on_reject)
+            if reading is not None:
+                yield reading
+            if first.opt.observe is None:
+                raise TransportError(f"{target.peer} did not accept the observation")
+            # Iterate only now: an iterator made earlier would hold aiocoap's end-of-observation
+            # error for a request that failed, and nobody would ever retrieve it.
+            notifications = observation.__aiter__()
+            ended = ""
+            while True:
+                try:
+                    # No time limit between notifications; once the server has said its last
+                    # word (an error code), the end of the observation follows at once.
+                    notification = await self._response(
+                        notifications.__anext__(), target, wait=bool(ended)
+                    )
+                except StopAsyncIteration:
+                    raise TransportError(f"{target.peer} ended the observation{ended}") from None
+                if not notification.code.is_successful():
+                    ended = f" ({notification.code.dotted})"
+                    continue
+                reading = await self._notification(notification, target, True, on_reject)
+                if reading is not None:
+                    yield reading
+        finally:
+            if not observation.cancelled:
+                observation.cancel()
+
+    async def _notification(
+        self, response: Any, target: Target, skip_same: bool, on_reject: RejectHandler | None
+    ) -> Reading | None:
+        try:
+            payload = self._payload(response, target)
+            return await self._open(payload, target.resource_id, skip_same=skip_same)
+        except InvalidObject as exc:
+            # The handler reports it; without one, the log is the only trace.
+            level = logging.INFO if on_reject is not None else logging.WARNING
+            log.log(level, "%s: notification rejected: %s", target.resource_id, exc.reason)
+            if on_reject is not None:
+                on_reject(exc)
+            return None
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    # aiocoap's messages name addresses and causes; keep them short and on one line.
+    return f"{name} ({' '.join(text.split())[:200]})" if text else name

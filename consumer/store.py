@@ -1,0 +1,257 @@
+"""The consumer's state: what it caches from the AS, and the freshness of what it has accepted.
+
+Three :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
+encrypted and authenticated under ``bundle.state_key("consumer")`` and written atomically with
+mode 0600:
+
+- ``trust``: producer certificates (kid → DER and the end of their validity) and the AS's CRL
+  (DER and its ``next_update``);
+- ``secrets``: access secrets per (resource, epoch), a bounded LRU (:data:`DEFAULT_MAX_SECRETS`);
+- ``freshness``: the :class:`~oscar.freshness.FreshnessState` snapshot, newest (epoch, seq) per
+  resource.
+
+Every file is read when the store opens; one that fails authentication raises
+:class:`~authz_server.client.StateError` and nothing is written. Each save re-reads the file under
+an exclusive lock on ``state_dir/lock`` and merges (newest freshness per resource, union of
+certificates and secrets), so two consumer processes sharing a directory never undo each other's
+freshness. With ``state_dir=None`` everything lives in memory only (and is lost at exit).
+
+What this module does not do: check certificates or CRLs (:mod:`consumer.trust` does, on every
+load), talk to the network, or decide freshness (:mod:`oscar.freshness` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from authz_server.client import SealedFile, StateError, private_dir
+from oscar.freshness import FreshnessState
+from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
+from oscar.names import is_resource_id
+
+__all__ = ["DEFAULT_MAX_SECRETS", "CachedCertificate", "CachedCrl", "ConsumerStore"]
+
+#: Access secrets kept at most; the least recently used go first.
+DEFAULT_MAX_SECRETS = 4096
+
+_KID_LENGTH = 8
+
+
+class CachedCertificate(NamedTuple):
+    """A producer certificate as the AS sent it, and when it stops being valid (seconds)."""
+
+    der: bytes
+    not_after: int
+
+
+class CachedCrl(NamedTuple):
+    """The AS's revocation list as it sent it, and when the AS promises the next one."""
+
+    der: bytes
+    next_update: int
+
+
+def _uint(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError
+    return value
+
+
+def _parse_trust(doc: Any) -> tuple[dict[bytes, CachedCertificate], CachedCrl | None]:
+    certificates: dict[bytes, CachedCertificate] = {}
+    if not isinstance(doc, dict) or set(doc) != {"certs", "crl"}:
+        raise TypeError
+    for entry in doc["certs"]:
+        kid, der, not_after = entry
+        if type(kid) is not bytes or len(kid) != _KID_LENGTH or type(der) is not bytes:
+            raise TypeError
+        certificates[kid] = CachedCertificate(der, _uint(not_after))
+    crl = None
+    if doc["crl"] is not None:
+        der, next_update = doc["crl"]
+        if type(der) is not bytes:
+            raise TypeError
+        crl = CachedCrl(der, _uint(next_update))
+    return certificates, crl
+
+
+def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
+    secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
+    if not isinstance(doc, list):
+        raise TypeError
+    for entry in doc:
+        rid, epoch, value = entry
+        if not is_resource_id(rid) or type(value) is not bytes:
+            raise TypeError
+        if len(value) != ACCESS_SECRET_LENGTH:
+            raise ValueError
+        secrets[(rid, _uint(epoch))] = AccessSecret(value)
+    return secrets
+
+
+class ConsumerStore:
+    """Certificates, the CRL, access secrets and freshness, in memory and (optionally) on disk."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None,
+        key: bytes,
+        *,
+        max_secrets: int = DEFAULT_MAX_SECRETS,
+    ) -> None:
+        """Open (creating it with mode 0700 if needed) and read the state directory.
+
+        Raises :class:`StateError` when a file is unreadable, fails authentication or holds
+        malformed data (nothing is written then), and ``OSError`` when the directory cannot be
+        made.
+        """
+        if max_secrets < 1:
+            raise ValueError("max_secrets must be at least 1")
+        self._max_secrets = max_secrets
+        self.certificates: dict[bytes, CachedCertificate] = {}
+        self.crl: CachedCrl | None = None
+        self._secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
+        self.freshness = FreshnessState()
+        self.directory: Path | None = None
+        self._files: dict[str, SealedFile] = {}
+        if state_dir is None:
+            return
+        self.directory = private_dir(Path(state_dir))
+        self._files = {
+            name: SealedFile(self.directory / name, key, f"consumer {name}")
+            for name in ("trust", "secrets", "freshness")
+        }
+        # Read everything before anything can be written: a bad file stops the consumer unchanged.
+        trust = self._load("trust", _parse_trust)
+        secrets = self._load("secrets", _parse_secrets)
+        freshness = self._load("freshness", FreshnessState.from_snapshot)
+        if trust is not None:
+            self.certificates, self.crl = trust
+        if secrets is not None:
+            self._secrets = secrets
+        if freshness is not None:
+            self.freshness = freshness
+
+    def __repr__(self) -> str:
+        where = "memory" if self.directory is None else str(self.directory)
+        return (
+            f"ConsumerStore({where!r}, certificates={len(self.certificates)}, "
+            f"secrets={len(self._secrets)}, resources={len(self.freshness)})"
+        )
+
+    @property
+    def persistent(self) -> bool:
+        return self.directory is not None
+
+    def _load(self, name: str, parse: Callable[[Any], Any]) -> Any:
+        file = self._files[name]
+        doc = file.load()
+        if doc is None:
+            return None
+        try:
+            return parse(doc)
+        except (TypeError, ValueError, KeyError):
+            raise StateError(f"{file.path} holds malformed data") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self.directory is None:  # pragma: no cover - callers check persistent first
+            raise RuntimeError("an in-memory store has no lock")
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # --- certificates and the CRL -----------------------------------------------------------------
+
+    def certificate(self, kid: bytes, now: int) -> bytes | None:
+        """The cached certificate (DER) of ``kid`` if it is still valid at ``now``."""
+        cached = self.certificates.get(kid)
+        return cached.der if cached is not None and now <= cached.not_after else None
+
+    def put_certificate(self, kid: bytes, der: bytes, not_after: int) -> None:
+        """Cache a certificate the caller has checked; OSError if the disk refuses."""
+        self.certificates[kid] = CachedCertificate(der, not_after)
+        self._save_trust()
+
+    def put_crl(self, der: bytes, next_update: int) -> None:
+        """Cache a CRL the caller has checked; OSError if the disk refuses."""
+        self.crl = CachedCrl(der, next_update)
+        self._save_trust()
+
+    def _save_trust(self) -> None:
+        if not self.persistent:
+            return
+        with self._locked():
+            stored = self._load("trust", _parse_trust)
+            if stored is not None:
+                certificates, crl = stored
+                for kid, cached in certificates.items():
+                    mine = self.certificates.get(kid)
+                    if mine is None or mine.not_after < cached.not_after:
+                        self.certificates[kid] = cached
+                if crl is not None and (self.crl is None or self.crl.next_update < crl.next_update):
+                    self.crl = crl
+            self._files["trust"].save(
+                {
+                    "certs": [[kid, c.der, c.not_after] for kid, c in self.certificates.items()],
+                    "crl": None if self.crl is None else [self.crl.der, self.crl.next_update],
+                }
+            )
+
+    # --- access secrets ---------------------------------------------------------------------------
+
+    def secret(self, resource_id: str, epoch: int) -> AccessSecret | None:
+        """The cached access secret of (resource, epoch), or None (a :class:`SecretLookup`)."""
+        secret = self._secrets.get((resource_id, epoch))
+        if secret is not None:
+            self._secrets.move_to_end((resource_id, epoch))
+        return secret
+
+    def put_secret(self, resource_id: str, epoch: int, secret: AccessSecret) -> None:
+        """Cache an access secret from the AS; OSError if the disk refuses."""
+        self._secrets[(resource_id, epoch)] = secret
+        self._secrets.move_to_end((resource_id, epoch))
+        if self.persistent:
+            with self._locked():
+                stored = self._load("secrets", _parse_secrets)
+                for index, value in (stored or {}).items():
+                    if index not in self._secrets:
+                        self._secrets[index] = value
+                        self._secrets.move_to_end(index, last=False)  # theirs: older than ours
+                self._trim()
+                self._files["secrets"].save(
+                    [[rid, epoch, s.value] for (rid, epoch), s in self._secrets.items()]
+                )
+        else:
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._secrets) > self._max_secrets:
+            self._secrets.popitem(last=False)
+
+    # --- freshness --------------------------------------------------------------------------------
+
+    def save_freshness(self) -> None:
+        """Persist the freshness state, merged with what another process may have recorded.
+
+        OSError if the disk refuses, :class:`StateError` if the file went bad meanwhile.
+        """
+        if not self.persistent:
+            return
+        with self._locked():
+            stored = self._load("freshness", FreshnessState.from_snapshot)
+            merged = self.freshness.snapshot()
+            for rid, (epoch, seq) in (stored.snapshot() if stored else {}).items():
+                if rid not in merged or tuple(merged[rid]) < (epoch, seq):
+                    merged[rid] = [epoch, seq]
+            self._files["freshness"].save(merged)
+            self.freshness = FreshnessState.from_snapshot(merged)
