@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -506,7 +506,7 @@ class AsClient:
             raise AsError("the AS answered for another resource")
         return state
 
-    async def watch_keys(self, resource_id: str) -> AsyncIterator[KeyState]:
+    async def watch_keys(self, resource_id: str) -> AsyncGenerator[KeyState, None]:
         """Observe GET /keys: the current state, then one per change, until the observation ends
         (then :class:`AsUnavailable`, so the caller retries)."""
         if self._ctx is None:
