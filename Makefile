@@ -52,7 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy oscar authz_server producer consumer
+	$(BIN)/mypy oscar authz_server producer consumer proxy
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)

@@ -323,9 +323,25 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        request = self._coap.request(self._message(target, observe=False))
-        response = await self._response(request.response, target)
+        _, response = await self._request(target, observe=False)
         return await self.open_object(self._payload(response, target), target.resource_id)
+
+    async def _request(self, target: Target, *, observe: bool) -> tuple[Any, Any]:
+        """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
+        amplify asks us to prove our address first); (aiocoap request, first response)."""
+        request = self._coap.request(self._message(target, observe))
+        try:
+            response = await self._response(request.response, target)
+            if response.code.dotted == "4.01" and response.opt.echo is not None:
+                _cancel(request)
+                message = self._message(target, observe)
+                message.opt.echo = response.opt.echo
+                request = self._coap.request(message)
+                response = await self._response(request.response, target)
+        except BaseException:
+            _cancel(request)
+            raise
+        return request, response
 
     async def observe(
         self,
@@ -345,10 +361,9 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        request = self._coap.request(self._message(target, observe=True))
+        request, first = await self._request(target, observe=True)
         observation = request.observation
         try:
-            first = await self._response(request.response, target)
             reading = await self._notification(first, target, False, on_reject)
             if reading is not None:
                 yield reading
@@ -390,6 +405,12 @@ class Consumer:
             if on_reject is not None:
                 on_reject(exc)
             return None
+
+
+def _cancel(request: Any) -> None:
+    observation = getattr(request, "observation", None)
+    if observation is not None and not observation.cancelled:
+        observation.cancel()
 
 
 def _describe(exc: Exception) -> str:

@@ -104,8 +104,13 @@ class ConsumerStore:
         key: bytes,
         *,
         max_secrets: int = DEFAULT_MAX_SECRETS,
+        files: tuple[str, ...] = ("trust", "secrets", "freshness"),
+        label: str = "consumer",
     ) -> None:
         """Open (creating it with mode 0700 if needed) and read the state directory.
+
+        ``files`` picks what is kept on disk (the proxy keeps only ``trust``: it never holds a
+        secret); ``label`` binds the files to their owner's role.
 
         Raises :class:`StateError` when a file is unreadable, fails authentication or holds
         malformed data (nothing is written then), and ``OSError`` when the directory cannot be
@@ -123,9 +128,10 @@ class ConsumerStore:
         if state_dir is None:
             return
         self.directory = private_dir(Path(state_dir))
+        if not set(files) <= {"trust", "secrets", "freshness"}:
+            raise ValueError("files are some of trust, secrets, freshness")
         self._files = {
-            name: SealedFile(self.directory / name, key, f"consumer {name}")
-            for name in ("trust", "secrets", "freshness")
+            name: SealedFile(self.directory / name, key, f"{label} {name}") for name in files
         }
         # Read everything before anything can be written: a bad file stops the consumer unchanged.
         trust = self._load("trust", _parse_trust)
@@ -150,7 +156,9 @@ class ConsumerStore:
         return self.directory is not None
 
     def _load(self, name: str, parse: Callable[[Any], Any]) -> Any:
-        file = self._files[name]
+        file = self._files.get(name)
+        if file is None:
+            return None
         doc = file.load()
         if doc is None:
             return None
@@ -188,7 +196,7 @@ class ConsumerStore:
         self._save_trust()
 
     def _save_trust(self) -> None:
-        if not self.persistent:
+        if "trust" not in self._files:
             return
         with self._locked():
             stored = self._load("trust", _parse_trust)
@@ -220,7 +228,7 @@ class ConsumerStore:
         """Cache an access secret from the AS; OSError if the disk refuses."""
         self._secrets[(resource_id, epoch)] = secret
         self._secrets.move_to_end((resource_id, epoch))
-        if self.persistent:
+        if "secrets" in self._files:
             with self._locked():
                 stored = self._load("secrets", _parse_secrets)
                 for index, value in (stored or {}).items():
@@ -245,7 +253,7 @@ class ConsumerStore:
 
         OSError if the disk refuses, :class:`StateError` if the file went bad meanwhile.
         """
-        if not self.persistent:
+        if "freshness" not in self._files:
             return
         with self._locked():
             stored = self._load("freshness", FreshnessState.from_snapshot)

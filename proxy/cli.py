@@ -1,0 +1,219 @@
+"""``oscar-proxy``: run the caching proxy, or read its counters.
+
+::
+
+    oscar-proxy --bundle proxy-1.json --state /var/lib/oscar/proxy --listen 127.0.0.1:5683 \\
+        [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls]
+    oscar-proxy stats --state /var/lib/oscar/proxy [--json]
+
+Forward proxying (Proxy-Uri) is always on; each ``--reverse`` maps a path prefix to a producer
+(``/PREFIX/REST`` is fetched from ``coap://HOST:PORT/PREFIX/REST``). Plain CoAP is served on the
+listen port and DTLS-PSK on the next one (identities: devices enrolled at the AS, keyed with link
+PSKs the AS derives for this proxy). Flags override the configuration file (see
+:mod:`proxy.config` for its format and the limits).
+
+Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start, 2 for bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from authz_server.client import AsError, BundleError, StateError
+from authz_server.dtls import IndexedCreds, end_sessions, label_of
+from oscar.cli import OneLineParser, fail, parse_args
+
+from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
+from .config import parse_reverse as _parse_reverse
+from .core import Proxy
+
+PROG = "oscar-proxy"
+log = logging.getLogger("oscar.proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=PROG,
+        description="Cache and relay protected CoAP objects without being able to read them.",
+        epilog="oscar-proxy stats --state DIR prints the running proxy's counters.",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration")
+    parser.add_argument("--bundle", type=Path, metavar="FILE", help="the proxy's bundle (0600)")
+    parser.add_argument("--state", type=Path, metavar="DIR", help="state directory (0700)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="plain CoAP; DTLS on PORT+1")
+    parser.add_argument(
+        "--reverse",
+        action="append",
+        default=[],
+        metavar="PREFIX=coap://HOST:PORT",
+        help="map a path prefix to a producer (repeatable)",
+    )
+    parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
+    parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    return parser
+
+
+def build_stats_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=f"{PROG} stats", description="Print a running proxy's counters.")
+    parser.add_argument("--state", type=Path, metavar="DIR", required=True)
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> ProxyConfig:
+    reverse = dict(_parse_reverse(item) for item in args.reverse) or None
+    overrides: dict[str, Any] = {
+        "bundle": args.bundle,
+        "state": args.state,
+        "listen": parse_listen(args.listen) if args.listen is not None else None,
+        "reverse": reverse,
+        "plain": False if args.no_plain else None,
+        "dtls": False if args.no_dtls else None,
+    }
+    if args.config is not None:
+        return load_config(args.config, **overrides)
+    return config_from_mapping({}, base=Path.cwd(), where="the flags", **overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for name in ("coap", "coap-server"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
+    """Run a proxy until ``stop`` is set."""
+    from aiocoap import Context
+
+    from .server import ProxySite
+
+    proxy = Proxy(config)
+    proxy.open()
+    site = ProxySite(proxy)
+    creds = IndexedCreds()
+    transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
+    host, port = config.listen
+    ctx = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        ctx = await Context.create_server_context(
+            site, bind=(host, port), transports=transports, server_credentials=creds
+        )
+        tasks.append(asyncio.create_task(_write_stats(proxy), name="stats"))
+        if config.dtls:
+            tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
+        shown = f"[{host}]" if ":" in host else host
+        log.info(
+            "serving%s%s",
+            f" coap://{shown}:{port}" if config.plain else "",
+            f" coaps://{shown}:{port + 1}" if config.dtls else "",
+        )
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if ctx is not None:
+            await ctx.shutdown()
+        with contextlib.suppress(OSError):
+            proxy.write_stats()
+        await proxy.close()
+        log.info("stopped")
+
+
+async def _write_stats(proxy: Proxy) -> None:
+    while True:
+        try:
+            proxy.write_stats()
+        except OSError as exc:
+            log.warning("cannot write stats: %s", exc.strerror)
+        await asyncio.sleep(1.0)
+
+
+async def _refresh_links(proxy: Proxy, creds: IndexedCreds, ctx: Any) -> None:
+    """Keep the DTLS credentials equal to the AS's link keys for this proxy."""
+    while True:
+        try:
+            client = await proxy.as_client()
+            links = await client.links()
+            current = creds.device_ids()
+            for device_id, psk in links.items():
+                creds.set_device(device_id, psk)
+            for device_id in current - links.keys():
+                creds.remove_device(device_id)
+                end_sessions(ctx, label_of(device_id))
+                log.info("%s may no longer connect", device_id)
+        except AsError as exc:
+            log.warning("cannot refresh the link keys from the AS: %s", exc)
+        await asyncio.sleep(proxy.limits.links_refresh)
+
+
+def stats_main(argv: list[str]) -> int:
+    args = parse_args(build_stats_parser(), argv)
+    if isinstance(args, int):
+        return args
+    path = args.state / "stats.json"
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return fail(f"{PROG} stats", f"no {path}: is a proxy running with --state {args.state}?", 1)
+    except (OSError, ValueError) as exc:
+        return fail(f"{PROG} stats", f"cannot read {path}: {exc}", 1)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for key, value in doc.items():
+            print(f"{key:24} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return stats_main(argv[1:])
+    args = parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        return fail(PROG, str(exc), 2)
+    configure_logging(args.log_level)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(run())
+    except (BundleError, StateError) as exc:
+        return fail(PROG, f"cannot start: {exc}", 1)
+    except OSError as exc:
+        return fail(PROG, f"cannot start: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

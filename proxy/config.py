@@ -1,0 +1,168 @@
+"""The proxy's configuration, from code, flags or a TOML file (:func:`load_config`)::
+
+    bundle = "/etc/oscar/proxy-1.json"
+    state = "/var/lib/oscar/proxy"
+    listen = "0.0.0.0:5683"            # plain CoAP; DTLS (publishing, consumers) on port+1
+    plain = true                       # false: DTLS only
+    dtls = true                        # false: plain CoAP only (no publishing)
+
+    [reverse]                          # prefix -> producer: /PREFIX/REST from URI/PREFIX/REST
+    "sensor-1" = "coap://192.0.2.10:5683"
+
+    [limits]
+    memory_entries = 10000
+    memory_bytes = 67108864
+    disk_entries = 100000
+    disk_bytes = 1073741824
+    published_max_age = 60             # Max-Age of an object PUT without one
+    upstream_timeout = 5.0             # seconds per upstream request
+    upstream_backoff = 5.0             # after an upstream failure, serve the cache this long
+    links_refresh = 10.0               # seconds between fetches of the DTLS link keys from the AS
+
+Every check happens before anything starts; a bad value is a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from oscar import names
+from oscar.errors import OscarError
+
+__all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
+
+
+class ConfigError(OscarError, ValueError):
+    """The configuration is unusable; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_entries: int = 10_000
+    memory_bytes: int = 64 << 20
+    disk_entries: int = 100_000
+    disk_bytes: int = 1 << 30
+    published_max_age: int = 60
+    upstream_timeout: float = 5.0
+    upstream_backoff: float = 5.0
+    links_refresh: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if type(value) is not int or value < (0 if f.name == "published_max_age" else 1):
+                    raise ConfigError(f"limits.{f.name} is a positive whole number")
+            elif not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"limits.{f.name} is 0 to 3600 seconds")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    bundle: Path
+    state: Path
+    listen: tuple[str, int]
+    reverse: dict[str, str] = field(default_factory=dict)
+    plain: bool = True
+    dtls: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not self.plain and not self.dtls:
+            raise ConfigError("plain and dtls are both off: nothing to listen on")
+        for prefix, uri in self.reverse.items():
+            parse_reverse(f"{prefix}={uri}")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ConfigError(f"listen {text!r}: HOST:PORT expected, port 1 to 65534")
+    return host, int(port)
+
+
+def parse_reverse(text: str) -> tuple[str, str]:
+    """``PREFIX=coap://HOST:PORT``: requests for /PREFIX/REST go to coap://HOST:PORT/PREFIX/REST."""
+    prefix, sep, uri = text.partition("=")
+    prefix = prefix.strip("/")
+    if (
+        not sep
+        or not prefix
+        or not all(names.is_resource_id(f"x/{segment}") for segment in prefix.split("/"))
+    ):
+        raise ConfigError(f"reverse {text!r}: PREFIX=coap://HOST:PORT expected")
+    parts = urlsplit(uri)
+    if parts.scheme != "coap" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"reverse {text!r}: the target is coap://HOST[:PORT]")
+    return prefix, uri.rstrip("/")
+
+
+def load_config(path: Path, **overrides: Any) -> ProxyConfig:
+    """Read a TOML file; ``overrides`` that are not None replace its values."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return config_from_mapping(doc, base=path.parent, where=str(path), **overrides)
+
+
+def config_from_mapping(
+    doc: dict[str, Any], *, base: Path, where: str = "config", **overrides: Any
+) -> ProxyConfig:
+    known = {"bundle", "state", "listen", "reverse", "plain", "dtls", "limits"}
+    unknown = set(doc) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+
+    def resolve(value: object, what: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {what} is a path (text)")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else base / p
+
+    values: dict[str, Any] = {}
+    if "bundle" in doc:
+        values["bundle"] = resolve(doc["bundle"], "bundle")
+    if "state" in doc:
+        values["state"] = resolve(doc["state"], "state")
+    if "listen" in doc:
+        if not isinstance(doc["listen"], str):
+            raise ConfigError(f'{where}: listen is "HOST:PORT"')
+        values["listen"] = parse_listen(doc["listen"])
+    for flag in ("plain", "dtls"):
+        if flag in doc:
+            if not isinstance(doc[flag], bool):
+                raise ConfigError(f"{where}: {flag} is true or false")
+            values[flag] = doc[flag]
+    reverse = doc.get("reverse", {})
+    if not isinstance(reverse, dict) or not all(isinstance(v, str) for v in reverse.values()):
+        raise ConfigError(f'{where}: [reverse] maps "PREFIX" = "coap://HOST:PORT"')
+    values["reverse"] = dict(parse_reverse(f"{k}={v}") for k, v in reverse.items())
+    limits = doc.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigError(f"{where}: [limits] is a table")
+    bad = set(limits) - {f.name for f in fields(Limits)}
+    if bad:
+        raise ConfigError(f"{where}: unknown limit(s) {', '.join(sorted(bad))}")
+    values["limits"] = Limits(**limits)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "reverse":
+            values["reverse"] = {**values["reverse"], **value}
+        else:
+            values[key] = value
+    missing = [k for k in ("bundle", "state", "listen") if k not in values]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} required")
+    return ProxyConfig(**values)

@@ -1,0 +1,400 @@
+"""The proxy's logic: verify before cache, fetch and revalidate upstream, relay observations.
+
+Every object the proxy takes — fetched from a producer or published to it — passes
+:meth:`Proxy.check` first, with no secret: strict decoding, the resource it must be of, a signer
+certificate from the AS CA naming the producer that owns the resource, not revoked, the signature,
+not expired, not issued in the future; and then it must be newer (epoch, seq) than what the proxy
+holds. A bad object is counted and dropped: never cached, never served.
+
+Lookups (:meth:`Proxy.lookup`) serve a fresh entry at once; otherwise one upstream request per
+resource is in flight at a time (concurrent misses wait for it), with the entry's upstream ETag for
+a 2.03 revalidation. When the upstream fails, the newest valid entry is served until its ``exp``,
+and the upstream is left alone for ``upstream_backoff`` seconds.
+
+Observations: any number of downstream observers of a resource share one upstream observation,
+started with the first and cancelled with the last; every upstream notification is checked like a
+fetch, and each new object is pushed to all observers (also a published one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write
+from consumer.errors import AccessDenied, TransportError
+from consumer.store import ConsumerStore
+from consumer.trust import Trust
+from oscar.errors import CertificateError, InvalidObject
+from oscar.objects import ProtectedObject, object_etag, verify
+
+from .cache import Cache, DiskCache, Entry
+from .config import ProxyConfig
+
+__all__ = ["Proxy", "Stats", "Unavailable"]
+
+log = logging.getLogger("oscar.proxy")
+
+
+class Unavailable(Exception):
+    """No valid object to serve and the upstream did not give one. ``code`` for the reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Stats:
+    hits: int = 0
+    misses: int = 0
+    revalidations: int = 0
+    stale_served: int = 0
+    rejected: int = 0
+    upstream_errors: int = 0
+    upstream_requests: int = 0
+    published: int = 0
+    publish_refused: int = 0
+    echo_challenges: int = 0
+    evictions: int = 0
+    observers: int = 0
+    upstream_observations: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {k: v for k, v in vars(self).items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+class Proxy:
+    """One proxy's cache, trust and upstream client; :mod:`proxy.server` puts CoAP in front."""
+
+    def __init__(self, config: ProxyConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.limits = config.limits
+        self._clock = clock
+        self.stats = Stats()
+        self.bundle: Bundle = None  # type: ignore[assignment]  # set by open()
+        self.cache: Cache = None  # type: ignore[assignment]
+        self.trust: Trust = None  # type: ignore[assignment]
+        self._as_client: AsClient | None = None
+        self._upstream: Any = None
+        self._inflight: dict[str, asyncio.Future[Entry | None]] = {}
+        self._backoff: dict[str, float] = {}
+        self._observations: dict[str, asyncio.Task[None]] = {}
+        self.on_new_object: list[Callable[[str], None]] = []
+
+    def __repr__(self) -> str:
+        return f"Proxy({self.config.listen!r}, cache={self.cache!r})"
+
+    def now(self) -> float:
+        return self._clock()
+
+    # --- life cycle ---
+
+    def open(self) -> None:
+        """Load the bundle and the state (synchronous: nothing is served yet)."""
+        bundle = Bundle.load(self.config.bundle)
+        if bundle.role != "proxy":
+            from authz_server.client import BundleError
+
+            raise BundleError(f"the bundle is for a {bundle.role}, not a proxy")
+        self.bundle = bundle
+        state = self.config.state
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        disk = DiskCache(
+            state / "cache.db",
+            bundle.state_key("proxy storage"),
+            max_entries=self.limits.disk_entries,
+            max_bytes=self.limits.disk_bytes,
+        )
+        self.cache = Cache(
+            disk, max_entries=self.limits.memory_entries, max_bytes=self.limits.memory_bytes
+        )
+        store = ConsumerStore(
+            state / "trust", bundle.state_key("proxy trust"), files=("trust",), label="proxy"
+        )
+        self.trust = Trust(bundle, store, self.as_client)
+
+    async def as_client(self) -> AsClient:
+        if self._as_client is None:
+            self._as_client = AsClient(self.bundle, timeout=10.0)
+        return self._as_client
+
+    async def upstream(self) -> Any:
+        if self._upstream is None:
+            from aiocoap import Context
+
+            self._upstream = await Context.create_client_context(transports=["udp6"])
+        return self._upstream
+
+    async def close(self) -> None:
+        for task in self._observations.values():
+            task.cancel()
+        for task in list(self._observations.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._observations.clear()
+        if self._upstream is not None:
+            await self._upstream.shutdown()
+            self._upstream = None
+        if self._as_client is not None:
+            await self._as_client.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def write_stats(self) -> None:
+        self.stats.evictions = self.cache.evictions
+        doc = {
+            **self.stats.as_dict(),
+            "memory_entries": len(self.cache),
+            "memory_bytes": self.cache.memory_bytes,
+            "disk_entries": len(self.cache.disk) if self.cache.disk else 0,
+            "disk_bytes": self.cache.disk.size if self.cache.disk else 0,
+            "time": int(self.now()),
+        }
+        atomic_write(self.config.state / "stats.json", json.dumps(doc).encode(), 0o600)
+
+    # --- checking objects ---
+
+    async def check(self, data: bytes, resource_id: str, upstream: str | None) -> Entry:
+        """Verify ``data`` as an object of ``resource_id`` (no secret involved).
+
+        Raises :class:`InvalidObject` (counted as rejected) and :class:`TransportError` when the
+        AS is needed (a certificate, a CRL) and cannot be reached: then nothing is cached.
+        """
+        now = int(self.now())
+        try:
+            obj = ProtectedObject.from_bytes(data)
+            m = obj.metadata
+            if m.resource_id != resource_id:
+                raise InvalidObject("object is for another resource")
+            key = await self.trust.signer(m.kid, now)
+            verify(
+                data,
+                signer=key,
+                now=now,
+                resource_id=resource_id,
+                trust_anchor=self.bundle.ca_certificate,
+            )
+            revoked = await self.trust.revoked_serials(now)
+            try:
+                key.check(m.producer_id, now, revoked)
+            except CertificateError as exc:
+                raise InvalidObject(f"signer not acceptable: {exc}") from None
+        except AccessDenied as exc:  # the AS refused this proxy a certificate or the CRL
+            raise TransportError(str(exc)) from None
+        except InvalidObject as exc:
+            self.stats.rejected += 1
+            log.info("rejected an object for %s: %s", resource_id, getattr(exc, "reason", exc))
+            raise
+        return Entry(
+            resource_id=resource_id,
+            obj=bytes(data),
+            epoch=m.epoch,
+            seq=m.seq,
+            exp=m.exp,
+            etag=object_etag(resource_id, m.epoch, m.seq),
+            kid=m.kid,
+            serial=key.serial,
+            upstream=upstream,
+            upstream_etag=None,
+            fresh_until=0.0,
+        )
+
+    def valid(self, entry: Entry | None) -> Entry | None:
+        """The entry if it may still be served (not past its ``exp``)."""
+        return entry if entry is not None and self.now() <= entry.exp else None
+
+    def store(self, entry: Entry) -> bool:
+        """Keep ``entry`` if it is newer than what is held; True if it replaced it."""
+        held = self.cache.get(entry.resource_id)
+        if held is not None and entry.version < held.version:
+            self.stats.rejected += 1
+            log.info("rejected a rollback of %s", entry.resource_id)
+            return False
+        if held is not None and entry.version == held.version:
+            # The same object again: keep the bytes first seen (a re-signed copy is not new).
+            self.cache.touch(held.refreshed(entry.fresh_until))
+            return False
+        self.cache.put(entry)
+        for notify in self.on_new_object:
+            notify(entry.resource_id)
+        return True
+
+    # --- lookups ---
+
+    async def lookup(self, resource_id: str, upstream: str | None) -> Entry:
+        """The object to serve for ``resource_id``; :class:`Unavailable` if there is none."""
+        entry = self.valid(self.cache.get(resource_id))
+        now = self.now()
+        if entry is not None and now < entry.fresh_until:
+            self.stats.hits += 1
+            return entry
+        source = upstream or (entry.upstream if entry is not None else None)
+        if source is None:
+            if entry is not None:  # published: the newest we have, until its exp
+                self.stats.hits += 1
+                return entry
+            raise Unavailable("4.04", "nothing cached for this resource")
+        if entry is not None and now < self._backoff.get(resource_id, 0.0):
+            self.stats.stale_served += 1
+            return entry
+        future = self._inflight.get(resource_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[resource_id] = future
+            try:
+                result = await self._refresh(resource_id, source, entry)
+                future.set_result(result)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise it
+                raise
+            finally:
+                del self._inflight[resource_id]
+        else:
+            result = await asyncio.shield(future)
+        if result is None:
+            raise Unavailable("5.02", "the upstream gave no valid object")
+        return result
+
+    async def _refresh(self, resource_id: str, source: str, entry: Entry | None) -> Entry | None:
+        from aiocoap import GET, Message
+
+        ctx = await self.upstream()
+        request = Message(code=GET, uri=source)
+        if entry is not None and entry.upstream_etag is not None:
+            request.opt.etags = (entry.upstream_etag,)
+            self.stats.revalidations += 1
+        else:
+            self.stats.misses += 1
+        self.stats.upstream_requests += 1
+        try:
+            pending = ctx.request(request)
+            response = await asyncio.wait_for(pending.response, self.limits.upstream_timeout)
+        except Exception as exc:
+            return self._upstream_failed(resource_id, entry, f"{type(exc).__name__}")
+        return await self._take(resource_id, source, entry, response)
+
+    async def _take(
+        self, resource_id: str, source: str, entry: Entry | None, response: Any
+    ) -> Entry | None:
+        """Fold one upstream response into the cache; the entry to serve (or None)."""
+        now = self.now()
+        max_age = response.opt.max_age if response.opt.max_age is not None else 60
+        code = response.code.dotted
+        if code == "2.03" and entry is not None:
+            fresh = entry.refreshed(now + max_age)
+            self.cache.touch(fresh)
+            self._backoff.pop(resource_id, None)
+            return self.valid(fresh)
+        if code != "2.05" or response.opt.content_format != 18:
+            return self._upstream_failed(resource_id, entry, f"answer {code}")
+        try:
+            new = await self.check(bytes(response.payload), resource_id, source)
+        except InvalidObject:
+            return self.valid(entry)  # keep serving what we hold, if anything
+        except TransportError as exc:
+            log.warning("cannot verify an object of %s: %s", resource_id, exc)
+            return self._upstream_failed(resource_id, entry, "AS unavailable")
+        fresh = _with(new, upstream_etag=response.opt.etag, fresh_until=now + max_age)
+        self._backoff.pop(resource_id, None)
+        if self.store(fresh):
+            return fresh
+        held = self.cache.get(resource_id)
+        return self.valid(held)
+
+    def _upstream_failed(self, resource_id: str, entry: Entry | None, why: str) -> Entry | None:
+        self.stats.upstream_errors += 1
+        self._backoff[resource_id] = self.now() + self.limits.upstream_backoff
+        if len(self._backoff) > 10_000:
+            self._backoff.pop(next(iter(self._backoff)))
+        log.info("upstream of %s failed: %s", resource_id, why)
+        valid = self.valid(entry)
+        if valid is not None:
+            self.stats.stale_served += 1
+        return valid
+
+    # --- publishing ---
+
+    async def publish(self, resource_id: str, data: bytes, max_age: int | None) -> bool:
+        """Take an object PUT by its owner. True if it is new; InvalidObject if rejected
+        (rollbacks included); TransportError when it cannot be verified now."""
+        entry = await self.check(data, resource_id, None)
+        held = self.cache.get(resource_id)
+        if held is not None and entry.version < held.version:
+            self.stats.rejected += 1
+            raise InvalidObject("older than the object held")
+        age = self.limits.published_max_age if max_age is None else max_age
+        entry = _with(
+            entry,
+            upstream=held.upstream if held is not None else None,
+            fresh_until=self.now() + age,
+        )
+        new = self.store(entry)
+        if new:
+            self.stats.published += 1
+        return new
+
+    # --- observation relay ---
+
+    def observe_upstream(self, resource_id: str, source: str | None) -> None:
+        """Make sure one upstream observation feeds ``resource_id`` (if it has an upstream)."""
+        if source is None or resource_id in self._observations:
+            return
+        self._observations[resource_id] = asyncio.create_task(
+            self._relay(resource_id, source), name=f"observe {resource_id}"
+        )
+        self.stats.upstream_observations = len(self._observations)
+
+    def stop_observing(self, resource_id: str) -> None:
+        task = self._observations.pop(resource_id, None)
+        if task is not None:
+            task.cancel()
+        self.stats.upstream_observations = len(self._observations)
+
+    async def _relay(self, resource_id: str, source: str) -> None:
+        from aiocoap import GET, Message
+
+        delay = 1.0
+        while True:
+            ctx = await self.upstream()
+            request = ctx.request(Message(code=GET, uri=source, observe=0))
+            try:
+                first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
+                await self._notified(resource_id, source, first)
+                if first.opt.observe is None:
+                    raise AsUnavailable("the upstream does not take observers")
+                delay = 1.0
+                async for notification in request.observation:
+                    await self._notified(resource_id, source, notification)
+                log.info("upstream observation of %s ended; again", resource_id)
+            except asyncio.CancelledError:
+                request.observation.cancel()
+                raise
+            except Exception as exc:
+                self.stats.upstream_errors += 1
+                log.info("upstream observation of %s failed: %s", resource_id, type(exc).__name__)
+            finally:
+                if not request.observation.cancelled:
+                    request.observation.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _notified(self, resource_id: str, source: str, response: Any) -> None:
+        held = self.cache.get(resource_id)
+        await self._take(resource_id, source, held, response)
+
+
+def _with(entry: Entry, **changes: Any) -> Entry:
+    from dataclasses import replace
+
+    return replace(entry, **changes)

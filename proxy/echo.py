@@ -1,0 +1,80 @@
+"""No amplification: an unverified address gets no reply much larger than its request.
+
+RFC 7252 §11.3 and RFC 9175 §2.4: a server must not answer an unauthenticated request with a
+response more than three times its size, unless the client showed that it receives at its claimed
+address. The proxy challenges such a client with 4.01 Unauthorized carrying an Echo option; a client
+that repeats its request with that Echo value has proved its address, which is then trusted for
+:data:`VERIFIED_FOR` seconds (a bounded table). DTLS peers are verified by their handshake.
+
+The Echo value is stateless: 4 bytes of time and 8 bytes of HMAC over (time, address) under a key
+made at start, valid for :data:`ECHO_LIFETIME` seconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+__all__ = ["AMPLIFICATION_FACTOR", "AddressCheck"]
+
+AMPLIFICATION_FACTOR = 3
+ECHO_LIFETIME = 60
+VERIFIED_FOR = 300.0
+
+
+class AddressCheck:
+    """Issues and checks Echo values; remembers verified addresses."""
+
+    def __init__(
+        self, *, max_addresses: int = 65_536, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._key = os.urandom(32)
+        self._verified: OrderedDict[str, float] = OrderedDict()
+        self._max = max_addresses
+        self._clock = clock
+        self.challenges = 0
+
+    def __repr__(self) -> str:
+        return f"AddressCheck(verified={len(self._verified)})"
+
+    def _mac(self, stamp: bytes, address: str) -> bytes:
+        return hmac.new(self._key, stamp + address.encode(), "sha256").digest()[:8]
+
+    def challenge(self, address: str) -> bytes:
+        """A fresh Echo value for ``address``."""
+        self.challenges += 1
+        stamp = struct.pack(">I", int(self._clock()) & 0xFFFF_FFFF)
+        return stamp + self._mac(stamp, address)
+
+    def is_verified(self, address: str) -> bool:
+        seen = self._verified.get(address)
+        if seen is None:
+            return False
+        if self._clock() - seen > VERIFIED_FOR:
+            del self._verified[address]
+            return False
+        return True
+
+    def prove(self, address: str, echo: bytes | None) -> bool:
+        """Whether ``echo`` is a valid, recent value we gave ``address``; remembers it if so."""
+        if echo is None or len(echo) != 12:
+            return False
+        stamp, mac = echo[:4], echo[4:]
+        if not hmac.compare_digest(mac, self._mac(stamp, address)):
+            return False
+        age = (int(self._clock()) - struct.unpack(">I", stamp)[0]) & 0xFFFF_FFFF
+        if age > ECHO_LIFETIME:
+            return False
+        self._verified[address] = self._clock()
+        self._verified.move_to_end(address)
+        while len(self._verified) > self._max:
+            self._verified.popitem(last=False)
+        return True
+
+    def allows(self, address: str, request_size: int, response_size: int) -> bool:
+        """Whether a response of ``response_size`` may go to an unauthenticated ``address``."""
+        return response_size <= AMPLIFICATION_FACTOR * request_size or self.is_verified(address)

@@ -1,0 +1,252 @@
+"""The proxy's CoAP face: one site for forward and reverse proxying, publishing and observing.
+
+=========================================  ===================================================
+``GET`` with Proxy-Uri (or Proxy-Scheme)   forward: the target ``coap://HOST:PORT/<rid>``
+``GET /PREFIX/...`` (``--reverse``)        reverse: ``URI/PREFIX/...`` of the mapped producer
+``GET /<rid>`` (no mapping)                what was published for ``<rid>``, if anything
+``GET`` + ``Observe: 0``                   as GET, then every new object (one upstream observation)
+``PUT /<rid>`` (DTLS, the owner only)      publish an object (content format 18)
+``GET /.well-known/oscar-stats``           counters (JSON), from loopback or over DTLS
+=========================================  ===================================================
+
+The resource id an object must be of is the target's path (producers serve ``<rid>`` at
+``/<rid>``). Answers carry the object, content format 18, its ETag (:func:`oscar.object_etag`;
+a matching ETag gets 2.03) and Max-Age (what is left of the freshness, never past ``exp``).
+Refusals: 4.00 a malformed request or a rejected object (one opaque answer; the reason is logged),
+4.03 a PUT by anyone but the owner over DTLS, 4.04 nothing to serve, 4.13 an object over the size
+limit, 5.02 the upstream gave nothing valid, 5.03 the AS is needed to verify and cannot be reached,
+5.05 a scheme other than ``coap``. Plain-CoAP clients whose address is not verified get 4.01 with
+an Echo option instead of a reply more than three times their request (:mod:`proxy.echo`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from aiocoap import Message, interfaces
+from aiocoap.numbers.codes import Code
+from aiocoap.resource import ObservableResource
+
+from authz_server.dtls import device_of_label
+from consumer.errors import TransportError
+from oscar import names
+from oscar.errors import InvalidObject
+from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
+
+from .core import Proxy, Unavailable
+from .echo import AddressCheck
+
+__all__ = ["ProxySite"]
+
+log = logging.getLogger("oscar.proxy")
+
+STATS_PATH = (".well-known", "oscar-stats")
+_CODES = {
+    "4.00": Code.BAD_REQUEST,
+    "4.04": Code.NOT_FOUND,
+    "5.02": Code.BAD_GATEWAY,
+    "5.03": Code.SERVICE_UNAVAILABLE,
+    "5.05": Code.PROXYING_NOT_SUPPORTED,
+}
+
+
+class BadTarget(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def identity(remote: Any) -> str | None:
+    """The device id a DTLS session authenticated, or None (plain CoAP)."""
+    claims: Any = getattr(remote, "authenticated_claims", ())
+    if len(claims) != 1:
+        return None
+    return device_of_label(claims[0])
+
+
+def _request_size(request: Message) -> int:
+    try:
+        return len(request.encode())
+    except Exception:
+        return 0
+
+
+def _address(remote: Any) -> str:
+    return str(getattr(remote, "hostinfo", remote))
+
+
+def _loopback(remote: Any) -> bool:
+    host = str(getattr(remote, "hostinfo", "")).rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class ProxySite(ObservableResource):  # type: ignore[misc]
+    """Every path of the proxy (it is the site's root resource)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.addresses = AddressCheck()
+        self._observers: dict[str, set[Any]] = {}
+        proxy.on_new_object.append(self._notify)
+
+    # --- targets ---
+
+    def target(self, request: Message) -> tuple[str, str | None]:
+        """(resource id, upstream URI or None) of a request; BadTarget if malformed."""
+        opt = request.opt
+        if opt.proxy_uri is not None or opt.proxy_scheme is not None:
+            if opt.proxy_uri is not None:
+                parts = urlsplit(opt.proxy_uri)
+                scheme, host, port, path = parts.scheme, parts.hostname, parts.port, parts.path
+                if parts.query or parts.fragment:
+                    raise BadTarget("4.00", "no query in a proxied URI")
+            else:
+                scheme, host, port = opt.proxy_scheme, opt.uri_host, opt.uri_port
+                path = "/" + "/".join(opt.uri_path)
+            if scheme != "coap":
+                raise BadTarget("5.05", "only coap:// targets are proxied")
+            if not host:
+                raise BadTarget("4.00", "the proxied URI has no host")
+            resource_id = unquote(path.lstrip("/"))
+            if not names.is_resource_id(resource_id):
+                raise BadTarget("4.00", "the target path is not a resource id")
+            netloc = f"[{host}]" if ":" in host else host
+            return resource_id, f"coap://{netloc}:{port or 5683}/{resource_id}"
+        segments = tuple(opt.uri_path)
+        resource_id = "/".join(segments)
+        if not names.is_resource_id(resource_id):
+            raise BadTarget("4.04", "not a resource id")
+        reverse = self.proxy.config.reverse
+        for cut in range(len(segments), 0, -1):
+            base = reverse.get("/".join(segments[:cut]))
+            if base is not None:
+                return resource_id, f"{base}/{resource_id}"
+        return resource_id, None
+
+    # --- request path ---
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return True
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        block1 = request.opt.block1
+        if len(request.payload) + (block1.start if block1 else 0) > DEFAULT_MAX_OBJECT_SIZE:
+            pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
+            return
+        if request.opt.observe == 0 and request.code == Code.GET:
+            await interfaces.ObservableResource._render_to_pipe(self, pipe)
+        else:
+            await interfaces.Resource._render_to_pipe(self, pipe)
+
+    async def render(self, request: Message) -> Message:
+        if tuple(request.opt.uri_path) == STATS_PATH and request.opt.proxy_uri is None:
+            return self._stats(request)
+        try:
+            resource_id, upstream = self.target(request)
+        except BadTarget as exc:
+            return Message(code=_CODES[exc.code], payload=str(exc).encode())
+        if request.code == Code.GET:
+            return await self._get(request, resource_id, upstream)
+        if request.code == Code.PUT:
+            return await self._put(request, resource_id)
+        return Message(code=Code.METHOD_NOT_ALLOWED)
+
+    async def _get(self, request: Message, resource_id: str, upstream: str | None) -> Message:
+        try:
+            entry = await self.proxy.lookup(resource_id, upstream)
+        except Unavailable as exc:
+            return Message(code=_CODES[exc.code], max_age=1)
+        now = self.proxy.now()
+        max_age = int(max(0.0, min(entry.fresh_until - now, entry.exp - now)))
+        if entry.etag in (request.opt.etags or ()):
+            response = Message(code=Code.VALID, etag=entry.etag, max_age=max_age)
+        else:
+            response = Message(
+                code=Code.CONTENT,
+                payload=entry.obj,
+                content_format=18,
+                etag=entry.etag,
+                max_age=max_age,
+            )
+        return self._guard(request, response)
+
+    def _guard(self, request: Message, response: Message) -> Message:
+        """No amplification towards an address that has not proven itself."""
+        if identity(request.remote) is not None:
+            return response
+        address = _address(request.remote)
+        size = len(response.payload) + 16
+        if self.addresses.allows(address, _request_size(request), size):
+            return response
+        if self.addresses.prove(address, request.opt.echo):
+            return response
+        self.proxy.stats.echo_challenges += 1
+        return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
+
+    async def _put(self, request: Message, resource_id: str) -> Message:
+        device = identity(request.remote)
+        if device is None or not names.owns(device, resource_id):
+            self.proxy.stats.publish_refused += 1
+            log.info(
+                "refused a PUT of %s from %s", resource_id, device or "an unauthenticated peer"
+            )
+            return Message(code=Code.FORBIDDEN)
+        if request.opt.content_format != 18:
+            return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
+        try:
+            await self.proxy.publish(resource_id, bytes(request.payload), request.opt.max_age)
+        except InvalidObject:
+            return Message(code=Code.BAD_REQUEST, payload=b"object rejected")
+        except TransportError:
+            return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
+        return Message(code=Code.CHANGED)
+
+    def _stats(self, request: Message) -> Message:
+        if identity(request.remote) is None and not _loopback(request.remote):
+            return Message(code=Code.FORBIDDEN)
+        self.proxy.stats.observers = sum(len(v) for v in self._observers.values())
+        doc = {
+            **self.proxy.stats.as_dict(),
+            "memory_entries": len(self.proxy.cache),
+            "disk_entries": len(self.proxy.cache.disk) if self.proxy.cache.disk else 0,
+        }
+        return Message(code=Code.CONTENT, payload=json.dumps(doc).encode(), content_format=50)
+
+    # --- observation ---
+
+    async def add_observation(self, request: Message, observation: Any) -> None:
+        try:
+            resource_id, upstream = self.target(request)
+        except BadTarget:
+            return  # the render answers the error; no observation
+        watchers = self._observers.setdefault(resource_id, set())
+        watchers.add(observation)
+        self.proxy.observe_upstream(resource_id, upstream)
+        self.proxy.stats.observers += 1
+
+        def cancel() -> None:
+            self.proxy.stats.observers -= 1
+            left = self._observers.get(resource_id)
+            if left is not None:
+                left.discard(observation)
+                if not left:
+                    del self._observers[resource_id]
+                    self.proxy.stop_observing(resource_id)
+
+        observation.accept(cancel)
+
+    def _notify(self, resource_id: str) -> None:
+        for observation in list(self._observers.get(resource_id, ())):
+            observation.trigger()
