@@ -17,16 +17,19 @@ What this module does not do: sockets, DTLS, rate limiting and Observe bookkeepi
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
+from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from oscar import certs, names
+from oscar import cbor, certs, names
 from oscar.errors import CertificateError
 from oscar.profiles import PROFILES
 
@@ -100,7 +103,12 @@ ENDPOINTS: tuple[tuple[str, str, bool], ...] = (
     ("resources", "oscar.as.resources", False),
     ("secret", "oscar.as.secret", False),
     ("keys", "oscar.as.keys", True),
+    ("link", "oscar.as.link", False),
+    ("links", "oscar.as.links", False),
 )
+
+#: Bytes of SHA-256 over the device id set that make the /links ETag.
+_LINKS_ETAG_LENGTH = 8
 
 
 def link_format() -> bytes:
@@ -130,6 +138,7 @@ class Endpoints:
         self.crl_validity = crl_validity
         self.min_rotation_period = min_rotation_period
         self._delivered: set[tuple[str, str, int]] = set()
+        self._links_delivered: set[tuple[str, bytes]] = set()
 
     def __repr__(self) -> str:
         return "Endpoints(<store>, <ca>)"
@@ -363,9 +372,7 @@ class Endpoints:
         if delivery not in self._delivered:
             # Audited (durably) before the secret leaves; later requests for it skip the disk.
             await self.store.record_delivery(device.id, resource_id, epoch.epoch, now)
-            if len(self._delivered) >= _MAX_REMEMBERED_DELIVERIES:
-                self._delivered.clear()
-            self._delivered.add(delivery)
+            self._remember(delivery)
         log.debug("secret of %s epoch %d to %s", resource_id, epoch.epoch, device.id)
         return Reply.cbor(
             Code.CONTENT,
@@ -438,6 +445,76 @@ class Endpoints:
             e.epoch for e in await self.store.epochs(resource_id) if e.state in (ACTIVE, PRE_ACTIVE)
         )
 
+    # --- /link and /links ------------------------------------------------------------------------
+
+    async def get_link(self, device: Device, request: Request, now: int) -> Reply:
+        """A producer's or consumer's DTLS PSK for talking to one proxy (DESIGN §5)."""
+        query = parse_query(request, ("proxy",))
+        if "proxy" not in query:
+            raise BadRequest("GET /link takes proxy=<device id>")
+        proxy_id = query["proxy"]
+        if not names.is_device_id(proxy_id):
+            raise BadRequest("a device id is 1 to 32 characters of A-Z a-z 0-9 . _ -")
+        if device.role not in ("producer", "consumer"):
+            raise await self.deny(device, "link", proxy_id, "only producers and consumers", now)
+        proxy = await self.store.device(proxy_id)
+        # One answer for a missing, revoked or non-proxy id: nothing leaks about which ids exist.
+        if proxy is None or proxy.status != ACTIVE or proxy.role != "proxy":
+            raise await self.deny(device, "link", proxy_id, "no such proxy", now)
+        psk = self.store.link_psk(proxy_id, device.id)
+        delivery = (device.id, proxy_id, 0)
+        if delivery not in self._delivered:
+            # Audited (durably) before the PSK leaves, like a secret's first delivery.
+            await self.store.record_link_delivery(device.id, proxy_id, now)
+            self._remember(delivery)
+        log.debug("link PSK for %s to %s", proxy_id, device.id)
+        return Reply.cbor(Code.CONTENT, {"proxy": proxy_id, "identity": device.id, "psk": psk})
+
+    async def get_links(self, device: Device, request: Request, now: int) -> Reply:
+        """A proxy's link PSKs, one per active producer and consumer; ETag over the id set."""
+        parse_query(request, ())
+        if device.role != "proxy":
+            raise await self.deny(device, "links", device.id, "only proxies", now)
+        links = await self.store.link_psks(device.id)
+        etag = links_etag(links)
+        if (device.id, etag) not in self._links_delivered:
+            # One record per proxy and device set, not per poll.
+            detail = {"devices": len(links), "etag": etag.hex()}
+            await self.store.audit(device.id, "links", device.id, "ok", detail, now)
+            if len(self._links_delivered) >= _MAX_REMEMBERED_DELIVERIES:
+                self._links_delivered.clear()
+            self._links_delivered.add((device.id, etag))
+        log.debug("%d link PSKs to %s", len(links), device.id)
+        return TaggedReply(Code.CONTENT, cbor.dumps({"links": links}), etag=etag)
+
+    def _remember(self, delivery: tuple[str, str, int]) -> None:
+        if len(self._delivered) >= _MAX_REMEMBERED_DELIVERIES:
+            self._delivered.clear()
+        self._delivered.add(delivery)
+
+
+def links_etag(links: dict[str, bytes]) -> bytes:
+    """The /links ETag: a hash of the sorted device ids only (the PSKs are a function of them)."""
+    digest = hashlib.sha256(cbor.dumps(sorted(links))).digest()
+    return digest[:_LINKS_ETAG_LENGTH]
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedReply(Reply):
+    """A reply with an ETag option."""
+
+    etag: bytes = b""
+
+    def __repr__(self) -> str:
+        return f"TaggedReply({self.code.dotted}, <{len(self.payload)} bytes>)"
+
+    def to_message(self) -> Message:
+        # Reply.to_message, not super(): dataclass(slots=True) makes a new class, and the
+        # zero-argument super() would still name the old one.
+        message = Reply.to_message(self)
+        message.opt.etag = self.etag
+        return message
+
 
 _Handler = Callable[[Endpoints, Device, Request, int], Any]
 
@@ -448,4 +525,6 @@ _ROUTES: dict[tuple[str, ...], dict[str, _Handler]] = {
     ("resources",): {"GET": Endpoints.get_resources, "POST": Endpoints.post_resources},
     ("secret",): {"GET": Endpoints.get_secret},
     ("keys",): {"GET": Endpoints.get_keys},
+    ("link",): {"GET": Endpoints.get_link},
+    ("links",): {"GET": Endpoints.get_links},
 }

@@ -51,6 +51,8 @@ __all__ = [
 log = logging.getLogger("oscar.asclient")
 
 CBOR_FORMAT = 60
+#: Link PSKs (device ↔ proxy DTLS keys) are 16 bytes, tinydtls's limit.
+LINK_PSK_LENGTH = 16
 ROLES = ("producer", "consumer", "proxy")
 
 
@@ -505,6 +507,41 @@ class AsClient:
         if state.resource_id != resource_id:
             raise AsError("the AS answered for another resource")
         return state
+
+    async def link(self, proxy_id: str) -> bytes:
+        """GET /link: this device's 16-byte DTLS PSK for the proxy ``proxy_id`` (its PSK identity
+        there is our device id). ValueError for a malformed id; AccessDenied (4.03) if there is
+        no such active proxy or we are a proxy; AsError for a malformed reply."""
+        if not names.is_device_id(proxy_id):
+            raise ValueError("a proxy id is a device id")
+        reply = await self.call("GET", "link", {"proxy": proxy_id})
+        psk = reply.get("psk")
+        if (
+            set(reply) != {"proxy", "identity", "psk"}
+            or reply["proxy"] != proxy_id
+            or reply["identity"] != self.bundle.device_id
+            or type(psk) is not bytes
+            or len(psk) != LINK_PSK_LENGTH
+        ):
+            raise AsError("malformed /link reply from the AS")
+        return psk
+
+    async def links(self) -> dict[str, bytes]:
+        """GET /links (proxies only): the 16-byte DTLS PSK of every active producer and consumer,
+        by device id (their PSK identity). AccessDenied (4.03) unless we are a proxy; AsError
+        for a malformed reply."""
+        reply = await self.call("GET", "links")
+        links = reply.get("links")
+        if set(reply) != {"links"} or type(links) is not dict:
+            raise AsError("malformed /links reply from the AS")
+        for device_id, psk in links.items():
+            if (
+                not names.is_device_id(device_id)
+                or type(psk) is not bytes
+                or len(psk) != LINK_PSK_LENGTH
+            ):
+                raise AsError("malformed /links reply from the AS")
+        return links
 
     async def watch_keys(self, resource_id: str) -> AsyncGenerator[KeyState, None]:
         """Observe GET /keys: the current state, then one per change, until the observation ends

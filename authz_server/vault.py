@@ -12,6 +12,11 @@ Each ciphertext is bound to what it protects through the AEAD's associated data 
 ``b"psk\\x00sensor-1"``), so a value copied to another row does not decrypt. The audit chain is
 keyed by its own key derived from the master key (HMAC), so a database edit cannot be re-chained.
 
+**Link PSKs** (the DTLS keys between the proxy and each producer or consumer, DESIGN §5) are
+derived, never stored: ``HMAC-SHA256(link key, CBOR ["OSCAR link", proxy id, device id])[:16]``
+with ``link key = HKDF-SHA256(data key, info "OSCAR link key", 32)``. Only the holder of the data
+key can compute one; they survive restarts and change with nothing but the data key.
+
 This module does no database I/O; it reads and writes only the master key file.
 """
 
@@ -25,10 +30,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from oscar import cbor, names
 from oscar.keys import hkdf_sha256
 
 __all__ = [
     "KEY_LENGTH",
+    "LINK_PSK_LENGTH",
     "MasterKeyError",
     "Vault",
     "VaultError",
@@ -37,6 +44,8 @@ __all__ = [
 ]
 
 KEY_LENGTH = 32
+#: tinydtls takes PSKs of at most 16 bytes.
+LINK_PSK_LENGTH = 16
 _NONCE = 12
 _VERSION = b"\x01"
 
@@ -96,13 +105,14 @@ def _open(key: bytes, blob: bytes, context: bytes) -> bytes:
 class Vault:
     """Encrypts and decrypts stored secrets under the data key; keys the audit chain."""
 
-    __slots__ = ("_audit_key", "_data_key")
+    __slots__ = ("_audit_key", "_data_key", "_link_key")
 
     def __init__(self, master_key: bytes, wrapped_data_key: bytes) -> None:
         if len(master_key) != KEY_LENGTH:
             raise ValueError("the master key is 32 bytes")
         self._data_key = _open(master_key, wrapped_data_key, b"OSCAR data key")
         self._audit_key = hkdf_sha256(master_key, b"OSCAR audit chain", KEY_LENGTH)
+        self._link_key = hkdf_sha256(self._data_key, b"OSCAR link key", KEY_LENGTH)
 
     def __repr__(self) -> str:
         return "Vault(<keys redacted>)"
@@ -123,3 +133,15 @@ class Vault:
     def chain(self, previous: bytes, record: bytes) -> bytes:
         """The audit chain value after ``record``: HMAC-SHA256(audit key, previous || record)."""
         return hmac.new(self._audit_key, previous + record, "sha256").digest()
+
+    def link_psk(self, proxy_id: str, device_id: str) -> bytes:
+        """The 16-byte DTLS PSK between proxy ``proxy_id`` and device ``device_id``.
+
+        Raises ValueError if either is not a well-formed device id or they are the same.
+        """
+        if not names.is_device_id(proxy_id) or not names.is_device_id(device_id):
+            raise ValueError("link PSKs are between two well-formed device ids")
+        if proxy_id == device_id:
+            raise ValueError("a link joins two different devices")
+        info = cbor.dumps(["OSCAR link", proxy_id, device_id])
+        return hmac.new(self._link_key, info, "sha256").digest()[:LINK_PSK_LENGTH]

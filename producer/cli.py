@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--publish",
         action="append",
         default=[],
-        metavar="URI",
-        help="also PUT every new object to URI/<resource id> (coap://, repeatable)",
+        metavar="[PROXY=]URI",
+        help="also PUT every new object to URI/<resource id>; PROXY=coaps://HOST:PORT for an "
+        "OSCAR proxy over DTLS (its device id; the link key comes from the AS) (repeatable)",
     )
     parser.add_argument("--content-format", type=int, metavar="N", help="for --resource files")
     parser.add_argument("--max-age", type=int, default=60, metavar="SECONDS")
@@ -106,7 +107,7 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
                 rotation_period=args.rotation_period,
             )
         )
-    publish = [PublishTarget(uri) for uri in args.publish]
+    publish = [PublishTarget.parse(text) for text in args.publish]
     listen = parse_listen(args.listen) if args.listen is not None else None
     overrides = {
         "bundle": args.bundle,

@@ -24,8 +24,8 @@ or from a TOML file (:func:`load_config`; relative paths are relative to the fil
 
     [[publish]]                        # PUT every new object to <uri>/<resource id>
     uri = "coaps://proxy.example:5684"
-    psk_identity = "sensor-1"          # DTLS credentials for a coaps:// target
-    psk_hex = "..."
+    proxy = "cloud-1"                  # an OSCAR proxy's device id: the DTLS link PSK from the AS
+    # or, for another DTLS target: psk_identity = "..." and psk_hex = "..."
 
 Every check happens here, before anything starts: a bad value is a :class:`ConfigError` naming
 the field, and nothing is written to the state directory.
@@ -130,18 +130,37 @@ class PublishTarget:
     uri: str
     psk_identity: str | None = None
     psk: bytes | None = field(default=None, repr=False)
+    #: The device id of an OSCAR proxy: the DTLS link PSK for it comes from the AS.
+    proxy: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.uri)
         if parts.scheme not in ("coap", "coaps") or not parts.hostname or parts.query:
             raise ConfigError(f"publish uri {self.uri!r}: coap://HOST[:PORT][/PREFIX] expected")
-        if parts.scheme == "coaps" and (not self.psk_identity or not self.psk):
-            raise ConfigError(f"publish uri {self.uri!r}: coaps needs psk_identity and psk_hex")
+        if self.proxy is not None and not names.is_device_id(self.proxy):
+            raise ConfigError(f"publish uri {self.uri!r}: proxy is a device id")
+        if (
+            parts.scheme == "coaps"
+            and self.proxy is None
+            and (not self.psk_identity or not self.psk)
+        ):
+            raise ConfigError(
+                f"publish uri {self.uri!r}: coaps needs proxy (an OSCAR proxy's id) "
+                "or psk_identity and psk_hex"
+            )
         if self.psk is not None and not 1 <= len(self.psk) <= 16:
             raise ConfigError(f"publish uri {self.uri!r}: a DTLS PSK is 1 to 16 bytes")
 
     def __repr__(self) -> str:
         return f"PublishTarget({self.uri!r})"
+
+    @classmethod
+    def parse(cls, text: str) -> PublishTarget:
+        """``[PROXY_ID=]URI`` (the command line's form)."""
+        proxy, sep, uri = text.partition("=")
+        if sep and "://" not in proxy:
+            return cls(uri, proxy=proxy)
+        return cls(text)
 
     def resource_uri(self, resource_id: str) -> str:
         return f"{self.uri.rstrip('/')}/{resource_id}"
@@ -208,7 +227,7 @@ _RESOURCE = {
     "profile",
     "rotation_period",
 }
-_PUBLISH = {"uri", "psk_identity", "psk_hex"}
+_PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 
 
 def load_config(path: Path, **overrides: Any) -> ProducerConfig:
@@ -262,14 +281,18 @@ def config_from_mapping(
     for i, item in enumerate(_tables(doc.get("publish", []), f"{where}: [[publish]]")):
         bad = set(item) - _PUBLISH
         if bad or "uri" not in item:
-            raise ConfigError(f"{where}: publish {i + 1}: keys are uri, psk_identity, psk_hex")
+            raise ConfigError(
+                f"{where}: publish {i + 1}: keys are uri, proxy, psk_identity, psk_hex"
+            )
         psk = None
         if "psk_hex" in item:
             try:
                 psk = bytes.fromhex(str(item["psk_hex"]))
             except ValueError:
                 raise ConfigError(f"{where}: publish {i + 1}: psk_hex is not hex") from None
-        publish.append(PublishTarget(str(item["uri"]), item.get("psk_identity"), psk))
+        publish.append(
+            PublishTarget(str(item["uri"]), item.get("psk_identity"), psk, item.get("proxy"))
+        )
 
     values: dict[str, Any] = {
         "bundle": resolve(doc["bundle"], "bundle") if "bundle" in doc else None,

@@ -362,7 +362,7 @@ class Producer:
         if config.publish:
             from .publish import Publisher
 
-            self._publisher = Publisher(config.publish, self.device_id)
+            self._publisher = Publisher(config.publish, self.device_id, client.link)
         if config.listen is not None:
             from .server import serve
 

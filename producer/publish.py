@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .config import PublishTarget
@@ -27,9 +27,15 @@ TIMEOUT = 10.0
 class Publisher:
     """Background PUTs to every target; :meth:`submit` never blocks."""
 
-    def __init__(self, targets: Sequence[PublishTarget], device_id: str) -> None:
+    def __init__(
+        self,
+        targets: Sequence[PublishTarget],
+        device_id: str,
+        link: Callable[[str], Awaitable[bytes]] | None = None,
+    ) -> None:
         self.targets = list(targets)
         self.device_id = device_id
+        self._link = link
         self._pending: list[dict[str, bytes]] = [{} for _ in self.targets]
         self._wake = [asyncio.Event() for _ in self.targets]
         self._ctx: Any = None
@@ -55,22 +61,36 @@ class Publisher:
                 from aiocoap import Context
 
                 secure = [t for t in self.targets if t.uri.startswith("coaps:")]
-                transports = ["udp6", "tinydtls"] if secure else ["udp6"]
-                ctx = await Context.create_client_context(transports=transports)
-                if secure:
-                    ctx.client_credentials.load_from_dict(
-                        {
-                            f"{t.uri.rstrip('/')}/*": {
-                                "dtls": {
-                                    "psk": t.psk,
-                                    "client-identity": str(t.psk_identity).encode(),
-                                }
-                            }
-                            for t in secure
+                ctx = await Context.create_client_context(
+                    transports=["udp6", "tinydtls"] if secure else ["udp6"]
+                )
+                try:
+                    credentials = {}
+                    for target in secure:
+                        identity, psk = await self._credentials(target)
+                        credentials[f"{target.uri.rstrip('/')}/*"] = {
+                            "dtls": {"psk": psk, "client-identity": identity.encode()}
                         }
-                    )
+                    ctx.client_credentials.load_from_dict(credentials)
+                except BaseException:
+                    await ctx.shutdown()
+                    raise
                 self._ctx = ctx
             return self._ctx
+
+    async def _credentials(self, target: PublishTarget) -> tuple[str, bytes]:
+        if target.proxy is None:
+            return str(target.psk_identity), bytes(target.psk or b"")
+        if self._link is None:
+            raise RuntimeError("no AS client to get the link key from")
+        return self.device_id, await self._link(target.proxy)
+
+    async def _reset(self) -> None:
+        """Drop the client context: a DTLS session the proxy forgot (restart) is dead."""
+        async with self._ctx_lock:
+            ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            await ctx.shutdown()
 
     async def _run(self, index: int) -> None:
         target, pending, wake = self.targets[index], self._pending[index], self._wake[index]
@@ -97,6 +117,7 @@ class Publisher:
                         delay,
                     )
                     pending.setdefault(resource_id, obj)  # unless a newer one came meanwhile
+                    await self._reset()
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
 

@@ -16,7 +16,7 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
 Who may do what is decided in :mod:`authz_server.api`; the store only stores and fetches.
 The package: :mod:`.schema` (SQL, records, errors), :mod:`.database` (file, transactions,
 audit chain), :mod:`.keyring` (resources, epochs, grants), and :class:`Store` here (devices,
-certificates).
+proxy link PSKs, certificates).
 """
 
 from __future__ import annotations
@@ -131,6 +131,39 @@ class Store(KeyRecords):
             revoked = rotated
         await self._erase_freed()  # the PSK's old ciphertext must not linger in the WAL
         return revoked
+
+    # --- proxy links -----------------------------------------------------------------------------
+
+    def link_psk(self, proxy_id: str, device_id: str) -> bytes:
+        """The derived (never stored) DTLS PSK between a proxy and a device; see
+        :meth:`Vault.link_psk`. ValueError for malformed ids. Checks no role or status."""
+        return self._vault.link_psk(proxy_id, device_id)
+
+    async def link_psks(self, proxy_id: str) -> dict[str, bytes]:
+        """Link PSK by device id, for every active producer and consumer (never a proxy, never a
+        revoked device), as ``proxy_id`` needs them."""
+        rows = await self._all(
+            "SELECT id FROM devices WHERE status = 'active' AND role IN ('producer', 'consumer') "
+            "ORDER BY id"
+        )
+        return {dev: self._vault.link_psk(proxy_id, dev) for (dev,) in rows}
+
+    async def record_link_delivery(self, device_id: str, proxy_id: str, now: int) -> bool:
+        """Note that ``device_id`` was handed its link PSK for ``proxy_id``; the first time, audit
+        it, durably, in the same transaction. Returns whether it was the first time.
+
+        The ``deliveries`` table keeps these as (device, proxy id, epoch 0): a proxy id has no
+        '/' and every resource id has one, and epochs start at 1, so they never meet a secret's
+        delivery, and the schema stays as it is.
+        """
+        async with self._transaction(count=False):
+            cursor = await self._db.execute(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, 0, ?)", (device_id, proxy_id, now)
+            )
+            first = cursor.rowcount == 1
+            if first:
+                await self._audit(device_id, "link", proxy_id, "ok", {}, now)
+            return first
 
     # --- certificates ----------------------------------------------------------------------------
 
