@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("uri", metavar="URI", help="coap://HOST[:PORT]/<producer>/<path>")
         sub.add_argument("--json", action="store_true", help="one JSON line per reading")
-        sub.add_argument("--proxy", metavar="URI", help="forward proxy coap://HOST[:PORT]")
+        sub.add_argument(
+            "--proxy",
+            metavar="URI",
+            help="forward proxy coap://HOST[:PORT], or PROXY_ID=coaps://HOST[:PORT] for an OSCAR "
+            "proxy over DTLS (its device id; the link key comes from the AS)",
+        )
         sub.add_argument(
             "--resource", metavar="RID", help="expected resource id (default: the URI's path)"
         )

@@ -80,6 +80,8 @@ class Target(NamedTuple):
     uri: str
     resource_id: str
     proxy: str | None
+    #: The device id of an OSCAR proxy reached over DTLS (``coaps://``) with our link PSK.
+    proxy_id: str | None = None
 
     @property
     def peer(self) -> str:
@@ -87,12 +89,12 @@ class Target(NamedTuple):
         return self.proxy or urllib.parse.urlsplit(self.uri)._replace(path="", query="").geturl()
 
 
-def _check_coap_uri(uri: str, what: str) -> urllib.parse.SplitResult:
+def _check_coap_uri(uri: str, what: str, scheme: str = "coap") -> urllib.parse.SplitResult:
     if not isinstance(uri, str):
         raise TypeError(f"the {what} must be a string")
     parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != "coap":
-        raise ValueError(f"the {what} must be a coap:// URI")
+    if parts.scheme != scheme:
+        raise ValueError(f"the {what} must be a {scheme}:// URI")
     try:
         parts.port  # noqa: B018 (raises ValueError for a malformed port)
     except ValueError:
@@ -105,6 +107,8 @@ def _check_coap_uri(uri: str, what: str) -> urllib.parse.SplitResult:
 def parse_target(uri: str, *, resource: str | None = None, proxy: str | None = None) -> Target:
     """Check a request URI (and proxy URI); the resource is ``resource`` or the URI's path.
 
+    ``proxy`` is ``coap://HOST[:PORT]``, or ``PROXY_ID=coaps://HOST[:PORT]`` for an OSCAR proxy
+    reached over DTLS (``PROXY_ID`` its device id; the link PSK comes from the AS).
     Raises ``ValueError`` saying what is wrong.
     """
     parts = _check_coap_uri(uri, "URI")
@@ -119,12 +123,20 @@ def parse_target(uri: str, *, resource: str | None = None, proxy: str | None = N
             )
     else:
         names.require_resource_id(resource)
+    proxy_id = None
     if proxy is not None:
-        proxy_parts = _check_coap_uri(proxy, "proxy URI")
+        name, sep, rest = proxy.partition("=")
+        if sep and "://" not in name:
+            if not names.is_device_id(name):
+                raise ValueError("PROXY_ID=coaps://HOST[:PORT]: PROXY_ID is the proxy's device id")
+            proxy_id, proxy = name, rest
+            proxy_parts = _check_coap_uri(proxy, "proxy URI", "coaps")
+        else:
+            proxy_parts = _check_coap_uri(proxy, "proxy URI")
         if proxy_parts.path not in ("", "/") or proxy_parts.query:
             raise ValueError("the proxy URI is coap://HOST[:PORT], with no path")
         proxy = proxy.rstrip("/")
-    return Target(uri, resource, proxy)
+    return Target(uri, resource, proxy, proxy_id)
 
 
 class Consumer:
@@ -163,6 +175,7 @@ class Consumer:
         self.trust = Trust(bundle, self.store, self._as)
         self._keys = KeyCache(self.store.secret)
         self._coap: Any = None
+        self._dtls: dict[str, Any] = {}
         self._as_client: AsClient | None = None
         self._as_lock = asyncio.Lock()
 
@@ -183,7 +196,36 @@ class Consumer:
 
             self._coap = await Context.create_client_context(transports=["udp6"])
 
+    async def _context(self, target: Target) -> Any:
+        """The plain CoAP context, or for a DTLS proxy its own context keyed with our link PSK.
+
+        One context per DTLS proxy: aiocoap picks client credentials by the request's URI, which
+        for a proxied request is the target's, so the context itself stands for the proxy."""
+        if target.proxy_id is None:
+            return self._coap
+        peer = str(target.proxy)  # parse_target sets both or neither
+        context = self._dtls.get(peer)
+        if context is None:
+            from aiocoap import Context
+
+            client = await self._as()
+            try:
+                psk = await client.link(target.proxy_id)
+            except AsAccessDenied as exc:
+                raise AccessDenied(str(exc)) from None
+            except AsError as exc:
+                raise TransportError(f"cannot get the link key for the proxy: {exc}") from None
+            context = await Context.create_client_context(transports=["tinydtls"])
+            context.client_credentials.load_from_dict(
+                {"*": {"dtls": {"psk": psk, "client-identity": self.bundle.device_id.encode()}}}
+            )
+            self._dtls[peer] = context
+        return context
+
     async def close(self) -> None:
+        dtls, self._dtls = self._dtls, {}
+        for context in dtls.values():
+            await context.shutdown()
         coap, self._coap = self._coap, None
         as_client, self._as_client = self._as_client, None
         if as_client is not None:
@@ -329,14 +371,15 @@ class Consumer:
     async def _request(self, target: Target, *, observe: bool) -> tuple[Any, Any]:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
         amplify asks us to prove our address first); (aiocoap request, first response)."""
-        request = self._coap.request(self._message(target, observe))
+        context = await self._context(target)
+        request = context.request(self._message(target, observe))
         try:
             response = await self._response(request.response, target)
             if response.code.dotted == "4.01" and response.opt.echo is not None:
                 _cancel(request)
                 message = self._message(target, observe)
                 message.opt.echo = response.opt.echo
-                request = self._coap.request(message)
+                request = context.request(message)
                 response = await self._response(request.response, target)
         except BaseException:
             _cancel(request)
