@@ -36,7 +36,13 @@ __all__ = [
 ]
 
 #: The benchmark modules ``python -m bench`` runs, in order (names under the ``bench`` package).
-MODULES = ("seal_open", "as_grants")
+MODULES = (
+    "seal_open",
+    "as_grants",
+    "producer_get",
+    "consumer_open",
+    "producer_cpu",
+)
 
 #: Runs ``n`` iterations of the measured work.
 Operation = Callable[[int], object]

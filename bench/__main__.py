@@ -1,4 +1,7 @@
-"""Run every OSCAR benchmark and print one table: ``python -m bench [--quick] [--json FILE]``.
+"""Run the OSCAR benchmarks and print one table: ``python -m bench [OPTIONS] [NAME ...]``.
+
+With NAMEs, only the modules of :data:`bench.MODULES` whose name is or starts with one of them run,
+in their usual order (``python -m bench producer`` runs ``producer_get`` and ``producer_cpu``).
 
 Prints the machine first, then one row per case as it finishes: our ops/s, the bare-primitive
 baseline's ops/s, our overhead in time per operation, the target and whether it is met. With
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from . import MODULES, Figure, Settings, machine_info
 
-_COLUMNS = (("case", 28), ("ours ops/s", 12), ("baseline ops/s", 15), ("overhead", 9))
+_COLUMNS = (("case", 32), ("ours ops/s", 12), ("baseline ops/s", 15), ("overhead", 9))
 
 
 def _header() -> str:
@@ -49,7 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--json", metavar="FILE", type=Path, help="also write the figures to FILE as JSON"
     )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"run only these modules, or those starting with NAME: {', '.join(MODULES)}",
+    )
     args = parser.parse_args(argv)
+    unknown = [n for n in args.names if not any(m.startswith(n) for m in MODULES)]
+    if unknown:
+        parser.error(f"no benchmark module {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    selected = [m for m in MODULES if not args.names or any(m.startswith(n) for n in args.names)]
     settings = Settings.for_mode(args.quick)
 
     for key, value in machine_info():
@@ -60,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     figures: list[Figure] = []
-    for module_name in MODULES:
+    for module_name in selected:
         module = importlib.import_module(f"{__package__}.{module_name}")
         title = (module.__doc__ or "").splitlines()[0].replace("``", "")
         print(f"\n## {module_name}: {title}\n")

@@ -1,0 +1,187 @@
+"""Protected GETs per second from a real producer, beside a plain CoAP server in the same run.
+
+A real AS and producer process (``python -m producer``, plain CoAP over ``udp6``) serving two
+text resources, 64 B and 1 KiB, each sealed once under the default profile (AES-CCM-16-64-128 +
+ES256); beside it a plain aiocoap server process (:mod:`bench.plain_server`, same transport)
+serving unprotected text of the same sizes, and also payloads of exactly the protected object's
+size ("same bytes": what the producer costs beyond moving its bigger answer).
+
+The load, the same for every server: 8 client contexts (8 source ports, so message IDs never run
+out) with 4 confirmable GETs in flight each, from this process. Windows of 1 s (2.5 s in a full
+run) alternate between the servers, for 2 rounds (4); each server's best window is kept. Also
+printed: each server's CPU time per GET (``/proc/PID/stat`` around the best window).
+
+A 1 KiB reading makes an object of about 1.1 KiB, over aiocoap's 1024-byte block size: the
+producer then answers in two Block2 blocks, so one GET is two exchanges. The "same bytes" row
+measures the plain server in the same situation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from aiocoap import GET, Context, Message
+
+from . import Figure, Settings
+from .testbed import Testbed, cpu_seconds, free_port
+
+__all__ = ["run"]
+
+PRODUCER = "bench-producer"
+SIZES = (64, 1024)
+CONTEXTS = 8
+IN_FLIGHT = 4
+#: Producer GET/s ÷ plain GET/s the producer should reach.
+TARGET_RATIO = 0.9
+#: aiocoap's largest block: a longer payload goes out block-wise.
+BLOCK_SIZE = 1024
+
+
+def _label(size: int) -> str:
+    return f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
+
+
+def _reading(size: int) -> bytes:
+    """A text reading of exactly ``size`` bytes."""
+    line = b"temperature=21.5C humidity=40.2% pressure=1013.2hPa\n"
+    return (line * (size // len(line) + 1))[:size]
+
+
+class Target(NamedTuple):
+    name: str
+    uri: str
+    pid: int
+
+
+class Result(NamedTuple):
+    rate: float
+    cpu_per_get: float
+
+
+async def _get(ctx: Context, uri: str) -> Message:
+    response = await asyncio.wait_for(ctx.request(Message(code=GET, uri=uri)).response, 30)
+    if not response.code.is_successful():
+        raise RuntimeError(f"GET {uri}: {response.code}")
+    return response
+
+
+async def _first_object(uri: str, timeout: float = 30.0) -> bytes:
+    """The producer's object once it has one (it answers 5.03 until the AS sent the keys)."""
+    ctx = await Context.create_client_context(transports=["udp6"])
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = await asyncio.wait_for(ctx.request(Message(code=GET, uri=uri)).response, 10)
+            if response.code.dotted == "2.05":
+                if response.opt.content_format != 18:
+                    raise RuntimeError(f"{uri}: content format {response.opt.content_format}")
+                payload: bytes = response.payload
+                return payload
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{uri}: no object within {timeout:g} s")
+    finally:
+        await ctx.shutdown()
+
+
+async def _load(clients: list[Context], target: Target, seconds: float) -> Result:
+    """GET/s over all clients, and the server's CPU seconds per GET, in one window."""
+
+    async def loop(ctx: Context) -> int:
+        done = 0
+        while time.perf_counter() < deadline:
+            await _get(ctx, target.uri)
+            done += 1
+        return done
+
+    cpu_before = cpu_seconds(target.pid)
+    start = time.perf_counter()
+    deadline = start + seconds
+    counts = await asyncio.gather(*(loop(ctx) for ctx in clients for _ in range(IN_FLIGHT)))
+    elapsed = time.perf_counter() - start
+    cpu = cpu_seconds(target.pid) - cpu_before
+    total = sum(counts)
+    return Result(total / elapsed, cpu / total)
+
+
+async def _compare(targets: list[Target], sizes: dict[str, int], settings: Settings) -> dict:
+    """Alternating windows over ``targets``; each one's best window."""
+    window = 1.0 if settings.quick else 2.5
+    rounds = 2 if settings.quick else 4
+    clients = [await Context.create_client_context(transports=["udp6"]) for _ in range(CONTEXTS)]
+    try:
+        for target in targets:  # check the answers, then warm up
+            payload = (await _get(clients[0], target.uri)).payload
+            if len(payload) != sizes[target.name]:
+                raise RuntimeError(f"{target.uri}: {len(payload)} bytes, {sizes[target.name]} due")
+            await _load(clients, target, 0.3)
+        best: dict[str, Result] = {}
+        for i in range(rounds):
+            for target in targets if i % 2 == 0 else reversed(targets):
+                result = await _load(clients, target, window)
+                if target.name not in best or result.rate > best[target.name].rate:
+                    best[target.name] = result
+        return best
+    finally:
+        for ctx in clients:
+            await ctx.shutdown()
+
+
+def run(settings: Settings) -> Iterator[Figure]:
+    """Start an AS, a producer and a plain server; yield two figures per reading size."""
+    logging.getLogger("coap").setLevel(logging.ERROR)
+    with Testbed("oscar-bench-get-") as bed:
+        bundles = bed.start_as({PRODUCER: "producer"})
+        port = free_port()
+        argv = ["-m", "producer", "--bundle", str(bundles[PRODUCER]),
+                "--state", str(bed.dir / "producer-state"), "--listen", f"127.0.0.1:{port}",
+                "--content-format", "0", "--log-level", "info"]  # fmt: skip
+        for size in SIZES:
+            file = bed.write(f"r{_label(size)}.txt", _reading(size))
+            argv += ["--resource", f"r{_label(size)}={file}"]
+        producer = bed.spawn("producer", argv, ready=f"producer {PRODUCER} ready".encode())
+        base = f"coap://127.0.0.1:{port}/{PRODUCER}"
+        objects = {size: asyncio.run(_first_object(f"{base}/r{_label(size)}")) for size in SIZES}
+
+        plain_port = free_port()
+        argv = ["-m", "bench.plain_server", "--listen", f"127.0.0.1:{plain_port}"]
+        for size in SIZES:
+            argv += ["--resource", f"p{size}={size}", "--resource", f"o{size}={len(objects[size])}"]
+        plain = bed.spawn("plain", argv, ready=b"plain server ready")
+        plain_uri = f"coap://127.0.0.1:{plain_port}"
+
+        for size in SIZES:
+            label, object_size = _label(size), len(objects[size])
+            targets = [
+                Target("producer", f"{base}/r{label}", producer.pid),
+                Target("plain", f"{plain_uri}/p{size}", plain.pid),
+                Target("same-bytes", f"{plain_uri}/o{size}", plain.pid),
+            ]
+            sizes = {"producer": object_size, "plain": size, "same-bytes": object_size}
+            best = asyncio.run(_compare(targets, sizes, settings))
+            blocks = "" if object_size <= BLOCK_SIZE else ", 2 Block2 blocks per GET"
+            print(
+                f"  {label} reading, object {object_size} B{blocks}. Server CPU per GET: "
+                + ", ".join(f"{name} {r.cpu_per_get * 1e6:.0f} us" for name, r in best.items()),
+                flush=True,
+            )
+            max_overhead = 1 / TARGET_RATIO - 1
+            yield Figure(
+                f"get/{label}",
+                best["producer"].rate,
+                "GET/s",
+                f"plain aiocoap server, {size} B payload",
+                best["plain"].rate,
+                max_overhead=max_overhead,
+            )
+            yield Figure(
+                f"get/{label}/same-bytes",
+                best["producer"].rate,
+                "GET/s",
+                f"plain aiocoap server, {object_size} B payload (the object's size)",
+                best["same-bytes"].rate,
+                max_overhead=max_overhead,
+            )
