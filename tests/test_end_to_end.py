@@ -350,3 +350,78 @@ async def test_objects_tampered_on_the_wire_are_rejected_with_status_1(
     resource.mode = "pass"
     status, out, _ = await consumer_cli(site.d, "c2", "get", uri)
     assert status == 0 and out == "newer"
+
+
+# --- through the proxy, over DTLS on both hops ---------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_sleeping_producer_publishes_to_the_proxy_and_consumers_fetch_over_dtls(
+    tmp_path: Path,
+) -> None:
+    """Producer -> proxy (PUT over DTLS, link PSK) -> consumer (GET over DTLS, link PSK)."""
+    d = Deployment(tmp_path)
+    try:
+        d.enroll("proxy", "cloud")
+        bundle = d.enroll("producer", "sleeper")
+        d.enroll("consumer", "c1")
+        d.grant("c1", "sleeper/*")
+        d.start_as()
+        proxy_port = free_port()
+        while proxy_port + 1 > 65535:  # the DTLS port is the next one
+            proxy_port = free_port()
+        proxy_log = tmp_path / "proxy.log"
+        with open(proxy_log, "ab") as log:
+            proxy = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy",
+                "--bundle",
+                str(d.root / "cloud.json"),
+                "--state",
+                str(tmp_path / "proxy"),
+                "--listen",
+                f"127.0.0.1:{proxy_port}",
+                cwd=ROOT,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        try:
+            for _ in range(200):
+                if "serving" in proxy_log.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            value = tmp_path / "v.txt"
+            value.write_bytes(b"asleep most of the time")
+            producer = ProducerProcess(
+                bundle,
+                tmp_path / "producer",
+                "--resource",
+                f"v={value}",
+                "--publish",
+                f"cloud=coaps://127.0.0.1:{proxy_port + 1}",
+            )
+            producer.start()
+            try:
+                dtls_proxy = f"cloud=coaps://127.0.0.1:{proxy_port + 1}"
+                target = f"coap://127.0.0.1:{producer.port}/sleeper/v"
+                for _ in range(100):  # published once the proxy has the link keys from the AS
+                    status, out, err = await consumer_cli(
+                        d, "c1", "get", "--proxy", dtls_proxy, target
+                    )
+                    if status == 0:
+                        break
+                    await asyncio.sleep(0.2)
+                assert status == 0 and out == "asleep most of the time", err
+            finally:
+                producer.stop()
+            # the producer is gone: the proxy still serves what it published, over plain CoAP too
+            plain = f"coap://127.0.0.1:{proxy_port}/sleeper/v"
+            status, out, err = await consumer_cli(d, "c1", "get", plain)
+            assert status == 0 and out == "asleep most of the time", err
+            assert "Traceback" not in proxy_log.read_text()
+        finally:
+            proxy.terminate()
+            await proxy.wait()
+    finally:
+        d.close()
