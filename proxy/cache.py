@@ -138,25 +138,23 @@ class DiskCache:
             os.close(fd)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path} is not a usable cache database: {exc}") from None
+        try:
+            # Everything is checked with reads only before the first write: a file that is not
+            # this proxy's cache (corrupt, another program's, another key's) is left as it was.
+            if existed:
+                self._check_existing(check)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA secure_delete=ON")
-            if existed:
-                ok = self._db.execute("PRAGMA quick_check").fetchone()
-                if ok is None or ok[0] != "ok":
-                    raise StateError(f"{self.path} is corrupt (quick_check failed)")
             self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE name = 'check'").fetchone()
-            if row is None:
-                if existed and self._db.execute("SELECT 1 FROM objects LIMIT 1").fetchone():
-                    raise StateError(f"{self.path} holds objects but no key check")
+            if self._db.execute("SELECT 1 FROM meta WHERE name = 'check'").fetchone() is None:
                 self._db.execute("INSERT INTO meta VALUES ('check', ?)", (check,))
-            elif not hmac.compare_digest(bytes(row[0]), check):
-                raise StateError(
-                    f"{self.path} was made under another storage key (another bundle?); "
-                    "move it away to start with an empty cache"
-                )
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StateError) as exc:
+            self._db.close()
+            if isinstance(exc, StateError):
+                raise
             raise StateError(f"{self.path} is not a usable cache database: {exc}") from None
         self._count, self._size = self._db.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM objects"
@@ -164,6 +162,30 @@ class DiskCache:
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.path)!r}, entries={self._count})"
+
+    def _check_existing(self, check: bytes) -> None:
+        """Read-only checks of an existing file: StateError unless it is this key's cache or
+        holds no table at all (a file made but never filled)."""
+        ok = self._db.execute("PRAGMA quick_check").fetchone()
+        if ok is None or ok[0] != "ok":
+            raise StateError(f"{self.path} is corrupt (quick_check failed)")
+        tables = {
+            row[0]
+            for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            return
+        if tables != {"meta", "objects"}:
+            raise StateError(f"{self.path} is not a proxy cache (unknown tables)")
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'check'").fetchone()
+        if row is None:
+            if self._db.execute("SELECT 1 FROM objects LIMIT 1").fetchone():
+                raise StateError(f"{self.path} holds objects but no key check")
+        elif not hmac.compare_digest(bytes(row[0]), check):
+            raise StateError(
+                f"{self.path} was made under another storage key (another bundle?); "
+                "move it away to start with an empty cache"
+            )
 
     def _id(self, resource_id: str) -> bytes:
         return hmac.new(self._index_key, resource_id.encode(), hashlib.sha256).digest()[:16]

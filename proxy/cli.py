@@ -160,6 +160,8 @@ async def _refresh_links(proxy: Proxy, creds: IndexedCreds, ctx: Any) -> None:
                 creds.remove_device(device_id)
                 end_sessions(ctx, label_of(device_id))
                 log.info("%s may no longer connect", device_id)
+            if links.keys() != current:
+                log.info("link keys of %d devices from the AS", len(links))
         except AsError as exc:
             log.warning("cannot refresh the link keys from the AS: %s", exc)
         await asyncio.sleep(proxy.limits.links_refresh)
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"cannot start: {exc}", 1)
     except OSError as exc:
         return fail(PROG, f"cannot start: {exc.strerror or exc}", 1)
+    except ValueError as exc:  # aiocoap refusing the bind address
+        return fail(PROG, f"cannot start: {exc}", 1)
     except KeyboardInterrupt:
         return 0
     return 0

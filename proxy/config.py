@@ -2,7 +2,8 @@
 
     bundle = "/etc/oscar/proxy-1.json"
     state = "/var/lib/oscar/proxy"
-    listen = "0.0.0.0:5683"            # plain CoAP; DTLS (publishing, consumers) on port+1
+    listen = "192.0.2.1:5683"          # plain CoAP; DTLS (publishing, consumers) on port+1
+                                       # (DTLS cannot bind a wildcard such as 0.0.0.0)
     plain = true                       # false: DTLS only
     dtls = true                        # false: plain CoAP only (no publishing)
 
@@ -24,6 +25,7 @@ Every check happens before anything starts; a bad value is a :class:`ConfigError
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,7 +59,7 @@ class Limits:
             if f.type == "int":
                 if type(value) is not int or value < (0 if f.name == "published_max_age" else 1):
                     raise ConfigError(f"limits.{f.name} is a positive whole number")
-            elif not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            elif type(value) not in (int, float) or not 0 < value <= 3600:  # bool is no number
                 raise ConfigError(f"limits.{f.name} is 0 to 3600 seconds")
 
 
@@ -74,8 +76,21 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if not self.plain and not self.dtls:
             raise ConfigError("plain and dtls are both off: nothing to listen on")
+        if self.dtls and _unspecified(self.listen[0]):
+            # aiocoap's DTLS server cannot bind a wildcard address (ValueError at start).
+            raise ConfigError(
+                f"listen {self.listen[0]}: DTLS needs one address (not a wildcard); "
+                "name it, or turn DTLS off"
+            )
         for prefix, uri in self.reverse.items():
             parse_reverse(f"{prefix}={uri}")
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -86,8 +86,10 @@ class Proxy:
         self.trust: Trust = None  # type: ignore[assignment]
         self._as_client: AsClient | None = None
         self._upstream: Any = None
-        self._inflight: dict[str, asyncio.Future[Entry | None]] = {}
-        self._backoff: dict[str, float] = {}
+        # Keyed by (resource id, upstream URI): a client naming some other upstream in a
+        # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
+        self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
+        self._backoff: dict[tuple[str, str], float] = {}
         self._observations: dict[str, asyncio.Task[None]] = {}
         self.on_new_object: list[Callable[[str], None]] = []
 
@@ -244,13 +246,14 @@ class Proxy:
                 self.stats.hits += 1
                 return entry
             raise Unavailable("4.04", "nothing cached for this resource")
-        if entry is not None and now < self._backoff.get(resource_id, 0.0):
+        key = (resource_id, source)
+        if entry is not None and now < self._backoff.get(key, 0.0):
             self.stats.stale_served += 1
             return entry
-        future = self._inflight.get(resource_id)
+        future = self._inflight.get(key)
         if future is None:
             future = asyncio.get_running_loop().create_future()
-            self._inflight[resource_id] = future
+            self._inflight[key] = future
             try:
                 result = await self._refresh(resource_id, source, entry)
                 future.set_result(result)
@@ -259,7 +262,7 @@ class Proxy:
                 future.exception()  # retrieved: waiters re-raise it
                 raise
             finally:
-                del self._inflight[resource_id]
+                del self._inflight[key]
         else:
             result = await asyncio.shield(future)
         if result is None:
@@ -281,7 +284,7 @@ class Proxy:
             pending = ctx.request(request)
             response = await asyncio.wait_for(pending.response, self.limits.upstream_timeout)
         except Exception as exc:
-            return self._upstream_failed(resource_id, entry, f"{type(exc).__name__}")
+            return self._upstream_failed(resource_id, source, entry, f"{type(exc).__name__}")
         return await self._take(resource_id, source, entry, response)
 
     async def _take(
@@ -294,27 +297,29 @@ class Proxy:
         if code == "2.03" and entry is not None:
             fresh = entry.refreshed(now + max_age)
             self.cache.touch(fresh)
-            self._backoff.pop(resource_id, None)
+            self._backoff.pop((resource_id, source), None)
             return self.valid(fresh)
         if code != "2.05" or response.opt.content_format != 18:
-            return self._upstream_failed(resource_id, entry, f"answer {code}")
+            return self._upstream_failed(resource_id, source, entry, f"answer {code}")
         try:
             new = await self.check(bytes(response.payload), resource_id, source)
         except InvalidObject:
             return self.valid(entry)  # keep serving what we hold, if anything
         except TransportError as exc:
             log.warning("cannot verify an object of %s: %s", resource_id, exc)
-            return self._upstream_failed(resource_id, entry, "AS unavailable")
+            return self._upstream_failed(resource_id, source, entry, "AS unavailable")
         fresh = _with(new, upstream_etag=response.opt.etag, fresh_until=now + max_age)
-        self._backoff.pop(resource_id, None)
+        self._backoff.pop((resource_id, source), None)
         if self.store(fresh):
             return fresh
         held = self.cache.get(resource_id)
         return self.valid(held)
 
-    def _upstream_failed(self, resource_id: str, entry: Entry | None, why: str) -> Entry | None:
+    def _upstream_failed(
+        self, resource_id: str, source: str, entry: Entry | None, why: str
+    ) -> Entry | None:
         self.stats.upstream_errors += 1
-        self._backoff[resource_id] = self.now() + self.limits.upstream_backoff
+        self._backoff[(resource_id, source)] = self.now() + self.limits.upstream_backoff
         if len(self._backoff) > 10_000:
             self._backoff.pop(next(iter(self._backoff)))
         log.info("upstream of %s failed: %s", resource_id, why)
@@ -367,6 +372,7 @@ class Proxy:
         delay = 1.0
         while True:
             ctx = await self.upstream()
+            self.stats.upstream_requests += 1
             request = ctx.request(Message(code=GET, uri=source, observe=0))
             try:
                 first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
@@ -374,9 +380,21 @@ class Proxy:
                 if first.opt.observe is None:
                     raise AsUnavailable("the upstream does not take observers")
                 delay = 1.0
-                async for notification in request.observation:
+                notifications = request.observation.__aiter__()
+                silence = _silence(first)
+                while True:
+                    try:
+                        notification = await asyncio.wait_for(notifications.__anext__(), silence)
+                    except StopAsyncIteration:
+                        log.info("upstream observation of %s ended; again", resource_id)
+                        break
+                    except TimeoutError:
+                        # RFC 7641 §3.3.1: nothing within Max-Age. A producer that restarted has
+                        # forgotten this observation and would never notify again: register anew.
+                        log.info("no notification of %s within its Max-Age; again", resource_id)
+                        break
                     await self._notified(resource_id, source, notification)
-                log.info("upstream observation of %s ended; again", resource_id)
+                    silence = _silence(notification)
             except asyncio.CancelledError:
                 request.observation.cancel()
                 raise
@@ -392,6 +410,13 @@ class Proxy:
     async def _notified(self, resource_id: str, source: str, response: Any) -> None:
         held = self.cache.get(resource_id)
         await self._take(resource_id, source, held, response)
+
+
+def _silence(response: Any) -> float:
+    """How long an upstream observation may stay silent after ``response`` (its Max-Age, plus
+    a little for the notification that renews it to arrive)."""
+    max_age = response.opt.max_age
+    return (60 if max_age is None else max_age) + 2.0
 
 
 def _with(entry: Entry, **changes: Any) -> Entry:

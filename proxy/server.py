@@ -98,6 +98,9 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         self.proxy = proxy
         self.addresses = AddressCheck()
         self._observers: dict[str, set[Any]] = {}
+        #: Observation requests (by id) whose first answer passed the amplification guard: their
+        #: notifications are rendered from the same request and need no new proof of address.
+        self._admitted: dict[int, Message | None] = {}
         proxy.on_new_object.append(self._notify)
 
     # --- targets ---
@@ -107,8 +110,11 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         opt = request.opt
         if opt.proxy_uri is not None or opt.proxy_scheme is not None:
             if opt.proxy_uri is not None:
-                parts = urlsplit(opt.proxy_uri)
-                scheme, host, port, path = parts.scheme, parts.hostname, parts.port, parts.path
+                try:  # urlsplit and .port raise ValueError (bad IPv6 literal, port out of range)
+                    parts = urlsplit(opt.proxy_uri)
+                    scheme, host, port, path = parts.scheme, parts.hostname, parts.port, parts.path
+                except ValueError:
+                    raise BadTarget("4.00", "malformed Proxy-Uri") from None
                 if parts.query or parts.fragment:
                     raise BadTarget("4.00", "no query in a proxied URI")
             else:
@@ -146,7 +152,16 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:
-            await interfaces.ObservableResource._render_to_pipe(self, pipe)
+            try:
+                await interfaces.ObservableResource._render_to_pipe(self, pipe)
+            except TypeError:
+                # aiocoap 0.4.17: when an observer's exchange ends (it went away: RST, ICMP)
+                # while a notification is being added, Pipe._add_event iterates the ended
+                # callback list (False) and raises TypeError, then fails to log it. The
+                # observation is over either way; anything else is a real error.
+                if getattr(pipe, "_event_callbacks", None) is not False:
+                    raise
+                log.debug("an observer went away during a notification")
         else:
             await interfaces.Resource._render_to_pipe(self, pipe)
 
@@ -158,7 +173,12 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         except BadTarget as exc:
             return Message(code=_CODES[exc.code], payload=str(exc).encode())
         if request.code == Code.GET:
-            return await self._get(request, resource_id, upstream)
+            response = await self._get(request, resource_id, upstream)
+            if request.opt.observe == 0 and response.code.is_successful():
+                # Only an observer that got a first answer starts the upstream observation: an
+                # unverified one (4.01, Echo) would start and stop it for nothing.
+                self.proxy.observe_upstream(resource_id, upstream)
+            return response
         if request.code == Code.PUT:
             return await self._put(request, resource_id)
         return Message(code=Code.METHOD_NOT_ALLOWED)
@@ -186,11 +206,15 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         """No amplification towards an address that has not proven itself."""
         if identity(request.remote) is not None:
             return response
+        if self._admitted.get(id(request)) is request:
+            return response
         address = _address(request.remote)
         size = len(response.payload) + 16
-        if self.addresses.allows(address, _request_size(request), size):
-            return response
-        if self.addresses.prove(address, request.opt.echo):
+        if self.addresses.allows(address, _request_size(request), size) or self.addresses.prove(
+            address, request.opt.echo
+        ):
+            if id(request) in self._admitted:
+                self._admitted[id(request)] = request
             return response
         self.proxy.stats.echo_challenges += 1
         return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
@@ -228,15 +252,16 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
 
     async def add_observation(self, request: Message, observation: Any) -> None:
         try:
-            resource_id, upstream = self.target(request)
+            resource_id, _ = self.target(request)
         except BadTarget:
             return  # the render answers the error; no observation
         watchers = self._observers.setdefault(resource_id, set())
         watchers.add(observation)
-        self.proxy.observe_upstream(resource_id, upstream)
+        self._admitted[id(request)] = None  # until _guard admits its first answer
         self.proxy.stats.observers += 1
 
         def cancel() -> None:
+            self._admitted.pop(id(request), None)
             self.proxy.stats.observers -= 1
             left = self._observers.get(resource_id)
             if left is not None:

@@ -1,0 +1,277 @@
+"""Real proxy processes and what the proxy tests put around them (loopback, no mocks).
+
+- :class:`ProxyProcess`: ``python -m proxy`` with its log in a file, restartable on its ports;
+- :class:`CountingRelay`: a UDP relay between the proxy and a producer that counts every request
+  reaching the producer (and how it was answered);
+- :class:`StandIn`: an aiocoap producer stand-in serving hand-sealed objects (good or bad) with a
+  chosen Max-Age, or an error code;
+- :class:`RawClient`: CoAP datagrams from one UDP socket, sizes as they were on the wire;
+- :func:`dtls_context`: a device's DTLS client context for the proxy's coaps port (link PSK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from aiocoap import NON, Context, Message
+from aiocoap.numbers.codes import Code
+from aiocoap.resource import ObservableResource, Site
+from as_harness import ROOT, free_port
+from system_harness import PYTHON
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free on 127.0.0.1 (plain and DTLS)."""
+    while True:
+        port = free_port()
+        if port >= 65534:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+class ProxyProcess:
+    """``python -m proxy`` on 127.0.0.1 (plain CoAP on ``port``, DTLS on ``port + 1``)."""
+
+    def __init__(self, bundle: Path, state: Path, *args: str, port: int | None = None) -> None:
+        self.bundle = bundle
+        self.state = state
+        self.args = args
+        self.port = port or free_port_pair()
+        self.log_path = state.parent / f"{state.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [
+            PYTHON,
+            "-m",
+            "proxy",
+            "--bundle",
+            str(self.bundle),
+            "--state",
+            str(self.state),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *self.args,
+        ]
+
+    def start(self, timeout: float = 30.0, wait_for: str = "link keys") -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if wait_for in self.log()[offset:]:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("the proxy did not start:\n" + self.log()[offset:])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    @property
+    def address(self) -> str:
+        return f"coap://127.0.0.1:{self.port}"
+
+    @property
+    def secure_address(self) -> str:
+        return f"coaps://127.0.0.1:{self.port + 1}"
+
+    def uri(self, resource_id: str) -> str:
+        return f"{self.address}/{resource_id}"
+
+
+class _RelayProtocol(asyncio.DatagramProtocol):
+    def __init__(self, relay: CountingRelay) -> None:
+        self.relay = relay
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.relay.from_client(data, addr)
+
+
+class _UpstreamProtocol(asyncio.DatagramProtocol):
+    def __init__(self, relay: CountingRelay) -> None:
+        self.relay = relay
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.relay.from_upstream(data)
+
+
+class CountingRelay:
+    """Forwards datagrams between one client (the proxy) and a producer, counting the requests
+    (``requests``: each a (code, has ETag, has Observe) tuple) and the response codes."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.requests: list[tuple[str, bool, bool]] = []
+        self.responses: list[str] = []
+        self._client: Any = None
+        self._listen: Any = None
+        self._upstream: Any = None
+
+    async def start(self) -> CountingRelay:
+        loop = asyncio.get_running_loop()
+        self.port = free_port()
+        self._listen, _ = await loop.create_datagram_endpoint(
+            lambda: _RelayProtocol(self), local_addr=("127.0.0.1", self.port)
+        )
+        self._upstream, _ = await loop.create_datagram_endpoint(
+            lambda: _UpstreamProtocol(self), remote_addr=("127.0.0.1", self.upstream_port)
+        )
+        return self
+
+    def from_client(self, data: bytes, addr: Any) -> None:
+        self._client = addr
+        try:
+            message = Message.decode(data)
+        except Exception:
+            message = None
+        if message is not None and message.code.is_request():
+            self.requests.append(
+                (message.code.dotted, bool(message.opt.etags), message.opt.observe is not None)
+            )
+        self._upstream.sendto(data)
+
+    def from_upstream(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):  # anything undecodable is just relayed
+            message = Message.decode(data)
+            if message.code.is_response():
+                self.responses.append(message.code.dotted)
+        if self._client is not None:
+            self._listen.sendto(data, self._client)
+
+    @property
+    def address(self) -> str:
+        return f"coap://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        for transport in (self._listen, self._upstream):
+            if transport is not None:
+                transport.close()
+
+
+class StandInResource(ObservableResource):  # type: ignore[misc]
+    """Serves ``data`` (content format 18) with ``max_age``, or answers ``error``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: bytes | None = None
+        self.max_age = 0
+        self.error: Code | None = None
+        self.requests = 0
+
+    def serve(self, data: bytes, max_age: int = 0) -> None:
+        self.data, self.max_age, self.error = data, max_age, None
+        self.updated_state()
+
+    async def render_get(self, request: Message) -> Message:
+        self.requests += 1
+        if self.error is not None or self.data is None:
+            return Message(code=self.error or Code.NOT_FOUND)
+        return Message(
+            code=Code.CONTENT, payload=self.data, content_format=18, max_age=self.max_age
+        )
+
+
+class StandIn:
+    """A stand-in producer on 127.0.0.1 with one :class:`StandInResource` per resource id."""
+
+    def __init__(self) -> None:
+        self.site = Site()
+        self.resources: dict[str, StandInResource] = {}
+        self.port = 0
+        self.ctx: Context | None = None
+
+    async def start(self) -> StandIn:
+        self.port = free_port()
+        self.ctx = await Context.create_server_context(
+            self.site, bind=("127.0.0.1", self.port), transports=["udp6"]
+        )
+        return self
+
+    def resource(self, resource_id: str) -> StandInResource:
+        if resource_id not in self.resources:
+            self.resources[resource_id] = StandInResource()
+            self.site.add_resource(tuple(resource_id.split("/")), self.resources[resource_id])
+        return self.resources[resource_id]
+
+    def uri(self, resource_id: str) -> str:
+        return f"coap://127.0.0.1:{self.port}/{resource_id}"
+
+    async def close(self) -> None:
+        if self.ctx is not None:
+            await self.ctx.shutdown()
+
+
+class RawClient:
+    """One UDP socket (one source address): CoAP datagrams out and in, sizes as on the wire.
+    Blocking: call :meth:`exchange` through ``asyncio.to_thread``."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self._mid = 0x1000
+
+    def exchange(self, message: Message) -> tuple[bytes, bytes, Message]:
+        """Send ``message`` as a NON request; (request bytes, reply bytes, reply decoded)."""
+        self._mid += 1
+        message.mtype = NON
+        message.mid = self._mid
+        message.token = self._mid.to_bytes(4, "big")
+        request = message.encode()
+        self.sock.send(request)
+        while True:
+            data = self.sock.recv(65536)
+            reply = Message.decode(data)
+            if reply.token == message.token:
+                return request, data, reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def dtls_context(proxy: ProxyProcess, identity: str, psk: bytes) -> Context:
+    ctx = await Context.create_client_context(transports=["tinydtls"])
+    credentials = {"dtls": {"psk": psk, "client-identity": identity.encode()}}
+    # aiocoap looks credentials up by the request's URI, which is the Proxy-Uri if there is one
+    ctx.client_credentials.load_from_dict(
+        {f"{proxy.secure_address}/*": credentials, "coap://*": credentials}
+    )
+    return ctx
