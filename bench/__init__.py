@@ -42,6 +42,8 @@ MODULES = (
     "producer_get",
     "consumer_open",
     "producer_cpu",
+    "proxy_hits",
+    "producer_footprint",
 )
 
 #: Runs ``n`` iterations of the measured work.
@@ -73,6 +75,10 @@ class Figure:
 
     ``ratio`` is ``value / baseline_value`` (ops/s, so bigger is better: 1.0 means no overhead);
     ``overhead`` is our time per operation over the baseline's, minus one.
+
+    With ``lower_is_better`` the values are costs (milliseconds, MiB), not rates: then ``ratio``
+    is ``baseline_value / value`` (still bigger is better) and ``overhead`` our cost over the
+    baseline's, minus one.
     """
 
     name: str
@@ -81,14 +87,17 @@ class Figure:
     baseline: str
     baseline_value: float
     max_overhead: float = MAX_OVERHEAD
+    lower_is_better: bool = False
 
     @property
     def ratio(self) -> float:
+        if self.lower_is_better:
+            return self.baseline_value / self.value
         return self.value / self.baseline_value
 
     @property
     def overhead(self) -> float:
-        return self.baseline_value / self.value - 1.0
+        return 1.0 / self.ratio - 1.0
 
     @property
     def target(self) -> str:
@@ -108,6 +117,7 @@ class Figure:
             "ratio": round(self.ratio, 4),
             "target": self.target,
             "met": self.met,
+            "lower_is_better": self.lower_is_better,
         }
 
 

@@ -1,10 +1,12 @@
 """Run the OSCAR benchmarks and print one table: ``python -m bench [OPTIONS] [NAME ...]``.
 
 With NAMEs, only the modules of :data:`bench.MODULES` whose name is or starts with one of them run,
-in their usual order (``python -m bench producer`` runs ``producer_get`` and ``producer_cpu``).
+in their usual order (``python -m bench producer`` runs ``producer_get``, ``producer_cpu`` and
+``producer_footprint``).
 
-Prints the machine first, then one row per case as it finishes: our ops/s, the bare-primitive
-baseline's ops/s, our overhead in time per operation, the target and whether it is met. With
+Prints the machine first, then one row per case as it finishes: our figure and the baseline's, in
+the case's unit (ops/s unless the module says otherwise), our overhead (in time per operation, or
+in cost), the target and whether it is met. With
 ``--json FILE`` the figures are also written to FILE as a JSON list (see ``bench/README.md``);
 nothing is written otherwise. The exit status is 0 whether or not targets are met (the benchmark
 reports, it does not gate); 2 for bad arguments.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from . import MODULES, Figure, Settings, machine_info
 
-_COLUMNS = (("case", 32), ("ours ops/s", 12), ("baseline ops/s", 15), ("overhead", 9))
+_COLUMNS = (("case", 32), ("ours", 12), ("baseline", 15), ("overhead", 9))
 
 
 def _header() -> str:
@@ -32,12 +34,17 @@ def _header() -> str:
     return " | ".join([*cells, "target", "met"])
 
 
+def _number(value: float, width: int) -> str:
+    """Whole numbers from 100 up, one decimal below (a start-up time in ms, a size in MiB)."""
+    return f"{value:>{width},.0f}" if abs(value) >= 100 else f"{value:>{width}.1f}"
+
+
 def _row(figure: Figure) -> str:
     widths = [width for _, width in _COLUMNS]
     cells = [
         f"{figure.name:<{widths[0]}}",
-        f"{figure.value:>{widths[1]},.0f}",
-        f"{figure.baseline_value:>{widths[2]},.0f}",
+        _number(figure.value, widths[1]),
+        _number(figure.baseline_value, widths[2]),
         f"{figure.overhead:>{widths[3] - 2}.1%}  ",
     ]
     target = f"< {figure.max_overhead:.0%}"

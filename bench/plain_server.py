@@ -4,11 +4,14 @@
 
     python -m bench.plain_server --listen 127.0.0.1:PORT --resource NAME=SIZE [...]
     python -m bench.plain_server --listen 127.0.0.1:PORT --resource NAME=SIZE --dtls-psks FILE
+    python -m bench.plain_server --listen 127.0.0.1:PORT --file NAME=PATH [--content-format N]
 
 Each ``--resource NAME=SIZE`` serves SIZE bytes of text at ``/NAME`` (content format 0, with an
-8-byte ETag and Max-Age 60, as the producer's answers carry). Without ``--dtls-psks`` it serves
-plain CoAP (transport ``udp6``, as the producer does). With it, DTLS only (``tinydtls_server``,
-on port PORT + 1) with one PSK per client identity from FILE, a JSON object
+8-byte ETag and Max-Age 60, as the producer's answers carry); each ``--file NAME=PATH`` serves the
+bytes of the file PATH (read once, at start) the same way, with content format ``--content-format``
+(0 unless given; 18 makes the answer as long as a producer's or proxy's). Without ``--dtls-psks``
+it serves plain CoAP (transport ``udp6``, as the producer does). With it, DTLS only
+(``tinydtls_server``, on port PORT + 1) with one PSK per client identity from FILE, a JSON object
 ``{"identity": "psk hex", ...}``. It prints ``plain server ready`` when serving and runs until
 SIGTERM or SIGINT.
 
@@ -34,13 +37,16 @@ __all__ = ["main"]
 class FixedPayload(Resource):  # type: ignore[misc]
     """The same bytes to every GET."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, payload: bytes | None = None, content_format: int = 0) -> None:
         super().__init__()
-        self.payload = bytes(0x30 + i % 10 for i in range(size))
+        self.payload = bytes(0x30 + i % 10 for i in range(size)) if payload is None else payload
+        self.content_format = content_format
         self.etag = size.to_bytes(8, "big")
 
     async def render_get(self, request: Message) -> Message:
-        return Message(payload=self.payload, content_format=0, etag=self.etag, max_age=60)
+        return Message(
+            payload=self.payload, content_format=self.content_format, etag=self.etag, max_age=60
+        )
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -48,6 +54,10 @@ async def _serve(args: argparse.Namespace) -> None:
     for item in args.resource:
         name, _, size = item.partition("=")
         site.add_resource((name,), FixedPayload(int(size)))
+    for item in args.file:
+        name, _, path = item.partition("=")
+        payload = Path(path).read_bytes()
+        site.add_resource((name,), FixedPayload(len(payload), payload, args.content_format))
     host, _, port = args.listen.rpartition(":")
     transports = ["udp6"] if args.dtls_psks is None else ["tinydtls_server"]
     context = await Context.create_server_context(
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plain_server", description=__doc__)
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
     parser.add_argument("--resource", action="append", default=[], metavar="NAME=SIZE")
+    parser.add_argument("--file", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--content-format", type=int, default=0, metavar="N", help="for --file")
     parser.add_argument("--dtls-psks", metavar="FILE", help="serve DTLS-PSK only, these PSKs")
     args = parser.parse_args(argv)
     # Session closes are logged as warnings ("Unhandled alert level 1 code 0"): noise here.

@@ -136,13 +136,8 @@ class Testbed:
         """Start ``python ARGV`` with its output in ``<name>.log``; return once that log holds
         ``ready``. RuntimeError (with the log's tail) if the process exits or is not ready in
         time; the process is stopped by :meth:`close` either way."""
-        log_path = self.dir / f"{name}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        self._processes.append((name, process))
-        self._logs[name] = log_path
+        process = self.launch(name, argv)
+        log_path = self._logs[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready in log_path.read_bytes():
@@ -151,6 +146,18 @@ class Testbed:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"{name} did not start:\n{self.log(name)[-2000:]}")
+
+    def launch(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start ``python ARGV`` with its output in ``<name>.log`` and return at once (the caller
+        finds out when it is ready); the process is stopped by :meth:`close`."""
+        log_path = self.dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._processes.append((name, process))
+        self._logs[name] = log_path
+        return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
         """Stop one process started here (SIGTERM, then SIGKILL after 5 s)."""

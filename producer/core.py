@@ -452,7 +452,9 @@ class Producer:
 
     def publish(self, published: Published) -> None:
         if self._publisher is not None and published.obj is not None:
-            self._publisher.submit(published.resource_id, published.obj)
+            self._publisher.submit(
+                published.resource_id, published.obj, published.max_age(self.now())
+            )
 
     # --- background tasks ---
 

@@ -1,10 +1,11 @@
 """Publishing: PUT each new object to a proxy, for producers that sleep or serve nothing.
 
 Each target gets the newest object of each resource at ``<uri>/<resource id>`` (content format
-18). Only the newest matters — an older one would be refused by the proxy as a rollback anyway —
-so a target that is away collects at most one pending object per resource, and gets it when it
-answers again (retried with backoff from 1 to 30 s). ``coaps://`` targets use the DTLS-PSK
-credentials of their configuration; the DTLS transport loads only then.
+18, Max-Age the resource's, so a proxy knows how long the object stays fresh). Only the newest
+matters — an older one would be refused by the proxy as a rollback anyway — so a target that is
+away collects at most one pending object per resource, and gets it when it answers again (retried
+with backoff from 1 to 30 s). ``coaps://`` targets use the DTLS-PSK credentials of their
+configuration, or for an OSCAR proxy the link PSK from the AS; the DTLS transport loads only then.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Publisher:
         self.targets = list(targets)
         self.device_id = device_id
         self._link = link
-        self._pending: list[dict[str, bytes]] = [{} for _ in self.targets]
+        self._pending: list[dict[str, tuple[bytes, int]]] = [{} for _ in self.targets]
         self._wake = [asyncio.Event() for _ in self.targets]
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
@@ -50,9 +51,9 @@ class Publisher:
     def __repr__(self) -> str:
         return f"Publisher({[t.uri for t in self.targets]!r})"
 
-    def submit(self, resource_id: str, obj: bytes) -> None:
+    def submit(self, resource_id: str, obj: bytes, max_age: int) -> None:
         for pending, wake in zip(self._pending, self._wake, strict=True):
-            pending[resource_id] = obj
+            pending[resource_id] = (obj, max_age)
             wake.set()
 
     async def _context(self) -> Any:
@@ -102,7 +103,7 @@ class Publisher:
                 resource_id = next(iter(pending))
                 obj = pending.pop(resource_id)
                 try:
-                    await self._put(target, resource_id, obj)
+                    await self._put(target, resource_id, *obj)
                     self.published[index] += 1
                     delay = 1.0
                 except asyncio.CancelledError:
@@ -121,12 +122,18 @@ class Publisher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
 
-    async def _put(self, target: PublishTarget, resource_id: str, obj: bytes) -> None:
+    async def _put(self, target: PublishTarget, resource_id: str, obj: bytes, max_age: int) -> None:
         from aiocoap import PUT, Message
 
         ctx = await self._context()
         request = ctx.request(
-            Message(code=PUT, uri=target.resource_uri(resource_id), payload=obj, content_format=18)
+            Message(
+                code=PUT,
+                uri=target.resource_uri(resource_id),
+                payload=obj,
+                content_format=18,
+                max_age=max_age,
+            )
         )
         response = await asyncio.wait_for(request.response, TIMEOUT)
         if not response.code.is_successful():

@@ -16,6 +16,7 @@
     disk_entries = 100000
     disk_bytes = 1073741824
     published_max_age = 60             # Max-Age of an object PUT without one
+    max_fresh = 300                    # the most freshness any Max-Age gives an entry
     upstream_timeout = 5.0             # seconds per upstream request
     upstream_backoff = 5.0             # after an upstream failure, serve the cache this long
     links_refresh = 10.0               # seconds between fetches of the DTLS link keys from the AS
@@ -49,6 +50,9 @@ class Limits:
     disk_entries: int = 100_000
     disk_bytes: int = 1 << 30
     published_max_age: int = 60
+    #: Longest freshness any origin's Max-Age may give an entry: bounds how long an origin named
+    #: by a forward-proxy client could keep a shared entry from being refreshed.
+    max_fresh: int = 300
     upstream_timeout: float = 5.0
     upstream_backoff: float = 5.0
     links_refresh: float = 10.0

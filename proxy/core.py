@@ -292,7 +292,9 @@ class Proxy:
     ) -> Entry | None:
         """Fold one upstream response into the cache; the entry to serve (or None)."""
         now = self.now()
-        max_age = response.opt.max_age if response.opt.max_age is not None else 60
+        max_age = min(
+            response.opt.max_age if response.opt.max_age is not None else 60, self.limits.max_fresh
+        )
         code = response.code.dotted
         if code == "2.03" and entry is not None:
             fresh = entry.refreshed(now + max_age)
@@ -338,7 +340,9 @@ class Proxy:
         if held is not None and entry.version < held.version:
             self.stats.rejected += 1
             raise InvalidObject("older than the object held")
-        age = self.limits.published_max_age if max_age is None else max_age
+        age = min(
+            self.limits.published_max_age if max_age is None else max_age, self.limits.max_fresh
+        )
         entry = _with(
             entry,
             upstream=held.upstream if held is not None else None,

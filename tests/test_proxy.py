@@ -117,7 +117,7 @@ async def _certify(client: AsClient, key: PrivateKey, device_id: str) -> None:
     await client.request_certificate(csr)
 
 
-SENSOR_RESOURCES = ("fetched", "published", "stale", "rollback")
+SENSOR_RESOURCES = ("fetched", "published", "stale", "rollback", "frozen")
 
 
 async def _devices(
@@ -421,6 +421,19 @@ async def test_objects_refused_on_publish_and_only_the_owner_publishes_over_dtls
     finally:
         for ctx in (owner, other, plain):
             await ctx.shutdown()
+
+
+async def test_no_origin_can_keep_an_entry_fresh_for_longer_than_max_fresh(
+    world: World, secure: Context
+) -> None:
+    """A forward-proxy client naming an origin of its own that claims a huge Max-Age must not
+    freeze the shared entry: freshness is capped (limits.max_fresh, 300 s by default)."""
+    rid = "sensor/frozen"
+    resource = world.standin.resource(rid)
+    resource.serve(world.seal(rid, b"v1", lifetime=3600), max_age=1_000_000)
+    response = await send(secure, via_proxy(world, world.standin.uri(rid)))
+    assert response.code == Code.CONTENT
+    assert response.opt.max_age is not None and 250 <= response.opt.max_age <= 300
 
 
 async def test_the_newest_valid_object_is_served_while_the_upstream_fails_until_its_exp(
