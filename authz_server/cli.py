@@ -24,7 +24,6 @@ import asyncio
 import datetime
 import ipaddress
 import json
-import logging
 import os
 import re
 import signal
@@ -42,7 +41,7 @@ from cryptography import x509
 
 from oscar import __version__, certs
 from oscar.algorithms import PublicKey
-from oscar.cli import OneLineParser, fail, parse_args
+from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
 
 from .ca import CA_CERT_NAME, init_state
@@ -363,6 +362,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
     """Run the AS: CoAP over DTLS-PSK on HOST:PORT (the DTLS port; a specific address, not the
     any-address). SIGTERM or SIGINT stops it cleanly (exit status 0). Logs go to stderr.
     """
+    _apply_serve_config(args)
     host, port = _listen(args.listen)
     # A missing or unreadable state directory is a one-line error before anything starts.
     asyncio.run(_with_store(args.state, _nothing))
@@ -373,7 +373,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
         "min_rotation_period",
     )  # fmt: skip
     options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
-    _configure_logging(args.log_level, json_lines=args.log_json)
+    configure_logging(args.log_level, json_lines=args.log_json)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -394,33 +394,57 @@ async def _nothing(store: Store) -> None:
     return None
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+#: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
+_SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "state": str,
+    "listen": str,
+    "retention": int,
+    "rate": (int, float),
+    "burst": int,
+    "max_connections": int,
+    "tick": (int, float),
+    "crl_validity": int,
+    "min_rotation_period": int,
+    "log_level": str,
+    "log_json": bool,
+}
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
+def _apply_serve_config(args: argparse.Namespace) -> None:
+    """Fill the flags not given from ``--config`` (a TOML file of :data:`_SERVE_KEYS`)."""
+    if args.config is not None:
+        import tomllib
 
-def _configure_logging(level: str, *, json_lines: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter()
-        if json_lines
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    # aiosqlite logs every statement with its parameters at debug level, ciphertexts included.
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+        try:
+            with open(args.config, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.config}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{args.config} is not valid TOML: {exc}") from None
+        unknown = set(doc) - set(_SERVE_KEYS)
+        if unknown:
+            raise UsageError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")
+        for key, value in doc.items():
+            kind = _SERVE_KEYS[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UsageError(f"{args.config}: {key} has the wrong type")
+            if key == "log_json":
+                args.log_json = args.log_json or value
+            elif getattr(args, key) is None:
+                if key == "state":
+                    value = args.config.parent / Path(str(value)).expanduser()
+                setattr(args, key, value)
+    if args.state is None or args.listen is None:
+        raise UsageError("serve needs --state and --listen (or a --config that gives them)")
+    if args.log_level is None:
+        args.log_level = "info"
+    if args.log_level not in ("debug", "info", "warning", "error"):
+        raise UsageError("log_level is debug, info, warning or error")
+    for key in ("retention", "rate", "burst", "max_connections", "tick", "crl_validity"):
+        value = getattr(args, key)
+        if value is not None and (value < 0 or (value == 0 and key != "retention")):
+            raise UsageError(f"{key} must be positive")
 
 
 def cmd_grant(args: argparse.Namespace, now: int) -> int:
@@ -609,13 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Handler, summary: str, *, state_required: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=summary, description=handler.__doc__, allow_abbrev=False
         )
         sub.set_defaults(handler=handler)
         sub.add_argument(
-            "--state", metavar="DIR", type=Path, required=True, help="the AS state directory"
+            "--state",
+            metavar="DIR",
+            type=Path,
+            required=state_required,
+            help="the AS state directory",
         )
         return sub
 
@@ -638,8 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--as-uri", metavar="URI", help="(default: the one given to init)")
     enroll.add_argument("--force", action="store_true", help="replace an existing FILE")
 
-    serve = command("serve", cmd_serve, "run the AS")
-    serve.add_argument("--listen", metavar="HOST:PORT", required=True, help="the DTLS address")
+    serve = command("serve", cmd_serve, "run the AS", state_required=False)
+    serve.add_argument("--config", metavar="FILE", type=Path, help="TOML; flags override it")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="the DTLS address")
     serve.add_argument(
         "--retention", metavar="S", type=_not_negative, help="keep deactivated epochs S seconds"
     )
@@ -654,14 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         help="shortest rotation period a producer may register (default 60)",
     )
-    serve.add_argument(
-        "--log-level",
-        default="info",
-        type=str.lower,
-        choices=["debug", "info", "warning", "error", "critical"],
-        help="(default: info)",
-    )
-    serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    add_logging_arguments(serve, default=None)
 
     grant = command("grant", cmd_grant, "grant a consumer resources")
     grant.add_argument("--consumer", metavar="ID", required=True)

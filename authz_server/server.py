@@ -41,6 +41,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.resource import Resource as CoapResource
 
 from oscar import names
+from oscar.cli import add_logging_arguments, configure_logging
 
 from .api import (
     MAX_PAYLOAD,
@@ -424,24 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="shortest rotation period a producer may register (default: %(default)s)",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_logging_arguments(parser)
     return parser
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # aiocoap logs every session close as a warning ("Unhandled alert level 1 code 0"), and at
-    # debug level it would log messages: keep it to errors.
-    for name in ("coap-server", "coap"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # aiosqlite logs every statement with its parameters at debug level, ciphertexts included.
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 async def _run(state: Path, host: str, port: int, options: ServeOptions) -> None:
@@ -469,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json_lines=args.log_json)
     try:
         asyncio.run(_run(args.state, host, port, options))
     except StoreError as exc:

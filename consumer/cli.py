@@ -27,13 +27,12 @@ import argparse
 import asyncio
 import base64
 import json
-import logging
 import sys
 import warnings
 from pathlib import Path
 
 from authz_server.client import BundleError, StateError, atomic_write
-from oscar.cli import OneLineParser, fail, parse_args
+from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.errors import InvalidObject, OscarError
 from oscar.objects import Reading
 
@@ -108,23 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 success, 1 object rejected, 2 bad usage, 3 access denied by the "
         "AS, 4 network or transport failure",
     )
-    parser.add_argument("--bundle", metavar="FILE", required=True, help="credentials bundle")
     parser.add_argument(
-        "--state", metavar="DIR", required=True, help="state directory (made with mode 0700)"
+        "--config",
+        metavar="FILE",
+        help="TOML with any of: bundle, state, timeout, proxy (flags override it)",
     )
+    parser.add_argument("--bundle", metavar="FILE", help="credentials bundle")
+    parser.add_argument("--state", metavar="DIR", help="state directory (made with mode 0700)")
     parser.add_argument(
         "--timeout",
         type=_positive,
-        default=DEFAULT_TIMEOUT,
         metavar="S",
         help=f"seconds to wait for an answer (default: {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument(
-        "--log-level",
-        default="warning",
-        choices=("debug", "info", "warning", "error"),
-        help="(default: warning)",
-    )
+    add_logging_arguments(parser, default="warning")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -156,17 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    """Logs to stderr at ``level``; aiocoap's loggers at errors only (at debug they show
-    message bytes, and every DTLS session close is a warning)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    for name in ("coap-server", "coap"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def _configure_logging(level: str, json_lines: bool) -> None:
+    configure_logging(level, json_lines=json_lines)
     warnings.filterwarnings("ignore", module="aiocoap")
 
 
@@ -216,6 +203,43 @@ async def _observe(consumer: Consumer, args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill what the flags leave unset from ``--config``; bundle and state are required."""
+    if args.config is not None:
+        import tomllib
+
+        path = Path(args.config)
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path} is not valid TOML: {exc}") from None
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "bundle": str,
+            "state": str,
+            "timeout": (int, float),
+            "proxy": str,
+        }
+        unknown = set(doc) - set(kinds)
+        if unknown:
+            raise UsageError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        for key, value in doc.items():
+            if not isinstance(value, kinds[key]) or isinstance(value, bool):
+                raise UsageError(f"{path}: {key} has the wrong type")
+            if key in ("bundle", "state"):
+                value = str(path.parent / Path(str(value)).expanduser())
+            if key == "timeout" and not value > 0:
+                raise UsageError(f"{path}: timeout must be positive")
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    if args.bundle is None or args.state is None:
+        raise UsageError("--bundle and --state are required (or a --config that gives them)")
+    if args.timeout is None:
+        args.timeout = DEFAULT_TIMEOUT
+
+
 async def _run(args: argparse.Namespace) -> int:
     parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
     async with Consumer(args.bundle, args.state, timeout=args.timeout) as consumer:
@@ -229,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if isinstance(args, int):
         return args
-    configure_logging(args.log_level)
+    try:
+        _apply_config(args)
+    except UsageError as exc:
+        return fail(PROG, str(exc), 2)
+    _configure_logging(args.log_level, args.log_json)
     try:
         return asyncio.run(_run(args))
     except InvalidObject as exc:

@@ -20,6 +20,7 @@ import argparse
 import base64
 import datetime
 import json
+import logging
 import os
 import re
 import sys
@@ -38,7 +39,16 @@ from .cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
 from .errors import CertificateError, InvalidObject, OscarError
 from .keys import AccessSecret
 
-__all__ = ["OneLineParser", "build_parser", "fail", "main", "parse_args"]
+__all__ = [
+    "LOG_LEVELS",
+    "OneLineParser",
+    "add_logging_arguments",
+    "build_parser",
+    "configure_logging",
+    "fail",
+    "main",
+    "parse_args",
+]
 
 PROG = "oscar"
 DEFAULT_LIFETIME = 3600
@@ -551,6 +561,57 @@ def fail(prog: str, message: str, status: int) -> int:
     """Print ``message`` as one ``PROG: error:`` line on stderr; return ``status``."""
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     return status
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser, default: str | None = "info") -> None:
+    """``--log-level`` and ``--log-json``, the same in every OSCAR daemon and client."""
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help=f"(default: {default or 'from the configuration, else info'})",
+    )
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+
+def configure_logging(level: str, *, json_lines: bool = False) -> None:
+    """Logs to stderr, one line per event (plain text, or JSON with ``json_lines``).
+
+    Libraries that would log message bytes or SQL parameters at debug level are held back:
+    aiocoap (payloads; and it logs every DTLS close_notify as a warning) and aiosqlite
+    (statements with their parameters, ciphertexts included)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings become log lines too (JSON ones with JSON)
+    for name in ("coap", "coap-server"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:

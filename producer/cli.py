@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from authz_server.client import BundleError, StateError
-from oscar.cli import OneLineParser, fail, parse_args
+from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 
 from .config import (
@@ -78,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rotation-period", type=int, default=3600, metavar="SECONDS")
     parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
     parser.add_argument("--key-algorithm", choices=("ES256", "EdDSA"))
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_logging_arguments(parser)
     return parser
 
 
@@ -130,17 +128,6 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
     )
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # aiocoap logs messages (payloads included) at debug level and session closes as warnings.
-    for name in ("coap", "coap-server"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 async def run(config: ProducerConfig) -> None:
     """Start a producer and run it until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -168,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
     except ConfigError as exc:
         return fail(PROG, str(exc), 2)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json_lines=args.log_json)
     try:
         asyncio.run(run(config))
     except (BundleError, StateError, ProducerError) as exc:

@@ -29,7 +29,7 @@ from typing import Any
 
 from authz_server.client import AsError, BundleError, StateError
 from authz_server.dtls import IndexedCreds, end_sessions, label_of
-from oscar.cli import OneLineParser, fail, parse_args
+from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
 from .config import parse_reverse as _parse_reverse
@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
-    )
+    add_logging_arguments(parser)
     return parser
 
 
@@ -84,16 +82,6 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
     if args.config is not None:
         return load_config(args.config, **overrides)
     return config_from_mapping({}, base=Path.cwd(), where="the flags", **overrides)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    for name in ("coap", "coap-server"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
@@ -197,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
     except ConfigError as exc:
         return fail(PROG, str(exc), 2)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, json_lines=args.log_json)
 
     async def run() -> None:
         stop = asyncio.Event()
