@@ -593,7 +593,7 @@ def _decode(response: Any, what: str) -> Any:
     if isinstance(error, str):
         detail = ": " + error[:200]
     if dotted in ("4.01", "4.03"):
-        raise AccessDenied(f"{what}: access denied by the AS ({dotted}){detail}", dotted)
+        raise AccessDenied(f"{what}: refused ({dotted}){detail}", dotted)
     if dotted in ("5.03", "4.29"):
         raise AsUnavailable(f"{what}: the AS is busy ({dotted}){detail}", dotted)
     raise AsError(f"{what}: the AS answered {dotted}{detail}", dotted)
