@@ -2,6 +2,7 @@
 #
 #   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin
 #   make .stamp-venv  create .venv and install the project with the [test] extra
+#   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make test       lint + format check + typecheck + pytest (ARGS passed to pytest)
 #   make lint | typecheck | bench | clean
 
@@ -16,7 +17,7 @@ SHELL := bash
 .DEFAULT_GOAL := test
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: deps venv test lint typecheck bench clean
+.PHONY: deps venv demo test lint typecheck bench clean
 
 # apt_install CHECK_CMDS PACKAGES: install PACKAGES unless every command in CHECK_CMDS exists.
 define apt_install
@@ -47,12 +48,24 @@ $(STAMP): pyproject.toml | deps
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# The demo needs the project and the AS extra only; a venv made for the tests has them too.
+.stamp-demo: pyproject.toml | deps
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "error: $(PY) is older than Python 3.11 (tomllib); run make PY=python3.X" >&2; exit 1; }
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[as]'
+	touch $@
+
+demo: .stamp-demo
+	$(BIN)/oscar-demo $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy oscar authz_server producer consumer proxy
+	$(BIN)/mypy oscar authz_server producer consumer proxy demo
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +46,7 @@ __all__ = [
     "SealedFile",
     "SecretGrant",
     "StateError",
+    "stop_tasks",
 ]
 
 log = logging.getLogger("oscar.asclient")
@@ -238,6 +239,21 @@ def private_dir(path: Path) -> Path:
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory")
     return path
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again as long as needed:
+    ``asyncio.wait_for`` may hand back the inner error instead of a cancellation when the two
+    meet (Python 3.11), and a retry loop would then carry on as if nothing had happened."""
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), type(task.exception()).__name__)
 
 
 # --- replies -------------------------------------------------------------------------------------

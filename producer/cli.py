@@ -112,20 +112,12 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
         "state": args.state,
         "listen": listen,
         "key_algorithm": args.key_algorithm,
+        "resources": specs,
+        "publish": publish,
     }
     if args.config is not None:
-        base = load_config(args.config, **overrides)
-    else:
-        base = config_from_mapping({}, base=Path.cwd(), where="the flags", **overrides)
-    return ProducerConfig(
-        bundle=base.bundle,
-        state=base.state,
-        listen=base.listen,
-        resources=[*base.resources, *specs],
-        publish=[*base.publish, *publish],
-        key_algorithm=base.key_algorithm,
-        sequence_window=base.sequence_window,
-    )
+        return load_config(args.config, **overrides)
+    return config_from_mapping({}, base=Path.cwd(), where="the flags", **overrides)
 
 
 async def run(config: ProducerConfig) -> None:

@@ -307,7 +307,11 @@ def config_from_mapping(
         if key in doc:
             values[key] = doc[key]
     for key, value in overrides.items():
-        if value is not None:
+        if value is None:
+            continue
+        if key in ("resources", "publish"):  # the flags' add to the file's
+            values[key] = [*values[key], *value]
+        else:
             values[key] = value
     if values["bundle"] is None or values["state"] is None:
         raise ConfigError(f"{where}: bundle and state are required")

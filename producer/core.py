@@ -20,7 +20,6 @@ object stays served until its ``exp``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -37,6 +36,7 @@ from authz_server.client import (
     EpochKey,
     KeyState,
     StateError,
+    stop_tasks,
 )
 from oscar import certs, names
 from oscar.errors import CertificateError, OscarError, PlaintextTooLarge, SequenceUnavailable
@@ -317,6 +317,7 @@ class Producer:
         self.server: Any = None
         self._publisher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self.started = False
 
     def __repr__(self) -> str:
@@ -376,12 +377,12 @@ class Producer:
         self._spawn(self._ticker(), "ticker")
 
     async def stop(self) -> None:
+        """Stop every task, the server and the AS client. A task that swallowed its
+        cancellation (asyncio.wait_for may hand back the inner error when a timeout and a
+        cancellation meet) is cancelled again until it ends: stopping never hangs."""
+        self._stopping = True
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(tasks)
         if self._publisher is not None:
             await self._publisher.close()
         if self.server is not None:
@@ -516,7 +517,7 @@ class Producer:
         has been quiet for ``keepalive`` seconds it is made again: the fresh GET doubles as a
         liveness check, and a failure starts a new DTLS session."""
         spec, delay, registered = published.spec, 1.0, False
-        while True:
+        while not self._stopping:
             generation = client.generation
             keepalive = max(1.0, min(KEEPALIVE, published.rotation_period / 4 or KEEPALIVE))
             try:

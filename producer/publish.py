@@ -11,10 +11,11 @@ configuration, or for an OSCAR proxy the link PSK from the AS; the DTLS transpor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+from authz_server.client import stop_tasks
 
 from .config import PublishTarget
 
@@ -140,11 +141,7 @@ class Publisher:
             raise RuntimeError(f"the target answered {response.code.dotted}")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         if self._ctx is not None:
             await self._ctx.shutdown()
             self._ctx = None

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz_server.client import AsError, BundleError, StateError
+from authz_server.client import AsError, BundleError, StateError, stop_tasks
 from authz_server.dtls import IndexedCreds, end_sessions, label_of
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 
@@ -113,11 +113,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         )
         await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
         if ctx is not None:
             await ctx.shutdown()
         with contextlib.suppress(OSError):

@@ -19,7 +19,6 @@ fetch, and each new object is pushed to all observers (also a published one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write
+from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write, stop_tasks
 from consumer.errors import AccessDenied, TransportError
 from consumer.store import ConsumerStore
 from consumer.trust import Trust
@@ -138,11 +137,7 @@ class Proxy:
         return self._upstream
 
     async def close(self) -> None:
-        for task in self._observations.values():
-            task.cancel()
-        for task in list(self._observations.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._observations.values())
         self._observations.clear()
         if self._upstream is not None:
             await self._upstream.shutdown()

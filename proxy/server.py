@@ -38,13 +38,16 @@ from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 
 from .core import Proxy, Unavailable
-from .echo import AddressCheck
+from .echo import AMPLIFICATION_FACTOR, AddressCheck
 
 __all__ = ["ProxySite"]
 
 log = logging.getLogger("oscar.proxy")
 
 STATS_PATH = (".well-known", "oscar-stats")
+#: No protected object is smaller (a Sign1 with its header and a 64-byte signature around an
+#: Encrypt0): a request a third of this size can be challenged before looking anything up.
+SMALLEST_OBJECT = 120
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
@@ -184,6 +187,9 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return Message(code=Code.METHOD_NOT_ALLOWED)
 
     async def _get(self, request: Message, resource_id: str, upstream: str | None) -> Message:
+        early = self._challenge_early(request)
+        if early is not None:
+            return early
         try:
             entry = await self.proxy.lookup(resource_id, upstream)
         except Unavailable as exc:
@@ -201,6 +207,22 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 max_age=max_age,
             )
         return self._guard(request, response)
+
+    def _challenge_early(self, request: Message) -> Message | None:
+        """Challenge an unproven address before any upstream work when no object could be sent
+        to it anyway: the proxy then fetches nothing for spoofed sources, and the 4.01 goes out
+        on the ACK (libcoap's client answers an Echo only there)."""
+        if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
+            return None
+        address = _address(request.remote)
+        if self.addresses.is_verified(address):
+            return None
+        if AMPLIFICATION_FACTOR * _request_size(request) >= SMALLEST_OBJECT:
+            return None  # a large request: decide by the answer's size (_guard)
+        if request.opt.echo is not None and self.addresses.prove(address, request.opt.echo):
+            return None
+        self.proxy.stats.echo_challenges += 1
+        return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
 
     def _guard(self, request: Message, response: Message) -> Message:
         """No amplification towards an address that has not proven itself."""

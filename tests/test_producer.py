@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -519,3 +522,51 @@ def test_refuses_an_exposed_bundle_or_one_for_another_role(
     )
     assert result.returncode == 1 and "not a producer" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_sigterm_stops_the_producer_even_as_the_as_goes_away(tmp_path: Path) -> None:
+    """SIGTERM to the AS and the producer at once: the producer's AS retry loop must not swallow
+    its cancellation (it did, about 3 times in 8, before stop() cancelled until done)."""
+    d = Deployment(tmp_path)
+    bundle = d.enroll("producer", "quitter")
+    value = tmp_path / "v.txt"
+    value.write_bytes(b"1")
+    try:
+        for _ in range(5):
+            server = d.start_as()
+            producer = ProducerProcess(
+                bundle, tmp_path / "p", "--resource", f"a={value}", "--resource", f"b={value}"
+            )
+            producer.start()
+            time.sleep(0.5)  # its AS tasks are under way
+            assert server.proc is not None and producer.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            producer.proc.send_signal(signal.SIGTERM)
+            assert producer.proc.wait(15) == 0
+            server.proc.wait(15)
+    finally:
+        d.close()
+
+
+def test_a_publish_only_producer_needs_no_listen_address(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    device_id, bundle = new_producer(deployment)
+    value = tmp_path / "v.txt"
+    value.write_bytes(b"1")
+    log_path = tmp_path / "p.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "producer", "--bundle", str(bundle),
+                "--state", str(tmp_path / "p"), "--resource", f"v={value}",
+                "--publish", f"coap://127.0.0.1:{free_port()}",
+            ],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: f"producer {device_id} ready" in log_path.read_text())
+        assert "serving coap://" not in log_path.read_text()
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0

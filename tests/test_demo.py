@@ -1,0 +1,129 @@
+"""``python -m demo`` end to end: the whole story passes on its own and leaves nothing behind,
+and an interruption stops it promptly, just as clean (issue 6)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from as_harness import ROOT
+
+DIR = re.compile(r"state and logs in (\S+oscar-demo-\S+)")
+
+
+def demo(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["PYTHONIOENCODING"] = "utf-8"
+    return subprocess.Popen(
+        [sys.executable, "-m", "demo", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+    )
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live processes (zombies aside) with ``text`` in them."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state != b"Z":
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_the_demo_runs_every_step_and_leaves_nothing_behind() -> None:
+    started = time.monotonic()
+    process = demo()
+    try:
+        out, _ = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    took = time.monotonic() - started
+    assert process.returncode == 0, out
+    assert took < 90
+    found = DIR.search(out)
+    assert found, out
+    root = found.group(1)
+    # piped: no color, no in-place rewriting; one line per finished step
+    assert "\033[" not in out and "\r" not in out
+    assert "✗" not in out
+    for section in range(1, 9):
+        assert re.search(rf"^{section}\. ", out, re.M), (section, out)
+    expected = [
+        r"✓ AS serving coaps://127\.0\.0\.1:\d+",
+        r"✓ enrolled meter-1, sleeper-1 \(producers\), cloud-1 \(proxy\), alice, bob",
+        r"✓ proxy cloud-1 serving coap://127\.0\.0\.1:\d+ \+ coaps :\d+",
+        r"✓ producer meter-1 serving coap://127\.0\.0\.1:\d+/meter-1/power",
+        r"✓ producer sleeper-1 up, serving nothing, publishing to cloud-1 over DTLS",
+        r'✓ alice reads meter-1/power from the producer: "230\.4 W" \(epoch \d+, seq \d+\)',
+        r'✓ alice reads it through proxy cloud-1: "230\.4 W"',
+        r'✓ alice observes meter-1/power: "230\.4 W" .* -> "231\.9 W"',
+        r"✓ sleeper-1 published sleeper-1/reading to cloud-1",
+        r'✓ bob reads sleeper-1/reading from cloud-1 over DTLS: "21\.5 degC"',
+        r"✓ sleeper-1 stopped",
+        r"✓ bob still reads it, from cloud-1's cache",
+        r"✓ meter-1/power moved from epoch \d+ to \d+ on schedule",
+        r"✓ alice still reads meter-1/power: .*the new secret from the AS",
+        r"✓ revoked grants of bob",
+        r"✓ meter-1 re-sealed under epoch \d+",
+        r"✓ bob is refused: exit 3, access denied by the AS",
+        r"✓ audit log intact",
+        r"✓ proxy stats: hits [1-9]\d*, misses \d+",
+        r"✓ every step went as it should",
+        rf"stopped \d+ process(es)? in [\d.]+ s; removed {re.escape(root)}$",
+    ]
+    for pattern in expected:
+        assert re.search(pattern, out, re.M), (pattern, out)
+    # epochs only move forward: scheduled rotation, then revocation
+    moved = re.search(r"moved from epoch (\d+) to (\d+)", out)
+    resealed = re.search(r"re-sealed under epoch (\d+)", out)
+    assert moved and resealed
+    assert int(moved.group(1)) < int(moved.group(2)) < int(resealed.group(1))
+    assert not Path(root).exists()
+    assert processes_mentioning(root) == []
+
+
+def test_sigint_stops_everything_promptly_and_cleans_up() -> None:
+    process = demo()
+    assert process.stdout is not None
+    lines = []
+    root = None
+    # interrupt once the story is under way: the AS, the proxy and a producer are up
+    deadline = time.monotonic() + 60
+    for line in process.stdout:
+        lines.append(line)
+        found = DIR.search(line)
+        if found:
+            root = found.group(1)
+        if "producer meter-1 serving" in line:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    assert root is not None, "".join(lines)
+    assert processes_mentioning(root), "the demo started no process"
+    process.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    try:
+        rest, _ = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    out = "".join(lines) + rest
+    assert time.monotonic() - interrupted <= 15
+    assert process.returncode == 130, out
+    assert "interrupted" in rest
+    assert re.search(rf"stopped \d+ process(es)? .*removed {re.escape(root)}$", rest, re.M), out
+    assert not Path(root).exists()
+    assert processes_mentioning(root) == []
