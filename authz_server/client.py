@@ -43,6 +43,7 @@ __all__ = [
     "BundleError",
     "EpochKey",
     "KeyState",
+    "Registration",
     "SealedFile",
     "SecretGrant",
     "StateError",
@@ -259,6 +260,14 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
 # --- replies -------------------------------------------------------------------------------------
 
 
+class Registration(NamedTuple):
+    """A ``POST /resources`` reply; ``created`` is False when the AS knew the resource already."""
+
+    resource_id: str
+    epoch: int
+    created: bool
+
+
 class SecretGrant(NamedTuple):
     """A ``GET /secret`` reply."""
 
@@ -427,11 +436,17 @@ class AsClient:
         self, method: str, path: str, query: dict[str, str] | None = None, body: Any = None
     ) -> Any:
         """One request; returns the decoded CBOR reply of a 2.xx answer."""
+        return (await self._exchange(method, path, query, body))[1]
+
+    async def _exchange(
+        self, method: str, path: str, query: dict[str, str] | None, body: Any
+    ) -> tuple[str, Any]:
+        """One request: (dotted 2.xx code, decoded CBOR reply)."""
         if self._ctx is None:
             await self.start()
         request = self._ctx.request(self._message(method, path, query, body, False))
         response = await self._response(request.response, f"{method} /{path}")
-        return _decode(response, f"{method} /{path}")
+        return response.code.dotted, _decode(response, f"{method} /{path}")
 
     async def _response(self, awaitable: Any, what: str) -> Any:
         try:
@@ -476,13 +491,15 @@ class AsClient:
         profile: str,
         max_age: int,
         rotation_period: int,
-    ) -> tuple[str, int]:
-        """POST /resources: (resource id, active epoch). Registering again with the same
-        parameters is fine; different parameters update the registration."""
-        reply = await self.call(
+    ) -> Registration:
+        """POST /resources: (resource id, active epoch, whether the AS made it just now).
+        Registering again with the same parameters is fine; different parameters update the
+        registration."""
+        code, reply = await self._exchange(
             "POST",
             "resources",
-            body={
+            None,
+            {
                 "path": path,
                 "content_format": content_format,
                 "profile": profile,
@@ -490,7 +507,9 @@ class AsClient:
                 "rotation_period": rotation_period,
             },
         )
-        return _field(reply, "resource", str), _field(reply, "epoch", int)
+        return Registration(
+            _field(reply, "resource", str), _field(reply, "epoch", int), code == "2.01"
+        )
 
     async def secret(self, resource_id: str, epoch: int | None = None) -> SecretGrant:
         """GET /secret: the access secret of (resource, epoch), the active epoch by default."""

@@ -85,7 +85,7 @@ class _Producer:
             csr = certs.make_csr(producer.private_key, PRODUCER)
             producer.certificate = await client.request_certificate(csr.public_bytes(Encoding.DER))
             for profile, size in CASES:
-                rid, _ = await client.register(
+                rid, _, _ = await client.register(
                     f"{profile}-{_label(size)}",
                     content_format=CONTENT_FORMAT,
                     profile=profile,

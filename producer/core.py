@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,8 @@ class Published:
         self._sealer: Sealer | None = None
         self._allocator: SequenceAllocator | None = None
         self._expired_logged = False
+        #: Set when the AS already knew the resource and this state had no record of it.
+        self.state_outlived = False
         # sources
         self._file_stat: tuple[int, int, int] | None = None
         self._next_poll = 0.0
@@ -178,6 +181,17 @@ class Published:
             )
             return False
         sequences.raise_floor(self.resource_id, key.epoch)  # durable before the first seal
+        if self.state_outlived and sequences.load(self.resource_id, key.epoch) is None:
+            # The AS knew this resource before this state directory did: a lost, restored or
+            # copied state may have sealed under this epoch already. Start far away from 0.
+            start = (1 << 48) + secrets.randbelow(1 << 47)
+            sequences.save(self.resource_id, key.epoch, start)
+            log.warning(
+                "%s: the AS knew this resource but this state did not: epoch %d starts at a "
+                "random sequence number, so that no seq of a lost state is used again",
+                self.resource_id,
+                key.epoch,
+            )
         self._sealer = Sealer(
             secret=key.secret,
             producer_id=self.producer.device_id,
@@ -390,6 +404,8 @@ class Producer:
             self.server = None
         if self.as_client is not None:
             await self.as_client.close()
+        if self.state is not None:
+            self.state.close()
         self.started = False
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -522,7 +538,7 @@ class Producer:
             keepalive = max(1.0, min(KEEPALIVE, published.rotation_period / 4 or KEEPALIVE))
             try:
                 if not registered:
-                    await client.register(
+                    registration = await client.register(
                         spec.path,
                         content_format=spec.content_format,
                         profile=spec.profile,
@@ -530,6 +546,10 @@ class Producer:
                         rotation_period=spec.rotation_period,
                     )
                     registered = True
+                    if not registration.created and not self.state.sequences.knows(
+                        published.resource_id
+                    ):
+                        published.state_outlived = True
                 watch = client.watch_keys(published.resource_id)
                 try:
                     while True:

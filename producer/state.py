@@ -16,6 +16,7 @@ limit counts as used (DESIGN §4, nonce uniqueness).
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ class SequenceFile:
 
     def __repr__(self) -> str:
         return f"SequenceFile({str(self._sealed.path)!r})"
+
+    def knows(self, resource_id: str) -> bool:
+        """Whether this file has ever recorded anything for the resource."""
+        return resource_id in self._doc
 
     def floor(self, resource_id: str) -> int:
         """The lowest epoch the producer may still seal under for this resource."""
@@ -126,6 +131,16 @@ class ProducerState:
         if not directory.is_dir():
             raise StateError(f"{directory} is not a directory")
         self.directory = directory
+        # One producer per state directory: two would hand out the same seqs (nonce reuse).
+        self._lock = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StateError(
+                f"{directory} is in use by another producer process (one state directory per "
+                "producer: two would reuse sequence numbers)"
+            ) from None
         self.key_path = directory / "key.pem"
         self.cert_path = directory / "cert.pem"
         self.keys = KeyFile(SealedFile(directory / "keys.state", state_key, "producer keys"))
@@ -159,6 +174,12 @@ class ProducerState:
                 "move the old state away to start over)"
             )
         return key
+
+    def close(self) -> None:
+        """Release the directory (the lock)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def certificate_pem(self) -> bytes | None:
         try:

@@ -570,3 +570,37 @@ def test_a_publish_only_producer_needs_no_listen_address(
     finally:
         process.terminate()
         assert process.wait(15) == 0
+
+
+@pytest.mark.asyncio
+async def test_one_producer_per_state_and_a_lost_state_never_reuses_a_seq(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    device_id, bundle = new_producer(deployment)
+    rid = f"{device_id}/v"
+    value = tmp_path / "v.txt"
+    value.write_bytes(b"first life")
+    first = ProducerProcess(bundle, tmp_path / "p", "--resource", f"v={value}")
+    first.start()
+    try:
+        wait_until(lambda: "now sealing" in first.log())
+        before = oscar.ProtectedObject.from_bytes((await coap_get(first.uri(rid))).payload)
+        # a second process on the same state directory is refused: it would reuse seqs
+        second = run(*first.command()[1:], check=False)
+        assert second.returncode == 1 and "in use by another producer" in second.stderr
+    finally:
+        first.kill()
+    # the state is lost (a new directory): the AS knew the resource, so the epoch it seals
+    # under starts at a random seq far from anything the first life used
+    value.write_bytes(b"second life")
+    again = ProducerProcess(bundle, tmp_path / "fresh", "--resource", f"v={value}")
+    again.start()
+    try:
+        wait_until(lambda: "now sealing" in again.log())
+        after = oscar.ProtectedObject.from_bytes((await coap_get(again.uri(rid))).payload)
+        assert "random sequence number" in again.log()
+    finally:
+        again.stop()
+    m1, m2 = before.metadata, after.metadata
+    assert m2.epoch == m1.epoch  # no rotation in between (an hour's period)
+    assert m1.seq < 64 and m2.seq >= 1 << 48
