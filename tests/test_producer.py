@@ -531,12 +531,12 @@ def test_sigterm_stops_the_producer_even_as_the_as_goes_away(tmp_path: Path) -> 
     bundle = d.enroll("producer", "quitter")
     value = tmp_path / "v.txt"
     value.write_bytes(b"1")
+    producer = ProducerProcess(
+        bundle, tmp_path / "p", "--resource", f"a={value}", "--resource", f"b={value}"
+    )
     try:
         for _ in range(5):
             server = d.start_as()
-            producer = ProducerProcess(
-                bundle, tmp_path / "p", "--resource", f"a={value}", "--resource", f"b={value}"
-            )
             producer.start()
             time.sleep(0.5)  # its AS tasks are under way
             assert server.proc is not None and producer.proc is not None
@@ -545,6 +545,7 @@ def test_sigterm_stops_the_producer_even_as_the_as_goes_away(tmp_path: Path) -> 
             assert producer.proc.wait(15) == 0
             server.proc.wait(15)
     finally:
+        producer.kill()
         d.close()
 
 
