@@ -41,7 +41,14 @@ from cryptography import x509
 
 from oscar import __version__, certs
 from oscar.algorithms import PublicKey
-from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
+from oscar.cli import (
+    OneLineParser,
+    add_logging_arguments,
+    configure_logging,
+    fail,
+    parse_args,
+    read_toml,
+)
 from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
 
 from .ca import CA_CERT_NAME, init_state
@@ -413,15 +420,7 @@ _SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
 def _apply_serve_config(args: argparse.Namespace) -> None:
     """Fill the flags not given from ``--config`` (a TOML file of :data:`_SERVE_KEYS`)."""
     if args.config is not None:
-        import tomllib
-
-        try:
-            with open(args.config, "rb") as f:
-                doc = tomllib.load(f)
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.config}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{args.config} is not valid TOML: {exc}") from None
+        doc = read_toml(args.config, UsageError)
         unknown = set(doc) - set(_SERVE_KEYS)
         if unknown:
             raise UsageError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")

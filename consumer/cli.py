@@ -32,7 +32,14 @@ import warnings
 from pathlib import Path
 
 from authz_server.client import BundleError, StateError, atomic_write
-from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
+from oscar.cli import (
+    OneLineParser,
+    add_logging_arguments,
+    configure_logging,
+    fail,
+    parse_args,
+    read_toml,
+)
 from oscar.errors import InvalidObject, OscarError
 from oscar.objects import Reading
 
@@ -206,16 +213,8 @@ async def _observe(consumer: Consumer, args: argparse.Namespace) -> int:
 def _apply_config(args: argparse.Namespace) -> None:
     """Fill what the flags leave unset from ``--config``; bundle and state are required."""
     if args.config is not None:
-        import tomllib
-
         path = Path(args.config)
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path} is not valid TOML: {exc}") from None
+        doc = read_toml(path, UsageError)
         kinds: dict[str, type | tuple[type, ...]] = {
             "bundle": str,
             "state": str,

@@ -48,6 +48,7 @@ __all__ = [
     "fail",
     "main",
     "parse_args",
+    "read_toml",
 ]
 
 PROG = "oscar"
@@ -612,6 +613,20 @@ def configure_logging(level: str, *, json_lines: bool = False) -> None:
     for name in ("coap", "coap-server"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+
+def read_toml(path: os.PathLike[str] | str, error: type[Exception]) -> dict[str, Any]:
+    """A configuration file's TOML; ``error`` (the caller's usage-error class) with one line
+    saying what is wrong when it cannot be read or parsed."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path} is not valid TOML: {exc}") from None
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:

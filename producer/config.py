@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
+from oscar.cli import read_toml
 from oscar.errors import OscarError
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 
@@ -232,15 +233,7 @@ _PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 
 def load_config(path: Path, **overrides: Any) -> ProducerConfig:
     """Read a TOML configuration; ``overrides`` (not None) replace its top-level values."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    doc = read_toml(path, ConfigError)
     return config_from_mapping(doc, base=path.parent, where=str(path), **overrides)
 
 

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
+from oscar.cli import read_toml
 from oscar.errors import OscarError
 
 __all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
@@ -123,15 +124,7 @@ def parse_reverse(text: str) -> tuple[str, str]:
 
 def load_config(path: Path, **overrides: Any) -> ProxyConfig:
     """Read a TOML file; ``overrides`` that are not None replace its values."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    doc = read_toml(path, ConfigError)
     return config_from_mapping(doc, base=path.parent, where=str(path), **overrides)
 
 
