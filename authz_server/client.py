@@ -371,6 +371,10 @@ class AsClient:
         self.bundle = bundle
         self.timeout = timeout
         self._ctx: Any = None
+        #: The DTLS connection of the last answer. aiocoap keeps a client connection only while
+        #: something refers to it: without this, every request would close the session and
+        #: handshake anew (and a new handshake right after a close is sometimes lost).
+        self._connection: Any = None
         #: Counts the DTLS client contexts made; see :meth:`reset`.
         self.generation = 0
 
@@ -412,6 +416,7 @@ class AsClient:
             await self.close()
 
     async def close(self) -> None:
+        self._connection = None
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             await ctx.shutdown()
@@ -444,13 +449,27 @@ class AsClient:
         """One request: (dotted 2.xx code, decoded CBOR reply)."""
         if self._ctx is None:
             await self.start()
+        what = f"{method} /{path}"
+        held = self._connection is not None
         request = self._ctx.request(self._message(method, path, query, body, False))
-        response = await self._response(request.response, f"{method} /{path}")
-        return response.code.dotted, _decode(response, f"{method} /{path}")
+        try:
+            response = await self._response(request.response, what)
+        except AsUnavailable:
+            if not held:
+                raise
+            # The session we kept may have died on the AS's side (idle sweep, restart) without
+            # our hearing of it: once more, over a new handshake.
+            await self.close()
+            await self.start()
+            request = self._ctx.request(self._message(method, path, query, body, False))
+            response = await self._response(request.response, what)
+        return response.code.dotted, _decode(response, what)
 
     async def _response(self, awaitable: Any, what: str) -> Any:
         try:
-            return await asyncio.wait_for(awaitable, self.timeout)
+            response = await asyncio.wait_for(awaitable, self.timeout)
+            self._connection = response.remote
+            return response
         except TimeoutError:
             raise AsUnavailable(f"the AS did not answer {what} within {self.timeout:g} s") from None
         except OSError as exc:

@@ -176,6 +176,7 @@ class Consumer:
         self._keys = KeyCache(self.store.secret)
         self._coap: Any = None
         self._dtls: dict[str, Any] = {}
+        self._dtls_connections: dict[str, Any] = {}
         self._as_client: AsClient | None = None
         self._as_lock = asyncio.Lock()
 
@@ -223,6 +224,7 @@ class Consumer:
         return context
 
     async def close(self) -> None:
+        self._dtls_connections.clear()
         dtls, self._dtls = self._dtls, {}
         for context in dtls.values():
             await context.shutdown()
@@ -384,6 +386,8 @@ class Consumer:
         except BaseException:
             _cancel(request)
             raise
+        if target.proxy_id is not None:  # aiocoap keeps a DTLS session only while referred to
+            self._dtls_connections[str(target.proxy)] = response.remote
         return request, response
 
     async def observe(

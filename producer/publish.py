@@ -42,6 +42,7 @@ class Publisher:
         self._wake = [asyncio.Event() for _ in self.targets]
         self._ctx: Any = None
         self._ctx_lock = asyncio.Lock()
+        self._connections: dict[str, Any] = {}
         self.published = [0 for _ in self.targets]
         self.failures = [0 for _ in self.targets]
         self._tasks = [
@@ -91,6 +92,7 @@ class Publisher:
         """Drop the client context: a DTLS session the proxy forgot (restart) is dead."""
         async with self._ctx_lock:
             ctx, self._ctx = self._ctx, None
+            self._connections.clear()
         if ctx is not None:
             await ctx.shutdown()
 
@@ -137,6 +139,7 @@ class Publisher:
             )
         )
         response = await asyncio.wait_for(request.response, TIMEOUT)
+        self._connections[target.uri] = response.remote  # keeps aiocoap's DTLS session alive
         if not response.code.is_successful():
             raise RuntimeError(f"the target answered {response.code.dotted}")
 
