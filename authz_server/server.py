@@ -135,7 +135,9 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
             # Later blocks of a block-wise answer come from aiocoap's cache of the whole answer:
             # only the request that made it is charged (a /links reply runs to many blocks).
             block2 = request.opt.block2
-            later_block = block2 is not None and block2.block_number > 0
+            later_block = (
+                block2 is not None and block2.block_number > 0 and request.opt.observe is None
+            )  # an observation's request is rendered afresh, never from the block cache
             wait = 0.0 if later_block else self.limit.take(device, self._monotonic())
             if wait:
                 raise TooManyRequests(max(1, math.ceil(wait)))

@@ -293,7 +293,7 @@ class Consumer:
         if not is_same:
             # Another task may have accepted a newer object while we waited for the AS.
             self.store.freshness.accept(resource_id, m.epoch, m.seq)
-            self.store.save_freshness()
+            self.store.save_freshness(resource_id)
         return reading
 
     async def _fetch_secret(self, resource_id: str, epoch: int) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from authz_server.client import SealedFile, StateError, private_dir
+from oscar.errors import InvalidObject
 from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
@@ -248,9 +249,12 @@ class ConsumerStore:
 
     # --- freshness --------------------------------------------------------------------------------
 
-    def save_freshness(self) -> None:
+    def save_freshness(self, accepted: str | None = None) -> None:
         """Persist the freshness state, merged with what another process may have recorded.
 
+        ``accepted`` is the resource whose newest object was just accepted: if another process
+        sharing this directory has meanwhile accepted a newer one of it, ours was a rollback after
+        all, and :class:`~oscar.errors.InvalidObject` is raised (the newer one is kept).
         OSError if the disk refuses, :class:`StateError` if the file went bad meanwhile.
         """
         if "freshness" not in self._files:
@@ -258,8 +262,12 @@ class ConsumerStore:
         with self._locked():
             stored = self._load("freshness", FreshnessState.from_snapshot)
             merged = self.freshness.snapshot()
-            for rid, (epoch, seq) in (stored.snapshot() if stored else {}).items():
+            theirs = stored.snapshot() if stored else {}
+            for rid, (epoch, seq) in theirs.items():
                 if rid not in merged or tuple(merged[rid]) < (epoch, seq):
                     merged[rid] = [epoch, seq]
+            ours = self.freshness.newest(accepted) if accepted is not None else None
             self._files["freshness"].save(merged)
             self.freshness = FreshnessState.from_snapshot(merged)
+            if ours is not None and tuple(merged[str(accepted)]) > ours:
+                raise InvalidObject("rollback: a newer object was accepted by another process")

@@ -234,6 +234,13 @@ _PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 def load_config(path: Path, **overrides: Any) -> ProducerConfig:
     """Read a TOML configuration; ``overrides`` (not None) replace its top-level values."""
     doc = read_toml(path, ConfigError)
+    publish = doc.get("publish")
+    if (
+        isinstance(publish, list)
+        and any(isinstance(t, dict) and "psk_hex" in t for t in publish)
+        and os.stat(path).st_mode & 0o077
+    ):
+        raise ConfigError(f"{path} holds a psk_hex and others may read it: chmod 600 it")
     return config_from_mapping(doc, base=path.parent, where=str(path), **overrides)
 
 

@@ -115,6 +115,9 @@ class Published:
 
     def restore(self, stored: KeyState) -> None:
         """Take the key state saved before a restart, then catch up with the clock."""
+        if not self.producer.state.sequences.knows(self.resource_id):
+            # Keys but no sequence record: the sequence file was lost or is an older copy.
+            self.state_outlived = True
         self.rotation_period = stored.rotation_period
         self._switch(stored.active)
         self.following = stored.next
@@ -578,5 +581,7 @@ class Producer:
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
             except (OSError, StateError) as exc:
                 log.error("%s: %s", published.resource_id, exc)
+            except Exception as exc:  # never stop following the AS (revocations come this way)
+                log.error("%s: following the AS failed (%s); retrying", published.resource_id, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)

@@ -148,6 +148,8 @@ async def _refresh_links(proxy: Proxy, creds: IndexedCreds, ctx: Any) -> None:
                 log.info("link keys of %d devices from the AS", len(links))
         except AsError as exc:
             log.warning("cannot refresh the link keys from the AS: %s", exc)
+        except Exception as exc:  # keep polling: revoked devices leave only through this loop
+            log.error("refreshing the link keys failed (%s); retrying", exc)
         await asyncio.sleep(proxy.limits.links_refresh)
 
 

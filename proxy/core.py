@@ -89,7 +89,9 @@ class Proxy:
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
         self._backoff: dict[tuple[str, str], float] = {}
-        self._observations: dict[str, asyncio.Task[None]] = {}
+        #: Upstream observations per (resource, origin): observers naming another origin get
+        #: their own, so no client can take the relay of a resource away from its producer.
+        self._observations: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.on_new_object: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
@@ -218,8 +220,10 @@ class Proxy:
             log.info("rejected a rollback of %s", entry.resource_id)
             return False
         if held is not None and entry.version == held.version:
-            # The same object again: keep the bytes first seen (a re-signed copy is not new).
-            self.cache.touch(held.refreshed(entry.fresh_until))
+            # The same object again: keep the bytes first seen (a re-signed copy is not new);
+            # it renews the entry only from the entry's own origin (see _take).
+            if entry.upstream == held.upstream:
+                self.cache.touch(held.refreshed(entry.fresh_until))
             return False
         self.cache.put(entry)
         for notify in self.on_new_object:
@@ -269,7 +273,7 @@ class Proxy:
 
         ctx = await self.upstream()
         request = Message(code=GET, uri=source)
-        if entry is not None and entry.upstream_etag is not None:
+        if entry is not None and entry.upstream_etag is not None and entry.upstream == source:
             request.opt.etags = (entry.upstream_etag,)
             self.stats.revalidations += 1
         else:
@@ -291,7 +295,12 @@ class Proxy:
             response.opt.max_age if response.opt.max_age is not None else 60, self.limits.max_fresh
         )
         code = response.code.dotted
-        if code == "2.03" and entry is not None:
+        if code == "2.03":
+            # Only the origin the entry came from, asked with its ETag, may renew it: any other
+            # origin a forward-proxy client names could otherwise freeze the shared entry.
+            own = entry is not None and entry.upstream == source and entry.upstream_etag
+            if entry is None or not own or response.opt.etag not in (None, entry.upstream_etag):
+                return self.valid(entry)
             fresh = entry.refreshed(now + max_age)
             self.cache.touch(fresh)
             self._backoff.pop((resource_id, source), None)
@@ -351,18 +360,18 @@ class Proxy:
     # --- observation relay ---
 
     def observe_upstream(self, resource_id: str, source: str | None) -> None:
-        """Make sure one upstream observation feeds ``resource_id`` (if it has an upstream)."""
-        if source is None or resource_id in self._observations:
+        """Make sure one upstream observation of ``source`` feeds ``resource_id``."""
+        if source is None or (resource_id, source) in self._observations:
             return
-        self._observations[resource_id] = asyncio.create_task(
+        self._observations[(resource_id, source)] = asyncio.create_task(
             self._relay(resource_id, source), name=f"observe {resource_id}"
         )
         self.stats.upstream_observations = len(self._observations)
 
     def stop_observing(self, resource_id: str) -> None:
-        task = self._observations.pop(resource_id, None)
-        if task is not None:
-            task.cancel()
+        """The last observer of ``resource_id`` left: end its upstream observations."""
+        for key in [k for k in self._observations if k[0] == resource_id]:
+            self._observations.pop(key).cancel()
         self.stats.upstream_observations = len(self._observations)
 
     async def _relay(self, resource_id: str, source: str) -> None:

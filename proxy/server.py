@@ -38,16 +38,13 @@ from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 
 from .core import Proxy, Unavailable
-from .echo import AMPLIFICATION_FACTOR, AddressCheck
+from .echo import AddressCheck
 
 __all__ = ["ProxySite"]
 
 log = logging.getLogger("oscar.proxy")
 
 STATS_PATH = (".well-known", "oscar-stats")
-#: No protected object is smaller (a Sign1 with its header and a 64-byte signature around an
-#: Encrypt0): a request a third of this size can be challenged before looking anything up.
-SMALLEST_OBJECT = 120
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
@@ -150,6 +147,13 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
+        if (request.code == Code.PUT or request.opt.block1 is not None) and identity(
+            request.remote
+        ) is None:
+            # Refused before aiocoap assembles any blocks: only owners over DTLS may PUT.
+            self.proxy.stats.publish_refused += 1
+            pipe.add_response(Message(code=Code.FORBIDDEN), is_last=True)
+            return
         block1 = request.opt.block1
         if len(request.payload) + (block1.start if block1 else 0) > DEFAULT_MAX_OBJECT_SIZE:
             pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
@@ -209,16 +213,16 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return self._guard(request, response)
 
     def _challenge_early(self, request: Message) -> Message | None:
-        """Challenge an unproven address before any upstream work when no object could be sent
-        to it anyway: the proxy then fetches nothing for spoofed sources, and the 4.01 goes out
+        """Challenge an unproven address before any upstream work: the proxy then fetches
+        nothing and asks the AS nothing for a source that may be spoofed, and the 4.01 goes out
         on the ACK (libcoap's client answers an Echo only there)."""
         if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
             return None
         address = _address(request.remote)
         if self.addresses.is_verified(address):
             return None
-        if AMPLIFICATION_FACTOR * _request_size(request) >= SMALLEST_OBJECT:
-            return None  # a large request: decide by the answer's size (_guard)
+        # Whatever the request's size: no upstream work (fetches, AS lookups) for a source
+        # that may be spoofed.
         if request.opt.echo is not None and self.addresses.prove(address, request.opt.echo):
             return None
         self.proxy.stats.echo_challenges += 1

@@ -151,6 +151,26 @@ async def wait_until(predicate: object, timeout: float = 5.0) -> None:
 
 
 @pytest.mark.asyncio
+async def test_two_consumers_sharing_a_state_never_accept_a_rollback(
+    world: World, tmp_path: Path
+) -> None:
+    """Two consumer processes (here: two instances) on one state directory: once one of them
+    has accepted an object, the other refuses an older one, even though its own memory had not
+    seen the newer one yet."""
+    state = tmp_path / "shared"
+    older, newer = world.seal(b'{"n": 1}'), world.seal(b'{"n": 2}')
+    async with (
+        Consumer(world.bundle(READER), state) as a,
+        Consumer(world.bundle(READER), state) as b,
+    ):
+        assert (await a.open_object(newer, TEMPERATURE)).plaintext == b'{"n": 2}'
+        with pytest.raises(InvalidObject) as rejected:
+            await b.open_object(older, TEMPERATURE)
+        assert "another process" in rejected.value.reason
+        assert b.store.freshness.newest(TEMPERATURE) == a.store.freshness.newest(TEMPERATURE)
+
+
+@pytest.mark.asyncio
 async def test_get_returns_the_same_object_again_and_refuses_rollback(
     world: World, producer: ProducerStandIn, tmp_path: Path
 ) -> None:
