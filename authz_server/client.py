@@ -47,6 +47,7 @@ __all__ = [
     "SealedFile",
     "SecretGrant",
     "StateError",
+    "quiet_undecodable_datagrams",
     "stop_tasks",
 ]
 
@@ -255,6 +256,22 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.debug("task %s ended with %r", task.get_name(), type(task.exception()).__name__)
+
+
+def quiet_undecodable_datagrams(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
+    """aiocoap 0.4.17 lets some malformed datagrams (an option that is not UTF-8 where text is
+    due) raise out of its receive callback, which asyncio then logs as an ERROR with a traceback.
+    The datagram is dropped either way; this logs it as one info line instead, and leaves every
+    other exception to the default handler."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, UnicodeDecodeError) and "Recvmsg" in repr(context.get("handle", "")):
+            logger.info("dropped an undecodable datagram")
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 # --- replies -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from authz_server.client import BundleError, StateError
+from authz_server.client import BundleError, StateError, quiet_undecodable_datagrams
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 
@@ -126,6 +126,7 @@ async def run(config: ProducerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    quiet_undecodable_datagrams(loop, log)
     producer = Producer(config)
     try:
         await producer.start()

@@ -27,7 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz_server.client import AsError, BundleError, StateError, stop_tasks
+from authz_server.client import (
+    AsError,
+    BundleError,
+    StateError,
+    quiet_undecodable_datagrams,
+    stop_tasks,
+)
 from authz_server.dtls import IndexedCreds, end_sessions, label_of
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 
@@ -90,6 +96,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
 
     from .server import ProxySite
 
+    quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
     proxy = Proxy(config)
     proxy.open()
     site = ProxySite(proxy)

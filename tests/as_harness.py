@@ -60,44 +60,35 @@ async def enroll(store: Store, device_id: str, role: str) -> bytes:
     return psk
 
 
-class AsProcess:
-    """One AS server process."""
+class Daemon:
+    """One role's server process on 127.0.0.1, its output in a log file (appended across
+    restarts). Subclasses give :meth:`command`; :meth:`start` waits for a line of the log."""
 
-    def __init__(self, state_dir: Path, log_path: Path, *args: str) -> None:
-        self.state_dir = state_dir
+    ready = "serving"
+
+    def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
-        self.args = args
-        self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int | None = None, timeout: float = 20.0) -> None:
-        self.port = port or free_port()
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0, wait_for: str | None = None) -> None:
+        wait_for = wait_for or self.ready
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "authz_server.server",
-                    "--state",
-                    str(self.state_dir),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    *self.args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "serving coaps://" in self.log()[offset:]:
+            if wait_for in self.log()[offset:]:
                 return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         self.kill()
-        raise RuntimeError("the AS did not start:\n" + self.log()[offset:])
+        raise RuntimeError(f"{type(self).__name__} did not start:\n" + self.log()[offset:])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -122,9 +113,38 @@ class AsProcess:
             raise
 
     def kill(self) -> None:
+        """kill -9."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class AsProcess(Daemon):
+    """One AS server process."""
+
+    ready = "serving coaps://"
+
+    def __init__(self, state_dir: Path, log_path: Path, *args: str) -> None:
+        super().__init__(log_path)
+        self.state_dir = state_dir
+        self.args = args
+        self.port = 0
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "authz_server.server",
+            "--state",
+            str(self.state_dir),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *self.args,
+        ]
+
+    def start(self, port: int | None = None, timeout: float = 20.0) -> None:  # type: ignore[override]
+        self.port = port or free_port()
+        super().start(timeout)
 
     @property
     def uri(self) -> str:

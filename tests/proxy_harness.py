@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from aiocoap import NON, Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site
-from as_harness import ROOT, free_port
+from as_harness import Daemon, free_port
 from system_harness import PYTHON
 
 
@@ -41,16 +38,17 @@ def free_port_pair() -> int:
         return port
 
 
-class ProxyProcess:
+class ProxyProcess(Daemon):
     """``python -m proxy`` on 127.0.0.1 (plain CoAP on ``port``, DTLS on ``port + 1``)."""
 
+    ready = "link keys"
+
     def __init__(self, bundle: Path, state: Path, *args: str, port: int | None = None) -> None:
+        super().__init__(state.parent / f"{state.name}.log")
         self.bundle = bundle
         self.state = state
         self.args = args
         self.port = port or free_port_pair()
-        self.log_path = state.parent / f"{state.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         return [
@@ -65,40 +63,6 @@ class ProxyProcess:
             f"127.0.0.1:{self.port}",
             *self.args,
         ]
-
-    def start(self, timeout: float = 30.0, wait_for: str = "link keys") -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if wait_for in self.log()[offset:]:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError("the proxy did not start:\n" + self.log()[offset:])
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
 
     @property
     def address(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aiocoap import GET, Context, Message
-from as_harness import ROOT, AsProcess, free_port
+from as_harness import ROOT, AsProcess, Daemon, free_port
 
 PYTHON = sys.executable
 
@@ -86,16 +85,17 @@ class Deployment:
             self.server.kill()
 
 
-class ProducerProcess:
+class ProducerProcess(Daemon):
     """``python -m producer`` on 127.0.0.1."""
 
+    ready = "ready"
+
     def __init__(self, bundle: Path, state: Path, *args: str, port: int | None = None) -> None:
+        super().__init__(state.parent / f"{state.name}.log")
         self.bundle = bundle
         self.state = state
         self.args = args
         self.port = port or free_port()
-        self.log_path = state.parent / f"{state.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
     def command(self) -> list[str]:
@@ -112,49 +112,9 @@ class ProducerProcess:
             *self.args,
         ]
 
-    def start(self, timeout: float = 30.0, wait_for: str = "ready") -> None:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+    def start(self, timeout: float = 30.0, wait_for: str | None = None) -> None:
         self.started_at = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if wait_for in self.log()[offset:]:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError("the producer did not start:\n" + self.log()[offset:])
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """kill -9."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def rss_kib(self) -> int:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        super().start(timeout, wait_for)
 
     def uri(self, resource_id: str) -> str:
         return f"coap://127.0.0.1:{self.port}/{resource_id}"

@@ -595,7 +595,9 @@ async def test_bad_requests_get_clear_answers_and_no_traceback(
                 message.opt.echo = reply.opt.echo
                 _, _, reply = await asyncio.to_thread(client.exchange, message)
             assert reply.code == expected, (message, reply)
-        for junk in (b"", b"\x40", b"\xff" * 40, os.urandom(300)):
+        # the last one: a GET whose Uri-Path option is not UTF-8 (aiocoap raises in its receive
+        # callback; the proxy logs one info line instead of an ERROR traceback)
+        for junk in (b"", b"\x40", b"\xff" * 40, os.urandom(300), b"\x50\x01\x12\x34\xb2\xff\xfe"):
             client.sock.send(junk)
     finally:
         client.close()
