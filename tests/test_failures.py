@@ -92,8 +92,11 @@ class Stream:
 
 
 @pytest.mark.asyncio
-async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(tmp_path: Path) -> None:
+async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     d = Deployment(tmp_path)
+    request.addfinalizer(d.close)  # whatever fails below, no AS is left running
     d.enroll("proxy", "cloud")
     producer_bundle = d.enroll("producer", "meter")
     d.enroll("consumer", "c1")
@@ -115,6 +118,8 @@ async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(tmp_path
         f"cloud=coaps://127.0.0.1:{proxy.port + 1}",
     )
     proxy.args = ("--reverse", f"meter=coap://127.0.0.1:{producer.port}")
+    request.addfinalizer(producer.kill)
+    request.addfinalizer(proxy.kill)
     stream = Stream(d, value, proxy.uri("meter/power"))
     outages: list[tuple[str, float]] = []
     try:
