@@ -8,19 +8,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiocoap import GET, Context, Message
 from aiocoap.numbers.constants import TransportTuning
+from cryptography import x509
 
 from authz_server.ca import init_state
+from authz_server.client import AsClient, Bundle
 from authz_server.store import Store
 from oscar import cbor
 
@@ -214,3 +219,82 @@ def decode(response: Message) -> Any:
     if response.opt.content_format == 60:
         return cbor.loads(response.payload)
     return response.payload
+
+
+@dataclass
+class AsEnv:
+    """One test's AS: a state directory, its store (changed as the admin CLI would), server
+    processes and device clients; :func:`as_env` checks them at teardown."""
+
+    tmp: Path
+    state: Path
+    store: Store
+    psks: dict[str, bytes] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    #: Secrets the test saw: no log line and no database byte may hold them.
+    seen: list[bytes] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)
+    servers: list[AsProcess] = field(default_factory=list)
+
+    async def device(self, device_id: str, role: str) -> bytes:
+        self.psks[device_id] = await enroll(self.store, device_id, role)
+        self.roles[device_id] = role
+        return self.psks[device_id]
+
+    def server(self, *args: str) -> AsProcess:
+        server = AsProcess(self.state, self.tmp / f"as{len(self.servers)}.log", *args)
+        server.start()
+        self.servers.append(server)
+        return server
+
+    async def client(self, server: AsProcess, device_id: str, psk: bytes | None = None) -> Client:
+        """A raw DTLS client (any request, malformed ones included)."""
+        client = await Client.connect(server, device_id, psk or self.psks[device_id])
+        self.clients.append(client)
+        return client
+
+    async def as_client(self, server: AsProcess, device_id: str) -> AsClient:
+        """The device-side library client, with a bundle like the one enroll writes."""
+        ca = x509.load_pem_x509_certificate((self.state / "ca.pem").read_bytes())
+        bundle = Bundle(
+            device_id, self.roles[device_id], server.uri, device_id, self.psks[device_id], ca
+        )
+        client = AsClient(bundle)
+        await client.start()
+        self.clients.append(client)
+        return client
+
+    def keep(self, *secrets: bytes) -> None:
+        self.seen.extend(secrets)
+
+    def database_bytes(self) -> bytes:
+        return b"".join(p.read_bytes() for p in sorted(self.state.glob("as.db*")))
+
+
+@contextlib.asynccontextmanager
+async def as_env(tmp_path: Path) -> AsyncIterator[AsEnv]:
+    """An :class:`AsEnv`; afterwards every server exited 0 on SIGTERM with no traceback, and no
+    PSK or secret the test saw is in a log (raw or hex) or in the database files."""
+    state = tmp_path / "state"
+    await make_state(state)
+    store = await Store.open(state)
+    env = AsEnv(tmp_path, state, store)
+    try:
+        yield env
+    finally:
+        for client in env.clients:
+            await client.close()
+        await store.close()
+        secrets = [*env.psks.values(), *env.seen]
+        for server in env.servers:
+            status = server.stop()
+            text = server.log()
+            assert status == 0, text
+            assert "Traceback" not in text, text
+            for secret in secrets:
+                assert secret.hex() not in text
+                assert repr(secret)[2:-1] not in text
+        stored = env.database_bytes()
+        for secret in secrets:
+            assert secret not in stored
+            assert secret.hex().encode() not in stored

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
 import pytest
 import pytest_asyncio
 from aiocoap import GET
-from as_harness import AsProcess, Client, enroll, make_state, now
-from cryptography import x509
+from as_harness import AsEnv, as_env, enroll, now
 
 from authz_server.api import links_etag
-from authz_server.client import AccessDenied, AsClient, Bundle
+from authz_server.client import AccessDenied
 from authz_server.store import Store
 from authz_server.vault import Vault
 from oscar.keys import hkdf_sha256
@@ -29,73 +27,10 @@ from oscar.keys import hkdf_sha256
 EVIL = "'; DROP TABLE devices; --"
 
 
-@dataclass
-class Env:
-    tmp: Path
-    state: Path
-    store: Store
-    psks: dict[str, bytes] = field(default_factory=dict)
-    roles: dict[str, str] = field(default_factory=dict)
-    seen: list[bytes] = field(default_factory=list)
-    clients: list[AsClient | Client] = field(default_factory=list)
-    servers: list[AsProcess] = field(default_factory=list)
-
-    async def device(self, device_id: str, role: str) -> None:
-        self.psks[device_id] = await enroll(self.store, device_id, role)
-        self.roles[device_id] = role
-
-    def server(self) -> AsProcess:
-        server = AsProcess(self.state, self.tmp / f"as{len(self.servers)}.log")
-        server.start()
-        self.servers.append(server)
-        return server
-
-    async def client(self, server: AsProcess, device_id: str) -> AsClient:
-        ca = x509.load_pem_x509_certificate((self.state / "ca.pem").read_bytes())
-        bundle = Bundle(
-            device_id, self.roles[device_id], server.uri, device_id, self.psks[device_id], ca
-        )
-        client = AsClient(bundle)
-        await client.start()
-        self.clients.append(client)
-        return client
-
-    async def raw(self, server: AsProcess, device_id: str) -> Client:
-        client = await Client.connect(server, device_id, self.psks[device_id])
-        self.clients.append(client)
-        return client
-
-    def keep(self, *psks: bytes) -> None:
-        self.seen.extend(psks)
-
-    def database_bytes(self) -> bytes:
-        return b"".join(p.read_bytes() for p in sorted(self.state.glob("as.db*")))
-
-
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    state = tmp_path / "state"
-    await make_state(state)
-    store = await Store.open(state)
-    environment = Env(tmp_path, state, store)
-    try:
+async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path) as environment:
         yield environment
-    finally:
-        for client in environment.clients:
-            await client.close()
-        await store.close()
-        for server in environment.servers:
-            status = server.stop()
-            text = server.log()
-            assert status == 0, text
-            assert "Traceback" not in text, text
-            for secret in [*environment.psks.values(), *environment.seen]:
-                assert secret.hex() not in text
-                assert repr(secret)[2:-1] not in text
-        stored = environment.database_bytes()
-        for secret in [*environment.psks.values(), *environment.seen]:
-            assert secret not in stored
-            assert secret.hex().encode() not in stored
 
 
 async def audit(store: Store, action: str) -> list[tuple[str, str, str, dict[str, object]]]:
@@ -107,7 +42,7 @@ async def audit(store: Store, action: str) -> list[tuple[str, str, str, dict[str
 
 
 @pytest.mark.asyncio
-async def test_producers_and_consumers_get_link_psks_the_proxy_gets_them_all(env: Env) -> None:
+async def test_producers_and_consumers_get_link_psks_the_proxy_gets_them_all(env: AsEnv) -> None:
     for device_id, role in [
         ("proxy-1", "proxy"),
         ("proxy-2", "proxy"),
@@ -116,9 +51,9 @@ async def test_producers_and_consumers_get_link_psks_the_proxy_gets_them_all(env
     ]:
         await env.device(device_id, role)
     server = env.server()
-    producer = await env.client(server, "sensor-1")
-    consumer = await env.client(server, "reader-1")
-    proxy = await env.client(server, "proxy-1")
+    producer = await env.as_client(server, "sensor-1")
+    consumer = await env.as_client(server, "reader-1")
+    proxy = await env.as_client(server, "proxy-1")
 
     p1 = await producer.link("proxy-1")
     c1 = await consumer.link("proxy-1")
@@ -131,7 +66,7 @@ async def test_producers_and_consumers_get_link_psks_the_proxy_gets_them_all(env
 
     links = await proxy.links()
     assert links == {"sensor-1": p1, "reader-1": c1}  # no proxy, and the same bytes
-    proxy2 = await env.client(server, "proxy-2")
+    proxy2 = await env.as_client(server, "proxy-2")
     links2 = await proxy2.links()
     env.keep(*links2.values())
     assert links2["sensor-1"] == p2 and links2["reader-1"] != c1
@@ -150,37 +85,37 @@ async def test_producers_and_consumers_get_link_psks_the_proxy_gets_them_all(env
     assert [r[3]["devices"] for r in records] == [2, 3]  # once per device set, not per poll
 
     # /.well-known/core lists both.
-    raw = await env.raw(server, "reader-1")
+    raw = await env.client(server, "reader-1")
     code, wkc = await raw.get(".well-known/core")
     assert code == "2.05"
     assert b'</link>;rt="oscar.as.link";ct=60' in wkc
     assert b'</links>;rt="oscar.as.links";ct=60' in wkc
 
     # /links carries an ETag over the device id set.
-    raw_proxy = await env.raw(server, "proxy-1")
+    raw_proxy = await env.client(server, "proxy-1")
     response = await raw_proxy.send(raw_proxy.message(GET, "links"))
     assert response.code.dotted == "2.05"
     assert response.opt.etag == links_etag(await env.store.link_psks("proxy-1"))
 
 
 @pytest.mark.asyncio
-async def test_link_psks_survive_a_restart(env: Env) -> None:
+async def test_link_psks_survive_a_restart(env: AsEnv) -> None:
     await env.device("proxy-1", "proxy")
     await env.device("reader-1", "consumer")
     server = env.server()
-    first = await (await env.client(server, "reader-1")).link("proxy-1")
-    links = await (await env.client(server, "proxy-1")).links()
+    first = await (await env.as_client(server, "reader-1")).link("proxy-1")
+    links = await (await env.as_client(server, "proxy-1")).links()
     env.keep(first)
     assert server.stop() == 0
     again = env.server()
-    assert await (await env.client(again, "reader-1")).link("proxy-1") == first
-    assert await (await env.client(again, "proxy-1")).links() == links
+    assert await (await env.as_client(again, "reader-1")).link("proxy-1") == first
+    assert await (await env.as_client(again, "proxy-1")).links() == links
     # The first delivery was audited once, not again after the restart.
     assert await audit(env.store, "link") == [("reader-1", "proxy-1", "ok", {})]
 
 
 @pytest.mark.asyncio
-async def test_refusals_are_4_03_and_audited(env: Env) -> None:
+async def test_refusals_are_4_03_and_audited(env: AsEnv) -> None:
     for device_id, role in [
         ("proxy-1", "proxy"),
         ("proxy-2", "proxy"),
@@ -191,8 +126,8 @@ async def test_refusals_are_4_03_and_audited(env: Env) -> None:
         await env.device(device_id, role)
     await env.store.revoke_device("proxy-2", now())
     server = env.server()
-    proxy = await env.client(server, "proxy-1")
-    consumer = await env.client(server, "reader-1")
+    proxy = await env.as_client(server, "proxy-1")
+    consumer = await env.as_client(server, "reader-1")
 
     with pytest.raises(AccessDenied) as refused:
         await proxy.link("proxy-1")
@@ -224,11 +159,11 @@ async def test_refusals_are_4_03_and_audited(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_malformed_proxy_ids_change_nothing(env: Env) -> None:
+async def test_malformed_proxy_ids_change_nothing(env: AsEnv) -> None:
     await env.device("proxy-1", "proxy")
     await env.device("reader-1", "consumer")
     server = env.server()
-    raw = await env.raw(server, "reader-1")
+    raw = await env.client(server, "reader-1")
     before = (await env.store.changes(), len(await env.store.audit_records()))
     for query in (
         {"proxy": EVIL},
@@ -245,18 +180,18 @@ async def test_malformed_proxy_ids_change_nothing(env: Env) -> None:
     assert code == "4.00"
     assert (await env.store.changes(), len(await env.store.audit_records())) == before
     assert [d.id for d in await env.store.devices()] == ["proxy-1", "reader-1"]
-    client = await env.client(server, "reader-1")
+    client = await env.as_client(server, "reader-1")
     with pytest.raises(ValueError):
         await client.link(EVIL)  # refused before it leaves the device
 
 
 @pytest.mark.asyncio
-async def test_a_revoked_consumer_leaves_the_proxys_links(env: Env) -> None:
+async def test_a_revoked_consumer_leaves_the_proxys_links(env: AsEnv) -> None:
     await env.device("proxy-1", "proxy")
     await env.device("sensor-1", "producer")
     await env.device("reader-1", "consumer")
     server = env.server()
-    proxy = await env.client(server, "proxy-1")
+    proxy = await env.as_client(server, "proxy-1")
     links = await proxy.links()
     env.keep(*links.values())
     assert set(links) == {"sensor-1", "reader-1"}
@@ -264,7 +199,7 @@ async def test_a_revoked_consumer_leaves_the_proxys_links(env: Env) -> None:
     await env.store.revoke_device("reader-1", now())
     assert await proxy.links() == {"sensor-1": links["sensor-1"]}
     assert links_etag(await env.store.link_psks("proxy-1")) != etag
-    raw = await env.raw(server, "sensor-1")
+    raw = await env.client(server, "sensor-1")
     code, _ = await raw.get("link", proxy="proxy-1")
     assert code == "2.05"
     await env.store.revoke_device("proxy-1", now())
@@ -273,19 +208,19 @@ async def test_a_revoked_consumer_leaves_the_proxys_links(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_links_for_hundreds_of_devices_arrive_whole(env: Env) -> None:
+async def test_links_for_hundreds_of_devices_arrive_whole(env: AsEnv) -> None:
     await env.device("proxy-1", "proxy")
     await env.device("reader-0", "consumer")
     for n in range(1, 300):  # straight through the store: 300 handshakes would add nothing
         await enroll(env.store, f"reader-{n}", "consumer")
     server = env.server()
-    links = await (await env.client(server, "proxy-1")).links()
+    links = await (await env.as_client(server, "proxy-1")).links()
     assert len(links) == 300
     assert set(links) == {f"reader-{n}" for n in range(300)}
     assert len(set(links.values())) == 300
-    assert links["reader-0"] == await (await env.client(server, "reader-0")).link("proxy-1")
+    assert links["reader-0"] == await (await env.as_client(server, "reader-0")).link("proxy-1")
     env.keep(links["reader-0"], links["reader-299"])
-    raw = await env.raw(server, "proxy-1")
+    raw = await env.client(server, "proxy-1")
     response = await raw.send(raw.message(GET, "links"))
     assert len(response.payload) > 8 * 1024  # far past one block: Block2 carried it
 

@@ -13,7 +13,6 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiocoap import DELETE, GET, POST, PUT, Message
 from aiocoap.error import NetworkError
-from as_harness import AsProcess, Client, FastFail, decode, enroll, make_state, now
+from as_harness import AsEnv, Client, FastFail, as_env, decode, now
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -35,56 +34,10 @@ EVIL = "'; DROP TABLE devices; --"
 PROFILE = "ccm-es256"
 
 
-@dataclass
-class Env:
-    tmp: Path
-    state: Path
-    store: Store
-    psks: dict[str, bytes] = field(default_factory=dict)
-    clients: list[Client] = field(default_factory=list)
-    servers: list[AsProcess] = field(default_factory=list)
-    secrets: list[bytes] = field(default_factory=list)
-
-    async def device(self, device_id: str, role: str) -> bytes:
-        self.psks[device_id] = await enroll(self.store, device_id, role)
-        return self.psks[device_id]
-
-    def server(self, *args: str) -> AsProcess:
-        server = AsProcess(self.state, self.tmp / f"as{len(self.servers)}.log", *args)
-        server.start()
-        self.servers.append(server)
-        return server
-
-    async def client(self, server: AsProcess, device_id: str, psk: bytes | None = None) -> Client:
-        client = await Client.connect(server, device_id, psk or self.psks[device_id])
-        self.clients.append(client)
-        return client
-
-    def keep(self, *secrets: bytes) -> None:
-        """Remember secrets the test saw, to check that no log line holds them."""
-        self.secrets.extend(secrets)
-
-
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    state = tmp_path / "state"
-    await make_state(state)
-    store = await Store.open(state)
-    environment = Env(tmp_path, state, store)
-    try:
+async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path) as environment:
         yield environment
-    finally:
-        for client in environment.clients:
-            await client.close()
-        await store.close()
-        for server in environment.servers:
-            status = server.stop()
-            text = server.log()
-            assert status == 0, text
-            assert "Traceback" not in text, text
-            for secret in [*environment.psks.values(), *environment.secrets]:
-                assert secret.hex() not in text
-                assert repr(secret)[2:-1] not in text
 
 
 def resource_body(path: str, **overrides: Any) -> dict[str, Any]:
@@ -178,7 +131,7 @@ def test_unknown_identities_get_a_stable_decoy_key() -> None:
 
 
 @pytest.mark.asyncio
-async def test_producer_enrolls_certifies_registers_and_reads(env: Env) -> None:
+async def test_producer_enrolls_certifies_registers_and_reads(env: AsEnv) -> None:
     await env.device("sensor-1", "producer")
     await env.device("reader-1", "consumer")
     await env.device("proxy-1", "proxy")
@@ -271,7 +224,7 @@ def body_der(cert: x509.Certificate) -> bytes:
 
 
 @pytest.mark.asyncio
-async def test_grants_by_pattern_and_expiry_and_denials(env: Env) -> None:
+async def test_grants_by_pattern_and_expiry_and_denials(env: AsEnv) -> None:
     for device_id, role in [
         ("p1", "producer"),
         ("p2", "producer"),
@@ -346,7 +299,7 @@ async def test_grants_by_pattern_and_expiry_and_denials(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_revocation_rotates_refuses_and_notifies(env: Env) -> None:
+async def test_revocation_rotates_refuses_and_notifies(env: AsEnv) -> None:
     await env.device("meter", "producer")
     await env.device("keep", "consumer")
     await env.device("gone", "consumer")
@@ -389,7 +342,7 @@ async def test_revocation_rotates_refuses_and_notifies(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_scheduled_rotation_notifies_the_producer(env: Env) -> None:
+async def test_scheduled_rotation_notifies_the_producer(env: AsEnv) -> None:
     await env.device("clock", "producer")
     server = env.server("--min-rotation-period", "1")
     producer = await env.client(server, "clock")
@@ -411,7 +364,7 @@ async def test_scheduled_rotation_notifies_the_producer(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_device_enrolled_while_running_connects_at_once(env: Env) -> None:
+async def test_device_enrolled_while_running_connects_at_once(env: AsEnv) -> None:
     server = env.server()
     started = time.monotonic()
     await env.device("late-1", "consumer")
@@ -430,7 +383,7 @@ async def test_device_enrolled_while_running_connects_at_once(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_revoked_device_loses_its_open_session_and_cannot_reconnect(env: Env) -> None:
+async def test_revoked_device_loses_its_open_session_and_cannot_reconnect(env: AsEnv) -> None:
     await env.device("doomed", "consumer")
     await env.device("fine", "consumer")
     server = env.server()
@@ -450,7 +403,7 @@ async def test_revoked_device_loses_its_open_session_and_cannot_reconnect(env: E
 
 
 @pytest.mark.asyncio
-async def test_unknown_identity_and_wrong_key_fail_alike(env: Env) -> None:
+async def test_unknown_identity_and_wrong_key_fail_alike(env: AsEnv) -> None:
     await env.device("real", "consumer")
     server = env.server()
     assert (await (await env.client(server, "real")).get("crl"))[0] == "2.05"
@@ -482,7 +435,7 @@ def _map(*pairs: bytes) -> bytes:
 
 
 @pytest.mark.asyncio
-async def test_malformed_and_oversized_requests_change_nothing(env: Env) -> None:
+async def test_malformed_and_oversized_requests_change_nothing(env: AsEnv) -> None:
     await env.device("maker", "producer")
     server = env.server()
     producer = await env.client(server, "maker")
@@ -562,7 +515,7 @@ async def test_malformed_and_oversized_requests_change_nothing(env: Env) -> None
 
 
 @pytest.mark.asyncio
-async def test_sql_metacharacters_in_every_text_field_change_nothing(env: Env) -> None:
+async def test_sql_metacharacters_in_every_text_field_change_nothing(env: AsEnv) -> None:
     await env.device("maker", "producer")
     await env.device("eater", "consumer")
     server = env.server()
@@ -597,7 +550,7 @@ async def test_sql_metacharacters_in_every_text_field_change_nothing(env: Env) -
 
 
 @pytest.mark.asyncio
-async def test_rate_limit_per_identity(env: Env) -> None:
+async def test_rate_limit_per_identity(env: AsEnv) -> None:
     await env.device("greedy", "consumer")
     await env.device("patient", "consumer")
     server = env.server("--rate", "5", "--burst", "10")
@@ -620,7 +573,7 @@ async def test_rate_limit_per_identity(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_restart_keeps_everything(env: Env) -> None:
+async def test_restart_keeps_everything(env: AsEnv) -> None:
     await env.device("keeper", "producer")
     await env.device("reader", "consumer")
     server = env.server()
@@ -673,7 +626,7 @@ def junk(port: int, sources: int) -> None:
 
 
 @pytest.mark.asyncio
-async def test_junk_from_thousands_of_ports_leaves_memory_bounded(env: Env) -> None:
+async def test_junk_from_thousands_of_ports_leaves_memory_bounded(env: AsEnv) -> None:
     await env.device("steady", "consumer")
     await env.device("newcomer", "consumer")
     server = env.server("--max-connections", "128")
@@ -714,7 +667,7 @@ async def open_session(client: Client) -> Message:
     ],
 )
 async def test_one_device_with_many_sessions_does_not_lock_others_out(
-    env: Env, cap: int, sessions: int
+    env: AsEnv, cap: int, sessions: int
 ) -> None:
     await env.device("hog", "consumer")
     await env.device("victim", "consumer")
@@ -733,7 +686,7 @@ async def test_one_device_with_many_sessions_does_not_lock_others_out(
 
 
 @pytest.mark.asyncio
-async def test_sessions_per_identity_are_bounded(env: Env) -> None:
+async def test_sessions_per_identity_are_bounded(env: AsEnv) -> None:
     await env.device("many", "consumer")
     server = env.server()
     closed = "device many: closed 1 older session(s)"
@@ -759,7 +712,7 @@ async def test_sessions_per_identity_are_bounded(env: Env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_rotation_period_floor_epoch_range_and_quiet_debug_log(env: Env) -> None:
+async def test_rotation_period_floor_epoch_range_and_quiet_debug_log(env: AsEnv) -> None:
     await env.device("fast", "producer")
     server = env.server("--log-level", "debug")
     producer = await env.client(server, "fast")
@@ -777,7 +730,7 @@ async def test_rotation_period_floor_epoch_range_and_quiet_debug_log(env: Env) -
 
 
 @pytest.mark.asyncio
-async def test_an_expired_grant_shuts_the_consumer_out_while_running(env: Env) -> None:
+async def test_an_expired_grant_shuts_the_consumer_out_while_running(env: AsEnv) -> None:
     await env.device("src", "producer")
     await env.device("brief", "consumer")
     server = env.server("--tick", "0.1")
