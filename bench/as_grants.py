@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aiocoap import GET, Context, Message
+
+from demo.system import free_port
 
 from . import Figure, Settings
 
@@ -38,13 +39,6 @@ CONSUMERS = 50
 CONCURRENCY = (1, 10, 50)
 #: Grants/s ÷ static GET/s the AS should reach (issue 7's target).
 TARGET_RATIO = 0.7
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port if port >= 2 else _free_port()
 
 
 async def _prepare(state: Path) -> dict[str, bytes]:
@@ -166,7 +160,7 @@ def run(settings: Settings) -> Iterator[Figure]:
     with tempfile.TemporaryDirectory(prefix="oscar-bench-as-") as tmp:
         state = Path(tmp) / "state"
         psks = asyncio.run(_prepare(state))
-        port = _free_port()
+        port = free_port()
         log = open(Path(tmp) / "as.log", "wb")  # noqa: SIM115 (closed below)
         server = subprocess.Popen(
             [sys.executable, "-m", "authz_server.server", "--state", str(state),

@@ -42,6 +42,7 @@ from aiocoap import GET, Context, Message
 
 from authz_server.client import Bundle
 from consumer import Consumer, TransportError
+from demo.system import free_port_pair
 
 from . import Figure, Settings
 from .testbed import Testbed, cpu_seconds, free_port
@@ -355,7 +356,7 @@ def run(settings: Settings) -> Iterator[Figure]:
             bed.spawn("producer", argv, ready=f"producer {PRODUCER} ready".encode())
             relay = CountingRelay(("127.0.0.1", port))
 
-            proxy_port = free_port()
+            proxy_port = free_port_pair()
             proxy = bed.spawn(
                 "proxy",
                 ["-m", "proxy", "--bundle", str(bundles[PROXY]),

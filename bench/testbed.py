@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,21 +27,12 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from demo.system import free_port
+
 __all__ = ["ROOT", "Testbed", "cpu_seconds", "free_port"]
 
 #: The repository root: processes run from here so that ``-m producer`` and the like import.
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A UDP port on 127.0.0.1 that is free now, at least 2 (so that port - 1 is a valid bind
-    port for aiocoap's DTLS server, which serves on its bind port + 1)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port >= 2:
-            return port
 
 
 def cpu_seconds(pid: int) -> float:

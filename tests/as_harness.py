@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from cryptography import x509
 from authz_server.ca import init_state
 from authz_server.client import AsClient, Bundle
 from authz_server.store import Store
+from demo.system import free_port
 from oscar import cbor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,16 +41,6 @@ class FastFail(TransportTuning):
 
 def now() -> int:
     return int(time.time())
-
-
-def free_port() -> int:
-    """A UDP port on 127.0.0.1 that is free now (the server binds only this one)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 2:
-            return port
 
 
 async def make_state(state_dir: Path) -> None:

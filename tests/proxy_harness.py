@@ -23,19 +23,7 @@ from aiocoap.resource import ObservableResource, Site
 from as_harness import Daemon, free_port
 from system_harness import PYTHON
 
-
-def free_port_pair() -> int:
-    """A port P such that P and P + 1 are both free on 127.0.0.1 (plain and DTLS)."""
-    while True:
-        port = free_port()
-        if port >= 65534:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
+from demo.system import free_port_pair
 
 
 class ProxyProcess(Daemon):
