@@ -2,7 +2,8 @@
 
 RFC 7252 §11.3 and RFC 9175 §2.4: a server must not answer an unauthenticated request with a
 response more than three times its size, unless the client showed that it receives at its claimed
-address. The proxy challenges such a client with 4.01 Unauthorized carrying an Echo option; a client
+address. No object fits in three times a GET, so the proxy challenges every unproven plain-CoAP
+client (before any other work) with 4.01 Unauthorized carrying an Echo option; a client
 that repeats its request with that Echo value has proved its address, which is then trusted for
 :data:`VERIFIED_FOR` seconds (a bounded table). DTLS peers are verified by their handshake.
 
@@ -19,9 +20,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["AMPLIFICATION_FACTOR", "AddressCheck"]
+__all__ = ["AddressCheck"]
 
-AMPLIFICATION_FACTOR = 3
 ECHO_LIFETIME = 60
 VERIFIED_FOR = 300.0
 
@@ -74,7 +74,3 @@ class AddressCheck:
         while len(self._verified) > self._max:
             self._verified.popitem(last=False)
         return True
-
-    def allows(self, address: str, request_size: int, response_size: int) -> bool:
-        """Whether a response of ``response_size`` may go to an unauthenticated ``address``."""
-        return response_size <= AMPLIFICATION_FACTOR * request_size or self.is_verified(address)

@@ -68,13 +68,6 @@ def identity(remote: Any) -> str | None:
     return device_of_label(claims[0])
 
 
-def _request_size(request: Message) -> int:
-    try:
-        return len(request.encode())
-    except Exception:
-        return 0
-
-
 def _address(remote: Any) -> str:
     return str(getattr(remote, "hostinfo", remote))
 
@@ -191,9 +184,11 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return Message(code=Code.METHOD_NOT_ALLOWED)
 
     async def _get(self, request: Message, resource_id: str, upstream: str | None) -> Message:
-        early = self._challenge_early(request)
-        if early is not None:
-            return early
+        challenge = self._challenge(request)
+        if challenge is not None:
+            return challenge
+        if id(request) in self._admitted:  # an observation: its notifications need no Echo
+            self._admitted[id(request)] = request
         try:
             entry = await self.proxy.lookup(resource_id, upstream)
         except Unavailable as exc:
@@ -210,12 +205,13 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 etag=entry.etag,
                 max_age=max_age,
             )
-        return self._guard(request, response)
+        return response
 
-    def _challenge_early(self, request: Message) -> Message | None:
-        """Challenge an unproven address before any upstream work: the proxy then fetches
-        nothing and asks the AS nothing for a source that may be spoofed, and the 4.01 goes out
-        on the ACK (libcoap's client answers an Echo only there)."""
+    def _challenge(self, request: Message) -> Message | None:
+        """No amplification: an unproven plain-CoAP address gets 4.01 + Echo and nothing else
+        (a 4.01 is smaller than any request), before any upstream work, so the proxy also
+        fetches nothing and asks the AS nothing for a source that may be spoofed; the 4.01 goes
+        out on the ACK (libcoap's client answers an Echo only there)."""
         if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
             return None
         address = _address(request.remote)
@@ -225,23 +221,6 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         # that may be spoofed.
         if request.opt.echo is not None and self.addresses.prove(address, request.opt.echo):
             return None
-        self.proxy.stats.echo_challenges += 1
-        return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
-
-    def _guard(self, request: Message, response: Message) -> Message:
-        """No amplification towards an address that has not proven itself."""
-        if identity(request.remote) is not None:
-            return response
-        if self._admitted.get(id(request)) is request:
-            return response
-        address = _address(request.remote)
-        size = len(response.payload) + 16
-        if self.addresses.allows(address, _request_size(request), size) or self.addresses.prove(
-            address, request.opt.echo
-        ):
-            if id(request) in self._admitted:
-                self._admitted[id(request)] = request
-            return response
         self.proxy.stats.echo_challenges += 1
         return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
 
@@ -283,7 +262,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             return  # the render answers the error; no observation
         watchers = self._observers.setdefault(resource_id, set())
         watchers.add(observation)
-        self._admitted[id(request)] = None  # until _guard admits its first answer
+        self._admitted[id(request)] = None  # until _get admits its first answer
         self.proxy.stats.observers += 1
 
         def cancel() -> None:
