@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
-from oscar.cli import read_toml
 from oscar.errors import OscarError
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 
@@ -233,6 +232,8 @@ _PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 
 def load_config(path: Path, **overrides: Any) -> ProducerConfig:
     """Read a TOML configuration; ``overrides`` (not None) replace its top-level values."""
+    from oscar.cli import read_toml  # the CLI module only when a file is read (embedding: never)
+
     doc = read_toml(path, ConfigError)
     publish = doc.get("publish")
     if (
