@@ -267,13 +267,12 @@ class Consumer:
         if m.resource_id != resource_id:
             raise InvalidObject("object is for another resource")
         key = await self.trust.signer(m.kid, now)
-        obj = verify(
-            data,
+        verify(
+            obj,  # decoded once, above
             signer=key,
             now=now,
             resource_id=resource_id,
             trust_anchor=self.bundle.ca_certificate,
-            max_size=self.max_object_size,
         )
         revoked = await self.trust.revoked_serials(now)
         try:

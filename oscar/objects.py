@@ -459,7 +459,7 @@ def _resolve_signer(
 
 
 def verify(
-    data: bytes,
+    data: bytes | ProtectedObject,
     *,
     signer: Signer | SignerLookup,
     now: int,
@@ -478,9 +478,15 @@ def verify(
     caller asked for: an object of any other resource is refused. An object is refused after its
     ``exp`` and when its ``iat`` lies more than ``max_clock_skew`` seconds ahead of ``now``.
 
-    Returns the decoded object; raises :class:`InvalidObject` if any check fails.
+    ``data`` may be an object the caller has decoded already (to find its signer, say), so that
+    it is not decoded twice. Returns the decoded object; raises :class:`InvalidObject` if any
+    check fails.
     """
-    obj = ProtectedObject.from_bytes(data, max_size=max_size)
+    obj = (
+        data
+        if isinstance(data, ProtectedObject)
+        else ProtectedObject.from_bytes(data, max_size=max_size)
+    )
     m = obj.metadata
     if resource_id is not None and m.resource_id != resource_id:
         raise InvalidObject("object is for another resource")

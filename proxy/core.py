@@ -177,7 +177,7 @@ class Proxy:
                 raise InvalidObject("object is for another resource")
             key = await self.trust.signer(m.kid, now)
             verify(
-                data,
+                obj,  # decoded once, above
                 signer=key,
                 now=now,
                 resource_id=resource_id,
