@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write, stop_tasks
@@ -64,12 +64,9 @@ class Stats:
     evictions: int = 0
     observers: int = 0
     upstream_observations: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        out = {k: v for k, v in vars(self).items() if k != "extra"}
-        out.update(self.extra)
-        return out
+        return dict(vars(self))
 
 
 class Proxy:
