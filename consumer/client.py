@@ -48,15 +48,13 @@ from typing import Any, NamedTuple
 from authz_server.client import AccessDenied as AsAccessDenied
 from authz_server.client import AsClient, AsError, AsUnavailable, Bundle, BundleError
 from oscar import names
-from oscar.errors import CertificateError, InvalidObject
+from oscar.errors import InvalidObject
 from oscar.keys import KeyCache
 from oscar.objects import (
     CONTENT_FORMAT_COSE_SIGN1,
     DEFAULT_MAX_OBJECT_SIZE,
-    ProtectedObject,
     Reading,
     open_verified,
-    verify,
 )
 
 from .errors import AccessDenied, TransportError
@@ -262,23 +260,8 @@ class Consumer:
         """:meth:`open_object`; with ``skip_same`` an object equal to the newest accepted gives
         None."""
         now = int(self._clock())
-        obj = ProtectedObject.from_bytes(data, max_size=self.max_object_size)
+        obj, _ = await self.trust.check(data, resource_id, now, max_size=self.max_object_size)
         m = obj.metadata
-        if m.resource_id != resource_id:
-            raise InvalidObject("object is for another resource")
-        key = await self.trust.signer(m.kid, now)
-        verify(
-            obj,  # decoded once, above
-            signer=key,
-            now=now,
-            resource_id=resource_id,
-            trust_anchor=self.bundle.ca_certificate,
-        )
-        revoked = await self.trust.revoked_serials(now)
-        try:
-            key.check(m.producer_id, now, revoked)
-        except CertificateError as exc:
-            raise InvalidObject(f"signer not acceptable: {exc}") from None
 
         freshness = self.store.freshness
         is_same = freshness.newest(resource_id) == (m.epoch, m.seq)

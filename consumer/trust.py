@@ -13,9 +13,11 @@
   bundle's CA and be current. If the cached one is stale and the AS cannot be reached, the answer
   is :class:`~consumer.errors.TransportError`: the consumer fails closed rather than trust a key
   that may have been revoked meanwhile.
+- :meth:`Trust.check`: all of an object's checks that need no secret, on top of the two above
+  (the consumer's pipeline and the proxy's verify-before-cache).
 
 The AS client is made on first use (its DTLS transport loads then), so a consumer that has all it
-needs cached never touches the AS. What this module does not do: verify objects or fetch secrets.
+needs cached never touches the AS. What this module does not do: fetch secrets or decrypt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from authz_server.client import AccessDenied as AsAccessDenied
 from authz_server.client import AsClient, AsError, AsUnavailable, Bundle
 from oscar.certs import ProducerKey, key_id
 from oscar.errors import CertificateError, InvalidObject
+from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, ProtectedObject, verify
 
 from .errors import AccessDenied, TransportError
 from .store import ConsumerStore
@@ -130,6 +133,29 @@ class Trust:
         return key
 
     # --- revocation -------------------------------------------------------------------------------
+
+    async def check(
+        self, data: bytes, resource_id: str, now: int, *, max_size: int = DEFAULT_MAX_OBJECT_SIZE
+    ) -> tuple[ProtectedObject, ProducerKey]:
+        """Everything that needs no secret, in order: decoding, the resource, the signer's
+        certificate (the one thing asked of the AS before the signature is checked), the
+        signature and times, then revocation. The consumer's pipeline and the proxy's
+        verify-before-cache both stand on it.
+
+        Raises :class:`InvalidObject`, :class:`TransportError`, :class:`AccessDenied`.
+        """
+        obj = ProtectedObject.from_bytes(data, max_size=max_size)
+        m = obj.metadata
+        if m.resource_id != resource_id:
+            raise InvalidObject("object is for another resource")
+        key = await self.signer(m.kid, now)
+        verify(obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor)
+        revoked = await self.revoked_serials(now)
+        try:
+            key.check(m.producer_id, now, revoked)
+        except CertificateError as exc:
+            raise InvalidObject(f"signer not acceptable: {exc}") from None
+        return obj, key
 
     async def revoked_serials(self, now: int) -> frozenset[int]:
         """The serials the CA has revoked, from a CRL current at ``now``.

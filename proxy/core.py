@@ -30,8 +30,8 @@ from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write, s
 from consumer.errors import AccessDenied, TransportError
 from consumer.store import ConsumerStore
 from consumer.trust import Trust
-from oscar.errors import CertificateError, InvalidObject
-from oscar.objects import ProtectedObject, object_etag, verify
+from oscar.errors import InvalidObject
+from oscar.objects import object_etag
 
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
@@ -168,23 +168,8 @@ class Proxy:
         """
         now = int(self.now())
         try:
-            obj = ProtectedObject.from_bytes(data)
+            obj, key = await self.trust.check(data, resource_id, now)
             m = obj.metadata
-            if m.resource_id != resource_id:
-                raise InvalidObject("object is for another resource")
-            key = await self.trust.signer(m.kid, now)
-            verify(
-                obj,  # decoded once, above
-                signer=key,
-                now=now,
-                resource_id=resource_id,
-                trust_anchor=self.bundle.ca_certificate,
-            )
-            revoked = await self.trust.revoked_serials(now)
-            try:
-                key.check(m.producer_id, now, revoked)
-            except CertificateError as exc:
-                raise InvalidObject(f"signer not acceptable: {exc}") from None
         except AccessDenied as exc:  # the AS refused this proxy a certificate or the CRL
             raise TransportError(str(exc)) from None
         except InvalidObject as exc:
