@@ -4,7 +4,9 @@
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make test       lint + format check + typecheck + pytest (ARGS passed to pytest)
-#   make lint | typecheck | bench | clean
+#   make bench      every benchmark; writes bench/results.json and docs/PERFORMANCE.md
+#                   (ARGS=--quick: under three minutes; ARGS='NAME ...': some modules)
+#   make lint | typecheck | clean
 
 PY ?= python3
 VENV = .venv
@@ -70,7 +72,12 @@ typecheck: $(STAMP)
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)
 
-bench: $(STAMP)
+# The benchmarks also need the [bench] extra (matplotlib for the plots, pyinstrument to profile).
+.stamp-bench: pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+bench: .stamp-bench
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

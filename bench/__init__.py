@@ -28,8 +28,10 @@ from cryptography.hazmat.backends.openssl import backend as _openssl
 
 __all__ = [
     "MODULES",
+    "SEAL_OPEN_MIN_RATIO",
     "Figure",
     "Operation",
+    "Plot",
     "Settings",
     "compare",
     "machine_info",
@@ -39,18 +41,21 @@ __all__ = [
 MODULES = (
     "seal_open",
     "as_grants",
+    "as_scale",
     "producer_get",
     "consumer_open",
     "producer_cpu",
     "proxy_hits",
+    "proxy_scale",
+    "large_transfer",
     "producer_footprint",
 )
 
 #: Runs ``n`` iterations of the measured work.
 Operation = Callable[[int], object]
 
-#: Overhead target: our time per operation at most this much above the baseline's (ratio > 0.8).
-MAX_OVERHEAD = 0.25
+#: Issue 7's target for seal and open: at most 1.25 times the bare primitives' time per operation.
+SEAL_OPEN_MIN_RATIO = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,53 +76,99 @@ class Settings:
 
 @dataclass(frozen=True, slots=True)
 class Figure:
-    """One benchmark case: our throughput against the baseline's, and whether we met the target.
+    """One measured figure, and, where something was measured beside it, the baseline's.
 
-    ``ratio`` is ``value / baseline_value`` (ops/s, so bigger is better: 1.0 means no overhead);
-    ``overhead`` is our time per operation over the baseline's, minus one.
-
-    With ``lower_is_better`` the values are costs (milliseconds, MiB), not rates: then ``ratio``
-    is ``baseline_value / value`` (still bigger is better) and ``overhead`` our cost over the
-    baseline's, minus one.
+    ``ratio`` is oriented so that bigger is better: ``value / baseline_value`` for rates
+    (ops/s), ``baseline_value / value`` with ``lower_is_better`` (costs: milliseconds, MiB,
+    CPU seconds). ``min_ratio`` is the target (``ratio >= min_ratio``); ``None`` where no issue
+    sets one. A figure without a baseline (a scale measurement: a database size, a latency at
+    100,000 resources) has ``ratio``, ``target`` and ``met`` all ``None``.
     """
 
     name: str
     value: float
     unit: str
-    baseline: str
-    baseline_value: float
-    max_overhead: float = MAX_OVERHEAD
+    baseline: str | None = None
+    baseline_value: float | None = None
+    min_ratio: float | None = None
     lower_is_better: bool = False
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
+        if self.baseline_value is None:
+            return None
         if self.lower_is_better:
-            return self.baseline_value / self.value
-        return self.value / self.baseline_value
+            return self.baseline_value / self.value if self.value else float("inf")
+        return self.value / self.baseline_value if self.baseline_value else float("inf")
 
     @property
-    def overhead(self) -> float:
-        return 1.0 / self.ratio - 1.0
+    def overhead(self) -> float | None:
+        """Our time per operation (or our cost) over the baseline's, minus one."""
+        ratio = self.ratio
+        return None if ratio is None or ratio == 0 else 1.0 / ratio - 1.0
 
     @property
-    def target(self) -> str:
-        return f"> {1.0 / (1.0 + self.max_overhead):.2g}"
+    def target(self) -> str | None:
+        return None if self.min_ratio is None else f">= {self.min_ratio:g}"
 
     @property
-    def met(self) -> bool:
-        return self.overhead < self.max_overhead
+    def met(self) -> bool | None:
+        ratio = self.ratio
+        if self.min_ratio is None or ratio is None:
+            return None
+        return ratio >= self.min_ratio
+
+    def to_json(self) -> dict[str, object]:
+        ratio = self.ratio
+        return {
+            "name": self.name,
+            "value": _round(self.value),
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "baseline_value": None if self.baseline_value is None else _round(self.baseline_value),
+            "ratio": None if ratio is None else round(ratio, 4),
+            "target": self.target,
+            "met": self.met,
+            "lower_is_better": self.lower_is_better,
+        }
+
+
+def _round(value: float) -> float:
+    """Four significant digits at least (a 0.0123 s latency stays readable)."""
+    if value == 0 or abs(value) >= 100:
+        return round(value, 1)
+    digits = 3 - int(f"{abs(value):e}".split("e")[1])
+    return round(value, max(digits, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Plot:
+    """Data for one PNG in ``docs/``: named series of (x, y) points, drawn by ``bench.report``.
+
+    A benchmark module yields a ``Plot`` beside its figures; ``python -m bench`` keeps the data in
+    ``bench/plots.json`` and draws ``docs/perf-<name>.png``. With ``panels``, the series are
+    split over several side-by-side panels: ``series`` keys are ``"<panel>|<label>"``.
+    """
+
+    name: str
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]]
+    logx: bool = False
+    logy: bool = False
+    panels: tuple[tuple[str, str], ...] = ()  # (panel key, y label) when split into panels
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "value": round(self.value, 1),
-            "unit": self.unit,
-            "baseline": self.baseline,
-            "baseline_value": round(self.baseline_value, 1),
-            "ratio": round(self.ratio, 4),
-            "target": self.target,
-            "met": self.met,
-            "lower_is_better": self.lower_is_better,
+            "title": self.title,
+            "xlabel": self.xlabel,
+            "ylabel": self.ylabel,
+            "series": {k: [list(p) for p in v] for k, v in self.series.items()},
+            "logx": self.logx,
+            "logy": self.logy,
+            "panels": [list(p) for p in self.panels],
         }
 
 

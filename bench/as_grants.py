@@ -134,7 +134,7 @@ async def _measure(port: int, psks: dict[str, bytes], settings: Settings) -> lis
                 "grants/s",
                 "DTLS GET /.well-known/core, same server and clients",
                 best_static,
-                max_overhead=1 / TARGET_RATIO - 1,
+                min_ratio=TARGET_RATIO,
             )
         )
     return figures

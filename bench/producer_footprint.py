@@ -45,8 +45,6 @@ __all__ = ["run"]
 READING = b"temperature=21.5C humidity=40.2% pressure=1013.2hPa wind=3.1m/s\n"[:64]
 POLL = 0.01
 START_TIMEOUT = 30.0
-MAX_RSS_OVERHEAD = 0.5
-MAX_TIME_OVERHEAD = 1.0
 #: 2.05 Content, as the second byte of a CoAP header.
 CONTENT = 0x45
 
@@ -254,7 +252,6 @@ def run(settings: Settings) -> Iterator[Figure]:
             "ms from spawn to the first 2.05",
             "plain aiocoap server process serving the file",
             base.seconds * 1e3,
-            max_overhead=MAX_TIME_OVERHEAD,
             lower_is_better=True,
         )
         yield Figure(
@@ -263,7 +260,6 @@ def run(settings: Settings) -> Iterator[Figure]:
             "MiB VmRSS at the first 2.05",
             "plain aiocoap server process serving the file",
             base.rss_kib / 1024,
-            max_overhead=MAX_RSS_OVERHEAD,
             lower_is_better=True,
         )
 
@@ -292,7 +288,6 @@ def run(settings: Settings) -> Iterator[Figure]:
         "ms to import producer.cli",
         "import aiocoap, aiocoap.resource",
         base_import[0] * 1e3,
-        max_overhead=MAX_TIME_OVERHEAD,
         lower_is_better=True,
     )
     yield Figure(
@@ -301,6 +296,5 @@ def run(settings: Settings) -> Iterator[Figure]:
         "MiB VmRSS after importing producer.cli",
         "import aiocoap, aiocoap.resource",
         base_import[1] / 1024,
-        max_overhead=MAX_RSS_OVERHEAD,
         lower_is_better=True,
     )
