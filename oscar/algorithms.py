@@ -14,8 +14,9 @@ This module does not parse COSE structures and does not derive keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -120,6 +121,22 @@ class SignatureAlgorithm:
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise TypeError("EdDSA needs an Ed25519 private key")
         return key.sign(data)
+
+    def signer(self, key: PrivateKey) -> Callable[[bytes], bytes]:
+        """A function signing with ``key`` as :meth:`sign` does, the key checked once, here.
+
+        For a signer of many objects (a :class:`~oscar.Sealer`): no type check per signature.
+        """
+        self.sign(key, b"")  # the same TypeError as sign's for a key of another algorithm
+        if self.cose_id == ES256_ID:
+            sign, algorithm = cast(ec.EllipticCurvePrivateKey, key).sign, _SIGN_ES256
+
+            def es256(data: bytes) -> bytes:
+                r, s = decode_dss_signature(sign(data, algorithm))
+                return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+            return es256
+        return cast(ed25519.Ed25519PrivateKey, key).sign
 
     def verify(self, key: PublicKey, signature: bytes, data: bytes) -> None:
         """Check ``signature`` over ``data``; raises :class:`InvalidObject` if it does not verify.

@@ -22,7 +22,7 @@ MAX_DEVICE_ID = 32
 MAX_RESOURCE_ID = 255
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
-_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}(?:/[A-Za-z0-9._~-]+)+")
 
 
 def is_device_id(text: object) -> TypeGuard[str]:
@@ -34,13 +34,11 @@ def is_resource_id(text: object) -> TypeGuard[str]:
     """Whether ``text`` is a well-formed ``<producer id>/<path>``."""
     if type(text) is not str or len(text) > MAX_RESOURCE_ID:
         return False
-    producer, sep, path = text.partition("/")
-    if not sep or not is_device_id(producer):
+    if _RESOURCE_ID.fullmatch(text) is None:
         return False
-    return all(
-        _SEGMENT.fullmatch(segment) is not None and segment not in (".", "..")
-        for segment in path.split("/")
-    )
+    if "/." not in text:  # no segment can be "." or "..": the usual case, one regex in all
+        return True
+    return all(segment not in (".", "..") for segment in text.split("/")[1:])
 
 
 def owns(producer_id: str, resource_id: str) -> bool:
