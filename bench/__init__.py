@@ -80,9 +80,9 @@ class Figure:
 
     ``ratio`` is oriented so that bigger is better: ``value / baseline_value`` for rates
     (ops/s), ``baseline_value / value`` with ``lower_is_better`` (costs: milliseconds, MiB,
-    CPU seconds). ``min_ratio`` is the target (``ratio >= min_ratio``); ``None`` where no issue
-    sets one. A figure without a baseline (a scale measurement: a database size, a latency at
-    100,000 resources) has ``ratio``, ``target`` and ``met`` all ``None``.
+    CPU seconds). ``min_ratio`` is the target (``ratio >= min_ratio``), or ``min_value`` an
+    absolute floor; ``None`` where no issue sets one. A figure without a baseline (a scale
+    measurement: a database size, a latency at 100,000 resources) has ``ratio`` ``None``.
     """
 
     name: str
@@ -92,6 +92,9 @@ class Figure:
     baseline_value: float | None = None
     min_ratio: float | None = None
     lower_is_better: bool = False
+    #: An absolute floor instead of a ratio target (issue 7's "≥ 100 MB/s"): met when
+    #: ``value >= min_value``, whatever the baseline.
+    min_value: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -109,10 +112,14 @@ class Figure:
 
     @property
     def target(self) -> str | None:
+        if self.min_value is not None:
+            return f"value >= {self.min_value:g} {self.unit}"
         return None if self.min_ratio is None else f">= {self.min_ratio:g}"
 
     @property
     def met(self) -> bool | None:
+        if self.min_value is not None:
+            return self.value >= self.min_value
         ratio = self.ratio
         if self.min_ratio is None or ratio is None:
             return None

@@ -26,7 +26,12 @@ object; same baselines as ``seal`` and ``verify``).
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import cbor2
 from cryptography.hazmat.primitives import hashes
@@ -38,12 +43,16 @@ import oscar
 from oscar.algorithms import AeadAlgorithm, PublicKey
 
 from . import SEAL_OPEN_MIN_RATIO as TARGET
-from . import Figure, Settings, compare
+from . import Figure, Operation, Settings, compare
 
 __all__ = ["PROFILES", "SIZES", "run"]
 
 PROFILES = ("ccm-es256", "a128gcm-es256")
 SIZES = (64, 1024, 60 * 1024)
+#: Issue 7's large object: 1 MiB under A128GCM (AES-CCM cannot seal more than 64 KiB).
+LARGE = ("a128gcm-es256", 1 << 20)
+#: Issue 7's floor for sealing and opening it, in MB/s (10^6 bytes of plaintext per second).
+LARGE_MIN_MB_S = 100.0
 
 PRODUCER = "sensor-1"
 RESOURCE = "sensor-1/temperature"
@@ -64,6 +73,8 @@ _ECDSA_VERIFY = ec.ECDSA(hashes.SHA256())
 
 
 def _label(size: int) -> str:
+    if size >= 1 << 20 and size % (1 << 20) == 0:
+        return f"{size >> 20}MiB"
     return f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
 
 
@@ -285,49 +296,159 @@ class _BareVerify:
             public_key.verify(signature, tbs, _ECDSA_VERIFY)
 
 
+def _cases() -> Iterator[tuple[str, int]]:
+    for profile_name in PROFILES:
+        for size in SIZES:
+            yield profile_name, size
+    yield LARGE
+
+
 def run(settings: Settings) -> Iterator[Figure]:
     """Yield one figure per case, in table order."""
     private_key = ec.generate_private_key(ec.SECP256R1())
-    for profile_name in PROFILES:
-        for size in SIZES:
-            case = _Case(profile_name, size, private_key)
-            aead = case.aead_label()
-            extra_rows = profile_name == PROFILES[0] and size == SIZES[0]
-            pool_size = max(16, min(POOL_MAX, POOL_BYTES // size))
-            if settings.quick:
-                pool_size = max(16, pool_size // 4)
-            seal_baseline = f"{aead}.encrypt + ECDSA-P256 sign"
-            verify_baseline = "ECDSA-P256 verify"
+    for profile_name, size in _cases():
+        case = _Case(profile_name, size, private_key)
+        aead = case.aead_label()
+        extra_rows = profile_name == PROFILES[0] and size == SIZES[0]
+        pool_size = max(16, min(POOL_MAX, POOL_BYTES // size))
+        if settings.quick:
+            pool_size = max(16, pool_size // 4)
+        seal_baseline = f"{aead}.encrypt + ECDSA-P256 sign"
+        verify_baseline = "ECDSA-P256 verify"
 
-            bare_seal = _BareSeal(case, derive=False)
-            ours, base = compare(_SealerSeal(case), bare_seal, settings)
-            yield Figure(case.name("seal"), ours, "ops/s", seal_baseline, base, TARGET)
-            if extra_rows:
-                ours, base = compare(_Seal(case, case.keys, case.signing_key), bare_seal, settings)
-                yield Figure(case.name("seal()"), ours, "ops/s", seal_baseline, base)
-                ours, base = compare(
-                    _Seal(case, SECRET, case.signing_key), _BareSeal(case, derive=True), settings
-                )
-                yield Figure(
-                    case.name("seal+derive"),
-                    ours,
-                    "ops/s",
-                    f"2x HKDF-SHA256 + {aead} key setup + {seal_baseline}",
-                    base,
-                )
-                ours, base = compare(_Seal(case, case.keys, case.private_key), bare_seal, settings)
-                yield Figure(case.name("seal+rawkey"), ours, "ops/s", seal_baseline, base)
-            ours, base = compare(_Open(case, pool_size), _BareOpen(case), settings)
+        bare_seal = _BareSeal(case, derive=False)
+        ours, base = compare(_SealerSeal(case), bare_seal, settings)
+        yield Figure(case.name("seal"), ours, "ops/s", seal_baseline, base, TARGET)
+        if size >= 1 << 20:
+            yield _throughput("seal", case, ours, base)
+        if extra_rows:
+            ours, base = compare(_Seal(case, case.keys, case.signing_key), bare_seal, settings)
+            yield Figure(case.name("seal()"), ours, "ops/s", seal_baseline, base)
+            ours, base = compare(
+                _Seal(case, SECRET, case.signing_key), _BareSeal(case, derive=True), settings
+            )
             yield Figure(
-                case.name("open"),
+                case.name("seal+derive"),
                 ours,
                 "ops/s",
-                f"{verify_baseline} + {aead}.decrypt",
+                f"2x HKDF-SHA256 + {aead} key setup + {seal_baseline}",
                 base,
-                TARGET,
             )
-            ours, base = compare(_Verify(case, case.producer_key), _BareVerify(case), settings)
-            yield Figure(case.name("verify"), ours, "ops/s", verify_baseline, base)
-            if extra_rows:
-                ours, base = compare(_Verify(case, case.public_key), _BareVerify(case), settings)
-                yield Figure(case.name("verify+rawkey"), ours, "ops/s", verify_baseline, base)
+            ours, base = compare(_Seal(case, case.keys, case.private_key), bare_seal, settings)
+            yield Figure(case.name("seal+rawkey"), ours, "ops/s", seal_baseline, base)
+        ours, base = compare(_Open(case, pool_size), _BareOpen(case), settings)
+        yield Figure(
+            case.name("open"),
+            ours,
+            "ops/s",
+            f"{verify_baseline} + {aead}.decrypt",
+            base,
+            TARGET,
+        )
+        if size >= 1 << 20:
+            yield _throughput("open", case, ours, base)
+            continue
+        ours, base = compare(_Verify(case, case.producer_key), _BareVerify(case), settings)
+        yield Figure(case.name("verify"), ours, "ops/s", verify_baseline, base)
+        if extra_rows:
+            ours, base = compare(_Verify(case, case.public_key), _BareVerify(case), settings)
+            yield Figure(case.name("verify+rawkey"), ours, "ops/s", verify_baseline, base)
+            if not settings.quick:
+                yield from _instruction_figures(profile_name, size)
+
+
+#: Operations per callgrind run (a second run makes three times as many; the difference is
+#: what those extra operations cost, without the interpreter's start-up).
+CALLGRIND_OPS = 100
+_COUNTED = {
+    "seal": "_SealerSeal",
+    "bare-seal": "_BareSeal",
+    "open": "_Open",
+    "bare-open": "_BareOpen",
+}
+
+
+def _count(kind: str, profile_name: str, size: int, n: int) -> None:
+    """Run ``n`` operations of ``kind`` after a warm-up (the body of a callgrind run)."""
+    key = ec.derive_private_key(0x05CA12, ec.SECP256R1())
+    case = _Case(profile_name, size, key)
+    op: Operation
+    if kind == "seal":
+        op = _SealerSeal(case)
+    elif kind == "bare-seal":
+        op = _BareSeal(case, derive=False)
+    elif kind == "open":
+        op = _Open(case, 3 * CALLGRIND_OPS + 10)  # the same set-up work in both runs
+    else:
+        op = _BareOpen(case)
+    op(10)
+    op(n)
+
+
+def _instructions(kind: str, profile_name: str, size: int) -> float | None:
+    """Instructions per operation under callgrind, or None if valgrind is not installed.
+
+    Counts, unlike times, do not depend on what else the machine is doing, nor on how warm the
+    CPU's caches are: they show how much work is ours, where the timed rows also show cache
+    effects (see bench/README.md)."""
+    if shutil.which("valgrind") is None:
+        return None
+    totals = []
+    for n in (CALLGRIND_OPS, 3 * CALLGRIND_OPS):
+        result = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                "-m",
+                "bench.seal_open",
+                kind,
+                profile_name,
+                str(size),
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        found = re.search(r"Collected : (\d+)", result.stderr)
+        if found is None:
+            raise RuntimeError(f"no instruction count from callgrind: {result.stderr[-500:]}")
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / (2 * CALLGRIND_OPS)
+
+
+def _instruction_figures(profile_name: str, size: int) -> Iterator[Figure]:
+    for what in ("seal", "open"):
+        ours = _instructions(what, profile_name, size)
+        base = _instructions(f"bare-{what}", profile_name, size)
+        if ours is None or base is None:
+            print("  valgrind not installed: no instruction counts", flush=True)
+            return
+        yield Figure(
+            f"instructions/{what}/{profile_name}/{_label(size)}",
+            ours,
+            "instructions/op",
+            "the bare primitives, counted the same way (callgrind)",
+            base,
+            lower_is_better=True,
+        )
+
+
+def _throughput(what: str, case: _Case, ours_rate: float, base_rate: float) -> Figure:
+    """The ops/s of a large case as MB/s of plaintext: issue 7's floor applies to ours."""
+    return Figure(
+        f"throughput/{what}/{case.profile.name}/{_label(case.size)}",
+        ours_rate * case.size / 1e6,
+        "MB/s",
+        "the bare primitives (as the rows above)",
+        base_rate * case.size / 1e6,
+        min_value=LARGE_MIN_MB_S,
+    )
+
+
+if __name__ == "__main__":
+    # python -m bench.seal_open KIND PROFILE SIZE N: the body of one callgrind run.
+    _count(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -112,31 +112,27 @@ class SignatureAlgorithm:
 
     def sign(self, key: PrivateKey, data: bytes) -> bytes:
         """Sign ``data``; raises TypeError if ``key`` is not of this algorithm."""
-        if self.cose_id == ES256_ID:
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-                raise TypeError("ES256 needs an ECDSA P-256 private key")
-            der = key.sign(data, _SIGN_ES256)
-            r, s = decode_dss_signature(der)
-            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise TypeError("EdDSA needs an Ed25519 private key")
-        return key.sign(data)
+        return self.signer(key)(data)
 
     def signer(self, key: PrivateKey) -> Callable[[bytes], bytes]:
         """A function signing with ``key`` as :meth:`sign` does, the key checked once, here.
 
         For a signer of many objects (a :class:`~oscar.Sealer`): no type check per signature.
+        Raises TypeError if ``key`` is not of this algorithm.
         """
-        self.sign(key, b"")  # the same TypeError as sign's for a key of another algorithm
         if self.cose_id == ES256_ID:
-            sign, algorithm = cast(ec.EllipticCurvePrivateKey, key).sign, _SIGN_ES256
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+                raise TypeError("ES256 needs an ECDSA P-256 private key")
+            sign, algorithm = key.sign, _SIGN_ES256
 
             def es256(data: bytes) -> bytes:
                 r, s = decode_dss_signature(sign(data, algorithm))
                 return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
             return es256
-        return cast(ed25519.Ed25519PrivateKey, key).sign
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise TypeError("EdDSA needs an Ed25519 private key")
+        return key.sign
 
     def verify(self, key: PublicKey, signature: bytes, data: bytes) -> None:
         """Check ``signature`` over ``data``; raises :class:`InvalidObject` if it does not verify.
