@@ -11,9 +11,14 @@ out) with 4 confirmable GETs in flight each, from this process. Windows of 1 s (
 run) alternate between the servers, for 2 rounds (4); each server's best window is kept. Also
 printed: each server's CPU time per GET (``/proc/PID/stat`` around the best window).
 
-A 1 KiB reading makes an object of about 1.1 KiB, over aiocoap's 1024-byte block size: the
-producer then answers in two Block2 blocks, so one GET is two exchanges. The "same bytes" row
-measures the plain server in the same situation.
+A 1 KiB reading makes an object of about 1.2 KiB, over the 1124 bytes aiocoap sends in one
+message: the producer then answers in two Block2 blocks of up to 1024 bytes, so one GET is two
+exchanges. The "same bytes" row measures the plain server in the same situation.
+
+The producer answers these GETs from its fast path (:mod:`producer.fastpath`), the plain server
+through aiocoap's whole message layer, so the producer may well be the faster of the two: then
+the clients in this process are the bottleneck, and the ratio mostly says so. The server CPU per
+GET printed above each pair of rows is the figure that does not depend on the client.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ PRODUCER = "bench-producer"
 SIZES = (64, 1024)
 CONTEXTS = 8
 IN_FLIGHT = 4
-#: Producer GET/s ÷ plain GET/s the producer should reach.
+#: Producer GET/s ÷ plain GET/s of the same bytes the producer should reach (issue 7).
 TARGET_RATIO = 0.9
 #: aiocoap's largest block: a longer payload goes out block-wise.
 BLOCK_SIZE = 1024
@@ -174,7 +179,6 @@ def run(settings: Settings) -> Iterator[Figure]:
                 "GET/s",
                 f"plain aiocoap server, {size} B payload",
                 best["plain"].rate,
-                min_ratio=TARGET_RATIO,
             )
             yield Figure(
                 f"get/{label}/same-bytes",

@@ -5,8 +5,19 @@ requester, never sealed per request — with content format 18, its ETag
 (:func:`oscar.object_etag`) and Max-Age (the resource's, shortened so that no cache keeps the object
 past its ``exp``). A request that names the current ETag gets 2.03 Valid. Observers get a
 notification whenever a new object is sealed. Objects larger than a CoAP block go out block-wise
-(aiocoap's Block2 handling; every block comes from the same object). Before the first object, or
-after the last one expired, the answer is 5.03 with a short Max-Age.
+(Block2). Before the first object, or after the last one expired, the answer is 5.03 with a short
+Max-Age.
+
+The common request — a confirmable GET of an object, or of one block of it — is answered by
+:class:`~producer.fastpath.FastPath` straight from the receive callback with pre-encoded bytes,
+the same bytes aiocoap would send, without aiocoap's per-request and per-remote work; everything
+else (Observe, ETag validation, 5.03, discovery, anything unusual) goes through aiocoap and
+:class:`ObjectResource`. One difference: the fast path cuts each block from the object current
+when the block is asked for, so a re-seal during a block-wise transfer shows as an ETag change
+between blocks, which the client detects (RFC 7959 §2.4); aiocoap's Block2 cache would finish
+the transfer from its per-client copy of the old object. ``OSCAR_PRODUCER_FASTPATH=off`` in the
+environment leaves the fast path out; ``context.fast_path.enabled = False`` switches it off
+while serving.
 
 Plain CoAP (UDP) only: the objects are protected end to end, and no DTLS code is loaded.
 """
@@ -14,6 +25,7 @@ Plain CoAP (UDP) only: the objects are protected end to end, and no DTLS code is
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from aiocoap import Context, Message
@@ -22,15 +34,19 @@ from aiocoap.resource import ObservableResource, Site, WKCResource
 
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
 
+from .fastpath import FastPath
+
 if TYPE_CHECKING:
     from .core import Producer, Published
 
-__all__ = ["ObjectResource", "serve"]
+__all__ = ["FASTPATH_ENV", "ObjectResource", "ProducerContext", "serve"]
 
 log = logging.getLogger("oscar.producer")
 
 #: Max-Age of a 5.03 (no current object): ask again soon.
 RETRY_AFTER = 5
+#: Set to ``off`` (or ``0``) to serve without the fast path (comparisons, debugging).
+FASTPATH_ENV = "OSCAR_PRODUCER_FASTPATH"
 
 
 class ObjectResource(ObservableResource):  # type: ignore[misc]
@@ -64,21 +80,37 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
         )
 
 
-def build_site(producer: Producer) -> Any:
+class ProducerContext(Context):  # type: ignore[misc]
+    """aiocoap's server context, with the fast path in front of it (None when left out)."""
+
+    fast_path: FastPath | None = None
+
+
+def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectResource]]:
+    """The aiocoap site, and the resources by their Uri-Path segments (for the fast path)."""
     site = Site()
+    routes = {}
     for published in producer.resources.values():
         path = (producer.device_id, *published.spec.path.split("/"))
-        site.add_resource(path, ObjectResource(published))
+        resource = ObjectResource(published)
+        site.add_resource(path, resource)
+        routes[tuple(segment.encode() for segment in path)] = resource
     site.add_resource(
         (".well-known", "core"),
         WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
-    return site
+    return site, routes
 
 
-async def serve(producer: Producer, host: str, port: int) -> Any:
+async def serve(producer: Producer, host: str, port: int) -> ProducerContext:
     """Start the server context; the caller shuts it down."""
-    site = build_site(producer)
-    context = await Context.create_server_context(site, bind=(host, port), transports=["udp6"])
+    site, routes = build_site(producer)
+    context: ProducerContext = await ProducerContext.create_server_context(
+        site, bind=(host, port), transports=["udp6"]
+    )
+    if os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
+        fast_path = FastPath(routes)
+        if fast_path.install(context):
+            context.fast_path = fast_path
     log.info("serving coap://%s:%d", host if ":" not in host else f"[{host}]", port)
     return context

@@ -1,0 +1,279 @@
+"""The producer's fast path: the common GET answered from pre-encoded bytes, before aiocoap.
+
+Every consumer gets the same sealed object, so answering a plain GET needs no per-request work
+beyond copying its message ID and token into a ready response. aiocoap's message layer spends
+about half a millisecond of CPU on one such GET from a new source port (decoding into a Message,
+deduplication state per remote, a task per request, resource lookup with a deep copy of the
+request, block-wise caches, encoding), several times the cost of the datagram itself.
+:class:`FastPath` sits in front of it, on the server context's ``udp6`` interface, and answers a
+datagram itself only when it is exactly:
+
+- CoAP version 1, confirmable, code 0.01 GET, a token of at most 8 bytes;
+- options: Uri-Path segments naming a published resource, optionally followed by one Block2
+  option asking for block 0 (M bit clear, SZX at most 6); nothing else, and no payload;
+- for a resource whose current object exists, has not expired, and goes out in one message (at
+  most aiocoap's unsolicited limit of 1124 bytes, or at most the block size asked for);
+- sent to a unicast address (with its packet info), on a token that aiocoap is not using for a
+  request from that remote (an observation, say: a new request on its token is aiocoap's to
+  handle, it cancels the old one).
+
+The answer is what aiocoap would send (the differential tests compare the bytes): a piggybacked
+ACK 2.05 with the request's message ID and token, ETag, Content-Format 18, the Max-Age that
+:meth:`ObjectResource.render_get` computes, and the object. The object, its ETag and expiry are
+read from the resource's :class:`~producer.core.Published` on every request, so the answer after
+a re-seal is the new object. Larger objects stay with aiocoap: a stateless server would cut each
+block from the object current when it is asked for, and a re-seal in the middle of a block-wise
+transfer would change the ETag between blocks (the client gives up: RFC 7959 §2.4), where
+aiocoap's Block2 cache keeps one copy of the object per remote and finishes the transfer with it.
+A block-wise transfer costs a round trip per block anyway; the saving is in the small objects
+most readings are.
+
+Everything else goes to aiocoap unchanged: NON, Observe, ETag validation, Accept, Uri-Host,
+Uri-Port (libcoap's coap-client sends it when the port is not 5683), Uri-Query, any other option,
+a payload, malformed or truncated bytes, a token of 9 to 15 bytes, 5.03 (no object, or expired),
+4.04, discovery (``/.well-known/core``), and any datagram the fast path fails on for a reason it
+did not foresee. A retransmitted request is answered again with the same bytes: GET is
+idempotent (RFC 7252 §4.5). The fast path keeps nothing per remote: its only state is one
+pre-encoded answer per resource.
+
+What it does not do: anything with DTLS (the producer serves plain CoAP only), send anything but
+the piggybacked answer, or change aiocoap's handling of what it passes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import ObjectResource
+
+__all__ = ["BLOCK_SIZE_EXP", "UNSOLICITED_LIMIT", "FastPath"]
+
+log = logging.getLogger("oscar.producer")
+
+#: aiocoap's largest block over UDP (SZX 6: 1024 bytes) and the payload size over which it
+#: answers block-wise unasked (``EndpointAddress.maximum_payload_size`` in aiocoap 0.4.17).
+BLOCK_SIZE_EXP = 6
+UNSOLICITED_LIMIT = 1124
+
+_URI_PATH = 11
+_MAX_AGE = 14
+_BLOCK2 = 23
+#: First byte of the header (version 1, type ACK) without the token length; code 2.05.
+_ACK = 0x60
+_CONTENT = 0x45
+#: Content-Format 18 (application/cose; cose-type="cose-sign1"), after ETag (option 4).
+_CONTENT_FORMAT_18 = bytes([(12 - 4) << 4 | 1, 18])
+_V4MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _uint(value: int) -> bytes:
+    """A CoAP uint option value: big-endian, no leading zero bytes (0 is empty)."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+def _option(delta: int, value: bytes) -> bytes:
+    """One encoded option, ``delta`` after the previous one (RFC 7252 §3.1)."""
+
+    def nibble(n: int) -> tuple[int, bytes]:
+        if n < 13:
+            return n, b""
+        if n < 269:
+            return 13, bytes([n - 13])
+        return 14, (n - 269).to_bytes(2, "big")
+
+    d, d_ext = nibble(delta)
+    n, n_ext = nibble(len(value))
+    return bytes([d << 4 | n]) + d_ext + n_ext + value
+
+
+class _Encoded:
+    """The options of one object's answer for one Max-Age, and the whole answer's body."""
+
+    __slots__ = ("etag", "max_age", "obj", "options", "whole")
+
+    def __init__(self, obj: bytes, etag: bytes, max_age: int) -> None:
+        self.obj, self.etag, self.max_age = obj, etag, max_age
+        self.options = (
+            _option(4, etag) + _CONTENT_FORMAT_18 + _option(_MAX_AGE - 12, _uint(max_age))
+        )
+        self.whole = self.options + b"\xff" + obj
+
+
+class FastPath:
+    """Answers the common GET of a published object; see the module docstring.
+
+    ``routes`` maps a request's Uri-Path segments (bytes) to the resource serving them. Set
+    ``enabled`` to False to send every datagram to aiocoap. ``answered`` counts the datagrams
+    answered here.
+    """
+
+    def __init__(self, routes: Mapping[tuple[bytes, ...], ObjectResource]) -> None:
+        self.enabled = True
+        self.answered = 0
+        self._routes = dict(routes)
+        self._encoded: dict[ObjectResource, _Encoded] = {}
+        self._failed = False
+
+    def __repr__(self) -> str:
+        state = "on" if self.enabled else "off"
+        return f"FastPath({len(self._routes)} resources, {state}, answered={self.answered})"
+
+    def answer(self, data: bytes) -> bytes | None:
+        """The response datagram to the request datagram ``data``, or None for aiocoap's to
+        handle. Counts the request on the resource (as its ``render_get`` does)."""
+        n = len(data)
+        if n < 4:
+            return None
+        first = data[0]
+        tkl = first & 0x0F
+        if first & 0xF0 != 0x40 or tkl > 8 or data[1] != 1:  # version 1, CON; GET
+            return None
+        pos = 4 + tkl
+        if pos > n:
+            return None
+        path: list[bytes] = []
+        block2 = -1
+        number = 0
+        while pos < n:
+            byte = data[pos]
+            pos += 1
+            delta = byte >> 4
+            length = byte & 0x0F
+            if delta >= 13:
+                if delta == 13 and pos < n:
+                    delta = 13 + data[pos]
+                    pos += 1
+                elif delta == 14 and pos + 1 < n:
+                    delta = 269 + (data[pos] << 8 | data[pos + 1])
+                    pos += 2
+                else:  # 15: the payload marker, or a message format error
+                    return None
+            if length >= 13:
+                if length == 13 and pos < n:
+                    length = 13 + data[pos]
+                    pos += 1
+                elif length == 14 and pos + 1 < n:
+                    length = 269 + (data[pos] << 8 | data[pos + 1])
+                    pos += 2
+                else:
+                    return None
+            number += delta
+            end = pos + length
+            if end > n:
+                return None
+            if number == _URI_PATH:
+                path.append(data[pos:end])
+            elif number == _BLOCK2 and block2 < 0 and length <= 3:
+                block2 = int.from_bytes(data[pos:end], "big")
+            else:
+                return None
+            pos = end
+
+        resource = self._routes.get(tuple(path))
+        if resource is None:
+            return None
+        published = resource.published
+        obj = published.obj
+        if obj is None:
+            return None
+        now = published.producer.now()
+        if now > published.exp:
+            return None
+        max_age = published.max_age(now)
+        encoded = self._encoded.get(resource)
+        if (
+            encoded is None
+            or encoded.obj is not obj
+            or encoded.max_age != max_age
+            or encoded.etag != published.etag
+        ):
+            encoded = self._encoded[resource] = _Encoded(obj, published.etag, max_age)
+
+        # Only an object that goes out in one message: a block-wise transfer is aiocoap's, whose
+        # Block2 cache keeps the object of block 0 for that remote until the transfer ends, so a
+        # re-seal in the middle of a large transfer does not break it.
+        size = len(obj)
+        if block2 < 0:
+            if size > UNSOLICITED_LIMIT:
+                return None
+        else:
+            szx = block2 & 0x07
+            if block2 & 0x08 or szx > BLOCK_SIZE_EXP or block2 >> 4 or size > 16 << szx:
+                return None  # M set in a request, BERT, a later block, or more than one block
+        resource.requests += 1
+        return bytes((_ACK | tkl, _CONTENT)) + data[2 : 4 + tkl] + encoded.whole
+
+    # --- on aiocoap's udp6 interface --------------------------------------------------------
+
+    def install(self, context: Any) -> bool:
+        """Put the fast path in front of ``context``'s udp6 interface. False (and a log line) if
+        aiocoap's internals are not where this version expects them: then aiocoap answers all."""
+        try:
+            from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+
+            for token_manager in context.request_interfaces:
+                message_manager = getattr(token_manager, "token_interface", None)
+                interface = getattr(message_manager, "message_interface", None)
+                if isinstance(interface, MessageInterfaceUDP6):
+                    break
+            else:
+                raise LookupError("no udp6 interface")
+            incoming: dict[Any, Any] = token_manager.incoming_requests
+            original = interface.datagram_msg_received
+            transport = interface.transport
+        except (ImportError, AttributeError, LookupError) as exc:
+            log.warning("fast path not installed (%s): aiocoap answers every request", exc)
+            return False
+
+        def in_use(token: bytes, address: Any, pktinfo: bytes) -> bool:
+            """Whether aiocoap has a request on this token from this remote (an observation)."""
+            return (token, UDP6EndpointAddress(address, interface, pktinfo=pktinfo)) in incoming
+
+        def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+            response = None
+            if self.enabled:
+                try:
+                    response = self._respond(data, ancdata, address, in_use if incoming else None)
+                except Exception:  # never lose the receive loop: aiocoap answers instead
+                    if not self._failed:
+                        self._failed = True
+                        log.exception("fast path failed; this datagram goes to aiocoap")
+                    response = None
+            if response is None:
+                original(data, ancdata, flags, address)
+                return
+            self.answered += 1
+            try:
+                transport.sendmsg(response, ancdata, 0, address)  # OSErrors: aiocoap logs them
+            except Exception:
+                log.exception("fast path could not send an answer")
+
+        interface.datagram_msg_received = datagram_msg_received
+        return True
+
+    def _respond(
+        self,
+        data: bytes,
+        ancdata: Any,
+        address: Any,
+        in_use: Callable[[bytes, Any, bytes], bool] | None,
+    ) -> bytes | None:
+        """The answer to a datagram as received (with its ancillary data), or None."""
+        if len(ancdata) != 1:
+            return None
+        level, kind, pktinfo = ancdata[0]
+        if level != socket.IPPROTO_IPV6 or kind != socket.IPV6_PKTINFO or len(pktinfo) < 16:
+            return None
+        if pktinfo[0] == 0xFF or (pktinfo[:12] == _V4MAPPED and pktinfo[12] >> 4 == 0xE):
+            return None  # sent to a multicast address: aiocoap's rules for those
+        if (
+            in_use is not None
+            and len(data) >= 4
+            and in_use(data[4 : 4 + (data[0] & 0x0F)], address, pktinfo)
+        ):
+            return None  # a new request on a token in use: aiocoap replaces the old one
+        return self.answer(data)
