@@ -15,9 +15,10 @@ A 1 KiB reading makes an object of about 1.2 KiB, over the 1124 bytes aiocoap se
 message: the producer then answers in two Block2 blocks of up to 1024 bytes, so one GET is two
 exchanges. The "same bytes" row measures the plain server in the same situation.
 
-The producer answers these GETs from its fast path (:mod:`producer.fastpath`), the plain server
-through aiocoap's whole message layer, so the producer may well be the faster of the two: then
-the clients in this process are the bottleneck, and the ratio mostly says so. The server CPU per
+The producer answers the 64 B reading's GETs from its fast path (:mod:`producer.fastpath`), the
+plain server through aiocoap's whole message layer, so the producer may well be the faster of the
+two: then the clients in this process are the bottleneck, and the ratio mostly says so. The 1 KiB
+reading's object goes out block-wise, which the fast path leaves to aiocoap. The server CPU per
 GET printed above each pair of rows is the figure that does not depend on the client.
 """
 
