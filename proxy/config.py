@@ -17,7 +17,7 @@
     disk_bytes = 1073741824
     published_max_age = 60             # Max-Age of an object PUT without one
     max_fresh = 300                    # the most freshness any Max-Age gives an entry
-    upstream_timeout = 5.0             # seconds per upstream request
+    upstream_timeout = 5.0             # seconds per upstream request (per block of a large one)
     upstream_backoff = 5.0             # after an upstream failure, serve the cache this long
     links_refresh = 10.0               # seconds between fetches of the DTLS link keys from the AS
 

@@ -8,8 +8,10 @@ holds. A bad object is counted and dropped: never cached, never served.
 
 Lookups (:meth:`Proxy.lookup`) serve a fresh entry at once; otherwise one upstream request per
 resource is in flight at a time (concurrent misses wait for it), with the entry's upstream ETag for
-a 2.03 revalidation. When the upstream fails, the newest valid entry is served until its ``exp``,
-and the upstream is left alone for ``upstream_backoff`` seconds.
+a 2.03 revalidation. A large object comes block by block (Block2), assembled by the proxy with
+the object size limit and ``upstream_timeout`` per block (:meth:`Proxy._fetch`), and is checked
+whole before any byte of it is served. When the upstream fails, the newest valid entry is served
+until its ``exp``, and the upstream is left alone for ``upstream_backoff`` seconds.
 
 Observations: any number of downstream observers of a resource share one upstream observation,
 started with the first and cancelled with the last; every upstream notification is checked like a
@@ -31,7 +33,7 @@ from consumer.errors import AccessDenied, TransportError
 from consumer.store import ConsumerStore
 from consumer.trust import Trust
 from oscar.errors import InvalidObject
-from oscar.objects import object_etag
+from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
 
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
@@ -39,6 +41,10 @@ from .config import ProxyConfig
 __all__ = ["Proxy", "Stats", "Unavailable"]
 
 log = logging.getLogger("oscar.proxy")
+
+
+class UpstreamError(Exception):
+    """The upstream's answer cannot be taken (a broken Block2 transfer, say); logged, counted."""
 
 
 class Unavailable(Exception):
@@ -262,11 +268,70 @@ class Proxy:
             self.stats.misses += 1
         self.stats.upstream_requests += 1
         try:
-            pending = ctx.request(request)
-            response = await asyncio.wait_for(pending.response, self.limits.upstream_timeout)
+            response = await self._fetch(ctx, request)
+        except UpstreamError as exc:
+            return self._upstream_failed(resource_id, source, entry, str(exc))
         except Exception as exc:
             return self._upstream_failed(resource_id, source, entry, f"{type(exc).__name__}")
         return await self._take(resource_id, source, entry, response)
+
+    async def _fetch(self, ctx: Any, request: Any) -> Any:
+        """The upstream's answer to ``request``, a Block2 answer assembled by :meth:`_complete`.
+        Raises :class:`UpstreamError`, and what aiocoap raises (TimeoutError and the like)."""
+        first = await asyncio.wait_for(
+            ctx.request(request, handle_blockwise=False).response, self.limits.upstream_timeout
+        )
+        return await self._complete(ctx, request, first)
+
+    async def _complete(self, ctx: Any, request: Any, first: Any) -> Any:
+        """``first`` (an answer or a notification) with the rest of its blocks, if it has more.
+
+        aiocoap's own assembly has no size limit (an upstream named in a Proxy-Uri could stream
+        blocks until the proxy runs out of memory) and copies the whole payload for each block
+        it appends. Here every exchange (one block) has ``upstream_timeout``, the object may grow
+        to :data:`~oscar.objects.DEFAULT_MAX_OBJECT_SIZE` and no further, every block must be the
+        next one, full but the last, and carry the first one's ETag (RFC 7959 §2.4; the rest of a
+        notification is asked for without Observe, §2.6). Raises :class:`UpstreamError`, and
+        what aiocoap raises.
+        """
+        from aiocoap.optiontypes import BlockOption
+
+        block2 = first.opt.block2
+        if block2 is None:
+            return first
+        if block2.block_number != 0:
+            raise UpstreamError("a Block2 transfer that does not start at block 0")
+        parts, received = [bytes(first.payload)], len(first.payload)
+        while block2.more:
+            if len(parts[-1]) != block2.size:
+                raise UpstreamError("a Block2 block shorter than its size, not the last")
+            if received >= DEFAULT_MAX_OBJECT_SIZE:
+                raise UpstreamError("a Block2 transfer larger than any object")
+            follow = request.copy(
+                mid=None,
+                token=None,
+                remote=first.remote,
+                etags=[],
+                observe=None,
+                block2=BlockOption.BlockwiseTuple(
+                    block2.block_number + 1, False, block2.size_exponent
+                ),
+            )
+            reply = await asyncio.wait_for(
+                ctx.request(follow, handle_blockwise=False).response, self.limits.upstream_timeout
+            )
+            block2 = reply.opt.block2
+            if reply.code != first.code or block2 is None or block2.start != received:
+                raise UpstreamError("a Block2 transfer broken off or out of order")
+            if reply.opt.etag != first.opt.etag:
+                raise UpstreamError("the object changed during its Block2 transfer")
+            parts.append(bytes(reply.payload))
+            received += len(parts[-1])
+        if received > DEFAULT_MAX_OBJECT_SIZE:
+            raise UpstreamError("a Block2 transfer larger than any object")
+        first.payload = b"".join(parts)
+        first.opt.block2 = None
+        return first
 
     async def _take(
         self, resource_id: str, source: str, entry: Entry | None, response: Any
@@ -363,10 +428,11 @@ class Proxy:
         while True:
             ctx = await self.upstream()
             self.stats.upstream_requests += 1
-            request = ctx.request(Message(code=GET, uri=source, observe=0))
+            message = Message(code=GET, uri=source, observe=0)
+            request = ctx.request(message, handle_blockwise=False)
             try:
                 first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
-                await self._notified(resource_id, source, first)
+                await self._notified(resource_id, source, await self._complete(ctx, message, first))
                 if first.opt.observe is None:
                     raise AsUnavailable("the upstream does not take observers")
                 delay = 1.0
@@ -383,14 +449,21 @@ class Proxy:
                         # forgotten this observation and would never notify again: register anew.
                         log.info("no notification of %s within its Max-Age; again", resource_id)
                         break
-                    await self._notified(resource_id, source, notification)
                     silence = _silence(notification)
+                    try:
+                        notification = await self._complete(ctx, message, notification)
+                    except UpstreamError as exc:  # the next notification brings the next one
+                        self.stats.upstream_errors += 1
+                        log.info("a notification of %s is dropped: %s", resource_id, exc)
+                        continue
+                    await self._notified(resource_id, source, notification)
             except asyncio.CancelledError:
                 request.observation.cancel()
                 raise
             except Exception as exc:
                 self.stats.upstream_errors += 1
-                log.info("upstream observation of %s failed: %s", resource_id, type(exc).__name__)
+                why = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
+                log.info("upstream observation of %s failed: %s", resource_id, why)
             finally:
                 if not request.observation.cancelled:
                     request.observation.cancel()
