@@ -16,7 +16,6 @@ What this module does not do: sockets, DTLS, rate limiting and Observe bookkeepi
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 from collections.abc import Callable
@@ -296,40 +295,23 @@ class Endpoints:
     async def get_resources(self, device: Device, request: Request, now: int) -> Reply:
         parse_query(request, ())
         if device.role == "producer":
-            chosen = await self.store.resources(device.id)
+            chosen = await self.store.live_resources(device.id)
         elif device.role == "proxy":
-            chosen = await self.store.resources()
-        else:
-            patterns = [
-                pattern
-                for _, _, pattern, until, _, revoked_at in await self.store.grants(device.id)
-                if revoked_at is None and (until is None or now < until)
-            ]
-            chosen = [
-                r
-                for r in await self.store.resources()
-                if any(fnmatch.fnmatchcase(r.id, p) for p in patterns)
-            ]
-        listed = []
-        for resource in chosen:
-            active = await self.store.epoch(resource.id)
-            if active is None:
-                continue
-            if device.role == "consumer" and not await self.store.may_read(
-                device.id, resource.id, active.epoch, now
-            ):
-                continue
-            listed.append(
-                {
-                    "resource": resource.id,
-                    "producer": resource.producer_id,
-                    "content_format": resource.content_format,
-                    "profile": resource.profile,
-                    "max_age": resource.max_age,
-                    "rotation_period": resource.rotation_period,
-                    "epoch": active.epoch,
-                }
-            )
+            chosen = await self.store.live_resources()
+        else:  # what the consumer may read now: a live grant, the active epoch not excluded
+            chosen = await self.store.readable_resources(device.id, now)
+        listed = [
+            {
+                "resource": resource.id,
+                "producer": resource.producer_id,
+                "content_format": resource.content_format,
+                "profile": resource.profile,
+                "max_age": resource.max_age,
+                "rotation_period": resource.rotation_period,
+                "epoch": epoch,
+            }
+            for resource, epoch in chosen
+        ]
         return Reply.cbor(Code.CONTENT, {"resources": listed})
 
     # --- /secret ---------------------------------------------------------------------------------
@@ -419,12 +401,11 @@ class Endpoints:
     async def key_state(self, resource: Resource) -> dict[str, Any]:
         """The owner's view: the active and the pre-active epoch with their secrets."""
         active = await self.store.epoch(resource.id, with_secret=True)
-        following = [e for e in await self.store.epochs(resource.id) if e.state == PRE_ACTIVE]
-        upcoming = (
-            await self.store.epoch(resource.id, following[0].epoch, with_secret=True)
-            if following
-            else None
-        )
+        # The pre-active epoch is the newest live one (found by index, not through the history).
+        live = (await self.store.live_epochs([resource.id]))[resource.id]
+        upcoming = await self.store.epoch(resource.id, live[-1], with_secret=True) if live else None
+        if upcoming is not None and upcoming.state != PRE_ACTIVE:
+            upcoming = None
         if active is None or upcoming is None or not active.secret or not upcoming.secret:
             raise ApiError("the resource lacks an active or a pre-active epoch")
         return {
@@ -441,9 +422,11 @@ class Endpoints:
 
     async def key_fingerprint(self, resource_id: str) -> tuple[int, ...]:
         """What a /keys observer cares about, without secrets: (active, pre-active) epochs."""
-        return tuple(
-            e.epoch for e in await self.store.epochs(resource_id) if e.state in (ACTIVE, PRE_ACTIVE)
-        )
+        return (await self.key_fingerprints([resource_id]))[resource_id]
+
+    async def key_fingerprints(self, resource_ids: list[str]) -> dict[str, tuple[int, ...]]:
+        """:meth:`key_fingerprint` of each resource, in one query however many are observed."""
+        return await self.store.live_epochs(resource_ids)
 
     # --- /link and /links ------------------------------------------------------------------------
 

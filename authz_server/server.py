@@ -220,13 +220,18 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
 
     async def refresh(self) -> list[str]:
         """Notify the observers of every resource whose (active, pre-active) epochs changed."""
-        changed = []
-        for resource_id in self.observed():
-            try:
-                fingerprint = await self.endpoints.key_fingerprint(resource_id)
-            except Exception:
-                log.exception("cannot read the key state of an observed resource")
-                continue
+        changed: list[str] = []
+        observed = self.observed()
+        if not observed:
+            return changed
+        try:
+            fingerprints = await self.endpoints.key_fingerprints(observed)
+        except Exception:
+            log.exception("cannot read the key state of the observed resources")
+            return changed
+        for resource_id, fingerprint in fingerprints.items():
+            if resource_id not in self._observers:
+                continue  # the observation ended while the state was read
             if self._fingerprints.get(resource_id) != fingerprint:
                 self._fingerprints[resource_id] = fingerprint
                 changed.append(resource_id)
@@ -270,10 +275,16 @@ class _Server:
         return ended
 
     async def reload_credentials(self, *, initial: bool = False) -> None:
-        """Make the credentials match the store's active devices; end revoked ones' sessions."""
-        psks = await self.store.active_psks()
+        """Make the credentials match the store's active devices; end revoked ones' sessions.
+
+        Only the PSKs of devices new to the credentials are read and decrypted: a PSK never
+        changes while its device is active (ids are never reused), and the change poll calls this
+        after every change, rotations included, so decrypting every device's PSK each time would
+        cost the event loop time in proportion to the devices."""
+        active = await self.store.active_device_ids()
         current = self.creds.device_ids()
-        for device_id in sorted(psks.keys() - current):
+        psks = await self.store.active_psks(active - current) if active - current else {}
+        for device_id in sorted(psks.keys()):
             try:
                 self.creds.set_device(device_id, psks[device_id])
             except ValueError as exc:
@@ -281,16 +292,21 @@ class _Server:
                 continue
             if not initial:
                 log.info("device %s may connect", device_id)
-        for device_id in sorted(current - psks.keys()):
+        for device_id in sorted(current - active):
             self.creds.remove_device(device_id)
             log.info("device %s is no longer active: credentials removed", device_id)
             self._end_sessions(device_id)
         psks.clear()
 
-    async def schedule(self, now: int) -> None:
+    async def schedule(self, now: int) -> bool:
+        """Expire grants, rotate what is due, destroy what is past retention; whether anything
+        was done."""
+        done = False
         for consumer_id, rotated in await self.store.expire_grants(now):
             log.info("grant of %s expired; rotated %s", consumer_id, ", ".join(rotated) or "none")
+            done = True
         for resource_id in await self.store.due_rotations(now):
+            done = True
             try:
                 epoch = await self.store.rotate(resource_id, now, actor="as", reason="schedule")
             except StoreError as exc:
@@ -299,6 +315,8 @@ class _Server:
             log.info("rotated %s to epoch %d (schedule)", resource_id, epoch)
         for resource_id, epoch in await self.store.destroy_expired(now, self.options.retention):
             log.info("destroyed epoch %d of %s (retention over)", epoch, resource_id)
+            done = True
+        return done
 
     async def watch(self) -> None:
         """Poll for changes (admin CLI, scheduler) and run the schedule, until cancelled."""
@@ -314,8 +332,9 @@ class _Server:
                     await self.site.refresh()
                 if time.monotonic() >= next_schedule:
                     next_schedule = time.monotonic() + 1.0
-                    await self.schedule(_wall_clock())
-                    await self.site.refresh()
+                    if await self.schedule(_wall_clock()):
+                        # Notified at once; the change poll would also see it, a tick later.
+                        await self.site.refresh()
                     self.limit.prune(time.monotonic())
             except asyncio.CancelledError:
                 raise

@@ -86,16 +86,18 @@ def read_master_key(path: Path) -> bytes:
     return data
 
 
-def _seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
+def _seal(key: bytes | AESGCM, plaintext: bytes, context: bytes) -> bytes:
     nonce = os.urandom(_NONCE)
-    return _VERSION + nonce + AESGCM(key).encrypt(nonce, plaintext, context)
+    aead = key if isinstance(key, AESGCM) else AESGCM(key)
+    return _VERSION + nonce + aead.encrypt(nonce, plaintext, context)
 
 
-def _open(key: bytes, blob: bytes, context: bytes) -> bytes:
+def _open(key: bytes | AESGCM, blob: bytes, context: bytes) -> bytes:
     if len(blob) < 1 + _NONCE + 16 or blob[:1] != _VERSION:
         raise VaultError("a stored secret is malformed")
+    aead = key if isinstance(key, AESGCM) else AESGCM(key)
     try:
-        return AESGCM(key).decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context)
+        return aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context)
     except InvalidTag:
         raise VaultError(
             "a stored secret does not decrypt (wrong master key or tampering)"
@@ -105,12 +107,14 @@ def _open(key: bytes, blob: bytes, context: bytes) -> bytes:
 class Vault:
     """Encrypts and decrypts stored secrets under the data key; keys the audit chain."""
 
-    __slots__ = ("_audit_key", "_data_key", "_link_key")
+    __slots__ = ("_audit_key", "_data_aead", "_data_key", "_link_key")
 
     def __init__(self, master_key: bytes, wrapped_data_key: bytes) -> None:
         if len(master_key) != KEY_LENGTH:
             raise ValueError("the master key is 32 bytes")
         self._data_key = _open(master_key, wrapped_data_key, b"OSCAR data key")
+        # Set up once: a grant decrypts a secret per request.
+        self._data_aead = AESGCM(self._data_key)
         self._audit_key = hkdf_sha256(master_key, b"OSCAR audit chain", KEY_LENGTH)
         self._link_key = hkdf_sha256(self._data_key, b"OSCAR link key", KEY_LENGTH)
 
@@ -124,11 +128,11 @@ class Vault:
 
     def encrypt(self, plaintext: bytes, context: bytes) -> bytes:
         """Encrypt a secret for storage, bound to ``context`` (what and whose it is)."""
-        return _seal(self._data_key, plaintext, context)
+        return _seal(self._data_aead, plaintext, context)
 
     def decrypt(self, blob: bytes, context: bytes) -> bytes:
         """Decrypt a stored secret; :class:`VaultError` if it fails to authenticate."""
-        return _open(self._data_key, blob, context)
+        return _open(self._data_aead, blob, context)
 
     def chain(self, previous: bytes, record: bytes) -> bytes:
         """The audit chain value after ``record``: HMAC-SHA256(audit key, previous || record)."""

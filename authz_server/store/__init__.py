@@ -15,14 +15,19 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
 
 Who may do what is decided in :mod:`authz_server.api`; the store only stores and fetches.
 The package: :mod:`.schema` (SQL, records, errors), :mod:`.database` (file, transactions,
-audit chain), :mod:`.keyring` (resources, epochs, grants), and :class:`Store` here (devices,
+audit chain), :mod:`.deliveries` (secrets handed out), :mod:`.keyring` (resources, epochs),
+:mod:`.grants` (grants, exclusions, what a consumer may read), and :class:`Store` here (devices,
 proxy link PSKs, certificates).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection, Sequence
+
 from ..vault import VaultError
-from .keyring import KeyRecords
+from .database import json_list
+from .grants import Grants
 from .schema import (
     DB_NAME,
     MASTER_KEY_NAME,
@@ -52,28 +57,62 @@ __all__ = [
 ]
 
 
-class Store(KeyRecords):
-    """The AS database: devices and certificates here, keys in :class:`KeyRecords`, the file,
-    transactions and audit chain in :class:`Database`."""
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _fold(device_id: str) -> str:
+    """A device id as SQLite's ``lower()`` has it (ASCII letters only)."""
+    return device_id.translate(_ASCII_LOWER)
+
+
+class Store(Grants):
+    """The AS database: devices and certificates here, grants in :class:`Grants`, keys in
+    :class:`KeyRecords`, deliveries in :class:`Deliveries`, the file, transactions and audit chain
+    in :class:`Database`."""
 
     # --- devices ---------------------------------------------------------------------------------
 
     async def add_device(self, device_id: str, role: str, psk: bytes, now: int) -> None:
         """Enroll a device with its PSK; :class:`Conflict` if the id was ever used."""
-        if role not in ROLES:
+        await self.add_devices([(device_id, role, psk)], now)
+
+    async def add_devices(self, devices: Sequence[tuple[str, str, bytes]], now: int) -> None:
+        """Enroll (id, role, PSK) devices as :meth:`add_device` does, all in one transaction
+        (one commit for a bulk enrolment). :class:`Conflict`, and nothing enrolled, if an id was
+        ever used or is listed twice; ValueError for an unknown role."""
+        if any(role not in ROLES for _, role, _ in devices):
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        # Ids differing only in case would name one subject to case-insensitive X.509 matching
+        # (SQLite's lower() folds ASCII only; so does _fold).
+        folded = [_fold(device_id) for device_id, _, _ in devices]
+        counts = Counter(folded)
+        twice = [d for (d, _, _), f in zip(devices, folded, strict=True) if counts[f] > 1]
+        if twice:
+            raise Conflict(f"device {twice[0]!r} is listed twice")
         async with self._transaction():
-            # Ids differing only in case would name one subject to case-insensitive X.509 matching.
-            if await self._one("SELECT 1 FROM devices WHERE lower(id) = lower(?)", (device_id,)):
-                raise Conflict(f"device {device_id!r} exists already (ids are never reused)")
-            await self._db.execute(
-                "INSERT INTO devices VALUES (?, ?, ?, 'active', ?, NULL)",
-                (device_id, role, self._vault.encrypt(psk, psk_context(device_id)), now),
+            row = await self._one(
+                "SELECT lower(id) FROM devices "
+                "WHERE lower(id) IN (SELECT value FROM json_each(?)) LIMIT 1",
+                (json_list(folded),),
             )
-            await self._audit("admin", "enroll", device_id, "ok", {"role": role}, now)
+            if row is not None:
+                taken = next((d for (d, _, _), f in zip(devices, folded, strict=True)
+                              if f == row[0]), row[0])  # fmt: skip
+                raise Conflict(f"device {taken!r} exists already (ids are never reused)")
+            await self._db.executemany(
+                "INSERT INTO devices VALUES (?, ?, ?, 'active', ?, NULL)",
+                [
+                    (device_id, role, self._vault.encrypt(psk, psk_context(device_id)), now)
+                    for device_id, role, psk in devices
+                ],
+            )
+            await self._audit_many(
+                [("admin", "enroll", device_id, "ok", {"role": role}, now)
+                 for device_id, role, _ in devices]
+            )  # fmt: skip
 
     async def device(self, device_id: str) -> Device | None:
-        row = await self._one(
+        row = await self._lookup(
             "SELECT id, role, status, enrolled_at, revoked_at FROM devices WHERE id = ?",
             (device_id,),
         )
@@ -85,9 +124,20 @@ class Store(KeyRecords):
         )
         return [Device(*row) for row in rows]
 
-    async def active_psks(self) -> dict[str, bytes]:
-        """PSK by device id, for every device that may connect."""
-        rows = await self._all("SELECT id, psk FROM devices WHERE status = 'active'")
+    async def active_device_ids(self) -> set[str]:
+        """The ids of every device that may connect (no PSK is read or decrypted)."""
+        return {dev for (dev,) in await self._all("SELECT id FROM devices WHERE status = 'active'")}
+
+    async def active_psks(self, only: Collection[str] | None = None) -> dict[str, bytes]:
+        """PSK by device id, for every device that may connect (or those of ``only`` that may)."""
+        if only is None:
+            rows = await self._all("SELECT id, psk FROM devices WHERE status = 'active'")
+        else:
+            rows = await self._all(
+                "SELECT id, psk FROM devices WHERE status = 'active' "
+                "AND id IN (SELECT value FROM json_each(?))",
+                (json_list(only),),
+            )
         try:
             return {dev: self._vault.decrypt(bytes(psk), psk_context(dev)) for dev, psk in rows}
         except VaultError as exc:
@@ -196,7 +246,7 @@ class Store(KeyRecords):
     ) -> bytes | None:
         """The newest unrevoked, unexpired certificate (DER) of a device or with a key id."""
         # One fixed statement: a NULL parameter matches nothing, so either key selects.
-        row = await self._one(
+        row = await self._lookup(
             "SELECT der FROM certificates WHERE (device_id = ? OR kid = ?) "
             "AND revoked_at IS NULL AND not_before <= ? AND ? <= not_after "
             "ORDER BY issued_at DESC LIMIT 1",

@@ -132,6 +132,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, resource_id, epoch)
     );
     """,
+    # 3: nothing done once a second or per request scans a table that grows with the resources,
+    # grants, devices or a resource's history of epochs: the active epoch's due time
+    # (activated_at + rotation_period; NULL for a resource that never rotates) kept with it and
+    # indexed; the live epochs of a resource; indexes for destruction, grant expiry, a
+    # producer's resources and enrolment's case-insensitive id check.
+    """
+    ALTER TABLE epochs ADD COLUMN rotate_at INTEGER;
+    UPDATE epochs SET rotate_at = activated_at + (
+        SELECT NULLIF(r.rotation_period, 0) FROM resources r WHERE r.id = epochs.resource_id)
+        WHERE state = 'active';
+    CREATE INDEX epochs_due ON epochs(rotate_at) WHERE state = 'active' AND rotate_at IS NOT NULL;
+    CREATE INDEX epochs_active ON epochs(resource_id) WHERE state = 'active';
+    CREATE INDEX epochs_live ON epochs(resource_id, state) WHERE state IN ('active', 'pre-active');
+    CREATE INDEX epochs_retired ON epochs(deactivated_at)
+        WHERE state IN ('deactivated', 'compromised');
+    CREATE INDEX resources_producer ON resources(producer_id);
+    CREATE INDEX grants_until ON grants(until) WHERE revoked_at IS NULL AND until IS NOT NULL;
+    CREATE INDEX devices_folded ON devices(lower(id));
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

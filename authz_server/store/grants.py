@@ -1,0 +1,335 @@
+"""Grants and exclusions: who may read which resource, from which epoch on.
+
+Every change that belongs together (a revocation: its rotations and exclusions; each with its
+audit record) is one transaction. A consumer reads a resource while one of its live grants (not
+revoked, not expired) matches the resource id (``fnmatch`` pattern, case-sensitive, in Python and
+in SQL alike) and no exclusion left by a revocation covers the epoch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from ..vault import VaultError
+from .database import json_list
+from .keyring import KeyRecords
+from .schema import Conflict, Epoch, NotFound, Resource, SecretView, StoreError, secret_context
+
+__all__ = ["Grants"]
+
+# What a secret request is decided on (Grants.secret_view); two statements, not one with
+# "e.epoch = :epoch OR (:epoch IS NULL AND e.state = 'active')", which SQLite can answer only by
+# walking the resource's whole history of epochs.
+_VIEW_SELECT = (
+    "SELECT r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
+    "r.rotation_period, r.registered_at, "
+    "e.epoch, e.state, e.created_at, e.activated_at, e.deactivated_at, e.secret, "
+    "EXISTS (SELECT 1 FROM grants g WHERE g.consumer_id = :device "
+    "  AND g.revoked_at IS NULL AND (g.until IS NULL OR :now < g.until) "
+    "  AND oscar_match(:resource, g.pattern)), "
+    "EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = :device "
+    "  AND x.resource_id = :resource AND x.from_epoch <= COALESCE(e.epoch, :epoch, 0) "
+    "  AND (x.to_epoch IS NULL OR COALESCE(e.epoch, :epoch, 0) <= x.to_epoch)) "
+    "FROM (SELECT 1) AS one "
+    "LEFT JOIN resources r ON r.id = :resource "
+    "LEFT JOIN epochs e ON e.resource_id = :resource AND "
+)
+_VIEW_OF_ACTIVE = _VIEW_SELECT + "e.state = 'active'"
+_VIEW_OF_EPOCH = _VIEW_SELECT + "e.epoch = :epoch"
+
+
+class Grants(KeyRecords):
+    """The queries on grants and exclusions, and what is decided on them."""
+
+    # --- grants ----------------------------------------------------------------------------------
+
+    async def add_grant(
+        self,
+        consumer_id: str,
+        pattern: str,
+        until: int | None,
+        now: int,
+    ) -> list[str]:
+        """Grant ``consumer_id`` the resources matching ``pattern`` until ``until``.
+
+        A consumer excluded from a resource by an earlier revocation is let back in only from a new
+        epoch: the exclusion closes at the current epoch and the resource rotates, so nothing
+        sealed while it was shut out becomes readable.
+        Returns the resources rotated.
+        """
+        return await self.add_grants([(consumer_id, pattern, until)], now)
+
+    async def add_grants(
+        self, grants: Sequence[tuple[str, str, int | None]], now: int
+    ) -> list[str]:
+        """Grant each (consumer, pattern, until) as :meth:`add_grant` does, in order, all in one
+        transaction (one commit for a bulk grant). :class:`Conflict`, and nothing granted, if
+        one consumer is not an active consumer. Returns the resources rotated, over all."""
+        async with self._transaction():
+            consumers = json_list(sorted({consumer for consumer, _, _ in grants}))
+            status = {
+                device_id: (role, state)
+                for device_id, role, state in await self._all(
+                    "SELECT id, role, status FROM devices "
+                    "WHERE id IN (SELECT value FROM json_each(?))",
+                    (consumers,),
+                )
+            }
+            excluded: dict[str, list[str]] = {}  # consumer -> resources it is shut out of now
+            for consumer_id, resource_id in await self._all(
+                "SELECT DISTINCT consumer_id, resource_id FROM exclusions WHERE to_epoch IS NULL "
+                "AND consumer_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY consumer_id, resource_id",
+                (consumers,),
+            ):
+                excluded.setdefault(consumer_id, []).append(resource_id)
+            for consumer_id, _, _ in grants:
+                if status.get(consumer_id) != ("consumer", "active"):
+                    raise Conflict(f"{consumer_id!r} is not an active consumer")
+            await self._db.executemany(
+                "INSERT INTO grants VALUES (NULL, ?, ?, ?, ?, NULL)",
+                [(consumer_id, pattern, until, now) for consumer_id, pattern, until in grants],
+            )
+            records: list[tuple[str, str, str, str, dict[str, Any], int]] = []
+            rotated_all: list[str] = []
+            for consumer_id, pattern, until in grants:
+                rotated = await self._readmit(consumer_id, pattern, excluded, now)
+                records.append(
+                    ("admin", "grant", consumer_id, "ok",
+                     {"pattern": pattern, "until": until, "rotated": rotated}, now)
+                )  # fmt: skip
+                rotated_all.extend(rotated)
+            await self._audit_many(records)
+            return rotated_all
+
+    async def _readmit(
+        self, consumer_id: str, pattern: str, excluded: dict[str, list[str]], now: int
+    ) -> list[str]:
+        """Close the consumer's open exclusions from live resources ``pattern`` matches, rotating
+        each; ``excluded`` (consumer -> open exclusions) is kept up to date. Returns those."""
+        rotated = []
+        for resource_id in list(excluded.get(consumer_id, ())):
+            if not fnmatch.fnmatchcase(resource_id, pattern):
+                continue
+            active = await self._one(
+                "SELECT epoch FROM epochs WHERE resource_id = ? AND state = 'active'",
+                (resource_id,),
+            )
+            if active is None:  # a retired resource: nothing new to let it into
+                continue
+            await self._db.execute(
+                "UPDATE exclusions SET to_epoch = ? WHERE consumer_id = ? AND resource_id = ? "
+                "AND to_epoch IS NULL",
+                (active[0], consumer_id, resource_id),
+            )
+            await self._rotate(resource_id, now)
+            excluded[consumer_id].remove(resource_id)
+            rotated.append(resource_id)
+        return rotated
+
+    async def revoke_grants(self, consumer_id: str, pattern: str | None, now: int) -> list[str]:
+        """Revoke the consumer's grants (those with exactly ``pattern``, or all): every resource
+        it could read rotates at once and it is excluded from the new epoch on. Returns the
+        resources rotated."""
+        async with self._transaction():
+            rotated = await self._revoke_grants(consumer_id, pattern, now, required=True)
+            await self._audit(
+                "admin",
+                "revoke-grant",
+                consumer_id,
+                "ok",
+                {"pattern": pattern, "rotated": rotated},
+                now,
+            )
+            return rotated
+
+    async def _revoke_grants(
+        self,
+        consumer_id: str,
+        pattern: str | None,
+        now: int,
+        *,
+        required: bool = False,
+    ) -> list[str]:
+        grants = await self._all(
+            "SELECT id, pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL",
+            (consumer_id,),
+        )
+        chosen = [(gid, p) for gid, p in grants if pattern is None or p == pattern]
+        if not chosen and required:
+            raise NotFound(f"no grant of {consumer_id!r}" + (f" on {pattern!r}" if pattern else ""))
+        return await self._end_grants(consumer_id, chosen, now, keep_covered=False)
+
+    async def _end_grants(
+        self, consumer_id: str, chosen: list[tuple[int, str]], now: int, *, keep_covered: bool
+    ) -> list[str]:
+        """End these grants: every live resource they covered rotates and the consumer is
+        excluded from the new epoch on. With ``keep_covered``, resources another live grant of the
+        consumer still covers are left alone (an expiry, unlike a revocation, takes only what
+        that grant gave)."""
+        patterns = [p for _, p in chosen]
+        for gid, _ in chosen:
+            await self._db.execute("UPDATE grants SET revoked_at = ? WHERE id = ?", (now, gid))
+        remaining = []
+        if keep_covered:
+            remaining = [
+                p
+                for (p,) in await self._all(
+                    "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
+                    "AND (until IS NULL OR ? < until)",
+                    (consumer_id, now),
+                )
+            ]
+        resources = [
+            rid
+            for (rid,) in await self._all(
+                "SELECT DISTINCT resource_id FROM epochs WHERE state = 'active' "
+                "ORDER BY resource_id"
+            )
+            if any(fnmatch.fnmatchcase(rid, p) for p in patterns)
+            and not any(fnmatch.fnmatchcase(rid, p) for p in remaining)
+        ]
+        for resource_id in resources:
+            new_epoch = await self._rotate(resource_id, now)
+            await self._db.execute(
+                "INSERT INTO exclusions VALUES (?, ?, ?, NULL, ?)",
+                (consumer_id, resource_id, new_epoch, now),
+            )
+        return resources
+
+    async def expire_grants(self, now: int) -> list[tuple[str, list[str]]]:
+        """End every grant whose ``until`` has passed as a revocation would: what it alone gave
+        rotates, and the consumer is excluded from the new epoch on. Returns (consumer, rotated)
+        per grant ended."""
+        expired = await self._all(
+            "SELECT id, consumer_id, pattern FROM grants WHERE revoked_at IS NULL "
+            "AND until IS NOT NULL AND until <= ? ORDER BY id",
+            (now,),
+        )
+        ended = []
+        for gid, consumer_id, pattern in expired:
+            async with self._transaction():
+                rotated = await self._end_grants(
+                    consumer_id, [(gid, pattern)], now, keep_covered=True
+                )
+                await self._audit(
+                    "as", "expire-grant", consumer_id, "ok",
+                    {"pattern": pattern, "rotated": rotated}, now,
+                )  # fmt: skip
+            ended.append((consumer_id, rotated))
+        return ended
+
+    async def excluded_resources(self, consumer_id: str) -> list[str]:
+        rows = await self._all(
+            "SELECT DISTINCT resource_id FROM exclusions "
+            "WHERE consumer_id = ? AND to_epoch IS NULL",
+            (consumer_id,),
+        )
+        return [r for (r,) in rows]
+
+    async def grants(
+        self, consumer_id: str | None = None
+    ) -> list[tuple[int, str, str, int | None, int, int | None]]:
+        """(id, consumer, pattern, until, granted at, revoked at) of grants, oldest first."""
+        if consumer_id is None:
+            return await self._all("SELECT * FROM grants ORDER BY id")
+        return await self._all(
+            "SELECT * FROM grants WHERE consumer_id = ? ORDER BY id", (consumer_id,)
+        )
+
+    async def secret_view(
+        self, device_id: str, resource_id: str, epoch: int | None, now: int
+    ) -> SecretView:
+        """Everything a secret request is decided on, in one point read on the event loop's
+        thread (:meth:`_lookup`): the resource, the epoch asked for (the active one when
+        ``epoch`` is None) with its secret decrypted, and whether the device's live grants cover
+        the resource and leave that epoch unexcluded."""
+        row = await self._lookup(
+            _VIEW_OF_ACTIVE if epoch is None else _VIEW_OF_EPOCH,
+            {"device": device_id, "resource": resource_id, "epoch": epoch, "now": now},
+        )
+        resource = None if row[0] is None else Resource(*row[0:7])
+        found = None
+        if row[7] is not None:
+            secret = None
+            if row[12] is not None:
+                try:
+                    secret = self._vault.decrypt(
+                        bytes(row[12]), secret_context(resource_id, row[7])
+                    )
+                except VaultError as exc:
+                    raise StoreError(str(exc)) from None
+            found = Epoch(
+                resource_id=resource_id,
+                epoch=row[7],
+                state=row[8],
+                created_at=row[9],
+                activated_at=row[10],
+                deactivated_at=row[11],
+                secret=secret,
+            )
+        return SecretView(resource, found, bool(row[13]), bool(row[14]))
+
+    async def readable_resources(self, consumer_id: str, now: int) -> list[tuple[Resource, int]]:
+        """(resource, active epoch) of every resource the consumer may read now, by id: what
+        :meth:`may_read` decides for the active epoch, for all resources at once.
+
+        Each live grant's pattern is looked up by its literal prefix (the text before the first
+        ``*``, ``?`` or ``[``), a range of the resources' primary key: the work grows with the
+        resources the patterns cover, not with all resources (but a grant of ``*`` covers all).
+        """
+        patterns = {
+            pattern
+            for (pattern,) in await self._all(
+                "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
+                "AND (until IS NULL OR ? < until)",
+                (consumer_id, now),
+            )
+        }
+        found: dict[str, tuple[Resource, int]] = {}
+        for pattern in sorted(patterns):
+            low, high = _prefix_range(pattern)
+            # An upper bound written out, not "(:high IS NULL OR r.id < :high)": SQLite uses only
+            # the lower one of that, and would scan every id above it.
+            rows = await self._all(
+                "SELECT r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
+                "r.rotation_period, r.registered_at, e.epoch FROM resources r "
+                "JOIN epochs e ON e.resource_id = r.id AND e.state = 'active' "
+                "WHERE r.id >= :low AND r.id < :high AND oscar_match(r.id, :pattern) "
+                "AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = :consumer "
+                "  AND x.resource_id = r.id AND x.from_epoch <= e.epoch "
+                "  AND (x.to_epoch IS NULL OR e.epoch <= x.to_epoch))",
+                {"low": low, "high": high, "pattern": pattern, "consumer": consumer_id},
+            )
+            for row in rows:
+                found[row[0]] = (Resource(*row[:7]), int(row[7]))
+        return [found[resource_id] for resource_id in sorted(found)]
+
+    async def may_read(self, consumer_id: str, resource_id: str, epoch: int, now: int) -> bool:
+        """Whether a live grant covers the resource and no revocation excludes the epoch."""
+        grants = await self._all(
+            "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
+            "AND (until IS NULL OR ? < until)",
+            (consumer_id, now),
+        )
+        if not any(fnmatch.fnmatchcase(resource_id, p) for (p,) in grants):
+            return False
+        excluded = await self._one(
+            "SELECT 1 FROM exclusions WHERE consumer_id = ? AND resource_id = ? "
+            "AND from_epoch <= ? AND (to_epoch IS NULL OR ? <= to_epoch)",
+            (consumer_id, resource_id, epoch, epoch),
+        )
+        return excluded is None
+
+
+def _prefix_range(pattern: str) -> tuple[str, str | bytes]:
+    """Bounds [low, high) of the ids an ``fnmatch`` pattern can match: its literal prefix, and
+    that prefix with its last character incremented. Without an ASCII prefix, every id: the
+    empty blob as the upper bound, which SQLite sorts after all text."""
+    cut = min((i for i, c in enumerate(pattern) if c in "*?["), default=len(pattern))
+    prefix = pattern[:cut]
+    if not prefix or not prefix.isascii():
+        return "", b""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)

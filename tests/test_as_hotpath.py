@@ -1,0 +1,369 @@
+"""The AS's request path without thread hops: point reads on the event loop's thread, and first
+deliveries that share a commit.
+
+- What the admin CLI (``python -m authz_server``, a process of its own writing the same database)
+  changes takes effect for the very next request: a revoked grant or device, a new grant, a
+  rotation; in process (:class:`Endpoints` on a store) and against a real AS process.
+- The read-only connection of ``Database._lookup``: sees every commit at once, never a
+  transaction half done nor waits for one, sees the task's own transaction through the writer,
+  falls back to the worker thread when busy, cannot write, keeps no read transaction open.
+- Grouped first deliveries: one transaction for those asked at once, each audited once and in
+  order, durable before the caller returns; a failed batch fails each caller and records
+  nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from as_harness import AsEnv, as_env, now
+
+from authz_server.api import Endpoints, Forbidden, Unauthorized
+from authz_server.ca import CertificateAuthority, init_state
+from authz_server.messages import Request
+from authz_server.store import Resource, Store, StoreError
+from authz_server.store import deliveries as deliveries_module
+from oscar import cbor
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_800_000_000
+PRODUCER, CONSUMER, OTHER = "sensor-1", "phone-1", "phone-2"
+RID = "sensor-1/temperature"
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await init_state(tmp_path / "state", as_uri="coaps://127.0.0.1:5684", now=NOW)
+    await s.add_device(PRODUCER, "producer", os.urandom(16), NOW)
+    await s.add_device(CONSUMER, "consumer", os.urandom(16), NOW)
+    await s.add_device(OTHER, "consumer", os.urandom(16), NOW)
+    await s.register_resource(Resource(RID, PRODUCER, 0, "ccm-es256", 60, 3600, NOW))
+    yield s
+    await s.close()
+
+
+def admin(state: Path, *argv: str) -> None:
+    """One admin CLI command as its own process, as an operator runs it; returns after it exits."""
+    result = subprocess.run(
+        [sys.executable, "-m", "authz_server", *argv, "--state", str(state)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def secret_request(device: str, *query: str) -> Request:
+    return Request(device, "GET", ("secret",), (f"r={RID}", *query))
+
+
+async def endpoints(store: Store) -> Endpoints:
+    # The CLI stamps its changes with the wall clock; the endpoints must agree on "now".
+    return Endpoints(store, await CertificateAuthority.load(store), clock=lambda: int(time.time()))
+
+
+# --- the admin CLI's changes, for the very next request -----------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_grant_revoked_by_the_admin_cli_is_refused_at_the_next_request(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.add_grant(CONSUMER, "sensor-1/*", None, int(time.time()))
+    api = await endpoints(store)
+    for _ in range(3):  # whatever the request path keeps, it has seen this device and grant
+        reply = await api.handle(secret_request(CONSUMER))
+        assert cbor.loads(reply.payload)["epoch"] == 1
+    admin(tmp_path / "state", "revoke", "--consumer", CONSUMER)
+    with pytest.raises(Forbidden):
+        await api.handle(secret_request(CONSUMER))
+    # The revocation rotated the resource: the new epoch is refused as well.
+    with pytest.raises(Forbidden):
+        await api.handle(secret_request(CONSUMER, "e=2"))
+
+
+@pytest.mark.asyncio
+async def test_a_device_revoked_by_the_admin_cli_is_unauthorized_at_the_next_request(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.add_grant(CONSUMER, "sensor-1/*", None, int(time.time()))
+    api = await endpoints(store)
+    for _ in range(3):
+        await api.handle(secret_request(CONSUMER))
+        await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
+    admin(tmp_path / "state", "revoke", "--device", CONSUMER)
+    with pytest.raises(Unauthorized):
+        await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
+    with pytest.raises(Unauthorized):
+        await api.handle(secret_request(CONSUMER))
+
+
+@pytest.mark.asyncio
+async def test_a_grant_added_by_the_admin_cli_is_honoured_at_the_next_request(
+    store: Store, tmp_path: Path
+) -> None:
+    api = await endpoints(store)
+    for _ in range(2):
+        with pytest.raises(Forbidden):
+            await api.handle(secret_request(OTHER))
+    admin(tmp_path / "state", "grant", "--consumer", OTHER, "--resource", RID)
+    assert cbor.loads((await api.handle(secret_request(OTHER))).payload)["resource"] == RID
+
+
+@pytest.mark.asyncio
+async def test_a_rotation_by_the_admin_cli_is_served_at_the_next_request(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.add_grant(CONSUMER, "sensor-1/*", None, int(time.time()))
+    api = await endpoints(store)
+    before = [cbor.loads((await api.handle(secret_request(CONSUMER))).payload) for _ in range(3)]
+    assert {(b["epoch"], b["secret"]) for b in before} == {(1, before[0]["secret"])}
+    admin(tmp_path / "state", "rotate", "--resource", RID)
+    after = cbor.loads((await api.handle(secret_request(CONSUMER))).payload)
+    pre_active = await store.epoch(RID, 2, with_secret=True)
+    assert pre_active is not None
+    assert (after["epoch"], after["state"]) == (2, "active")
+    assert after["secret"] == pre_active.secret != before[0]["secret"]
+    # The old epoch stays readable (deactivated) to those entitled.
+    old = cbor.loads((await api.handle(secret_request(CONSUMER, "e=1"))).payload)
+    assert (old["state"], old["secret"]) == ("deactivated", before[0]["secret"])
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path) as environment:
+        yield environment
+
+
+@pytest.mark.asyncio
+async def test_a_running_as_refuses_a_grant_the_admin_cli_revoked_on_the_same_session(
+    env: AsEnv,
+) -> None:
+    """No poll interval between the CLI's commit and the refusal: the very next request on an
+    open DTLS session is refused."""
+    await env.device(PRODUCER, "producer")
+    await env.device(CONSUMER, "consumer")
+    await env.store.register_resource(Resource(RID, PRODUCER, 0, "ccm-es256", 60, 0, now()))
+    await env.store.add_grant(CONSUMER, "sensor-1/*", None, now())
+    server = env.server("--tick", "60")  # the change poll would not notice for a minute
+    client = await env.client(server, CONSUMER)
+    for _ in range(3):
+        code, body = await client.get("secret", r=RID)
+        assert code == "2.05"
+        env.keep(body["secret"])
+    admin(env.state, "revoke", "--consumer", CONSUMER)
+    assert await client.get("secret", r=RID) == ("4.03", {"error": "no grant for this epoch"})
+
+
+# --- the read-only connection of the request path -------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_point_read_sees_another_connections_commit_at_once(
+    store: Store, tmp_path: Path
+) -> None:
+    assert (await store.device(CONSUMER)).status == "active"  # type: ignore[union-attr]
+    other = await Store.open(tmp_path / "state")  # the admin CLI's connection
+    try:
+        await other.revoke_device(CONSUMER, NOW + 1)
+    finally:
+        await other.close()
+    assert (await store.device(CONSUMER)).status == "revoked"  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_a_point_read_neither_sees_nor_waits_for_another_tasks_transaction(
+    store: Store,
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def writer() -> None:
+        async with store._transaction():
+            await store._db.execute(
+                "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
+            )
+            started.set()
+            await release.wait()
+
+    task = asyncio.create_task(writer())
+    await started.wait()
+    # Answered at once, from the last committed state: the grant is not there yet.
+    view = await asyncio.wait_for(store.secret_view(CONSUMER, RID, None, NOW), 1.0)
+    assert not view.granted
+    release.set()
+    await task
+    assert (await store.secret_view(CONSUMER, RID, None, NOW)).granted
+
+
+@pytest.mark.asyncio
+async def test_a_point_read_inside_the_tasks_own_transaction_sees_its_writes(
+    store: Store,
+) -> None:
+    async with store._transaction():
+        await store._db.execute(
+            "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
+        )
+        assert (await store.secret_view(CONSUMER, RID, None, NOW)).granted
+
+
+class BusyReader:
+    """A read-only connection that is always busy (as during a WAL recovery)."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def execute(self, *args: Any) -> Any:
+        self.tries += 1
+        raise sqlite3.OperationalError("database is locked")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_busy_point_read_goes_through_the_worker_thread(store: Store) -> None:
+    await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
+    reader, busy = store._reader, BusyReader()
+    store._reader = busy  # type: ignore[assignment]
+    try:
+        view = await store.secret_view(CONSUMER, RID, None, NOW)
+        device = await store.device(OTHER)
+    finally:
+        store._reader = reader
+    assert busy.tries == 2
+    assert view.readable and view.epoch is not None and len(view.epoch.secret or b"") == 32
+    assert device is not None and device.role == "consumer"
+
+
+@pytest.mark.asyncio
+async def test_the_point_read_connection_cannot_write_and_holds_no_snapshot(
+    store: Store, tmp_path: Path
+) -> None:
+    reader = store._reader
+    assert reader is not None
+    with pytest.raises(sqlite3.OperationalError):
+        reader.execute("UPDATE devices SET status = 'revoked'")
+    for _ in range(5):
+        await store.device(CONSUMER)
+        await store.secret_view(CONSUMER, RID, None, NOW)
+    assert not reader.in_transaction
+    # A snapshot left open would keep a checkpoint from resetting the WAL.
+    await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
+    other = sqlite3.connect(tmp_path / "state" / "as.db")
+    try:
+        busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        other.close()
+    assert busy == 0
+
+
+# --- first deliveries that share a commit -----------------------------------------------------
+
+
+def count_transactions(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = store._transaction
+
+    def counted(**kw: Any) -> Any:
+        calls[0] += 1
+        return original(**kw)
+
+    monkeypatch.setattr(store, "_transaction", counted)
+    return calls
+
+
+@pytest.mark.asyncio
+async def test_deliveries_asked_at_once_share_a_commit_each_audited_once_in_order(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transactions = count_transactions(store, monkeypatch)
+    asked = [(f"dev-{i % 10}", RID, 1 + i // 10) for i in range(30)]
+    asked.insert(5, asked[0])  # asked twice at once: the first is the first time
+    results = await asyncio.gather(
+        *(store.record_delivery(d, r, e, NOW + i) for i, (d, r, e) in enumerate(asked))
+    )
+    assert results == [True] * 5 + [False] + [True] * 25
+    assert 1 <= transactions[0] <= 3  # not one per delivery
+    records = [r for r in await store.audit_records() if r.action == "secret"]
+    assert [(r.actor, r.subject, r.detail["epoch"]) for r in records] == [
+        a for i, a in enumerate(asked) if i != 5
+    ]
+    assert [r.at for r in records] == [NOW + i for i in range(len(asked)) if i != 5]
+    assert (await store.verify_audit())[0]
+    # Durable when the callers return: another connection sees every one.
+    other = sqlite3.connect(tmp_path / "state" / "as.db")
+    try:
+        assert other.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 30
+    finally:
+        other.close()
+    # And asked again, none is the first time.
+    again = await asyncio.gather(*(store.record_delivery(d, r, e, NOW) for d, r, e in asked))
+    assert not any(again)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_holds_at_most_max_batch_deliveries(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deliveries_module, "MAX_BATCH", 7)
+    transactions = count_transactions(store, monkeypatch)
+    results = await asyncio.gather(
+        *(store.record_delivery(f"dev-{i}", RID, 1, NOW) for i in range(50))
+    )
+    assert all(results)
+    assert transactions[0] >= 50 // 7
+    assert len([r for r in await store.audit_records() if r.action == "secret"]) == 50
+
+
+@pytest.mark.asyncio
+async def test_a_failed_batch_fails_each_of_its_callers_and_records_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = store._audit_many
+    failures = [1]
+
+    async def failing(records: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        await original(records)
+
+    monkeypatch.setattr(store, "_audit_many", failing)
+    results = await asyncio.gather(
+        *(store.record_delivery(f"dev-{i}", RID, 1, NOW) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+    assert [r for r in await store.audit_records() if r.action == "secret"] == []
+    assert (await store._all("SELECT COUNT(*) FROM deliveries"))[0][0] == 0
+    # The store goes on: the next ones are recorded.
+    assert await store.record_delivery("dev-0", RID, 1, NOW)
+    assert len([r for r in await store.audit_records() if r.action == "secret"]) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_batch_leader_fails_the_others_with_a_store_error(
+    store: Store,
+) -> None:
+    async with store._lock:  # the store is busy: the leader waits for it
+        leader = asyncio.create_task(store.record_delivery("dev-0", RID, 1, NOW))
+        await asyncio.sleep(0)
+        follower = asyncio.create_task(store.record_delivery("dev-1", RID, 1, NOW))
+        await asyncio.sleep(0)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+    with pytest.raises(StoreError):
+        await follower
+    assert await store.record_delivery("dev-1", RID, 1, NOW)  # and the store goes on
