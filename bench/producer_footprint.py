@@ -219,7 +219,7 @@ def run(settings: Settings) -> Iterator[Figure]:
                 argv = ["-m", "producer", *producer_argv(device, port)]
                 again.append(_start(bed, f"{device}-restart", argv, port, path))
 
-        imports = {"producer": [], "plain": []}
+        imports: dict[str, list[tuple[float, int]]] = {"producer": [], "plain": []}
         for _ in range(repeats):
             imports["producer"].append(_import_cost("producer.cli"))
             imports["plain"].append(_import_cost("aiocoap,aiocoap.resource"))
