@@ -14,8 +14,10 @@ the URI.
 
 Every object received goes through the same pipeline, failing closed at the first problem:
 
-1. the CoAP answer must be 2.05 with content format 18; the object is decoded strictly
-   (size limit, CBOR, COSE structure) and must be of the expected resource;
+1. the CoAP answer must be 2.05 with content format 18, and no larger than the size limit: a
+   block-wise (Block2) answer is assembled here, not by aiocoap, and no block past the limit is
+   ever asked for; the object is decoded strictly (size limit, CBOR, COSE structure) and must
+   be of the expected resource;
 2. the signer's certificate, by kid (cache, else the AS), checked against the bundle's CA, naming
    the object's producer, who owns the resource; then the signature and the expiry
    (:func:`oscar.verify`);
@@ -349,28 +351,78 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        _, response = await self._request(target, observe=False)
+        exchange = await self._request(target, observe=False)
+        response = await self._assembled(exchange, exchange.response, target)
         return await self.open_object(self._payload(response, target), target.resource_id)
 
-    async def _request(self, target: Target, *, observe: bool) -> tuple[Any, Any]:
+    async def _request(self, target: Target, *, observe: bool) -> _Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
-        amplify asks us to prove our address first); (aiocoap request, first response)."""
+        amplify asks us to prove our address first). The first response is the first block
+        only: :meth:`_assembled` fetches the rest, within the size limit."""
         context = await self._context(target)
-        request = context.request(self._message(target, observe))
+        message = self._message(target, observe)
+        request = context.request(message, handle_blockwise=False)
         try:
             response = await self._response(request.response, target)
             if response.code.dotted == "4.01" and response.opt.echo is not None:
                 _cancel(request)
                 message = self._message(target, observe)
                 message.opt.echo = response.opt.echo
-                request = context.request(message)
+                request = context.request(message, handle_blockwise=False)
                 response = await self._response(request.response, target)
         except BaseException:
             _cancel(request)
             raise
         if target.proxy_id is not None:  # aiocoap keeps a DTLS session only while referred to
             self._dtls_connections[str(target.proxy)] = response.remote
-        return request, response
+        return _Exchange(context, message, request, response)
+
+    async def _assembled(self, exchange: _Exchange, first: Any, target: Target) -> Any:
+        """The whole response whose first block is ``first``: the further Block2 blocks are
+        asked for one by one, and never more than :attr:`max_object_size` bytes in all.
+
+        aiocoap's own block-wise assembly has no bound (a hostile server could stream blocks
+        forever, each accepted into memory before the size is checked), so it is turned off for
+        our requests and done here. Raises :class:`InvalidObject` when the announced (Size2) or
+        received size exceeds the limit, :class:`TransportError` for a broken transfer.
+        """
+        from aiocoap import error
+
+        block2 = first.opt.block2
+        if block2 is None or (not block2.more and block2.block_number == 0):
+            first.opt.block2 = None
+            return first
+        if first.code.dotted != "2.05" or first.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
+            return first  # refused as it is by _payload: no more of it is asked for
+        if block2.block_number != 0:
+            raise TransportError(f"{target.peer} broke the block-wise transfer (first block)")
+        size2 = first.opt.size2
+        if size2 is not None and size2 > self.max_object_size:
+            raise InvalidObject("object exceeds the size limit (announced)")
+        assembled = first
+        while True:
+            # More is announced: with the limit already reached, do not even ask for it.
+            if len(assembled.payload) >= self.max_object_size:
+                raise InvalidObject("object exceeds the size limit (block-wise)")
+            following = exchange.message._generate_next_block2_request(assembled)
+            following = following.copy(remote=first.remote)
+            last = await self._response(
+                exchange.context.request(following, handle_blockwise=False).response, target
+            )
+            block2 = last.opt.block2
+            if block2 is None or last.code != first.code:
+                raise TransportError(f"{target.peer} broke the block-wise transfer")
+            try:
+                assembled._append_response_block(last)
+            except error.Error as exc:
+                raise TransportError(
+                    f"{target.peer} broke the block-wise transfer: {_describe(exc)}"
+                ) from None
+            if len(assembled.payload) > self.max_object_size:
+                raise InvalidObject("object exceeds the size limit (block-wise)")
+            if not block2.more:
+                assembled.opt.block2 = None
+                return assembled
 
     async def observe(
         self,
@@ -390,10 +442,11 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        request, first = await self._request(target, observe=True)
-        observation = request.observation
+        exchange = await self._request(target, observe=True)
+        first = exchange.response
+        observation = exchange.request.observation
         try:
-            reading = await self._notification(first, target, False, on_reject)
+            reading = await self._notification(exchange, first, target, False, on_reject)
             if reading is not None:
                 yield reading
             if first.opt.observe is None:
@@ -414,7 +467,7 @@ class Consumer:
                 if not notification.code.is_successful():
                     ended = f" ({notification.code.dotted})"
                     continue
-                reading = await self._notification(notification, target, True, on_reject)
+                reading = await self._notification(exchange, notification, target, True, on_reject)
                 if reading is not None:
                     yield reading
         finally:
@@ -422,8 +475,18 @@ class Consumer:
                 observation.cancel()
 
     async def _notification(
-        self, response: Any, target: Target, skip_same: bool, on_reject: RejectHandler | None
+        self,
+        exchange: _Exchange,
+        response: Any,
+        target: Target,
+        skip_same: bool,
+        on_reject: RejectHandler | None,
     ) -> Reading | None:
+        try:
+            response = await self._assembled(exchange, response, target)
+        except TransportError as exc:  # one broken transfer does not end the observation
+            log.warning("%s: notification dropped: %s", target.resource_id, exc)
+            return None
         try:
             payload = self._payload(response, target)
             return await self._open(payload, target.resource_id, skip_same=skip_same)
@@ -434,6 +497,16 @@ class Consumer:
             if on_reject is not None:
                 on_reject(exc)
             return None
+
+
+class _Exchange(NamedTuple):
+    """One request as sent: the context it went through, the message, aiocoap's request
+    object and the first response (its first block only)."""
+
+    context: Any
+    message: Any
+    request: Any
+    response: Any
 
 
 def _cancel(request: Any) -> None:
