@@ -7,7 +7,7 @@ and keeps its cache encrypted at rest. It can check objects; it can never read t
 
 - :class:`Proxy` (:mod:`proxy.core`): verification, cache, upstream, observation relay;
 - :class:`ProxySite` (:mod:`proxy.server`): the CoAP face;
-- :mod:`proxy.cache`, :mod:`proxy.echo`, :mod:`proxy.config`;
+- :mod:`proxy.cache`, :mod:`proxy.echo`, :mod:`proxy.lookups`, :mod:`proxy.config`;
 - ``oscar-proxy`` / ``python -m proxy`` (:mod:`proxy.cli`).
 """
 

@@ -420,11 +420,20 @@ class Cache:
         *,
         max_entries: int,
         max_bytes: int,
+        max_versions: int | None = None,
     ) -> None:
         self.disk = disk
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._memory: OrderedDict[str, Entry] = OrderedDict()
+        #: The newest (epoch, seq) stored per resource, kept after its entry is evicted, so that
+        #: an older object cannot come back then (:meth:`newest`). Keyed by 8 bytes of a hash
+        #: of the resource id and packed into one int (about 110 bytes each); the oldest stored
+        #: leave first, beyond ``max_versions`` (default: twice as many as memory and disk
+        #: hold, so 220,000 and some 24 MB at the default limits).
+        self._versions: dict[int, int] = {}
+        on_disk = disk.max_entries if disk is not None else 0  # (an empty DiskCache is falsy)
+        self.max_versions = max_versions or 2 * (max_entries + on_disk)
         self._bytes = 0
         self._evictions = 0
 
@@ -456,7 +465,22 @@ class Cache:
             self._remember(entry)
         return entry
 
+    def newest(self, resource_id: str) -> tuple[int, int] | None:
+        """The newest (epoch, seq) stored for ``resource_id`` in this run, even if its entry
+        was evicted since, or that of the entry held (on disk, from an earlier run)."""
+        packed = self._versions.get(_version_key(resource_id))
+        known = None if packed is None else (packed >> 64, packed & _SEQ_MASK)
+        held = self.get(resource_id)
+        if held is not None and (known is None or held.version > known):
+            return held.version
+        return known
+
     def put(self, entry: Entry, *, persist: bool = True) -> None:
+        key = _version_key(entry.resource_id)
+        packed = (entry.epoch << 64) | entry.seq
+        self._versions[key] = max(packed, self._versions.pop(key, -1))  # to the end: newest
+        while len(self._versions) > self.max_versions:
+            self._versions.pop(next(iter(self._versions)))
         self._remember(entry)
         if persist and self.disk is not None:
             self.disk.put(entry)
@@ -492,6 +516,13 @@ class Cache:
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+
+
+_SEQ_MASK = (1 << 64) - 1
+
+
+def _version_key(resource_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(resource_id.encode(), digest_size=8).digest(), "big")
 
 
 def footprint(entry: Entry) -> int:

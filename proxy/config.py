@@ -20,6 +20,8 @@
     upstream_timeout = 5.0             # seconds per upstream request (per block of a large one)
     upstream_backoff = 5.0             # after an upstream failure, serve the cache this long
     links_refresh = 10.0               # seconds between fetches of the DTLS link keys from the AS
+    signer_lookups = 60                # AS lookups of unknown signers (kids) per minute, in all
+    signer_lookups_per_origin = 10     # the same per origin host (or publishing producer)
 
 Every check happens before anything starts; a bad value is a :class:`ConfigError`.
 """
@@ -57,6 +59,10 @@ class Limits:
     upstream_timeout: float = 5.0
     upstream_backoff: float = 5.0
     links_refresh: float = 10.0
+    #: Certificate lookups at the AS for kids the proxy does not know, per minute, in all and
+    #: per origin (:mod:`proxy.lookups`): junk objects with random kids cannot flood the AS.
+    signer_lookups: int = 60
+    signer_lookups_per_origin: int = 10
 
     def __post_init__(self) -> None:
         for f in fields(self):

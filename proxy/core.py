@@ -37,6 +37,7 @@ from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
 
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
+from .lookups import BudgetedAs, LookupBudget, origin, origin_of
 
 __all__ = ["Proxy", "Stats", "Unavailable"]
 
@@ -70,6 +71,7 @@ class Stats:
     evictions: int = 0
     observers: int = 0
     upstream_observations: int = 0
+    signer_lookups_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -87,6 +89,9 @@ class Proxy:
         self.cache: Cache = None  # type: ignore[assignment]
         self.trust: Trust = None  # type: ignore[assignment]
         self._as_client: AsClient | None = None
+        self.lookups = LookupBudget(
+            per_origin=config.limits.signer_lookups_per_origin, total=config.limits.signer_lookups
+        )
         self._upstream: Any = None
         # Keyed by (resource id, upstream URI): a client naming some other upstream in a
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
@@ -127,12 +132,17 @@ class Proxy:
         store = ConsumerStore(
             state / "trust", bundle.state_key("proxy trust"), files=("trust",), label="proxy"
         )
-        self.trust = Trust(bundle, store, self.as_client)
+        self.trust = Trust(bundle, store, self._budgeted_as_client)
 
     async def as_client(self) -> AsClient:
         if self._as_client is None:
             self._as_client = AsClient(self.bundle, timeout=10.0)
         return self._as_client
+
+    async def _budgeted_as_client(self) -> AsClient:
+        # Trust only calls certificate() and revocation_list(): the budget is in front of the
+        # first (see proxy.lookups); typed as the client it stands in for.
+        return BudgetedAs(await self.as_client(), self.lookups)  # type: ignore[return-value]
 
     async def upstream(self) -> Any:
         if self._upstream is None:
@@ -154,6 +164,7 @@ class Proxy:
 
     def write_stats(self) -> None:
         self.stats.evictions = self.cache.evictions
+        self.stats.signer_lookups_refused = self.lookups.refused
         doc = {
             **self.stats.as_dict(),
             "memory_entries": len(self.cache),
@@ -173,6 +184,7 @@ class Proxy:
         AS is needed (a certificate, a CRL) and cannot be reached: then nothing is cached.
         """
         now = int(self.now())
+        token = origin.set(origin_of(upstream, resource_id))
         try:
             obj, key = await self.trust.check(data, resource_id, now)
             m = obj.metadata
@@ -182,6 +194,8 @@ class Proxy:
             self.stats.rejected += 1
             log.info("rejected an object for %s: %s", resource_id, getattr(exc, "reason", exc))
             raise
+        finally:
+            origin.reset(token)
         return Entry(
             resource_id=resource_id,
             obj=bytes(data),
@@ -201,19 +215,27 @@ class Proxy:
         return entry if entry is not None and self.now() <= entry.exp else None
 
     def store(self, entry: Entry) -> bool:
-        """Keep ``entry`` if it is newer than what is held; True if it replaced it."""
+        """Keep ``entry`` if it is newer than what is held; True if it replaced it.
+
+        "Held" includes what was held before: the newest version of each resource is remembered
+        beyond its entry's eviction (:meth:`Cache.newest`), so that an origin cannot bring back
+        an older object once the newer one has left the cache."""
         held = self.cache.get(entry.resource_id)
-        if held is not None and entry.version < held.version:
+        newest = self.cache.newest(entry.resource_id)
+        if newest is not None and entry.version < newest:
             self.stats.rejected += 1
             log.info("rejected a rollback of %s", entry.resource_id)
             return False
         if held is not None and entry.version == held.version:
-            # The same object again: keep the bytes first seen (a re-signed copy is not new);
-            # it renews the entry only from the entry's own origin (see _take).
+            # The same object again: keep the bytes first seen (a re-signed copy, such as
+            # ECDSA's (r, n - s) twin, is not new: same ETag, one entry); it renews the entry
+            # only from the entry's own origin (see _take).
             if entry.upstream == held.upstream:
                 self.cache.touch(held.refreshed(entry.fresh_until))
             return False
         self.cache.put(entry)
+        if newest is not None and entry.version == newest:
+            return False  # the newest again, after its entry was evicted: cached, not news
         for notify in self.on_new_object:
             notify(entry.resource_id)
         return True
@@ -388,7 +410,8 @@ class Proxy:
         (rollbacks included); TransportError when it cannot be verified now."""
         entry = await self.check(data, resource_id, None)
         held = self.cache.get(resource_id)
-        if held is not None and entry.version < held.version:
+        newest = self.cache.newest(resource_id)
+        if newest is not None and entry.version < newest:
             self.stats.rejected += 1
             raise InvalidObject("older than the object held")
         age = min(

@@ -7,8 +7,11 @@ client (before any other work) with 4.01 Unauthorized carrying an Echo option; a
 that repeats its request with that Echo value has proved its address, which is then trusted for
 :data:`VERIFIED_FOR` seconds (a bounded table). DTLS peers are verified by their handshake.
 
-The Echo value is stateless: 4 bytes of time and 8 bytes of HMAC over (time, address) under a key
-made at start, valid for :data:`ECHO_LIFETIME` seconds.
+The Echo value is stateless: 3 bytes of time (seconds, modulo 2**24) and 5 bytes of HMAC over
+(time, address) under a key made at start, valid for :data:`ECHO_LIFETIME` seconds. It is that
+short so that the 4.01 carrying it (4 bytes, the token, 10 bytes of option) is no larger than the
+request it answers (:func:`challenge_size`); a spoofer would need about 2**39 guesses per address
+to forge one, and would gain only replies to that address for :data:`VERIFIED_FOR` seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +23,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["AddressCheck"]
+__all__ = ["ECHO_SIZE", "AddressCheck", "challenge_size"]
 
 ECHO_LIFETIME = 60
 VERIFIED_FOR = 300.0
+ECHO_SIZE = 8
+_STAMP = 3
+_WRAP = (1 << (8 * _STAMP)) - 1
+
+
+def challenge_size(token: bytes) -> int:
+    """The size on the wire of a 4.01 with an Echo option and no payload: header, token, and
+    the option (one byte of delta and length, one of extended delta for 252, the value)."""
+    return 4 + len(token) + 2 + ECHO_SIZE
 
 
 class AddressCheck:
@@ -42,12 +54,13 @@ class AddressCheck:
         return f"AddressCheck(verified={len(self._verified)})"
 
     def _mac(self, stamp: bytes, address: str) -> bytes:
-        return hmac.new(self._key, stamp + address.encode(), "sha256").digest()[:8]
+        digest = hmac.new(self._key, stamp + address.encode(), "sha256").digest()
+        return digest[: ECHO_SIZE - _STAMP]
 
     def challenge(self, address: str) -> bytes:
         """A fresh Echo value for ``address``."""
         self.challenges += 1
-        stamp = struct.pack(">I", int(self._clock()) & 0xFFFF_FFFF)
+        stamp = struct.pack(">I", int(self._clock()) & _WRAP)[-_STAMP:]
         return stamp + self._mac(stamp, address)
 
     def is_verified(self, address: str) -> bool:
@@ -61,12 +74,12 @@ class AddressCheck:
 
     def prove(self, address: str, echo: bytes | None) -> bool:
         """Whether ``echo`` is a valid, recent value we gave ``address``; remembers it if so."""
-        if echo is None or len(echo) != 12:
+        if echo is None or len(echo) != ECHO_SIZE:
             return False
-        stamp, mac = echo[:4], echo[4:]
+        stamp, mac = echo[:_STAMP], echo[_STAMP:]
         if not hmac.compare_digest(mac, self._mac(stamp, address)):
             return False
-        age = (int(self._clock()) - struct.unpack(">I", stamp)[0]) & 0xFFFF_FFFF
+        age = (int(self._clock()) - int.from_bytes(stamp, "big")) & _WRAP
         if age > ECHO_LIFETIME:
             return False
         self._verified[address] = self._clock()

@@ -16,7 +16,23 @@ Refusals: 4.00 a malformed request or a rejected object (one opaque answer; the 
 4.03 a PUT by anyone but the owner over DTLS, 4.04 nothing to serve, 4.13 an object over the size
 limit, 5.02 the upstream gave nothing valid, 5.03 the AS is needed to verify and cannot be reached,
 5.05 a scheme other than ``coap``. Plain-CoAP clients whose address is not verified get 4.01 with
-an Echo option instead of a reply more than three times their request (:mod:`proxy.echo`).
+an Echo option instead of a reply (:mod:`proxy.echo`), before any lookup, fetch or AS request.
+The 4.01 (4 bytes, the token, a 10-byte option) is no larger than a request whose options and
+payload take 10 bytes or more (a resource id ``x/y`` of 9 characters or more, any Proxy-Uri); for
+shorter ones it is up to 6 bytes larger (``a/b``: 8 bytes and the token), within RFC 9175's bound
+of three times: sending nothing there instead would lock every plain-CoAP client of a short
+resource id out. Refusals to unproven peers carry no text.
+The counters answer plain CoAP from loopback only (no spoofed source reaches loopback from
+outside: Linux drops such packets as martians); anyone else gets 4.03.
+
+Forward proxying goes to any ``coap://`` host a client names: there is no allowlist of origins,
+by design. Whatever an origin serves is verified before it is cached (an origin can add nothing
+that its producer did not sign, nor roll an entry back), the challenge above keeps a spoofed
+source from making the proxy fetch anything, each (resource, origin) has its own in-flight fetch
+and back-off, and the AS lookups that an origin's objects can cause are budgeted
+(:mod:`proxy.lookups`). What remains is that a verified client can make the proxy send GETs to a
+host of its choosing (as any forward proxy does); a deployment that needs less puts a firewall
+rule in front, or maps producers with ``--reverse`` and filters Proxy-Uri at the edge.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 
 from .core import Proxy, Unavailable
-from .echo import AddressCheck
+from .echo import AddressCheck, challenge_size
 
 __all__ = ["ProxySite"]
 
@@ -70,6 +86,17 @@ def identity(remote: Any) -> str | None:
 
 def _address(remote: Any) -> str:
     return str(getattr(remote, "hostinfo", remote))
+
+
+def _wire_size(request: Message) -> int:
+    """The request's size on the wire: header, token, options (as re-encoded: what aiocoap
+    parsed, so a request padded with options it drops counts without them), payload."""
+    try:
+        options = len(request.opt.encode())
+    except Exception:  # an option aiocoap cannot encode again: count none (then no Echo)
+        options = 0
+    payload = len(request.payload)
+    return 4 + len(request.token) + options + (1 + payload if payload else 0)
 
 
 def _loopback(remote: Any) -> bool:
@@ -171,7 +198,9 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         try:
             resource_id, upstream = self.target(request)
         except BadTarget as exc:
-            return Message(code=_CODES[exc.code], payload=str(exc).encode())
+            # The reason only to a proven peer: to a maybe-spoofed one, nothing beyond the code.
+            reason = str(exc).encode() if self._proven(request) else b""
+            return Message(code=_CODES[exc.code], payload=reason)
         if request.code == Code.GET:
             response = await self._get(request, resource_id, upstream)
             if request.opt.observe == 0 and response.code.is_successful():
@@ -212,17 +241,24 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         (a 4.01 is smaller than any request), before any upstream work, so the proxy also
         fetches nothing and asks the AS nothing for a source that may be spoofed; the 4.01 goes
         out on the ACK (libcoap's client answers an Echo only there)."""
-        if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
+        if self._proven(request):
             return None
         address = _address(request.remote)
-        if self.addresses.is_verified(address):
-            return None
         # Whatever the request's size: no upstream work (fetches, AS lookups) for a source
         # that may be spoofed.
         if request.opt.echo is not None and self.addresses.prove(address, request.opt.echo):
             return None
         self.proxy.stats.echo_challenges += 1
+        if challenge_size(request.token) > 3 * _wire_size(request):  # pragma: no cover
+            return Message(code=Code.UNAUTHORIZED)  # cannot happen (a request has a path)
         return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
+
+    def _proven(self, request: Message) -> bool:
+        """Whether the request's source is proven: DTLS, a verified address, or an admitted
+        observation's notification."""
+        if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
+            return True
+        return self.addresses.is_verified(_address(request.remote))
 
     async def _put(self, request: Message, resource_id: str) -> Message:
         device = identity(request.remote)
@@ -246,6 +282,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         if identity(request.remote) is None and not _loopback(request.remote):
             return Message(code=Code.FORBIDDEN)
         self.proxy.stats.observers = sum(len(v) for v in self._observers.values())
+        self.proxy.stats.signer_lookups_refused = self.proxy.lookups.refused
         doc = {
             **self.proxy.stats.as_dict(),
             "memory_entries": len(self.proxy.cache),

@@ -1,0 +1,118 @@
+"""A budget for the certificate lookups that objects from outside make the proxy send to the AS.
+
+An object names its signer by ``kid``; a kid the proxy has no certificate for is asked of the AS
+(:class:`consumer.trust.Trust`), before the signature can be checked. An origin that a
+forward-proxy client names, serving objects with a new random kid each time, would otherwise make
+the proxy ask the AS once per object. Trust remembers a kid the AS does not know for a while, but
+not a kid it has never seen.
+
+:class:`LookupBudget` holds token buckets: one per origin (the host an object was fetched from,
+whatever its port; or the producer that published it) and one for the whole proxy. A lookup takes
+a token from both; with either empty, the lookup is not sent and the object cannot be verified
+now: :class:`AsUnavailable`, which the proxy treats as the AS being out of reach (a fetch serves
+what it holds and backs off that upstream; a PUT gets 5.03). A known kid (certificate cached)
+costs nothing. Tokens come back at the budget's rate; the table of origins is bounded.
+
+:class:`BudgetedAs` puts the budget in front of :meth:`AsClient.certificate`; the origin of the
+object being checked comes from :data:`origin` (a context variable set by the proxy around each
+check). What this module does not do: decide whether a kid is known (that is Trust's cache).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from authz_server.client import AsClient, AsUnavailable
+
+__all__ = ["BudgetedAs", "LookupBudget", "origin", "origin_of"]
+
+#: The origin of the object being checked (None: not an object from outside).
+origin: contextvars.ContextVar[str | None] = contextvars.ContextVar("origin", default=None)
+
+_MAX_ORIGINS = 4096
+
+
+def origin_of(upstream: str | None, resource_id: str) -> str:
+    """The budget key of an object: the host it was fetched from (ports are free to an origin,
+    so not part of it), or the producer that published it."""
+    if upstream is None:
+        return "published by " + resource_id.partition("/")[0]
+    try:
+        host = urlsplit(upstream).hostname or upstream
+    except ValueError:
+        host = upstream
+    return "fetched from " + host
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class LookupBudget:
+    """Token buckets: ``per_origin`` and ``total`` lookups per minute (each also the burst)."""
+
+    def __init__(
+        self, *, per_origin: int, total: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_origin = per_origin
+        self.total = total
+        self._clock = clock
+        self._global = _Bucket(float(total), clock())
+        self._origins: OrderedDict[str, _Bucket] = OrderedDict()
+        #: Lookups refused for want of budget, since the start.
+        self.refused = 0
+
+    def __repr__(self) -> str:
+        return f"LookupBudget(origins={len(self._origins)}, refused={self.refused})"
+
+    def _refill(self, bucket: _Bucket, size: int, now: float) -> None:
+        bucket.tokens = min(float(size), bucket.tokens + (now - bucket.stamp) * size / 60.0)
+        bucket.stamp = now
+
+    def take(self, key: str) -> bool:
+        """Spend one lookup for ``key``; False (nothing spent) if either bucket is empty."""
+        now = self._clock()
+        bucket = self._origins.get(key)
+        if bucket is None:
+            bucket = _Bucket(float(self.per_origin), now)
+            self._origins[key] = bucket
+            while len(self._origins) > _MAX_ORIGINS:
+                self._origins.popitem(last=False)
+        self._origins.move_to_end(key)
+        self._refill(bucket, self.per_origin, now)
+        self._refill(self._global, self.total, now)
+        if bucket.tokens < 1.0 or self._global.tokens < 1.0:
+            self.refused += 1
+            return False
+        bucket.tokens -= 1.0
+        self._global.tokens -= 1.0
+        return True
+
+
+class BudgetedAs:
+    """An :class:`AsClient` whose certificate lookups for objects from outside spend budget."""
+
+    def __init__(self, client: AsClient, budget: LookupBudget) -> None:
+        self._client = client
+        self._budget = budget
+
+    def __repr__(self) -> str:
+        return f"BudgetedAs({self._budget!r})"
+
+    async def certificate(self, **query: Any) -> Any:
+        key = origin.get()
+        if key is not None and not self._budget.take(key):
+            raise AsUnavailable("too many certificate lookups for unknown signers; later")
+        return await self._client.certificate(**query)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
