@@ -247,7 +247,19 @@ class ConnectionGuard:
             # and so make the cap evict a handshake in progress instead.
             return
         self._seen[sockaddr] = self._clock()
-        self._original(data, sockaddr)
+        try:
+            self._original(data, sockaddr)
+        except (RuntimeError, SystemError):
+            # aiocoap's per-connection PSK store refuses a handshake naming another identity
+            # than the one this address's earlier session used ("DTLS stack tried accessing
+            # different keys"). tinydtls asks for a PSK only after the cookie exchange, so the
+            # sender owns the address: the old session's peer is gone (its port reused, by a
+            # NAT or the OS). Drop the old entry whole, claims included; the peer's next
+            # ClientHello makes a fresh one. Without this, the address could not handshake
+            # until the idle sweep, and each attempt logged a traceback.
+            log.info("a new handshake from a known address named another identity: reset")
+            self.drop(sockaddr, "new handshake under another identity")
+            return
         connections = self._pool._connections
         while len(connections) > self.cap and self._evict_one(sockaddr):
             pass
