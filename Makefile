@@ -6,6 +6,8 @@
 #   make test       lint + format check + typecheck + pytest (ARGS passed to pytest)
 #   make bench      every benchmark; writes bench/results.json and docs/PERFORMANCE.md
 #                   (ARGS=--quick: under three minutes; ARGS='NAME ...': some modules)
+#   make fuzz       every fuzz target for FUZZ_SECONDS each (default 300); corpus in fuzz/corpus/,
+#                   new crash inputs in tests/fuzz_crashes/<target>/ (FUZZ_TARGETS='cbor ...': some)
 #   make lint | typecheck | clean
 
 PY ?= python3
@@ -13,13 +15,15 @@ VENV = .venv
 BIN = $(VENV)/bin
 STAMP = .stamp-venv
 ARGS ?=
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := test
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: deps venv demo test lint typecheck bench clean
+.PHONY: deps venv demo test lint typecheck bench clean fuzz
 
 # apt_install CHECK_CMDS PACKAGES: install PACKAGES unless every command in CHECK_CMDS exists.
 define apt_install
@@ -71,6 +75,9 @@ typecheck: $(STAMP)
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)
+
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # The benchmarks also need the [bench] extra (matplotlib for the plots, pyinstrument to profile).
 .stamp-bench: pyproject.toml $(STAMP)

@@ -627,6 +627,8 @@ def read_toml(path: os.PathLike[str] | str, error: type[Exception]) -> dict[str,
         raise error(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:  # tomllib decodes the whole file before parsing (issue 8, fuzzing)
+        raise error(f"{path} is not valid TOML: not UTF-8 text") from None
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
