@@ -27,11 +27,12 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
 
-from authz_server.client import BundleError, StateError, atomic_write
+from authz_server.client import BundleError, StateError, atomic_write, quiet_undecodable_datagrams
 from oscar.cli import (
     OneLineParser,
     add_logging_arguments,
@@ -45,6 +46,8 @@ from oscar.objects import Reading
 
 from .client import DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, TransportError
+
+log = logging.getLogger("oscar.consumer")
 
 __all__ = ["build_parser", "main", "reading_json"]
 
@@ -241,6 +244,7 @@ def _apply_config(args: argparse.Namespace) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
+    quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
     async with Consumer(args.bundle, args.state, timeout=args.timeout) as consumer:
         if args.command == "get":
             return await _get(consumer, args)

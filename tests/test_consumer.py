@@ -637,3 +637,32 @@ async def test_get_through_a_forward_proxy(
         assert len(proxy.forwarded) == 2
     finally:
         await proxy.close()
+
+
+def test_aiocoap_receive_callback_noise_is_one_line_and_other_errors_stay_loud(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The consumer CLI installs this handler: aiocoap's doubled DTLS event and undecodable
+    datagrams become one log line (stderr stays the CLI's one-line error), anything else still
+    reaches asyncio's default handler."""
+    import asyncio
+    import logging
+
+    from authz_server.client import quiet_undecodable_datagrams
+
+    loop = asyncio.new_event_loop()
+    try:
+        seen: list[dict[str, object]] = []
+        loop.default_exception_handler = seen.append  # type: ignore[method-assign]
+        quiet_undecodable_datagrams(loop, logging.getLogger("oscar.consumer"))
+        handle = "<Handle _SelectorDatagramTransport._read_ready()>"
+        with caplog.at_level(logging.DEBUG, logger="oscar.consumer"):
+            loop.call_exception_handler(
+                {"message": "x", "exception": asyncio.InvalidStateError(), "handle": handle}
+            )
+        assert seen == [] and "event twice" in caplog.text
+        other = {"message": "x", "exception": RuntimeError("boom"), "handle": handle}
+        loop.call_exception_handler(other)
+        assert seen == [other]
+    finally:
+        loop.close()
