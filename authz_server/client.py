@@ -137,8 +137,12 @@ class Bundle:
             raise BundleError(f"{where} has a malformed device id")
         if doc["role"] not in ROLES:
             raise BundleError(f"{where} has an unknown role (one of {', '.join(ROLES)})")
-        uri = urlsplit(doc["as_uri"])
-        if uri.scheme != "coaps" or not uri.hostname or uri.path not in ("", "/"):
+        try:
+            uri = urlsplit(doc["as_uri"])
+            _ = uri.port  # raises ValueError for a port out of range
+        except ValueError:
+            uri = None
+        if uri is None or uri.scheme != "coaps" or not uri.hostname or uri.path not in ("", "/"):
             raise BundleError(f"{where}: as_uri must be coaps://HOST[:PORT]")
         identity = doc["psk_identity"]
         if not 1 <= len(identity.encode()) <= 32:

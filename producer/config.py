@@ -134,7 +134,11 @@ class PublishTarget:
     proxy: str | None = None
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.uri)
+        try:
+            parts = urlsplit(self.uri)
+            _ = parts.port  # raises ValueError for a port out of range
+        except ValueError:  # a malformed IPv6 literal or port (found by fuzzing)
+            parts = urlsplit("")
         if parts.scheme not in ("coap", "coaps") or not parts.hostname or parts.query:
             raise ConfigError(f"publish uri {self.uri!r}: coap://HOST[:PORT][/PREFIX] expected")
         if self.proxy is not None and not names.is_device_id(self.proxy):

@@ -122,7 +122,11 @@ def parse_reverse(text: str) -> tuple[str, str]:
         or not all(names.is_resource_id(f"x/{segment}") for segment in prefix.split("/"))
     ):
         raise ConfigError(f"reverse {text!r}: PREFIX=coap://HOST:PORT expected")
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError:  # a malformed IPv6 literal or port (found by fuzzing)
+        raise ConfigError(f"reverse {text!r}: the target is coap://HOST[:PORT]") from None
     if parts.scheme != "coap" or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise ConfigError(f"reverse {text!r}: the target is coap://HOST[:PORT]")
     return prefix, uri.rstrip("/")
