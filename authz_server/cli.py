@@ -432,7 +432,7 @@ def _apply_serve_config(args: argparse.Namespace) -> None:
                 args.log_json = args.log_json or value
             elif getattr(args, key) is None:
                 if key == "state":
-                    value = args.config.parent / Path(str(value)).expanduser()
+                    value = args.config.parent / os.path.expanduser(str(value))  # ~user: as is
                 setattr(args, key, value)
     if args.state is None or args.listen is None:
         raise UsageError("serve needs --state and --listen (or a --config that gives them)")

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -231,7 +232,7 @@ def _apply_config(args: argparse.Namespace) -> None:
             if not isinstance(value, kinds[key]) or isinstance(value, bool):
                 raise UsageError(f"{path}: {key} has the wrong type")
             if key in ("bundle", "state"):
-                value = str(path.parent / Path(str(value)).expanduser())
+                value = str(path.parent / os.path.expanduser(str(value)))  # ~user: as is
             if key == "timeout" and not value > 0:
                 raise UsageError(f"{path}: timeout must be positive")
             if getattr(args, key, None) is None:
