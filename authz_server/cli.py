@@ -388,7 +388,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await serve(args.state, host, port, options, stop=stop)
+            await serve(args.state, host, port, options, stop=stop, tune_gc=True)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)

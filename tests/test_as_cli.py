@@ -621,9 +621,11 @@ class FakeServer:
 
     signum: int = signal.SIGTERM
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    tune_gc: list[object] = field(default_factory=list)
 
     async def serve(self, state_dir: Path, host: str, port: int, options: Any, **kw: Any) -> None:
         self.calls.append((state_dir, host, port, options))
+        self.tune_gc.append(kw.get("tune_gc"))
         logging.getLogger("authz_server.server").info("listening on %s:%d", host, port)
         os.kill(os.getpid(), self.signum)
         await asyncio.wait_for(kw["stop"].wait(), 10)
@@ -661,6 +663,7 @@ def test_serve_runs_the_server_until_a_signal(
     result = cli.run(*argv)
     assert result.code == 0 and result.out == ""
     assert fake_server.calls == [(cli.state, "::1", 6000, FakeOptions(rate=2.5, burst=7))]
+    assert fake_server.tune_gc == [True]  # the daemon tunes its garbage collector (issue 7)
     entry = json.loads(result.err)
     assert entry["message"] == "listening on ::1:6000" and entry["level"] == "info"
 
