@@ -8,16 +8,14 @@ notification whenever a new object is sealed. Objects larger than a CoAP block g
 (Block2). Before the first object, or after the last one expired, the answer is 5.03 with a short
 Max-Age.
 
-The common request — a confirmable GET of an object, or of one block of it — is answered by
-:class:`~producer.fastpath.FastPath` straight from the receive callback with pre-encoded bytes,
-the same bytes aiocoap would send, without aiocoap's per-request and per-remote work; everything
-else (Observe, ETag validation, 5.03, discovery, anything unusual) goes through aiocoap and
-:class:`ObjectResource`. One difference: the fast path cuts each block from the object current
-when the block is asked for, so a re-seal during a block-wise transfer shows as an ETag change
-between blocks, which the client detects (RFC 7959 §2.4); aiocoap's Block2 cache would finish
-the transfer from its per-client copy of the old object. ``OSCAR_PRODUCER_FASTPATH=off`` in the
-environment leaves the fast path out; ``context.fast_path.enabled = False`` switches it off
-while serving.
+The common request — a confirmable GET of an object that goes out in one message — is answered
+by :class:`~producer.fastpath.FastPath` straight from the receive callback with pre-encoded
+bytes, the same bytes aiocoap would send, without aiocoap's per-request and per-remote work;
+everything else (block-wise transfers, Observe, ETag validation, 5.03, discovery, anything
+unusual) goes through aiocoap and :class:`ObjectResource`, whose Block2 cache finishes a transfer
+with the object of its first block even if the producer re-seals meanwhile.
+``OSCAR_PRODUCER_FASTPATH=off`` in the environment leaves the fast path out;
+``context.fast_path.enabled = False`` switches it off while serving.
 
 Plain CoAP (UDP) only: the objects are protected end to end, and no DTLS code is loaded.
 """
