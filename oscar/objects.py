@@ -44,7 +44,7 @@ from .algorithms import (
     aead_for,
     signature_for,
 )
-from .cbor import dumps, head
+from .cbor import _MIN_FOR_LENGTH, dumps, head
 from .cose import (
     ALG,
     CONTENT_TYPE,
@@ -328,13 +328,12 @@ def _uint_at(data: bytes, pos: int) -> tuple[int, int]:
         if end > len(data):
             raise _NotPinned
         value = int.from_bytes(data[pos + 1 : end], "big")
-        if value < _MIN_FOR_SIZE[size]:
+        if value < _MIN_FOR_LENGTH[size]:  # the strict decoder's shortest-form rule
             raise _NotPinned
         return value, end
     raise _NotPinned
 
 
-_MIN_FOR_SIZE = {1: 24, 2: 0x100, 4: 0x10000, 8: 0x100000000}
 _EPOCH_LABEL = dumps(EPOCH)
 _SEQ_LABEL = dumps(SEQ)
 

@@ -39,6 +39,23 @@ class FastFail(TransportTuning):
     MAX_RETRANSMIT = 1
 
 
+#: The profile test resources register with.
+PROFILE = "ccm-es256"
+
+
+def resource_body(path: str, **overrides: Any) -> dict[str, Any]:
+    """A ``POST /resources`` body for ``path``; ``overrides`` replace fields."""
+    body: dict[str, Any] = {
+        "path": path,
+        "content_format": 50,
+        "profile": PROFILE,
+        "max_age": 60,
+        "rotation_period": 0,
+    }
+    body.update(overrides)
+    return body
+
+
 def now() -> int:
     return int(time.time())
 

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiocoap import DELETE, GET, POST, PUT, Message
 from aiocoap.error import NetworkError
-from as_harness import AsEnv, Client, FastFail, as_env, decode, now
+from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, resource_body
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -31,25 +31,12 @@ from authz_server.store import Store
 from oscar import certs
 
 EVIL = "'; DROP TABLE devices; --"
-PROFILE = "ccm-es256"
 
 
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
     async with as_env(tmp_path) as environment:
         yield environment
-
-
-def resource_body(path: str, **overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "path": path,
-        "content_format": 50,
-        "profile": PROFILE,
-        "max_age": 60,
-        "rotation_period": 0,
-    }
-    body.update(overrides)
-    return body
 
 
 async def register(producer: Client, path: str, **overrides: Any) -> tuple[str, Any]:

@@ -26,13 +26,11 @@ import pytest
 import pytest_asyncio
 from aiocoap import GET, POST
 from aiocoap.error import NetworkError
-from as_harness import AsEnv, Client, FastFail, as_env, now
+from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, now, resource_body
 
 from authz_server.cli import main as cli_main
 from authz_server.store import Store
 from oscar import names
-
-PROFILE = "ccm-es256"
 
 #: Text that means something to SQL, to LIKE, to fnmatch, to a file system or to a terminal.
 NASTY = [
@@ -65,18 +63,6 @@ NASTY = [
 async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
     async with as_env(tmp_path) as environment:
         yield environment
-
-
-def resource_body(path: str, **overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "path": path,
-        "content_format": 50,
-        "profile": PROFILE,
-        "max_age": 60,
-        "rotation_period": 0,
-    }
-    body.update(overrides)
-    return body
 
 
 async def snapshot(store: Store) -> tuple[Any, ...]:
