@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+import pytest_asyncio
+from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
 
@@ -28,3 +32,13 @@ def eddsa_key() -> ed25519.Ed25519PrivateKey:
 @pytest.fixture(scope="session")
 def pki() -> Pki:
     return make_pki()
+
+
+@pytest_asyncio.fixture
+async def producer() -> AsyncIterator[ProducerStandIn]:
+    """A stand-in producer server (consumer tests); a module's own ``producer`` fixture wins."""
+    stand_in = await ProducerStandIn().start()
+    try:
+        yield stand_in
+    finally:
+        await stand_in.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 from aiocoap import GET, Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Resource, Site
-from as_harness import AsProcess, enroll, free_port, make_state
+from as_harness import ROOT, AsProcess, enroll, free_port, make_state
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -353,3 +355,56 @@ class ForwardProxy(Resource):
         for ctx in (self.server, self.client):
             if ctx is not None:
                 await ctx.shutdown()
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one ``python -m consumer`` run gave."""
+
+    code: int
+    out: bytes
+    err: str
+
+    @property
+    def error(self) -> str:
+        """The one error line (and checks that it is one line)."""
+        lines = self.err.splitlines()
+        assert len(lines) == 1, self.err
+        match = ERROR_LINE.match(lines[0])
+        assert match is not None, self.err
+        return lines[0][match.end() :]
+
+
+#: The start of the consumer CLI's one-line errors.
+ERROR_LINE = re.compile(r"oscar-consumer(?: [a-z]+)?: error: ")
+
+
+async def cli(
+    world: World, state: Path | None, *args: str, bundle: Path | None = None, timeout: float = 60
+) -> Result:
+    """Run ``python -m consumer`` with the reader's bundle (unless told otherwise); killed after
+    ``timeout``. Checks that no PSK of the world reached its stderr."""
+    argv = ["--bundle", str(bundle or world.bundle(READER))]
+    if state is not None:
+        argv += ["--state", str(state)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumer",
+        *argv,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    text = err.decode()
+    for psk in world.psks.values():
+        assert psk.hex() not in text
+    return Result(proc.returncode, out, text)

@@ -16,10 +16,8 @@ real producer's key (the strongest form) and fed to the real consumer.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ import pytest_asyncio
 from aiocoap import ACK, CON, NON, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
-from as_harness import ROOT
 from consumer_harness import (
     HUMIDITY,
     OTHER_PRODUCER,
@@ -38,8 +35,10 @@ from consumer_harness import (
     REVOKED_PRODUCER,
     TEMPERATURE,
     ProducerStandIn,
+    Result,
     World,
     build_world,
+    cli,
 )
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -66,48 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert "Traceback" not in text, text
 
 
-@pytest_asyncio.fixture
-async def producer() -> AsyncIterator[ProducerStandIn]:
-    stand_in = await ProducerStandIn().start()
-    try:
-        yield stand_in
-    finally:
-        await stand_in.close()
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: bytes
-    err: str
-
-
-async def cli(world: World, state: Path, *args: str, timeout: float = 60) -> Run:
-    """One ``python -m consumer`` process with the reader's bundle and ``state``."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "consumer",
-        "--bundle",
-        str(world.bundle(READER)),
-        "--state",
-        str(state),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Run(proc.returncode, out, err.decode())
-
-
-def rejected(run: Run) -> str:
+def rejected(run: Result) -> str:
     """The reason of a rejection by the CLI (exit 1, one line, nothing on stdout)."""
     assert run.code == 1 and run.out == b"", run
     lines = run.err.splitlines()
@@ -115,7 +73,7 @@ def rejected(run: Run) -> str:
     return lines[0].removeprefix(ERROR + "object rejected: ")
 
 
-def accepted(run: Run) -> bytes:
+def accepted(run: Result) -> bytes:
     assert run.code == 0 and run.err == "", run
     return run.out
 

@@ -17,16 +17,13 @@ import json
 import os
 import re
 import stat
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from aiocoap.numbers.codes import Code
-from as_harness import ROOT, free_port
+from as_harness import free_port
 from consumer_harness import (
     FRESH_READER,
     HUMIDITY,
@@ -39,6 +36,7 @@ from consumer_harness import (
     ProducerStandIn,
     World,
     build_world,
+    cli,
     write_bundle,
 )
 
@@ -64,61 +62,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert "Traceback" not in text, text
         for secret in [*world.psks.values(), *(s.value for _, s in world.secrets.values())]:
             assert secret.hex() not in text
-
-
-@pytest_asyncio.fixture
-async def producer() -> AsyncIterator[ProducerStandIn]:
-    stand_in = await ProducerStandIn().start()
-    try:
-        yield stand_in
-    finally:
-        await stand_in.close()
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: bytes
-    err: str
-
-    @property
-    def error(self) -> str:
-        """The one error line (and checks that it is one line)."""
-        lines = self.err.splitlines()
-        assert len(lines) == 1, self.err
-        match = ERROR_LINE.match(lines[0])
-        assert match is not None, self.err
-        return lines[0][match.end() :]
-
-
-async def cli(
-    world: World, state: Path | None, *args: str, bundle: Path | None = None, timeout: float = 30
-) -> Result:
-    """Run ``python -m consumer`` with the reader's bundle (unless told otherwise)."""
-    argv = ["--bundle", str(bundle or world.bundle(READER))]
-    if state is not None:
-        argv += ["--state", str(state)]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "consumer",
-        *argv,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    text = err.decode()
-    for psk in world.psks.values():
-        assert psk.hex() not in text
-    return Result(proc.returncode, out, text)
 
 
 def secrets_of(world: World) -> list[bytes]:
