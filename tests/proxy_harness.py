@@ -227,3 +227,8 @@ async def dtls_context(proxy: ProxyProcess, identity: str, psk: bytes) -> Contex
         {f"{proxy.secure_address}/*": credentials, "coap://*": credentials}
     )
     return ctx
+
+
+async def send(ctx: Context, message: Message, timeout: float = 10.0) -> Message:
+    """One request through ``ctx`` and its response, within ``timeout`` seconds."""
+    return await asyncio.wait_for(ctx.request(message).response, timeout)

@@ -37,6 +37,7 @@ from proxy_harness import (
     StandIn,
     StandInResource,
     dtls_context,
+    send,
 )
 from system_harness import Deployment, coap_get
 
@@ -170,10 +171,6 @@ async def secure(world: World) -> AsyncIterator[Context]:
     ctx = await dtls_context(world.proxy, "c1", world.links["c1"])
     yield ctx
     await ctx.shutdown()
-
-
-async def send(ctx: Context, message: Message, timeout: float = 10.0) -> Message:
-    return await asyncio.wait_for(ctx.request(message).response, timeout)
 
 
 async def stats(proxy: ProxyProcess) -> dict[str, int]:

@@ -32,6 +32,7 @@ from proxy_harness import (
     StandIn,
     dtls_context,
     free_port_pair,
+    send,
 )
 from system_harness import Deployment, ProducerProcess, coap_get, run, wait_until, write_atomic
 
@@ -231,10 +232,6 @@ async def secure(world: World) -> AsyncIterator[Context]:
     ctx = await dtls_context(world.proxy, "c1", world.links["c1"])
     yield ctx
     await ctx.shutdown()
-
-
-async def send(ctx: Context, message: Message, timeout: float = 10.0) -> Message:
-    return await asyncio.wait_for(ctx.request(message).response, timeout)
 
 
 def via_proxy(world: World, target: str) -> Message:
