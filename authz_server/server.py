@@ -55,6 +55,7 @@ from .api import (
 )
 from .ca import CertificateAuthority
 from .dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
+from .ports import ensure_alone_on_port, ensure_port_free
 from .ratelimit import RateLimit
 from .store import Store, StoreError
 
@@ -376,12 +377,14 @@ async def serve(
         server = _Server(store, ca, options)
         await server.reload_credentials(initial=True)
         # tinydtls_server serves DTLS on the bind port + 1 and binds nothing on the bind port.
+        ensure_port_free(host, port)
         server.ctx = await Context.create_server_context(
             server.site,
             bind=(host, port - 1),
             transports=["tinydtls_server"],
             server_credentials=server.creds,
         )
+        ensure_alone_on_port(host, port)
         server.guard = ConnectionGuard(
             server.ctx, cap=options.max_connections, pinned=server.site.has_observation
         )

@@ -30,6 +30,7 @@ from aiocoap import Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site, WKCResource
 
+from authz_server.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
 
 from .fastpath import FastPath
@@ -103,9 +104,15 @@ def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectR
 async def serve(producer: Producer, host: str, port: int) -> ProducerContext:
     """Start the server context; the caller shuts it down."""
     site, routes = build_site(producer)
+    ensure_port_free(host, port)
     context: ProducerContext = await ProducerContext.create_server_context(
         site, bind=(host, port), transports=["udp6"]
     )
+    try:
+        ensure_alone_on_port(host, port)
+    except PortInUse:
+        await context.shutdown()
+        raise
     if os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
         fast_path = FastPath(routes)
         if fast_path.install(context):

@@ -35,6 +35,7 @@ from authz_server.client import (
     stop_tasks,
 )
 from authz_server.dtls import IndexedCreds, end_sessions, label_of
+from authz_server.ports import ensure_alone_on_port, ensure_port_free
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
@@ -105,10 +106,15 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     host, port = config.listen
     ctx = None
     tasks: list[asyncio.Task[None]] = []
+    ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     try:
+        for each in ports:
+            ensure_port_free(host, each)
         ctx = await Context.create_server_context(
             site, bind=(host, port), transports=transports, server_credentials=creds
         )
+        for each in ports:
+            ensure_alone_on_port(host, each)
         tasks.append(asyncio.create_task(_write_stats(proxy), name="stats"))
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
