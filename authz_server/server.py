@@ -419,7 +419,8 @@ async def serve(
                 server.guard.uninstall()
             await server.ctx.shutdown()
         await store.close()
-        log.info("stopped")
+        if tasks:  # it served
+            log.info("stopped")
 
 
 # --- command line --------------------------------------------------------------------------------

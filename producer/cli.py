@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from authz_server.client import BundleError, StateError, quiet_undecodable_datagrams
+from authz_server.ports import ensure_port_free
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 
@@ -69,15 +70,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="also PUT every new object to URI/<resource id>; PROXY=coaps://HOST:PORT for an "
         "OSCAR proxy over DTLS (its device id; the link key comes from the AS) (repeatable)",
     )
-    parser.add_argument("--content-format", type=int, metavar="N", help="for --resource files")
-    parser.add_argument("--max-age", type=int, default=60, metavar="SECONDS")
-    parser.add_argument("--lifetime", type=int, default=3600, metavar="SECONDS")
     parser.add_argument(
-        "--profile", default=DEFAULT_PROFILE.name, choices=sorted(PROFILES), metavar="NAME"
+        "--content-format",
+        type=int,
+        metavar="N",
+        help="CoAP content format of the --resource values (default: guessed from the file "
+        "name: .txt 0, .json 50, .cbor 60, ..., else 42)",
     )
-    parser.add_argument("--rotation-period", type=int, default=3600, metavar="SECONDS")
-    parser.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
-    parser.add_argument("--key-algorithm", choices=("ES256", "EdDSA"))
+    parser.add_argument(
+        "--max-age",
+        type=int,
+        default=_SPEC.max_age,
+        metavar="SECONDS",
+        help="CoAP Max-Age of a response to a --resource (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lifetime",
+        type=int,
+        default=_SPEC.lifetime,
+        metavar="SECONDS",
+        help="exp - iat of each object of a --resource; re-sealed when half of it is gone "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=_SPEC.profile,
+        choices=list(PROFILES),
+        metavar="NAME",
+        help=f"security profile of the --resource objects, one of {', '.join(PROFILES)} "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rotation-period",
+        type=int,
+        default=_SPEC.rotation_period,
+        metavar="SECONDS",
+        help="seconds per epoch of a --resource; 0 = a new epoch only on revocation "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=_SPEC.interval,
+        metavar="SECONDS",
+        help="seconds between looks at a --resource file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--key-algorithm",
+        choices=("ES256", "EdDSA"),
+        help="the producer's signing key: ES256 or EdDSA (for the *-eddsa profiles) "
+        f"(default: the configuration file's, else {_CONFIG.key_algorithm})",
+    )
+    parser.add_argument(
+        "--max-observers",
+        type=int,
+        metavar="N",
+        help="Observe registrations held at once, in all "
+        f"(default: the configuration file's, else {_CONFIG.max_observers})",
+    )
+    parser.add_argument(
+        "--max-observers-per-address",
+        type=int,
+        metavar="N",
+        help="Observe registrations held at once from one IP address "
+        f"(default: the configuration file's, else {_CONFIG.max_observers_per_address})",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -127,6 +184,8 @@ async def run(config: ProducerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     quiet_undecodable_datagrams(loop, log)
+    if config.listen is not None:  # before any work: a port in use changes no state
+        ensure_port_free(*config.listen)
     producer = Producer(config)
     try:
         await producer.start()

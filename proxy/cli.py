@@ -98,18 +98,18 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     from .server import ProxySite
 
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
+    host, port = config.listen
+    ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
+    for each in ports:  # before any work: a port in use changes no state
+        ensure_port_free(host, each)
     proxy = Proxy(config)
     proxy.open()
     site = ProxySite(proxy)
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
-    host, port = config.listen
     ctx = None
     tasks: list[asyncio.Task[None]] = []
-    ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     try:
-        for each in ports:
-            ensure_port_free(host, each)
         ctx = await Context.create_server_context(
             site, bind=(host, port), transports=transports, server_credentials=creds
         )
