@@ -8,10 +8,13 @@ evicts one, and keeps a session alive after its credentials are removed. This mo
   identity gets a decoy key (stable per identity, unknown to anyone), so the handshake goes on and
   fails at the Finished message exactly as a wrong key does (RFC 4279 §2): an unknown identity and a
   wrong key fail alike, and nobody learns which identities exist.
-- :class:`ConnectionGuard`: bounds the transport's connection table (a cap that evicts the least
-  recently seen peer other than the one that just arrived, preferring peers that never completed a
-  request, and an idle sweep), bounds the sessions of each identity, and ends the sessions of one
-  identity.
+- :class:`CookieGate`: the HelloVerifyRequest cookie exchange (RFC 6347 §4.2.1) done without
+  state in front of the transport, which would otherwise make a connection (a tinydtls context)
+  for every source address that sends it anything.
+- :class:`ConnectionGuard`: lets a new source address into the transport's table only with a
+  good cookie, bounds the table (a cap that evicts the least recently seen peer other than the one
+  that just arrived, preferring peers that never completed a request, in O(1), and an idle sweep),
+  bounds the sessions of each identity, and ends the sessions of one identity.
 - :func:`end_sessions`: close every session authenticated with one credentials label (a revoked
   device), sending close_notify.
 
@@ -30,6 +33,7 @@ import hmac
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +41,10 @@ from aiocoap import error
 from aiocoap.credentials import DTLS, CredentialsMap
 
 __all__ = [
+    "COOKIE_PERIOD",
     "MAX_SESSIONS_PER_IDENTITY",
     "ConnectionGuard",
+    "CookieGate",
     "IndexedCreds",
     "device_of_label",
     "end_sessions",
@@ -188,14 +194,105 @@ def end_sessions(ctx: Any, label: str) -> int:
     return len(victims)
 
 
-class ConnectionGuard:
-    """Keeps the DTLS server's connection table bounded.
+# --- the stateless cookie exchange ---------------------------------------------------------------
 
-    - At most ``cap`` entries: a datagram that makes the table larger evicts the least recently
-      seen peer other than the one that sent it: among those that never carried an authenticated
-      request (junk, half-done or failed handshakes) first, then among the established ones that
-      ``pinned`` does not keep, then among all. The newcomer itself is never the victim, so
-      established sessions cannot lock new clients out.
+_HANDSHAKE = b"\x16"  # DTLS record content type 22
+_COOKIE_LENGTH = 16  # what tinydtls's own cookies are
+# A cookie is good for the period it was made in and the next one (so between one and two).
+COOKIE_PERIOD = 30.0
+
+
+def _client_hello(data: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """A datagram that is one whole, unfragmented DTLS ClientHello in epoch 0:
+    (record sequence number, message sequence number, cookie, the fields the cookie covers);
+    None for anything else. RFC 6347 §4.1, §4.2.2 and §4.2.1; RFC 5246 §7.4.1.2."""
+    if (
+        len(data) < 13 + 12 + 35
+        or data[:1] != _HANDSHAKE
+        or data[1] != 0xFE
+        or data[3:5] != b"\0\0"
+    ):
+        return None
+    length = int.from_bytes(data[11:13], "big")
+    handshake = data[13 : 13 + length]
+    if len(handshake) != length or handshake[0] != 1:  # client_hello
+        return None
+    body_length = int.from_bytes(handshake[1:4], "big")
+    if handshake[6:9] != b"\0\0\0" or int.from_bytes(handshake[9:12], "big") != body_length:
+        return None  # a fragment: tinydtls does not reassemble a ClientHello either
+    body = handshake[12 : 12 + body_length]
+    # client_version (2), random (32), session_id <0..32>, cookie <0..255>, the rest
+    session_id_length = body[34] if len(body) > 34 else 255
+    at = 35 + session_id_length
+    if session_id_length > 32 or len(body) != body_length or len(body) <= at:
+        return None
+    cookie = body[at + 1 : at + 1 + body[at]]
+    if len(cookie) != body[at]:
+        return None
+    return data[5:11], handshake[4:6], cookie, body[:at] + body[at + 1 + len(cookie) :]
+
+
+def _hello_verify_request(record_seq: bytes, message_seq: bytes, cookie: bytes) -> bytes:
+    """A HelloVerifyRequest as tinydtls itself sends one (record version 1.0, RFC 6347 §4.2.1;
+    the record and message sequence numbers of the hello it answers)."""
+    body = b"\xfe\xfd" + bytes([len(cookie)]) + cookie
+    size = len(body).to_bytes(3, "big")
+    handshake = b"\x03" + size + message_seq + b"\0\0\0" + size + body
+    return _HANDSHAKE + b"\xfe\xff\0\0" + record_seq + len(handshake).to_bytes(2, "big") + handshake
+
+
+class CookieGate:
+    """RFC 6347 §4.2.1 done statelessly, for sources the transport has no connection for: a
+    ClientHello without this gate's cookie for its source address is answered with a
+    HelloVerifyRequest and forgotten; only a hello that brings the cookie back (so its sender
+    receives at that address) may make a connection. Anything else from such a source is dropped.
+
+    The cookie is an HMAC of the source address, the period it was made in and the hello's
+    fields (version, random, session id, suites, compression, extensions: RFC 6347 requires the
+    second hello to repeat them); the key is random per process. Costs no state and no table
+    search, whatever the number of sources."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, period: float = COOKIE_PERIOD
+    ) -> None:
+        self._key = os.urandom(32)
+        self._clock = clock
+        self._period = period
+
+    def _cookie(self, sockaddr: Any, period: int, fields: bytes) -> bytes:
+        message = f"{sockaddr[0]}|{sockaddr[1]}|{period}|".encode() + fields
+        return hmac.digest(self._key, message, "sha256")[:_COOKIE_LENGTH]
+
+    def answer(self, data: bytes, sockaddr: Any) -> bytes | None:
+        """None: admit (a ClientHello carrying a good cookie). Otherwise the datagram to send
+        back, empty for nothing (not a ClientHello)."""
+        hello = _client_hello(data)
+        if hello is None:
+            return b""
+        record_seq, message_seq, cookie, fields = hello
+        period = int(self._clock() // self._period)
+        if len(cookie) == _COOKIE_LENGTH and any(
+            hmac.compare_digest(cookie, self._cookie(sockaddr, p, fields))
+            for p in (period, period - 1)
+        ):
+            return None
+        return _hello_verify_request(
+            record_seq, message_seq, self._cookie(sockaddr, period, fields)
+        )
+
+
+class ConnectionGuard:
+    """Keeps the DTLS server's connection table bounded, at a cost per datagram that does not
+    depend on its size.
+
+    - A source without a connection gets one only by returning this guard's cookie
+      (:class:`CookieGate`): junk and spoofed hellos cost an HMAC and leave nothing behind.
+    - At most ``cap`` entries: a connection that makes the table larger evicts the least recently
+      seen peer other than itself: among those that never carried an authenticated request (half-
+      done or failed handshakes) first, then among the established ones that ``pinned`` does not
+      keep, then among all. Both kinds are kept in order of last datagram, so an eviction takes
+      the front one. The newcomer itself is never the victim, so established sessions cannot lock
+      new clients out.
     - At most ``per_identity`` established sessions per credentials label: when one more
       authenticates (:func:`mark_established`), the identity's least recently seen other session is
       closed (unpinned ones first).
@@ -229,8 +326,14 @@ class ConnectionGuard:
         self.interval = interval
         self._pinned = pinned
         self._clock = clock
-        self._seen: dict[Any, float] = {}
+        self.gate = CookieGate(clock=clock)
+        # Last datagram time of each connection, oldest first: those without an authenticated
+        # request, and the established ones. Entries the transport dropped on its own (a fatal
+        # alert) are found stale and skipped when they come to the front.
+        self._pending: OrderedDict[Any, float] = OrderedDict()
+        self._live: OrderedDict[Any, float] = OrderedDict()
         self.evicted = 0
+        self.verified = 0  # hellos that came back with a good cookie
         self._original = self._pool.datagram_received
         # asyncio calls protocol.datagram_received: an instance attribute shadows the method.
         self._pool.datagram_received = self._datagram_received
@@ -240,13 +343,14 @@ class ConnectionGuard:
         return len(self._pool._connections)
 
     def _datagram_received(self, data: bytes, sockaddr: Any) -> None:
-        if data[:1] == _ALERT and sockaddr not in self._pool._connections:
-            # An alert from an address without a connection: above all the close_notify a peer
-            # sends back when this guard closed its session. A new DTLS context would ignore it
-            # (only a ClientHello opens a session), but its table entry would be the newest one
-            # and so make the cap evict a handshake in progress instead.
-            return
-        self._seen[sockaddr] = self._clock()
+        connections = self._pool._connections
+        if sockaddr not in connections:
+            reply = self.gate.answer(data, sockaddr)
+            if reply is not None:
+                if reply:
+                    self._pool._transport.sendto(reply, sockaddr)
+                return
+            self.verified += 1
         try:
             self._original(data, sockaddr)
         except (RuntimeError, SystemError):
@@ -260,29 +364,59 @@ class ConnectionGuard:
             log.info("a new handshake from a known address named another identity: reset")
             self.drop(sockaddr, "new handshake under another identity")
             return
-        connections = self._pool._connections
+        connection = connections.get(sockaddr)
+        if connection is None:  # a fatal alert ended it
+            self._forget(sockaddr)
+            return
+        table, other = (self._live, self._pending)
+        if not _established(connection):
+            table, other = other, table
+        other.pop(sockaddr, None)  # the connection the transport had here was replaced
+        table[sockaddr] = self._clock()
+        table.move_to_end(sockaddr)
         while len(connections) > self.cap and self._evict_one(sockaddr):
             pass
 
+    def _forget(self, sockaddr: Any) -> None:
+        self._pending.pop(sockaddr, None)
+        self._live.pop(sockaddr, None)
+
     def _last_seen(self, sockaddr: Any) -> float:
-        return self._seen.get(sockaddr, float("-inf"))
+        return self._live.get(sockaddr, self._pending.get(sockaddr, float("-inf")))
+
+    def _oldest(self, table: OrderedDict[Any, float], newcomer: Any, pinned: bool) -> Any:
+        """The front entry of ``table`` that is a live connection and not ``newcomer`` (and, if
+        ``pinned``, that ``pinned`` does not keep), or None. Stale entries met are removed; kept
+        ones are moved to the back once each, so a call looks at each entry at most once."""
+        connections = self._pool._connections
+        for _ in range(len(table)):
+            sockaddr = next(iter(table))
+            connection = connections.get(sockaddr)
+            if connection is None:
+                del table[sockaddr]
+            elif sockaddr == newcomer or (pinned and self._pinned(connection)):
+                table.move_to_end(sockaddr)
+            else:
+                return sockaddr
+        return None
 
     def _evict_one(self, newcomer: Any) -> bool:
         """Drop the least recently seen peer other than ``newcomer``: pending handshakes first,
         then unpinned established sessions, then any. False if there is none."""
-        others = [(k, a) for k, a in self._pool._connections.items() if k != newcomer]
-        for keep in (_established, self._pinned, lambda connection: False):
-            candidates = [k for k, a in others if not keep(a)]
-            if candidates:
-                # min() keeps the first of equal times; the table is in least-recently-received
-                # order.
-                self.drop(min(candidates, key=self._last_seen), "connection table full")
+        for table, pinned in ((self._pending, False), (self._live, True), (self._live, False)):
+            victim = self._oldest(table, newcomer, pinned)
+            if victim is not None:
+                self.drop(victim, "connection table full")
                 return True
         return False
 
     def established(self, connection: Any) -> None:
         """``connection`` carried its first authenticated request: if its identity now holds more
         than ``per_identity`` established sessions, close its least recently seen other ones."""
+        sockaddr = connection._underlying_address.address
+        if self._pool._connections.get(sockaddr) is connection:
+            self._live[sockaddr] = self._pending.pop(sockaddr, self._clock())
+            self._live.move_to_end(sockaddr)
         label = connection._psk_store._claims
         if label is None:
             return
@@ -296,8 +430,8 @@ class ConnectionGuard:
             return  # within the bound, or a connection closed meanwhile (no live session)
         mine = [(k, a) for k, a in mine if a is not connection]
         mine.sort(key=lambda item: (self._pinned(item[1]), self._last_seen(item[0])))
-        for sockaddr, _ in mine[:excess]:
-            self.drop(sockaddr, "too many sessions of one identity")
+        for victim, _ in mine[:excess]:
+            self.drop(victim, "too many sessions of one identity")
         log.info(
             "device %s: closed %d older session(s), at most %d per device",
             device_of_label(label),
@@ -307,7 +441,7 @@ class ConnectionGuard:
 
     def drop(self, sockaddr: Any, reason: str) -> None:
         connection = self._pool._connections.get(sockaddr)
-        self._seen.pop(sockaddr, None)
+        self._forget(sockaddr)
         if connection is not None:
             _close(self._pool, sockaddr, connection, reason)
             self.evicted += 1
@@ -316,19 +450,22 @@ class ConnectionGuard:
         """Drop the idle peers now; returns how many."""
         now = self._clock()
         dropped = 0
-        for sockaddr, connection in list(self._pool._connections.items()):
-            age = now - self._seen.get(sockaddr, now)
-            if sockaddr not in self._seen:
-                self._seen[sockaddr] = now
+        connections = self._pool._connections
+        for table in (self._pending, self._live):
+            for sockaddr in [k for k in table if k not in connections]:
+                del table[sockaddr]
+        for sockaddr, connection in list(connections.items()):
+            seen = self._last_seen(sockaddr)
+            if seen == float("-inf"):  # not seen through this guard: count from now
+                table = self._live if _established(connection) else self._pending
+                table[sockaddr] = seen = now
             if _established(connection):
-                if age > self.idle and not self._pinned(connection):
+                if now - seen > self.idle and not self._pinned(connection):
                     self.drop(sockaddr, "idle")
                     dropped += 1
-            elif age > self.pending_idle:
+            elif now - seen > self.pending_idle:
                 self.drop(sockaddr, "handshake not completed")
                 dropped += 1
-        for sockaddr in [k for k in self._seen if k not in self._pool._connections]:
-            del self._seen[sockaddr]
         return dropped
 
     async def run(self) -> None:
@@ -345,7 +482,8 @@ class ConnectionGuard:
         connections = list(self._pool._connections.items())
         for sockaddr, connection in connections:
             _close(self._pool, sockaddr, connection, "server shutting down")
-        self._seen.clear()
+        self._pending.clear()
+        self._live.clear()
         return len(connections)
 
     def uninstall(self) -> None:
