@@ -6,9 +6,10 @@ raises an :class:`ApiError`, whose class says the CoAP code (the tree is drawn i
 :mod:`authz_server.messages`, with the records and the strict parsing).
 
 Errors render as CBOR ``{"error": text}``; the text never holds key material. Every 4.01 and 4.03
-is written to the audit log. Decoding is strict: :func:`oscar.cbor.loads`, exact key sets, exact
-types, ids checked with :mod:`oscar.names` before they reach the store. Nothing here changes state
-unless the request was valid and allowed.
+is audited: the first of its kind as a record of its own, later ones counted into one record per
+device, reason and interval (:mod:`authz_server.store.denials`). Decoding is strict:
+:func:`oscar.cbor.loads`, exact key sets, exact types, ids checked with :mod:`oscar.names` before
+they reach the store. Nothing here changes state unless the request was valid and allowed.
 
 What this module does not do: sockets, DTLS, rate limiting and Observe bookkeeping
 (:mod:`authz_server.server`), storage (:mod:`authz_server.store`).
@@ -161,7 +162,7 @@ class Endpoints:
             device = await self.store.device(device_id)
         if device is None or device.status != ACTIVE:
             actor = device_id if names.is_device_id(device_id) else "unknown"
-            await self.store.audit(actor, "request", actor, "denied", {"reason": "inactive"}, now)
+            await self.store.audit_denial(actor, "request", actor, "inactive", now)
             log.info("refused %s: not an active device", actor)
             raise Unauthorized()
         return device
@@ -169,8 +170,9 @@ class Endpoints:
     async def deny(
         self, device: Device, action: str, subject: str, reason: str, now: int
     ) -> Forbidden:
-        """Audit a refusal and return the error to raise."""
-        await self.store.audit(device.id, action, subject, "denied", {"reason": reason}, now)
+        """Audit a refusal (the first of its kind at once, later ones counted: see
+        :mod:`authz_server.store.denials`) and return the error to raise."""
+        await self.store.audit_denial(device.id, action, subject, reason, now)
         log.info("denied %s %s to %s: %s", action, subject, device.id, reason)
         return Forbidden(reason)
 

@@ -96,8 +96,9 @@ def _pattern(text: str) -> str:
     return text
 
 
-def _time_arg(text: str, now: int) -> int:
-    """Unix seconds, or ISO 8601 with an explicit UTC offset (``2030-01-01T00:00:00Z``)."""
+def _time_arg(text: str, now: int, flag: str = "--until", *, future: bool = True) -> int:
+    """Unix seconds, or ISO 8601 with an explicit UTC offset (``2030-01-01T00:00:00Z``); in the
+    future (or, with ``future`` false, not in it)."""
     if re.fullmatch(r"[0-9]{1,12}", text):
         moment = int(text)
     else:
@@ -107,12 +108,14 @@ def _time_arg(text: str, now: int) -> int:
             parsed = None
         if parsed is None or parsed.tzinfo is None:
             raise UsageError(
-                "--until is seconds since 1970 or ISO 8601 with a UTC offset, "
+                f"{flag} is seconds since 1970 or ISO 8601 with a UTC offset, "
                 "such as 2030-01-01T00:00:00Z"
             )
         moment = int(parsed.timestamp())
-    if moment <= now:
-        raise UsageError("--until is in the past")
+    if future and moment <= now:
+        raise UsageError(f"{flag} is in the past")
+    if not future and moment > now:
+        raise UsageError(f"{flag} is in the future")
     return moment
 
 
@@ -401,6 +404,19 @@ async def _nothing(store: Store) -> None:
     return None
 
 
+#: What ``serve`` runs with unless a flag or ``--config`` says otherwise: the defaults of
+#: :class:`authz_server.server.ServeOptions` (kept here so that ``--help`` shows them without
+#: loading the network stack; a test checks they agree).
+SERVE_DEFAULTS: dict[str, int | float] = {
+    "retention": 7 * 86_400,
+    "rate": 50.0,
+    "burst": 100,
+    "max_connections": 1024,
+    "tick": 0.2,
+    "crl_validity": 3600,
+    "min_rotation_period": 60,
+}
+
 #: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
 _SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "state": str,
@@ -593,7 +609,14 @@ def cmd_audit(args: argparse.Namespace, now: int) -> int:
     chain: exit status 0 if intact, 1 naming the first record that was altered or removed. The
     chain cannot show a log cut back to an earlier consistent state by someone who can write the
     whole state directory: print --head now and then, keep it elsewhere, and --verify --expect it.
+    'audit prune --before TIME' (or --older-than DAYS) deletes the oldest records dated before
+    TIME behind a MACed checkpoint, from which --verify goes on verifying; it works while the
+    server runs. Repeated denials are one record per device, reason and minute, with a count.
     """
+    if args.what == "prune":
+        return _prune_audit(args, now)
+    if args.before is not None or args.older_than is not None:
+        raise UsageError("--before and --older-than go with 'audit prune'")
     if args.head:
         seq, chain = _run(args, lambda store: store.audit_head())
         print(f"{seq}:{chain.hex()}")
@@ -616,6 +639,26 @@ def cmd_audit(args: argparse.Namespace, now: int) -> int:
             _printable(f"{r.seq} {_iso(r.at)} {r.actor} {r.action} {r.subject} {r.result} ")
             + detail
         )
+    return 0
+
+
+def _prune_audit(args: argparse.Namespace, now: int) -> int:
+    if args.verify or args.head or args.expect is not None or args.json or args.since:
+        raise UsageError("'audit prune' takes --before or --older-than only")
+    if (args.before is None) == (args.older_than is None):
+        raise UsageError("'audit prune' needs one of --before TIME and --older-than DAYS")
+    if args.before is not None:
+        before = _time_arg(args.before, now, "--before", future=False)
+    else:
+        before = now - args.older_than * 86_400
+    through, deleted = _run(args, lambda store: store.prune_audit(before, now))
+    if not through:
+        print(f"nothing to prune: no record before {_iso(before)} that is not pruned already")
+        return 0
+    print(
+        f"pruned the records up to {through} (dated before {_iso(before)}; {deleted} deleted "
+        f"now); the log is verified from the checkpoint at record {through}"
+    )
     return 0
 
 
@@ -644,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="DIR",
             type=Path,
             required=state_required,
-            help="the AS state directory",
+            help="the AS state directory" + ("" if state_required else " (default: from --config)"),
         )
         return sub
 
@@ -668,23 +711,28 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--force", action="store_true", help="replace an existing FILE")
 
     serve = command("serve", cmd_serve, "run the AS", state_required=False)
-    serve.add_argument("--config", metavar="FILE", type=Path, help="TOML; flags override it")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="the DTLS address")
     serve.add_argument(
-        "--retention", metavar="S", type=_not_negative, help="keep deactivated epochs S seconds"
+        "--config", metavar="FILE", type=Path, help="TOML; flags override it (default: none)"
     )
-    serve.add_argument("--rate", metavar="R", type=_positive(float), help="requests/s per device")
-    serve.add_argument("--burst", metavar="B", type=_positive(int), help="rate limit burst")
-    serve.add_argument("--max-connections", metavar="N", type=_positive(int))
-    serve.add_argument("--tick", metavar="S", type=_positive(float), help="lifecycle timer")
-    serve.add_argument("--crl-validity", metavar="S", type=_positive(int), help="CRL lifetime")
     serve.add_argument(
-        "--min-rotation-period",
-        metavar="S",
-        type=_positive(int),
-        help="shortest rotation period a producer may register (default 60)",
+        "--listen", metavar="HOST:PORT", help="the DTLS address (default: from --config)"
     )
+
+    def tunable(flag: str, metavar: str, kind: Callable[[str], Any], text: str) -> None:
+        default = SERVE_DEFAULTS[flag[2:].replace("-", "_")]
+        serve.add_argument(flag, metavar=metavar, type=kind, help=f"{text} (default: {default})")
+
+    tunable("--retention", "S", _not_negative, "keep deactivated epochs S seconds")
+    tunable("--rate", "R", _positive(float), "requests/s per device")
+    tunable("--burst", "B", _positive(int), "rate limit burst")
+    tunable("--max-connections", "N", _positive(int), "DTLS connections at most")
+    tunable("--tick", "S", _positive(float), "how often to look for admin changes")
+    tunable("--crl-validity", "S", _positive(int), "CRL lifetime")
+    tunable("--min-rotation-period", "S", _positive(int), "shortest rotation period allowed")
     add_logging_arguments(serve, default=None)
+    for action in serve._actions:  # the one flag without a value: say what its absence means
+        if action.dest == "log_json" and action.help and "default" not in action.help:
+            action.help += " (default: off, unless --config says log_json = true)"
 
     grant = command("grant", cmd_grant, "grant a consumer resources")
     grant.add_argument("--consumer", metavar="ID", required=True)
@@ -715,8 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing("resources", cmd_resources, "list resources and their epochs")
     grants = listing("grants", cmd_grants, "list grants")
     grants.add_argument("--consumer", metavar="ID", help="only this consumer's")
-    audit = listing("audit", cmd_audit, "print or verify the audit log")
-    audit.add_argument("--since", metavar="SEQ", type=_not_negative, default=0)
+    audit = listing("audit", cmd_audit, "print, verify or prune the audit log")
+    audit.add_argument(
+        "what", nargs="?", choices=("prune",), help="prune: delete old records (see --before)"
+    )
+    audit.add_argument(
+        "--since", metavar="SEQ", type=_not_negative, default=0, help="after SEQ (default: 0)"
+    )
     audit.add_argument("--verify", action="store_true", help="check the hash chain")
     audit.add_argument(
         "--head",
@@ -728,6 +781,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEQ:CHAIN",
         type=_head,
         help="with --verify: the log must still hold this head, printed earlier by --head",
+    )
+    audit.add_argument(
+        "--before",
+        metavar="TIME",
+        help="with prune: records dated before TIME (seconds since 1970 or ISO 8601 UTC)",
+    )
+    audit.add_argument(
+        "--older-than",
+        metavar="DAYS",
+        type=_positive(int),
+        help="with prune: records older than DAYS days",
     )
     return parser
 

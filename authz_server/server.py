@@ -447,14 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen", type=_listen, required=True, metavar="HOST:PORT", help="address and DTLS port"
     )
-    parser.add_argument("--retention", type=int, default=defaults.retention, metavar="SECONDS")
-    parser.add_argument("--rate", type=float, default=defaults.rate, help="requests/s per device")
-    parser.add_argument("--burst", type=int, default=defaults.burst)
-    parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
-    parser.add_argument("--tick", type=float, default=defaults.tick, metavar="SECONDS")
-    parser.add_argument(
-        "--crl-validity", type=int, default=defaults.crl_validity, metavar="SECONDS"
-    )
+    shown = "(default: %(default)s)"
+    for flag, kind, metavar, text in (
+        ("--retention", int, "SECONDS", "keep deactivated epochs this long"),
+        ("--rate", float, "R", "requests/s per device"),
+        ("--burst", int, "B", "rate limit burst"),
+        ("--max-connections", int, "N", "DTLS connection table cap"),
+        ("--tick", float, "SECONDS", "how often to look for admin changes"),
+        ("--crl-validity", int, "SECONDS", "CRL lifetime"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} {shown}"
+        )
     parser.add_argument(
         "--min-rotation-period",
         type=int,

@@ -8,7 +8,9 @@ and state checks, which come before the server is imported.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -514,6 +516,71 @@ def test_audit_triggers_guard_against_plain_edits(audited: Cli) -> None:
         db.execute("DELETE FROM audit WHERE seq = 1")
     db.close()
     audited.ok("audit", "--verify")
+
+
+def test_audit_prune_keeps_the_chain_verifiable(audited: Cli) -> None:
+    head = audited.ok("audit", "--head").out.strip()
+    count = len(audited.ok("audit").out.splitlines())
+    # Every record so far is dated now: a date an hour ago prunes nothing.
+    hour_ago = str(int(time.time()) - 3600)
+    assert "nothing to prune" in audited.ok("audit", "prune", "--before", hour_ago).out
+    time.sleep(1.1)  # records are dated in whole seconds
+    out = audited.ok("audit", "prune", "--before", str(int(time.time()))).out
+    assert f"pruned the records up to {count} " in out and f"{count} deleted now" in out
+    lines = audited.ok("audit").out.splitlines()
+    assert len(lines) == 1 and " admin prune audit ok " in lines[0]
+    verified = audited.ok("audit", "--verify").out
+    assert f"1 records after the checkpoint at record {count}, chain intact" in verified
+    assert "chain intact" in audited.ok("audit", "--verify", "--expect", head).out  # the checkpoint
+    tamper(audited.state, "UPDATE audit SET detail = '{}'")
+    assert "was altered" in audited.fail(1, "audit", "--verify").err
+    assert "nothing to prune" in audited.ok("audit", "prune", "--older-than", "1").out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "prune"],
+        ["audit", "prune", "--before", "2999-01-01T00:00:00Z"],  # in the future
+        ["audit", "prune", "--before", "yesterday"],
+        ["audit", "prune", "--before", "1", "--older-than", "3"],
+        ["audit", "prune", "--older-than", "0"],
+        ["audit", "prune", "--before", "1", "--verify"],
+        ["audit", "--before", "1"],
+        ["audit", "purge"],
+    ],
+)
+def test_audit_prune_refuses_bad_usage(audited: Cli, argv: list[str]) -> None:
+    before = audited.ok("audit").out
+    audited.fail(2, *argv)
+    assert audited.ok("audit").out == before  # nothing changed
+
+
+def test_serve_help_shows_every_default(blank: Cli) -> None:
+    from authz_server.cli import SERVE_DEFAULTS
+    from authz_server.server import ServeOptions, build_parser
+
+    options = dataclasses.asdict(ServeOptions())
+    assert {k: options[k] for k in SERVE_DEFAULTS} == SERVE_DEFAULTS
+    parser = main_parser_actions("serve")
+    for action in parser:
+        if action.dest != "help":
+            assert action.help and "(default: " in action.help, action.dest
+    text = blank.ok("serve", "--help", state=False).out
+    for flag, value in SERVE_DEFAULTS.items():
+        assert f"(default: {value})" in text, flag
+    # python -m authz_server.server, the same server with its own parser.
+    module_help = build_parser().format_help()
+    for value in SERVE_DEFAULTS.values():
+        assert f"(default: {value})" in module_help
+
+
+def main_parser_actions(command: str) -> list[argparse.Action]:
+    from authz_server.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices[command]._actions)
 
 
 # --- the state directory -------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
 
     asyncio.run(check())
     con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     con.close()
 
 

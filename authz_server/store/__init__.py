@@ -14,10 +14,11 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
 - a change counter in ``meta`` lets the server notice what the admin CLI changed.
 
 Who may do what is decided in :mod:`authz_server.api`; the store only stores and fetches.
-The package: :mod:`.schema` (SQL, records, errors), :mod:`.database` (file, transactions,
-audit chain), :mod:`.deliveries` (secrets handed out), :mod:`.keyring` (resources, epochs),
-:mod:`.grants` (grants, exclusions, what a consumer may read), and :class:`Store` here (devices,
-proxy link PSKs, certificates).
+The package: :mod:`.schema` (SQL, records, errors), :mod:`.database` (file, transactions),
+:mod:`.audit` (the audit chain, pruning, denials tallied by :mod:`.denials`),
+:mod:`.deliveries` (secrets handed out), :mod:`.keyring` (resources, epochs), :mod:`.grants`
+(grants, exclusions, what a consumer may read), and :class:`Store` here (devices, proxy link
+PSKs, certificates).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def _fold(device_id: str) -> str:
 
 class Store(Grants):
     """The AS database: devices and certificates here, grants in :class:`Grants`, keys in
-    :class:`KeyRecords`, deliveries in :class:`Deliveries`, the file, transactions and audit chain
-    in :class:`Database`."""
+    :class:`KeyRecords`, deliveries in :class:`Deliveries`, the audit chain in :class:`AuditLog`,
+    the file and transactions in :class:`Database`."""
 
     # --- devices ---------------------------------------------------------------------------------
 

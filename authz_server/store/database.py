@@ -1,8 +1,8 @@
-"""The connections, migrations, transactions, metadata and audit chain of the AS database.
+"""The connections, migrations, transactions and metadata of the AS database.
 
 :class:`Database` is the base of :class:`authz_server.store.Store`: it opens the file (WAL,
 ``synchronous=FULL``, ``secure_delete``), migrates the schema forward, runs each transaction whole
-under a lock, and appends to and verifies the audit chain. Record-specific queries live in the
+under a lock. The audit chain is in :mod:`.audit`; record-specific queries live in the
 subclasses.
 
 Two connections: the writer (aiosqlite: every statement is a hop to its worker thread and back,
@@ -20,16 +20,16 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from oscar import cbor
 from oscar.keys import ACCESS_SECRET_LENGTH
 
+from ..client import StateError, private_dir
 from ..vault import MasterKeyError, Vault, VaultError, read_master_key
 from .schema import (
     CA_KEY_CONTEXT,
@@ -37,7 +37,6 @@ from .schema import (
     MASTER_KEY_NAME,
     MIGRATIONS,
     SCHEMA_VERSION,
-    AuditRecord,
     Conflict,
     StoreError,
     split_script,
@@ -46,9 +45,6 @@ from .schema import (
 __all__ = ["Database", "json_list"]
 
 _D = TypeVar("_D", bound="Database")
-
-#: One audit record to append: (actor, action, subject, result, detail, at).
-_AuditEntry = tuple[str, str, str, str, dict[str, Any], int]
 
 
 class _Transaction:
@@ -106,6 +102,11 @@ class Database:
     @classmethod
     async def open(cls: type[_D], state_dir: Path) -> _D:
         """Open an existing state directory; :class:`StoreError` saying what is wrong otherwise."""
+        if os.path.lexists(state_dir):  # refused unless private (client.private_dir)
+            try:
+                private_dir(state_dir, create=False)
+            except StateError as exc:
+                raise StoreError(str(exc)) from None
         path = state_dir / DB_NAME
         if not path.is_file():
             raise StoreError(f"no AS database at {path}; run 'oscar-as init --state {state_dir}'")
@@ -289,115 +290,6 @@ class Database:
         except VaultError as exc:
             raise StoreError(str(exc)) from None
 
-    # --- audit -----------------------------------------------------------------------------------
-
-    async def audit(
-        self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
-    ) -> None:
-        """Append one audit record in a transaction of its own (denials, for example)."""
-        async with self._transaction(count=False):
-            await self._audit(actor, action, subject, result, detail, now)
-
-    async def _audit(
-        self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
-    ) -> None:
-        await self._audit_many([(actor, action, subject, result, detail, now)])
-
-    async def _audit_many(self, records: Sequence[_AuditEntry]) -> None:
-        """Append (actor, action, subject, result, detail, at) records to the chain, in order,
-        inside the caller's transaction: one read of the head and one write of the rows and one of
-        the new head, however many records (a bulk enrolment, a batch of deliveries)."""
-        if not records:
-            return
-        last = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
-        seq, chain = (0, b"") if last is None else (int(last[0]), bytes(last[1]))
-        rows = []
-        for actor, action, subject, result, detail, now in records:
-            seq += 1
-            text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-            chain = self._vault.chain(
-                chain, _audit_bytes(seq, now, actor, action, subject, result, text)
-            )
-            rows.append((seq, now, actor, action, subject, result, text, chain))
-        await self._db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        await self._db.execute(
-            "INSERT INTO meta VALUES ('audit_head', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (cbor.dumps([seq, chain]),),
-        )
-
-    async def audit_records(self, since: int = 0) -> list[AuditRecord]:
-        rows = await self._all(
-            "SELECT seq, at, actor, action, subject, result, detail FROM audit WHERE seq > ? "
-            "ORDER BY seq",
-            (since,),
-        )
-        return [
-            AuditRecord(
-                seq=row[0],
-                at=row[1],
-                actor=row[2],
-                action=row[3],
-                subject=row[4],
-                result=row[5],
-                detail=json.loads(row[6]),
-            )
-            for row in rows
-        ]
-
-    async def audit_head(self) -> tuple[int, bytes]:
-        """The last record's sequence number and chain value (0, b"" for an empty log).
-
-        Recorded somewhere the AS cannot write (a ticket, another host), it lets
-        :meth:`verify_audit` detect a log cut back to an earlier, self-consistent state, which
-        nothing inside the state directory can.
-        """
-        row = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
-        return (0, b"") if row is None else (int(row[0]), bytes(row[1]))
-
-    async def verify_audit(self, expected: tuple[int, bytes] | None = None) -> tuple[bool, str]:
-        """Walk the chain: (True, summary) if intact, else (False, where it breaks).
-
-        ``expected`` is a head recorded earlier (see :meth:`audit_head`): the log must still hold
-        that record with that chain value.
-        """
-        seen: dict[int, bytes] = {}
-        previous, expected_seq = b"", 1
-        async with (
-            self._read(),
-            self._db.execute(
-                "SELECT seq, at, actor, action, subject, result, detail, chain "
-                "FROM audit ORDER BY seq"
-            ) as cursor,
-        ):
-            async for seq, at, actor, action, subject, result, detail, chain in cursor:
-                if seq != expected_seq:
-                    return False, f"record {expected_seq} is missing"
-                want = self._vault.chain(
-                    previous, _audit_bytes(seq, at, actor, action, subject, result, detail)
-                )
-                if bytes(chain) != want:
-                    return False, f"record {seq} was altered"
-                previous, expected_seq = want, seq + 1
-                if expected is not None and seq == expected[0]:
-                    seen[seq] = want
-        count = expected_seq - 1
-        if expected is not None and expected[0] > 0 and seen.get(expected[0]) != expected[1]:
-            return False, f"the log no longer holds the recorded head (record {expected[0]})"
-        head = await self.get_meta("audit_head")
-        if head is None:
-            return (count == 0), ("empty" if count == 0 else "the chain head is missing")
-        try:
-            decoded = cbor.loads(bytes(head))
-        except (cbor.MalformedCBOR, TypeError, ValueError):
-            return False, "the chain head is unreadable"
-        if not isinstance(decoded, list) or len(decoded) != 2:
-            return False, "the chain head is unreadable"
-        head_seq, head_chain = decoded
-        if head_seq != count or head_chain != previous:
-            return False, f"records after {count} were removed (head says {head_seq!r})"
-        return True, f"{count} records, chain intact"
-
 
 #: How long a point read on the event loop waits for a lock (only a WAL recovery or the last
 #: connection's checkpoint takes one that stops readers) before it goes the worker thread's way.
@@ -434,9 +326,3 @@ def json_list(items: Iterable[Any]) -> str:
 
 def _match(name: object, pattern: object) -> int:
     return int(isinstance(name, str) and isinstance(pattern, str) and fnmatchcase(name, pattern))
-
-
-def _audit_bytes(
-    seq: int, at: int, actor: str, action: str, subject: str, result: str, detail: str
-) -> bytes:
-    return cbor.dumps([seq, at, actor, action, subject, result, detail])

@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from .database import Database, json_list
+from .audit import AuditLog
+from .database import json_list
 from .schema import StoreError
 
 __all__ = ["MAX_BATCH", "Deliveries"]
@@ -39,7 +40,7 @@ class _Batch:
     entries: list[tuple[_Delivery, int]] = field(default_factory=list)  # (delivery, at)
 
 
-class Deliveries(Database):
+class Deliveries(AuditLog):
     """The ``deliveries`` table, with grouped commits."""
 
     _open_batch: _Batch | None = None

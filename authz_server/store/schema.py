@@ -151,6 +151,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX grants_until ON grants(until) WHERE revoked_at IS NULL AND until IS NOT NULL;
     CREATE INDEX devices_folded ON devices(lower(id));
     """,
+    # 4: the audit log may be pruned behind a checkpoint (see store/audit.py): the last pruned
+    # record's seq and chain value with a MAC under the audit key; only records the checkpoint
+    # covers may be deleted.
+    """
+    CREATE TABLE audit_checkpoint (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        chain BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        mac BLOB NOT NULL
+    );
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        WHEN old.seq > COALESCE((SELECT seq FROM audit_checkpoint WHERE id = 1), 0)
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only (prune behind a checkpoint)');
+        END;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
