@@ -49,6 +49,7 @@ MODULES = (
     "proxy_scale",
     "large_transfer",
     "producer_footprint",
+    "as_flood",
 )
 
 #: Runs ``n`` iterations of the measured work.
