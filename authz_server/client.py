@@ -265,20 +265,15 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
 def quiet_undecodable_datagrams(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
     """aiocoap 0.4.17 lets some malformed datagrams (an option that is not UTF-8 where text is
     due) raise out of its receive callback, which asyncio then logs as an ERROR with a traceback.
-    The datagram is dropped either way; this logs it as one info line instead. Its DTLS client's
-    doubled "connected" event (InvalidStateError out of the same callback) becomes a debug line.
-    Every other exception goes to the default handler."""
+    The datagram is dropped either way; this logs it as one info line instead. Every other
+    exception goes to the default handler. (Its DTLS client's doubled "connected" event is
+    repaired where it arises, by :mod:`authz_server.dtls_client`.)"""
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         handle = repr(context.get("handle", ""))
         if isinstance(exc, UnicodeDecodeError) and "Recvmsg" in handle:
             logger.info("dropped an undecodable datagram")
-            return
-        if isinstance(exc, asyncio.InvalidStateError) and "DatagramTransport._read_ready" in handle:
-            # aiocoap 0.4.17's DTLS client now and then sees a handshake's "connected" event twice
-            # and sets its future twice; the datagram is lost and the request retransmits.
-            logger.debug("aiocoap's DTLS client saw an event twice; the request will retransmit")
             return
         loop.default_exception_handler(context)
 
@@ -421,6 +416,9 @@ class AsClient:
             return
         from aiocoap import Context  # the DTLS transport loads here, not at import
 
+        from . import dtls_client
+
+        dtls_client.apply()  # a session the AS closed and tinydtls renews: no traceback
         ctx = await Context.create_client_context(transports=["tinydtls"])
         ctx.client_credentials.load_from_dict(
             {

@@ -47,6 +47,7 @@ import urllib.parse
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, NamedTuple
 
+from authz_server import dtls_client
 from authz_server.client import AccessDenied as AsAccessDenied
 from authz_server.client import AsClient, AsError, AsUnavailable, Bundle, BundleError
 from oscar import names
@@ -216,6 +217,7 @@ class Consumer:
                 raise AccessDenied(str(exc)) from None
             except AsError as exc:
                 raise TransportError(f"cannot get the link key for the proxy: {exc}") from None
+            dtls_client.apply()  # a session the proxy closed and tinydtls renews: no traceback
             context = await Context.create_client_context(transports=["tinydtls"])
             context.client_credentials.load_from_dict(
                 {"*": {"dtls": {"psk": psk, "client-identity": self.bundle.device_id.encode()}}}
