@@ -50,6 +50,7 @@ MODULES = (
     "large_transfer",
     "producer_footprint",
     "as_flood",
+    "audit_verify",
 )
 
 #: Runs ``n`` iterations of the measured work.

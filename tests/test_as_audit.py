@@ -271,6 +271,10 @@ async def test_tampering_after_a_prune_is_detected(tmp_path: Path) -> None:
 
     cases: list[tuple[str | tuple[str, tuple], str]] = [
         (("UPDATE audit SET subject = 'x' WHERE seq = ?", (kept[1],)), "was altered"),
+        (("UPDATE audit SET at = 'x' WHERE seq = ?", (kept[1],)), "was altered"),
+        (("UPDATE audit SET at = at + 0.5 WHERE seq = ?", (kept[1],)), "was altered"),
+        (("UPDATE audit SET actor = x'00' WHERE seq = ?", (kept[1],)), "was altered"),
+        (("UPDATE audit SET detail = 7 WHERE seq = ?", (kept[1],)), "was altered"),
         (("DELETE FROM audit WHERE seq = ?", (kept[0],)), f"record {kept[0]} is missing"),
         (("DELETE FROM audit WHERE seq = ?", (kept[2],)), f"record {kept[2]} is missing"),
         ("DELETE FROM audit_checkpoint", "record 1 is missing"),

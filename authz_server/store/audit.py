@@ -37,7 +37,7 @@ import logging
 import sqlite3
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ DENIAL_INTERVAL = 60.0
 PRUNE_BATCH = 20_000
 #: Rows fetched at a time when verifying.
 _VERIFY_BATCH = 4096
+#: Distinct texts whose encoding verification remembers (then it starts over).
+_TEXT_CACHE = 65_536
 #: What a checkpoint's MAC input starts with: 33 bytes no chain input has at offsets 0 and 32
 #: (those start with the CBOR array head 0x87, after an empty or a 32-byte previous value).
 _CHECKPOINT_PREFIX = b"\xff" * 33
@@ -374,15 +376,35 @@ def _walk_snapshot(
         "WHERE seq > ? ORDER BY seq",
         (base,),
     )
-    encode: Callable[..., bytes] = audit_bytes
+    # audit_bytes, with the texts' encodings remembered: actors, actions, subjects, results and
+    # many details repeat (0.7 rather than 2 microseconds a record).
+    texts: dict[str, bytes] = {}
+    known = texts.get
+
+    def text(value: str) -> bytes:
+        if len(texts) >= _TEXT_CACHE:
+            texts.clear()
+        encoded = texts[value] = _text(value)
+        return encoded
+
+    join = b"".join
     while rows := cursor.fetchmany(_VERIFY_BATCH):
         for seq, at, actor, action, subject, result, detail, value in rows:
             if seq != want_seq:
                 return False, f"record {want_seq} is missing"
             try:
-                previous = chain(previous, encode(seq, at, actor, action, subject, result, detail))
-            except (TypeError, ValueError, OverflowError):
-                return False, f"record {seq} was altered"
+                record = join((
+                    b"\x87", _head(0, seq), _head(0, at),
+                    known(actor) or text(actor), known(action) or text(action),
+                    known(subject) or text(subject), known(result) or text(result),
+                    known(detail) or text(detail),
+                ))  # fmt: skip
+            except (AttributeError, TypeError, ValueError, OverflowError, struct.error):
+                try:
+                    record = audit_bytes(seq, at, actor, action, subject, result, detail)
+                except (TypeError, ValueError, OverflowError, struct.error):  # not as written
+                    return False, f"record {seq} was altered"
+            previous = chain(previous, record)
             if value != previous:
                 return False, f"record {seq} was altered"
             if expected is not None and seq == expected[0]:
