@@ -168,6 +168,26 @@ async def test_counted_denials_are_written_by_the_timer_and_at_close(tmp_path: P
         await s.close()
 
 
+@pytest.mark.asyncio
+async def test_counts_whose_write_failed_are_written_later(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(3):
+        await store.audit_denial("c1", "secret", "p/a", "no grant", NOW)
+
+    async def locked(self: object, records: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(audit_module.AuditLog, "_audit_many", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.flush_denials(NOW + 60)
+    monkeypatch.undo()
+    assert total(await store.audit_records()) == 1  # only the one written at once
+    assert await store.flush_denials(NOW + 61) == 1  # the kept aggregate
+    assert total(await store.audit_records()) == 3
+    assert (await store.verify_audit())[0]
+
+
 # --- the record's bytes and the chain function ---------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import struct
 import time
@@ -45,7 +46,7 @@ from oscar import cbor
 
 from ..vault import Vault
 from .database import Database
-from .denials import DenialTally, Entry
+from .denials import MAX_WINDOWS, DenialTally, Entry
 from .schema import AuditRecord
 
 __all__ = ["DENIAL_INTERVAL", "PRUNE_BATCH", "AuditLog"]
@@ -58,6 +59,8 @@ DENIAL_INTERVAL = 60.0
 PRUNE_BATCH = 20_000
 #: Rows fetched at a time when verifying.
 _VERIFY_BATCH = 4096
+#: Aggregate records kept for another try when their write failed (the oldest go past it).
+_MAX_UNWRITTEN = 4 * MAX_WINDOWS
 #: Distinct texts whose encoding verification remembers (then it starts over).
 _TEXT_CACHE = 65_536
 #: What a checkpoint's MAC input starts with: 33 bytes no chain input has at offsets 0 and 32
@@ -73,6 +76,7 @@ class AuditLog(Database):
         self.denials = DenialTally(DENIAL_INTERVAL)
         self._denial_timer: asyncio.TimerHandle | None = None
         self._denial_flush: asyncio.Task[None] | None = None
+        self._unwritten: list[Entry] = []  # aggregates whose write failed, to write again
 
     # --- appending -------------------------------------------------------------------------------
 
@@ -130,14 +134,24 @@ class AuditLog(Database):
         """Write the aggregate records of the windows ended by ``now`` (every window with
         ``drain``) in one transaction; returns how many were written."""
         moment = time.time() if now is None else now
-        entries = self.denials.drain(moment) if drain else self.denials.due(moment)
+        entries = self._unwritten + (
+            self.denials.drain(moment) if drain else self.denials.due(moment)
+        )
+        self._unwritten = []
         if entries:
-            async with self._transaction(count=False):
-                await self._audit_many(entries)
+            try:
+                async with self._transaction(count=False):
+                    await self._audit_many(entries)
+            except BaseException:
+                # Kept for the next flush (a second later, or at close), within a bound.
+                self._unwritten = (entries + self._unwritten)[-_MAX_UNWRITTEN:]
+                raise
         return len(entries)
 
     def _arm_denial_timer(self) -> None:
         end = self.denials.next_end()
+        if self._unwritten:  # a failed write: again in a second
+            end = min(end or math.inf, time.time() + 1.0)
         if end is None or self._denial_timer is not None or self._denial_flush is not None:
             return
         loop = asyncio.get_running_loop()
@@ -164,7 +178,7 @@ class AuditLog(Database):
             self._denial_timer = None
         if self._denial_flush is not None:
             await asyncio.gather(self._denial_flush, return_exceptions=True)
-        if self._db is not None and len(self.denials):
+        if self._db is not None and (len(self.denials) or self._unwritten):
             try:
                 await self.flush_denials(drain=True)
             except Exception:
