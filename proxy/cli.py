@@ -6,6 +6,9 @@
         [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls]
     oscar-proxy stats --state /var/lib/oscar/proxy [--json]
 
+``stats`` asks the running proxy for its live counters over ``STATE/stats.sock``
+(:mod:`proxy.statsock`): run it as the proxy's user.
+
 Forward proxying (Proxy-Uri) is always on; each ``--reverse`` maps a path prefix to a producer
 (``/PREFIX/REST`` is fetched from ``coap://HOST:PORT/PREFIX/REST``). Plain CoAP is served on the
 listen port and DTLS-PSK on the next one (identities: devices enrolled at the AS, keyed with link
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -41,6 +43,7 @@ from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, f
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
 from .config import parse_reverse as _parse_reverse
 from .core import Proxy
+from .statsock import StatsUnavailable, close_stats, read_stats, serve_stats
 
 PROG = "oscar-proxy"
 log = logging.getLogger("oscar.proxy")
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
         description="Cache and relay protected CoAP objects without being able to read them.",
-        epilog="oscar-proxy stats --state DIR prints the running proxy's counters.",
+        epilog="oscar-proxy stats --state DIR prints the running proxy's live counters.",
     )
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration")
     parser.add_argument("--bundle", type=Path, metavar="FILE", help="the proxy's bundle (0600)")
@@ -70,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_stats_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=f"{PROG} stats", description="Print a running proxy's counters.")
+    parser = OneLineParser(
+        prog=f"{PROG} stats", description="Print a running proxy's live counters."
+    )
     parser.add_argument("--state", type=Path, metavar="DIR", required=True)
     parser.add_argument("--json", action="store_true", help="one JSON object")
     return parser
@@ -108,6 +113,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
     ctx = None
+    stats: asyncio.Server | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
         ctx = await Context.create_server_context(
@@ -115,7 +121,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         )
         for each in ports:
             ensure_alone_on_port(host, each)
-        tasks.append(asyncio.create_task(_write_stats(proxy), name="stats"))
+        stats = await serve_stats(config.state, proxy.counters)
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host
@@ -127,21 +133,11 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await stop_tasks(tasks)
+        close_stats(config.state, stats)
         if ctx is not None:
             await ctx.shutdown()
-        with contextlib.suppress(OSError):
-            proxy.write_stats()
         await proxy.close()
         log.info("stopped")
-
-
-async def _write_stats(proxy: Proxy) -> None:
-    while True:
-        try:
-            proxy.write_stats()
-        except OSError as exc:
-            log.warning("cannot write stats: %s", exc.strerror)
-        await asyncio.sleep(1.0)
 
 
 async def _refresh_links(proxy: Proxy, creds: IndexedCreds, ctx: Any) -> None:
@@ -170,13 +166,10 @@ def stats_main(argv: list[str]) -> int:
     args = parse_args(build_stats_parser(), argv)
     if isinstance(args, int):
         return args
-    path = args.state / "stats.json"
     try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return fail(f"{PROG} stats", f"no {path}: is a proxy running with --state {args.state}?", 1)
-    except (OSError, ValueError) as exc:
-        return fail(f"{PROG} stats", f"cannot read {path}: {exc}", 1)
+        doc = read_stats(args.state)
+    except StatsUnavailable as exc:
+        return fail(f"{PROG} stats", str(exc), 1)
     if args.json:
         print(json.dumps(doc))
     else:

@@ -22,6 +22,10 @@
     links_refresh = 10.0               # seconds between fetches of the DTLS link keys from the AS
     signer_lookups = 60                # AS lookups of unknown signers (kids) per minute, in all
     signer_lookups_per_origin = 10     # the same per origin host (or publishing producer)
+    observers = 4096                   # Observe registrations held at once, in all
+    observers_per_client = 128         # ... per client (DTLS device, IPv4 address, IPv6 /64)
+    relays = 1024                      # upstream observations at once, in all
+    relays_per_client = 64             # ... that one client's registrations hold
 
 Every check happens before anything starts; a bad value is a :class:`ConfigError`.
 """
@@ -63,6 +67,15 @@ class Limits:
     #: per origin (:mod:`proxy.lookups`): junk objects with random kids cannot flood the AS.
     signer_lookups: int = 60
     signer_lookups_per_origin: int = 10
+    #: Observe registrations held at once, in all and per client (a DTLS device, a plain-CoAP
+    #: IPv4 address or IPv6 /64): beyond them a GET with Observe is answered without Observe
+    #: (RFC 7641 §4.1), so a client can hold no more of the proxy's memory (:mod:`proxy.relays`).
+    observers: int = 4096
+    observers_per_client: int = 128
+    #: Upstream observations (relays, one per resource and origin) at once, in all and held by
+    #: one client's registrations; a relay goes only toward an origin that served the object.
+    relays: int = 1024
+    relays_per_client: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):

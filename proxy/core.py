@@ -13,22 +13,23 @@ the object size limit and ``upstream_timeout`` per block (:meth:`Proxy._fetch`),
 whole before any byte of it is served. When the upstream fails, the newest valid entry is served
 until its ``exp``, and the upstream is left alone for ``upstream_backoff`` seconds.
 
-Observations: any number of downstream observers of a resource share one upstream observation,
-started with the first and cancelled with the last; every upstream notification is checked like a
-fetch, and each new object is pushed to all observers (also a published one).
+Observations (:mod:`proxy.relays`): the downstream observers of a resource that are relayed
+from one origin share one upstream observation, started with the first and cancelled with the
+last; a relay goes only toward an origin that served the resource's object (or its reverse
+target), within bounds in all and per client. Every notification is checked like a fetch, and
+each new object is pushed to all observers of the resource (also a published one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from authz_server.client import AsClient, AsUnavailable, Bundle, atomic_write, stop_tasks
+from authz_server.client import AsClient, Bundle, private_dir
 from consumer.errors import AccessDenied, TransportError
 from consumer.store import ConsumerStore
 from consumer.trust import Trust
@@ -38,6 +39,7 @@ from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
 from .lookups import BudgetedAs, LookupBudget, origin, origin_of
+from .relays import Relays
 
 __all__ = ["Proxy", "Stats", "Unavailable"]
 
@@ -71,6 +73,7 @@ class Stats:
     evictions: int = 0
     observers: int = 0
     upstream_observations: int = 0
+    observations_declined: int = 0
     signer_lookups_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -97,9 +100,8 @@ class Proxy:
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
         self._backoff: dict[tuple[str, str], float] = {}
-        #: Upstream observations per (resource, origin): observers naming another origin get
-        #: their own, so no client can take the relay of a resource away from its producer.
-        self._observations: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: Observers and upstream observations per (resource, origin), bounded.
+        self.relays = Relays(self)
         self.on_new_object: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
@@ -118,8 +120,7 @@ class Proxy:
 
             raise BundleError(f"the bundle is for a {bundle.role}, not a proxy")
         self.bundle = bundle
-        state = self.config.state
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = private_dir(self.config.state)
         disk = DiskCache(
             state / "cache.db",
             bundle.state_key("proxy storage"),
@@ -152,8 +153,7 @@ class Proxy:
         return self._upstream
 
     async def close(self) -> None:
-        await stop_tasks(self._observations.values())
-        self._observations.clear()
+        await self.relays.close()
         if self._upstream is not None:
             await self._upstream.shutdown()
             self._upstream = None
@@ -162,18 +162,20 @@ class Proxy:
         if self.cache is not None:
             self.cache.close()
 
-    def write_stats(self) -> None:
+    def counters(self) -> dict[str, int]:
+        """The live counters (served at /.well-known/oscar-stats and to ``oscar-proxy stats``)."""
         self.stats.evictions = self.cache.evictions
         self.stats.signer_lookups_refused = self.lookups.refused
-        doc = {
+        self.stats.observers = self.relays.observers
+        self.stats.upstream_observations = self.relays.relays
+        self.stats.observations_declined = self.relays.declined
+        return {
             **self.stats.as_dict(),
             "memory_entries": len(self.cache),
             "memory_bytes": self.cache.memory_bytes,
             "disk_entries": len(self.cache.disk) if self.cache.disk else 0,
             "disk_bytes": self.cache.disk.size if self.cache.disk else 0,
-            "time": int(self.now()),
         }
-        atomic_write(self.config.state / "stats.json", json.dumps(doc).encode(), 0o600)
 
     # --- checking objects ---
 
@@ -298,14 +300,14 @@ class Proxy:
         return await self._take(resource_id, source, entry, response)
 
     async def _fetch(self, ctx: Any, request: Any) -> Any:
-        """The upstream's answer to ``request``, a Block2 answer assembled by :meth:`_complete`.
+        """The upstream's answer to ``request``, a Block2 answer assembled by :meth:`complete`.
         Raises :class:`UpstreamError`, and what aiocoap raises (TimeoutError and the like)."""
         first = await asyncio.wait_for(
             ctx.request(request, handle_blockwise=False).response, self.limits.upstream_timeout
         )
-        return await self._complete(ctx, request, first)
+        return await self.complete(ctx, request, first)
 
-    async def _complete(self, ctx: Any, request: Any, first: Any) -> Any:
+    async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
         """``first`` (an answer or a notification) with the rest of its blocks, if it has more.
 
         aiocoap's own assembly has no size limit (an upstream named in a Proxy-Uri could stream
@@ -385,6 +387,7 @@ class Proxy:
             return self._upstream_failed(resource_id, source, entry, "AS unavailable")
         fresh = _with(new, upstream_etag=response.opt.etag, fresh_until=now + max_age)
         self._backoff.pop((resource_id, source), None)
+        self.relays.served(resource_id, source)
         if self.store(fresh):
             return fresh
         held = self.cache.get(resource_id)
@@ -427,82 +430,21 @@ class Proxy:
             self.stats.published += 1
         return new
 
-    # --- observation relay ---
+    # --- observation relay (proxy.relays) ---
 
-    def observe_upstream(self, resource_id: str, source: str | None) -> None:
-        """Make sure one upstream observation of ``source`` feeds ``resource_id``."""
-        if source is None or (resource_id, source) in self._observations:
-            return
-        self._observations[(resource_id, source)] = asyncio.create_task(
-            self._relay(resource_id, source), name=f"observe {resource_id}"
-        )
-        self.stats.upstream_observations = len(self._observations)
+    def reverse_target(self, resource_id: str) -> str | None:
+        """The configured reverse target URI of ``resource_id`` (longest prefix), if any."""
+        segments = resource_id.split("/")
+        for cut in range(len(segments), 0, -1):
+            base = self.config.reverse.get("/".join(segments[:cut]))
+            if base is not None:
+                return f"{base}/{resource_id}"
+        return None
 
-    def stop_observing(self, resource_id: str) -> None:
-        """The last observer of ``resource_id`` left: end its upstream observations."""
-        for key in [k for k in self._observations if k[0] == resource_id]:
-            self._observations.pop(key).cancel()
-        self.stats.upstream_observations = len(self._observations)
-
-    async def _relay(self, resource_id: str, source: str) -> None:
-        from aiocoap import GET, Message
-
-        delay = 1.0
-        while True:
-            ctx = await self.upstream()
-            self.stats.upstream_requests += 1
-            message = Message(code=GET, uri=source, observe=0)
-            request = ctx.request(message, handle_blockwise=False)
-            try:
-                first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
-                await self._notified(resource_id, source, await self._complete(ctx, message, first))
-                if first.opt.observe is None:
-                    raise AsUnavailable("the upstream does not take observers")
-                delay = 1.0
-                notifications = request.observation.__aiter__()
-                silence = _silence(first)
-                while True:
-                    try:
-                        notification = await asyncio.wait_for(notifications.__anext__(), silence)
-                    except StopAsyncIteration:
-                        log.info("upstream observation of %s ended; again", resource_id)
-                        break
-                    except TimeoutError:
-                        # RFC 7641 §3.3.1: nothing within Max-Age. A producer that restarted has
-                        # forgotten this observation and would never notify again: register anew.
-                        log.info("no notification of %s within its Max-Age; again", resource_id)
-                        break
-                    silence = _silence(notification)
-                    try:
-                        notification = await self._complete(ctx, message, notification)
-                    except UpstreamError as exc:  # the next notification brings the next one
-                        self.stats.upstream_errors += 1
-                        log.info("a notification of %s is dropped: %s", resource_id, exc)
-                        continue
-                    await self._notified(resource_id, source, notification)
-            except asyncio.CancelledError:
-                request.observation.cancel()
-                raise
-            except Exception as exc:
-                self.stats.upstream_errors += 1
-                why = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
-                log.info("upstream observation of %s failed: %s", resource_id, why)
-            finally:
-                if not request.observation.cancelled:
-                    request.observation.cancel()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-    async def _notified(self, resource_id: str, source: str, response: Any) -> None:
+    async def notified(self, resource_id: str, source: str, response: Any) -> None:
+        """Take a relay's notification of ``resource_id`` from ``source`` like a fetch."""
         held = self.cache.get(resource_id)
         await self._take(resource_id, source, held, response)
-
-
-def _silence(response: Any) -> float:
-    """How long an upstream observation may stay silent after ``response`` (its Max-Age, plus
-    a little for the notification that renews it to arrive)."""
-    max_age = response.opt.max_age
-    return (60 if max_age is None else max_age) + 2.0
 
 
 def _with(entry: Entry, **changes: Any) -> Entry:

@@ -53,8 +53,10 @@ from oscar import names
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 
+from .cache import Entry
 from .core import Proxy, Unavailable
 from .echo import AddressCheck, challenge_size
+from .relays import client_of
 
 __all__ = ["ProxySite"]
 
@@ -118,6 +120,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         self.proxy = proxy
         self.addresses = AddressCheck()
         self._observers: dict[str, set[Any]] = {}
+        #: Admitted observations by request id (see proxy.relays).
+        self._watches: dict[int, Any] = {}
         #: Observation requests (by id) whose first answer passed the amplification guard: their
         #: notifications are rendered from the same request and need no new proof of address.
         self._admitted: dict[int, Message | None] = {}
@@ -149,16 +153,10 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 raise BadTarget("4.00", "the target path is not a resource id")
             netloc = f"[{host}]" if ":" in host else host
             return resource_id, f"coap://{netloc}:{port or 5683}/{resource_id}"
-        segments = tuple(opt.uri_path)
-        resource_id = "/".join(segments)
+        resource_id = "/".join(opt.uri_path)
         if not names.is_resource_id(resource_id):
             raise BadTarget("4.04", "not a resource id")
-        reverse = self.proxy.config.reverse
-        for cut in range(len(segments), 0, -1):
-            base = reverse.get("/".join(segments[:cut]))
-            if base is not None:
-                return resource_id, f"{base}/{resource_id}"
-        return resource_id, None
+        return resource_id, self.proxy.reverse_target(resource_id)
 
     # --- request path ---
 
@@ -202,26 +200,35 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             reason = str(exc).encode() if self._proven(request) else b""
             return Message(code=_CODES[exc.code], payload=reason)
         if request.code == Code.GET:
-            response = await self._get(request, resource_id, upstream)
-            if request.opt.observe == 0 and response.code.is_successful():
-                # Only an observer that got a first answer starts the upstream observation: an
-                # unverified one (4.01, Echo) would start and stop it for nothing.
-                self.proxy.observe_upstream(resource_id, upstream)
+            response, entry = await self._get(request, resource_id, upstream)
+            watch = self._watches.get(id(request))
+            # Only an observer that got a first answer holds a relay (an unverified one, 4.01
+            # and Echo, would start and stop it for nothing), and only one that the limits
+            # allow: any other gets this answer without Observe (RFC 7641 §4.1).
+            if (
+                watch is not None
+                and response.code.is_successful()
+                and not self.proxy.relays.attach(id(request), resource_id, upstream, entry)
+            ):
+                watch.deregister()
             return response
         if request.code == Code.PUT:
             return await self._put(request, resource_id)
         return Message(code=Code.METHOD_NOT_ALLOWED)
 
-    async def _get(self, request: Message, resource_id: str, upstream: str | None) -> Message:
+    async def _get(
+        self, request: Message, resource_id: str, upstream: str | None
+    ) -> tuple[Message, Entry | None]:
+        """The answer to a GET, and the entry it serves (if any)."""
         challenge = self._challenge(request)
         if challenge is not None:
-            return challenge
+            return challenge, None
         if id(request) in self._admitted:  # an observation: its notifications need no Echo
             self._admitted[id(request)] = request
         try:
             entry = await self.proxy.lookup(resource_id, upstream)
         except Unavailable as exc:
-            return Message(code=_CODES[exc.code], max_age=1)
+            return Message(code=_CODES[exc.code], max_age=1), None
         now = self.proxy.now()
         max_age = int(max(0.0, min(entry.fresh_until - now, entry.exp - now)))
         if entry.etag in (request.opt.etags or ()):
@@ -234,7 +241,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 etag=entry.etag,
                 max_age=max_age,
             )
-        return response
+        return response, entry
 
     def _challenge(self, request: Message) -> Message | None:
         """No amplification: an unproven plain-CoAP address gets 4.01 + Echo and nothing else
@@ -281,36 +288,41 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
     def _stats(self, request: Message) -> Message:
         if identity(request.remote) is None and not _loopback(request.remote):
             return Message(code=Code.FORBIDDEN)
-        self.proxy.stats.observers = sum(len(v) for v in self._observers.values())
-        self.proxy.stats.signer_lookups_refused = self.proxy.lookups.refused
-        doc = {
-            **self.proxy.stats.as_dict(),
-            "memory_entries": len(self.proxy.cache),
-            "disk_entries": len(self.proxy.cache.disk) if self.proxy.cache.disk else 0,
-        }
+        doc = self.proxy.counters()
         return Message(code=Code.CONTENT, payload=json.dumps(doc).encode(), content_format=50)
 
     # --- observation ---
 
     async def add_observation(self, request: Message, observation: Any) -> None:
+        # Accepted in every case (aiocoap calls the callback when the request ends); one that is
+        # malformed or beyond the observer limits is deregistered at once: its GET is answered
+        # without Observe.
+        holder = id(request)
         try:
             resource_id, _ = self.target(request)
         except BadTarget:
-            return  # the render answers the error; no observation
+            observation.accept(lambda: None)
+            observation.deregister()
+            return
+        client = client_of(identity(request.remote), _address(request.remote))
+        if not self.proxy.relays.admit(holder, client):
+            observation.accept(lambda: None)
+            observation.deregister()
+            return
         watchers = self._observers.setdefault(resource_id, set())
         watchers.add(observation)
-        self._admitted[id(request)] = None  # until _get admits its first answer
-        self.proxy.stats.observers += 1
+        self._watches[holder] = observation
+        self._admitted[holder] = None  # until _get admits its first answer
 
         def cancel() -> None:
-            self._admitted.pop(id(request), None)
-            self.proxy.stats.observers -= 1
+            self._admitted.pop(holder, None)
+            self._watches.pop(holder, None)
+            self.proxy.relays.release(holder)
             left = self._observers.get(resource_id)
             if left is not None:
                 left.discard(observation)
                 if not left:
                     del self._observers[resource_id]
-                    self.proxy.stop_observing(resource_id)
 
         observation.accept(cancel)
 

@@ -6,6 +6,7 @@
 - :class:`StandIn`: an aiocoap producer stand-in serving hand-sealed objects (good or bad) with a
   chosen Max-Age, or an error code;
 - :class:`RawClient`: CoAP datagrams from one UDP socket, sizes as they were on the wire;
+- :class:`ObserveClient`: Observe GETs from a loopback address of its own, Echo answered;
 - :func:`dtls_context`: a device's DTLS client context for the proxy's coaps port (link PSK).
 """
 
@@ -17,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from aiocoap import NON, Context, Message
+from aiocoap import GET, NON, Context, Message
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site
 from as_harness import Daemon, free_port
@@ -139,7 +140,8 @@ class CountingRelay:
 
 
 class StandInResource(ObservableResource):  # type: ignore[misc]
-    """Serves ``data`` (content format 18) with ``max_age``, or answers ``error``."""
+    """Serves ``data`` (content format 18) with ``max_age``, or answers ``error``; counts the
+    requests and the Observe registrations (``registrations``) it got."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,6 +149,11 @@ class StandInResource(ObservableResource):  # type: ignore[misc]
         self.max_age = 0
         self.error: Code | None = None
         self.requests = 0
+        self.registrations = 0
+
+    async def add_observation(self, request: Message, serverobservation: Any) -> None:
+        self.registrations += 1
+        await super().add_observation(request, serverobservation)
 
     def serve(self, data: bytes, max_age: int = 0) -> None:
         self.data, self.max_age, self.error = data, max_age, None
@@ -216,6 +223,48 @@ class RawClient:
                 return request, data, reply
 
     def close(self) -> None:
+        self.sock.close()
+
+
+class ObserveClient:
+    """GETs (with Observe) from one UDP socket bound to ``host``: a loopback address of its own
+    is a client of its own for the proxy's per-client limits. It answers the proxy's Echo
+    challenge once (then its address is proven). Blocking: call through ``asyncio.to_thread``."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(timeout)
+        self.sock.bind((host, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self._mid = 0x2000
+
+    def request(self, message: Message) -> Message:
+        """Send ``message`` (NON); its answer, after one Echo round trip if challenged."""
+        for _ in range(2):
+            self._mid = (self._mid + 1) & 0xFFFF
+            message.mtype = NON
+            message.mid = self._mid
+            message.token = self._mid.to_bytes(2, "big") + b"obs"
+            self.sock.send(message.encode())
+            while True:
+                reply = Message.decode(self.sock.recv(65536))
+                if reply.token == message.token:
+                    break
+            if reply.code != Code.UNAUTHORIZED or reply.opt.echo is None:
+                return reply
+            message.opt.echo = reply.opt.echo
+        return reply
+
+    def observe(self, proxy_uri: str, observe: int | None = 0) -> Message:
+        """A GET with Observe: 0 (``observe``) of ``proxy_uri`` (forward proxying); the first
+        answer."""
+        message = Message(code=GET, observe=observe)
+        message.opt.proxy_uri = proxy_uri
+        return self.request(message)
+
+    def close(self) -> None:
+        """Leave: the proxy's next notification to this socket gets an ICMP error and ends the
+        observations (what a client that goes away does)."""
         self.sock.close()
 
 
