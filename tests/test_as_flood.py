@@ -1,0 +1,177 @@
+"""A junk-hello flood against a real AS process (issue 13, security finding 3).
+
+Before the fix, each ClientHello from a source port the AS had no connection for made a connection
+(a tinydtls context, a task) and, with the table full, evicted one by a search of the whole table:
+about 0.4 ms per datagram at the default cap, so ~3,000 junk datagrams/s made new handshakes fail
+and stalled established sessions. Now a source gets a connection only by returning the cookie of
+a stateless HelloVerifyRequest (``authz_server.dtls.CookieGate``), eviction is O(1), and the guard
+reads the socket in batches:
+
+- a hello from a new port is answered with a HelloVerifyRequest and nothing else; anything that is
+  not a whole ClientHello gets nothing;
+- junk hellos from 8,000 ports leave no connection behind (the AS's memory does not grow with
+  them, where 8,000 connections took some 20 MiB), and cannot evict an established session even
+  at a connection cap of 2;
+- under 10,000 junk hellos/s from 4,096 ports, established sessions are served and new handshakes
+  complete.
+
+The flood generator is ``bench.as_flood`` (the benchmark that measures the same thing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiocoap import GET
+from aiocoap.error import NetworkError
+from as_harness import ROOT, AsEnv, Client, as_env
+
+# The flood generator is the benchmark's (bench/ is not an installed package).
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+from bench.as_flood import client_hello, finish_flood, start_flood
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path) as e:
+        yield e
+
+
+def _exchange(port: int, datagram: bytes, timeout: float = 1.0) -> bytes | None:
+    """Send one datagram from a fresh source port; the answer, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(datagram, ("127.0.0.1", port))
+        try:
+            return s.recv(2048)
+        except TimeoutError:
+            return None
+
+
+def _spray(port: int, sources: int) -> None:
+    """One junk hello from each of ``sources`` fresh source ports, paced at about 5,000/s."""
+    start = time.monotonic()
+    for i in range(sources):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(client_hello(os.urandom(32)), ("127.0.0.1", port))
+        if i % 100 == 99:
+            time.sleep(max(0.0, start + i / 5000 - time.monotonic()))
+
+
+async def _crl(client: Client, timeout: float = 5.0) -> str:
+    """GET /crl: the response code, or "failed" if none came within ``timeout`` seconds."""
+    try:
+        return (await client.send(client.message(GET, "crl"), timeout)).code.dotted
+    except (NetworkError, TimeoutError):
+        return "failed"
+
+
+@pytest.mark.asyncio
+async def test_a_hello_from_a_new_port_gets_a_stateless_cookie_and_junk_gets_nothing(
+    env: AsEnv,
+) -> None:
+    await env.device("known", "consumer")
+    server = env.server()
+    hello = client_hello(os.urandom(32), record_seq=7)
+    answer = _exchange(server.port, hello)
+    assert answer is not None and len(answer) < len(hello)  # no amplification
+    # A HelloVerifyRequest (RFC 6347 §4.2.1) echoing the hello's record sequence number.
+    assert answer[0] == 22 and answer[13] == 3 and answer[5:11] == (7).to_bytes(6, "big")
+    cookie = answer[-answer[27] :]
+    assert answer[27] == 16
+    # The cookie is bound to the source address: another port's cookie differs.
+    other = _exchange(server.port, hello)
+    assert other is not None and other[-16:] != cookie
+    # A wrong cookie is answered with a fresh HelloVerifyRequest, never a ServerHello.
+    wrong = _exchange(server.port, client_hello(os.urandom(32), cookie=os.urandom(16)))
+    assert wrong is not None and wrong[13] == 3
+    for junk in (
+        hello[:40],  # truncated
+        hello[:19] + b"\x00\x00\x05" + hello[22:],  # a fragment (offset 5)
+        b"\x17" + hello[1:],  # application data
+        b"\x16\xfe\xfd\x00\x01" + hello[5:],  # epoch 1
+        os.urandom(60),
+    ):
+        assert _exchange(server.port, junk, timeout=0.3) is None
+    client = await env.client(server, "known")
+    assert await _crl(client) == "2.05"  # a real client goes through both cookie exchanges
+
+
+@pytest.mark.asyncio
+async def test_junk_hellos_from_many_ports_leave_nothing_behind(env: AsEnv) -> None:
+    # A table that could hold every junk source: each would stay in it (some 2.5 KiB each).
+    roomy = env.server("--max-connections", "100000")
+    await asyncio.sleep(0.5)
+    _spray(roomy.port, 500)  # warm up: every code path of a junk hello once
+    await asyncio.sleep(0.5)
+    baseline = roomy.rss_kib()
+    _spray(roomy.port, 8000)
+    await asyncio.sleep(1.0)
+    grown = roomy.rss_kib() - baseline
+    assert grown < 4096, f"RSS grew by {grown} KiB for 8,000 junk sources"
+
+
+@pytest.mark.asyncio
+async def test_junk_hellos_cannot_evict_established_sessions_from_a_full_table(
+    env: AsEnv,
+) -> None:
+    await env.device("a", "consumer")
+    await env.device("b", "consumer")
+    # A table of two, both established: junk cannot take their places.
+    tight = env.server("--max-connections", "2")
+    clients = [await env.client(tight, "a"), await env.client(tight, "b")]
+    before = [await client.send(client.message(GET, "crl")) for client in clients]
+    _spray(tight.port, 2000)
+    await asyncio.sleep(0.5)
+    # Answered at once (CoAP's first retransmission would come after 2 to 3 s), in the same
+    # DTLS sessions. With the old guard, each junk source evicted the least recently seen
+    # entry, an established session included, and the next request took 2.7 s.
+    after = [await client.send(client.message(GET, "crl"), timeout=1.5) for client in clients]
+    assert [r.code.dotted for r in before + after] == ["2.05"] * 4
+    assert [r.remote for r in after] == [r.remote for r in before]
+
+
+@pytest.mark.asyncio
+async def test_sessions_and_new_handshakes_are_served_during_a_10000_per_second_flood(
+    env: AsEnv,
+) -> None:
+    devices = [await env.device(f"d{i}", "consumer") for i in range(4)]
+    server = env.server()
+    established = [await env.client(server, f"d{i}") for i in range(3)]
+    for client in established:
+        assert await _crl(client) == "2.05"
+    flooder = start_flood(server.port, rate=10_000, seconds=60, sources=4096)
+    try:
+        await asyncio.sleep(1.5)  # with the old guard, the table was full of junk by now
+        codes: list[str] = []
+        handshakes: list[tuple[str, float]] = []
+
+        async def requests(client: Client) -> None:
+            for _ in range(20):
+                codes.append(await _crl(client))
+                await asyncio.sleep(0.05)
+
+        async def new_handshakes() -> None:
+            for _ in range(8):
+                start = time.monotonic()
+                client = await Client.connect(server, "d3", devices[3])
+                try:
+                    handshakes.append((await _crl(client), time.monotonic() - start))
+                finally:
+                    await client.close()
+
+        await asyncio.gather(new_handshakes(), *(requests(c) for c in established))
+    finally:
+        sent, seconds = finish_flood(flooder)
+    assert sent / seconds > 8000, f"the flood reached only {sent / seconds:.0f}/s"
+    assert codes == ["2.05"] * 60, codes
+    assert [code for code, _ in handshakes] == ["2.05"] * 8, handshakes
