@@ -20,7 +20,15 @@ from oscar.errors import InvalidObject
 from oscar.objects import ObjectMetadata, Reading
 
 from .client import DEFAULT_TIMEOUT, Consumer, Target, parse_target
-from .errors import AccessDenied, ConsumerError, TransportError
+from .errors import (
+    AccessDenied,
+    ConsumerError,
+    NotFound,
+    Refused,
+    TimedOut,
+    TransportError,
+    Unreachable,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -28,9 +36,13 @@ __all__ = [
     "Consumer",
     "ConsumerError",
     "InvalidObject",
+    "NotFound",
     "ObjectMetadata",
     "Reading",
+    "Refused",
     "Target",
+    "TimedOut",
     "TransportError",
+    "Unreachable",
     "parse_target",
 ]

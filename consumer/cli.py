@@ -14,7 +14,9 @@ base64, as ``encoding`` says), ``producer``, ``resource``, ``epoch``, ``seq``, `
 Exit status: 0 success; 1 an object was rejected (for ``observe``: at least one notification was,
 each reported on its own line while observing goes on); 2 bad usage, an unusable bundle or a
 corrupt state directory; 3 access denied by the AS; 4 network or transport failure (including an
-observation the server ended). Every failure is one line ``oscar-consumer: error: ...`` on stderr,
+observation the server ended), said as ``not found:`` (4.04), ``refused:`` (nothing listens on the
+port, or another error code), ``timed out:``, ``unreachable:`` (no such host, no route) or
+``network:`` (anything else). Every failure is one line ``oscar-consumer: error: ...`` on stderr,
 and exceptions are translated to it in one place, :func:`main`. Logs go to stderr
 (``--log-level``, default warning); aiocoap's own loggers are kept at errors.
 
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="OSCAR consumer: fetch, verify and decrypt protected CoAP representations.",
         epilog="exit status: 0 success, 1 object rejected, 2 bad usage, 3 access denied by the "
-        "AS, 4 network or transport failure",
+        "AS, 4 network or transport failure (not found, refused, timed out, unreachable)",
     )
     parser.add_argument(
         "--config",
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except AccessDenied as exc:
         return fail(PROG, f"access denied by the AS: {exc}", 3)
     except TransportError as exc:
-        return fail(PROG, f"network: {exc}", 4)
+        return fail(PROG, f"{exc.kind}: {exc}", 4)
     except StateError as exc:
         return fail(PROG, f"state corrupt or unreadable: {exc}", 2)
     except BundleError as exc:

@@ -40,8 +40,10 @@ protected end to end).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable
@@ -60,7 +62,7 @@ from oscar.objects import (
     open_verified,
 )
 
-from .errors import AccessDenied, TransportError
+from .errors import AccessDenied, NotFound, Refused, TimedOut, TransportError, Unreachable
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .trust import Trust
 
@@ -319,22 +321,17 @@ class Consumer:
         try:
             return await asyncio.wait_for(awaitable, self.timeout if wait else None)
         except TimeoutError:
-            raise TransportError(
-                f"no answer from {target.peer} within {self.timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise TransportError(f"cannot reach {target.peer}: {exc.strerror or exc}") from None
+            raise TimedOut(f"no answer from {target.peer} within {self.timeout:g} s") from None
         except Exception as exc:
-            from aiocoap import error
-
-            if isinstance(exc, error.Error):
-                raise TransportError(f"cannot reach {target.peer}: {_describe(exc)}") from None
-            raise
+            failure = _network_failure(exc, target.peer)
+            if failure is None:
+                raise
+            raise failure from None
 
     def _payload(self, response: Any, target: Target) -> bytes:
         code = response.code
         if not code.is_successful():
-            raise TransportError(f"{target.peer} answered {code.dotted}")
+            raise _error_answer(code, f"{target.peer} answered")
         if code.dotted != "2.05":
             raise TransportError(f"{target.peer} answered {code.dotted}, not 2.05 Content")
         if response.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
@@ -456,18 +453,21 @@ class Consumer:
             # Iterate only now: an iterator made earlier would hold aiocoap's end-of-observation
             # error for a request that failed, and nobody would ever retrieve it.
             notifications = observation.__aiter__()
-            ended = ""
+            ended: Any = None  # the error code the server ended the observation with
             while True:
                 try:
                     # No time limit between notifications; once the server has said its last
                     # word (an error code), the end of the observation follows at once.
                     notification = await self._response(
-                        notifications.__anext__(), target, wait=bool(ended)
+                        notifications.__anext__(), target, wait=ended is not None
                     )
                 except StopAsyncIteration:
-                    raise TransportError(f"{target.peer} ended the observation{ended}") from None
+                    what = f"{target.peer} ended the observation"
+                    if ended is None:
+                        raise TransportError(what) from None
+                    raise _error_answer(ended, what + " with") from None
                 if not notification.code.is_successful():
-                    ended = f" ({notification.code.dotted})"
+                    ended = notification.code
                     continue
                 reading = await self._notification(exchange, notification, target, True, on_reject)
                 if reading is not None:
@@ -517,8 +517,53 @@ def _cancel(request: Any) -> None:
         observation.cancel()
 
 
+def _error_answer(code: Any, what: str) -> TransportError:
+    """An error response code as the consumer's category; ``what`` says who answered."""
+    text = f"{what} {code.dotted} {code.name_printable}"
+    if code.dotted == "4.04":
+        return NotFound(f"{text}: no such resource there")
+    if code.dotted == "5.04":
+        return TimedOut(f"{text}: the proxy got no answer from the origin")
+    if code.dotted == "5.02":
+        return Unreachable(f"{text}: the proxy could not reach the origin")
+    return Refused(text)
+
+
+#: OS errors that mean no route to the host (as opposed to nothing listening on the port).
+_NO_ROUTE = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+def _network_failure(exc: BaseException, peer: str) -> TransportError | None:
+    """An OS, aiocoap or DTLS failure to reach ``peer`` as the consumer's category; None for
+    any other exception (a bug, not the network: left to propagate)."""
+    from aiocoap import error
+
+    if isinstance(exc, error.ResolutionError | socket.gaierror):
+        return Unreachable(f"cannot resolve the host name of {peer}")
+    if isinstance(exc, error.TimeoutError):
+        return TimedOut(f"no answer from {peer} (retransmissions exhausted)")
+    # aiocoap wraps the socket's error (e.g. an ICMP error from the error queue) as the cause.
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, OSError):
+        if cause.errno == errno.ECONNREFUSED:
+            return Refused(f"{peer} refused: nothing listens on that port (ICMP port unreachable)")
+        if cause.errno in _NO_ROUTE:
+            return Unreachable(f"no route to {peer} ({os.strerror(cause.errno)})")
+        return TransportError(f"cannot reach {peer}: {cause.strerror or type(cause).__name__}")
+    if type(exc).__module__ == "aiocoap.transports.tinydtls":  # FatalDTLSError, close_notify
+        return TransportError(f"the DTLS session with {peer} failed ({type(exc).__name__})")
+    if isinstance(exc, error.Error):
+        return TransportError(f"cannot reach {peer}: {_describe(exc)}")
+    return None
+
+
 def _describe(exc: Exception) -> str:
-    text = str(exc)
+    text = " ".join(str(exc).split())
     name = type(exc).__name__
-    # aiocoap's messages name addresses and causes; keep them short and on one line.
-    return f"{name} ({' '.join(text.split())[:200]})" if text else name
+    # aiocoap's messages name addresses and causes; keep them short and on one line. Its
+    # NetworkError says only its own name ("Network error: NetworkError"): no use repeating.
+    if not text or text.endswith(f": {name}"):
+        return name
+    return f"{name} ({text[:200]})"

@@ -8,7 +8,12 @@
     └── ConsumerError                base of this package's own errors
         ├── AccessDenied             the AS refused this consumer the access secret          → 3
         └── TransportError           the producer, proxy or AS did not answer or answered with
-                                     an error code; a stale CRL that cannot be refreshed       → 4
+            │                        an error code; a stale CRL that cannot be refreshed       → 4
+            ├── NotFound             the server answered 4.04: no such resource there          → 4
+            ├── Refused              nothing listens there (ICMP port unreachable), or the
+            │                        server answered another error code                        → 4
+            ├── TimedOut             no answer within the timeout (or a proxy's 5.04)          → 4
+            └── Unreachable          the name does not resolve, no route (or a proxy's 5.02)   → 4
     ValueError / TypeError           misuse by the caller (a malformed URI or resource id)     → 2
 
 Foreign exceptions (aiocoap's, asyncio's timeouts, the AS client's) are translated where they
@@ -20,7 +25,15 @@ from __future__ import annotations
 
 from oscar.errors import OscarError
 
-__all__ = ["AccessDenied", "ConsumerError", "TransportError"]
+__all__ = [
+    "AccessDenied",
+    "ConsumerError",
+    "NotFound",
+    "Refused",
+    "TimedOut",
+    "TransportError",
+    "Unreachable",
+]
 
 
 class ConsumerError(OscarError):
@@ -32,4 +45,32 @@ class AccessDenied(ConsumerError):
 
 
 class TransportError(ConsumerError):
-    """A peer (producer, proxy or AS) could not be reached, timed out, or answered with an error."""
+    """A peer (producer, proxy or AS) could not be reached, timed out, or answered with an error.
+    :attr:`kind` names the category in the CLI's message (``oscar-consumer: error: KIND: ...``)."""
+
+    kind = "network"
+
+
+class NotFound(TransportError):
+    """The server answered 4.04 Not Found: it has no such resource (a wrong path or producer)."""
+
+    kind = "not found"
+
+
+class Refused(TransportError):
+    """Nothing listens at that address (ICMP port unreachable), or the server answered an error
+    code other than 4.04."""
+
+    kind = "refused"
+
+
+class TimedOut(TransportError):
+    """No answer within the timeout (the host may be down or the datagrams lost)."""
+
+    kind = "timed out"
+
+
+class Unreachable(TransportError):
+    """The host name does not resolve, or there is no route to the host."""
+
+    kind = "unreachable"

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -42,7 +43,16 @@ from consumer_harness import (
 
 from authz_server.client import Bundle, BundleError, StateError
 from authz_server.store import Store
-from consumer import AccessDenied, Consumer, InvalidObject, TransportError
+from consumer import (
+    AccessDenied,
+    Consumer,
+    InvalidObject,
+    NotFound,
+    Refused,
+    TimedOut,
+    TransportError,
+    Unreachable,
+)
 from consumer.store import ConsumerStore
 from oscar import ProtectedObject, Reading, Sealer, certs
 
@@ -327,19 +337,62 @@ async def test_unreachable_or_failing_server(
     nobody = f"coap://127.0.0.1:{free_port()}/{TEMPERATURE}"
     started = time.monotonic()
     async with Consumer(world.bundle(READER), tmp_path / "state", timeout=2) as consumer:
-        with pytest.raises(TransportError):
+        with pytest.raises(Refused):
             await consumer.get(nobody)
-        with pytest.raises(TransportError, match=r"answered 4\.04"):
+        with pytest.raises(NotFound, match=r"answered 4\.04 Not Found"):
             await consumer.get(producer.uri(HUMIDITY))  # nothing published there
     assert time.monotonic() - started < 5
-    results = await asyncio.gather(
-        cli(world, tmp_path / "state", "--timeout", "2", "get", nobody),
-        cli(world, tmp_path / "state", "get", producer.uri(HUMIDITY)),
-    )
-    for result in results:
-        assert result.code == 4 and result.out == b""
-        assert result.error.startswith("network: ")
-    assert "4.04" in results[1].error
+
+
+@pytest.mark.asyncio
+async def test_each_transport_failure_is_named_by_its_category(
+    world: World, producer: ProducerStandIn, tmp_path: Path
+) -> None:
+    """Not found, refused, timed out, unreachable: each its own words on the one error line
+    (exit 4), never aiocoap's bare "NetworkError"."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # receives, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        cases = {
+            "not found": producer.uri(HUMIDITY),  # nothing published there: 4.04
+            "refused": f"coap://127.0.0.1:{free_port()}/{TEMPERATURE}",
+            "timed out": f"coap://127.0.0.1:{port}/{TEMPERATURE}",
+            "unreachable": f"coap://no-such-host.invalid/{TEMPERATURE}",
+        }
+        results = await asyncio.gather(
+            *(
+                cli(world, tmp_path / kind, "--timeout", "2", "get", uri)
+                for kind, uri in cases.items()
+            )
+        )
+    finally:
+        silent.close()
+    for kind, result in zip(cases, results, strict=True):
+        assert result.code == 4 and result.out == b"", (kind, result)
+        assert len(result.err.splitlines()) == 1, (kind, result)
+        assert result.error.startswith(f"{kind}: "), (kind, result)
+        assert "NetworkError" not in result.err, (kind, result)
+    assert "4.04 Not Found" in results[0].error
+    assert "nothing listens" in results[1].error
+    assert "within 2 s" in results[2].error
+    assert "no-such-host.invalid" in results[3].error
+
+
+@pytest.mark.asyncio
+async def test_a_proxy_answer_for_an_origin_it_cannot_reach_is_named(
+    world: World, tmp_path: Path
+) -> None:
+    """A proxy's 5.04 is the origin timing out, its 5.02 the origin unreachable, and any other
+    error code is a refusal (with the code and its name)."""
+    from consumer.client import _error_answer
+
+    cases = {Code.GATEWAY_TIMEOUT: TimedOut, Code.BAD_GATEWAY: Unreachable}
+    cases |= {Code.NOT_FOUND: NotFound, Code.FORBIDDEN: Refused, Code.BAD_REQUEST: Refused}
+    for code, kind in cases.items():
+        failure = _error_answer(code, "coap://p answered")
+        assert type(failure) is kind and code.dotted in str(failure)
+        assert code.name_printable in str(failure)
 
 
 # --- the CLI -------------------------------------------------------------------------------------
@@ -503,7 +556,7 @@ async def test_observe_yields_new_values_and_survives_injected_objects(
             assert len(rejected) == 1
 
             resource.fail(Code.SERVICE_UNAVAILABLE)  # the server ends the observation
-            with pytest.raises(TransportError, match=r"ended the observation \(5\.03\)"):
+            with pytest.raises(Refused, match=r"ended the observation with 5\.03 Service Unavail"):
                 await next_value()
         finally:
             task.cancel()
@@ -550,7 +603,10 @@ async def test_cli_observe(world: World, producer: ProducerStandIn, tmp_path: Pa
     assert result.out == b"b\nc\n"
     lines = result.err.splitlines()
     assert lines[0] == ERROR_PREFIX + "object rejected: replay or rollback of the sequence number"
-    assert lines[1].startswith(ERROR_PREFIX + "network: ") and len(lines) == 2
+    assert lines[1] == ERROR_PREFIX + (
+        f"not found: {second.address} ended the observation with 4.04 Not Found: "
+        "no such resource there"
+    )
 
 
 # --- through a forward proxy ---------------------------------------------------------------------
