@@ -43,7 +43,7 @@ from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, f
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
 from .config import parse_reverse as _parse_reverse
 from .core import Proxy
-from .statsock import StatsUnavailable, close_stats, read_stats, serve_stats
+from .statsock import StatsUnavailable, close_stats, ensure_state_free, read_stats, serve_stats
 
 PROG = "oscar-proxy"
 log = logging.getLogger("oscar.proxy")
@@ -107,6 +107,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     for each in ports:  # before any work: a port in use changes no state
         ensure_port_free(host, each)
+    ensure_state_free(config.state)  # nor a state directory another proxy uses
     proxy = Proxy(config)
     proxy.open()
     site = ProxySite(proxy)

@@ -25,7 +25,14 @@ from pathlib import Path
 
 from authz_server.client import StateError
 
-__all__ = ["SOCKET", "StatsUnavailable", "read_stats", "serve_stats"]
+__all__ = [
+    "SOCKET",
+    "StatsUnavailable",
+    "close_stats",
+    "ensure_state_free",
+    "read_stats",
+    "serve_stats",
+]
 
 SOCKET = "stats.sock"
 _MAX_PATH = 100
@@ -60,7 +67,7 @@ def _connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
-def _clear_stale(state: Path) -> None:
+def ensure_state_free(state: Path) -> None:
     """Remove a socket file left by a proxy that is gone; StateError if one still answers on it
     or if something else has the name."""
     path = state / SOCKET
@@ -93,7 +100,7 @@ async def serve_stats(state: Path, counters: Callable[[], dict[str, int]]) -> as
         finally:
             writer.close()
 
-    _clear_stale(state)
+    ensure_state_free(state)
     with _address(state) as address:
         server = await asyncio.start_unix_server(answer, path=address)
         os.chmod(address, 0o600)
