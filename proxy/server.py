@@ -4,7 +4,7 @@
 ``GET`` with Proxy-Uri (or Proxy-Scheme)   forward: the target ``coap://HOST:PORT/<rid>``
 ``GET /PREFIX/...`` (``--reverse``)        reverse: ``URI/PREFIX/...`` of the mapped producer
 ``GET /<rid>`` (no mapping)                what was published for ``<rid>``, if anything
-``GET`` + ``Observe: 0``                   as GET, then every new object (one upstream observation)
+``GET`` + ``Observe: 0``                   as GET, then every new object (:mod:`proxy.relays`)
 ``PUT /<rid>`` (DTLS, the owner only)      publish an object (content format 18)
 ``GET /.well-known/oscar-stats``           counters (JSON), from loopback or over DTLS
 =========================================  ===================================================
@@ -30,9 +30,13 @@ by design. Whatever an origin serves is verified before it is cached (an origin 
 that its producer did not sign, nor roll an entry back), the challenge above keeps a spoofed
 source from making the proxy fetch anything, each (resource, origin) has its own in-flight fetch
 and back-off, and the AS lookups that an origin's objects can cause are budgeted
-(:mod:`proxy.lookups`). What remains is that a verified client can make the proxy send GETs to a
-host of its choosing (as any forward proxy does); a deployment that needs less puts a firewall
-rule in front, or maps producers with ``--reverse`` and filters Proxy-Uri at the edge.
+(:mod:`proxy.lookups`). An observation is relayed only from an origin that served the object
+(or the reverse target), within bounds in all and per client, and the relay ends with the last
+observation attached to it (:mod:`proxy.relays`): naming origins in Observe requests makes the
+proxy observe none of them that never served the object. What remains is that a verified client
+can make the proxy send GETs to a host of its choosing (as any forward proxy does); a deployment
+that needs less puts a firewall rule in front, or maps producers with ``--reverse`` and filters
+Proxy-Uri at the edge.
 """
 
 from __future__ import annotations
