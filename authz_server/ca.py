@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from oscar import certs
 from oscar.errors import CertificateError
 
+from .client import StateError, atomic_write, private_dir
 from .store import MASTER_KEY_NAME, Store, StoreError
 from .vault import create_master_key
 
@@ -38,7 +39,10 @@ async def init_state(
 
     Refuses a directory that already holds a master key or a database. Returns the open store.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        private_dir(state_dir)
+    except StateError as exc:
+        raise StoreError(str(exc)) from None
     if (state_dir / MASTER_KEY_NAME).exists() or (state_dir / "as.db").exists():
         raise StoreError(f"{state_dir} holds an AS state already; refusing to overwrite it")
     master_key = create_master_key(state_dir / MASTER_KEY_NAME)
@@ -52,7 +56,7 @@ async def init_state(
         await store.set_ca_key(certs.private_key_pem(ca_key))
         await store.set_meta("ca_cert", pem)
         await store.set_meta("as_uri", as_uri)
-        (state_dir / CA_CERT_NAME).write_bytes(pem)
+        atomic_write(state_dir / CA_CERT_NAME, pem, 0o644)
         await store.audit("admin", "init", ca_name, "ok", {"as_uri": as_uri}, now)
     except BaseException:
         await store.close()

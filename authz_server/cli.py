@@ -294,7 +294,6 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
             raise UsageError(f"{state} is not a directory")
         if any(state.iterdir()):
             raise UsageError(f"{state} is not empty; init wants a new or empty directory")
-        state.chmod(0o700)
     else:
         state.mkdir(mode=0o700, parents=True)
 

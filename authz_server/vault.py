@@ -76,9 +76,11 @@ def create_master_key(path: Path) -> bytes:
 
 def read_master_key(path: Path) -> bytes:
     """Read the master key; refuse a file others can read or write."""
-    try:
-        info = path.stat()
-        data = path.read_bytes()
+    try:  # never through a symbolic link; a FIFO does not block
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            data = f.read(KEY_LENGTH + 1)
     except OSError as exc:
         raise MasterKeyError(f"cannot read the master key {path}: {exc.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):

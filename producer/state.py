@@ -21,7 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from authz_server.client import KeyState, SealedFile, StateError, atomic_write
+from authz_server.client import (
+    KeyState,
+    SealedFile,
+    StateError,
+    atomic_write,
+    private_dir,
+    read_state_file,
+)
 from oscar import certs
 from oscar.algorithms import PrivateKey
 
@@ -126,13 +133,10 @@ class ProducerState:
     """The state directory: key, certificate, key states and sequence limits."""
 
     def __init__(self, directory: Path, state_key: bytes) -> None:
-        directory = Path(directory)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not directory.is_dir():
-            raise StateError(f"{directory} is not a directory")
+        directory = private_dir(Path(directory))
         self.directory = directory
         # One producer per state directory: two would hand out the same seqs (nonce reuse).
-        self._lock = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,16 +157,11 @@ class ProducerState:
 
     def signing_key(self, algorithm: str) -> PrivateKey:
         """The producer's key, made (mode 0600) on first use."""
-        try:
-            pem = self.key_path.read_bytes()
-        except FileNotFoundError:
+        pem = read_state_file(self.key_path, private=True)
+        if pem is None:
             key = certs.generate_signing_key(algorithm)
             atomic_write(self.key_path, certs.private_key_pem(key), 0o600)
             return key
-        except OSError as exc:
-            raise StateError(f"cannot read {self.key_path}: {exc.strerror}") from None
-        if os.stat(self.key_path).st_mode & 0o077:
-            raise StateError(f"{self.key_path} is readable by others: chmod 600 it")
         try:
             key = certs.load_private_key(pem)
         except ValueError as exc:
@@ -182,12 +181,7 @@ class ProducerState:
             self._lock = -1
 
     def certificate_pem(self) -> bytes | None:
-        try:
-            return self.cert_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateError(f"cannot read {self.cert_path}: {exc.strerror}") from None
+        return read_state_file(self.cert_path)
 
     def save_certificate(self, pem: bytes) -> None:
         atomic_write(self.cert_path, pem, 0o644)
