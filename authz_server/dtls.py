@@ -65,7 +65,6 @@ MAX_SESSIONS_PER_IDENTITY = 4
 
 _ESTABLISHED = "_oscar_established"
 _GUARD = "_oscar_guard"  # on the transport's pool: the ConnectionGuard installed there
-_ALERT = b"\x15"  # DTLS record content type 21
 
 
 def label_of(device_id: str) -> str:
@@ -221,7 +220,7 @@ def _client_hello(data: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
         return None
     length = int.from_bytes(data[11:13], "big")
     handshake = data[13 : 13 + length]
-    if len(handshake) != length or handshake[0] != 1:  # client_hello
+    if len(handshake) != length or length < 12 or handshake[0] != 1:  # client_hello
         return None
     body_length = int.from_bytes(handshake[1:4], "big")
     if handshake[6:9] != b"\0\0\0" or int.from_bytes(handshake[9:12], "big") != body_length:
@@ -387,7 +386,10 @@ class ConnectionGuard:
             reply = self.gate.answer(data, sockaddr)
             if reply is not None:
                 if reply:
-                    self._pool._transport.sendto(reply, sockaddr)
+                    # Straight to the socket: a reply that cannot leave now is dropped, never
+                    # queued (asyncio's transport would queue without a bound).
+                    with contextlib.suppress(OSError):
+                        self._pool._transport._sock.sendto(reply, sockaddr)
                 return
             self.verified += 1
         try:
