@@ -269,10 +269,9 @@ def test_planted_temporary_names_cannot_receive_the_producer_key(shared: Path) -
     planted = as_other(plant, str(state), str(bundle), str(first))
     assert planted.returncode == 0, planted.stderr
     before = snapshot(state)
-    line = run_refused("producer", shared, state)
-    assert f"the state directory {state} holds" in line
-    assert snapshot(state) == before
-    assert bundle.read_bytes() == bundle_before
+    producer = subprocess.run(
+        command("producer", shared, state), capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     steal = (
         "import os, sys\n"
         "found = []\n"
@@ -286,7 +285,12 @@ def test_planted_temporary_names_cannot_receive_the_producer_key(shared: Path) -
     )
     stolen = as_other(steal, str(state))
     assert stolen.returncode == 0, stolen.stderr
-    assert stolen.stdout.strip() == "[]"
+    assert stolen.stdout.strip() == "[]"  # no key in a file the attacker may read
+    assert bundle.read_bytes() == bundle_before  # no key written through a planted link
+    assert producer.returncode == 1
+    assert producer.stderr.count("\n") == 1
+    assert f"the state directory {state} holds" in producer.stderr
+    assert snapshot(state) == before
 
 
 # --- atomic_write, read_state_file, private_dir in process --------------------------------------
