@@ -391,3 +391,27 @@ def test_private_dir_makes_0700_and_names_control_characters_safely(tmp_path: Pa
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StateError, match="is not a directory"):
         private_dir(tmp_path / "file")
+
+
+def test_the_as_database_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """``as.db`` is made 0600 before SQLite opens it (its -wal and -shm follow its mode), not
+    with the umask's 0644; ``oscar-as init`` on a state directory that is a symlink changes
+    nothing."""
+    state = tmp_path / "state"
+    init = [str(BIN / "oscar-as"), "init", "--state", str(state), "--as-uri", "coaps://127.0.0.1"]
+    subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", *init], check=True, cwd=ROOT)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert modes == {"as.db": 0o600, "master.key": 0o600, "ca.pem": 0o644}
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+    real = tmp_path / "empty"
+    real.mkdir(mode=0o755)
+    (tmp_path / "link").symlink_to(real)
+    init[3] = str(tmp_path / "link")
+    refused = subprocess.run(init, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"oscar-as init: error: the state directory {tmp_path / 'link'} is a symbolic link: "
+        "refusing it (name the real directory)"
+    ]
+    assert list(real.iterdir()) == [] and stat.S_IMODE(real.stat().st_mode) == 0o755

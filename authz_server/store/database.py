@@ -85,8 +85,10 @@ class Database:
     async def create(cls: type[_D], state_dir: Path, master_key: bytes) -> _D:
         """Make the database of a new state directory (which must not hold one)."""
         path = state_dir / DB_NAME
-        if path.exists():
-            raise Conflict(f"{path} exists already")
+        try:  # 0600 whatever the umask (SQLite gives -wal and -shm the same mode); no link
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            raise Conflict(f"{path} exists already") from None
         db = await cls._connect(path)
         try:
             await cls._migrate(db)
