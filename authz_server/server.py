@@ -4,7 +4,8 @@
 serves the endpoints of :mod:`authz_server.api` with aiocoap's ``tinydtls_server`` only (no plain
 CoAP on any port). Around the site it runs:
 
-- the connection guard of :mod:`authz_server.dtls` (bounded table, idle sweep);
+- the connection guard of :mod:`authz_server.dtls` (a stateless cookie exchange before a new
+  source gets a connection, a bounded table with O(1) eviction, an idle sweep);
 - a watcher that polls ``store.changes()`` every ``tick`` seconds, so what the admin CLI changes
   in the database takes effect at once: newly enrolled devices may connect, revoked ones lose
   their credentials and their open sessions, and ``/keys`` observers of resources whose epochs
