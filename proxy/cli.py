@@ -122,7 +122,10 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         )
         for each in ports:
             ensure_alone_on_port(host, each)
-        stats = await serve_stats(config.state, proxy.counters)
+        try:
+            stats = await serve_stats(config.state, proxy.counters)
+        except OSError as exc:  # the proxy serves without: its counters stay at the CoAP endpoint
+            log.warning("no live counters for oscar-proxy stats: %s", exc.strerror or exc)
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host
