@@ -28,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +73,11 @@ def client_hello(random: bytes, cookie: bytes = b"", record_seq: int = 0) -> byt
     )
 
 
-def flood(port: int, rate: float, seconds: float, sources: int) -> tuple[int, float]:
+def flood(
+    port: int, rate: float, seconds: float, sources: int, stop: Callable[[], bool] = lambda: False
+) -> tuple[int, float]:
     """Send ClientHellos to 127.0.0.1:``port`` round-robin from ``sources`` sockets at ``rate``
-    per second for ``seconds``. Returns (datagrams sent, seconds taken)."""
+    per second for ``seconds`` or until ``stop()``. Returns (datagrams sent, seconds taken)."""
     sockets = []
     try:
         for _ in range(sources):
@@ -87,15 +90,14 @@ def flood(port: int, rate: float, seconds: float, sources: int) -> tuple[int, fl
         sent = 0
         start = time.monotonic()
         end = start + seconds
-        with contextlib.suppress(KeyboardInterrupt):  # finish_flood's SIGINT
-            while (now := time.monotonic()) < end:
-                due = int((now - start) * rate)
-                while sent < due:
-                    with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
-                        # (a full send buffer, or an earlier ICMP error: the datagram is lost)
-                        sockets[sent % sources].sendto(hellos[sent % len(hellos)], target)
-                    sent += 1
-                time.sleep(0.001)
+        while (now := time.monotonic()) < end and not stop():
+            due = int((now - start) * rate)
+            while sent < due:
+                with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                    # (a full send buffer, or an earlier ICMP error: the datagram is lost)
+                    sockets[sent % sources].sendto(hellos[sent % len(hellos)], target)
+                sent += 1
+            time.sleep(0.001)
         return sent, time.monotonic() - start
     finally:
         for s in sockets:
@@ -115,9 +117,9 @@ def start_flood(
 
 
 def finish_flood(process: subprocess.Popen[bytes]) -> tuple[int, float]:
-    """Stop a flood (SIGINT) and return (datagrams sent, seconds)."""
+    """Stop a flood (SIGTERM) and return (datagrams sent, seconds)."""
     if process.poll() is None:
-        process.send_signal(2)
+        process.terminate()
     out, _ = process.communicate(timeout=30)
     sent, seconds = out.split()
     return int(sent), float(seconds)
@@ -125,7 +127,10 @@ def finish_flood(process: subprocess.Popen[bytes]) -> tuple[int, float]:
 
 def _main(argv: list[str]) -> None:
     port, rate, seconds, sources = int(argv[0]), float(argv[1]), float(argv[2]), int(argv[3])
-    print(*flood(port, rate, min(seconds, FLOOD_LIMIT), sources), flush=True)
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda number, frame: stopped.append(number))
+    result = flood(port, rate, min(seconds, FLOOD_LIMIT), sources, stop=lambda: bool(stopped))
+    print(*result, flush=True)
 
 
 # --- the measurement -----------------------------------------------------------------------------
