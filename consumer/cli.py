@@ -11,6 +11,13 @@ reading is one JSON line: ``value`` (text for text content formats that are vali
 base64, as ``encoding`` says), ``producer``, ``resource``, ``epoch``, ``seq``, ``iat``, ``exp``,
 ``content_format``.
 
+A stale copy (a valid object older than one this consumer accepted before: a proxy's cache within
+its Max-Age after a direct read, or a replay) is never accepted and is not a rejection: ``get``
+prints one ``oscar-consumer: warning:`` line (what was served, what this consumer has seen, when
+the cache will ask its origin again) and gives the newest reading it holds, checked again now
+(exit 0); if that one is no longer valid, the error line says ``stale copy:`` (exit 4).
+``observe`` warns and goes on.
+
 Exit status: 0 success; 1 an object was rejected (for ``observe``: at least one notification was,
 each reported on its own line while observing goes on); 2 bad usage, an unusable bundle or a
 corrupt state directory; 3 access denied by the AS; 4 network or transport failure (including an
@@ -48,7 +55,7 @@ from oscar.errors import InvalidObject, OscarError
 from oscar.objects import Reading
 
 from .client import DEFAULT_TIMEOUT, Consumer, parse_target
-from .errors import AccessDenied, TransportError
+from .errors import AccessDenied, StaleCopy, TransportError
 
 log = logging.getLogger("oscar.consumer")
 
@@ -176,8 +183,18 @@ def _write_out(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
+def _warn_stale(stale: StaleCopy, instead: bool) -> None:
+    """One warning line on stderr: a stale copy is not an attack, and not an error either."""
+    held = f"; showing the newest reading held (epoch {stale.seen[0]} seq {stale.seen[1]})"
+    text = stale.describe() + (held if instead else "")
+    sys.stdout.flush()
+    print(f"{PROG}: warning: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
 async def _get(consumer: Consumer, args: argparse.Namespace) -> int:
-    reading = await consumer.get(args.uri, resource=args.resource, proxy=args.proxy)
+    reading = await consumer.get(
+        args.uri, resource=args.resource, proxy=args.proxy, on_stale=_warn_stale
+    )
     if args.output is not None:
         try:
             atomic_write(Path(args.output), reading.plaintext, 0o600)
@@ -200,7 +217,11 @@ async def _observe(consumer: Consumer, args: argparse.Namespace) -> int:
 
     received = 0
     observation = consumer.observe(
-        args.uri, resource=args.resource, proxy=args.proxy, on_reject=on_reject
+        args.uri,
+        resource=args.resource,
+        proxy=args.proxy,
+        on_reject=on_reject,
+        on_stale=_warn_stale,
     )
     try:
         async for reading in observation:
@@ -266,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level, args.log_json)
     try:
         return asyncio.run(_run(args))
+    except StaleCopy as exc:  # not an attack: what was served, what we have seen, when fresh
+        return fail(PROG, f"{exc.kind}: {exc.describe()}", 4)
     except InvalidObject as exc:
         return fail(PROG, f"object rejected: {exc.reason}", 1)
     except AccessDenied as exc:

@@ -32,6 +32,15 @@ An object equal in (epoch, seq) to the newest accepted is the same object again 
 a value once and serves it to everyone): :meth:`Consumer.get` returns it again, and so does the
 first answer of :meth:`Consumer.observe`; later notifications equal to it are skipped.
 
+An object that passes steps 1-3 but is *older* than the newest accepted is a stale copy
+(:class:`StaleCopy`: a proxy's cache within its Max-Age, after this consumer read a newer object
+elsewhere; or a replay). It is never accepted. :meth:`Consumer.get` (and the first answer of an
+observation) then gives the newest reading this consumer holds — the object kept when it was
+accepted (:meth:`ConsumerStore.held`), put through steps 2, 3 and 5 again now, so never bytes
+that are expired, revoked or unverified — and tells ``on_stale``; when that object is no longer
+valid, :class:`StaleCopy` is raised. Only an object that claims to be newer and fails a check is
+a rejection.
+
 What this module does not do: keep state on disk (:mod:`consumer.store`), decide whom to trust
 (:mod:`consumer.trust`), or speak DTLS to producers or proxies (``coap://`` only; objects are
 protected end to end).
@@ -40,6 +49,7 @@ protected end to end).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -62,7 +72,15 @@ from oscar.objects import (
     open_verified,
 )
 
-from .errors import AccessDenied, NotFound, Refused, TimedOut, TransportError, Unreachable
+from .errors import (
+    AccessDenied,
+    NotFound,
+    Refused,
+    StaleCopy,
+    TimedOut,
+    TransportError,
+    Unreachable,
+)
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .trust import Trust
 
@@ -75,6 +93,9 @@ DEFAULT_TIMEOUT = 10.0
 
 #: Called with each rejected notification of an observation (the observation goes on).
 RejectHandler = Callable[[InvalidObject], None]
+#: Called when a stale copy was served (see :class:`StaleCopy`), with whether the newest reading
+#: held is given instead.
+StaleHandler = Callable[[StaleCopy, bool], None]
 
 
 class Target(NamedTuple):
@@ -270,9 +291,13 @@ class Consumer:
         m = obj.metadata
 
         freshness = self.store.freshness
-        is_same = freshness.newest(resource_id) == (m.epoch, m.seq)
+        version = (m.epoch, m.seq)
+        newest = freshness.newest(resource_id)
+        is_same = newest == version
         if is_same and skip_same:
             return None
+        if newest is not None and version < newest:
+            raise StaleCopy(resource_id, version, newest)  # valid, but not news: never accepted
         if not is_same:
             freshness.check(resource_id, m.epoch, m.seq)
         if self.store.secret(resource_id, m.epoch) is None:
@@ -282,6 +307,40 @@ class Consumer:
             # Another task may have accepted a newer object while we waited for the AS.
             self.store.freshness.accept(resource_id, m.epoch, m.seq)
             self.store.save_freshness(resource_id)
+        held = self.store.held(resource_id)
+        if held is None or held.version < version:
+            self.store.put_held(resource_id, m.epoch, m.seq, data)
+        return reading
+
+    async def _held_reading(self, stale: StaleCopy) -> Reading:
+        """The newest reading held of ``stale``'s resource, checked again now (certificate,
+        revocation, signature, expiry, decryption); ``stale`` itself when there is none that is
+        still valid."""
+        held = self.store.held(stale.resource_id)
+        if held is None or held.version != self.store.freshness.newest(stale.resource_id):
+            raise stale
+        try:
+            return await self.open_object(held.data, stale.resource_id)
+        except InvalidObject as exc:
+            log.info("%s: the object held is not valid now: %s", stale.resource_id, exc.reason)
+            raise stale from None
+
+    async def _stale_answer(
+        self, stale: StaleCopy, response: Any, target: Target, on_stale: StaleHandler | None
+    ) -> Reading:
+        """The newest reading held instead of a stale copy (see the module doc), or
+        :class:`StaleCopy` saying who served what and when it will be fresh."""
+        stale.peer = target.peer
+        stale.fresh_in = _cache_fresh_in(response, target)
+        try:
+            reading = await self._held_reading(stale)
+        except StaleCopy:
+            log.info("%s", stale.describe())
+            raise
+        if on_stale is not None:
+            on_stale(stale, True)
+        else:
+            log.warning("%s; the newest reading held is given instead", stale.describe())
         return reading
 
     async def _fetch_secret(self, resource_id: str, epoch: int) -> None:
@@ -340,19 +399,30 @@ class Consumer:
         return payload
 
     async def get(
-        self, uri: str, *, resource: str | None = None, proxy: str | None = None
+        self,
+        uri: str,
+        *,
+        resource: str | None = None,
+        proxy: str | None = None,
+        on_stale: StaleHandler | None = None,
     ) -> Reading:
         """Fetch, check and open the current representation of a resource.
 
+        A valid object older than the newest accepted (a stale copy) gives the newest reading
+        held, checked again, and calls ``on_stale`` (without one, a warning is logged).
+
         Raises ``ValueError`` for a malformed URI, :class:`InvalidObject` when the object is
-        rejected (including a rollback: an object older than one accepted before),
-        :class:`AccessDenied` and :class:`TransportError`.
+        rejected, :class:`StaleCopy` (an :class:`InvalidObject`) for a stale copy when no newer
+        reading held is still valid, :class:`AccessDenied` and :class:`TransportError`.
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
         exchange = await self._request(target, observe=False)
         response = await self._assembled(exchange, exchange.response, target)
-        return await self.open_object(self._payload(response, target), target.resource_id)
+        try:
+            return await self.open_object(self._payload(response, target), target.resource_id)
+        except StaleCopy as stale:
+            return await self._stale_answer(stale, response, target, on_stale)
 
     async def _request(self, target: Target, *, observe: bool) -> _Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -430,14 +500,18 @@ class Consumer:
         resource: str | None = None,
         proxy: str | None = None,
         on_reject: RejectHandler | None = None,
+        on_stale: StaleHandler | None = None,
     ) -> AsyncGenerator[Reading, None]:
         """Observe a resource: the current reading, then one per new object.
 
         A rejected notification is logged, passed to ``on_reject`` and skipped: the observation
         goes on (someone on the path must not be able to end it with one packet). A notification
-        equal to the newest accepted object is skipped silently. ``timeout`` bounds the wait for
-        the first answer only. Ends with :class:`TransportError` when the server ends the
-        observation or cannot be reached; raises :class:`AccessDenied` as :meth:`get` does.
+        equal to the newest accepted object is skipped silently. A stale copy (older than the
+        newest accepted, otherwise valid) is passed to ``on_stale`` (else logged) and skipped;
+        as the first answer it gives the newest reading held, as :meth:`get` does. ``timeout``
+        bounds the wait for the first answer only. Ends with :class:`TransportError` when the
+        server ends the observation or cannot be reached; raises :class:`AccessDenied` as
+        :meth:`get` does.
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
@@ -445,7 +519,7 @@ class Consumer:
         first = exchange.response
         observation = exchange.request.observation
         try:
-            reading = await self._notification(exchange, first, target, False, on_reject)
+            reading = await self._notification(exchange, first, target, False, on_reject, on_stale)
             if reading is not None:
                 yield reading
             if first.opt.observe is None:
@@ -469,7 +543,9 @@ class Consumer:
                 if not notification.code.is_successful():
                     ended = notification.code
                     continue
-                reading = await self._notification(exchange, notification, target, True, on_reject)
+                reading = await self._notification(
+                    exchange, notification, target, True, on_reject, on_stale
+                )
                 if reading is not None:
                     yield reading
         finally:
@@ -483,6 +559,7 @@ class Consumer:
         target: Target,
         skip_same: bool,
         on_reject: RejectHandler | None,
+        on_stale: StaleHandler | None = None,
     ) -> Reading | None:
         try:
             response = await self._assembled(exchange, response, target)
@@ -491,7 +568,18 @@ class Consumer:
             return None
         try:
             payload = self._payload(response, target)
-            return await self._open(payload, target.resource_id, skip_same=skip_same)
+            try:
+                return await self._open(payload, target.resource_id, skip_same=skip_same)
+            except StaleCopy as stale:
+                if not skip_same:  # the first answer: the newest reading held, if still valid
+                    with contextlib.suppress(StaleCopy):
+                        return await self._stale_answer(stale, response, target, on_stale)
+                stale.peer, stale.fresh_in = target.peer, _cache_fresh_in(response, target)
+                if on_stale is not None:
+                    on_stale(stale, False)
+                else:
+                    log.warning("%s", stale.describe())
+                return None
         except InvalidObject as exc:
             # The handler reports it; without one, the log is the only trace.
             level = logging.INFO if on_reject is not None else logging.WARNING
@@ -515,6 +603,15 @@ def _cancel(request: Any) -> None:
     observation = getattr(request, "observation", None)
     if observation is not None and not observation.cancelled:
         observation.cancel()
+
+
+def _cache_fresh_in(response: Any, target: Target) -> int | None:
+    """Seconds until a proxy's cached copy is refreshed (its answer's Max-Age), or None when the
+    answer did not come through a proxy (a producer's Max-Age says nothing about a cache)."""
+    if target.proxy is None:
+        return None
+    max_age: int = response.opt.max_age if response.opt.max_age is not None else 60
+    return max_age
 
 
 def _error_answer(code: Any, what: str) -> TransportError:

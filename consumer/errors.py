@@ -4,6 +4,9 @@
 
     OscarError
     ├── InvalidObject                (oscar) the object was rejected: any check of DESIGN §4  → 1
+    │   └── StaleCopy                a valid object, older than the newest accepted: a cache's
+    │                                stale copy (or a replay); never accepted. The CLI shows
+    │                                the newest reading held instead (0), or says so          → 4
     ├── BundleError, StateError      (authz_server.client) credentials or state unusable      → 2
     └── ConsumerError                base of this package's own errors
         ├── AccessDenied             the AS refused this consumer the access secret          → 3
@@ -23,13 +26,14 @@ or plaintext: they name the peer and what failed.
 
 from __future__ import annotations
 
-from oscar.errors import OscarError
+from oscar.errors import InvalidObject, OscarError
 
 __all__ = [
     "AccessDenied",
     "ConsumerError",
     "NotFound",
     "Refused",
+    "StaleCopy",
     "TimedOut",
     "TransportError",
     "Unreachable",
@@ -74,3 +78,46 @@ class Unreachable(TransportError):
     """The host name does not resolve, or there is no route to the host."""
 
     kind = "unreachable"
+
+
+class StaleCopy(InvalidObject):
+    """A valid object (certificate, signature, expiry all checked) that is older than the newest
+    this consumer accepted of the resource: a cache still holds an older copy (a proxy, within its
+    Max-Age), or someone replays one. It is never accepted (DESIGN §4); unlike another rejection,
+    it is not an attack on its own, and :meth:`consumer.Consumer.get` answers it with the newest
+    reading the consumer holds when that is still valid.
+
+    ``served`` and ``seen`` are the (epoch, seq) of the object and of the newest accepted;
+    ``fresh_in`` is the answer's Max-Age (seconds until the cache asks its origin again) when it
+    came over CoAP; ``peer`` who served it.
+    """
+
+    kind = "stale copy"
+
+    def __init__(
+        self,
+        resource_id: str,
+        served: tuple[int, int],
+        seen: tuple[int, int],
+        *,
+        peer: str | None = None,
+        fresh_in: int | None = None,
+    ) -> None:
+        super().__init__("older than the newest object accepted (a stale copy or a replay)")
+        self.resource_id = resource_id
+        self.served = served
+        self.seen = seen
+        self.peer = peer
+        self.fresh_in = fresh_in
+
+    def describe(self) -> str:
+        """One line: what was served, what this consumer has seen, when the cache is fresh."""
+        who = self.peer or "the source"
+        text = (
+            f"{who} served {self.resource_id} epoch {self.served[0]} seq {self.served[1]}, older "
+            f"than epoch {self.seen[0]} seq {self.seen[1]} this consumer accepted before: a "
+            "cached copy not yet refreshed (or a replay), not accepted"
+        )
+        if self.fresh_in is not None:
+            text += f"; the proxy's copy is fresh again within {self.fresh_in} s (its Max-Age)"
+        return text

@@ -1,6 +1,6 @@
 """The consumer's state: what it caches from the AS, and the freshness of what it has accepted.
 
-Three :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
+Four :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
 encrypted and authenticated under ``bundle.state_key("consumer")`` and written atomically with
 mode 0600:
 
@@ -8,13 +8,17 @@ mode 0600:
   (DER and its ``next_update``);
 - ``secrets``: access secrets per (resource, epoch), a bounded LRU (:data:`DEFAULT_MAX_SECRETS`);
 - ``freshness``: the :class:`~oscar.freshness.FreshnessState` snapshot, newest (epoch, seq) per
-  resource.
+  resource;
+- ``objects``: the newest accepted object itself (the protected bytes as received, never the
+  plaintext) per resource, a bounded LRU (:data:`DEFAULT_MAX_OBJECTS`), so that a stale copy
+  served by a cache can be answered with the newest reading this consumer holds, checked again
+  (see :mod:`consumer.client`).
 
 Every file is read when the store opens; one that fails authentication raises
 :class:`~authz_server.client.StateError` and nothing is written. Each save re-reads the file under
-an exclusive lock on ``state_dir/lock`` and merges (newest freshness per resource, union of
-certificates and secrets), so two consumer processes sharing a directory never undo each other's
-freshness. With ``state_dir=None`` everything lives in memory only (and is lost at exit).
+an exclusive lock on ``state_dir/lock`` and merges (newest freshness and object per resource,
+union of certificates and secrets), so two consumer processes sharing a directory never undo each
+other's freshness. With ``state_dir=None`` everything lives in memory only (and is lost at exit).
 
 What this module does not do: check certificates or CRLs (:mod:`consumer.trust` does, on every
 load), talk to the network, or decide freshness (:mod:`oscar.freshness` does).
@@ -36,10 +40,19 @@ from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
 
-__all__ = ["DEFAULT_MAX_SECRETS", "CachedCertificate", "CachedCrl", "ConsumerStore"]
+__all__ = [
+    "DEFAULT_MAX_OBJECTS",
+    "DEFAULT_MAX_SECRETS",
+    "CachedCertificate",
+    "CachedCrl",
+    "ConsumerStore",
+    "HeldObject",
+]
 
 #: Access secrets kept at most; the least recently used go first.
 DEFAULT_MAX_SECRETS = 4096
+#: Newest accepted objects kept at most (one per resource); the least recently accepted go first.
+DEFAULT_MAX_OBJECTS = 256
 
 _KID_LENGTH = 8
 
@@ -82,6 +95,27 @@ def _parse_trust(doc: Any) -> tuple[dict[bytes, CachedCertificate], CachedCrl | 
     return certificates, crl
 
 
+class HeldObject(NamedTuple):
+    """The newest object accepted of a resource, as received (protected: never the plaintext)."""
+
+    epoch: int
+    seq: int
+    data: bytes
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.epoch, self.seq)
+
+
+def _parse_objects(doc: Any) -> OrderedDict[str, HeldObject]:
+    objects: OrderedDict[str, HeldObject] = OrderedDict()
+    for rid, epoch, seq, data in doc:
+        if not is_resource_id(rid) or not isinstance(data, bytes):
+            raise ValueError("malformed object entry")
+        objects[rid] = HeldObject(_uint(epoch), _uint(seq), data)
+    return objects
+
+
 def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
     secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
     if not isinstance(doc, list):
@@ -105,7 +139,8 @@ class ConsumerStore:
         key: bytes,
         *,
         max_secrets: int = DEFAULT_MAX_SECRETS,
-        files: tuple[str, ...] = ("trust", "secrets", "freshness"),
+        max_objects: int = DEFAULT_MAX_OBJECTS,
+        files: tuple[str, ...] = ("trust", "secrets", "freshness", "objects"),
         label: str = "consumer",
     ) -> None:
         """Open (creating it with mode 0700 if needed) and read the state directory.
@@ -120,17 +155,19 @@ class ConsumerStore:
         if max_secrets < 1:
             raise ValueError("max_secrets must be at least 1")
         self._max_secrets = max_secrets
+        self._max_objects = max(1, max_objects)
         self.certificates: dict[bytes, CachedCertificate] = {}
         self.crl: CachedCrl | None = None
         self._secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
         self.freshness = FreshnessState()
+        self._objects: OrderedDict[str, HeldObject] = OrderedDict()
         self.directory: Path | None = None
         self._files: dict[str, SealedFile] = {}
         if state_dir is None:
             return
         self.directory = private_dir(Path(state_dir))
-        if not set(files) <= {"trust", "secrets", "freshness"}:
-            raise ValueError("files are some of trust, secrets, freshness")
+        if not set(files) <= {"trust", "secrets", "freshness", "objects"}:
+            raise ValueError("files are some of trust, secrets, freshness, objects")
         self._files = {
             name: SealedFile(self.directory / name, key, f"{label} {name}") for name in files
         }
@@ -138,6 +175,9 @@ class ConsumerStore:
         trust = self._load("trust", _parse_trust)
         secrets = self._load("secrets", _parse_secrets)
         freshness = self._load("freshness", FreshnessState.from_snapshot)
+        objects = self._load("objects", _parse_objects)
+        if objects is not None:
+            self._objects = objects
         if trust is not None:
             self.certificates, self.crl = trust
         if secrets is not None:
@@ -271,3 +311,45 @@ class ConsumerStore:
             self.freshness = FreshnessState.from_snapshot(merged)
             if ours is not None and tuple(merged[str(accepted)]) > ours:
                 raise InvalidObject("rollback: a newer object was accepted by another process")
+
+    # --- the newest accepted objects --------------------------------------------------------------
+
+    def held(self, resource_id: str) -> HeldObject | None:
+        """The newest object of ``resource_id`` this consumer (or another process sharing the
+        directory) accepted, as received, or None. The caller checks it again before use."""
+        if "objects" in self._files:
+            stored = self._load("objects", _parse_objects) or {}
+            theirs = stored.get(resource_id)
+            mine = self._objects.get(resource_id)
+            if theirs is not None and (mine is None or mine.version < theirs.version):
+                self._objects[resource_id] = theirs
+        return self._objects.get(resource_id)
+
+    def put_held(self, resource_id: str, epoch: int, seq: int, data: bytes) -> None:
+        """Keep the object just accepted as the newest of ``resource_id`` (unless a newer one is
+        kept already); OSError if the disk refuses."""
+        held = HeldObject(epoch, seq, bytes(data))
+        mine = self._objects.get(resource_id)
+        if mine is None or mine.version <= held.version:
+            self._objects[resource_id] = held
+            self._objects.move_to_end(resource_id)
+        if "objects" in self._files:
+            with self._locked():
+                stored = self._load("objects", _parse_objects)
+                for rid, theirs in (stored or {}).items():
+                    mine = self._objects.get(rid)
+                    if mine is None:
+                        self._objects[rid] = theirs
+                        self._objects.move_to_end(rid, last=False)  # theirs: older than ours
+                    elif mine.version < theirs.version:
+                        self._objects[rid] = theirs
+                self._trim_objects()
+                self._files["objects"].save(
+                    [[rid, o.epoch, o.seq, o.data] for rid, o in self._objects.items()]
+                )
+        else:
+            self._trim_objects()
+
+    def _trim_objects(self) -> None:
+        while len(self._objects) > self._max_objects:
+            self._objects.popitem(last=False)

@@ -47,7 +47,7 @@ from authz_server.store import Store
 from consumer import Consumer, InvalidObject
 from consumer.store import ConsumerStore
 from demo.system import free_port
-from oscar import Sealer, certs
+from oscar import ProtectedObject, Sealer, certs
 from oscar.algorithms import ES256, PrivateKey
 
 ERROR = "oscar-consumer: error: "
@@ -76,6 +76,25 @@ def rejected(run: Result) -> str:
 def accepted(run: Result) -> bytes:
     assert run.code == 0 and run.err == "", run
     return run.out
+
+
+WARNING = "oscar-consumer: warning: "
+
+
+def held_instead(run: Result, seen: tuple[int, int]) -> bytes:
+    """The output of a CLI run that was served a stale copy (a valid object older than the
+    newest accepted, ``seen``): one warning line, and the newest reading held (exit 0)."""
+    assert run.code == 0, run
+    lines = run.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(WARNING), run
+    assert f"older than epoch {seen[0]} seq {seen[1]}" in lines[0], run
+    assert lines[0].endswith(f"showing the newest reading held (epoch {seen[0]} seq {seen[1]})")
+    return run.out
+
+
+def version(data: bytes) -> tuple[int, int]:
+    m = ProtectedObject.from_bytes(data).metadata
+    return (m.epoch, m.seq)
 
 
 def resign(data: bytes, key: PrivateKey, mutate: Callable[[dict[Any, Any]], None]) -> bytes:
@@ -255,16 +274,13 @@ async def test_replay_and_rollback_are_refused_after_the_consumer_restarts(
     producer.publish(rid, second)
     assert accepted(await cli(world, state, "get", uri)) == b"second"
 
-    # A replay of an object accepted before (older than the newest), in a new process.
+    # A replay of an object accepted before (older than the newest), in a new process: never
+    # accepted nor shown; the newest reading held, checked again, is given with a warning.
     producer.publish(rid, first)
-    assert rejected(await cli(world, state, "get", uri)) == (
-        "replay or rollback of the sequence number"
-    )
+    assert held_instead(await cli(world, state, "get", uri), version(second)) == b"second"
     # A rollback to an older object this consumer never saw.
     producer.publish(rid, never_seen_older)
-    assert rejected(await cli(world, state, "get", uri)) == (
-        "replay or rollback of the sequence number"
-    )
+    assert held_instead(await cli(world, state, "get", uri), version(second)) == b"second"
     # The newest again is the same reading again (DESIGN: a value is sealed once, served to all).
     producer.publish(rid, second)
     assert accepted(await cli(world, state, "get", uri)) == b"second"
@@ -277,21 +293,45 @@ async def test_replay_and_rollback_are_refused_after_the_consumer_restarts(
     finally:
         await store.close()
     assert epoch == world.next_epoch[rid][0]
-    producer.publish(rid, world.seal(b"next epoch", rid, upcoming=True, seq=1))
+    next_epoch = world.seal(b"next epoch", rid, upcoming=True, seq=1)
+    producer.publish(rid, next_epoch)
     assert accepted(await cli(world, state, "get", uri)) == b"next epoch"
     producer.publish(rid, world.seal(b"old epoch, high seq", rid, seq=world.next_seq() + 10**6))
-    assert rejected(await cli(world, state, "get", uri)) == "rollback to an older epoch"
+    assert held_instead(await cli(world, state, "get", uri), version(next_epoch)) == b"next epoch"
     producer.publish(rid, second)
-    assert rejected(await cli(world, state, "get", uri)) == "rollback to an older epoch"
+    assert held_instead(await cli(world, state, "get", uri), version(next_epoch)) == b"next epoch"
 
-    # The observe command starts from the same remembered state.
+    # The observe command starts from the same remembered state: the stale first answer gives
+    # the newest reading held, then the new one.
     producer.publish(rid, first)
-    observing = asyncio.ensure_future(cli(world, state, "observe", uri, "--count", "1"))
+    observing = asyncio.ensure_future(cli(world, state, "observe", uri, "--count", "2"))
     await asyncio.wait_for(producer.resource(rid).observed.wait(), 20)
     producer.publish(rid, world.seal(b"newest", rid, upcoming=True, seq=2))
     run = await observing
-    assert run.code == 1 and run.out == b"newest\n", run
-    assert run.err == ERROR + "object rejected: rollback to an older epoch\n"
+    assert run.out == b"next epoch\nnewest\n"
+    assert held_instead(run, version(next_epoch))
+
+
+@pytest.mark.asyncio
+async def test_a_stale_copy_is_an_error_once_the_newest_held_has_expired(
+    world: World, producer: ProducerStandIn, tmp_path: Path
+) -> None:
+    """The newest reading held is given only while it is valid: expired, the stale copy is
+    reported as what it is (exit 4, "stale copy:"), not as an attack, and not shown."""
+    state = tmp_path / "state"
+    rid = HUMIDITY
+    older = world.seal(b"older, long-lived", rid)
+    short = world.seal(b"short-lived", rid, lifetime=2)
+    producer.publish(rid, short)
+    assert accepted(await cli(world, state, "get", producer.uri(rid))) == b"short-lived"
+    await asyncio.sleep(3.5)  # the object held expires (exp is in whole seconds)
+    producer.publish(rid, older)
+    run = await cli(world, state, "get", producer.uri(rid))
+    assert run.code == 4 and run.out == b"", run
+    line = run.err.splitlines()
+    assert len(line) == 1 and line[0].startswith(ERROR + "stale copy: "), run
+    assert f"epoch {version(older)[0]} seq {version(older)[1]}, older than" in line[0]
+    assert "rejected" not in line[0]
 
 
 # --- oversized payloads: bounded at the consumer's transport -------------------------------------

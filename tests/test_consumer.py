@@ -49,6 +49,7 @@ from consumer import (
     InvalidObject,
     NotFound,
     Refused,
+    StaleCopy,
     TimedOut,
     TransportError,
     Unreachable,
@@ -155,21 +156,31 @@ async def test_get_returns_the_same_object_again_and_refuses_rollback(
         assert newest is not None and newest[1] > m.seq
 
         producer.publish(TEMPERATURE, first)  # a cache or an attacker serves the older object
-        with pytest.raises(InvalidObject) as rejected:
-            await consumer.get(producer.uri())
-        assert rejected.value.reason == "replay or rollback of the sequence number"
+        stale: list[tuple[StaleCopy, bool]] = []
+        again = await consumer.get(producer.uri(), on_stale=lambda s, i: stale.append((s, i)))
+        assert again.plaintext == b'{"t": 21}'  # never the older object: the newest held
+        assert consumer.store.freshness.newest(TEMPERATURE) == newest
+        [(copy, instead)] = stale
+        assert instead and (copy.served, copy.seen) == ((epoch, m.seq), newest)
+        assert copy.fresh_in is None  # no proxy: nothing to say about a cache's Max-Age
 
-    # A new consumer on the same state directory remembers.
+    # A new consumer on the same state directory remembers (the object held too).
     async with Consumer(world.bundle(READER), state) as consumer:
-        with pytest.raises(InvalidObject):
+        reading = await consumer.get(producer.uri(), on_stale=lambda s, i: stale.append((s, i)))
+        assert reading.plaintext == b'{"t": 21}' and len(stale) == 2
+        # Without a reading held (another consumer library use: none kept), it is the error.
+        consumer.store._objects.clear()
+        consumer.store._files.pop("objects")
+        with pytest.raises(StaleCopy) as refused:
             await consumer.get(producer.uri())
+        assert isinstance(refused.value, InvalidObject)  # callers that know no better: refused
         producer.publish(TEMPERATURE, newer)
         assert (await consumer.get(producer.uri())).plaintext == b'{"t": 21}'
 
     # A state directory of its own (0700), files 0600 holding neither secrets nor plaintext.
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     files = sorted(p.name for p in state.iterdir())
-    assert files == ["freshness", "lock", "secrets", "trust"]
+    assert files == ["freshness", "lock", "objects", "secrets", "trust"]
     for path in state.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         data = path.read_bytes()
@@ -439,11 +450,13 @@ async def test_cli_get_plain_json_and_output_file(
     doc = json.loads(result.out)
     assert (doc["encoding"], base64.b64decode(doc["value"])) == ("base64", binary)
 
-    # A rollback, seen by a new process with the same state directory.
+    # An older object, seen by a new process with the same state directory: not accepted, not
+    # shown; the newest reading held instead, and one warning line.
     producer.publish(TEMPERATURE, older)
     result = await cli(world, state, "get", producer.uri())
-    assert result.code == 1 and result.out == b""
-    assert result.error == "object rejected: replay or rollback of the sequence number"
+    assert (result.code, result.out) == (0, binary), result
+    assert result.err.startswith("oscar-consumer: warning: ") and "older than" in result.err
+    assert len(result.err.splitlines()) == 1
 
 
 @pytest.mark.asyncio
@@ -519,12 +532,17 @@ async def test_observe_yields_new_values_and_survives_injected_objects(
     producer.publish(TEMPERATURE, world.seal(b"1"))
     resource = producer.resource(TEMPERATURE)
     rejected: list[InvalidObject] = []
+    stale: list[tuple[StaleCopy, bool]] = []
     readings: asyncio.Queue[Reading | Exception] = asyncio.Queue()
 
     async def pump(consumer: Consumer) -> None:
         # Always waiting for the next notification, as an application would be.
         try:
-            async for reading in consumer.observe(producer.uri(), on_reject=rejected.append):
+            async for reading in consumer.observe(
+                producer.uri(),
+                on_reject=rejected.append,
+                on_stale=lambda copy, instead: stale.append((copy, instead)),
+            ):
                 await readings.put(reading)
         except Exception as exc:
             await readings.put(exc)
@@ -544,9 +562,13 @@ async def test_observe_yields_new_values_and_survives_injected_objects(
             producer.publish(TEMPERATURE, world.seal(b"2"))
             assert await next_value() == b"2"
 
-            producer.publish(TEMPERATURE, old)  # an injected rollback: reported, not the end
+            producer.publish(TEMPERATURE, old)  # an injected older object: reported, not the end
+            await wait_until(lambda: len(stale) == 1)
+            assert stale[0][1] is False and stale[0][0].served < stale[0][0].seen
+            # A forgery that claims to be newer is what a rejection is.
+            producer.publish(TEMPERATURE, world.seal(b"forged", key=world.other_key))
             await wait_until(lambda: len(rejected) == 1)
-            assert rejected[0].reason == "replay or rollback of the sequence number"
+            assert not isinstance(rejected[0], StaleCopy)
             producer.publish(TEMPERATURE, world.seal(b"3"))
             assert await next_value() == b"3"
             resource.updated_state()  # the same object again: skipped silently
@@ -593,6 +615,8 @@ async def test_cli_observe(world: World, producer: ProducerStandIn, tmp_path: Pa
         await asyncio.wait_for(resource.observed.wait(), 15)
         second.publish(TEMPERATURE, old)
         await asyncio.sleep(0.3)
+        second.publish(TEMPERATURE, world.seal(b"forged", key=world.other_key))
+        await asyncio.sleep(0.3)
         second.publish(TEMPERATURE, world.seal(b"c"))
         await asyncio.sleep(0.3)
         resource.fail(Code.NOT_FOUND)
@@ -602,11 +626,13 @@ async def test_cli_observe(world: World, producer: ProducerStandIn, tmp_path: Pa
     assert result.code == 4, result
     assert result.out == b"b\nc\n"
     lines = result.err.splitlines()
-    assert lines[0] == ERROR_PREFIX + "object rejected: replay or rollback of the sequence number"
-    assert lines[1] == ERROR_PREFIX + (
+    assert lines[0].startswith("oscar-consumer: warning: ") and "older than" in lines[0]
+    assert lines[1].startswith(ERROR_PREFIX + "object rejected: ")
+    assert lines[2] == ERROR_PREFIX + (
         f"not found: {second.address} ended the observation with 4.04 Not Found: "
         "no such resource there"
     )
+    assert len(lines) == 3
 
 
 # --- through a forward proxy ---------------------------------------------------------------------
