@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from cryptography import x509
@@ -49,6 +49,7 @@ __all__ = [
     "main",
     "parse_args",
     "read_toml",
+    "unrecognized",
 ]
 
 PROG = "oscar"
@@ -80,11 +81,92 @@ class OneLineParser(argparse.ArgumentParser):
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
 
+    _arguments: list[str] | None = None
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but arguments nobody takes are named by :func:`unrecognized`."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = _chosen(self, parsed)  # the subcommand's parser: its prog, its options
+            chosen.error(unrecognized(extras, _option_strings(chosen, recurse=False)))
+        return parsed
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Kept for error(): argparse reports missing required arguments before the unknown ones,
+        # and a misspelt option is usually why a required one is "missing".
+        self._arguments = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments"):
             message = "unrecognized arguments"
+        elif self._arguments is not None and not message.startswith("unrecognized option"):
+            known = _option_strings(self)
+            unknown = [a for a in self._arguments if a.split("=", 1)[0] not in known]
+            options = [a for a in unknown if _OPTION_NAME.fullmatch(a.split("=", 1)[0])]
+            if options:
+                message = f"{unrecognized(options, known)}; {message}"
         message = _SECRETISH.sub("<redacted>", message)
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _option_strings(parser: argparse.ArgumentParser, *, recurse: bool = True) -> set[str]:
+    """Every option string of ``parser`` (and of its subcommands' parsers, recursively)."""
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if recurse and isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                found |= _option_strings(sub)
+    return found
+
+
+def _chosen(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> Any:
+    """The innermost subcommand parser ``parsed`` went through (``parser`` if none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if sub is not None:
+                return _chosen(sub, parsed)
+    return parser
+
+
+#: An option name as it may be shown: dashes, then letters, digits, '-' and '_' (at most 40).
+_OPTION_NAME = re.compile(r"-{1,2}[A-Za-z][A-Za-z0-9_-]{0,39}")
+
+
+def unrecognized(extras: Sequence[str], known: Iterable[str] = ()) -> str:
+    """The usage error for arguments no parser took: the misspelt options by name only (the text
+    before any ``=``; ``--secrt=abcd`` shows ``--secrt``), with the nearest known option, and
+    any other argument only counted, never shown (it could be a secret given to a misspelt
+    option, or a path)."""
+    import difflib
+
+    names: list[str] = []
+    values = 0
+    for arg in extras:
+        name = arg.split("=", 1)[0]
+        if _OPTION_NAME.fullmatch(name) and not _SECRETISH.search(name):
+            if name not in names:
+                names.append(name)
+        else:
+            values += 1
+    known = sorted(known)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    message = ""
+    if parts:
+        message = f"unrecognized option{'s' if len(parts) > 1 else ''}: {', '.join(parts)}"
+    if values:
+        stray = f"{values} unexpected argument{'s' if values > 1 else ''} (not shown)"
+        message = f"{message}; and {stray}" if message else stray
+    return message
 
 
 # --- files ---------------------------------------------------------------------------------------

@@ -736,6 +736,53 @@ def test_usage_errors_never_echo_a_secret(run: Run, argv: list[str]) -> None:
     assert_error(result, 2)
 
 
+@pytest.mark.parametrize(
+    ("argv", "named", "hidden"),
+    [
+        (["seal", "--secrt=abcd", "--producer", "p"], "--secrt (did you mean --secret?)", "abcd"),
+        (["seal", "--secrt", SECRET_HEX, "--producer", "p"], "--secrt", SECRET_HEX),
+        (["verify", "--signer", "x", "--in", "y", "--sigenr=z.pem"], "--sigenr", "z.pem"),
+        (["verify", "--signer", "x", "--in", "y", "stray-value"], "1 unexpected", "stray-value"),
+        (["open", "--in", "y", "--signer", "x", "--secret-hex", "ab"], "--secret-hex", "ab "),
+    ],
+)
+def test_a_misspelt_option_is_named_never_its_value(
+    run: Run, argv: list[str], named: str, hidden: str
+) -> None:
+    line = assert_error(run(*argv), 2, named)
+    assert hidden not in line
+    assert f"'oscar {argv[0]} --help'" in line  # the subcommand whose options these are
+
+
+def test_unrecognized_names_options_only_and_counts_the_rest() -> None:
+    from oscar.cli import unrecognized
+
+    known = ["--secret", "--signer"]
+    assert unrecognized(["--secrt=00112233"], known) == (
+        "unrecognized option: --secrt (did you mean --secret?)"
+    )
+    assert unrecognized(["--x", "--y=1", "value", "-5"], known) == (
+        "unrecognized options: --x, --y; and 2 unexpected arguments (not shown)"
+    )
+    # An option-like argument that could hold a secret is not shown either.
+    assert unrecognized(["--" + SECRET_HEX], known) == "1 unexpected argument (not shown)"
+    assert unrecognized(["--a\u202eb"], known) == "1 unexpected argument (not shown)"
+
+
+def test_the_daemons_and_the_consumer_name_a_misspelt_option_too(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from consumer.cli import main as consumer_main
+
+    code = consumer_main(
+        ["--bundle", "b", "--state", "s", "get", "coap://h/p/r", "--proxi=coap://secret-host"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "unrecognized option: --proxi (did you mean --proxy?)" in err
+    assert "secret-host" not in err
+
+
 def test_inspect_escapes_bidi_and_line_separators(
     run: Run, pems: Pems, plain: Path, tmp_path: Path
 ) -> None:
