@@ -19,12 +19,14 @@ the demo started is stopped, and the directory removed unless ``--keep-state``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
-from .story import Story
+from .story import Story, installed
 from .system import LocalSystem
 from .view import Interrupted, LiveLog, StepFailed
 
@@ -124,7 +126,14 @@ def _explore(story: Story, log: LiveLog) -> None:
     log.line(
         "running: " + ", ".join(f"{c.name} (pid {c.process.pid}, log {c.log})" for c in running)
     )
-    log.line("consumer exit status: 0 ok, 1 rejected, 2 usage, 3 access denied, 4 network")
+    bin_dir = Path(installed("consumer")).parent
+    if bin_dir != Path():  # not on PATH: the full paths above, or put them on it
+        log.line(f"(or type the names after: export PATH={shlex.quote(str(bin_dir))}:$PATH)")
+    log.line(
+        "consumer exit status: 0 ok (with a warning line when a proxy's stale copy was answered "
+        "with the newest reading held), 1 rejected, 2 usage, 3 access denied, 4 not found, "
+        "refused, timed out, unreachable or a stale copy"
+    )
     log.line(log.paint("Ctrl-C stops everything and cleans up.", "bold"))
     reported: set[str] = set()
     while True:

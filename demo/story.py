@@ -28,6 +28,8 @@ import os
 import re
 import select
 import shlex
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -419,23 +421,23 @@ class Story:
     # --- exploring ----------------------------------------------------------------------------
 
     def commands(self) -> list[tuple[str, str]]:
-        """Shell commands to try on the running system: (what it shows, the command)."""
-        py = [self.system.command("x")[0], "-m"]
+        """Shell commands to try on the running system: (what it shows, the command), each with
+        the installed command (``oscar-consumer``, ...; see :func:`installed`)."""
         as_state = str(self.system.path("as"))
 
         def consumer(name: str, *args: str) -> str:
-            return shlex.join([*py, "consumer", *self.consumer_args(name, *args)])
+            return shlex.join([installed("consumer"), *self.consumer_args(name, *args)])
 
         def admin(*args: str) -> str:
             command, *rest = args
-            return shlex.join([*py, "authz_server", command, "--state", as_state, *rest])
+            return shlex.join([installed("authz_server"), command, "--state", as_state, *rest])
 
         meter_proxied = f"{self.proxy_uri}/meter-1/power"
         return [
             ("alice reads the meter through the proxy", consumer("alice", "get", meter_proxied)),
             (
-                "... and directly (readings never go back: an older copy still cached by the "
-                "proxy is refused after this, exit 1)",
+                "... and directly (readings never go back: after a newer reading, a copy the proxy "
+                "still caches, within its Max-Age, gives a warning and the newest reading held)",
                 consumer("alice", "get", "--json", self.meter_uri),
             ),
             (
@@ -454,9 +456,30 @@ class Story:
             ("the audit log", admin("audit")),
             (
                 "the proxy's counters",
-                shlex.join([*py, "proxy", "stats", "--state", str(self.state(PROXY))]),
+                shlex.join([installed("proxy"), "stats", "--state", str(self.state(PROXY))]),
             ),
         ]
+
+
+#: The installed command of each module (pyproject.toml, ``[project.scripts]``).
+ENTRY_POINTS = {
+    "authz_server": "oscar-as",
+    "consumer": "oscar-consumer",
+    "producer": "oscar-producer",
+    "proxy": "oscar-proxy",
+    "oscar": "oscar",
+}
+
+
+def installed(module: str) -> str:
+    """How to type ``module``'s installed command: its name when that name on ``PATH`` is the
+    one beside the interpreter running the demo (``.venv/bin``), else that file's full path."""
+    name = ENTRY_POINTS[module]
+    beside = Path(sys.executable).parent / name  # not resolved: the venv's bin, not the base's
+    found = shutil.which(name)
+    if found is not None and Path(found).absolute() == beside.absolute():
+        return name
+    return str(beside) if beside.exists() else name
 
 
 def _lines(child: Child, timeout: float) -> Iterator[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,16 +46,59 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+BIN = Path(sys.executable).parent  # the venv's bin (not resolved: the base interpreter's is not)
+ENTRY_POINTS = {"oscar-as", "oscar-consumer", "oscar-producer", "oscar-proxy", "oscar"}
+
+
+def printed_commands(out: str) -> list[list[str]]:
+    """The commands ``--keep-running`` prints to try (those of OSCAR; not ``echo``)."""
+    block = out.split("Try, from another shell:", 1)[1].split("\nrunning: ", 1)[0]
+    commands = []
+    for line in block.splitlines():
+        if line.startswith("  ") and not line.startswith("  #"):
+            argv = shlex.split(line)
+            if argv[0] != "echo":
+                commands.append(argv)
+    return commands
+
+
 def test_the_demo_runs_every_step_and_leaves_nothing_behind() -> None:
+    """The whole story, then ``--keep-running``: the commands it prints are the installed ones
+    (``oscar-consumer ...``, found in the venv's bin) and work as printed; Ctrl-C ends it (0)."""
     started = time.monotonic()
-    process = demo()
+    process = demo("--keep-running")
+    assert process.stdout is not None
+    lines: list[str] = []
     try:
-        out, _ = process.communicate(timeout=90)
+        for line in process.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+            assert time.monotonic() - started < 90, "".join(lines)
+        took = time.monotonic() - started
+        commands = printed_commands("".join(lines))
+        assert len(commands) >= 8, "".join(lines)
+        for argv in commands:
+            name = Path(argv[0]).name
+            assert name in ENTRY_POINTS and "-m" not in argv[:2], argv
+            assert (BIN / name).is_file(), argv
+            assert argv[0] == name or Path(argv[0]) == BIN / name, argv
+        # As printed, from a shell: the grants (the AS admin CLI), a read (the consumer).
+        grants = next(argv for argv in commands if argv[1:2] == ["grants"])
+        reads = next(argv for argv in commands if "get" in argv and "--proxy" not in argv)
+        for argv in (grants, reads):
+            done = subprocess.run(
+                ["bash", "-c", shlex.join(argv)], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, (argv, done.stderr)
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
     finally:
         process.kill()
-    took = time.monotonic() - started
+    out = "".join(lines) + rest
     assert process.returncode == 0, out
     assert took < 90
+    assert "Ctrl-C: ending" in rest
     found = DIR.search(out)
     assert found, out
     root = found.group(1)
