@@ -331,7 +331,7 @@ class Consumer:
         """The newest reading held instead of a stale copy (see the module doc), or
         :class:`StaleCopy` saying who served what and when it will be fresh."""
         stale.peer = target.peer
-        stale.fresh_in = _cache_fresh_in(response, target)
+        stale.fresh_in = _cache_fresh_in(response)
         try:
             reading = await self._held_reading(stale)
         except StaleCopy:
@@ -574,7 +574,7 @@ class Consumer:
                 if not skip_same:  # the first answer: the newest reading held, if still valid
                     with contextlib.suppress(StaleCopy):
                         return await self._stale_answer(stale, response, target, on_stale)
-                stale.peer, stale.fresh_in = target.peer, _cache_fresh_in(response, target)
+                stale.peer, stale.fresh_in = target.peer, _cache_fresh_in(response)
                 if on_stale is not None:
                     on_stale(stale, False)
                 else:
@@ -605,11 +605,9 @@ def _cancel(request: Any) -> None:
         observation.cancel()
 
 
-def _cache_fresh_in(response: Any, target: Target) -> int | None:
-    """Seconds until a proxy's cached copy is refreshed (its answer's Max-Age), or None when the
-    answer did not come through a proxy (a producer's Max-Age says nothing about a cache)."""
-    if target.proxy is None:
-        return None
+def _cache_fresh_in(response: Any) -> int:
+    """Seconds until a cache on the path asks its origin again: the answer's Max-Age (60 when
+    absent, RFC 7252 §5.10.5). Said for every answer: a reverse proxy looks like a producer."""
     max_age: int = response.opt.max_age if response.opt.max_age is not None else 60
     return max_age
 

@@ -88,8 +88,8 @@ class StaleCopy(InvalidObject):
     reading the consumer holds when that is still valid.
 
     ``served`` and ``seen`` are the (epoch, seq) of the object and of the newest accepted;
-    ``fresh_in`` is the answer's Max-Age (seconds until the cache asks its origin again) when it
-    came over CoAP; ``peer`` who served it.
+    ``fresh_in`` is the answer's Max-Age (seconds until a cache on the path asks its origin
+    again) when it came over CoAP; ``peer`` who served it.
     """
 
     kind = "stale copy"
@@ -119,5 +119,5 @@ class StaleCopy(InvalidObject):
             "cached copy not yet refreshed (or a replay), not accepted"
         )
         if self.fresh_in is not None:
-            text += f"; the proxy's copy is fresh again within {self.fresh_in} s (its Max-Age)"
+            text += f"; a cache on the path refreshes it within {self.fresh_in} s (its Max-Age)"
         return text

@@ -162,7 +162,7 @@ async def test_get_returns_the_same_object_again_and_refuses_rollback(
         assert consumer.store.freshness.newest(TEMPERATURE) == newest
         [(copy, instead)] = stale
         assert instead and (copy.served, copy.seen) == ((epoch, m.seq), newest)
-        assert copy.fresh_in is None  # no proxy: nothing to say about a cache's Max-Age
+        assert copy.fresh_in is not None and 0 < copy.fresh_in <= 60  # the answer's Max-Age
 
     # A new consumer on the same state directory remembers (the object held too).
     async with Consumer(world.bundle(READER), state) as consumer:

@@ -143,7 +143,7 @@ async def test_a_stale_proxy_copy_gives_the_newest_reading_held_and_says_so(
     assert "rejected" not in line and "rollback" not in line
     match = re.search(
         r"served meter/v epoch (\d+) seq (\d+), older than epoch (\d+) seq (\d+) this consumer "
-        r"accepted before.* fresh again within (\d+) s \(its Max-Age\); showing the newest "
+        r"accepted before.* refreshes it within (\d+) s \(its Max-Age\); showing the newest "
         r"reading held \(epoch \3 seq \4\)$",
         line,
     )
