@@ -8,20 +8,19 @@ evicts one, and keeps a session alive after its credentials are removed. This mo
   identity gets a decoy key (stable per identity, unknown to anyone), so the handshake goes on and
   fails at the Finished message exactly as a wrong key does (RFC 4279 §2): an unknown identity and a
   wrong key fail alike, and nobody learns which identities exist.
-- :class:`CookieGate`: the HelloVerifyRequest cookie exchange (RFC 6347 §4.2.1) done without
-  state in front of the transport, which would otherwise make a connection (a tinydtls context)
-  for every source address that sends it anything.
 - :class:`ConnectionGuard`: lets a new source address into the transport's table only with a
-  good cookie, bounds the table (a cap that evicts the least recently seen peer other than the one
-  that just arrived, preferring peers that never completed a request, in O(1), and an idle sweep),
-  bounds the sessions of each identity, and ends the sessions of one identity.
+  good cookie (:mod:`authz_server.dtls_cookie`), bounds the table (a cap that evicts the least
+  recently seen peer other than the one that just arrived, preferring peers that never completed
+  a request, in O(1); an idle sweep), reads the socket in batches, bounds the sessions of each
+  identity, and ends the sessions of one identity.
 - :func:`end_sessions`: close every session authenticated with one credentials label (a revoked
   device), sending close_notify.
 
 These reach into private attributes of aiocoap's transport (``_pool``, ``_connections``,
-``_psk_store._claims``, ``_dtls_socket``, ``_inject_error``): pinned to aiocoap 0.4.x in
-pyproject.toml, and checked by the AS tests. This module holds no policy (who may connect is the
-store's business) and never logs a key.
+``_psk_store._claims``, ``_dtls_socket``, ``_inject_error``) and of asyncio's selector datagram
+transport (``_sock``, ``_loop._add_reader``, ``_conn_lost``): pinned to aiocoap 0.4.x in
+pyproject.toml, and checked by the AS tests (tests/test_as_flood.py for the flood defences).
+This module holds no policy (who may connect is the store's business) and never logs a key.
 """
 
 from __future__ import annotations
@@ -41,11 +40,11 @@ from typing import Any
 from aiocoap import error
 from aiocoap.credentials import DTLS, CredentialsMap
 
+from .dtls_cookie import CookieGate
+
 __all__ = [
-    "COOKIE_PERIOD",
     "MAX_SESSIONS_PER_IDENTITY",
     "ConnectionGuard",
-    "CookieGate",
     "IndexedCreds",
     "device_of_label",
     "end_sessions",
@@ -199,92 +198,6 @@ def end_sessions(ctx: Any, label: str) -> int:
 RECEIVE_BUFFER = 4 << 20
 READ_BATCH = 64
 
-# --- the stateless cookie exchange ---------------------------------------------------------------
-
-_HANDSHAKE = b"\x16"  # DTLS record content type 22
-_COOKIE_LENGTH = 16  # what tinydtls's own cookies are
-# A cookie is good for the period it was made in and the next one (so between one and two).
-COOKIE_PERIOD = 30.0
-
-
-def _client_hello(data: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
-    """A datagram that is one whole, unfragmented DTLS ClientHello in epoch 0:
-    (record sequence number, message sequence number, cookie, the fields the cookie covers);
-    None for anything else. RFC 6347 §4.1, §4.2.2 and §4.2.1; RFC 5246 §7.4.1.2."""
-    if (
-        len(data) < 13 + 12 + 35
-        or data[:1] != _HANDSHAKE
-        or data[1] != 0xFE
-        or data[3:5] != b"\0\0"
-    ):
-        return None
-    length = int.from_bytes(data[11:13], "big")
-    handshake = data[13 : 13 + length]
-    if len(handshake) != length or length < 12 or handshake[0] != 1:  # client_hello
-        return None
-    body_length = int.from_bytes(handshake[1:4], "big")
-    if handshake[6:9] != b"\0\0\0" or int.from_bytes(handshake[9:12], "big") != body_length:
-        return None  # a fragment: tinydtls does not reassemble a ClientHello either
-    body = handshake[12 : 12 + body_length]
-    # client_version (2), random (32), session_id <0..32>, cookie <0..255>, the rest
-    session_id_length = body[34] if len(body) > 34 else 255
-    at = 35 + session_id_length
-    if session_id_length > 32 or len(body) != body_length or len(body) <= at:
-        return None
-    cookie = body[at + 1 : at + 1 + body[at]]
-    if len(cookie) != body[at]:
-        return None
-    return data[5:11], handshake[4:6], cookie, body[:at] + body[at + 1 + len(cookie) :]
-
-
-def _hello_verify_request(record_seq: bytes, message_seq: bytes, cookie: bytes) -> bytes:
-    """A HelloVerifyRequest as tinydtls itself sends one (record version 1.0, RFC 6347 §4.2.1;
-    the record and message sequence numbers of the hello it answers)."""
-    body = b"\xfe\xfd" + bytes([len(cookie)]) + cookie
-    size = len(body).to_bytes(3, "big")
-    handshake = b"\x03" + size + message_seq + b"\0\0\0" + size + body
-    return _HANDSHAKE + b"\xfe\xff\0\0" + record_seq + len(handshake).to_bytes(2, "big") + handshake
-
-
-class CookieGate:
-    """RFC 6347 §4.2.1 done statelessly, for sources the transport has no connection for: a
-    ClientHello without this gate's cookie for its source address is answered with a
-    HelloVerifyRequest and forgotten; only a hello that brings the cookie back (so its sender
-    receives at that address) may make a connection. Anything else from such a source is dropped.
-
-    The cookie is an HMAC of the source address, the period it was made in and the hello's
-    fields (version, random, session id, suites, compression, extensions: RFC 6347 requires the
-    second hello to repeat them); the key is random per process. Costs no state and no table
-    search, whatever the number of sources."""
-
-    def __init__(
-        self, *, clock: Callable[[], float] = time.monotonic, period: float = COOKIE_PERIOD
-    ) -> None:
-        self._key = os.urandom(32)
-        self._clock = clock
-        self._period = period
-
-    def _cookie(self, sockaddr: Any, period: int, fields: bytes) -> bytes:
-        message = f"{sockaddr[0]}|{sockaddr[1]}|{period}|".encode() + fields
-        return hmac.digest(self._key, message, "sha256")[:_COOKIE_LENGTH]
-
-    def answer(self, data: bytes, sockaddr: Any) -> bytes | None:
-        """None: admit (a ClientHello carrying a good cookie). Otherwise the datagram to send
-        back, empty for nothing (not a ClientHello)."""
-        hello = _client_hello(data)
-        if hello is None:
-            return b""
-        record_seq, message_seq, cookie, fields = hello
-        period = int(self._clock() // self._period)
-        if len(cookie) == _COOKIE_LENGTH and any(
-            hmac.compare_digest(cookie, self._cookie(sockaddr, p, fields))
-            for p in (period, period - 1)
-        ):
-            return None
-        return _hello_verify_request(
-            record_seq, message_seq, self._cookie(sockaddr, period, fields)
-        )
-
 
 class ConnectionGuard:
     """Keeps the DTLS server's connection table bounded, at a cost per datagram that does not
@@ -337,6 +250,8 @@ class ConnectionGuard:
         # alert) are found stale and skipped when they come to the front.
         self._pending: OrderedDict[Any, float] = OrderedDict()
         self._live: OrderedDict[Any, float] = OrderedDict()
+        # Credentials label -> addresses of its established connections (for per_identity).
+        self._by_label: dict[str, dict[Any, None]] = {}
         self.evicted = 0
         self.verified = 0  # hellos that came back with a good cookie
         self._original = self._pool.datagram_received
@@ -461,11 +376,7 @@ class ConnectionGuard:
         label = connection._psk_store._claims
         if label is None:
             return
-        mine = [
-            (k, a)
-            for k, a in self._pool._connections.items()
-            if _established(a) and a._psk_store._claims == label
-        ]
+        mine = self._sessions_of(label, add=sockaddr)
         excess = len(mine) - self.per_identity
         if excess <= 0 or not any(a is connection for _, a in mine):
             return  # within the bound, or a connection closed meanwhile (no live session)
@@ -480,10 +391,31 @@ class ConnectionGuard:
             self.per_identity,
         )
 
+    def _sessions_of(self, label: str, add: Any = None) -> list[tuple[Any, Any]]:
+        """The established connections of ``label`` (with ``add``'s address noted among them
+        first), from the per-label index: as many entries as the identity has sessions, whatever
+        the table's size. Addresses whose connection has gone are removed on the way."""
+        keys = self._by_label.setdefault(label, {})
+        if add is not None:
+            keys[add] = None
+        mine = []
+        for sockaddr in list(keys):
+            connection = self._pool._connections.get(sockaddr)
+            if connection is None or connection._psk_store._claims != label:
+                del keys[sockaddr]
+            elif _established(connection):
+                mine.append((sockaddr, connection))
+        if not keys:
+            del self._by_label[label]
+        return mine
+
     def drop(self, sockaddr: Any, reason: str) -> None:
         connection = self._pool._connections.get(sockaddr)
         self._forget(sockaddr)
         if connection is not None:
+            keys = self._by_label.get(connection._psk_store._claims)
+            if keys is not None:
+                keys.pop(sockaddr, None)
             _close(self._pool, sockaddr, connection, reason)
             self.evicted += 1
 
@@ -495,6 +427,8 @@ class ConnectionGuard:
         for table in (self._pending, self._live):
             for sockaddr in [k for k in table if k not in connections]:
                 del table[sockaddr]
+        for label in list(self._by_label):
+            self._sessions_of(label)  # drops the addresses whose connection has gone
         for sockaddr, connection in list(connections.items()):
             seen = self._last_seen(sockaddr)
             if seen == float("-inf"):  # not seen through this guard: count from now
@@ -525,6 +459,7 @@ class ConnectionGuard:
             _close(self._pool, sockaddr, connection, "server shutting down")
         self._pending.clear()
         self._live.clear()
+        self._by_label.clear()
         return len(connections)
 
     def uninstall(self) -> None:

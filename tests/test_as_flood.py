@@ -4,8 +4,8 @@ Before the fix, each ClientHello from a source port the AS had no connection for
 (a tinydtls context, a task) and, with the table full, evicted one by a search of the whole table:
 about 0.4 ms per datagram at the default cap, so ~3,000 junk datagrams/s made new handshakes fail
 and stalled established sessions. Now a source gets a connection only by returning the cookie of
-a stateless HelloVerifyRequest (``authz_server.dtls.CookieGate``), eviction is O(1), and the guard
-reads the socket in batches:
+a stateless HelloVerifyRequest (``authz_server.dtls_cookie.CookieGate``), eviction is O(1), and
+the guard reads the socket in batches:
 
 - a hello from a new port is answered with a HelloVerifyRequest and nothing else; anything that is
   not a whole ClientHello gets nothing;
@@ -36,7 +36,7 @@ from as_harness import ROOT, AsEnv, Client, as_env
 from hypothesis import given
 from hypothesis import strategies as st
 
-from authz_server.dtls import CookieGate
+from authz_server.dtls_cookie import CookieGate
 from demo.system import free_port
 
 # The flood generator is the benchmark's (bench/ is not an installed package).
