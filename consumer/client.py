@@ -42,18 +42,17 @@ valid, :class:`StaleCopy` is raised. Only an object that claims to be newer and 
 a rejection.
 
 What this module does not do: keep state on disk (:mod:`consumer.store`), decide whom to trust
-(:mod:`consumer.trust`), or speak DTLS to producers or proxies (``coap://`` only; objects are
-protected end to end).
+(:mod:`consumer.trust`), translate aiocoap's failures or assemble block-wise answers
+(:mod:`consumer.coap`), or speak DTLS to producers (``coap://`` only; objects are protected end to
+end; only an OSCAR proxy may be reached over DTLS).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import socket
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable
@@ -72,15 +71,15 @@ from oscar.objects import (
     open_verified,
 )
 
-from .errors import (
-    AccessDenied,
-    NotFound,
-    Refused,
-    StaleCopy,
-    TimedOut,
-    TransportError,
-    Unreachable,
+from .coap import (
+    Exchange,
+    assemble,
+    cache_fresh_in,
+    cancel,
+    error_answer,
+    network_failure,
 )
+from .errors import AccessDenied, StaleCopy, TimedOut, TransportError
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .trust import Trust
 
@@ -331,7 +330,7 @@ class Consumer:
         """The newest reading held instead of a stale copy (see the module doc), or
         :class:`StaleCopy` saying who served what and when it will be fresh."""
         stale.peer = target.peer
-        stale.fresh_in = _cache_fresh_in(response)
+        stale.fresh_in = cache_fresh_in(response)
         try:
             reading = await self._held_reading(stale)
         except StaleCopy:
@@ -382,7 +381,7 @@ class Consumer:
         except TimeoutError:
             raise TimedOut(f"no answer from {target.peer} within {self.timeout:g} s") from None
         except Exception as exc:
-            failure = _network_failure(exc, target.peer)
+            failure = network_failure(exc, target.peer)
             if failure is None:
                 raise
             raise failure from None
@@ -390,7 +389,7 @@ class Consumer:
     def _payload(self, response: Any, target: Target) -> bytes:
         code = response.code
         if not code.is_successful():
-            raise _error_answer(code, f"{target.peer} answered")
+            raise error_answer(code, f"{target.peer} answered")
         if code.dotted != "2.05":
             raise TransportError(f"{target.peer} answered {code.dotted}, not 2.05 Content")
         if response.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
@@ -424,7 +423,7 @@ class Consumer:
         except StaleCopy as stale:
             return await self._stale_answer(stale, response, target, on_stale)
 
-    async def _request(self, target: Target, *, observe: bool) -> _Exchange:
+    async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
         amplify asks us to prove our address first). The first response is the first block
         only: :meth:`_assembled` fetches the rest, within the size limit."""
@@ -434,64 +433,26 @@ class Consumer:
         try:
             response = await self._response(request.response, target)
             if response.code.dotted == "4.01" and response.opt.echo is not None:
-                _cancel(request)
+                cancel(request)
                 message = self._message(target, observe)
                 message.opt.echo = response.opt.echo
                 request = context.request(message, handle_blockwise=False)
                 response = await self._response(request.response, target)
         except BaseException:
-            _cancel(request)
+            cancel(request)
             raise
         if target.proxy_id is not None:  # aiocoap keeps a DTLS session only while referred to
             self._dtls_connections[str(target.proxy)] = response.remote
-        return _Exchange(context, message, request, response)
+        return Exchange(context, message, request, response)
 
-    async def _assembled(self, exchange: _Exchange, first: Any, target: Target) -> Any:
-        """The whole response whose first block is ``first``: the further Block2 blocks are
-        asked for one by one, and never more than :attr:`max_object_size` bytes in all.
+    async def _assembled(self, exchange: Exchange, first: Any, target: Target) -> Any:
+        """The whole response whose first block is ``first`` (:func:`consumer.coap.assemble`,
+        within :attr:`max_object_size`)."""
 
-        aiocoap's own block-wise assembly has no bound (a hostile server could stream blocks
-        forever, each accepted into memory before the size is checked), so it is turned off for
-        our requests and done here. Raises :class:`InvalidObject` when the announced (Size2) or
-        received size exceeds the limit, :class:`TransportError` for a broken transfer.
-        """
-        from aiocoap import error
+        async def respond(awaitable: Any) -> Any:
+            return await self._response(awaitable, target)
 
-        block2 = first.opt.block2
-        if block2 is None or (not block2.more and block2.block_number == 0):
-            first.opt.block2 = None
-            return first
-        if first.code.dotted != "2.05" or first.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
-            return first  # refused as it is by _payload: no more of it is asked for
-        if block2.block_number != 0:
-            raise TransportError(f"{target.peer} broke the block-wise transfer (first block)")
-        size2 = first.opt.size2
-        if size2 is not None and size2 > self.max_object_size:
-            raise InvalidObject("object exceeds the size limit (announced)")
-        assembled = first
-        while True:
-            # More is announced: with the limit already reached, do not even ask for it.
-            if len(assembled.payload) >= self.max_object_size:
-                raise InvalidObject("object exceeds the size limit (block-wise)")
-            following = exchange.message._generate_next_block2_request(assembled)
-            following = following.copy(remote=first.remote)
-            last = await self._response(
-                exchange.context.request(following, handle_blockwise=False).response, target
-            )
-            block2 = last.opt.block2
-            if block2 is None or last.code != first.code:
-                raise TransportError(f"{target.peer} broke the block-wise transfer")
-            try:
-                assembled._append_response_block(last)
-            except error.Error as exc:
-                raise TransportError(
-                    f"{target.peer} broke the block-wise transfer: {_describe(exc)}"
-                ) from None
-            if len(assembled.payload) > self.max_object_size:
-                raise InvalidObject("object exceeds the size limit (block-wise)")
-            if not block2.more:
-                assembled.opt.block2 = None
-                return assembled
+        return await assemble(exchange, first, target.peer, self.max_object_size, respond)
 
     async def observe(
         self,
@@ -539,7 +500,7 @@ class Consumer:
                     what = f"{target.peer} ended the observation"
                     if ended is None:
                         raise TransportError(what) from None
-                    raise _error_answer(ended, what + " with") from None
+                    raise error_answer(ended, what + " with") from None
                 if not notification.code.is_successful():
                     ended = notification.code
                     continue
@@ -554,7 +515,7 @@ class Consumer:
 
     async def _notification(
         self,
-        exchange: _Exchange,
+        exchange: Exchange,
         response: Any,
         target: Target,
         skip_same: bool,
@@ -574,7 +535,7 @@ class Consumer:
                 if not skip_same:  # the first answer: the newest reading held, if still valid
                     with contextlib.suppress(StaleCopy):
                         return await self._stale_answer(stale, response, target, on_stale)
-                stale.peer, stale.fresh_in = target.peer, _cache_fresh_in(response)
+                stale.peer, stale.fresh_in = target.peer, cache_fresh_in(response)
                 if on_stale is not None:
                     on_stale(stale, False)
                 else:
@@ -587,78 +548,3 @@ class Consumer:
             if on_reject is not None:
                 on_reject(exc)
             return None
-
-
-class _Exchange(NamedTuple):
-    """One request as sent: the context it went through, the message, aiocoap's request
-    object and the first response (its first block only)."""
-
-    context: Any
-    message: Any
-    request: Any
-    response: Any
-
-
-def _cancel(request: Any) -> None:
-    observation = getattr(request, "observation", None)
-    if observation is not None and not observation.cancelled:
-        observation.cancel()
-
-
-def _cache_fresh_in(response: Any) -> int:
-    """Seconds until a cache on the path asks its origin again: the answer's Max-Age (60 when
-    absent, RFC 7252 §5.10.5). Said for every answer: a reverse proxy looks like a producer."""
-    max_age: int = response.opt.max_age if response.opt.max_age is not None else 60
-    return max_age
-
-
-def _error_answer(code: Any, what: str) -> TransportError:
-    """An error response code as the consumer's category; ``what`` says who answered."""
-    text = f"{what} {code.dotted} {code.name_printable}"
-    if code.dotted == "4.04":
-        return NotFound(f"{text}: no such resource there")
-    if code.dotted == "5.04":
-        return TimedOut(f"{text}: the proxy got no answer from the origin")
-    if code.dotted == "5.02":
-        return Unreachable(f"{text}: the proxy could not reach the origin")
-    return Refused(text)
-
-
-#: OS errors that mean no route to the host (as opposed to nothing listening on the port).
-_NO_ROUTE = frozenset(
-    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
-)
-
-
-def _network_failure(exc: BaseException, peer: str) -> TransportError | None:
-    """An OS, aiocoap or DTLS failure to reach ``peer`` as the consumer's category; None for
-    any other exception (a bug, not the network: left to propagate)."""
-    from aiocoap import error
-
-    if isinstance(exc, error.ResolutionError | socket.gaierror):
-        return Unreachable(f"cannot resolve the host name of {peer}")
-    if isinstance(exc, error.TimeoutError):
-        return TimedOut(f"no answer from {peer} (retransmissions exhausted)")
-    # aiocoap wraps the socket's error (e.g. an ICMP error from the error queue) as the cause.
-    cause = exc if isinstance(exc, OSError) else exc.__cause__
-    if isinstance(cause, OSError):
-        if cause.errno == errno.ECONNREFUSED:
-            return Refused(f"{peer} refused: nothing listens on that port (ICMP port unreachable)")
-        if cause.errno in _NO_ROUTE:
-            return Unreachable(f"no route to {peer} ({os.strerror(cause.errno)})")
-        return TransportError(f"cannot reach {peer}: {cause.strerror or type(cause).__name__}")
-    if type(exc).__module__ == "aiocoap.transports.tinydtls":  # FatalDTLSError, close_notify
-        return TransportError(f"the DTLS session with {peer} failed ({type(exc).__name__})")
-    if isinstance(exc, error.Error):
-        return TransportError(f"cannot reach {peer}: {_describe(exc)}")
-    return None
-
-
-def _describe(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    name = type(exc).__name__
-    # aiocoap's messages name addresses and causes; keep them short and on one line. Its
-    # NetworkError says only its own name ("Network error: NetworkError"): no use repeating.
-    if not text or text.endswith(f": {name}"):
-        return name
-    return f"{name} ({text[:200]})"

@@ -1,0 +1,156 @@
+"""What the consumer needs from aiocoap, in its own terms: one exchange as sent, bounded
+block-wise assembly, and aiocoap's, the OS's and DTLSSocket's failures translated to the
+consumer's categories (:mod:`consumer.errors`) in one place.
+
+What this module does not do: check or open objects (:mod:`consumer.client`), or send the first
+request of an exchange.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+from oscar.errors import InvalidObject
+from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
+
+from .errors import NotFound, Refused, TimedOut, TransportError, Unreachable
+
+__all__ = [
+    "Exchange",
+    "assemble",
+    "cache_fresh_in",
+    "cancel",
+    "describe",
+    "error_answer",
+    "network_failure",
+]
+
+
+class Exchange(NamedTuple):
+    """One request as sent: the context it went through, the message, aiocoap's request
+    object and the first response (its first block only)."""
+
+    context: Any
+    message: Any
+    request: Any
+    response: Any
+
+
+def cancel(request: Any) -> None:
+    observation = getattr(request, "observation", None)
+    if observation is not None and not observation.cancelled:
+        observation.cancel()
+
+
+def cache_fresh_in(response: Any) -> int:
+    """Seconds until a cache on the path asks its origin again: the answer's Max-Age (60 when
+    absent, RFC 7252 §5.10.5). Said for every answer: a reverse proxy looks like a producer."""
+    max_age: int = response.opt.max_age if response.opt.max_age is not None else 60
+    return max_age
+
+
+def error_answer(code: Any, what: str) -> TransportError:
+    """An error response code as the consumer's category; ``what`` says who answered."""
+    text = f"{what} {code.dotted} {code.name_printable}"
+    if code.dotted == "4.04":
+        return NotFound(f"{text}: no such resource there")
+    if code.dotted == "5.04":
+        return TimedOut(f"{text}: the proxy got no answer from the origin")
+    if code.dotted == "5.02":
+        return Unreachable(f"{text}: the proxy could not reach the origin")
+    return Refused(text)
+
+
+#: OS errors that mean no route to the host (as opposed to nothing listening on the port).
+_NO_ROUTE = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+def network_failure(exc: BaseException, peer: str) -> TransportError | None:
+    """An OS, aiocoap or DTLS failure to reach ``peer`` as the consumer's category; None for
+    any other exception (a bug, not the network: left to propagate)."""
+    from aiocoap import error
+
+    if isinstance(exc, error.ResolutionError | socket.gaierror):
+        return Unreachable(f"cannot resolve the host name of {peer}")
+    if isinstance(exc, error.TimeoutError):
+        return TimedOut(f"no answer from {peer} (retransmissions exhausted)")
+    # aiocoap wraps the socket's error (e.g. an ICMP error from the error queue) as the cause.
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, OSError):
+        if cause.errno == errno.ECONNREFUSED:
+            return Refused(f"{peer} refused: nothing listens on that port (ICMP port unreachable)")
+        if cause.errno in _NO_ROUTE:
+            return Unreachable(f"no route to {peer} ({os.strerror(cause.errno)})")
+        return TransportError(f"cannot reach {peer}: {cause.strerror or type(cause).__name__}")
+    if type(exc).__module__ == "aiocoap.transports.tinydtls":  # FatalDTLSError, close_notify
+        return TransportError(f"the DTLS session with {peer} failed ({type(exc).__name__})")
+    if isinstance(exc, error.Error):
+        return TransportError(f"cannot reach {peer}: {describe(exc)}")
+    return None
+
+
+def describe(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    # aiocoap's messages name addresses and causes; keep them short and on one line. Its
+    # NetworkError says only its own name ("Network error: NetworkError"): no use repeating.
+    if not text or text.endswith(f": {name}"):
+        return name
+    return f"{name} ({text[:200]})"
+
+
+async def assemble(
+    exchange: Exchange,
+    first: Any,
+    peer: str,
+    max_size: int,
+    respond: Callable[[Any], Awaitable[Any]],
+) -> Any:
+    """The whole response whose first block is ``first``: the further Block2 blocks are asked
+    for one by one (each awaited through ``respond``, which bounds and translates the wait), and
+    never more than ``max_size`` bytes in all.
+
+    aiocoap's own block-wise assembly has no bound (a hostile server could stream blocks
+    forever, each accepted into memory before the size is checked), so it is turned off for
+    our requests and done here. Raises :class:`InvalidObject` when the announced (Size2) or
+    received size exceeds the limit, :class:`TransportError` for a broken transfer.
+    """
+    from aiocoap import error
+
+    block2 = first.opt.block2
+    if block2 is None or (not block2.more and block2.block_number == 0):
+        first.opt.block2 = None
+        return first
+    if first.code.dotted != "2.05" or first.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
+        return first  # refused as it is by _payload: no more of it is asked for
+    if block2.block_number != 0:
+        raise TransportError(f"{peer} broke the block-wise transfer (first block)")
+    size2 = first.opt.size2
+    if size2 is not None and size2 > max_size:
+        raise InvalidObject("object exceeds the size limit (announced)")
+    assembled = first
+    while True:
+        # More is announced: with the limit already reached, do not even ask for it.
+        if len(assembled.payload) >= max_size:
+            raise InvalidObject("object exceeds the size limit (block-wise)")
+        following = exchange.message._generate_next_block2_request(assembled)
+        following = following.copy(remote=first.remote)
+        last = await respond(exchange.context.request(following, handle_blockwise=False).response)
+        block2 = last.opt.block2
+        if block2 is None or last.code != first.code:
+            raise TransportError(f"{peer} broke the block-wise transfer")
+        try:
+            assembled._append_response_block(last)
+        except error.Error as exc:
+            raise TransportError(f"{peer} broke the block-wise transfer: {describe(exc)}") from None
+        if len(assembled.payload) > max_size:
+            raise InvalidObject("object exceeds the size limit (block-wise)")
+        if not block2.more:
+            assembled.opt.block2 = None
+            return assembled
