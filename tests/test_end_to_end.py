@@ -342,14 +342,21 @@ async def test_objects_tampered_on_the_wire_are_rejected_with_status_1(
             resource.flip_at = position
             with pytest.raises(oscar.InvalidObject):
                 await consumer.get(uri)
-    for mode, expected in (("flip", "object rejected"), ("replay", "object rejected"),
-                           ("swap", "object rejected")):  # fmt: skip
+    for mode in ("flip", "swap"):
         resource.mode = mode
         resource.flip_at = size - 3
         status, out, err = await consumer_cli(site.d, "c2", "get", uri)
         assert status == 1 and out == "", (mode, err)
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and expected in lines[0], (mode, err)
+        assert len(lines) == 1 and "object rejected" in lines[0], (mode, err)
+    # A replayed older object is never accepted nor shown: one warning line, and the newest
+    # reading this consumer holds, checked again (issue 13: not an attack report on its own).
+    resource.mode = "replay"
+    status, out, err = await consumer_cli(site.d, "c2", "get", uri)
+    assert status == 0 and out == "newer", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oscar-consumer: warning: "), err
+    assert "older than" in lines[0] and "showing the newest reading held" in lines[0]
     resource.mode = "pass"
     status, out, _ = await consumer_cli(site.d, "c2", "get", uri)
     assert status == 0 and out == "newer"
