@@ -199,6 +199,12 @@ class Relays:
 
     # --- one relay ---
 
+    def _live(self, resource_id: str, source: str) -> bool:
+        """Whether the running task is still the relay of (resource, source). A cancelled one
+        ends at its next step even if a cancellation was lost: in Python 3.11, ``wait_for`` can
+        return the awaited result instead of raising CancelledError when both come at once."""
+        return self._tasks.get((resource_id, source)) is asyncio.current_task()
+
     async def _relay(self, resource_id: str, source: str) -> None:
         """Observe ``source`` until cancelled, each notification checked and taken like a fetch;
         registered again (backing off) when the observation ends, fails or falls silent."""
@@ -208,7 +214,7 @@ class Relays:
 
         proxy = self.proxy
         delay = 1.0
-        while True:
+        while self._live(resource_id, source):
             ctx = await proxy.upstream()
             proxy.stats.upstream_requests += 1
             message = Message(code=GET, uri=source, observe=0)
@@ -243,7 +249,7 @@ class Relays:
         proxy = self.proxy
         notifications = request.observation.__aiter__()
         silence = _silence(first)
-        while True:
+        while self._live(resource_id, source):
             try:
                 notification = await asyncio.wait_for(notifications.__anext__(), silence)
             except StopAsyncIteration:

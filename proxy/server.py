@@ -41,6 +41,7 @@ Proxy-Uri at the edge.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -126,6 +127,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         self._observers: dict[str, set[Any]] = {}
         #: Admitted observations by request id (see proxy.relays).
         self._watches: dict[int, Any] = {}
+        self._resources: dict[int, str] = {}
         #: Observation requests (by id) whose first answer passed the amplification guard: their
         #: notifications are rendered from the same request and need no new proof of address.
         self._admitted: dict[int, Message | None] = {}
@@ -181,6 +183,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:
+            pipe.on_interest_end(functools.partial(self._interest_ended, id(request)))
             try:
                 await interfaces.ObservableResource._render_to_pipe(self, pipe)
             except TypeError:
@@ -316,19 +319,32 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         watchers = self._observers.setdefault(resource_id, set())
         watchers.add(observation)
         self._watches[holder] = observation
+        self._resources[holder] = resource_id
         self._admitted[holder] = None  # until _get admits its first answer
+        observation.accept(functools.partial(self._end, holder))
 
-        def cancel() -> None:
-            self._admitted.pop(holder, None)
-            self._watches.pop(holder, None)
-            self.proxy.relays.release(holder)
-            left = self._observers.get(resource_id)
-            if left is not None:
-                left.discard(observation)
-                if not left:
-                    del self._observers[resource_id]
+    def _end(self, holder: int) -> None:
+        """An observation ended: forget it and give back what it held (idempotent)."""
+        observation = self._watches.pop(holder, None)
+        resource_id = self._resources.pop(holder, None)
+        self._admitted.pop(holder, None)
+        self.proxy.relays.release(holder)
+        left = self._observers.get(resource_id) if resource_id is not None else None
+        if left is not None:
+            left.discard(observation)
+            if not left:
+                del self._observers[str(resource_id)]
 
-        observation.accept(cancel)
+    def _interest_ended(self, holder: int) -> None:
+        """The observer's interest ended (it left: RST, ICMP error, a new request on its token).
+        aiocoap cancels the rendering task then, but a cancellation can be lost (``wait_for``
+        in Python 3.11 returns a result that arrives at the same moment): the task would wait for
+        the next notification forever, holding its relay. So the observation ends here, and a
+        last (unsuccessful, sent nowhere) notification lets such a task finish."""
+        observation = self._watches.get(holder)
+        self._end(holder)
+        if observation is not None:
+            observation.trigger(Message(code=Code.SERVICE_UNAVAILABLE), is_last=True)
 
     def _notify(self, resource_id: str) -> None:
         for observation in list(self._observers.get(resource_id, ())):

@@ -262,6 +262,10 @@ class ObserveClient:
         message.opt.proxy_uri = proxy_uri
         return self.request(message)
 
+    def notification(self) -> Message:
+        """The next datagram the proxy sends this socket (a notification), decoded."""
+        return Message.decode(self.sock.recv(65536))
+
     def close(self) -> None:
         """Leave: the proxy's next notification to this socket gets an ICMP error and ends the
         observations (what a client that goes away does)."""

@@ -122,6 +122,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         str(config),
         "--reverse",
         f"sensor=coap://127.0.0.1:{producer.port}",
+        "--log-level",
+        "debug",
     )
     world = World(root, d, key, AccessSecret(os.urandom(32)), producer, replicas, victims, proxy)
     world.serve_new(STEADY)
@@ -194,6 +196,27 @@ async def test_origins_that_never_served_the_object_get_no_observation(world: Wo
     doc = await settle(world, observers=0, upstream_observations=0)
     assert doc["observers"] == 0 and doc["upstream_observations"] == 0
     assert [v.datagrams for _, v, _ in world.victims] == [0] * len(world.victims)
+
+
+async def test_observers_that_leave_take_no_other_observer_with_them(world: World) -> None:
+    """Ten observers leave while ten stay, all of one resource: the next object reaches the ten
+    that stay and they stay observed. (aiocoap charged the ICMP error of a notification to a
+    socket that had gone to whichever peer the proxy sent to next: see proxy.udp_errors.)"""
+    uri = world.producer.uri(STEADY)
+    stay = [ObserveClient(world.proxy.port, f"127.0.1.{i}") for i in range(1, 11)]
+    go = [ObserveClient(world.proxy.port, f"127.0.2.{i}") for i in range(1, 11)]
+    for client in (*stay, *go):
+        assert observed(await asyncio.to_thread(client.observe, uri))
+    assert (await stats(world))["observers"] == 20
+    await leave(world, *go, resource_id=STEADY)
+    for client in stay:
+        notification = await asyncio.to_thread(client.notification)
+        assert notification.code == Code.CONTENT and notification.opt.observe is not None
+    doc = await settle(world, observers=10)
+    assert doc["observers"] == 10 and doc["upstream_observations"] == 1
+    await leave(world, *stay, resource_id=STEADY)
+    doc = await settle(world, observers=0, upstream_observations=0)
+    assert doc["observers"] == 0 and doc["upstream_observations"] == 0
 
 
 async def test_relays_are_bounded_per_client_and_in_all_and_end_with_their_last_observer(
