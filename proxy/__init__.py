@@ -7,7 +7,9 @@ and keeps its cache encrypted at rest. It can check objects; it can never read t
 
 - :class:`Proxy` (:mod:`proxy.core`): verification, cache, upstream, observation relay;
 - :class:`ProxySite` (:mod:`proxy.server`): the CoAP face;
+- :mod:`proxy.relays`: observers and the upstream observations they hold, bounded;
 - :mod:`proxy.cache`, :mod:`proxy.echo`, :mod:`proxy.lookups`, :mod:`proxy.config`;
+- :mod:`proxy.statsock`: live counters for ``oscar-proxy stats``; :mod:`proxy.udp_errors`;
 - ``oscar-proxy`` / ``python -m proxy`` (:mod:`proxy.cli`).
 """
 
