@@ -9,7 +9,8 @@
 Each ``--resource PATH=FILE`` serves the file's content as the protected resource
 ``<producer id>/PATH`` and seals a new object whenever the file changes; ``--content-format``,
 ``--max-age``, ``--lifetime``, ``--profile``, ``--rotation-period`` and ``--interval`` apply to
-those (the content format is guessed from the file name unless given). Flags override the
+those (the content format is guessed from the file name unless given); their defaults are
+:class:`~producer.config.ResourceSpec`'s, the same as in a configuration file. Flags override the
 configuration file; ``--resource`` adds to its resources. See :mod:`producer.config` for the file.
 
 Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start (bundle, state, certificate, port),
@@ -20,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from authz_server.client import BundleError, StateError, quiet_undecodable_datagrams
 from authz_server.ports import ensure_port_free
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
-from oscar.profiles import DEFAULT_PROFILE, PROFILES
+from oscar.profiles import PROFILES
 
 from .config import (
     ConfigError,
@@ -45,22 +48,47 @@ from .core import Producer, ProducerError
 PROG = "oscar-producer"
 log = logging.getLogger("oscar.producer")
 
+#: The defaults --help shows are those of producer.config: one default per setting.
+_SPEC = ResourceSpec("default")
+_CONFIG = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(ProducerConfig)})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
         description="Publish protected CoAP resources: each value sealed once, served to all.",
     )
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration")
-    parser.add_argument("--bundle", type=Path, metavar="FILE", help="credentials bundle (0600)")
-    parser.add_argument("--state", type=Path, metavar="DIR", help="state directory (made 0700)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="address of the CoAP server")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration; the flags override it (default: none, flags only)",
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="FILE",
+        help="credentials bundle, mode 0600 (required here or in --config)",
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        metavar="DIR",
+        help="state directory, made 0700 (required here or in --config)",
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address of the CoAP server (default: the configuration file's; without one the "
+        "producer serves nothing and only publishes)",
+    )
     parser.add_argument(
         "--resource",
         action="append",
         default=[],
         metavar="PATH=FILE",
-        help="serve FILE's content as <producer id>/PATH (repeatable)",
+        help="serve FILE's content as <producer id>/PATH (repeatable; default: none beyond "
+        "the configuration file's)",
     )
     parser.add_argument(
         "--publish",
@@ -68,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[PROXY=]URI",
         help="also PUT every new object to URI/<resource id>; PROXY=coaps://HOST:PORT for an "
-        "OSCAR proxy over DTLS (its device id; the link key comes from the AS) (repeatable)",
+        "OSCAR proxy over DTLS (its device id; the link key comes from the AS) (repeatable; "
+        "default: none beyond the configuration file's)",
     )
     parser.add_argument(
         "--content-format",
@@ -169,6 +198,8 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
         "state": args.state,
         "listen": listen,
         "key_algorithm": args.key_algorithm,
+        "max_observers": args.max_observers,
+        "max_observers_per_address": args.max_observers_per_address,
         "resources": specs,
         "publish": publish,
     }

@@ -11,6 +11,8 @@ or from a TOML file (:func:`load_config`; relative paths are relative to the fil
     state = "/var/lib/oscar/producer"
     listen = "127.0.0.1:5683"          # leave out to serve nothing (a producer that only publishes)
     key_algorithm = "ES256"            # or "EdDSA" (for the *-eddsa profiles)
+    max_observers = 256                # Observe registrations held at once, in all
+    max_observers_per_address = 16     # ... and from one IP address
 
     [[resource]]
     path = "temperature"               # the resource is <producer id>/temperature
@@ -61,6 +63,8 @@ Value = Callable[[], "bytes | Awaitable[bytes | None] | None"]
 MAX_PERIOD = 0xFFFF_FFFF
 #: The largest plaintext a producer seals: one MiB (an object then stays under oscar's size limit).
 MAX_VALUE_SIZE = 1 << 20
+#: The most observers a configuration may allow (about 600 MiB of aiocoap state).
+MAX_OBSERVERS = 65_536
 
 _EXTENSIONS = {
     ".txt": 0,
@@ -184,6 +188,10 @@ class ProducerConfig:
     sequence_window: int = 64
     #: Seconds to wait for the AS per request.
     as_timeout: float = 10.0
+    #: Observe registrations held at once, in all and from one IP address (each costs about
+    #: 9 KiB; see producer.observers). 0 serves no observers.
+    max_observers: int = 256
+    max_observers_per_address: int = 16
 
     def __post_init__(self) -> None:
         if self.key_algorithm not in ("ES256", "EdDSA"):
@@ -203,6 +211,8 @@ class ProducerConfig:
             raise ConfigError("nothing to do: give listen, publish, or both")
         if type(self.sequence_window) is not int or not 1 <= self.sequence_window <= 1 << 20:
             raise ConfigError("sequence_window is 1 to 1048576")
+        _uint(self.max_observers, MAX_OBSERVERS, "max_observers")
+        _uint(self.max_observers_per_address, MAX_OBSERVERS, "max_observers_per_address")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -219,7 +229,17 @@ def _uint(value: object, maximum: int, what: str) -> None:
         raise ConfigError(f"{what} is a whole number from 0 to {maximum}")
 
 
-_TOP = {"bundle", "state", "listen", "resource", "publish", "key_algorithm", "sequence_window"}
+_TOP = {
+    "bundle",
+    "state",
+    "listen",
+    "resource",
+    "publish",
+    "key_algorithm",
+    "sequence_window",
+    "max_observers",
+    "max_observers_per_address",
+}
 _RESOURCE = {
     "path",
     "file",
@@ -308,7 +328,7 @@ def config_from_mapping(
     }
     if "listen" in doc and not isinstance(doc["listen"], str):
         raise ConfigError(f'{where}: listen is "HOST:PORT"')
-    for key in ("key_algorithm", "sequence_window"):
+    for key in ("key_algorithm", "sequence_window", "max_observers", "max_observers_per_address"):
         if key in doc:
             values[key] = doc[key]
     for key, value in overrides.items():

@@ -42,6 +42,7 @@ the piggybacked answer, or change aiocoap's handling of what it passes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Mapping
@@ -225,6 +226,7 @@ class FastPath:
             incoming: dict[Any, Any] = token_manager.incoming_requests
             original = interface.datagram_msg_received
             transport = interface.transport
+            sock = transport.get_extra_info("socket")
         except (ImportError, AttributeError, LookupError) as exc:
             log.warning("fast path not installed (%s): aiocoap answers every request", exc)
             return False
@@ -248,6 +250,11 @@ class FastPath:
                 return
             self.answered += 1
             try:
+                # A pending ICMP error (an observer gone) would fail this send, not its own:
+                # read and clear it first, as aiocoap_fixes does for aiocoap's sends.
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 transport.sendmsg(response, ancdata, 0, address)  # OSErrors: aiocoap logs them
             except Exception:
                 log.exception("fast path could not send an answer")

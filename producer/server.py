@@ -4,7 +4,8 @@ A GET answers with the one object sealed from the current value — the same byt
 requester, never sealed per request — with content format 18, its ETag
 (:func:`oscar.object_etag`) and Max-Age (the resource's, shortened so that no cache keeps the object
 past its ``exp``). A request that names the current ETag gets 2.03 Valid. Observers get a
-notification whenever a new object is sealed. Objects larger than a CoAP block go out block-wise
+notification whenever a new object is sealed, within bounds and confirmable
+(:mod:`producer.observers`). Objects larger than a CoAP block go out block-wise
 (Block2). Before the first object, or after the last one expired, the answer is 5.03 with a short
 Max-Age.
 
@@ -22,18 +23,22 @@ Plain CoAP (UDP) only: the objects are protected end to end, and no DTLS code is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from aiocoap import Context, Message
+from aiocoap import Context, Message, interfaces
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site, WKCResource
 
+from authz_server import aiocoap_fixes
 from authz_server.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
 
+from .config import ProducerConfig
 from .fastpath import FastPath
+from .observers import ObserverLimits, serve_observation
 
 if TYPE_CHECKING:
     from .core import Producer, Published
@@ -49,14 +54,33 @@ FASTPATH_ENV = "OSCAR_PRODUCER_FASTPATH"
 
 
 class ObjectResource(ObservableResource):  # type: ignore[misc]
-    """One protected resource."""
+    """One protected resource. Its observers are bounded by ``limits`` (shared by every resource
+    of the producer) and notified as :func:`~producer.observers.serve_observation` says."""
 
-    def __init__(self, published: Published) -> None:
+    def __init__(self, published: Published, limits: ObserverLimits | None = None) -> None:
         super().__init__()
         self.published = published
+        self.limits = limits or ObserverLimits(
+            ProducerConfig.max_observers, ProducerConfig.max_observers_per_address
+        )
         self.ct = CONTENT_FORMAT_COSE_SIGN1
         self.requests = 0
+        self.watchers: set[asyncio.Event] = set()
         published.on_change.append(self.updated_state)
+
+    def updated_state(self, response: Message | None = None) -> None:
+        for changed in self.watchers:
+            changed.set()
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        if request.code == Code.GET and request.opt.observe == 0:
+            await serve_observation(pipe, self.render, self.watchers, self.limits)
+        else:  # block-wise (Block2 cache), ETag, 5.03: aiocoap's
+            await interfaces.Resource._render_to_pipe(self, pipe)
+
+    async def add_observation(self, request: Message, observation: Any) -> None:
+        """Not used: :meth:`render_to_pipe` serves observations itself."""
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return True
@@ -89,9 +113,11 @@ def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectR
     """The aiocoap site, and the resources by their Uri-Path segments (for the fast path)."""
     site = Site()
     routes = {}
+    config = producer.config
+    limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
     for published in producer.resources.values():
         path = (producer.device_id, *published.spec.path.split("/"))
-        resource = ObjectResource(published)
+        resource = ObjectResource(published, limits)
         site.add_resource(path, resource)
         routes[tuple(segment.encode() for segment in path)] = resource
     site.add_resource(
@@ -103,6 +129,7 @@ def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectR
 
 async def serve(producer: Producer, host: str, port: int) -> ProducerContext:
     """Start the server context; the caller shuts it down."""
+    aiocoap_fixes.apply()  # observers that leave abruptly: no tracebacks
     site, routes = build_site(producer)
     ensure_port_free(host, port)
     context: ProducerContext = await ProducerContext.create_server_context(

@@ -15,6 +15,7 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oscar.objects import object_etag
-from producer.config import ResourceSpec
+from producer.config import ProducerConfig, ResourceSpec
 from producer.core import Published
 from producer.fastpath import UNSOLICITED_LIMIT, FastPath
 from producer.server import FASTPATH_ENV, ObjectResource, ProducerContext, serve
@@ -41,10 +42,12 @@ SIZES = (206, UNSOLICITED_LIMIT, UNSOLICITED_LIMIT + 1, 3000, 2048)
 
 
 class StandIn:
-    """What the server needs of a Producer: an id, resources and a clock (pinned)."""
+    """What the server needs of a Producer: an id, its configuration, resources and a clock
+    (pinned)."""
 
     def __init__(self, paths: tuple[str, ...], now: int = NOW) -> None:
         self.device_id = DEVICE
+        self.config = ProducerConfig(bundle=Path("-"), state=Path("-"), listen=("::1", 1))
         self.clock = now
         self.resources = {p: Published(self, ResourceSpec(p)) for p in paths}  # type: ignore[arg-type]
 
