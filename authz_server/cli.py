@@ -24,6 +24,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -176,6 +177,16 @@ def _not_negative(text: str) -> int:
 
 
 _not_negative.__name__ = "non-negative int"
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:  # nan and inf too
+        raise ValueError
+    return int(value) if value.is_integer() else value
+
+
+_days.__name__ = "number of days"
 
 
 # --- state ---------------------------------------------------------------------------------------
@@ -379,7 +390,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
 
     names = (
         "retention", "rate", "burst", "max_connections", "tick", "crl_validity",
-        "min_rotation_period",
+        "min_rotation_period", "audit_retention",
     )  # fmt: skip
     options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     configure_logging(args.log_level, json_lines=args.log_json)
@@ -414,6 +425,7 @@ SERVE_DEFAULTS: dict[str, int | float] = {
     "tick": 0.2,
     "crl_validity": 3600,
     "min_rotation_period": 60,
+    "audit_retention": 365,
 }
 
 #: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
@@ -427,6 +439,7 @@ _SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "tick": (int, float),
     "crl_validity": int,
     "min_rotation_period": int,
+    "audit_retention": (int, float),
     "log_level": str,
     "log_json": bool,
 }
@@ -459,6 +472,9 @@ def _apply_serve_config(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and (value < 0 or (value == 0 and key != "retention")):
             raise UsageError(f"{key} must be positive")
+    days = args.audit_retention
+    if days is not None and (isinstance(days, bool) or not 0 <= days < math.inf):
+        raise UsageError("audit_retention must be a number of days, 0 (keep every record) or more")
 
 
 def cmd_grant(args: argparse.Namespace, now: int) -> int:
@@ -728,6 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     tunable("--tick", "S", _positive(float), "how often to look for admin changes")
     tunable("--crl-validity", "S", _positive(int), "CRL lifetime")
     tunable("--min-rotation-period", "S", _positive(int), "shortest rotation period allowed")
+    tunable(
+        "--audit-retention",
+        "DAYS",
+        _days,
+        "prune audit records older than DAYS days (hourly, by the AS itself; decimals allowed; "
+        "0 keeps every record)",
+    )
     add_logging_arguments(serve, default=None)
     for action in serve._actions:  # the one flag without a value: say what its absence means
         if action.dest == "log_json" and action.help and "default" not in action.help:

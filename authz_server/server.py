@@ -11,7 +11,9 @@ CoAP on any port). Around the site it runs:
   their credentials and their open sessions, and ``/keys`` observers of resources whose epochs
   changed get a notification;
 - a scheduler (once a second) that rotates the resources whose rotation period has passed and
-  destroys deactivated or compromised epochs older than the retention.
+  destroys deactivated or compromised epochs older than the retention;
+- the audit retention of :mod:`authz_server.retention` (hourly, a task of its own): records older
+  than ``audit_retention`` days are pruned behind a checkpoint, as ``oscar-as audit prune`` does.
 
 Every request is checked, in order: the DTLS identity (a credentials label) names a device; its
 rate limit; the payload size; then the endpoint, which checks that the device is still active.
@@ -58,6 +60,7 @@ from .ca import CertificateAuthority
 from .dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
 from .ports import ensure_alone_on_port, ensure_port_free
 from .ratelimit import RateLimit
+from .retention import keep_audit
 from .store import Store, StoreError
 
 __all__ = ["ServeOptions", "build_parser", "main", "serve"]
@@ -74,6 +77,8 @@ class ServeOptions:
     tick: float = 0.2  # how often to poll the store for changes made by the admin CLI
     crl_validity: int = 3600
     min_rotation_period: int = 60  # shortest rotation period a producer may ask for (0 = never)
+    audit_retention: float = 365  # days an audit record is kept (0 = forever); see retention.py
+    audit_prune_every: float = 3600.0  # seconds between two applications of audit_retention
 
     def __post_init__(self) -> None:
         if type(self.min_rotation_period) is not int or self.min_rotation_period < 1:
@@ -90,6 +95,14 @@ class ServeOptions:
             raise ValueError("tick must be more than 0 and at most 60 seconds")
         if type(self.crl_validity) is not int or self.crl_validity < 1:
             raise ValueError("crl_validity must be a whole number of seconds, at least 1")
+        days = self.audit_retention
+        if type(days) not in (int, float) or not 0 <= days < math.inf:
+            raise ValueError(
+                "audit_retention must be a number of days, 0 (keep every record) or more"
+            )
+        every = self.audit_prune_every
+        if type(every) not in (int, float) or not 0 < every <= 86_400:
+            raise ValueError("audit_prune_every must be more than 0 and at most 86400 seconds")
 
 
 def _wall_clock() -> int:
@@ -392,6 +405,10 @@ async def serve(
         tasks = [
             asyncio.create_task(server.guard.run(), name="oscar-as connection guard"),
             asyncio.create_task(server.watch(), name="oscar-as watcher"),
+            asyncio.create_task(
+                keep_audit(store, options.audit_retention, options.audit_prune_every),
+                name="oscar-as audit retention",
+            ),
         ]
         if tune_gc:
             gc.freeze()
@@ -456,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-connections", int, "N", "DTLS connection table cap"),
         ("--tick", float, "SECONDS", "how often to look for admin changes"),
         ("--crl-validity", int, "SECONDS", "CRL lifetime"),
+        ("--audit-retention", float, "DAYS", "prune audit records older than this; 0: keep all"),
+        ("--audit-prune-every", float, "SECONDS", "how often to apply --audit-retention"),
     ):
         default = getattr(defaults, flag[2:].replace("-", "_"))
         parser.add_argument(
@@ -494,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             tick=args.tick,
             crl_validity=args.crl_validity,
             min_rotation_period=args.min_rotation_period,
+            audit_retention=args.audit_retention,
+            audit_prune_every=args.audit_prune_every,
         )
     except ValueError as exc:
         parser.error(str(exc))

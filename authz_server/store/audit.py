@@ -57,6 +57,8 @@ log = logging.getLogger("oscar.as")
 DENIAL_INTERVAL = 60.0
 #: Records deleted per transaction when pruning.
 PRUNE_BATCH = 20_000
+#: The largest seq SQLite can hold (no limit on a prune).
+_MAX_SEQ = 2**63 - 2
 #: Rows fetched at a time when verifying.
 _VERIFY_BATCH = 4096
 #: Aggregate records kept for another try when their write failed (the oldest go past it).
@@ -231,19 +233,26 @@ class AuditLog(Database):
 
     # --- pruning ---------------------------------------------------------------------------------
 
-    async def prune_audit(self, before: int, now: int, actor: str = "admin") -> tuple[int, int]:
+    async def prune_audit(
+        self, before: int, now: int, actor: str = "admin", *, limit: int | None = None
+    ) -> tuple[int, int]:
         """Prune the oldest records dated before ``before`` (up to the first record that is
-        not), behind a checkpoint; see the module docstring. Returns (the last pruned record's
-        seq, or 0 if none, records deleted)."""
+        not), behind a checkpoint; see the module docstring. ``limit``: at most that many
+        records past the checkpoint (the rest for a next call), so that the transaction that
+        finds them reads that many rows at most. Returns (the last pruned record's seq, or 0 if
+        none, records deleted)."""
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ValueError("limit must be a whole number, at least 1")
         async with self._transaction(count=False):
             row = await self._one("SELECT seq FROM audit_checkpoint WHERE id = 1")
             base = 0 if row is None else int(row[0])
+            upper = base + limit if limit is not None else _MAX_SEQ
             row = await self._one(
-                "SELECT seq FROM audit WHERE seq > ? AND at >= ? ORDER BY seq LIMIT 1",
-                (base, before),
+                "SELECT seq FROM audit WHERE seq > ? AND seq <= ? AND at >= ? ORDER BY seq LIMIT 1",
+                (base, upper, before),
             )
-            if row is None:
-                row = await self._one("SELECT MAX(seq) + 1 FROM audit")
+            if row is None:  # every record up to ``upper`` is older (seqs have no gaps)
+                row = await self._one("SELECT MIN(MAX(seq), ?) + 1 FROM audit", (upper,))
             through = int(row[0] or 1) - 1
             if through > base:
                 last = await self._one("SELECT chain FROM audit WHERE seq = ?", (through,))
