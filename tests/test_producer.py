@@ -586,8 +586,11 @@ async def test_one_producer_per_state_and_a_lost_state_never_reuses_a_seq(
     try:
         wait_until(lambda: "now sealing" in first.log())
         before = oscar.ProtectedObject.from_bytes((await coap_get(first.uri(rid))).payload)
-        # a second process on the same state directory is refused: it would reuse seqs
-        second = run(*first.command()[1:], check=False)
+        # a second process on the same state directory (another port) is refused: it would
+        # reuse seqs
+        command = first.command()[1:]
+        command[command.index("--listen") + 1] = f"127.0.0.1:{free_port()}"
+        second = run(*command, check=False)
         assert second.returncode == 1 and "in use by another producer" in second.stderr
     finally:
         first.kill()
