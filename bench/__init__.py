@@ -51,6 +51,7 @@ MODULES = (
     "producer_footprint",
     "as_flood",
     "audit_verify",
+    "audit_retention",
 )
 
 #: Runs ``n`` iterations of the measured work.
