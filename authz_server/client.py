@@ -501,6 +501,7 @@ class AsClient:
         self._connection: Any = None
         #: Counts the DTLS client contexts made; see :meth:`reset`.
         self.generation = 0
+        self._ping: tuple[Any, asyncio.Future[bool | None]] | None = None
 
     def __repr__(self) -> str:
         return f"AsClient({self.bundle.device_id!r} -> {self.bundle.as_uri})"
@@ -724,22 +725,108 @@ class AsClient:
                 raise AsError("malformed /links reply from the AS")
         return links
 
-    async def watch_keys(self, resource_id: str) -> AsyncGenerator[KeyState, None]:
+    #: Seconds a CoAP ping may take before the session counts as lost (see :meth:`ping`).
+    PING_TIMEOUT = 3.0
+
+    async def ping(self, remote: Any = None, timeout: float | None = None) -> bool | None:
+        """A CoAP ping (RFC 7252 §4.3: an empty CON, which the AS's message layer answers with a
+        RST, no request handling, no database) over the DTLS session ``remote`` (default: that
+        of the last answer). True if the AS answered within ``timeout`` seconds (default
+        :attr:`PING_TIMEOUT`); False if not — the AS restarted (its new process knows nothing of
+        the session and drops our records) or is away — or if the AS closed that session (a
+        close_notify: it stopped). None when there is no session yet, or this aiocoap keeps its
+        message layer elsewhere (then nobody can tell). Concurrent pings of one session are
+        shared."""
+        remote = self._connection if remote is None else remote
+        if self._ping is None or self._ping[1].done() or self._ping[0] is not remote:
+            wait = self.PING_TIMEOUT if timeout is None else timeout
+            self._ping = (remote, asyncio.ensure_future(self._send_ping(remote, wait)))
+        return await asyncio.shield(self._ping[1])
+
+    @staticmethod
+    async def _recognized(transport: Any, remote: Any) -> bool:
+        """Whether ``remote`` is still a live connection of ``transport`` (its pool)."""
+        return bool(await transport.recognize_remote(remote))
+
+    async def _send_ping(self, remote: Any, timeout: float) -> bool | None:
+        from aiocoap import Message
+        from aiocoap.numbers.codes import Code
+        from aiocoap.numbers.types import CON
+
+        transport = getattr(remote, "coaptransport", None)
+        if transport is None:
+            return None
+        manager: Any = None
+        for token_manager in getattr(self._ctx, "request_interfaces", ()):
+            manager = getattr(token_manager, "token_interface", None)
+            if getattr(manager, "message_interface", None) is transport:
+                break
+        else:
+            return None
+        # A session the AS closed (authz_server.dtls_client takes it out of the pool) is over,
+        # even though tinydtls would answer a ping on it by handshaking anew: a new session, on
+        # which the AS knows no observation of ours.
+        if not await self._recognized(transport, remote):
+            return False
+        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        message = Message(code=Code.EMPTY)
+        message.mtype = CON
+        message.remote = remote
+
+        def answered() -> None:  # aiocoap calls it when a RST ends the exchange
+            if not pong.done():
+                pong.set_result(None)
+
+        # Unanswered, the ping is retransmitted until the context goes (our caller resets it).
+        manager.send_message(message, answered)
+        try:
+            await asyncio.wait_for(pong, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def watch_keys(
+        self, resource_id: str, *, liveness: float | None = None
+    ) -> AsyncGenerator[KeyState, None]:
         """Observe GET /keys: the current state, then one per change, until the observation ends
-        (then :class:`AsUnavailable`, so the caller retries)."""
+        (then :class:`AsUnavailable`, so the caller retries).
+
+        An AS that restarts ends the observation without a word: the DTLS session dies with its
+        process, and nothing arrives any more. With ``liveness``, every ``liveness`` seconds
+        without a notification the AS is pinged over the observation's session (:meth:`ping`);
+        no answer within :attr:`PING_TIMEOUT`, or a session the AS closed, raises
+        :class:`AsUnavailable`. A lost observation is thus noticed within
+        ``liveness + PING_TIMEOUT`` seconds."""
         if self._ctx is None:
             await self.start()
         request = self._ctx.request(
             self._message("GET", "keys", {"r": resource_id}, None, observe=True)
         )
+        pending: asyncio.Future[Any] | None = None
         try:
             first = await self._response(request.response, "GET /keys")
             yield self._key_state(_decode(first, "GET /keys"), resource_id)
             if first.opt.observe is None:
                 raise AsUnavailable("the AS did not accept the observation of /keys")
-            async for notification in request.observation:
+            notifications = aiter(request.observation)
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(notifications))
+                done, _ = await asyncio.wait({pending}, timeout=liveness)
+                if not done:
+                    if await self.ping(first.remote) is False:
+                        raise AsUnavailable(
+                            "the AS answered no ping: the session and the observation of /keys "
+                            "are gone (an AS restart?)"
+                        )
+                    continue
+                try:
+                    notification = pending.result()
+                except StopAsyncIteration:
+                    raise AsUnavailable("the AS ended the observation of /keys") from None
+                finally:
+                    pending = None
                 yield self._key_state(_decode(notification, "GET /keys"), resource_id)
-            raise AsUnavailable("the AS ended the observation of /keys")
         except (TimeoutError, OSError) as exc:
             raise AsUnavailable(f"observation of /keys failed: {exc}") from None
         except AsError:
@@ -751,6 +838,8 @@ class AsClient:
                 raise AsUnavailable(f"observation of /keys failed: {type(exc).__name__}") from None
             raise
         finally:
+            if pending is not None:
+                pending.cancel()
             if not request.observation.cancelled:
                 request.observation.cancel()
 

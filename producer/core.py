@@ -61,6 +61,18 @@ TICK = 0.25
 #: Seconds of silence after which the /keys observation is made again (at most).
 KEEPALIVE = 30.0
 MAX_BACKOFF = 30.0
+#: Seconds without a word from the AS after which it is pinged: an AS restart ends the /keys
+#: observation silently (see AsClient.watch_keys). A ping is a DTLS record each way and no
+#: request for the AS to handle (pings of several resources at one moment are shared).
+LIVENESS = 3.0
+#: Seconds between attempts to reach an AS that does not answer (it is restarting, or away):
+#: the producer observes /keys again at most this long after the AS is back.
+RETRY_UNREACHABLE = 3.0
+#: The documented bound: a revocation (or any new epoch) made while the AS is up reaches the
+#: producer within this many seconds, also after an AS restart it did not see: the lost
+#: observation is noticed (LIVENESS + AsClient.PING_TIMEOUT), observed again after the first
+#: retry delay (1 s), and the new handshake and first answer take well under a second.
+KEYS_LOST_BOUND = LIVENESS + AsClient.PING_TIMEOUT + 1.0 + 1.0
 
 
 class ProducerError(OscarError):
@@ -532,9 +544,11 @@ class Producer:
         """Register the resource, then follow its key state; retry with backoff when the AS is
         away (the producer keeps going on what it holds).
 
-        An observation can die silently (the AS restarted and lost the DTLS session), so when it
-        has been quiet for ``keepalive`` seconds it is made again: the fresh GET doubles as a
-        liveness check, and a failure starts a new DTLS session."""
+        An observation can die silently (the AS restarted and lost the DTLS session): after
+        :data:`LIVENESS` quiet seconds the AS is pinged, and an unanswered ping starts a new DTLS
+        session and a new observation (:data:`KEYS_LOST_BOUND`). While the AS cannot be reached,
+        attempts follow every :data:`RETRY_UNREACHABLE` seconds at most. An observation quiet
+        for ``keepalive`` seconds is also made again (the AS may have dropped it alone)."""
         spec, delay, registered = published.spec, 1.0, False
         while not self._stopping:
             generation = client.generation
@@ -553,7 +567,7 @@ class Producer:
                         published.resource_id
                     ):
                         published.state_outlived = True
-                watch = client.watch_keys(published.resource_id)
+                watch = client.watch_keys(published.resource_id, liveness=LIVENESS)
                 try:
                     while True:
                         state = await asyncio.wait_for(anext(watch), keepalive)
@@ -575,6 +589,7 @@ class Producer:
                 log.error("%s: %s", published.resource_id, exc)
                 delay = 30.0
             except AsUnavailable as exc:
+                delay = min(delay, RETRY_UNREACHABLE)
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
                 await client.reset(generation)
             except AsError as exc:
