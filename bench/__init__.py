@@ -49,6 +49,7 @@ MODULES = (
     "proxy_scale",
     "large_transfer",
     "producer_footprint",
+    "producer_observers",
     "as_flood",
     "audit_verify",
     "audit_retention",

@@ -36,6 +36,7 @@ from authz_server import aiocoap_fixes
 from authz_server.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
 
+from . import duplicates
 from .config import ProducerConfig
 from .fastpath import FastPath
 from .observers import ObserverLimits, serve_observation
@@ -140,6 +141,7 @@ async def serve(producer: Producer, host: str, port: int) -> ProducerContext:
     except PortInUse:
         await context.shutdown()
         raise
+    duplicates.bound(context)  # a flood of requests costs at most LIMIT entries of memory
     if os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
         fast_path = FastPath(routes)
         if fast_path.install(context):
