@@ -17,16 +17,15 @@ datagram itself only when it is exactly:
   request from that remote (an observation, say: a new request on its token is aiocoap's to
   handle, it cancels the old one).
 
-The answer is what aiocoap would send (the differential tests compare the bytes): a piggybacked
-ACK 2.05 with the request's message ID and token, ETag, Content-Format 18, the Max-Age that
-:meth:`ObjectResource.render_get` computes, and the object. The object, its ETag and expiry are
-read from the resource's :class:`~producer.core.Published` on every request, so the answer after
-a re-seal is the new object. Larger objects stay with aiocoap: a stateless server would cut each
-block from the object current when it is asked for, and a re-seal in the middle of a block-wise
-transfer would change the ETag between blocks (the client gives up: RFC 7959 §2.4), where
-aiocoap's Block2 cache keeps one copy of the object per remote and finishes the transfer with it.
-A block-wise transfer costs a round trip per block anyway; the saving is in the small objects
-most readings are.
+The answer is what aiocoap would send (the differential tests compare the bytes): a piggybacked ACK
+2.05 with the request's message ID and token, ETag, Content-Format 18, the Max-Age that
+:meth:`ObjectResource.render_get` computes, and the object. The object, its ETag and expiry are read
+from the resource's :class:`~producer.published.Published` on every request, so the answer after a
+re-seal is the new object. Larger objects stay with aiocoap: a stateless server would cut each block
+from the object current when it is asked for, and a re-seal in the middle of a block-wise transfer
+would change the ETag between blocks (the client gives up: RFC 7959 §2.4), where aiocoap's Block2
+cache keeps one copy of the object per remote and finishes the transfer with it. A block-wise
+transfer costs a round trip per block anyway; the saving is in the small objects most readings are.
 
 Everything else goes to aiocoap unchanged: NON, Observe, ETag validation, Accept, Uri-Host,
 Uri-Port (libcoap's coap-client sends it when the port is not 5683), Uri-Query, any other option,

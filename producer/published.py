@@ -1,0 +1,286 @@
+"""One published resource: its keys and epochs, its current value, and the object sealed from it.
+
+:class:`Published` is what :class:`~producer.core.Producer` keeps per resource: the active
+epoch's secret and the next one's, the switch to the next at the boundary by the producer's own
+clock (also when the AS is out of reach), re-sealing under a new epoch as soon as the AS
+announces one, and the value sources it polls (a file). It refuses to seal when it has no secret
+it may use, and never uses a sequence number twice (:class:`oscar.sequence.SequenceAllocator`
+over the producer's state).
+
+What it does not do: talk to the AS or the network (the producer's tasks hand it key states and
+values; observers and publishers are told through ``on_change`` and ``Producer.publish``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from authz_server.client import EpochKey, KeyState
+from oscar.errors import PlaintextTooLarge, SequenceUnavailable
+from oscar.objects import Sealer, object_etag
+from oscar.profiles import PROFILES
+from oscar.sequence import SequenceAllocator
+
+from .config import MAX_VALUE_SIZE, ResourceSpec
+
+if TYPE_CHECKING:
+    from .core import Producer
+
+__all__ = ["Published"]
+
+log = logging.getLogger("oscar.producer")
+
+
+class Published:
+    """One resource: its keys, its current value and the one object sealed from it.
+
+    ``obj``, ``etag``, ``iat``, ``exp``, ``epoch`` and ``seq`` describe the object being served
+    (None before the first). Observers are told through ``on_change``.
+    """
+
+    def __init__(self, producer: Producer, spec: ResourceSpec) -> None:
+        self.producer = producer
+        self.spec = spec
+        self.resource_id = f"{producer.device_id}/{spec.path}"
+        self.profile = PROFILES[spec.profile]
+        self.value: bytes | None = None
+        self.obj: bytes | None = None
+        self.etag = b""
+        self.iat = 0
+        self.exp = 0
+        self.epoch: int | None = None
+        self.seq: int | None = None
+        self.sealed_count = 0
+        self.on_change: list[Callable[[], None]] = []
+        # keys
+        self.current: EpochKey | None = None
+        self.following: EpochKey | None = None
+        self.rotation_period = spec.rotation_period
+        self._sealer: Sealer | None = None
+        self._allocator: SequenceAllocator | None = None
+        self._expired_logged = False
+        #: Set when the AS already knew the resource and this state had no record of it.
+        self.state_outlived = False
+        # sources
+        self._file_stat: tuple[int, int, int] | None = None
+        self._next_poll = 0.0
+
+    def __repr__(self) -> str:
+        return f"Published({self.resource_id!r}, epoch={self.epoch}, seq={self.seq})"
+
+    # --- keys ---
+
+    @property
+    def boundary(self) -> int | None:
+        """When the current epoch ends by the producer's clock (None: no scheduled end)."""
+        if self.current is None or self.current.activated_at is None or self.rotation_period <= 0:
+            return None
+        return self.current.activated_at + self.rotation_period
+
+    def restore(self, stored: KeyState) -> None:
+        """Take the key state saved before a restart, then catch up with the clock."""
+        if not self.producer.state.sequences.knows(self.resource_id):
+            # Keys but no sequence record: the sequence file was lost or is an older copy.
+            self.state_outlived = True
+        self.rotation_period = stored.rotation_period
+        self._switch(stored.active)
+        self.following = stored.next
+
+    def apply(self, state: KeyState) -> None:
+        """A key state from the AS (a reply or a notification)."""
+        self.rotation_period = state.rotation_period
+        changed = False
+        if self.current is None or state.active.epoch > self.current.epoch:
+            changed = self._switch(state.active)
+            self.following = state.next
+        elif state.active.epoch == self.current.epoch:
+            self.current = state.active  # the AS's activated_at is authoritative
+            self.following = state.next
+        # else: this producer switched ahead at the boundary; the AS will catch up.
+        self._save_keys()
+        if changed:
+            log.info("%s: now sealing under epoch %s", self.resource_id, self.epoch_number)
+            self.reseal()
+
+    def tick(self, now: int) -> None:
+        """Switch epochs at the boundary; re-seal an object before it goes stale."""
+        boundary = self.boundary
+        switched = False
+        while boundary is not None and now >= boundary:
+            upcoming = self.following
+            if upcoming is None or self.current is None or upcoming.epoch <= self.current.epoch:
+                if not self._expired_logged:
+                    log.error(
+                        "%s: epoch %s ended and the AS has not sent the next secret: sealing "
+                        "nothing new until it does",
+                        self.resource_id,
+                        None if self.current is None else self.current.epoch,
+                    )
+                    self._expired_logged = True
+                break
+            switched = self._switch(EpochKey(upcoming.epoch, upcoming.secret, boundary))
+            self.following = None
+            boundary = self.boundary
+        if switched:
+            log.info("%s: boundary reached, now epoch %s", self.resource_id, self.epoch_number)
+            self._save_keys()
+            self.reseal()
+        elif self.obj is not None and self.exp - now < self.spec.lifetime // 2:
+            self.reseal()  # half the object's lifetime is gone: a fresh one for the caches
+
+    @property
+    def epoch_number(self) -> int | None:
+        return None if self.current is None else self.current.epoch
+
+    def may_seal(self, now: int) -> bool:
+        boundary = self.boundary
+        return self._sealer is not None and (boundary is None or now < boundary)
+
+    def _switch(self, key: EpochKey) -> bool:
+        sequences = self.producer.state.sequences
+        floor = sequences.floor(self.resource_id)
+        if key.epoch < floor:
+            log.error(
+                "%s: refusing epoch %d: epoch %d was used already",
+                self.resource_id,
+                key.epoch,
+                floor,
+            )
+            return False
+        sequences.raise_floor(self.resource_id, key.epoch)  # durable before the first seal
+        if self.state_outlived and sequences.load(self.resource_id, key.epoch) is None:
+            # The AS knew this resource before this state directory did: a lost, restored or
+            # copied state may have sealed under this epoch already. Start far away from 0.
+            start = (1 << 48) + secrets.randbelow(1 << 47)
+            sequences.save(self.resource_id, key.epoch, start)
+            log.warning(
+                "%s: the AS knew this resource but this state did not: epoch %d starts at a "
+                "random sequence number, so that no seq of a lost state is used again",
+                self.resource_id,
+                key.epoch,
+            )
+        self._sealer = Sealer(
+            secret=key.secret,
+            producer_id=self.producer.device_id,
+            resource_id=self.resource_id,
+            epoch=key.epoch,
+            signing_key=self.producer.signing_key,
+            profile=self.profile,
+        )
+        self._allocator = SequenceAllocator(
+            sequences, self.resource_id, key.epoch, self.producer.config.sequence_window
+        )
+        self.current = key
+        self._expired_logged = False
+        return True
+
+    def _save_keys(self) -> None:
+        if self.current is None:
+            return
+        self.producer.state.keys.put(
+            KeyState(
+                self.resource_id,
+                self.spec.profile,
+                self.rotation_period,
+                self.current,
+                self.following,
+            )
+        )
+
+    # --- values and objects ---
+
+    def update(self, value: bytes) -> bool:
+        """A new value: seal it if it differs from the current one. True if an object was made."""
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError("a value is bytes")
+        value = bytes(value)
+        if len(value) > MAX_VALUE_SIZE:
+            log.error(
+                "%s: value of %d bytes is over the %d-byte limit; not sealed",
+                self.resource_id,
+                len(value),
+                MAX_VALUE_SIZE,
+            )
+            return False
+        if value == self.value and self.obj is not None:
+            return False
+        self.value = value
+        return self.reseal()
+
+    def reseal(self) -> bool:
+        """Seal the current value under the current epoch with a fresh seq."""
+        if self.value is None:
+            return False
+        now = self.producer.now()
+        sealer, allocator = self._sealer, self._allocator
+        if sealer is None or allocator is None or not self.may_seal(now):
+            if sealer is None:
+                log.warning("%s: no access secret yet; the value waits", self.resource_id)
+            return False
+        try:
+            seq = allocator.allocate()
+            obj = sealer.seal(
+                seq=seq,
+                iat=now,
+                exp=now + self.spec.lifetime,
+                content_format=self.spec.content_format,
+                plaintext=self.value,
+            )
+        except SequenceUnavailable as exc:
+            log.error("%s: not sealed, fail closed: %s", self.resource_id, exc)
+            return False
+        except PlaintextTooLarge:
+            log.error(
+                "%s: %d bytes is too large for profile %s (AES-CCM seals at most 65535 bytes); "
+                "choose an A128GCM, A256GCM or ChaCha20 profile",
+                self.resource_id,
+                len(self.value),
+                self.spec.profile,
+            )
+            return False
+        self.obj, self.iat, self.exp = obj, now, now + self.spec.lifetime
+        self.epoch, self.seq = sealer.epoch, seq
+        self.etag = object_etag(self.resource_id, sealer.epoch, seq)
+        self.sealed_count += 1
+        log.debug("%s: sealed epoch %d seq %d", self.resource_id, self.epoch, seq)
+        for notify in self.on_change:
+            notify()
+        self.producer.publish(self)
+        return True
+
+    def max_age(self, now: int) -> int:
+        return max(0, min(self.spec.max_age, self.exp - now))
+
+    # --- sources ---
+
+    def poll_file(self, now_mono: float) -> None:
+        path = self.spec.file
+        if path is None or now_mono < self._next_poll:
+            return
+        self._next_poll = now_mono + self.spec.interval
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if self._file_stat is not None or self.value is None:
+                log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
+                self._file_stat = None
+            return
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key == self._file_stat:
+            return
+        if st.st_size > MAX_VALUE_SIZE:
+            log.error("%s: %s is over the %d-byte limit", self.resource_id, path, MAX_VALUE_SIZE)
+            self._file_stat = key
+            return
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_VALUE_SIZE + 1)
+        except OSError as exc:
+            log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
+            return
+        self._file_stat = key
+        self.update(data)
