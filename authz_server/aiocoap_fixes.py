@@ -20,8 +20,7 @@ observations — one observer leaving cost the next one notified its observation
 ``MessageInterfaceUDP6.send`` reads and clears the pending error (``SO_ERROR``) before it sends;
 the error is still reported, with its own address, from the error queue. An ICMP error arriving
 between the two system calls still takes the old path (microseconds instead of the time between
-two sends). The proxy found and repaired this first (``proxy/udp_errors.py``); this is the same
-repair, for every role.
+two sends).
 
 :func:`apply` makes both, once per process, and only in the aiocoap version they were written
 against (:data:`FIXED_VERSIONS`); with any other version it does nothing and says so at debug
@@ -98,6 +97,6 @@ def apply() -> bool:
         log.debug("aiocoap %s: left as it is (repairs written for 0.4.17)", meta.version)
         return False
     Pipe._add_event = _add_event
-    if not getattr(interface.send, _APPLIED, False):  # also set by proxy/udp_errors.py
+    if not getattr(interface.send, _APPLIED, False):
         interface.send = _clearing_pending_errors(interface.send)
     return True

@@ -9,7 +9,7 @@ and keeps its cache encrypted at rest. It can check objects; it can never read t
 - :class:`ProxySite` (:mod:`proxy.server`): the CoAP face;
 - :mod:`proxy.relays`: observers and the upstream observations they hold, bounded;
 - :mod:`proxy.cache`, :mod:`proxy.echo`, :mod:`proxy.lookups`, :mod:`proxy.config`;
-- :mod:`proxy.statsock`: live counters for ``oscar-proxy stats``; :mod:`proxy.udp_errors`;
+- :mod:`proxy.statsock`: live counters for ``oscar-proxy stats``;
 - ``oscar-proxy`` / ``python -m proxy`` (:mod:`proxy.cli`).
 """
 

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from authz_server import aiocoap_fixes
 from authz_server.client import (
     AsError,
     BundleError,
@@ -40,7 +41,6 @@ from authz_server.dtls import IndexedCreds, end_sessions, label_of
 from authz_server.ports import ensure_alone_on_port, ensure_port_free
 from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 
-from . import udp_errors
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
 from .config import parse_reverse as _parse_reverse
 from .core import Proxy
@@ -104,7 +104,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     from .server import ProxySite
 
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
-    udp_errors.apply()  # an ICMP error ends the observations of the peer it concerns only
+    aiocoap_fixes.apply()  # observers that leave: no tracebacks, no other observer's end
     host, port = config.listen
     ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     for each in ports:  # before any work: a port in use changes no state

@@ -201,7 +201,8 @@ async def test_origins_that_never_served_the_object_get_no_observation(world: Wo
 async def test_observers_that_leave_take_no_other_observer_with_them(world: World) -> None:
     """Ten observers leave while ten stay, all of one resource: the next object reaches the ten
     that stay and they stay observed. (aiocoap charged the ICMP error of a notification to a
-    socket that had gone to whichever peer the proxy sent to next: see proxy.udp_errors.)"""
+    socket that had gone to whichever peer the proxy sent to next: see
+    authz_server.aiocoap_fixes.)"""
     uri = world.producer.uri(STEADY)
     stay = [ObserveClient(world.proxy.port, f"127.0.1.{i}") for i in range(1, 11)]
     go = [ObserveClient(world.proxy.port, f"127.0.2.{i}") for i in range(1, 11)]
