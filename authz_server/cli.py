@@ -7,11 +7,12 @@ only by that command). The admin commands talk to the database directly, so they
 not a server is running; the server notices their changes through the store's change counter.
 
 Exit status: 0 success, 1 refused by the state (no such device, resource, grant or epoch; the
-thing exists already; a broken audit chain), 2 bad usage or bad input (malformed ids, patterns or
-times; a missing, corrupt or foreign state directory; a wrong or exposed master key). Every failure
-is one line on stderr, ``oscar-as <command>: error: ...``; exceptions are mapped to it in one
-place, :func:`main`. No output ever holds a PSK or an access secret: the only place a PSK leaves
-the AS is the credentials bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
+thing exists already; a broken audit chain; for ``serve``, its port held by another process), 2
+bad usage or bad input (malformed ids, patterns or times; a missing, corrupt or foreign state
+directory; a wrong or exposed master key). Every failure is one line on stderr,
+``oscar-as <command>: error: ...``; exceptions are mapped to it in one place, :func:`main`. No
+output ever holds a PSK or an access secret: the only place a PSK leaves the AS is the credentials
+bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
 
 What it does not do: decide policy (that is :mod:`authz_server.store` and the server), or speak
 the network (only ``serve`` does, through :mod:`authz_server.server`).
@@ -53,6 +54,7 @@ from oscar.cli import (
 from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
 
 from .ca import CA_CERT_NAME, init_state
+from .ports import PortInUse, ensure_port_free
 from .store import DB_NAME, MASTER_KEY_NAME, ROLES, Conflict, NotFound, Store, StoreError
 from .vault import MasterKeyError, VaultError
 
@@ -384,6 +386,10 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
     """
     _apply_serve_config(args)
     host, port = _listen(args.listen)
+    try:  # before anything else (no database opened): exit 1, so that systemd tries again
+        ensure_port_free(host, port)
+    except PortInUse as exc:
+        return fail(f"{PROG} serve", str(exc), 1)
     # A missing or unreadable state directory is a one-line error before anything starts.
     asyncio.run(_with_store(args.state, _nothing))
     from .server import ServeOptions, serve  # the network stack loads only for this command
