@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except TransportError as exc:
         return fail(PROG, f"{exc.kind}: {exc}", 4)
     except StateError as exc:
-        return fail(PROG, f"state corrupt or unreadable: {exc}", 2)
+        return fail(PROG, f"state unusable: {exc}", 2)
     except BundleError as exc:
         return fail(PROG, str(exc), 2)
     except OSError as exc:  # the state directory cannot be made, stdout is closed
