@@ -506,9 +506,7 @@ async def test_corrupt_state_is_refused_and_left_alone(
     producer.publish(TEMPERATURE, world.seal(b"21"))
     result = await cli(world, state, "get", producer.uri())
     assert result.code == 2 and result.out == b""
-    assert result.error.startswith("state unusable: ") and "fails authentication" in (
-        result.error
-    )
+    assert result.error.startswith("state unusable: ") and "fails authentication" in result.error
     with pytest.raises(StateError):
         Consumer(world.bundle(READER), state)
     after = {p.name: p.read_bytes() for p in state.iterdir()}
