@@ -124,7 +124,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.unlink(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # never leave a copy (a private key, say) under the temporary name
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
@@ -178,7 +182,8 @@ def private_dir(path: Path, *, create: bool = True) -> Path:
     Refused: a symbolic link, anything but a directory, a directory of another user, and one that
     holds a symbolic link or another user's file (planted while it was open to others, or left by
     an admin command run as root). A directory of this user's with a wider mode than 0700 (a
-    plain ``mkdir`` gives 0755) is repaired to 0700 with a warning, once the rest has passed.
+    plain ``mkdir`` gives 0755) is closed to 0700 before its entries are checked (and stays so
+    when it is then refused), with a warning when it is accepted.
     The checks are made on the directory as opened (O_NOFOLLOW), so it cannot be swapped between
     check and repair. OSError when it cannot be made or read.
     """
@@ -199,6 +204,11 @@ def private_dir(path: Path, *, create: bool = True) -> Path:
     try:
         info = os.fstat(fd)
         _check_owner(path, info, "directory")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            # Closed first, then checked: nothing can be planted between the check and the repair.
+            # A directory refused below stays closed (ours, and safer so).
+            os.fchmod(fd, 0o700)
         with os.scandir(fd) as entries:
             for entry in entries:
                 held = entry.stat(follow_symlinks=False)
@@ -212,9 +222,7 @@ def private_dir(path: Path, *, create: bool = True) -> Path:
                         f"the state directory {path} holds {entry.name!r} of uid {held.st_uid}, "
                         "not of its owner: refusing it (remove what its owner did not put there)"
                     )
-        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
-            os.fchmod(fd, 0o700)
             log.warning("the state directory %s had mode %04o: made it 0700", path, mode)
     finally:
         os.close(fd)

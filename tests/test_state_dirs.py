@@ -196,7 +196,8 @@ def test_a_world_writable_state_directory_with_planted_names_is_refused(
     role: str, tmp_path: Path
 ) -> None:
     """What another user left in a 0777 directory (a file at a temporary name the old
-    atomic_write would have used, a link to the bundle) makes the role refuse it unchanged."""
+    atomic_write would have used, a link to the bundle) makes the role refuse it, its content
+    unchanged; the directory itself is closed (0700) before its entries are read, and stays so."""
     state = tmp_path / "state"
     make_role_state(role, state)
     state.chmod(0o777)
@@ -207,7 +208,12 @@ def test_a_world_writable_state_directory_with_planted_names_is_refused(
     before = snapshot(state)
     line = run_refused(role, tmp_path, state)
     assert f"the state directory {state} holds '{planted.name}' of uid {OTHER}" in line
-    assert snapshot(state) == before
+    after = snapshot(state)
+    assert stat.S_IMODE(after["."][0]) == 0o700  # type: ignore[call-overload]
+    assert {k: v for k, v in after.items() if k != "."} == {
+        k: v for k, v in before.items() if k != "."
+    }
+    assert after["."][1:] == before["."][1:]
 
     planted.unlink()
     (state / "keys.state").symlink_to(tmp_path / f"{role}.json")
@@ -276,7 +282,11 @@ def test_planted_temporary_names_cannot_receive_the_producer_key(shared: Path) -
     steal = (
         "import os, sys\n"
         "found = []\n"
-        "for name in os.listdir(sys.argv[1]):\n"
+        "try:\n"
+        "    names = os.listdir(sys.argv[1])\n"
+        "except PermissionError:\n"
+        "    print('closed'); sys.exit(0)\n"
+        "for name in names:\n"
         "    try:\n"
         "        data = open(os.path.join(sys.argv[1], name), 'rb').read()\n"
         "    except OSError:\n"
@@ -286,12 +296,19 @@ def test_planted_temporary_names_cannot_receive_the_producer_key(shared: Path) -
     )
     stolen = as_other(steal, str(state))
     assert stolen.returncode == 0, stolen.stderr
-    assert stolen.stdout.strip() == "[]"  # no key in a file the attacker may read
+    assert stolen.stdout.strip() == "closed"  # the directory was closed before it was checked
+    assert not any(  # and no key was written anywhere in it
+        b"PRIVATE KEY" in p.read_bytes() for p in state.iterdir() if not p.is_symlink()
+    )
     assert bundle.read_bytes() == bundle_before  # no key written through a planted link
     assert producer.returncode == 1
     assert producer.stderr.count("\n") == 1
     assert f"the state directory {state} holds" in producer.stderr
-    assert snapshot(state) == before
+    after = snapshot(state)
+    assert stat.S_IMODE(after["."][0]) == 0o700  # type: ignore[call-overload]
+    assert {k: v for k, v in after.items() if k != "."} == {
+        k: v for k, v in before.items() if k != "."
+    }
 
 
 # --- atomic_write, read_state_file, private_dir in process --------------------------------------
@@ -328,6 +345,16 @@ def test_atomic_write_never_writes_through_a_planted_symlink(tmp_path: Path) -> 
     assert not (state / "cert.pem").is_symlink()
     assert stat.S_IMODE(os.lstat(state / "cert.pem").st_mode) == 0o644
     assert (state / "key.pem").read_bytes() == b"secret"
+
+
+def test_atomic_write_leaves_no_temporary_copy_when_the_rename_fails(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "key.pem").mkdir()  # a directory in the way: the rename fails
+    (state / "key.pem" / "x").write_bytes(b"")
+    with pytest.raises(OSError):
+        atomic_write(state / "key.pem", b"-----BEGIN PRIVATE KEY-----\n", 0o600)
+    assert sorted(p.name for p in state.iterdir()) == ["key.pem"]
 
 
 def test_atomic_write_makes_the_temporary_file_0600_from_the_first_byte(
