@@ -22,7 +22,6 @@ This module does no database I/O; it reads and writes only the master key file.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import stat
@@ -143,20 +142,16 @@ class Vault:
         return hmac.new(self._audit_key, previous + record, "sha256").digest()
 
     def chain_function(self) -> Callable[[bytes, bytes], bytes]:
-        """:meth:`chain` as a function with the HMAC's key schedule done once (RFC 2104's inner
-        and outer pads hashed ahead), for walking a long chain: about 0.7 rather than 1.9
-        microseconds a record."""
-        block = self._audit_key.ljust(64, b"\x00")  # SHA-256's block; the key is 32 bytes
-        inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        """:meth:`chain` as a function with the HMAC's key set up once (the keyed state is copied
+        for each record), for walking a long chain: about half the time of :meth:`chain` a
+        record."""
+        base = hmac.new(self._audit_key, digestmod="sha256")
 
         def chain(previous: bytes, record: bytes) -> bytes:
-            digest = inner.copy()
-            digest.update(previous)
-            digest.update(record)
-            result = outer.copy()
-            result.update(digest.digest())
-            return result.digest()
+            h = base.copy()
+            h.update(previous)
+            h.update(record)
+            return h.digest()
 
         return chain
 

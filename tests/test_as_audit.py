@@ -7,6 +7,7 @@ with denied requests is in ``test_as_audit_flood.py``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import random
 import sqlite3
 import time
@@ -213,6 +214,11 @@ async def test_the_chain_function_is_the_chain(store: Store) -> None:
     chain = vault.chain_function()
     for previous, record in [(b"", b""), (b"p" * 32, b"r" * 100), (b"", b"x" * 5000)]:
         assert chain(previous, record) == vault.chain(previous, record)
+    # A key longer than SHA-256's 64-byte block (RFC 2104 hashes it first) chains alike too.
+    vault._audit_key = bytes(range(100))
+    chain = vault.chain_function()
+    expected = hmac.new(bytes(range(100)), b"p" * 32 + b"r" * 100, "sha256").digest()
+    assert chain(b"p" * 32, b"r" * 100) == vault.chain(b"p" * 32, b"r" * 100) == expected
 
 
 # --- pruning -------------------------------------------------------------------------------------
