@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 from pathlib import Path
+
+log = logging.getLogger("oscar.ports")
 
 __all__ = ["PortInUse", "ensure_alone_on_port", "ensure_port_free", "others_on_port"]
 
@@ -112,6 +115,7 @@ def others_on_port(host: str, port: int) -> int:
     try:
         own = _own_socket_inodes()
     except OSError:
+        log.warning("cannot list this process's sockets (/proc): the check after the bind is off")
         return 0
     count = 0
     for table in ("/proc/net/udp", "/proc/net/udp6"):
