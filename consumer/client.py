@@ -306,9 +306,7 @@ class Consumer:
             # Another task may have accepted a newer object while we waited for the AS.
             self.store.freshness.accept(resource_id, m.epoch, m.seq)
             self.store.save_freshness(resource_id)
-        held = self.store.held(resource_id)
-        if held is None or held.version < version:
-            self.store.put_held(resource_id, m.epoch, m.seq, data)
+        self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
         return reading
 
     async def _held_reading(self, stale: StaleCopy) -> Reading:
@@ -328,14 +326,11 @@ class Consumer:
         self, stale: StaleCopy, response: Any, target: Target, on_stale: StaleHandler | None
     ) -> Reading:
         """The newest reading held instead of a stale copy (see the module doc), or
-        :class:`StaleCopy` saying who served what and when it will be fresh."""
+        :class:`StaleCopy` saying who served what and when it will be fresh (not logged: the
+        caller reports it, once)."""
         stale.peer = target.peer
         stale.fresh_in = cache_fresh_in(response)
-        try:
-            reading = await self._held_reading(stale)
-        except StaleCopy:
-            log.info("%s", stale.describe())
-            raise
+        reading = await self._held_reading(stale)
         if on_stale is not None:
             on_stale(stale, True)
         else:
@@ -421,7 +416,11 @@ class Consumer:
         try:
             return await self.open_object(self._payload(response, target), target.resource_id)
         except StaleCopy as stale:
-            return await self._stale_answer(stale, response, target, on_stale)
+            try:
+                return await self._stale_answer(stale, response, target, on_stale)
+            except StaleCopy:
+                log.info("%s", stale.describe())  # raised to the caller: a trace, not a warning
+                raise
 
     async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -535,6 +534,7 @@ class Consumer:
                 if not skip_same:  # the first answer: the newest reading held, if still valid
                     with contextlib.suppress(StaleCopy):
                         return await self._stale_answer(stale, response, target, on_stale)
+                    # else reported once, below
                 stale.peer, stale.fresh_in = target.peer, cache_fresh_in(response)
                 if on_stale is not None:
                     on_stale(stale, False)

@@ -1,6 +1,6 @@
 """The consumer's state: what it caches from the AS, and the freshness of what it has accepted.
 
-Four :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
+Three :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
 encrypted and authenticated under ``bundle.state_key("consumer")`` and written atomically with
 mode 0600:
 
@@ -8,17 +8,21 @@ mode 0600:
   (DER and its ``next_update``);
 - ``secrets``: access secrets per (resource, epoch), a bounded LRU (:data:`DEFAULT_MAX_SECRETS`);
 - ``freshness``: the :class:`~oscar.freshness.FreshnessState` snapshot, newest (epoch, seq) per
-  resource;
-- ``objects``: the newest accepted object itself (the protected bytes as received, never the
-  plaintext) per resource, a bounded LRU (:data:`DEFAULT_MAX_OBJECTS`), so that a stale copy
-  served by a cache can be answered with the newest reading this consumer holds, checked again
-  (see :mod:`consumer.client`).
+  resource.
 
-Every file is read when the store opens; one that fails authentication raises
-:class:`~authz_server.client.StateError` and nothing is written. Each save re-reads the file under
-an exclusive lock on ``state_dir/lock`` and merges (newest freshness and object per resource,
+With ``"objects"`` among the files, the newest accepted object of each resource (the protected
+bytes as received, never the plaintext) is kept too, one sealed file per resource in the
+subdirectory ``held`` (see :mod:`consumer.held`), so that a stale copy served by a cache can be
+answered with the newest reading this consumer holds, checked again (see :mod:`consumer.client`).
+
+Every file but the held objects is read when the store opens; one that fails authentication
+raises :class:`~authz_server.client.StateError` and nothing is written. A held object is read only
+when it is wanted, and one that cannot be read is dropped with a warning. Each save re-reads the
+file under an exclusive lock on ``state_dir/lock`` and merges (newest freshness per resource,
 union of certificates and secrets), so two consumer processes sharing a directory never undo each
-other's freshness. With ``state_dir=None`` everything lives in memory only (and is lost at exit).
+other's freshness; a held object is written under the same lock, unless the freshness on disk
+says another process accepted a newer one. With ``state_dir=None`` everything lives in memory only
+(and is lost at exit).
 
 What this module does not do: check certificates or CRLs (:mod:`consumer.trust` does, on every
 load), talk to the network, or decide freshness (:mod:`oscar.freshness` does).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -40,7 +45,10 @@ from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
 
+from .held import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_OBJECTS, HeldObject, HeldObjects
+
 __all__ = [
+    "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_OBJECTS",
     "DEFAULT_MAX_SECRETS",
     "CachedCertificate",
@@ -51,8 +59,7 @@ __all__ = [
 
 #: Access secrets kept at most; the least recently used go first.
 DEFAULT_MAX_SECRETS = 4096
-#: Newest accepted objects kept at most (one per resource); the least recently accepted go first.
-DEFAULT_MAX_OBJECTS = 256
+log = logging.getLogger("oscar.consumer")
 
 _KID_LENGTH = 8
 
@@ -95,27 +102,6 @@ def _parse_trust(doc: Any) -> tuple[dict[bytes, CachedCertificate], CachedCrl | 
     return certificates, crl
 
 
-class HeldObject(NamedTuple):
-    """The newest object accepted of a resource, as received (protected: never the plaintext)."""
-
-    epoch: int
-    seq: int
-    data: bytes
-
-    @property
-    def version(self) -> tuple[int, int]:
-        return (self.epoch, self.seq)
-
-
-def _parse_objects(doc: Any) -> OrderedDict[str, HeldObject]:
-    objects: OrderedDict[str, HeldObject] = OrderedDict()
-    for rid, epoch, seq, data in doc:
-        if not is_resource_id(rid) or not isinstance(data, bytes):
-            raise ValueError("malformed object entry")
-        objects[rid] = HeldObject(_uint(epoch), _uint(seq), data)
-    return objects
-
-
 def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
     secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
     if not isinstance(doc, list):
@@ -140,6 +126,7 @@ class ConsumerStore:
         *,
         max_secrets: int = DEFAULT_MAX_SECRETS,
         max_objects: int = DEFAULT_MAX_OBJECTS,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         files: tuple[str, ...] = ("trust", "secrets", "freshness", "objects"),
         label: str = "consumer",
     ) -> None:
@@ -155,29 +142,46 @@ class ConsumerStore:
         if max_secrets < 1:
             raise ValueError("max_secrets must be at least 1")
         self._max_secrets = max_secrets
-        self._max_objects = max(1, max_objects)
         self.certificates: dict[bytes, CachedCertificate] = {}
         self.crl: CachedCrl | None = None
         self._secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
         self.freshness = FreshnessState()
-        self._objects: OrderedDict[str, HeldObject] = OrderedDict()
         self.directory: Path | None = None
         self._files: dict[str, SealedFile] = {}
+        self._held: HeldObjects | None = None
         if state_dir is None:
+            self._held = HeldObjects(
+                None, key, label, max_objects=max_objects, max_bytes=max_held_bytes
+            )
             return
         self.directory = private_dir(Path(state_dir))
         if not set(files) <= {"trust", "secrets", "freshness", "objects"}:
             raise ValueError("files are some of trust, secrets, freshness, objects")
         self._files = {
-            name: SealedFile(self.directory / name, key, f"{label} {name}") for name in files
+            name: SealedFile(self.directory / name, key, f"{label} {name}")
+            for name in files
+            if name != "objects"
         }
         # Read everything before anything can be written: a bad file stops the consumer unchanged.
         trust = self._load("trust", _parse_trust)
         secrets = self._load("secrets", _parse_secrets)
         freshness = self._load("freshness", FreshnessState.from_snapshot)
-        objects = self._load("objects", _parse_objects)
-        if objects is not None:
-            self._objects = objects
+        if "objects" in files:
+            self._held = HeldObjects(
+                self.directory / "held",
+                key,
+                label,
+                max_objects=max_objects,
+                max_bytes=max_held_bytes,
+            )
+            # An earlier version kept every held object in this one file, which could outgrow
+            # what a state file may be: its content is only ever a cache, so it goes.
+            legacy = self.directory / "objects"
+            if legacy.is_file() and not legacy.is_symlink():
+                legacy.unlink()
+                log.info(
+                    "%s: removed (held objects are kept in %s now)", legacy, legacy.parent / "held"
+                )
         if trust is not None:
             self.certificates, self.crl = trust
         if secrets is not None:
@@ -316,40 +320,26 @@ class ConsumerStore:
 
     def held(self, resource_id: str) -> HeldObject | None:
         """The newest object of ``resource_id`` this consumer (or another process sharing the
-        directory) accepted, as received, or None. The caller checks it again before use."""
-        if "objects" in self._files:
-            stored = self._load("objects", _parse_objects) or {}
-            theirs = stored.get(resource_id)
-            mine = self._objects.get(resource_id)
-            if theirs is not None and (mine is None or mine.version < theirs.version):
-                self._objects[resource_id] = theirs
-        return self._objects.get(resource_id)
+        directory) accepted, as received, or None. Reads that resource's file (the stale path
+        only); one unreadable is dropped with a warning. The caller checks it again before use."""
+        return None if self._held is None else self._held.get(resource_id)
 
     def put_held(self, resource_id: str, epoch: int, seq: int, data: bytes) -> None:
-        """Keep the object just accepted as the newest of ``resource_id`` (unless a newer one is
-        kept already); OSError if the disk refuses."""
+        """Keep the object just accepted as the newest of ``resource_id``, writing that resource's
+        file only, unless this process holds it or a newer one already, or another process
+        sharing the directory has accepted a newer one; OSError if the disk refuses."""
+        if self._held is None:
+            return
         held = HeldObject(epoch, seq, bytes(data))
-        mine = self._objects.get(resource_id)
-        if mine is None or mine.version <= held.version:
-            self._objects[resource_id] = held
-            self._objects.move_to_end(resource_id)
-        if "objects" in self._files:
-            with self._locked():
-                stored = self._load("objects", _parse_objects)
-                for rid, theirs in (stored or {}).items():
-                    mine = self._objects.get(rid)
-                    if mine is None:
-                        self._objects[rid] = theirs
-                        self._objects.move_to_end(rid, last=False)  # theirs: older than ours
-                    elif mine.version < theirs.version:
-                        self._objects[rid] = theirs
-                self._trim_objects()
-                self._files["objects"].save(
-                    [[rid, o.epoch, o.seq, o.data] for rid, o in self._objects.items()]
-                )
-        else:
-            self._trim_objects()
-
-    def _trim_objects(self) -> None:
-        while len(self._objects) > self._max_objects:
-            self._objects.popitem(last=False)
+        known = self._held.known(resource_id)
+        if known is not None and known >= held.version:
+            return
+        if self.directory is None:
+            self._held.put(resource_id, held)
+            return
+        with self._locked():
+            stored = self._load("freshness", FreshnessState.from_snapshot)
+            newest = stored.newest(resource_id) if stored is not None else None
+            if newest is not None and newest > held.version:
+                return  # another process accepted a newer one (and holds it)
+            self._held.put(resource_id, held)

@@ -169,8 +169,7 @@ async def test_get_returns_the_same_object_again_and_refuses_rollback(
         reading = await consumer.get(producer.uri(), on_stale=lambda s, i: stale.append((s, i)))
         assert reading.plaintext == b'{"t": 21}' and len(stale) == 2
         # Without a reading held (another consumer library use: none kept), it is the error.
-        consumer.store._objects.clear()
-        consumer.store._files.pop("objects")
+        consumer.store._held = None
         with pytest.raises(StaleCopy) as refused:
             await consumer.get(producer.uri())
         assert isinstance(refused.value, InvalidObject)  # callers that know no better: refused
@@ -180,8 +179,11 @@ async def test_get_returns_the_same_object_again_and_refuses_rollback(
     # A state directory of its own (0700), files 0600 holding neither secrets nor plaintext.
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     files = sorted(p.name for p in state.iterdir())
-    assert files == ["freshness", "lock", "objects", "secrets", "trust"]
-    for path in state.iterdir():
+    assert files == ["freshness", "held", "lock", "secrets", "trust"]
+    assert stat.S_IMODE((state / "held").stat().st_mode) == 0o700
+    [held] = (state / "held").iterdir()  # one resource: one file, its name a keyed hash
+    assert re.fullmatch(r"[0-9a-f]{32}", held.name)
+    for path in [*(p for p in state.iterdir() if p.is_file()), held]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         data = path.read_bytes()
         for secret in [*secrets_of(world), *world.psks.values()]:
@@ -498,7 +500,7 @@ async def test_corrupt_state_is_refused_and_left_alone(
     state = tmp_path / "state"
     producer.publish(TEMPERATURE, world.seal(b"20"))
     assert (await cli(world, state, "get", producer.uri())).code == 0
-    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    before = {str(p.relative_to(state)): p.read_bytes() for p in state.rglob("*") if p.is_file()}
     tampered = bytearray(before["freshness"])
     tampered[-1] ^= 1
     (state / "freshness").write_bytes(bytes(tampered))
@@ -509,7 +511,7 @@ async def test_corrupt_state_is_refused_and_left_alone(
     assert result.error.startswith("state unusable: ") and "fails authentication" in result.error
     with pytest.raises(StateError):
         Consumer(world.bundle(READER), state)
-    after = {p.name: p.read_bytes() for p in state.iterdir()}
+    after = {str(p.relative_to(state)): p.read_bytes() for p in state.rglob("*") if p.is_file()}
     assert after == {**before, "freshness": bytes(tampered)}
 
     # A state directory made under another bundle cannot be read either.
