@@ -254,6 +254,8 @@ class ConnectionGuard:
         self._by_label: dict[str, dict[Any, None]] = {}
         self.evicted = 0
         self.verified = 0  # hellos that came back with a good cookie
+        self.failed = 0  # datagrams whose handling raised (dropped, the batch went on)
+        self._failure_logged = float("-inf")
         self._original = self._pool.datagram_received
         # asyncio calls protocol.datagram_received: an instance attribute shadows the method.
         self._pool.datagram_received = self._datagram_received
@@ -288,9 +290,22 @@ class ConnectionGuard:
                 except OSError as exc:
                     error_received(exc)
                     return
-                datagram_received(data, sockaddr)
+                try:
+                    datagram_received(data, sockaddr)
+                except Exception as exc:  # one datagram's failure: the batch goes on
+                    self._failed(exc)
 
         loop._add_reader(sock.fileno(), read_ready)  # replaces the transport's reader
+
+    def _failed(self, exc: Exception) -> None:
+        """A datagram whose handling raised: counted, and one line (the exception's type only:
+        its text could hold peer data) at info at most once a second, at debug otherwise."""
+        self.failed += 1
+        now = self._clock()
+        level = logging.INFO if now - self._failure_logged >= 1.0 else logging.DEBUG
+        if level == logging.INFO:
+            self._failure_logged = now
+        log.log(level, "a datagram could not be handled (%s): dropped", type(exc).__name__)
 
     def __len__(self) -> int:
         return len(self._pool._connections)
