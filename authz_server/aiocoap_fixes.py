@@ -38,7 +38,7 @@ import logging
 import socket
 from typing import Any
 
-__all__ = ["FIXED_VERSIONS", "apply"]
+__all__ = ["FIXED_VERSIONS", "apply", "clear_pending_error"]
 
 log = logging.getLogger("oscar.aiocoap")
 
@@ -70,16 +70,22 @@ def _add_event(self: Any, event: Any) -> None:
         self._end()
 
 
+def clear_pending_error(sock: socket.socket | None) -> None:
+    """Read and clear ``sock``'s pending error (``SO_ERROR``), so that the next send does not fail
+    with an ICMP error meant for another peer (see the module docstring). Any aiocoap version:
+    the producer's fast path sends on aiocoap's socket itself."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reads and clears it
+
+
 def _clearing_pending_errors(original: Any) -> Any:
     """``MessageInterfaceUDP6.send``, reading and clearing the socket's pending error first."""
 
     @functools.wraps(original)
     def send(self: Any, message: Any) -> None:
         transport = getattr(self, "transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reads and clears it
+        clear_pending_error(transport.get_extra_info("socket") if transport is not None else None)
         original(self, message)
 
     setattr(send, _APPLIED, True)

@@ -41,11 +41,12 @@ the piggybacked answer, or change aiocoap's handling of what it passes on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from authz_server.aiocoap_fixes import clear_pending_error
 
 if TYPE_CHECKING:
     from .server import ObjectResource
@@ -251,9 +252,7 @@ class FastPath:
             try:
                 # A pending ICMP error (an observer gone) would fail this send, not its own:
                 # read and clear it first, as aiocoap_fixes does for aiocoap's sends.
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                clear_pending_error(sock)
                 transport.sendmsg(response, ancdata, 0, address)  # OSErrors: aiocoap logs them
             except Exception:
                 log.exception("fast path could not send an answer")

@@ -61,6 +61,8 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
     def __init__(self, published: Published, limits: ObserverLimits | None = None) -> None:
         super().__init__()
         self.published = published
+        # The producer's resources share one (build_site); a resource built alone (the fast
+        # path's tests, fuzz/producer_fastpath.py) gets bounds of its own, the defaults.
         self.limits = limits or ObserverLimits(
             ProducerConfig.max_observers, ProducerConfig.max_observers_per_address
         )
@@ -79,9 +81,6 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
             await serve_observation(pipe, self.render, self.watchers, self.limits)
         else:  # block-wise (Block2 cache), ETag, 5.03: aiocoap's
             await interfaces.Resource._render_to_pipe(self, pipe)
-
-    async def add_observation(self, request: Message, observation: Any) -> None:
-        """Not used: :meth:`render_to_pipe` serves observations itself."""
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return True

@@ -27,13 +27,13 @@ and the addresses of one IPv6 subnet, cost an attacker nothing.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from authz_server.client import AsUnavailable, stop_tasks
+from authz_server.peers import address_key, host_of
 
 from .cache import Entry
 
@@ -50,19 +50,9 @@ Key = tuple[str, str]
 
 def client_of(device: str | None, hostinfo: str) -> str:
     """The client an observation is counted against: the DTLS ``device``, else the address of
-    ``hostinfo`` (``HOST:PORT``) without its port, an IPv6 one cut to its /64."""
-    if device is not None:
-        return f"device {device}"
-    host = hostinfo.rpartition(":")[0].strip("[]") if ":" in hostinfo else hostinfo
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return f"host {host}"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"host {address.ipv4_mapped}"
-        return f"net {ipaddress.IPv6Network((address, 64), strict=False)}"
-    return f"host {address}"
+    ``hostinfo`` (``HOST:PORT``) without its port, an IPv6 one cut to its /64
+    (:func:`authz_server.peers.address_key`, the key the producer counts its observers by)."""
+    return address_key(device, host_of(hostinfo))
 
 
 @dataclass(slots=True)

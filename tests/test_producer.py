@@ -155,6 +155,8 @@ async def test_observers_are_notified_of_each_new_value(
         assert first.opt.observe is not None
         seen = [(await opener.open(first.payload, rid)).plaintext]
         notifications = aiter(request.observation)
+        proof = await asyncio.wait_for(anext(notifications), 10)  # the current object, CON
+        assert proof.payload == first.payload
         for new in (b"2", b"3"):
             write_atomic(value, new)
             notification = await asyncio.wait_for(anext(notifications), 10)

@@ -466,6 +466,8 @@ async def test_a_get_right_after_a_reseal_and_observers_still_notified(served: S
         first = await asyncio.wait_for(observation.response, 5)
         assert first.opt.observe is not None and first.payload == published.obj
         notifications = aiter(observation.observation)
+        proof = await asyncio.wait_for(anext(notifications), 5)  # the current object, CON
+        assert proof.payload == published.obj
         sock = served.client()
         for i in range(3):
             new = os.urandom(150 + i)
@@ -486,6 +488,9 @@ async def test_a_request_on_an_observed_token_goes_to_aiocoap(served: Served) ->
     observe = request(path, mid=1, token=b"obs", before=((6, b""),))
     first = decode(await served.exchange(sock, observe))
     assert first.opt.observe is not None
+    loop = asyncio.get_running_loop()
+    proof = decode(await asyncio.wait_for(loop.sock_recv(sock, 4096), 5))  # CON, the same object
+    assert proof.opt.observe is not None and proof.payload == first.payload
     before = served.fast.answered
     plain = decode(await served.exchange(sock, request(path, mid=2, token=b"obs")))
     assert plain.code == Code.CONTENT and plain.opt.observe is None
