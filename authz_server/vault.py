@@ -143,7 +143,7 @@ class Vault:
 
     def chain_function(self) -> Callable[[bytes, bytes], bytes]:
         """:meth:`chain` as a function with the HMAC's key set up once (the keyed state is copied
-        for each record), for walking a long chain: about half the time of :meth:`chain` a
+        for each record), for walking a long chain: about 0.9 rather than 1.2 microseconds a
         record."""
         base = hmac.new(self._audit_key, digestmod="sha256")
 
