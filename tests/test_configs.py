@@ -123,3 +123,23 @@ def test_consumer_takes_its_settings_from_a_config_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown setting(s) retries" in result.stderr
     result = run("-m", "consumer", "get", "coap://h/p/x", check=False)
     assert result.returncode == 2 and "--bundle and --state are required" in result.stderr
+
+
+def test_the_example_configs_load_and_name_the_new_limits_with_their_defaults() -> None:
+    """deploy/etc/oscar/*.toml are what operators copy: they load, and the issue-13 bounds they
+    list are the defaults (a changed default must be changed there too)."""
+    from producer.config import ProducerConfig
+    from producer.config import load_config as load_producer
+    from proxy.config import Limits as ProxyLimits
+    from proxy.config import load_config as load_proxy
+
+    examples = ROOT / "deploy" / "etc" / "oscar"
+    producer = load_producer(examples / "producer.toml")
+    defaults = ProducerConfig(bundle=Path("b"), state=Path("s"), listen=("127.0.0.1", 5683))
+    assert producer.max_observers == defaults.max_observers
+    assert producer.max_observers_per_address == defaults.max_observers_per_address
+    limits = load_proxy(examples / "proxy.toml").limits
+    for name in ("observers", "observers_per_client", "relays", "relays_per_client"):
+        assert getattr(limits, name) == getattr(ProxyLimits(), name), name
+    text = (examples / "proxy.toml").read_text()
+    assert all(f"\n{name} = " in text for name in ("observers", "relays", "relays_per_client"))
