@@ -142,10 +142,23 @@ def _flood(
         for n in range(start, end):
             socks[n % len(socks)].sendto(_registration(path, n + 1), ("127.0.0.1", port))
         batch = _drain(socks, 1.0, enough=end - start)
-        answers += len(batch)
-        observing += sum(_observing(d) for _, d in batch)
+        answers += sum(_answer(d) for _, d in batch)
+        observing += sum(_held(d) for _, d in batch)
     late = _drain(socks, 0.5)
-    return answers + len(late), observing + sum(_observing(d) for _, d in late)
+    return answers + sum(_answer(d) for _, d in late), observing + sum(_held(d) for _, d in late)
+
+
+def _answer(data: bytes) -> bool:
+    """An answer to a registration (piggybacked on the ACK), not a notification or a 5.03."""
+    return data[0] >> 4 & 3 == 2
+
+
+def _held(data: bytes) -> int:
+    """+1 for a registration answered with Observe, -1 for an observation displaced by a
+    newcomer (a 5.03: an unproven observer gives its place up), else 0."""
+    if data[1] == 0xA3:
+        return -1
+    return int(_answer(data) and _observing(data))
 
 
 def run(settings: Settings) -> Iterator[Figure]:

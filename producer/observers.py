@@ -59,6 +59,7 @@ __all__ = [
     "con_outstanding",
     "peer_key",
     "serve_observation",
+    "withdraw",
 ]
 
 log = logging.getLogger("oscar.producer")
@@ -103,6 +104,29 @@ def con_outstanding(remote: Any) -> bool | None:
     if not isinstance(backlogs, dict):
         return None
     return remote in backlogs
+
+
+def withdraw(message: Any) -> None:
+    """Stop retransmitting a CON ``message`` that is no longer wanted (its observer was
+    displaced): aiocoap would otherwise keep it, and send it again, for up to ~93 s, so a flood
+    of registrations would hold one exchange per registration. Nothing when this aiocoap cannot
+    be looked into."""
+    remote = getattr(message, "remote", None)
+    manager: Any = getattr(getattr(remote, "interface", None), "_ctx", None)
+    if remote is None or not _internals_known(manager):
+        return
+    exchanges = getattr(manager, "_active_exchanges", None)
+    backlogs = getattr(manager, "_backlogs", None)
+    if not isinstance(exchanges, dict) or not isinstance(backlogs, dict):
+        return
+    waiting = backlogs.get(remote)
+    if waiting:
+        backlogs[remote] = [entry for entry in waiting if entry[0] is not message]
+    entry = exchanges.pop((remote, message.mid), None)
+    if entry is not None:
+        entry[1].cancel()  # the retransmission timer
+        if remote in backlogs:
+            manager._continue_backlog(remote)  # the next CON to that address, if any
 
 
 class Place:
@@ -262,6 +286,7 @@ async def serve_observation(
     request = pipe.request
     changed = asyncio.Event()
     held = False
+    in_flight: Any = None  # the last CON notification sent (withdrawn if displaced)
 
     def release() -> None:
         nonlocal held
@@ -274,6 +299,8 @@ async def serve_observation(
     def displace() -> None:
         """A newcomer needs this (unconfirmed) place: free it and end the observation."""
         release()
+        if in_flight is not None:
+            withdraw(in_flight)
         farewell = Message(code=Code.SERVICE_UNAVAILABLE, max_age=RETRY_AFTER)
         farewell.mtype = NON  # nothing to retransmit towards an address that may be a victim
         pipe.add_response(farewell, is_last=True)
@@ -316,6 +343,7 @@ async def serve_observation(
             response.opt.observe = number
             response.mtype = CON
             limits.notifications += 1
+            in_flight = response
             pipe.add_response(response, is_last=False)
             if place.acknowledged is None:
                 place.acknowledged = lambda: held and con_outstanding(remote) is False
