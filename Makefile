@@ -71,7 +71,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy oscar authz_server producer consumer proxy demo bench
+	$(BIN)/mypy oscar oscar_io authz_server producer consumer proxy demo bench
 
 test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest $(ARGS)

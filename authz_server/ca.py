@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from oscar import certs
 from oscar.errors import CertificateError
+from oscar_io.errors import StateError
+from oscar_io.statefiles import atomic_write, private_dir
 
-from .client import StateError, atomic_write, private_dir
 from .store import MASTER_KEY_NAME, Store, StoreError
 from .vault import create_master_key
 

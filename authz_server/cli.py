@@ -43,7 +43,8 @@ from cryptography import x509
 
 from oscar import __version__, certs
 from oscar.algorithms import PublicKey
-from oscar.cli import (
+from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
+from oscar_io.clikit import (
     OneLineParser,
     add_logging_arguments,
     configure_logging,
@@ -51,10 +52,9 @@ from oscar.cli import (
     parse_args,
     read_toml,
 )
-from oscar.names import MAX_RESOURCE_ID, is_device_id, require_device_id, require_resource_id
+from oscar_io.ports import PortInUse, ensure_port_free
 
 from .ca import CA_CERT_NAME, init_state
-from .ports import PortInUse, ensure_port_free
 from .store import DB_NAME, MASTER_KEY_NAME, ROLES, Conflict, NotFound, Store, StoreError
 from .vault import MasterKeyError, VaultError
 

@@ -4,7 +4,7 @@
 serves the endpoints of :mod:`authz_server.api` with aiocoap's ``tinydtls_server`` only (no plain
 CoAP on any port). Around the site it runs:
 
-- the connection guard of :mod:`authz_server.dtls` (a stateless cookie exchange before a new
+- the connection guard of :mod:`oscar_io.dtls` (a stateless cookie exchange before a new
   source gets a connection, a bounded table with O(1) eviction, an idle sweep);
 - a watcher that polls ``store.changes()`` every ``tick`` seconds, so what the admin CLI changes
   in the database takes effect at once: newly enrolled devices may connect, revoked ones lose
@@ -45,7 +45,9 @@ from aiocoap.numbers.codes import Code
 from aiocoap.resource import Resource as CoapResource
 
 from oscar import names
-from oscar.cli import add_logging_arguments, configure_logging
+from oscar_io.clikit import add_logging_arguments, configure_logging
+from oscar_io.dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
+from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 
 from .api import (
     MAX_PAYLOAD,
@@ -57,8 +59,6 @@ from .api import (
     Unauthorized,
 )
 from .ca import CertificateAuthority
-from .dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
-from .ports import ensure_alone_on_port, ensure_port_free
 from .ratelimit import RateLimit
 from .retention import keep_audit
 from .store import Store, StoreError

@@ -3,7 +3,7 @@
 A real AS process with a producer and a consumer enrolled (admin CLI) and the consumer granted
 the producer's resources. The producer side runs here: it makes its ES256 key, gets its
 certificate from the AS (``POST /cert``), registers three resources and takes their secrets
-(``GET /keys``) through :class:`authz_server.client.AsClient`, then seals a pool of objects with
+(``GET /keys``) through :class:`oscar_io.asclient.AsClient`, then seals a pool of objects with
 increasing ``seq`` with :class:`oscar.Sealer`, as the producer process does. Cases: the default
 profile ``ccm-es256`` at 64 B and 1 KiB, and ``a128gcm-es256`` at 60 KiB. Per case:
 
@@ -44,9 +44,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import oscar
-from authz_server.client import AsClient, Bundle
 from oscar import certs
 from oscar.objects import external_aad
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 from . import Figure, Settings, compare
 from .testbed import Testbed

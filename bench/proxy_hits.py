@@ -40,9 +40,9 @@ from typing import Any, NamedTuple
 
 from aiocoap import GET, Context, Message
 
-from authz_server.client import Bundle
 from consumer import Consumer, TransportError
 from demo.system import free_port_pair
+from oscar_io.bundle import Bundle
 
 from . import Figure, Settings
 from .testbed import Testbed, cpu_seconds, free_port

@@ -2,7 +2,7 @@
 
 A real AS (admin CLI) with a producer and a proxy enrolled. The producer's side runs here: its
 ES256 key, its certificate from the AS CA (``POST /cert`` through
-:class:`~authz_server.client.AsClient`), and one 64 B text reading sealed with
+:class:`~oscar_io.asclient.AsClient`), and one 64 B text reading sealed with
 :class:`oscar.Sealer` for each of N resources ``bench-producer/r<i>`` (lifetime one day). The
 access secret is random: the proxy never holds one and never asks the AS whether a resource is
 registered, so registering N resources would change nothing the proxy does.
@@ -60,8 +60,9 @@ from aiocoap import CON, GET, Message
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import oscar
-from authz_server.client import AsClient, Bundle
 from oscar import certs
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 from proxy import Limits, Proxy, ProxyConfig
 from proxy.cache import Cache
 

@@ -42,8 +42,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from authz_server.client import BundleError, StateError, atomic_write, quiet_undecodable_datagrams
-from oscar.cli import (
+from oscar.errors import InvalidObject, OscarError
+from oscar.objects import Reading
+from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
+from oscar_io.clikit import (
     OneLineParser,
     add_logging_arguments,
     configure_logging,
@@ -51,8 +53,8 @@ from oscar.cli import (
     parse_args,
     read_toml,
 )
-from oscar.errors import InvalidObject, OscarError
-from oscar.objects import Reading
+from oscar_io.errors import BundleError, StateError
+from oscar_io.statefiles import atomic_write
 
 from .client import DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, StaleCopy, TransportError

@@ -58,9 +58,6 @@ import urllib.parse
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, NamedTuple
 
-from authz_server import dtls_client
-from authz_server.client import AccessDenied as AsAccessDenied
-from authz_server.client import AsClient, AsError, AsUnavailable, Bundle, BundleError
 from oscar import names
 from oscar.errors import InvalidObject
 from oscar.keys import KeyCache
@@ -70,6 +67,11 @@ from oscar.objects import (
     Reading,
     open_verified,
 )
+from oscar_io import dtls_client
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.errors import AccessDenied as AsAccessDenied
+from oscar_io.errors import AsError, AsUnavailable, BundleError
 
 from .coap import (
     Exchange,
@@ -170,8 +172,8 @@ class Consumer:
     a new ``Consumer`` would accept again an object older than one an earlier one accepted.
     ``timeout`` bounds each request to a producer, proxy or the AS, in seconds.
 
-    Raises :class:`~authz_server.client.BundleError` for an unusable bundle and
-    :class:`~authz_server.client.StateError` for a corrupt state file (nothing is changed then).
+    Raises :class:`~oscar_io.asclient.BundleError` for an unusable bundle and
+    :class:`~oscar_io.asclient.StateError` for a corrupt state file (nothing is changed then).
     """
 
     def __init__(

@@ -7,7 +7,7 @@
     │   └── StaleCopy                a valid object, older than the newest accepted: a cache's
     │                                stale copy (or a replay); never accepted. The CLI shows
     │                                the newest reading held instead (0), or says so          → 4
-    ├── BundleError, StateError      (authz_server.client) credentials or state unusable      → 2
+    ├── BundleError, StateError      (oscar_io.asclient) credentials or state unusable      → 2
     └── ConsumerError                base of this package's own errors
         ├── AccessDenied             the AS refused this consumer the access secret          → 3
         └── TransportError           the producer, proxy or AS did not answer or answered with

@@ -2,13 +2,13 @@
 
 The bytes kept are the protected object as received (never the plaintext); the caller checks them
 again in full before use (see :mod:`consumer.client`). Persistent: one
-:class:`~authz_server.client.SealedFile` per resource in the private directory ``held`` of the
+:class:`~oscar_io.asclient.SealedFile` per resource in the private directory ``held`` of the
 state directory, named by an HMAC of the resource id under a key derived from the state key (a
 name says nothing of its resource), holding ``[resource id, epoch, seq, object]``. In memory
 (no state directory): an LRU of the same.
 
 Bounded by count (:data:`DEFAULT_MAX_OBJECTS`) and by total bytes (:data:`DEFAULT_MAX_HELD_BYTES`,
-well under :data:`~authz_server.statefiles.MAX_STATE_FILE`); the least recently written go first
+well under :data:`~oscar_io.statefiles.MAX_STATE_FILE`); the least recently written go first
 and an object bigger than the byte budget is not held. Accepting an object writes that resource's
 file only; a file is read only when its reading is wanted (a stale copy was served). A held file
 that cannot be read (corrupt, tampered with, too big, another resource's) is removed with a
@@ -30,8 +30,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
-from authz_server.client import SealedFile, StateError, private_dir
 from oscar.names import is_resource_id
+from oscar_io.errors import StateError
+from oscar_io.statefiles import SealedFile, private_dir
 
 __all__ = ["DEFAULT_MAX_HELD_BYTES", "DEFAULT_MAX_OBJECTS", "HeldObject", "HeldObjects"]
 

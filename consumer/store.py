@@ -1,6 +1,6 @@
 """The consumer's state: what it caches from the AS, and the freshness of what it has accepted.
 
-Three :class:`~authz_server.client.SealedFile`\\ s in a private state directory (mode 0700), each
+Three :class:`~oscar_io.asclient.SealedFile`\\ s in a private state directory (mode 0700), each
 encrypted and authenticated under ``bundle.state_key("consumer")`` and written atomically with
 mode 0600:
 
@@ -16,7 +16,7 @@ subdirectory ``held`` (see :mod:`consumer.held`), so that a stale copy served by
 answered with the newest reading this consumer holds, checked again (see :mod:`consumer.client`).
 
 Every file but the held objects is read when the store opens; one that fails authentication
-raises :class:`~authz_server.client.StateError` and nothing is written. A held object is read only
+raises :class:`~oscar_io.asclient.StateError` and nothing is written. A held object is read only
 when it is wanted, and one that cannot be read is dropped with a warning. Each save re-reads the
 file under an exclusive lock on ``state_dir/lock`` and merges (newest freshness per resource,
 union of certificates and secrets), so two consumer processes sharing a directory never undo each
@@ -39,11 +39,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from authz_server.client import SealedFile, StateError, private_dir
 from oscar.errors import InvalidObject
 from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
+from oscar_io.errors import StateError
+from oscar_io.statefiles import SealedFile, private_dir
 
 from .held import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_OBJECTS, HeldObject, HeldObjects
 

@@ -30,11 +30,13 @@ from collections.abc import Awaitable, Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server.client import AccessDenied as AsAccessDenied
-from authz_server.client import AsClient, AsError, AsUnavailable, Bundle
 from oscar.certs import ProducerKey, key_id
 from oscar.errors import CertificateError, InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, ProtectedObject, verify
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.errors import AccessDenied as AsAccessDenied
+from oscar_io.errors import AsError, AsUnavailable
 
 from .errors import AccessDenied, TransportError
 from .store import ConsumerStore

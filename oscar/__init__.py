@@ -3,7 +3,7 @@
 It seals resource representations into protected objects (COSE_Sign1 over COSE_Encrypt0, DESIGN §4),
 verifies them without a secret, opens them, and keeps the state that makes that safe: freshness per
 resource and never-reused sequence numbers. It does no I/O: time, randomness and persistence come in
-from the caller (the roles, and the ``oscar`` command-line tool in :mod:`oscar.cli`).
+from the caller (the roles, and the ``oscar`` command-line tool in :mod:`oscar_io.tool`).
 
 Modules: :mod:`~oscar.cbor` (strict decoding), :mod:`~oscar.cose` (COSE messages),
 :mod:`~oscar.algorithms` and :mod:`~oscar.profiles`, :mod:`~oscar.keys` (access secrets, HKDF),

@@ -28,10 +28,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from authz_server.client import BundleError, StateError, quiet_undecodable_datagrams
-from authz_server.ports import ensure_port_free
-from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
 from oscar.profiles import PROFILES
+from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
+from oscar_io.clikit import (
+    OneLineParser,
+    add_logging_arguments,
+    configure_logging,
+    fail,
+    parse_args,
+)
+from oscar_io.errors import BundleError, StateError
+from oscar_io.ports import ensure_port_free
 
 from .config import (
     ConfigError,

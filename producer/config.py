@@ -256,7 +256,7 @@ _PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 
 def load_config(path: Path, **overrides: Any) -> ProducerConfig:
     """Read a TOML configuration; ``overrides`` (not None) replace its top-level values."""
-    from oscar.cli import read_toml  # the CLI module only when a file is read (embedding: never)
+    from oscar_io.clikit import read_toml  # the CLI kit only when a file is read (embedding: never)
 
     doc = read_toml(path, ConfigError)
     publish = doc.get("publish")

@@ -26,17 +26,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from authz_server.client import (
-    AccessDenied,
-    AsClient,
-    AsError,
-    AsUnavailable,
-    Bundle,
-    StateError,
-    stop_tasks,
-)
 from oscar import certs, names
 from oscar.errors import CertificateError, OscarError
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.errors import AccessDenied, AsError, AsUnavailable, StateError
+from oscar_io.tasks import stop_tasks
 
 from .config import ProducerConfig, ResourceSpec
 from .published import Published

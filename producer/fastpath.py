@@ -46,7 +46,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from authz_server.aiocoap_fixes import clear_pending_error
+from oscar_io.aiocoap_fixes import clear_pending_error
 
 if TYPE_CHECKING:
     from .server import ObjectResource

@@ -6,7 +6,7 @@ the producer stream objects to a victim, or fill every place so that real observ
 away. So:
 
 - **Bounded.** At most ``max_total`` observations at once, and at most ``max_per_address`` from
-  one peer (:func:`authz_server.peers.peer_key`: an IPv4 address or an IPv6 /64, any port):
+  one peer (:func:`oscar_io.peers.peer_key`: an IPv4 address or an IPv6 /64, any port):
   :class:`ObserverLimits`. A registration beyond a bound that no unproven observer can make room
   for is answered as the GET it also is — the current object, without an Observe option, which
   tells the client it is not observing (RFC 7641 §4.1) — and keeps nothing.
@@ -50,7 +50,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from authz_server.peers import peer_key
+from oscar_io.peers import peer_key
 
 __all__ = [
     "CHECKED_VERSIONS",

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from authz_server.client import stop_tasks
+from oscar_io.tasks import stop_tasks
 
 from .config import PublishTarget
 

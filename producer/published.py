@@ -19,11 +19,11 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from authz_server.client import EpochKey, KeyState
 from oscar.errors import PlaintextTooLarge, SequenceUnavailable
 from oscar.objects import Sealer, object_etag
 from oscar.profiles import PROFILES
 from oscar.sequence import SequenceAllocator
+from oscar_io.aswire import EpochKey, KeyState
 
 from .config import MAX_VALUE_SIZE, ResourceSpec
 

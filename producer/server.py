@@ -32,9 +32,9 @@ from aiocoap import Context, Message, interfaces
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site, WKCResource
 
-from authz_server import aiocoap_fixes
-from authz_server.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
+from oscar_io import aiocoap_fixes
+from oscar_io.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 
 from . import duplicates
 from .config import ProducerConfig

@@ -8,7 +8,7 @@
                    sequence limit reserved so far (sealed)
 =================  ========================================================================
 
-The two ``.state`` files are :class:`~authz_server.client.SealedFile` s: AES-256-GCM under a key
+The two ``.state`` files are :class:`~oscar_io.asclient.SealedFile` s: AES-256-GCM under a key
 derived from the bundle's PSK, replaced atomically and fsynced. ``sequence.state`` is written
 *before* any number of a new window is used, so after a crash or kill -9 every seq below the stored
 limit counts as used (DESIGN §4, nonce uniqueness).
@@ -21,16 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from authz_server.client import (
-    KeyState,
-    SealedFile,
-    StateError,
-    atomic_write,
-    private_dir,
-    read_state_file,
-)
 from oscar import certs
 from oscar.algorithms import PrivateKey
+from oscar_io.aswire import KeyState
+from oscar_io.errors import StateError
+from oscar_io.statefiles import SealedFile, atomic_write, private_dir, read_state_file
 
 __all__ = ["KeyFile", "ProducerState", "SequenceFile"]
 

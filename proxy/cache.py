@@ -43,9 +43,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from authz_server.client import StateError
 from oscar import cbor
 from oscar.keys import hkdf_sha256
+from oscar_io.errors import StateError
 
 __all__ = ["ENTRY_OVERHEAD", "MAX_HELD", "Cache", "DiskCache", "Entry", "footprint"]
 

@@ -29,17 +29,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz_server import aiocoap_fixes
-from authz_server.client import (
-    AsError,
-    BundleError,
-    StateError,
-    quiet_undecodable_datagrams,
-    stop_tasks,
+from oscar_io import aiocoap_fixes
+from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
+from oscar_io.clikit import (
+    OneLineParser,
+    add_logging_arguments,
+    configure_logging,
+    fail,
+    parse_args,
 )
-from authz_server.dtls import IndexedCreds, end_sessions, label_of
-from authz_server.ports import ensure_alone_on_port, ensure_port_free
-from oscar.cli import OneLineParser, add_logging_arguments, configure_logging, fail, parse_args
+from oscar_io.dtls import IndexedCreds, end_sessions, label_of
+from oscar_io.errors import AsError, BundleError, StateError
+from oscar_io.ports import ensure_alone_on_port, ensure_port_free
+from oscar_io.tasks import stop_tasks
 
 from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
 from .config import parse_reverse as _parse_reverse

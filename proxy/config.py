@@ -40,8 +40,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
-from oscar.cli import read_toml
 from oscar.errors import OscarError
+from oscar_io.clikit import read_toml
 
 __all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
 

@@ -29,12 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from authz_server.client import AsClient, Bundle, private_dir
 from consumer.errors import AccessDenied, TransportError
 from consumer.store import ConsumerStore
 from consumer.trust import Trust
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.statefiles import private_dir
 
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
@@ -116,7 +118,7 @@ class Proxy:
         """Load the bundle and the state (synchronous: nothing is served yet)."""
         bundle = Bundle.load(self.config.bundle)
         if bundle.role != "proxy":
-            from authz_server.client import BundleError
+            from oscar_io.errors import BundleError
 
             raise BundleError(f"the bundle is for a {bundle.role}, not a proxy")
         self.bundle = bundle

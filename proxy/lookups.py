@@ -27,7 +27,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from authz_server.client import AsClient, AsUnavailable
+from oscar_io.asclient import AsClient
+from oscar_io.errors import AsUnavailable
 
 __all__ = ["BudgetedAs", "LookupBudget", "origin", "origin_of"]
 

@@ -32,8 +32,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from authz_server.client import AsUnavailable, stop_tasks
-from authz_server.peers import address_key, host_of
+from oscar_io.errors import AsUnavailable
+from oscar_io.peers import address_key, host_of
+from oscar_io.tasks import stop_tasks
 
 from .cache import Entry
 
@@ -51,7 +52,7 @@ Key = tuple[str, str]
 def client_of(device: str | None, hostinfo: str) -> str:
     """The client an observation is counted against: the DTLS ``device``, else the address of
     ``hostinfo`` (``HOST:PORT``) without its port, an IPv6 one cut to its /64
-    (:func:`authz_server.peers.address_key`, the key the producer counts its observers by)."""
+    (:func:`oscar_io.peers.address_key`, the key the producer counts its observers by)."""
     return address_key(device, host_of(hostinfo))
 
 

@@ -52,11 +52,11 @@ from aiocoap import Message, interfaces
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource
 
-from authz_server.dtls import device_of_label
 from consumer.errors import TransportError
 from oscar import names
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
+from oscar_io.dtls import device_of_label
 
 from .cache import Entry
 from .core import Proxy, Unavailable
@@ -185,7 +185,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         if request.opt.observe == 0 and request.code == Code.GET:
             pipe.on_interest_end(functools.partial(self._interest_ended, id(request)))
             # aiocoap's crash when an observer goes away mid-notification is repaired by
-            # authz_server.aiocoap_fixes (applied at start).
+            # oscar_io.aiocoap_fixes (applied at start).
             await interfaces.ObservableResource._render_to_pipe(self, pipe)
         else:
             await interfaces.Resource._render_to_pipe(self, pipe)

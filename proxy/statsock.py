@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from authz_server.client import StateError
+from oscar_io.errors import StateError
 
 __all__ = [
     "SOCKET",

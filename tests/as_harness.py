@@ -24,10 +24,11 @@ from aiocoap.numbers.constants import TransportTuning
 from cryptography import x509
 
 from authz_server.ca import init_state
-from authz_server.client import AsClient, Bundle
 from authz_server.store import Store
 from demo.system import free_port
 from oscar import cbor
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,10 +29,11 @@ from as_harness import ROOT, AsProcess, enroll, free_port, make_state
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server.client import AsClient, Bundle
 from authz_server.store import Store
 from oscar import AccessSecret, Sealer, certs, object_etag
 from oscar.algorithms import PrivateKey
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 PRODUCER = "sensor-1"
 OTHER_PRODUCER = "sensor-2"

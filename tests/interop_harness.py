@@ -5,8 +5,8 @@
 - :func:`run_tool`: one external command without blocking the event loop, bytes in and out;
 - :func:`split_cbor_sequence`: the objects of several notifications that a tool wrote back to
   back into one file (concatenated CBOR items are an RFC 8742 CBOR sequence);
-- :class:`Opener`: opens saved objects with the consumer library and with ``python -m oscar open``
-  (the offline tool), with the secrets a consumer gets from the AS.
+- :class:`Opener`: opens saved objects with the consumer library and with
+  ``python -m oscar_io open`` (the offline tool), with the secrets a consumer gets from the AS.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from as_harness import ROOT
 from cryptography.hazmat.primitives import serialization
 
 import oscar
-from authz_server.client import AsClient, Bundle
 from consumer import Consumer
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 INSTALL_HINTS = {
     "coap-client": "libcoap 4.3 tools are missing: run `make deps` as root "
@@ -94,7 +95,7 @@ class Opener:
             return (await client.secret(resource_id, epoch)).secret
 
     async def with_cli(self, resource_id: str, obj_file: Path, signer_pem: Path) -> bytes:
-        """``python -m oscar open`` on a saved object: the plaintext (the test fails if the tool
+        """``python -m oscar_io open`` on a saved object: the plaintext (the test fails if the tool
         refuses the object)."""
         epoch = oscar.ProtectedObject.from_bytes(obj_file.read_bytes()).metadata.epoch
         secret_file = self.workdir / f"secret-{os.getpid()}-{obj_file.name}.hex"
@@ -103,7 +104,7 @@ class Opener:
         out = obj_file.with_name(obj_file.name + ".plain")
         result = await run_tool(
             [
-                sys.executable, "-m", "oscar", "open",
+                sys.executable, "-m", "oscar_io", "open",
                 "--secret-file", str(secret_file),
                 "--signer", str(signer_pem),
                 "--ca", str(self.ca_pem),

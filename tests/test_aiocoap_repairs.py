@@ -12,7 +12,7 @@ import aiocoap
 import pytest
 from aiocoap import Context
 
-from authz_server import aiocoap_fixes, dtls_client
+from oscar_io import aiocoap_fixes, dtls_client
 from producer import duplicates
 
 

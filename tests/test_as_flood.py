@@ -4,7 +4,7 @@ Before the fix, each ClientHello from a source port the AS had no connection for
 (a tinydtls context, a task) and, with the table full, evicted one by a search of the whole table:
 about 0.4 ms per datagram at the default cap, so ~3,000 junk datagrams/s made new handshakes fail
 and stalled established sessions. Now a source gets a connection only by returning the cookie of
-a stateless HelloVerifyRequest (``authz_server.dtls_cookie.CookieGate``), eviction is O(1), and
+a stateless HelloVerifyRequest (``oscar_io.dtls_cookie.CookieGate``), eviction is O(1), and
 the guard reads the socket in batches:
 
 - a hello from a new port is answered with a HelloVerifyRequest and nothing else; anything that is
@@ -36,8 +36,8 @@ from as_harness import ROOT, AsEnv, Client, as_env
 from hypothesis import given
 from hypothesis import strategies as st
 
-from authz_server.dtls_cookie import CookieGate
 from demo.system import free_port
+from oscar_io.dtls_cookie import CookieGate
 
 # The flood generator is the benchmark's (bench/ is not an installed package).
 if str(ROOT) not in sys.path:
@@ -281,7 +281,7 @@ async def test_admission_and_eviction_cost_does_not_grow_with_the_cap() -> None:
     datagram at 1,024 and 4,096)."""
     from aiocoap import Context, resource
 
-    from authz_server.dtls import ConnectionGuard, IndexedCreds
+    from oscar_io.dtls import ConnectionGuard, IndexedCreds
 
     async def calls_per_admission(cap: int) -> float:
         creds = IndexedCreds()
@@ -349,7 +349,7 @@ async def test_a_datagram_whose_handling_raises_is_dropped_alone(
     exception handler (before: a traceback through asyncio for each such datagram)."""
     from aiocoap import Context, resource
 
-    from authz_server.dtls import ConnectionGuard, IndexedCreds
+    from oscar_io.dtls import ConnectionGuard, IndexedCreds
 
     loop = asyncio.get_running_loop()
     escaped: list[dict[str, object]] = []

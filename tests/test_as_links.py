@@ -19,10 +19,10 @@ from aiocoap import GET
 from as_harness import AsEnv, as_env, enroll, now
 
 from authz_server.api import links_etag
-from authz_server.client import AccessDenied
 from authz_server.store import Store
 from authz_server.vault import Vault
 from oscar.keys import hkdf_sha256
+from oscar_io.errors import AccessDenied
 
 EVIL = "'; DROP TABLE devices; --"
 

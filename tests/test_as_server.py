@@ -25,11 +25,11 @@ from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, re
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authz_server import dtls_client
-from authz_server.dtls import MAX_SESSIONS_PER_IDENTITY, IndexedCreds
 from authz_server.ratelimit import RateLimit
 from authz_server.store import Store
 from oscar import certs
+from oscar_io import dtls_client
+from oscar_io.dtls import MAX_SESSIONS_PER_IDENTITY, IndexedCreds
 
 EVIL = "'; DROP TABLE devices; --"
 

@@ -26,9 +26,10 @@ from as_harness import ROOT
 from proxy_harness import ProxyProcess
 from system_harness import Deployment, ProducerProcess, wait_until, write_atomic
 
-from authz_server.client import AsClient, Bundle
 from consumer import Consumer
 from oscar import OscarError
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 PLAINTEXT = b"canary-Pl41nt3xt-reading-q7Zx"
 DEBUG = ("--log-level", "debug")

@@ -42,13 +42,13 @@ from consumer_harness import (
 )
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from authz_server.client import Bundle
 from authz_server.store import Store
 from consumer import Consumer, InvalidObject
 from consumer.store import ConsumerStore
 from demo.system import free_port
 from oscar import ProtectedObject, Sealer, certs
 from oscar.algorithms import ES256, PrivateKey
+from oscar_io.bundle import Bundle
 
 ERROR = "oscar-consumer: error: "
 

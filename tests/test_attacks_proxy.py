@@ -41,10 +41,12 @@ from proxy_harness import (
 )
 from system_harness import Deployment, coap_get
 
-from authz_server.client import AsClient, Bundle, KeyState
 from consumer import Consumer
 from oscar import AccessSecret, ProtectedObject, Sealer, certs, object_etag, profile_by_name
 from oscar.algorithms import PrivateKey
+from oscar_io.asclient import AsClient
+from oscar_io.aswire import KeyState
+from oscar_io.bundle import Bundle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -1,6 +1,6 @@
 """The ``oscar`` operator tool: every subcommand, every error exit, and the module entry point.
 
-Most tests call :func:`oscar.cli.main` in-process; a few run ``python -m oscar`` as a real
+Most tests call :func:`oscar_io.tool.main` in-process; a few run ``python -m oscar_io`` as a real
 subprocess to prove the entry point and stdin/stdout with ``-``. Times are pinned with
 ``--iat``/``--exp``/``--now``, so nothing sleeps.
 """
@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from oscar import certs
 from oscar.algorithms import ES256, PrivateKey, signature_algorithm_of_key
-from oscar.cli import main
 from oscar.cose import Sign1
 from oscar.objects import ProtectedObject
+from oscar_io.tool import main
 
 NOW = 1_800_000_000
 SECRET_HEX = bytes(range(32)).hex()
@@ -662,7 +662,7 @@ def test_version(run: Run) -> None:
 
 def oscar(*argv: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "oscar", *map(str, argv)],
+        [sys.executable, "-m", "oscar_io", *map(str, argv)],
         input=stdin,
         capture_output=True,
         timeout=60,
@@ -755,7 +755,7 @@ def test_a_misspelt_option_is_named_never_its_value(
 
 
 def test_unrecognized_names_options_only_and_counts_the_rest() -> None:
-    from oscar.cli import unrecognized
+    from oscar_io.clikit import unrecognized
 
     known = ["--secret", "--signer"]
     assert unrecognized(["--secrt=00112233"], known) == (

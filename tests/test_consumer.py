@@ -41,7 +41,6 @@ from consumer_harness import (
     write_bundle,
 )
 
-from authz_server.client import Bundle, BundleError, StateError
 from authz_server.store import Store
 from consumer import (
     AccessDenied,
@@ -56,6 +55,8 @@ from consumer import (
 )
 from consumer.store import ConsumerStore
 from oscar import ProtectedObject, Reading, Sealer, certs
+from oscar_io.bundle import Bundle
+from oscar_io.errors import BundleError, StateError
 
 ERROR_PREFIX = "oscar-consumer: error: "
 ERROR_LINE = re.compile(r"oscar-consumer(?: [a-z]+)?: error: ")
@@ -674,7 +675,7 @@ def test_aiocoap_receive_callback_noise_is_one_line_and_other_errors_stay_loud(
     import asyncio
     import logging
 
-    from authz_server.client import quiet_undecodable_datagrams
+    from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
 
     loop = asyncio.new_event_loop()
     try:

@@ -4,7 +4,7 @@ The flaky failure of issue 13 (an asyncio traceback before the CLI's one-line an
 session the AS closed: it allows each device at most four established sessions and closes the
 least recently seen one with a close_notify; aiocoap's DTLS client kept the connection, tinydtls
 renewed the session by itself at the next request, and its second "connected" event raised inside
-DTLSSocket's callback (see :mod:`authz_server.dtls_client`). These tests make that happen on
+DTLSSocket's callback (see :mod:`oscar_io.dtls_client`). These tests make that happen on
 purpose: a relay between the CLI and the AS holds the CLI's second request while four other
 sessions of the same device are opened, so the AS closes the CLI's session in the middle of its
 run.
@@ -29,7 +29,8 @@ from consumer_harness import (
     write_bundle,
 )
 
-from authz_server.client import AsClient, Bundle
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 HANDSHAKE, ALERT, APPLICATION_DATA = 22, 21, 23
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from consumer_harness import HUMIDITY, READER, TEMPERATURE, ProducerStandIn, World, build_world
 
-from authz_server.client import Bundle
-from authz_server.statefiles import MAX_STATE_FILE
 from consumer import Consumer, StaleCopy
 from consumer.store import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_OBJECTS, ConsumerStore
+from oscar_io.bundle import Bundle
+from oscar_io.statefiles import MAX_STATE_FILE
 
 MIB = 1 << 20
 

@@ -25,7 +25,8 @@ TARGETS: dict[str, str] = importlib.import_module("fuzz").TARGETS
 CRASHES = ROOT / "tests" / "fuzz_crashes"
 
 #: Kept inputs of bugs not fixed yet: (target, file name) -> reason. The config targets' UTF-8
-#: crash (tomllib raised UnicodeDecodeError out of oscar.cli.read_toml) is fixed; its inputs stay.
+#: crash (tomllib raised UnicodeDecodeError out of oscar_io.clikit.read_toml) is fixed; its
+#: inputs stay.
 KNOWN: dict[tuple[str, str], str] = {}
 
 #: Random inputs per target, and the time it may take at most.

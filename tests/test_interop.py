@@ -62,9 +62,10 @@ from proxy_harness import ProxyProcess
 from system_harness import Deployment, ProducerProcess, coap_get, wait_until, write_atomic
 
 import oscar
-from authz_server.client import AsClient, Bundle
 from oscar.algorithms import aead_for
 from oscar.keys import ContentKeys
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -27,10 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from proxy_harness import CountingRelay, ProxyProcess, StandIn
 from system_harness import Deployment, coap_get, wait_until
 
-from authz_server.client import AsClient, Bundle
 from consumer import Consumer
 from oscar import Sealer, certs, profile_by_name
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -19,7 +19,7 @@ from as_harness import ROOT
 from proxy_harness import ProxyProcess
 from system_harness import PYTHON, Deployment, ProducerProcess
 
-from authz_server.ports import PortInUse, ensure_alone_on_port, ensure_port_free, others_on_port
+from oscar_io.ports import PortInUse, ensure_alone_on_port, ensure_port_free, others_on_port
 
 
 def second(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,8 @@ from cryptography import x509
 from system_harness import Deployment, ProducerProcess, coap_get, run, wait_until, write_atomic
 
 import oscar
-from authz_server.client import AsClient, Bundle
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 from producer import (
     ConfigError,
     Producer,

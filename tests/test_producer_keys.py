@@ -16,7 +16,9 @@ import pytest
 from system_harness import Deployment, ProducerProcess, coap_get, wait_until, write_atomic
 
 import oscar
-from authz_server.client import AccessDenied, AsClient, Bundle
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.errors import AccessDenied
 from producer.core import KEYS_LOST_BOUND
 
 #: Slack for a loaded two-core machine on top of the documented bound (process start-up of the

@@ -372,7 +372,7 @@ def test_a_flood_of_unproven_registrations_does_not_keep_a_real_observer_out(
 def test_peers_are_counted_by_ipv4_address_ipv6_64_or_device() -> None:
     """One IPv6 /64 is one peer for the per-address bound: its 2**64 addresses (and every port)
     do not buy more places. The proxy counts its observers by the same key."""
-    from authz_server.peers import address_key, peer_key
+    from oscar_io.peers import address_key, peer_key
     from producer.observers import ObserverLimits
     from proxy.relays import client_of
 

@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from proxy_harness import ObserveClient, ProxyProcess, StandIn
 from system_harness import Deployment, coap_get
 
-from authz_server.client import AsClient, Bundle
 from oscar import AccessSecret, Sealer, certs, profile_by_name
 from oscar.algorithms import PrivateKey
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -202,7 +203,7 @@ async def test_observers_that_leave_take_no_other_observer_with_them(world: Worl
     """Ten observers leave while ten stay, all of one resource: the next object reaches the ten
     that stay and they stay observed. (aiocoap charged the ICMP error of a notification to a
     socket that had gone to whichever peer the proxy sent to next: see
-    authz_server.aiocoap_fixes.)"""
+    oscar_io.aiocoap_fixes.)"""
     uri = world.producer.uri(STEADY)
     stay = [ObserveClient(world.proxy.port, f"127.0.1.{i}") for i in range(1, 11)]
     go = [ObserveClient(world.proxy.port, f"127.0.2.{i}") for i in range(1, 11)]

@@ -1,7 +1,7 @@
 """State directories and the files in them, against another local user (issue 13, finding 2).
 
 Every role (AS, producer, consumer, proxy) opens its state directory through
-``authz_server.client.private_dir``: one of another user's, one reached through a symbolic link,
+``oscar_io.asclient.private_dir``: one of another user's, one reached through a symbolic link,
 and one holding another user's file or a symbolic link is refused with one line and left as it
 was; one of its own with a wider mode than 0700 is repaired. ``atomic_write`` makes its temporary
 file exclusively under a random name, so names planted beforehand receive nothing and redirect
@@ -29,15 +29,10 @@ import pytest
 from as_harness import make_state
 from cryptography.hazmat.primitives import serialization
 
-from authz_server.client import (
-    SealedFile,
-    StateError,
-    atomic_write,
-    private_dir,
-    read_state_file,
-)
 from demo.system import free_port
 from oscar import certs
+from oscar_io.errors import StateError
+from oscar_io.statefiles import SealedFile, atomic_write, private_dir, read_state_file
 
 OTHER = 65534  # nobody
 BIN = Path(sys.executable).parent

@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from oscar.keys import ACCESS_SECRET_LENGTH
+from oscar_io.errors import StateError
+from oscar_io.statefiles import private_dir
 
-from ..client import StateError, private_dir
 from ..vault import MasterKeyError, Vault, VaultError, read_master_key
 from .schema import (
     CA_KEY_CONTEXT,

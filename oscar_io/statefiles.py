@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from oscar import cbor
-from oscar.errors import OscarError
+
+from .errors import StateError
+from .sealing import Sealer, SealError
 
 __all__ = [
     "MAX_STATE_FILE",
@@ -40,24 +40,20 @@ __all__ = [
 log = logging.getLogger("oscar.state")
 
 
-class StateError(OscarError):
-    """A state file cannot be read back: corrupt, tampered with, or made under another bundle."""
-
-
 # --- sealed state files --------------------------------------------------------------------------
 
 
 class SealedFile:
-    """One state file: ``nonce || AES-256-GCM(key, CBOR value, aad=label)``, mode 0600.
+    """One state file: a CBOR value sealed by :mod:`oscar_io.sealing` (context: the file's
+    label), mode 0600. Files of earlier releases (``nonce || ciphertext``) still load.
 
     :meth:`save` writes a temporary file, fsyncs it, renames it over the old one and fsyncs the
-    directory, so a crash leaves the old or the new content, never a mix. The nonce is random
-    (96 bits): safe far beyond the number of writes a device makes to one file.
+    directory, so a crash leaves the old or the new content, never a mix.
     """
 
     def __init__(self, path: Path, key: bytes, label: str) -> None:
         self.path = Path(path)
-        self._aead = AESGCM(key)
+        self._sealer = Sealer(key)
         self._aad = cbor.dumps(["OSCAR state file", label])
 
     def __repr__(self) -> str:
@@ -69,11 +65,9 @@ class SealedFile:
         blob = read_state_file(self.path)
         if blob is None:
             return None
-        if len(blob) < 12 + 16:
-            raise StateError(f"{self.path} is truncated")
         try:
-            plain = self._aead.decrypt(blob[:12], blob[12:], self._aad)
-        except Exception:
+            plain = self._sealer.open(blob, self._aad, legacy=True)
+        except SealError:
             raise StateError(
                 f"{self.path} fails authentication: corrupt, tampered with, or written under "
                 "another bundle (remove it to start over)"
@@ -85,9 +79,7 @@ class SealedFile:
 
     def save(self, value: Any) -> None:
         """Replace the content atomically and durably; OSError if the disk refuses."""
-        nonce = os.urandom(12)
-        blob = nonce + self._aead.encrypt(nonce, cbor.dumps(value), self._aad)
-        atomic_write(self.path, blob)
+        atomic_write(self.path, self._sealer.seal(cbor.dumps(value), self._aad))
 
 
 # --- state directories and the files in them -----------------------------------------------------

@@ -2,7 +2,7 @@
 
 aiocoap's ``tinydtls_server`` makes a connection (a tinydtls context, a task, a table entry) for
 every source address that sends it anything, before tinydtls gets to check a cookie. The AS's
-connection guard (:mod:`authz_server.dtls`) puts :class:`CookieGate` in front of it: a source
+connection guard (:mod:`oscar_io.dtls`) puts :class:`CookieGate` in front of it: a source
 without a connection is answered with a HelloVerifyRequest and forgotten until it returns the
 cookie, so a sender of spoofed datagrams, who never sees the cookie, makes no state at all.
 

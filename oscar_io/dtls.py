@@ -9,7 +9,7 @@ evicts one, and keeps a session alive after its credentials are removed. This mo
   fails at the Finished message exactly as a wrong key does (RFC 4279 §2): an unknown identity and a
   wrong key fail alike, and nobody learns which identities exist.
 - :class:`ConnectionGuard`: lets a new source address into the transport's table only with a
-  good cookie (:mod:`authz_server.dtls_cookie`), bounds the table (a cap that evicts the least
+  good cookie (:mod:`oscar_io.dtls_cookie`), bounds the table (a cap that evicts the least
   recently seen peer other than the one that just arrived, preferring peers that never completed
   a request, in O(1); an idle sweep), reads the socket in batches, bounds the sessions of each
   identity, and ends the sessions of one identity.

@@ -1,14 +1,7 @@
-"""The device side of the AS protocol: credentials bundles, the DTLS client, sealed state files.
-
-Producers, consumers and the proxy all talk to the AS the same way, so this lives with the AS:
-
-- :class:`Bundle`: the credentials bundle ``oscar-as enroll`` writes (JSON, mode 0600), loaded
-  strictly; its PSK never appears in a ``repr``.
-- :class:`AsClient`: CoAP over DTLS-PSK to the AS (``coaps://``), CBOR in and out, one method per
-  endpoint (docs/PROTOCOL.md, "AS endpoints"). Refusals raise :class:`AccessDenied` (4.01/4.03),
-  an unreachable AS :class:`AsUnavailable`, anything else :class:`AsError`.
-- :class:`SealedFile`, :func:`private_dir`, :func:`atomic_write`, :func:`read_state_file`: state
-  files, from :mod:`authz_server.statefiles` (re-exported here, where every role imports them).
+"""The device side of the AS protocol: :class:`AsClient`, CoAP over DTLS-PSK to the AS
+(``coaps://``), CBOR in and out, one method per endpoint (docs/PROTOCOL.md, "AS endpoints").
+Refusals raise :class:`~oscar_io.errors.AccessDenied` (4.01/4.03), an unreachable AS
+:class:`~oscar_io.errors.AsUnavailable`, anything else :class:`~oscar_io.errors.AsError`.
 
 Importing this module does not load the DTLS transport: :meth:`AsClient.start` does.
 """
@@ -16,288 +9,27 @@ Importing this module does not load the DTLS transport: :meth:`AsClient.start` d
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import stat
-from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from cryptography import x509
 
 from oscar import cbor, names
-from oscar.errors import OscarError
-from oscar.keys import AccessSecret, hkdf_sha256
+from oscar.keys import AccessSecret
 
-from .statefiles import SealedFile, StateError, atomic_write, private_dir, read_state_file
+from .aswire import CBOR_FORMAT, KeyState, Registration, SecretGrant
+from .aswire import byte_string as _bytes
+from .aswire import decode_reply as _decode
+from .aswire import reply_field as _field
+from .aswire import text as _text
+from .aswire import uint as _uint
+from .bundle import LINK_PSK_LENGTH, Bundle
+from .errors import AsError, AsUnavailable
 
-__all__ = [
-    "AccessDenied",
-    "AsClient",
-    "AsError",
-    "AsUnavailable",
-    "Bundle",
-    "BundleError",
-    "EpochKey",
-    "KeyState",
-    "Registration",
-    "SealedFile",
-    "SecretGrant",
-    "StateError",
-    "atomic_write",
-    "private_dir",
-    "quiet_undecodable_datagrams",
-    "read_state_file",
-    "stop_tasks",
-]
+__all__ = ["AsClient"]
 
 log = logging.getLogger("oscar.asclient")
-
-CBOR_FORMAT = 60
-#: Link PSKs (device ↔ proxy DTLS keys) are 16 bytes, tinydtls's limit.
-LINK_PSK_LENGTH = 16
-ROLES = ("producer", "consumer", "proxy")
-
-
-class BundleError(OscarError):
-    """The credentials bundle is missing, unreadable, exposed or malformed."""
-
-
-class AsError(OscarError):
-    """The AS refused or failed a request. ``code`` is the CoAP code (``"4.04"``), or None."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class AccessDenied(AsError):
-    """4.01 or 4.03: this device may not have what it asked for."""
-
-
-class AsUnavailable(AsError):
-    """The AS did not answer (network down, AS stopped, handshake failed) within the timeout."""
-
-
-# --- the bundle ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, repr=False)
-class Bundle:
-    """A device's credentials from enrollment: identity, AS address, PSK, the CA certificate."""
-
-    device_id: str
-    role: str
-    as_uri: str
-    psk_identity: str
-    psk: bytes = field(repr=False)
-    ca_certificate: x509.Certificate = field(repr=False)
-
-    def __repr__(self) -> str:
-        return f"Bundle(device_id={self.device_id!r}, role={self.role!r}, as_uri={self.as_uri!r})"
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Bundle:
-        """Read and check a bundle file; :class:`BundleError` says what is wrong.
-
-        Like ssh with a private key, a bundle that others may read is refused: it holds the PSK.
-        """
-        path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                data = f.read(65_536)
-        except OSError as exc:
-            raise BundleError(f"cannot read the bundle {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(mode):
-            raise BundleError(f"the bundle {path} is not a regular file")
-        if mode & 0o077:
-            raise BundleError(
-                f"the bundle {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
-                "it holds a PSK: chmod 600 it"
-            )
-        return cls.from_json(data, str(path))
-
-    @classmethod
-    def from_json(cls, data: bytes, where: str = "the bundle") -> Bundle:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise BundleError(f"{where} is not JSON") from None
-        keys = {"id", "role", "as_uri", "psk_identity", "psk_hex", "ca_cert_pem"}
-        if not isinstance(doc, dict) or set(doc) != keys:
-            raise BundleError(f"{where} must hold exactly: {', '.join(sorted(keys))}")
-        if not all(isinstance(doc[k], str) for k in keys):
-            raise BundleError(f"every field of {where} is a string")
-        if not names.is_device_id(doc["id"]):
-            raise BundleError(f"{where} has a malformed device id")
-        if doc["role"] not in ROLES:
-            raise BundleError(f"{where} has an unknown role (one of {', '.join(ROLES)})")
-        try:
-            uri = urlsplit(doc["as_uri"])
-            _ = uri.port  # raises ValueError for a port out of range
-        except ValueError:
-            uri = None
-        if uri is None or uri.scheme != "coaps" or not uri.hostname or uri.path not in ("", "/"):
-            raise BundleError(f"{where}: as_uri must be coaps://HOST[:PORT]")
-        identity = doc["psk_identity"]
-        if not 1 <= len(identity.encode()) <= 32:
-            raise BundleError(f"{where}: the PSK identity must be 1 to 32 bytes")
-        try:
-            psk = bytes.fromhex(doc["psk_hex"])
-        except ValueError:
-            raise BundleError(f"{where}: psk_hex is not hex") from None
-        if not 1 <= len(psk) <= 16:
-            raise BundleError(f"{where}: the PSK must be 1 to 16 bytes (tinydtls)")
-        try:
-            ca = x509.load_pem_x509_certificate(doc["ca_cert_pem"].encode())
-        except ValueError:
-            raise BundleError(f"{where}: ca_cert_pem is not a PEM certificate") from None
-        return cls(doc["id"], doc["role"], doc["as_uri"].rstrip("/"), identity, psk, ca)
-
-    def state_key(self, purpose: str) -> bytes:
-        """A 32-byte key for this device's local state files, derived from its PSK."""
-        info = cbor.dumps(["OSCAR state", self.device_id, purpose])
-        return hkdf_sha256(self.psk, info, 32)
-
-
-async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait until every one has ended, cancelling again as long as needed:
-    ``asyncio.wait_for`` may hand back the inner error instead of a cancellation when the two
-    meet (Python 3.11), and a retry loop would then carry on as if nothing had happened."""
-    tasks = list(tasks)
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("task %s ended with %r", task.get_name(), type(task.exception()).__name__)
-
-
-def quiet_undecodable_datagrams(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
-    """aiocoap 0.4.17 lets some malformed datagrams (an option that is not UTF-8 where text is
-    due) raise out of its receive callback, which asyncio then logs as an ERROR with a traceback.
-    The datagram is dropped either way; this logs it as one info line instead. Every other
-    exception goes to the default handler. (Its DTLS client's doubled "connected" event is
-    repaired where it arises, by :mod:`authz_server.dtls_client`.)"""
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        handle = repr(context.get("handle", ""))
-        if isinstance(exc, UnicodeDecodeError) and "Recvmsg" in handle:
-            logger.info("dropped an undecodable datagram")
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
-
-# --- replies -------------------------------------------------------------------------------------
-
-
-class Registration(NamedTuple):
-    """A ``POST /resources`` reply; ``created`` is False when the AS knew the resource already."""
-
-    resource_id: str
-    epoch: int
-    created: bool
-
-
-class SecretGrant(NamedTuple):
-    """A ``GET /secret`` reply."""
-
-    resource_id: str
-    epoch: int
-    state: str
-    secret: AccessSecret
-    profile: str
-
-
-class EpochKey(NamedTuple):
-    epoch: int
-    secret: AccessSecret
-    activated_at: int | None
-
-
-class KeyState(NamedTuple):
-    """A ``GET /keys`` reply: what a producer needs to seal now and after the next boundary."""
-
-    resource_id: str
-    profile: str
-    rotation_period: int
-    active: EpochKey
-    #: Always set in a reply from the AS; None in a producer's own record after it switched to
-    #: the next epoch by itself (at the boundary, with the AS out of reach).
-    next: EpochKey | None
-
-    def to_cbor(self) -> dict[str, Any]:
-        return {
-            "resource": self.resource_id,
-            "profile": self.profile,
-            "rotation_period": self.rotation_period,
-            "active": {
-                "epoch": self.active.epoch,
-                "secret": self.active.secret.value,
-                "activated_at": self.active.activated_at,
-            },
-            "next": None
-            if self.next is None
-            else {"epoch": self.next.epoch, "secret": self.next.secret.value},
-        }
-
-    @classmethod
-    def from_cbor(cls, doc: Any, *, next_required: bool = True) -> KeyState:
-        """Parse a /keys reply (or, with ``next_required=False``, a producer's stored copy);
-        AsError if it is not of that shape."""
-        try:
-            active, upcoming = doc["active"], doc["next"]
-            following = (
-                None
-                if upcoming is None and not next_required
-                else EpochKey(
-                    _uint(upcoming["epoch"]), AccessSecret(_bytes(upcoming["secret"])), None
-                )
-            )
-            state = cls(
-                _text(doc["resource"]),
-                _text(doc["profile"]),
-                _uint(doc["rotation_period"]),
-                EpochKey(
-                    _uint(active["epoch"]),
-                    AccessSecret(_bytes(active["secret"])),
-                    _uint(active["activated_at"]),
-                ),
-                following,
-            )
-        except (KeyError, TypeError, ValueError):
-            raise AsError("malformed key state from the AS") from None
-        return state
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("text expected")
-    return value
-
-
-def _uint(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise TypeError("unsigned integer expected")
-    return value
-
-
-def _bytes(value: Any) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError("bytes expected")
-    return value
-
-
-# --- the client ----------------------------------------------------------------------------------
 
 
 class AsClient:
@@ -579,7 +311,7 @@ class AsClient:
                 break
         else:
             return None
-        # A session the AS closed (authz_server.dtls_client takes it out of the pool) is over,
+        # A session the AS closed (oscar_io.dtls_client takes it out of the pool) is over,
         # even though tinydtls would answer a ping on it by handshaking anew: a new session, on
         # which the AS knows no observation of ours.
         if not await self._recognized(transport, remote):
@@ -658,35 +390,3 @@ class AsClient:
                 pending.cancel()
             if not request.observation.cancelled:
                 request.observation.cancel()
-
-
-def _decode(response: Any, what: str) -> Any:
-    code = response.code
-    dotted = code.dotted
-    detail = ""
-    if response.opt.content_format == CBOR_FORMAT and response.payload:
-        try:
-            doc = cbor.loads(response.payload)
-        except ValueError:
-            raise AsError(f"{what}: the AS sent malformed CBOR", dotted) from None
-    else:
-        doc = None
-    if code.is_successful():
-        if not isinstance(doc, dict):
-            raise AsError(f"{what}: the AS sent no CBOR map", dotted)
-        return doc
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, str):
-        detail = ": " + error[:200]
-    if dotted in ("4.01", "4.03"):
-        raise AccessDenied(f"{what}: refused ({dotted}){detail}", dotted)
-    if dotted in ("5.03", "4.29"):
-        raise AsUnavailable(f"{what}: the AS is busy ({dotted}){detail}", dotted)
-    raise AsError(f"{what}: the AS answered {dotted}{detail}", dotted)
-
-
-def _field(reply: Any, name: str, kind: type) -> Any:
-    value = reply.get(name)
-    if not isinstance(value, kind) or (kind is int and type(value) is not int):
-        raise AsError(f"the AS reply lacks {name!r}")
-    return value

@@ -37,7 +37,7 @@ It changes nothing else, and only in the aiocoap version it was written against
 upgrade is checked, not assumed. It never logs a datagram, a key or an identity.
 
 What it does not do: import aiocoap before :func:`apply` is called (roles load aiocoap lazily),
-touch the DTLS *server* transport (:mod:`authz_server.dtls`), or change retransmission timing.
+touch the DTLS *server* transport (:mod:`oscar_io.dtls`), or change retransmission timing.
 """
 
 from __future__ import annotations

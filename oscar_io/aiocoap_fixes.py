@@ -32,13 +32,14 @@ or change how observations, retransmissions or errors are handled otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import socket
 from typing import Any
 
-__all__ = ["FIXED_VERSIONS", "apply", "clear_pending_error"]
+__all__ = ["FIXED_VERSIONS", "apply", "clear_pending_error", "quiet_undecodable_datagrams"]
 
 log = logging.getLogger("oscar.aiocoap")
 
@@ -106,3 +107,21 @@ def apply() -> bool:
     if not getattr(interface.send, _APPLIED, False):
         interface.send = _clearing_pending_errors(interface.send)
     return True
+
+
+def quiet_undecodable_datagrams(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
+    """aiocoap 0.4.17 lets some malformed datagrams (an option that is not UTF-8 where text is
+    due) raise out of its receive callback, which asyncio then logs as an ERROR with a traceback.
+    The datagram is dropped either way; this logs it as one info line instead. Every other
+    exception goes to the default handler. (Its DTLS client's doubled "connected" event is
+    repaired where it arises, by :mod:`oscar_io.dtls_client`.)"""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        handle = repr(context.get("handle", ""))
+        if isinstance(exc, UnicodeDecodeError) and "Recvmsg" in handle:
+            logger.info("dropped an undecodable datagram")
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

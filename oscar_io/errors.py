@@ -1,0 +1,49 @@
+"""The runtime's exceptions, one tree (every one an :class:`oscar.errors.OscarError`)::
+
+    OscarError                      (oscar.errors: the core's tree)
+    ├── BundleError                 the credentials bundle is missing, unreadable, exposed or bad
+    ├── StateError                  a state directory or file is unusable (owner, mode, corrupt)
+    ├── AsError                     the AS refused or failed a request (``code``: the CoAP code)
+    │   ├── AccessDenied            4.01 / 4.03: this device may not have what it asked for
+    │   └── AsUnavailable           the AS did not answer in time (network, handshake, busy)
+    └── UsageError                  bad command-line usage or configuration (exit 2)
+
+Foreign errors are translated where they arise: aiocoap's by :mod:`oscar_io.coaperrors`,
+``OSError`` from files by :mod:`oscar_io.statefiles`, cryptography's ``InvalidTag`` by
+:mod:`oscar_io.sealing`. No message ever holds a secret, a PSK or plaintext.
+"""
+
+from __future__ import annotations
+
+from oscar.errors import OscarError
+
+__all__ = ["AccessDenied", "AsError", "AsUnavailable", "BundleError", "StateError", "UsageError"]
+
+
+class BundleError(OscarError):
+    """The credentials bundle is missing, unreadable, exposed or malformed."""
+
+
+class AsError(OscarError):
+    """The AS refused or failed a request. ``code`` is the CoAP code (``"4.04"``), or None."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AccessDenied(AsError):
+    """4.01 or 4.03: this device may not have what it asked for."""
+
+
+class AsUnavailable(AsError):
+    """The AS did not answer (network down, AS stopped, handshake failed) within the timeout."""
+
+
+class StateError(OscarError):
+    """A state directory or file is unusable: another owner, writable by others, a symbolic
+    link, unreadable, or its content does not decrypt or decode."""
+
+
+class UsageError(OscarError):
+    """Bad command-line usage or configuration; the message is shown as is (exit 2)."""
