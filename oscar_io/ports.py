@@ -23,7 +23,13 @@ from pathlib import Path
 
 log = logging.getLogger("oscar.ports")
 
-__all__ = ["PortInUse", "ensure_alone_on_port", "ensure_port_free", "others_on_port"]
+__all__ = [
+    "PortInUse",
+    "ensure_alone_on_port",
+    "ensure_port_free",
+    "others_on_port",
+    "parse_listen",
+]
 
 
 class PortInUse(OSError):
@@ -142,3 +148,21 @@ def ensure_alone_on_port(host: str, port: int) -> None:
             f"UDP {_shown(host, port)} is also held by another process "
             "(stop it or choose another port)",
         )
+
+
+def parse_listen(text: str, *, lowest: int = 1, highest: int = 65535) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` into (host, port), the port from ``lowest`` to
+    ``highest``; ValueError with a one-line message otherwise (callers raise it as their own
+    usage or configuration error). A bare IPv6 address without brackets is refused: its last
+    group would be read as the port."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= highest:
+        raise ValueError(
+            f"listen {text[:80]!r}: HOST:PORT or [IPv6]:PORT expected, the port from {lowest} "
+            f"to {highest}"
+        )
+    return host, int(port)

@@ -19,7 +19,13 @@ from as_harness import ROOT
 from proxy_harness import ProxyProcess
 from system_harness import PYTHON, Deployment, ProducerProcess
 
-from oscar_io.ports import PortInUse, ensure_alone_on_port, ensure_port_free, others_on_port
+from oscar_io.ports import (
+    PortInUse,
+    ensure_alone_on_port,
+    ensure_port_free,
+    others_on_port,
+    parse_listen,
+)
 
 
 def second(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -154,3 +160,30 @@ def test_after_the_bind_another_process_on_the_port_is_seen() -> None:
     while others_on_port("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.05)
     ensure_alone_on_port("127.0.0.1", port)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:5683", ("127.0.0.1", 5683)),
+        ("[::1]:5684", ("::1", 5684)),
+        ("localhost:1", ("localhost", 1)),
+        ("host:65535", ("host", 65535)),
+    ],
+)
+def test_parse_listen_accepts(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "5683", ":5683", "host:", "host:0", "host:65536", "host:x", "::1:5683", "[::1]"]
+)
+def test_parse_listen_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(text)
+
+
+def test_parse_listen_bounds() -> None:
+    assert parse_listen("h:2", lowest=2) == ("h", 2)
+    with pytest.raises(ValueError, match="from 2 to 65534"):
+        parse_listen("h:1", lowest=2, highest=65534)
