@@ -9,7 +9,8 @@ same object the same way).
 from __future__ import annotations
 
 from oscar import InvalidObject, ProtectedObject
-from oscar.objects import _read_generic, _read_pinned
+from oscar.decoding import read_generic
+from oscar.pinned import read_pinned
 
 from ._common import expect
 from ._objects import sealed
@@ -23,7 +24,7 @@ def TestOneInput(data: bytes) -> None:
     except InvalidObject:
         obj = None
     try:
-        generic = _read_generic(data)
+        generic = read_generic(data)
     except InvalidObject:
         generic = None
     if obj is None:
@@ -31,7 +32,7 @@ def TestOneInput(data: bytes) -> None:
         return
     expect(generic is not None, "from_bytes (pinned decoder) accepts what the generic one refuses")
     expect(obj == generic, "the pinned and the generic decoder read the object differently")
-    pinned = _read_pinned(data)
+    pinned = read_pinned(data)
     expect(pinned is None or pinned == generic, "the pinned decoder reads a different object")
     expect(obj.to_bytes() == data, "a decoded object does not re-encode to the same bytes")
     m = obj.metadata

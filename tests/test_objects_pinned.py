@@ -1,7 +1,7 @@
 """The fast paths of oscar.objects against the generic COSE layer they stand in for.
 
-``ProtectedObject.from_bytes`` first reads the pinned layout field by field (``_read_pinned``) and
-falls back to the generic strict decoder (``_read_generic``) for anything else; ``Sealer.seal``
+``ProtectedObject.from_bytes`` first reads the pinned layout field by field (``read_pinned``) and
+falls back to the generic strict decoder (``read_generic``) for anything else; ``Sealer.seal``
 writes the layout directly instead of through ``cose.Sign1``/``cose.Encrypt0``. These tests hold
 both to the generic code: the same decoded object for every valid input, the same verdict for
 every mutation of one, and the same bytes out of the sealer as the generic encoder makes.
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import oscar
 from oscar import PROFILES, InvalidObject, cbor
-from oscar.objects import _read_generic, _read_pinned
+from oscar.decoding import read_generic
+from oscar.pinned import read_pinned
 from testkit import NOW, SECRET
 
 KEYS = {
@@ -67,7 +68,7 @@ def seal(
 def generic(data: bytes) -> Any:
     """The generic decoder's verdict: the decoded object, or the InvalidObject class."""
     try:
-        return _read_generic(data)
+        return read_generic(data)
     except InvalidObject:
         return InvalidObject
 
@@ -132,9 +133,10 @@ def test_pinned_reader_and_generic_decoder_agree_on_valid_objects(
         content_format=content_format,
         plaintext=plaintext,
     )
-    pinned = _read_pinned(data)
-    assert pinned is not None, "a sealer's output must take the fast path"
-    assert pinned == _read_generic(data)
+    parts = read_pinned(data)
+    assert parts is not None, "a sealer's output must take the fast path"
+    pinned = oscar.ProtectedObject(*parts)
+    assert pinned == read_generic(data)
     # The sealer writes exactly what the generic COSE encoder writes for the same content.
     assert reencode(pinned) == data
 
@@ -178,7 +180,7 @@ def test_valid_but_unpinned_encodings_take_the_generic_path() -> None:
     reordered = {k: header[k] for k in reversed(list(header))}
     sign1 = oscar.cose.Sign1.sign(reordered, {}, obj.sign1.payload, key, oscar.algorithms.ES256)
     data = sign1.to_bytes()
-    assert _read_pinned(data) is None
+    assert read_pinned(data) is None
     accepted = oscar.verify(data, signer=key.public_key(), now=NOW)
     assert accepted.metadata == obj.metadata
 
@@ -186,8 +188,8 @@ def test_valid_but_unpinned_encodings_take_the_generic_path() -> None:
 @pytest.mark.parametrize("size", [0, 23, 24, 255, 256, 65_535, 65_536, 200_000])
 def test_every_byte_string_head_length(size: int) -> None:
     data = seal(PROFILES["a128gcm-es256"], plaintext=bytes(size))
-    pinned = _read_pinned(data)
-    assert pinned is not None and pinned == _read_generic(data)
+    pinned = read_pinned(data)
+    assert pinned is not None and pinned == read_generic(data)
     reading = oscar.open(
         data, secrets=lambda rid, e: SECRET, signer=KEYS["ES256"].public_key(), now=NOW
     )
