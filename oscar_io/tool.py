@@ -12,33 +12,32 @@ it in one place, :func:`main`. No message ever holds a secret or plaintext.
 What it does not do: talk to the network, or remember anything. In particular it keeps no record of
 sequence numbers: the operator must never seal two objects with the same ``--seq`` under the same
 resource and epoch (the AEAD nonce would repeat).
+
+Its files are read and written by :mod:`oscar_io.tool_files`; ``inspect``'s rendering and
+``open --json``'s document are made by :mod:`oscar_io.tool_inspect`.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import json
-import os
-import re
 import sys
-import tempfile
 import time
-import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from oscar import __version__, algorithms, cbor, certs, objects, profiles
 from oscar.algorithms import PrivateKey
-from oscar.cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
 from oscar.errors import CertificateError, InvalidObject, OscarError
 from oscar.keys import AccessSecret
 
 from .clikit import OneLineParser, fail, parse_args
 from .errors import UsageError
+from .tool_files import create_file, read_file, write_file
+from .tool_inspect import describe, metadata_json, printable
 
 __all__ = ["build_parser", "main"]
 
@@ -52,73 +51,12 @@ class Undecodable(Exception):
     """The input is not even a decodable COSE_Sign1 (or CBOR, for --diag): exit 1."""
 
 
-# --- files ---------------------------------------------------------------------------------------
-
-
-def _read(path: str, what: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
-
-
-def _write(path: str, data: bytes, what: str) -> None:
-    if path == "-":
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-    except OSError as exc:
-        raise UsageError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from None
-
-
-def _write_fd(fd: int, data: bytes, mode: int) -> None:
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # the umask may have taken bits away
-        f.write(data)
-
-
-def _create(path: str, data: bytes, mode: int, *, force: bool, what: str) -> None:
-    """Write a new file with exactly ``mode``; an existing one is replaced only with ``force``."""
-    if path == "-":
-        _write(path, data, what)
-        return
-    try:
-        if not force:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            except FileExistsError:
-                raise UsageError(f"{path!r} exists; use --force to replace it") from None
-            written = path
-        else:
-            # Through a new file and a rename: the result has ``mode`` whatever the old file's was,
-            # and no reader ever sees half a key.
-            fd, written = tempfile.mkstemp(
-                dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}."
-            )
-        try:
-            _write_fd(fd, data, mode)
-            if written != path:
-                os.replace(written, path)
-        except BaseException:
-            os.unlink(written)  # no half-written key left behind to block the next attempt
-            raise
-    except OSError as exc:
-        raise UsageError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from None
-
-
 def _secret(args: argparse.Namespace) -> AccessSecret:
     if args.input == "-" and args.secret_file == "-":  # noqa: S105 (a path, not a password)
         raise UsageError("--secret-file and --in cannot both be stdin")
     if args.secret_file is not None:
         try:
-            text = _read(args.secret_file, "secret file").decode("ascii")
+            text = read_file(args.secret_file, "secret file").decode("ascii")
         except UnicodeDecodeError:
             raise UsageError("the secret file does not hold hexadecimal text") from None
         source = "--secret-file"
@@ -132,7 +70,7 @@ def _secret(args: argparse.Namespace) -> AccessSecret:
 
 def _private_key(path: str) -> PrivateKey:
     try:
-        return certs.load_private_key(_read(path, "key"))
+        return certs.load_private_key(read_file(path, "key"))
     except ValueError as exc:
         raise UsageError(f"key {path!r}: {exc}") from None
 
@@ -144,7 +82,7 @@ def _signer(args: argparse.Namespace) -> tuple[objects.Signer, x509.Certificate 
     into a ProducerKey explicitly (the library refuses an unanchored certificate otherwise).
     """
     try:
-        signer = certs.load_signer(_read(args.signer, "signer"))
+        signer = certs.load_signer(read_file(args.signer, "signer"))
     except ValueError as exc:
         raise UsageError(f"signer {args.signer!r}: {exc}") from None
     if args.ca is None:
@@ -157,7 +95,7 @@ def _signer(args: argparse.Namespace) -> tuple[objects.Signer, x509.Certificate 
     if not isinstance(signer, x509.Certificate):
         raise UsageError("--ca needs a certificate as --signer, not a bare public key")
     try:
-        anchor = certs.load_signer(_read(args.ca, "CA certificate"))
+        anchor = certs.load_signer(read_file(args.ca, "CA certificate"))
     except ValueError as exc:
         raise UsageError(f"CA {args.ca!r}: {exc}") from None
     if not isinstance(anchor, x509.Certificate):
@@ -180,12 +118,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.out == "-" and args.public == "-":
         raise UsageError("--out and --public cannot both be stdout")
     key = certs.generate_signing_key(args.alg)
-    _create(args.out, certs.private_key_pem(key), 0o600, force=args.force, what="key")
+    create_file(args.out, certs.private_key_pem(key), 0o600, force=args.force, what="key")
     if args.public is not None:
         public_pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _create(args.public, public_pem, 0o644, force=args.force, what="public key")
+        create_file(args.public, public_pem, 0o644, force=args.force, what="public key")
     # Keep stdout for the key when it goes there.
     report = sys.stderr if "-" in (args.out, args.public) else sys.stdout
     kid = certs.key_id(key.public_key()).hex()
@@ -208,7 +146,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
         exp = int(args.exp)
     else:
         exp = iat + (DEFAULT_LIFETIME if args.max_age is None else int(args.max_age))
-    plaintext = _read(args.input, "input")
+    plaintext = read_file(args.input, "input")
     sealed = objects.seal(
         secret=secret,
         producer_id=args.producer,
@@ -222,7 +160,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
         signing_key=key,
         profile=profile,
     )
-    _write(args.output, sealed, "output")
+    write_file(args.output, sealed, "output")
     return 0
 
 
@@ -233,7 +171,7 @@ def cmd_open(args: argparse.Namespace) -> int:
     """
     secret = _secret(args)
     signer, anchor = _signer(args)
-    data = _read(args.input, "input")
+    data = read_file(args.input, "input")
     reading = objects.open(
         data,
         secrets=lambda _resource, _epoch: secret,
@@ -243,14 +181,14 @@ def cmd_open(args: argparse.Namespace) -> int:
         trust_anchor=anchor,
     )
     if not args.json:
-        _write(args.output, reading.plaintext, "output")
+        write_file(args.output, reading.plaintext, "output")
         return 0
-    document = _metadata_json(reading.metadata)
+    document = metadata_json(reading.metadata)
     try:
         document["plaintext"] = reading.plaintext.decode("utf-8")
     except UnicodeDecodeError:
         document["plaintext_base64"] = base64.b64encode(reading.plaintext).decode("ascii")
-    _write(args.output, json.dumps(document, indent=2).encode("ascii") + b"\n", "output")
+    write_file(args.output, json.dumps(document, indent=2).encode("ascii") + b"\n", "output")
     return 0
 
 
@@ -260,13 +198,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     check fails.
     """
     signer, anchor = _signer(args)
-    data = _read(args.input, "input")
+    data = read_file(args.input, "input")
     obj = objects.verify(
         data, signer=signer, now=_now(args), resource_id=args.resource, trust_anchor=anchor
     )
     m = obj.metadata
     print(
-        _printable(
+        printable(
             f"verified: producer={cbor.diagnostic(m.producer_id)} "
             f"resource={cbor.diagnostic(m.resource_id)} epoch={m.epoch} seq={m.seq} "
             f"iat={m.iat} exp={m.exp} aead={m.aead.name} signature={m.signature_algorithm.name} "
@@ -280,157 +218,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the headers of any decodable COSE_Sign1 in readable form, verifying nothing: not the
     signature, not the signer, not the expiry. Exit status 1 if the bytes are not a COSE_Sign1.
     """
-    data = _read(args.input, "input")
+    data = read_file(args.input, "input")
     if args.diag:
         try:
             value = cbor.loads(data)
         except cbor.MalformedCBOR as exc:
             raise Undecodable(f"malformed CBOR: {exc}") from None
-        print(_printable(cbor.diagnostic(value, indent=2), keep_newlines=True))
+        print(printable(cbor.diagnostic(value, indent=2), keep_newlines=True))
         return 0
     try:
-        lines = _describe(data)
+        lines = describe(data)
     except InvalidObject as exc:
         raise Undecodable(exc.reason) from None
-    print("\n".join(_printable(line) for line in lines))
+    print("\n".join(printable(line) for line in lines))
     return 0
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-_HEADER_LABELS: dict[int | str, str] = {
-    ALG: "alg",
-    CRIT: "crit",
-    CONTENT_TYPE: "content type",
-    KID: "kid",
-    IV: "IV",
-    PARTIAL_IV: "Partial IV",
-    objects.CWT_CLAIMS: "CWT claims",
-    objects.EPOCH: "epoch",
-    objects.SEQ: "seq",
-}
-_CLAIM_LABELS: dict[int | str, str] = {
-    1: "iss",
-    2: "sub",
-    3: "aud",
-    4: "exp",
-    5: "nbf",
-    6: "iat",
-    7: "cti",
-}
-_TIME_CLAIMS = frozenset({4, 5, 6})
-_ALG_NAMES = {
-    **{cose_id: aead.name for cose_id, aead in algorithms.AEADS.items()},
-    **{cose_id: sig.name for cose_id, sig in algorithms.SIGNATURES.items()},
-}
-# C0 and C1 controls, DEL: an object is untrusted, and must not drive the terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
-
-
-def _printable(text: str, *, keep_newlines: bool = False) -> str:
-    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
-    text = pattern.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-    # Format characters (bidi overrides, zero-width joiners) and line/paragraph separators would let
-    # a crafted header rearrange or hide what the operator sees.
-    return "".join(
-        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cf", "Zl", "Zp") else c for c in text
-    )
-
-
-def _metadata_json(m: objects.ObjectMetadata) -> dict[str, object]:
-    return {
-        "producer": m.producer_id,
-        "resource": m.resource_id,
-        "epoch": m.epoch,
-        "seq": m.seq,
-        "iat": m.iat,
-        "exp": m.exp,
-        "content_format": m.content_format,
-        "aead": m.aead.name,
-        "signature": m.signature_algorithm.name,
-        "kid": m.kid.hex(),
-    }
-
-
-def _label(label: int | str, names: Mapping[int | str, str]) -> str:
-    name = names.get(label)
-    return cbor.diagnostic(label) + (f" {name}" if name else "")
-
-
-def _time(value: cbor.Value) -> str:
-    if type(value) is not int:
-        return cbor.diagnostic(value)
-    try:
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return str(value)
-    return f"{value} ({moment.strftime('%Y-%m-%dT%H:%M:%SZ')})"
-
-
-def _header_value(label: int | str, value: cbor.Value) -> str:
-    text = cbor.diagnostic(value)
-    if label == ALG and type(value) is int:
-        return f"{text} ({_ALG_NAMES.get(value, 'unsupported')})"
-    if label == PARTIAL_IV and type(value) is bytes:
-        return f"{text} (seq {int.from_bytes(value, 'big')})"
-    return text
-
-
-def _header(title: str, header: Mapping[int | str, cbor.Value], pad: str) -> list[str]:
-    if not header:
-        return [f"{pad}{title}: {{}}"]
-    lines = [f"{pad}{title}:"]
-    for label, value in header.items():
-        name = _label(label, _HEADER_LABELS)
-        if label == objects.CWT_CLAIMS and isinstance(value, dict):
-            lines.append(f"{pad}  {name}:")
-            for claim, claimed in value.items():
-                shown = _time(claimed) if claim in _TIME_CLAIMS else cbor.diagnostic(claimed)
-                lines.append(f"{pad}    {_label(claim, _CLAIM_LABELS)}: {shown}")
-        else:
-            lines.append(f"{pad}  {name}: {_header_value(label, value)}")
-    return lines
-
-
-def _tagged(data: bytes, tag: int) -> bool:
-    # The strict decoder only accepts shortest forms, so a tag below 24 is this one initial byte.
-    return data[:1] == bytes([0xC0 | tag])
-
-
-def _describe(data: bytes) -> list[str]:
-    sign1 = Sign1.from_bytes(data, tag_required=False)
-    tag = "tag 18" if _tagged(data, 18) else "untagged"
-    lines = [f"COSE_Sign1 ({tag}), {len(data)} bytes: decoded only, not verified"]
-    lines += _header(f"protected ({len(sign1.protected)} bytes)", sign1.protected_map, "  ")
-    lines += _header("unprotected", sign1.unprotected, "  ")
-    lines += _payload(sign1.payload)
-    lines.append(f"  signature: {cbor.diagnostic(sign1.signature)} ({len(sign1.signature)} bytes)")
-    try:
-        objects.ProtectedObject.from_bytes(data)
-    except InvalidObject as exc:
-        lines.append(f"structure: not an OSCAR protected object ({exc.reason})")
-    else:
-        lines.append("structure: an OSCAR protected object (signature, signer, expiry not checked)")
-    return lines
-
-
-def _payload(payload: bytes) -> list[str]:
-    try:
-        encrypt0 = Encrypt0.from_bytes(payload, tag_required=False)
-    except InvalidObject as exc:
-        try:
-            shown = cbor.diagnostic(cbor.loads(payload))
-        except cbor.MalformedCBOR:
-            shown = f"h'{payload[:32].hex()}{'...' if len(payload) > 32 else ''}'"
-        return [f"  payload: {len(payload)} bytes, not a COSE_Encrypt0 ({exc.reason}): {shown}"]
-    tag = "tag 16" if _tagged(payload, 16) else "untagged"
-    return [
-        f"  payload: COSE_Encrypt0 ({tag}), {len(payload)} bytes",
-        *_header(f"protected ({len(encrypt0.protected)} bytes)", encrypt0.protected_map, "    "),
-        *_header("unprotected", encrypt0.unprotected, "    "),
-        f"    ciphertext: {len(encrypt0.ciphertext)} bytes (with the tag)",
-    ]
 
 
 # --- parser and entry point ----------------------------------------------------------------------
