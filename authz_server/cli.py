@@ -52,13 +52,14 @@ from oscar_io.clikit import (
     parse_args,
     read_toml,
 )
-from oscar_io.ports import PortInUse, ensure_port_free
+from oscar_io.errors import UsageError
+from oscar_io.ports import PortInUse, ensure_port_free, parse_listen
 
 from .ca import CA_CERT_NAME, init_state
 from .store import DB_NAME, MASTER_KEY_NAME, ROLES, Conflict, NotFound, Store, StoreError
 from .vault import MasterKeyError, VaultError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "oscar-as"
 DEFAULT_AS_URI = "coaps://127.0.0.1:5684"
@@ -67,10 +68,6 @@ BUNDLE_MODE = 0o600
 
 Handler = Callable[[argparse.Namespace, int], int]
 T = TypeVar("T")
-
-
-class UsageError(Exception):
-    """Bad usage or bad input found by the tool itself (exit 2)."""
 
 
 class Refused(Exception):
@@ -142,22 +139,20 @@ def _as_uri(text: str) -> str:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``; the DTLS server cannot bind the any-address."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""
-    # tinydtls_server serves DTLS on its bind port + 1, so the DTLS port is at least 2.
-    if not sep or not host or not port.isdigit() or not 2 <= int(port) <= 65535:
-        raise UsageError("--listen is HOST:PORT or [IPv6]:PORT, the port from 2 to 65535")
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (:func:`oscar_io.ports.parse_listen`); the DTLS server
+    cannot bind the any-address."""
+    try:
+        # tinydtls_server serves DTLS on its bind port + 1, so the DTLS port is at least 2.
+        host, port = parse_listen(text, lowest=2)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
     try:
         unspecified = ipaddress.ip_address(host).is_unspecified
     except ValueError:
         unspecified = False
     if unspecified:
         raise UsageError("--listen needs a specific address: the DTLS server cannot bind 0.0.0.0")
-    return host, int(port)
+    return host, port
 
 
 def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
@@ -396,7 +391,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
 
     names = (
         "retention", "rate", "burst", "max_connections", "tick", "crl_validity",
-        "min_rotation_period", "audit_retention",
+        "min_rotation_period", "audit_retention", "audit_prune_every",
     )  # fmt: skip
     options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     configure_logging(args.log_level, json_lines=args.log_json)
@@ -432,6 +427,7 @@ SERVE_DEFAULTS: dict[str, int | float] = {
     "crl_validity": 3600,
     "min_rotation_period": 60,
     "audit_retention": 365,
+    "audit_prune_every": 3600.0,
 }
 
 #: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
@@ -446,6 +442,7 @@ _SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "crl_validity": int,
     "min_rotation_period": int,
     "audit_retention": (int, float),
+    "audit_prune_every": (int, float),
     "log_level": str,
     "log_json": bool,
 }
@@ -474,7 +471,8 @@ def _apply_serve_config(args: argparse.Namespace) -> None:
         args.log_level = "info"
     if args.log_level not in ("debug", "info", "warning", "error"):
         raise UsageError("log_level is debug, info, warning or error")
-    for key in ("retention", "rate", "burst", "max_connections", "tick", "crl_validity"):
+    positive = ("rate", "burst", "max_connections", "tick", "crl_validity", "audit_prune_every")
+    for key in ("retention", *positive):
         value = getattr(args, key)
         if value is not None and (value < 0 or (value == 0 and key != "retention")):
             raise UsageError(f"{key} must be positive")
@@ -756,6 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
         _days,
         "prune audit records older than DAYS days (hourly, by the AS itself; decimals allowed; "
         "0 keeps every record)",
+    )
+    tunable(
+        "--audit-prune-every",
+        "S",
+        _positive(float),
+        "how often to apply --audit-retention, in seconds (at most 86400)",
     )
     add_logging_arguments(serve, default=None)
     for action in serve._actions:  # the one flag without a value: say what its absence means

@@ -20,20 +20,19 @@ rate limit; the payload size; then the endpoint, which checks that the device is
 
 One log line per event on logger ``oscar.as``; never a PSK, a secret or a payload.
 
-``python -m authz_server.server --state DIR --listen HOST:PORT`` runs it until SIGTERM/SIGINT.
-This module does not parse requests (api.py) nor touch SQL (store.py).
+``oscar-as serve --state DIR --listen HOST:PORT`` (:mod:`authz_server.cli`) runs it until
+SIGTERM/SIGINT: the one command line of the AS, used by systemd, the tests, the demo and the
+benchmarks. This module has no argument parser; it does not parse requests (api.py) nor touch SQL
+(store).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
 import logging
 import math
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from aiocoap.numbers.codes import Code
 from aiocoap.resource import Resource as CoapResource
 
 from oscar import names
-from oscar_io.clikit import add_logging_arguments, configure_logging
 from oscar_io.dtls import ConnectionGuard, IndexedCreds, device_of_label, label_of, mark_established
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 
@@ -63,7 +61,7 @@ from .ratelimit import RateLimit
 from .retention import keep_audit
 from .store import Store, StoreError
 
-__all__ = ["ServeOptions", "build_parser", "main", "serve"]
+__all__ = ["ServeOptions", "serve"]
 
 log = logging.getLogger("oscar.as")
 
@@ -439,98 +437,3 @@ async def serve(
         await store.close()
         if tasks:  # it served
             log.info("stopped")
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("use HOST:PORT, for example 127.0.0.1:5684")
-    number = int(port)
-    if not 2 <= number <= 65535:
-        raise argparse.ArgumentTypeError("the port must be between 2 and 65535")
-    return host, number
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = ServeOptions()
-    parser = argparse.ArgumentParser(
-        prog="oscar-as serve", description="Run the OSCAR Authorization Server (CoAP over DTLS)."
-    )
-    parser.add_argument("--state", type=Path, required=True, help="the AS state directory")
-    parser.add_argument(
-        "--listen", type=_listen, required=True, metavar="HOST:PORT", help="address and DTLS port"
-    )
-    shown = "(default: %(default)s)"
-    for flag, kind, metavar, text in (
-        ("--retention", int, "SECONDS", "keep deactivated epochs this long"),
-        ("--rate", float, "R", "requests/s per device"),
-        ("--burst", int, "B", "rate limit burst"),
-        ("--max-connections", int, "N", "DTLS connection table cap"),
-        ("--tick", float, "SECONDS", "how often to look for admin changes"),
-        ("--crl-validity", int, "SECONDS", "CRL lifetime"),
-        ("--audit-retention", float, "DAYS", "prune audit records older than this; 0: keep all"),
-        ("--audit-prune-every", float, "SECONDS", "how often to apply --audit-retention"),
-    ):
-        default = getattr(defaults, flag[2:].replace("-", "_"))
-        parser.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{text} {shown}"
-        )
-    parser.add_argument(
-        "--min-rotation-period",
-        type=int,
-        default=defaults.min_rotation_period,
-        metavar="SECONDS",
-        help="shortest rotation period a producer may register (default: %(default)s)",
-    )
-    add_logging_arguments(parser)
-    return parser
-
-
-async def _run(state: Path, host: str, port: int, options: ServeOptions) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(state, host, port, options, stop=stop, tune_gc=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the server; 0 after a clean stop, 1 if it cannot start, 2 for bad arguments."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    host, port = args.listen
-    try:
-        options = ServeOptions(
-            retention=args.retention,
-            rate=args.rate,
-            burst=args.burst,
-            max_connections=args.max_connections,
-            tick=args.tick,
-            crl_validity=args.crl_validity,
-            min_rotation_period=args.min_rotation_period,
-            audit_retention=args.audit_retention,
-            audit_prune_every=args.audit_prune_every,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    configure_logging(args.log_level, json_lines=args.log_json)
-    try:
-        asyncio.run(_run(args.state, host, port, options))
-    except StoreError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-    except (ValueError, OSError) as exc:
-        log.error("cannot serve on %s:%d: %s", host, port, exc)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 0
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

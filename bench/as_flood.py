@@ -1,6 +1,6 @@
 """New DTLS handshakes and established sessions at the AS, with and without a junk-hello flood.
 
-One AS process (``python -m authz_server.server``, default connection cap of 1,024) on 127.0.0.1.
+One AS process (``oscar-as serve``, default connection cap of 1,024) on 127.0.0.1.
 Four consumers hold established sessions; another device makes the new handshakes. Two phases,
 the same measurements in each:
 
@@ -320,7 +320,7 @@ def run(settings: Settings) -> Iterator[Figure]:
         log_path = Path(tmp) / "as.log"
         log = open(log_path, "wb")  # noqa: SIM115 (closed below)
         server = subprocess.Popen(
-            [sys.executable, "-m", "authz_server.server", "--state", str(state),
+            [sys.executable, "-m", "authz_server", "serve", "--state", str(state),
              "--listen", f"127.0.0.1:{port}", "--rate", "1000000", "--burst", "1000000"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -1,6 +1,6 @@
 """AS access-secret grants per second over DTLS, beside a DTLS GET of a static resource.
 
-One AS process (``python -m authz_server.server``) on 127.0.0.1 with a fresh state: one producer,
+One AS process (``oscar-as serve``) on 127.0.0.1 with a fresh state: one producer,
 one resource ``bench-producer/reading`` and 5,000 more (``bench-producer/n<i>``), and 50 consumers
 each granted them all (rate limit raised out of the way). For 1, 10 and 50 concurrent clients,
 each a DTLS client context of its own consumer (so message IDs and sessions are spread as aiocoap
@@ -264,7 +264,7 @@ def run(settings: Settings) -> Iterator[Figure]:
         port = free_port()
         log = open(Path(tmp) / "as.log", "wb")  # noqa: SIM115 (closed below)
         server = subprocess.Popen(
-            [sys.executable, "-m", "authz_server.server", "--state", str(state),
+            [sys.executable, "-m", "authz_server", "serve", "--state", str(state),
              "--listen", f"127.0.0.1:{port}", "--rate", "1000000", "--burst", "1000000",
              "--log-level", "info"],
             stdout=log, stderr=subprocess.STDOUT,

@@ -12,7 +12,7 @@ commit per 2,000 records instead of one each, which would take hours at the larg
 - C consumers with 5 grants each: 4 single resources drawn at random, and one producer's
   resources by pattern (``scale-p<j>/*``, 100 resources); 5 C grants in all.
 
-Then a real AS process (``python -m authz_server.server``, rate limit out of the way) starts on
+Then a real AS process (``oscar-as serve``, rate limit out of the way) starts on
 the state, and from this process a sample of consumers (40; 100 in a full run) not seen before,
 one after the other, each its own DTLS client context and identity:
 
@@ -173,7 +173,7 @@ def _start(
     bed: Testbed, name: str, state: Path, port: int
 ) -> tuple[subprocess.Popen[bytes], float]:
     """Spawn the AS; seconds until its log says it serves."""
-    argv = ["-m", "authz_server.server", "--state", str(state), "--listen", f"127.0.0.1:{port}",
+    argv = ["-m", "authz_server", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
             "--rate", "1000000", "--burst", "1000000", "--log-level", "info"]  # fmt: skip
     began = time.perf_counter()
     process = bed.launch(name, argv)

@@ -112,7 +112,7 @@ class Testbed:
             )
         self.spawn(
             "as",
-            ["-m", "authz_server.server", "--state", str(state), "--listen", f"127.0.0.1:{port}",
+            ["-m", "authz_server", "serve", "--state", str(state), "--listen", f"127.0.0.1:{port}",
              "--rate", "1000000", "--burst", "1000000", "--log-level", "info"],
             ready=b"serving coaps://",
         )  # fmt: skip

@@ -227,7 +227,7 @@ class Story:
             )
         with log.step("starting the AS") as step:
             self.as_server = system.spawn(
-                "as", "authz_server.server", "--state", str(system.path("as")),
+                "as", "authz_server", "serve", "--state", str(system.path("as")),
                 "--listen", f"{HOST}:{self.as_port}", "--min-rotation-period", "1",
                 "--tick", "0.2", ready="serving coaps://", stop_last=True,
             )  # fmt: skip

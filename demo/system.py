@@ -5,7 +5,7 @@
     system = LocalSystem.create()
     try:
         system.run("as-init", "authz_server", "init", "--state", str(system.path("as")))
-        system.spawn("as", "authz_server.server", ..., ready="serving coaps://")
+        system.spawn("as", "authz_server", "serve", ..., ready="serving coaps://")
         ...
     finally:
         system.close(keep_dir=False)

@@ -1,7 +1,8 @@
 """Real AS processes and real DTLS clients for the AS tests (no fixtures here; plain helpers).
 
 - :func:`make_state` / :func:`enroll`: a state directory and devices, through the store itself;
-- :class:`AsProcess`: ``python -m authz_server.server`` on 127.0.0.1 with its log in a file;
+- :class:`AsProcess`: ``oscar-as serve`` (``python -m authz_server serve``) on 127.0.0.1 with
+  its log in a file;
 - :class:`Client`: one device's aiocoap DTLS client context, with CBOR in and out.
 """
 
@@ -147,7 +148,8 @@ class AsProcess(Daemon):
         return [
             sys.executable,
             "-m",
-            "authz_server.server",
+            "authz_server",
+            "serve",
             "--state",
             str(self.state_dir),
             "--listen",
