@@ -22,7 +22,6 @@ from oscar.objects import ObjectMetadata, Reading
 from .client import DEFAULT_TIMEOUT, Consumer, Target, parse_target
 from .errors import (
     AccessDenied,
-    ConsumerError,
     NotFound,
     Refused,
     StaleCopy,
@@ -35,7 +34,6 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AccessDenied",
     "Consumer",
-    "ConsumerError",
     "InvalidObject",
     "NotFound",
     "ObjectMetadata",

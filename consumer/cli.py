@@ -53,7 +53,7 @@ from oscar_io.clikit import (
     parse_args,
     read_toml,
 )
-from oscar_io.errors import BundleError, StateError
+from oscar_io.errors import BundleError, StateError, UsageError
 from oscar_io.statefiles import atomic_write
 
 from .client import DEFAULT_TIMEOUT, Consumer, parse_target
@@ -61,17 +61,13 @@ from .errors import AccessDenied, StaleCopy, TransportError
 
 log = logging.getLogger("oscar.consumer")
 
-__all__ = ["build_parser", "main", "reading_json"]
+__all__ = ["UsageError", "build_parser", "main", "reading_json"]
 
 PROG = "oscar-consumer"
 
 #: Content formats shown as text in JSON when they are valid UTF-8: text/plain, link-format, xml,
 #: json, json-patch, merge-patch, senml+json, sensml+json, senml-etch+json, td+json.
 TEXT_FORMATS = frozenset({0, 40, 41, 50, 51, 52, 110, 111, 320, 432})
-
-
-class UsageError(Exception):
-    """Bad usage found by the tool itself; the message is shown as is (exit 2)."""
 
 
 def reading_json(reading: Reading) -> str:

@@ -42,9 +42,9 @@ valid, :class:`StaleCopy` is raised. Only an object that claims to be newer and 
 a rejection.
 
 What this module does not do: keep state on disk (:mod:`consumer.store`), decide whom to trust
-(:mod:`consumer.trust`), translate aiocoap's failures or assemble block-wise answers
-(:mod:`consumer.coap`), or speak DTLS to producers (``coap://`` only; objects are protected end to
-end; only an OSCAR proxy may be reached over DTLS).
+(:mod:`oscar_io.trust`), translate aiocoap's failures (:mod:`oscar_io.coaperrors`), assemble
+block-wise answers (:mod:`consumer.coap`), or speak DTLS to producers (``coap://`` only;
+objects are protected end to end; only an OSCAR proxy may be reached over DTLS).
 """
 
 from __future__ import annotations
@@ -70,20 +70,13 @@ from oscar.objects import (
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
-from oscar_io.errors import AccessDenied as AsAccessDenied
-from oscar_io.errors import AsError, AsUnavailable, BundleError
+from oscar_io.coaperrors import TimedOut, TransportError, error_answer, translate
+from oscar_io.errors import AccessDenied, AsError, AsUnavailable, BundleError
+from oscar_io.trust import Trust
 
-from .coap import (
-    Exchange,
-    assemble,
-    cache_fresh_in,
-    cancel,
-    error_answer,
-    network_failure,
-)
-from .errors import AccessDenied, StaleCopy, TimedOut, TransportError
+from .coap import Exchange, assemble, cache_fresh_in, cancel
+from .errors import StaleCopy
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
-from .trust import Trust
 
 __all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
@@ -197,7 +190,7 @@ class Consumer:
         self.max_object_size = max_object_size
         self._clock = clock
         self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
-        self.trust = Trust(bundle, self.store, self._as)
+        self.trust = Trust(bundle, self.store.trust, self._as)
         self._keys = KeyCache(self.store.secret)
         self._coap: Any = None
         self._dtls: dict[str, Any] = {}
@@ -237,8 +230,8 @@ class Consumer:
             client = await self._as()
             try:
                 psk = await client.link(target.proxy_id)
-            except AsAccessDenied as exc:
-                raise AccessDenied(str(exc)) from None
+            except AccessDenied:
+                raise
             except AsError as exc:
                 raise TransportError(f"cannot get the link key for the proxy: {exc}") from None
             dtls_client.apply()  # a session the proxy closed and tinydtls renews: no traceback
@@ -343,8 +336,8 @@ class Consumer:
         client = await self._as()
         try:
             grant = await client.secret(resource_id, epoch)
-        except AsAccessDenied as exc:
-            raise AccessDenied(str(exc)) from None
+        except AccessDenied:
+            raise
         except AsUnavailable as exc:
             raise TransportError(f"cannot get the access secret: {exc}") from None
         except AsError as exc:
@@ -378,7 +371,7 @@ class Consumer:
         except TimeoutError:
             raise TimedOut(f"no answer from {target.peer} within {self.timeout:g} s") from None
         except Exception as exc:
-            failure = network_failure(exc, target.peer)
+            failure = translate(exc, target.peer)
             if failure is None:
                 raise
             raise failure from None

@@ -1,33 +1,21 @@
-"""What the consumer needs from aiocoap, in its own terms: one exchange as sent, bounded
-block-wise assembly, and aiocoap's, the OS's and DTLSSocket's failures translated to the
-consumer's categories (:mod:`consumer.errors`) in one place.
+"""What the consumer needs from aiocoap, in its own terms: one exchange as sent, and bounded
+block-wise assembly.
 
-What this module does not do: check or open objects (:mod:`consumer.client`), or send the first
-request of an exchange.
+What this module does not do: check or open objects (:mod:`consumer.client`), send the first
+request of an exchange, or translate aiocoap's, the OS's and DTLSSocket's failures (that is
+:func:`oscar_io.coaperrors.translate`, for every role).
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from oscar.errors import InvalidObject
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
+from oscar_io.coaperrors import TransportError, describe
 
-from .errors import NotFound, Refused, TimedOut, TransportError, Unreachable
-
-__all__ = [
-    "Exchange",
-    "assemble",
-    "cache_fresh_in",
-    "cancel",
-    "describe",
-    "error_answer",
-    "network_failure",
-]
+__all__ = ["Exchange", "assemble", "cache_fresh_in", "cancel"]
 
 
 class Exchange(NamedTuple):
@@ -51,58 +39,6 @@ def cache_fresh_in(response: Any) -> int:
     absent, RFC 7252 §5.10.5). Said for every answer: a reverse proxy looks like a producer."""
     max_age: int = response.opt.max_age if response.opt.max_age is not None else 60
     return max_age
-
-
-def error_answer(code: Any, what: str) -> TransportError:
-    """An error response code as the consumer's category; ``what`` says who answered."""
-    text = f"{what} {code.dotted} {code.name_printable}"
-    if code.dotted == "4.04":
-        return NotFound(f"{text}: no such resource there")
-    if code.dotted == "5.04":
-        return TimedOut(f"{text}: the proxy got no answer from the origin")
-    if code.dotted == "5.02":
-        return Unreachable(f"{text}: the proxy could not reach the origin")
-    return Refused(text)
-
-
-#: OS errors that mean no route to the host (as opposed to nothing listening on the port).
-_NO_ROUTE = frozenset(
-    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
-)
-
-
-def network_failure(exc: BaseException, peer: str) -> TransportError | None:
-    """An OS, aiocoap or DTLS failure to reach ``peer`` as the consumer's category; None for
-    any other exception (a bug, not the network: left to propagate)."""
-    from aiocoap import error
-
-    if isinstance(exc, error.ResolutionError | socket.gaierror):
-        return Unreachable(f"cannot resolve the host name of {peer}")
-    if isinstance(exc, error.TimeoutError):
-        return TimedOut(f"no answer from {peer} (retransmissions exhausted)")
-    # aiocoap wraps the socket's error (e.g. an ICMP error from the error queue) as the cause.
-    cause = exc if isinstance(exc, OSError) else exc.__cause__
-    if isinstance(cause, OSError):
-        if cause.errno == errno.ECONNREFUSED:
-            return Refused(f"{peer} refused: nothing listens on that port (ICMP port unreachable)")
-        if cause.errno in _NO_ROUTE:
-            return Unreachable(f"no route to {peer} ({os.strerror(cause.errno)})")
-        return TransportError(f"cannot reach {peer}: {cause.strerror or type(cause).__name__}")
-    if type(exc).__module__ == "aiocoap.transports.tinydtls":  # FatalDTLSError, close_notify
-        return TransportError(f"the DTLS session with {peer} failed ({type(exc).__name__})")
-    if isinstance(exc, error.Error):
-        return TransportError(f"cannot reach {peer}: {describe(exc)}")
-    return None
-
-
-def describe(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    name = type(exc).__name__
-    # aiocoap's messages name addresses and causes; keep them short and on one line. Its
-    # NetworkError says only its own name ("Network error: NetworkError"): no use repeating.
-    if not text or text.endswith(f": {name}"):
-        return name
-    return f"{name} ({text[:200]})"
 
 
 async def assemble(

@@ -1,11 +1,11 @@
 """The consumer's state: what it caches from the AS, and the freshness of what it has accepted.
 
-Three :class:`~oscar_io.asclient.SealedFile`\\ s in a private state directory (mode 0700), each
+Three :class:`~oscar_io.statefiles.SealedFile`\\ s in a private state directory (mode 0700), each
 encrypted and authenticated under ``bundle.state_key("consumer")`` and written atomically with
 mode 0600:
 
 - ``trust``: producer certificates (kid → DER and the end of their validity) and the AS's CRL
-  (DER and its ``next_update``);
+  (DER and its ``next_update``): :class:`oscar_io.localstore.TrustCache`, which the proxy uses too;
 - ``secrets``: access secrets per (resource, epoch), a bounded LRU (:data:`DEFAULT_MAX_SECRETS`);
 - ``freshness``: the :class:`~oscar.freshness.FreshnessState` snapshot, newest (epoch, seq) per
   resource.
@@ -16,7 +16,7 @@ subdirectory ``held`` (see :mod:`consumer.held`), so that a stale copy served by
 answered with the newest reading this consumer holds, checked again (see :mod:`consumer.client`).
 
 Every file but the held objects is read when the store opens; one that fails authentication
-raises :class:`~oscar_io.asclient.StateError` and nothing is written. A held object is read only
+raises :class:`~oscar_io.errors.StateError` and nothing is written. A held object is read only
 when it is wanted, and one that cannot be read is dropped with a warning. Each save re-reads the
 file under an exclusive lock on ``state_dir/lock`` and merges (newest freshness per resource,
 union of certificates and secrets), so two consumer processes sharing a directory never undo each
@@ -24,26 +24,32 @@ other's freshness; a held object is written under the same lock, unless the fres
 says another process accepted a newer one. With ``state_dir=None`` everything lives in memory only
 (and is lost at exit).
 
-What this module does not do: check certificates or CRLs (:mod:`consumer.trust` does, on every
+What this module does not do: check certificates or CRLs (:mod:`oscar_io.trust` does, on every
 load), talk to the network, or decide freshness (:mod:`oscar.freshness` does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from oscar.errors import InvalidObject
 from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
-from oscar_io.errors import StateError
+from oscar_io.localstore import (
+    CachedCertificate,
+    CachedCrl,
+    TrustCache,
+    directory_lock,
+    load_parsed,
+    uint,
+)
 from oscar_io.statefiles import SealedFile, private_dir
 
 from .held import DEFAULT_MAX_HELD_BYTES, DEFAULT_MAX_OBJECTS, HeldObject, HeldObjects
@@ -61,46 +67,8 @@ __all__ = [
 #: Access secrets kept at most; the least recently used go first.
 DEFAULT_MAX_SECRETS = 4096
 log = logging.getLogger("oscar.consumer")
-
-_KID_LENGTH = 8
-
-
-class CachedCertificate(NamedTuple):
-    """A producer certificate as the AS sent it, and when it stops being valid (seconds)."""
-
-    der: bytes
-    not_after: int
-
-
-class CachedCrl(NamedTuple):
-    """The AS's revocation list as it sent it, and when the AS promises the next one."""
-
-    der: bytes
-    next_update: int
-
-
-def _uint(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise TypeError
-    return value
-
-
-def _parse_trust(doc: Any) -> tuple[dict[bytes, CachedCertificate], CachedCrl | None]:
-    certificates: dict[bytes, CachedCertificate] = {}
-    if not isinstance(doc, dict) or set(doc) != {"certs", "crl"}:
-        raise TypeError
-    for entry in doc["certs"]:
-        kid, der, not_after = entry
-        if type(kid) is not bytes or len(kid) != _KID_LENGTH or type(der) is not bytes:
-            raise TypeError
-        certificates[kid] = CachedCertificate(der, _uint(not_after))
-    crl = None
-    if doc["crl"] is not None:
-        der, next_update = doc["crl"]
-        if type(der) is not bytes:
-            raise TypeError
-        crl = CachedCrl(der, _uint(next_update))
-    return certificates, crl
+#: Binds the sealed files to their owner's role (part of each file's authenticated context).
+_LABEL = "consumer"
 
 
 def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
@@ -113,7 +81,7 @@ def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
             raise TypeError
         if len(value) != ACCESS_SECRET_LENGTH:
             raise ValueError
-        secrets[(rid, _uint(epoch))] = AccessSecret(value)
+        secrets[(rid, uint(epoch))] = AccessSecret(value)
     return secrets
 
 
@@ -128,13 +96,8 @@ class ConsumerStore:
         max_secrets: int = DEFAULT_MAX_SECRETS,
         max_objects: int = DEFAULT_MAX_OBJECTS,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
-        files: tuple[str, ...] = ("trust", "secrets", "freshness", "objects"),
-        label: str = "consumer",
     ) -> None:
         """Open (creating it with mode 0700 if needed) and read the state directory.
-
-        ``files`` picks what is kept on disk (the proxy keeps only ``trust``: it never holds a
-        secret); ``label`` binds the files to their owner's role.
 
         Raises :class:`StateError` when a file is unreadable, fails authentication or holds
         malformed data (nothing is written then), and ``OSError`` when the directory cannot be
@@ -143,48 +106,43 @@ class ConsumerStore:
         if max_secrets < 1:
             raise ValueError("max_secrets must be at least 1")
         self._max_secrets = max_secrets
-        self.certificates: dict[bytes, CachedCertificate] = {}
-        self.crl: CachedCrl | None = None
         self._secrets: OrderedDict[tuple[str, int], AccessSecret] = OrderedDict()
         self.freshness = FreshnessState()
         self.directory: Path | None = None
         self._files: dict[str, SealedFile] = {}
-        self._held: HeldObjects | None = None
+        #: The newest accepted objects (None: none are kept).
+        self._held: HeldObjects | None
         if state_dir is None:
+            #: The certificates and the CRL (:class:`oscar_io.trust.Trust` keeps them here).
+            self.trust = TrustCache(None, key, _LABEL)
             self._held = HeldObjects(
-                None, key, label, max_objects=max_objects, max_bytes=max_held_bytes
+                None, key, _LABEL, max_objects=max_objects, max_bytes=max_held_bytes
             )
             return
         self.directory = private_dir(Path(state_dir))
-        if not set(files) <= {"trust", "secrets", "freshness", "objects"}:
-            raise ValueError("files are some of trust, secrets, freshness, objects")
         self._files = {
-            name: SealedFile(self.directory / name, key, f"{label} {name}")
-            for name in files
-            if name != "objects"
+            name: SealedFile(self.directory / name, key, f"{_LABEL} {name}")
+            for name in ("secrets", "freshness")
         }
         # Read everything before anything can be written: a bad file stops the consumer unchanged.
-        trust = self._load("trust", _parse_trust)
-        secrets = self._load("secrets", _parse_secrets)
-        freshness = self._load("freshness", FreshnessState.from_snapshot)
-        if "objects" in files:
-            self._held = HeldObjects(
-                self.directory / "held",
-                key,
-                label,
-                max_objects=max_objects,
-                max_bytes=max_held_bytes,
+        self.trust = TrustCache(self.directory, key, _LABEL)
+        secrets = load_parsed(self._files["secrets"], _parse_secrets)
+        freshness = load_parsed(self._files["freshness"], FreshnessState.from_snapshot)
+        self._held = HeldObjects(
+            self.directory / "held",
+            key,
+            _LABEL,
+            max_objects=max_objects,
+            max_bytes=max_held_bytes,
+        )
+        # An earlier version kept every held object in this one file, which could outgrow
+        # what a state file may be: its content is only ever a cache, so it goes.
+        legacy = self.directory / "objects"
+        if legacy.is_file() and not legacy.is_symlink():
+            legacy.unlink()
+            log.info(
+                "%s: removed (held objects are kept in %s now)", legacy, legacy.parent / "held"
             )
-            # An earlier version kept every held object in this one file, which could outgrow
-            # what a state file may be: its content is only ever a cache, so it goes.
-            legacy = self.directory / "objects"
-            if legacy.is_file() and not legacy.is_symlink():
-                legacy.unlink()
-                log.info(
-                    "%s: removed (held objects are kept in %s now)", legacy, legacy.parent / "held"
-                )
-        if trust is not None:
-            self.certificates, self.crl = trust
         if secrets is not None:
             self._secrets = secrets
         if freshness is not None:
@@ -193,7 +151,7 @@ class ConsumerStore:
     def __repr__(self) -> str:
         where = "memory" if self.directory is None else str(self.directory)
         return (
-            f"ConsumerStore({where!r}, certificates={len(self.certificates)}, "
+            f"ConsumerStore({where!r}, certificates={len(self.trust.certificates)}, "
             f"secrets={len(self._secrets)}, resources={len(self.freshness)})"
         )
 
@@ -202,64 +160,18 @@ class ConsumerStore:
         return self.directory is not None
 
     def _load(self, name: str, parse: Callable[[Any], Any]) -> Any:
-        file = self._files.get(name)
-        if file is None:
-            return None
-        doc = file.load()
-        if doc is None:
-            return None
-        try:
-            return parse(doc)
-        except (TypeError, ValueError, KeyError):
-            raise StateError(f"{file.path} holds malformed data") from None
+        return load_parsed(self._files.get(name), parse)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         if self.directory is None:  # pragma: no cover - callers check persistent first
             raise RuntimeError("an in-memory store has no lock")
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+        return directory_lock(self.directory)
 
-    # --- certificates and the CRL -----------------------------------------------------------------
-
-    def certificate(self, kid: bytes, now: int) -> bytes | None:
-        """The cached certificate (DER) of ``kid`` if it is still valid at ``now``."""
-        cached = self.certificates.get(kid)
-        return cached.der if cached is not None and now <= cached.not_after else None
+    # --- certificates and the CRL (kept by self.trust) ------------------------------------------
 
     def put_certificate(self, kid: bytes, der: bytes, not_after: int) -> None:
-        """Cache a certificate the caller has checked; OSError if the disk refuses."""
-        self.certificates[kid] = CachedCertificate(der, not_after)
-        self._save_trust()
-
-    def put_crl(self, der: bytes, next_update: int) -> None:
-        """Cache a CRL the caller has checked; OSError if the disk refuses."""
-        self.crl = CachedCrl(der, next_update)
-        self._save_trust()
-
-    def _save_trust(self) -> None:
-        if "trust" not in self._files:
-            return
-        with self._locked():
-            stored = self._load("trust", _parse_trust)
-            if stored is not None:
-                certificates, crl = stored
-                for kid, cached in certificates.items():
-                    mine = self.certificates.get(kid)
-                    if mine is None or mine.not_after < cached.not_after:
-                        self.certificates[kid] = cached
-                if crl is not None and (self.crl is None or self.crl.next_update < crl.next_update):
-                    self.crl = crl
-            self._files["trust"].save(
-                {
-                    "certs": [[kid, c.der, c.not_after] for kid, c in self.certificates.items()],
-                    "crl": None if self.crl is None else [self.crl.der, self.crl.next_update],
-                }
-            )
+        """Cache a certificate the caller has checked (:meth:`TrustCache.put_certificate`)."""
+        self.trust.put_certificate(kid, der, not_after)
 
     # --- access secrets ---------------------------------------------------------------------------
 
@@ -274,7 +186,7 @@ class ConsumerStore:
         """Cache an access secret from the AS; OSError if the disk refuses."""
         self._secrets[(resource_id, epoch)] = secret
         self._secrets.move_to_end((resource_id, epoch))
-        if "secrets" in self._files:
+        if self.directory is not None:
             with self._locked():
                 stored = self._load("secrets", _parse_secrets)
                 for index, value in (stored or {}).items():
@@ -302,7 +214,7 @@ class ConsumerStore:
         all, and :class:`~oscar.errors.InvalidObject` is raised (the newer one is kept).
         OSError if the disk refuses, :class:`StateError` if the file went bad meanwhile.
         """
-        if "freshness" not in self._files:
+        if self.directory is None:
             return
         with self._locked():
             stored = self._load("freshness", FreshnessState.from_snapshot)

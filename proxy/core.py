@@ -27,16 +27,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from consumer.errors import AccessDenied, TransportError
-from consumer.store import ConsumerStore
-from consumer.trust import Trust
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
+from oscar_io.coaperrors import TransportError
+from oscar_io.errors import AccessDenied, BundleError
+from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
+from oscar_io.trust import CertificateSource, Trust
 
 from .cache import Cache, DiskCache, Entry
 from .config import ProxyConfig
@@ -46,6 +47,7 @@ from .relays import Relays
 __all__ = ["Proxy", "Stats", "Unavailable"]
 
 log = logging.getLogger("oscar.proxy")
+_T = TypeVar("_T")
 
 
 class UpstreamError(Exception):
@@ -90,9 +92,10 @@ class Proxy:
         self.limits = config.limits
         self._clock = clock
         self.stats = Stats()
-        self.bundle: Bundle = None  # type: ignore[assignment]  # set by open()
-        self.cache: Cache = None  # type: ignore[assignment]
-        self.trust: Trust = None  # type: ignore[assignment]
+        # Set by open(): see the properties below.
+        self._bundle: Bundle | None = None
+        self._cache: Cache | None = None
+        self._trust: Trust | None = None
         self._as_client: AsClient | None = None
         self.lookups = LookupBudget(
             per_origin=config.limits.signer_lookups_per_origin, total=config.limits.signer_lookups
@@ -107,7 +110,22 @@ class Proxy:
         self.on_new_object: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
-        return f"Proxy({self.config.listen!r}, cache={self.cache!r})"
+        return f"Proxy({self.config.listen!r}, cache={self._cache!r})"
+
+    @property
+    def bundle(self) -> Bundle:
+        """The proxy's credentials (RuntimeError before :meth:`open`)."""
+        return _opened(self._bundle)
+
+    @property
+    def cache(self) -> Cache:
+        """The verified objects held (RuntimeError before :meth:`open`)."""
+        return _opened(self._cache)
+
+    @property
+    def trust(self) -> Trust:
+        """Producer keys and revocation (RuntimeError before :meth:`open`)."""
+        return _opened(self._trust)
 
     def now(self) -> float:
         return self._clock()
@@ -118,10 +136,8 @@ class Proxy:
         """Load the bundle and the state (synchronous: nothing is served yet)."""
         bundle = Bundle.load(self.config.bundle)
         if bundle.role != "proxy":
-            from oscar_io.errors import BundleError
-
             raise BundleError(f"the bundle is for a {bundle.role}, not a proxy")
-        self.bundle = bundle
+        self._bundle = bundle
         state = private_dir(self.config.state)
         disk = DiskCache(
             state / "cache.db",
@@ -129,23 +145,20 @@ class Proxy:
             max_entries=self.limits.disk_entries,
             max_bytes=self.limits.disk_bytes,
         )
-        self.cache = Cache(
+        self._cache = Cache(
             disk, max_entries=self.limits.memory_entries, max_bytes=self.limits.memory_bytes
         )
-        store = ConsumerStore(
-            state / "trust", bundle.state_key("proxy trust"), files=("trust",), label="proxy"
-        )
-        self.trust = Trust(bundle, store, self._budgeted_as_client)
+        trust = TrustCache(private_dir(state / "trust"), bundle.state_key("proxy trust"), "proxy")
+        self._trust = Trust(bundle, trust, self._budgeted_as_client)
 
     async def as_client(self) -> AsClient:
         if self._as_client is None:
             self._as_client = AsClient(self.bundle, timeout=10.0)
         return self._as_client
 
-    async def _budgeted_as_client(self) -> AsClient:
-        # Trust only calls certificate() and revocation_list(): the budget is in front of the
-        # first (see proxy.lookups); typed as the client it stands in for.
-        return BudgetedAs(await self.as_client(), self.lookups)  # type: ignore[return-value]
+    async def _budgeted_as_client(self) -> CertificateSource:
+        # The budget is in front of the certificate lookups (see proxy.lookups).
+        return BudgetedAs(await self.as_client(), self.lookups)
 
     async def upstream(self) -> Any:
         if self._upstream is None:
@@ -161,8 +174,8 @@ class Proxy:
             self._upstream = None
         if self._as_client is not None:
             await self._as_client.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def counters(self) -> dict[str, int]:
         """The live counters (served at /.well-known/oscar-stats and to ``oscar-proxy stats``)."""
@@ -447,6 +460,12 @@ class Proxy:
         """Take a relay's notification of ``resource_id`` from ``source`` like a fetch."""
         held = self.cache.get(resource_id)
         await self._take(resource_id, source, held, response)
+
+
+def _opened(value: _T | None) -> _T:
+    if value is None:
+        raise RuntimeError("the proxy is not open")
+    return value
 
 
 def _with(entry: Entry, **changes: Any) -> Entry:

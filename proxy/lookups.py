@@ -1,7 +1,7 @@
 """A budget for the certificate lookups that objects from outside make the proxy send to the AS.
 
 An object names its signer by ``kid``; a kid the proxy has no certificate for is asked of the AS
-(:class:`consumer.trust.Trust`), before the signature can be checked. An origin that a
+(:class:`oscar_io.trust.Trust`), before the signature can be checked. An origin that a
 forward-proxy client names, serving objects with a new random kid each time, would otherwise make
 the proxy ask the AS once per object. Trust remembers a kid the AS does not know for a while, but
 not a kid it has never seen.
@@ -13,9 +13,11 @@ now: :class:`AsUnavailable`, which the proxy treats as the AS being out of reach
 what it holds and backs off that upstream; a PUT gets 5.03). A known kid (certificate cached)
 costs nothing. Tokens come back at the budget's rate; the table of origins is bounded.
 
-:class:`BudgetedAs` puts the budget in front of :meth:`AsClient.certificate`; the origin of the
-object being checked comes from :data:`origin` (a context variable set by the proxy around each
-check). What this module does not do: decide whether a kid is known (that is Trust's cache).
+:class:`BudgetedAs` puts the budget in front of :meth:`AsClient.certificate`: it is the
+:class:`~oscar_io.trust.CertificateSource` the proxy's Trust asks (the CRL goes to the AS client
+unbudgeted: it is one per ``next_update``, whatever the objects). The origin of the object being
+checked comes from :data:`origin` (a context variable set by the proxy around each check).
+What this module does not do: decide whether a kid is known (that is Trust's cache).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import contextvars
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urlsplit
+
+from cryptography import x509
 
 from oscar_io.asclient import AsClient
 from oscar_io.errors import AsUnavailable
@@ -100,7 +103,8 @@ class LookupBudget:
 
 
 class BudgetedAs:
-    """An :class:`AsClient` whose certificate lookups for objects from outside spend budget."""
+    """The AS lookups of the proxy's Trust (a :class:`~oscar_io.trust.CertificateSource`): the
+    certificate lookups for objects from outside spend budget."""
 
     def __init__(self, client: AsClient, budget: LookupBudget) -> None:
         self._client = client
@@ -109,11 +113,13 @@ class BudgetedAs:
     def __repr__(self) -> str:
         return f"BudgetedAs({self._budget!r})"
 
-    async def certificate(self, **query: Any) -> Any:
+    async def certificate(self, *, kid: bytes) -> bytes:
+        """The DER certificate of ``kid`` from the AS; :class:`AsUnavailable` without asking when
+        the budget of the object's origin (or of the proxy) is spent."""
         key = origin.get()
         if key is not None and not self._budget.take(key):
             raise AsUnavailable("too many certificate lookups for unknown signers; later")
-        return await self._client.certificate(**query)
+        return await self._client.certificate(kid=kid)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
+    async def revocation_list(self) -> x509.CertificateRevocationList:
+        return await self._client.revocation_list()

@@ -52,10 +52,10 @@ from aiocoap import Message, interfaces
 from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource
 
-from consumer.errors import TransportError
 from oscar import names
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
+from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 
 from .cache import Entry

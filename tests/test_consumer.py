@@ -399,7 +399,7 @@ async def test_a_proxy_answer_for_an_origin_it_cannot_reach_is_named(
 ) -> None:
     """A proxy's 5.04 is the origin timing out, its 5.02 the origin unreachable, and any other
     error code is a refusal (with the code and its name)."""
-    from consumer.coap import error_answer
+    from oscar_io.coaperrors import error_answer
 
     cases = {Code.GATEWAY_TIMEOUT: TimedOut, Code.BAD_GATEWAY: Unreachable}
     cases |= {Code.NOT_FOUND: NotFound, Code.FORBIDDEN: Refused, Code.BAD_REQUEST: Refused}

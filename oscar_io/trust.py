@@ -1,6 +1,8 @@
-"""Whom the consumer believes: producer keys certified by the AS CA, minus what the CA revoked.
+"""Whom a consumer or a proxy believes: producer keys certified by the AS CA, minus what the CA
+revoked.
 
-:class:`Trust` answers two questions for the consumer's pipeline (:mod:`consumer.client`):
+:class:`Trust` answers two questions for the consumer's pipeline (:mod:`consumer.client`) and the
+proxy's verify-before-cache (:mod:`proxy.core`):
 
 - :meth:`Trust.signer`: the :class:`~oscar.certs.ProducerKey` of an object's ``kid``, from the
   certificate cache while the certificate is valid, else from the AS (``GET /cert?kid=``). Every
@@ -11,13 +13,22 @@
 - :meth:`Trust.revoked_serials`: the serial numbers on the CA's current revocation list, from the
   cache until its ``next_update``, else from the AS (``GET /crl``). A CRL must be signed by the
   bundle's CA and be current. If the cached one is stale and the AS cannot be reached, the answer
-  is :class:`~consumer.errors.TransportError`: the consumer fails closed rather than trust a key
-  that may have been revoked meanwhile.
+  is :class:`~oscar_io.coaperrors.TransportError`: the consumer (or proxy) fails closed rather
+  than trust a key that may have been revoked meanwhile.
 - :meth:`Trust.check`: all of an object's checks that need no secret, on top of the two above
   (the consumer's pipeline and the proxy's verify-before-cache).
 
-The AS client is made on first use (its DTLS transport loads then), so a consumer that has all it
-needs cached never touches the AS. What this module does not do: fetch secrets or decrypt.
+What it needs is narrow: a :class:`TrustStore` (what was learnt, kept between runs:
+:class:`oscar_io.localstore.TrustCache`) and a :class:`CertificateSource` (the two AS lookups:
+:class:`~oscar_io.asclient.AsClient`, or the proxy's budgeted stand-in), made on first use (the
+AS client's DTLS transport loads then), so a device that has all it needs cached never touches
+the AS.
+
+Errors: :class:`~oscar.errors.InvalidObject` (the object or its signer is not acceptable),
+:class:`~oscar_io.coaperrors.TransportError` (the AS is needed and cannot be reached, or its
+CRL is unusable), :class:`~oscar_io.errors.AccessDenied` (the AS refused this device a
+certificate lookup); the AS client's other errors are translated here. What this module does
+not do: fetch secrets or decrypt.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,17 +45,15 @@ from cryptography.hazmat.primitives import serialization
 from oscar.certs import ProducerKey, key_id
 from oscar.errors import CertificateError, InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, ProtectedObject, verify
-from oscar_io.asclient import AsClient
-from oscar_io.bundle import Bundle
-from oscar_io.errors import AccessDenied as AsAccessDenied
-from oscar_io.errors import AsError, AsUnavailable
 
-from .errors import AccessDenied, TransportError
-from .store import ConsumerStore
+from .bundle import Bundle
+from .coaperrors import TransportError
+from .errors import AccessDenied, AsError, AsUnavailable
+from .localstore import CachedCrl
 
-__all__ = ["UNKNOWN_SIGNER_BACKOFF", "Trust"]
+__all__ = ["UNKNOWN_SIGNER_BACKOFF", "CertificateSource", "Trust", "TrustStore"]
 
-log = logging.getLogger("oscar.consumer")
+log = logging.getLogger("oscar.trust")
 
 #: Seconds an unknown kid is not asked about again.
 UNKNOWN_SIGNER_BACKOFF = 60.0
@@ -51,18 +61,41 @@ UNKNOWN_SIGNER_BACKOFF = 60.0
 _MAX_CLOCK_SKEW = 300
 
 
+class TrustStore(Protocol):
+    """Where :class:`Trust` keeps what it learnt (:class:`oscar_io.localstore.TrustCache`)."""
+
+    @property
+    def crl(self) -> CachedCrl | None: ...
+
+    def certificate(self, kid: bytes, now: int) -> bytes | None: ...
+
+    def put_certificate(self, kid: bytes, der: bytes, not_after: int) -> None: ...
+
+    def put_crl(self, der: bytes, next_update: int) -> None: ...
+
+
+class CertificateSource(Protocol):
+    """The two AS lookups :class:`Trust` makes (:class:`~oscar_io.asclient.AsClient` has them).
+    Raises what the AS client raises: :class:`AsError` and its subclasses."""
+
+    async def certificate(self, *, kid: bytes) -> bytes: ...
+
+    async def revocation_list(self) -> x509.CertificateRevocationList: ...
+
+
 def _seconds(moment: datetime.datetime) -> int:
     return int(moment.timestamp())
 
 
 class Trust:
-    """Producer keys and revocation for one consumer, cached in its :class:`ConsumerStore`."""
+    """Producer keys and revocation for one device, remembered in its :class:`TrustStore`;
+    ``as_client`` makes (once, when first needed) the :class:`CertificateSource` to ask."""
 
     def __init__(
         self,
         bundle: Bundle,
-        store: ConsumerStore,
-        as_client: Callable[[], Awaitable[AsClient]],
+        store: TrustStore,
+        as_client: Callable[[], Awaitable[CertificateSource]],
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -112,8 +145,8 @@ class Trust:
             return await client.certificate(kid=kid)
         except AsUnavailable as exc:
             raise TransportError(f"cannot get the signer's certificate: {exc}") from None
-        except AsAccessDenied as exc:
-            raise AccessDenied(str(exc)) from None
+        except AccessDenied:
+            raise
         except AsError as exc:
             if exc.code == "4.04":
                 self._unknown[kid] = self._monotonic()
@@ -176,7 +209,7 @@ class Trust:
         client = await self._as_client()
         try:
             crl = await client.revocation_list()
-        except (AsUnavailable, AsAccessDenied) as exc:
+        except (AsUnavailable, AccessDenied) as exc:
             raise TransportError(f"cannot check revocation: AS unavailable ({exc})") from None
         except AsError as exc:
             raise TransportError(f"cannot check revocation: {exc}") from None
