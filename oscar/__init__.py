@@ -1,14 +1,53 @@
-"""OSCAR: object security for CoAP — the shared library every role stands on.
+"""OSCAR: object security for CoAP — the pure core every role stands on.
 
 It seals resource representations into protected objects (COSE_Sign1 over COSE_Encrypt0, DESIGN §4),
 verifies them without a secret, opens them, and keeps the state that makes that safe: freshness per
-resource and never-reused sequence numbers. It does no I/O: time, randomness and persistence come in
-from the caller (the roles, and the ``oscar`` command-line tool in :mod:`oscar_io.tool`).
+resource and never-reused sequence numbers.
 
-Modules: :mod:`~oscar.cbor` (strict decoding), :mod:`~oscar.cose` (COSE messages),
-:mod:`~oscar.algorithms` and :mod:`~oscar.profiles`, :mod:`~oscar.keys` (access secrets, HKDF),
-:mod:`~oscar.objects` (seal/verify/open), :mod:`~oscar.freshness`, :mod:`~oscar.sequence`,
-:mod:`~oscar.certs`, :mod:`~oscar.errors`.
+It does no I/O: no asyncio, sockets, processes, databases, files, environment or clock. Time comes
+in as an argument (``now``, ``iat``, ``exp``), state that must survive a restart through an
+interface (:class:`~oscar.sequence.SequenceStore`), secrets and keys from the caller. The one
+exception is :func:`oscar.certs.generate_signing_key`, which takes randomness from the operating
+system through ``cryptography`` for the callers that make keys (the AS's CA, the operator tool).
+``tests/test_core_purity.py`` and the import-linter contracts hold the package to this. Everything
+with I/O is in :mod:`oscar_io` (the runtime, including the ``oscar`` tool, :mod:`oscar_io.tool`)
+and the roles.
+
+Modules, from the bottom up::
+
+    errors        the exception tree below
+    cbor          strict CBOR decoding, encoding, diagnostic notation
+    names         device and resource ids
+    algorithms    the COSE AEADs and signatures: the one place their primitives are called
+    profiles      the named (AEAD, signature) pairs
+    keys          access secrets, HKDF content keys, the derived-key cache
+    cose          COSE_Sign1 and COSE_Encrypt0 messages
+    certs         signing keys, CSRs, certificates under the AS CA, their checks
+    freshness     replay and rollback state per resource
+    sequence      sequence numbers never reused, over a caller's store
+    protected objects (DESIGN §4), all re-exported by ``objects``:
+      model       header labels, ObjectMetadata, Reading, ETag, external AAD
+      pinned      the fast reader of the pinned layout
+      decoding    ProtectedObject and the generic strict decoder (checks 1 to 3)
+      sealer      Sealer, seal
+      opening     verify, open, open_verified (checks 4 to 7)
+      objects     the public face of the five above
+
+The exception tree (:mod:`oscar.errors`; every exception class of the core is defined there)::
+
+    Exception
+    ├── OscarError                     base of everything the library raises on purpose
+    │   ├── InvalidObject              incoming protected data failed a check (opaque; ``reason``
+    │   │                              is for the local log)
+    │   ├── CertificateError           a certificate is not acceptable for the use asked
+    │   └── SequenceUnavailable        no sequence number can be guaranteed fresh: refuse to seal
+    └── ValueError / TypeError         misuse by the caller (bad argument, unknown profile name)
+        ├── PlaintextTooLarge          (also an OscarError) the profile's AEAD cannot seal that much
+        └── MalformedCBOR              not strict CBOR (from :func:`oscar.cbor.loads`; the COSE and
+                                       object decoders turn it into InvalidObject)
+
+``cryptography``'s exceptions are translated in :mod:`oscar.algorithms` (tags, signatures) and
+:mod:`oscar.certs` (keys, certificates), and nowhere else.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ preferred serialisation, so that one value has one encoding:
   single top-level item.
 
 Anything else (floats, undefined, indefinite lengths, reserved additional information, truncation)
-raises :class:`MalformedCBOR`, and nothing else is ever raised for bad input. The decoder does not
-interpret tags: a tag comes back as :class:`Tag` and the caller decides what it means.
+raises :class:`MalformedCBOR` (defined in :mod:`oscar.errors`, re-exported here), and nothing else
+is ever raised for bad input. The decoder does not interpret tags: a tag comes back as
+:class:`Tag` and the caller decides what it means.
 
 Encoding (:func:`dumps`) writes the same subset in preferred serialisation; map keys keep the
 order the caller gives them. Both directions are plain Python with no dependency: the test suite
@@ -25,6 +26,8 @@ from __future__ import annotations
 import json
 from typing import NamedTuple, Union
 
+from .errors import MalformedCBOR
+
 __all__ = ["DEFAULT_MAX_DEPTH", "MalformedCBOR", "Tag", "diagnostic", "dumps", "head", "loads"]
 
 DEFAULT_MAX_DEPTH = 16
@@ -33,10 +36,6 @@ DEFAULT_MAX_ITEMS = 65_536
 
 #: What the decoder returns. Nested containers hold the same kinds.
 Value = Union[int, bytes, str, bool, None, list["Value"], dict[int | str, "Value"], "Tag"]
-
-
-class MalformedCBOR(ValueError):
-    """The bytes are not CBOR of the strict subset this decoder accepts."""
 
 
 class Tag(NamedTuple):

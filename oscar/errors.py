@@ -1,4 +1,4 @@
-"""The exception hierarchy of the oscar library.
+"""The exception hierarchy of the oscar library: every exception class of the core is here.
 
 ::
 
@@ -8,12 +8,19 @@
     │   ├── CertificateError           a certificate is not acceptable for the use asked
     │   └── SequenceUnavailable        no sequence number can be guaranteed fresh: refuse to seal
     └── ValueError / TypeError         misuse by the caller (bad argument, unknown profile name)
-        └── PlaintextTooLarge          (also an OscarError) the profile's AEAD cannot seal that much
+        ├── PlaintextTooLarge          (also an OscarError) the profile's AEAD cannot seal that much
+        └── MalformedCBOR              bytes handed to :func:`oscar.cbor.loads` are not strict CBOR
+                                       (the COSE and object decoders turn it into InvalidObject)
 
 ``InvalidObject`` is deliberately opaque: ``str()`` never says which check failed, so a peer that
 is shown the message learns nothing. The failed check is kept in ``reason`` for the local log. A
 reason is always built from the library's own fixed phrases, never from a value taken from the
 object or from a secret.
+
+Foreign exceptions are translated at one place each: ``cryptography``'s failed tag or signature
+(``InvalidTag``, ``InvalidSignature``) in :mod:`oscar.algorithms`, its certificate failures in
+:mod:`oscar.certs`, the CBOR decoder's ``MalformedCBOR`` in :mod:`oscar.cose`. The pinned reader's
+``_NotPinned`` is control flow that never leaves :mod:`oscar.pinned`.
 
 This module does not log, and it does not map errors to CoAP codes: the roles do that.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "CertificateError",
     "InvalidObject",
+    "MalformedCBOR",
     "OscarError",
     "PlaintextTooLarge",
     "SequenceUnavailable",
@@ -57,3 +65,7 @@ class SequenceUnavailable(OscarError):
 
 class PlaintextTooLarge(OscarError, ValueError):
     """The plaintext is longer than the profile's AEAD can seal (AES-CCM-16-*: 65,535 bytes)."""
+
+
+class MalformedCBOR(ValueError):
+    """The bytes are not CBOR of the strict subset :mod:`oscar.cbor` accepts."""

@@ -19,10 +19,12 @@ import importlib
 import pkgutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 import oscar
+import oscar.errors
 
 CORE = Path(oscar.__file__).parent
 SOURCES = sorted(CORE.glob("*.py"))
@@ -210,3 +212,31 @@ def test_importing_the_core_needs_no_forbidden_module(monkeypatch: pytest.Monkey
             del sys.modules[name]
     assert core is not oscar
     assert len(fresh) == len(SOURCES) - 1
+
+
+def _core_modules() -> list[ModuleType]:
+    return [oscar] + [
+        importlib.import_module(f"oscar.{module.name}")
+        for module in pkgutil.iter_modules(oscar.__path__)
+    ]
+
+
+def test_every_core_exception_is_in_the_one_tree_drawn_in_the_docstrings() -> None:
+    """Each exception class of the core is defined once, in oscar.errors, and drawn in the tree of
+    both oscar.errors and oscar (a private control-flow exception may stay in its module)."""
+    defined: dict[str, list[str]] = {}
+    for module in _core_modules():
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+            ):
+                defined.setdefault(name, []).append(module.__name__)
+    assert all(len(modules) == 1 for modules in defined.values()), defined
+    public = {name for name, (module,) in defined.items() if not name.startswith("_")}
+    assert {name for name in public if defined[name] != ["oscar.errors"]} == set()
+    assert public == set(oscar.errors.__all__)
+    for name in public:
+        assert f"── {name} " in (oscar.errors.__doc__ or ""), name
+        assert f"── {name} " in (oscar.__doc__ or ""), name
