@@ -12,36 +12,19 @@ resource an object must be of is the URI's path (``resource=`` overrides it, for
 with another prefix). With ``proxy=`` the request goes to that forward proxy with Proxy-Uri set to
 the URI.
 
-Every object received goes through the same pipeline, failing closed at the first problem:
+Every answer must be 2.05 with content format 18, and no larger than the size limit: a block-wise
+(Block2) answer is assembled here, not by aiocoap, and no block past the limit is ever asked for.
+Its object then goes through the checks of :class:`~consumer.pipeline.Pipeline` (signer,
+signature, revocation, freshness, secret, decryption), failing closed at the first problem.
 
-1. the CoAP answer must be 2.05 with content format 18, and no larger than the size limit: a
-   block-wise (Block2) answer is assembled here, not by aiocoap, and no block past the limit is
-   ever asked for; the object is decoded strictly (size limit, CBOR, COSE structure) and must
-   be of the expected resource;
-2. the signer's certificate, by kid (cache, else the AS), checked against the bundle's CA, naming
-   the object's producer, who owns the resource; then the signature and the expiry
-   (:func:`oscar.verify`);
-3. revocation: the signer's certificate must not be on the CA's current CRL (cache, else the AS).
-   It is checked after the signature, so that nothing but the certificate is ever asked of the AS
-   because of an object whose signature did not verify;
-4. freshness: older than the newest accepted for the resource is a rollback or replay;
-5. the access secret of (resource, epoch) (cache, else the AS), decryption
-   (:func:`oscar.open_verified`), and only then the new freshness state is recorded on disk.
+:meth:`Consumer.get` returns an object equal to the newest accepted again, and so does the first
+answer of :meth:`Consumer.observe`; later notifications equal to it are skipped. A stale copy
+(:class:`StaleCopy`: valid, but older than the newest accepted) is never accepted: :meth:`get`
+(and the first answer of an observation) gives the newest reading held instead, checked again
+now, and tells ``on_stale``; when that one is no longer valid, :class:`StaleCopy` is raised.
 
-An object equal in (epoch, seq) to the newest accepted is the same object again (a producer seals
-a value once and serves it to everyone): :meth:`Consumer.get` returns it again, and so does the
-first answer of :meth:`Consumer.observe`; later notifications equal to it are skipped.
-
-An object that passes steps 1-3 but is *older* than the newest accepted is a stale copy
-(:class:`StaleCopy`: a proxy's cache within its Max-Age, after this consumer read a newer object
-elsewhere; or a replay). It is never accepted. :meth:`Consumer.get` (and the first answer of an
-observation) then gives the newest reading this consumer holds — the object kept when it was
-accepted (:meth:`ConsumerStore.held`), put through steps 2, 3 and 5 again now, so never bytes
-that are expired, revoked or unverified — and tells ``on_stale``; when that object is no longer
-valid, :class:`StaleCopy` is raised. Only an object that claims to be newer and fails a check is
-a rejection.
-
-What this module does not do: keep state on disk (:mod:`consumer.store`), decide whom to trust
+What this module does not do: check objects (:mod:`consumer.pipeline`), parse targets
+(:mod:`consumer.target`), keep state on disk (:mod:`consumer.store`), decide whom to trust
 (:mod:`oscar_io.trust`), translate aiocoap's failures (:mod:`oscar_io.coaperrors`), assemble
 block-wise answers (:mod:`consumer.coap`), or speak DTLS to producers (``coap://`` only;
 objects are protected end to end; only an OSCAR proxy may be reached over DTLS).
@@ -54,29 +37,23 @@ import contextlib
 import logging
 import os
 import time
-import urllib.parse
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-from oscar import names
 from oscar.errors import InvalidObject
-from oscar.keys import KeyCache
-from oscar.objects import (
-    CONTENT_FORMAT_COSE_SIGN1,
-    DEFAULT_MAX_OBJECT_SIZE,
-    Reading,
-    open_verified,
-)
+from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, DEFAULT_MAX_OBJECT_SIZE, Reading
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TimedOut, TransportError, error_answer, translate
-from oscar_io.errors import AccessDenied, AsError, AsUnavailable, BundleError
+from oscar_io.errors import AccessDenied, AsError, BundleError
 from oscar_io.trust import Trust
 
 from .coap import Exchange, assemble, cache_fresh_in, cancel
 from .errors import StaleCopy
+from .pipeline import Pipeline
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
+from .target import Target, parse_target
 
 __all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
@@ -90,71 +67,6 @@ RejectHandler = Callable[[InvalidObject], None]
 #: Called when a stale copy was served (see :class:`StaleCopy`), with whether the newest reading
 #: held is given instead.
 StaleHandler = Callable[[StaleCopy, bool], None]
-
-
-class Target(NamedTuple):
-    """Where to send a request and which resource the answer must be of."""
-
-    uri: str
-    resource_id: str
-    proxy: str | None
-    #: The device id of an OSCAR proxy reached over DTLS (``coaps://``) with our link PSK.
-    proxy_id: str | None = None
-
-    @property
-    def peer(self) -> str:
-        """The host the request goes to, for messages."""
-        return self.proxy or urllib.parse.urlsplit(self.uri)._replace(path="", query="").geturl()
-
-
-def _check_coap_uri(uri: str, what: str, scheme: str = "coap") -> urllib.parse.SplitResult:
-    if not isinstance(uri, str):
-        raise TypeError(f"the {what} must be a string")
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != scheme:
-        raise ValueError(f"the {what} must be a {scheme}:// URI")
-    try:
-        parts.port  # noqa: B018 (raises ValueError for a malformed port)
-    except ValueError:
-        raise ValueError(f"the {what} has a malformed port") from None
-    if not parts.hostname or parts.username is not None or parts.fragment:
-        raise ValueError(f"the {what} must name a host, with no user name or fragment")
-    return parts
-
-
-def parse_target(uri: str, *, resource: str | None = None, proxy: str | None = None) -> Target:
-    """Check a request URI (and proxy URI); the resource is ``resource`` or the URI's path.
-
-    ``proxy`` is ``coap://HOST[:PORT]``, or ``PROXY_ID=coaps://HOST[:PORT]`` for an OSCAR proxy
-    reached over DTLS (``PROXY_ID`` its device id; the link PSK comes from the AS).
-    Raises ``ValueError`` saying what is wrong.
-    """
-    parts = _check_coap_uri(uri, "URI")
-    if resource is None:
-        try:
-            resource = urllib.parse.unquote(parts.path.removeprefix("/"), errors="strict")
-        except UnicodeDecodeError:
-            resource = ""
-        if not names.is_resource_id(resource):
-            raise ValueError(
-                "the URI's path is not a resource id '/<producer id>/<path>' (use --resource)"
-            )
-    else:
-        names.require_resource_id(resource)
-    proxy_id = None
-    if proxy is not None:
-        name, sep, rest = proxy.partition("=")
-        if sep and "://" not in name:
-            if not names.is_device_id(name):
-                raise ValueError("PROXY_ID=coaps://HOST[:PORT]: PROXY_ID is the proxy's device id")
-            proxy_id, proxy = name, rest
-            proxy_parts = _check_coap_uri(proxy, "proxy URI", "coaps")
-        else:
-            proxy_parts = _check_coap_uri(proxy, "proxy URI")
-        if proxy_parts.path not in ("", "/") or proxy_parts.query:
-            raise ValueError("the proxy URI is coap://HOST[:PORT], with no path")
-        proxy = proxy.rstrip("/")
-    return Target(uri, resource, proxy, proxy_id)
 
 
 class Consumer:
@@ -188,10 +100,11 @@ class Consumer:
         self.bundle = bundle
         self.timeout = timeout
         self.max_object_size = max_object_size
-        self._clock = clock
         self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
         self.trust = Trust(bundle, self.store.trust, self._as)
-        self._keys = KeyCache(self.store.secret)
+        self.pipeline = Pipeline(
+            self.store, self.trust, self._as, clock=clock, max_object_size=max_object_size
+        )
         self._coap: Any = None
         self._dtls: dict[str, Any] = {}
         self._dtls_connections: dict[str, Any] = {}
@@ -265,7 +178,7 @@ class Consumer:
     # --- the pipeline -----------------------------------------------------------------------------
 
     async def open_object(self, data: bytes, resource_id: str) -> Reading:
-        """Check and open one object that must be of ``resource_id`` (see the module docstring),
+        """Check and open one object that must be of ``resource_id`` (:mod:`consumer.pipeline`),
         however it came (a file, a multicast group). An object equal in (epoch, seq) to the
         newest accepted is returned again.
 
@@ -279,43 +192,8 @@ class Consumer:
 
     async def _open(self, data: bytes, resource_id: str, *, skip_same: bool) -> Reading | None:
         """:meth:`open_object`; with ``skip_same`` an object equal to the newest accepted gives
-        None."""
-        now = int(self._clock())
-        obj, _ = await self.trust.check(data, resource_id, now, max_size=self.max_object_size)
-        m = obj.metadata
-
-        freshness = self.store.freshness
-        version = (m.epoch, m.seq)
-        newest = freshness.newest(resource_id)
-        is_same = newest == version
-        if is_same and skip_same:
-            return None
-        if newest is not None and version < newest:
-            raise StaleCopy(resource_id, version, newest)  # valid, but not news: never accepted
-        if not is_same:
-            freshness.check(resource_id, m.epoch, m.seq)
-        if self.store.secret(resource_id, m.epoch) is None:
-            await self._fetch_secret(resource_id, m.epoch)
-        reading = open_verified(obj, secrets=self._keys)
-        if not is_same:
-            # Another task may have accepted a newer object while we waited for the AS.
-            self.store.freshness.accept(resource_id, m.epoch, m.seq)
-            self.store.save_freshness(resource_id)
-        self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
-        return reading
-
-    async def _held_reading(self, stale: StaleCopy) -> Reading:
-        """The newest reading held of ``stale``'s resource, checked again now (certificate,
-        revocation, signature, expiry, decryption); ``stale`` itself when there is none that is
-        still valid."""
-        held = self.store.held(stale.resource_id)
-        if held is None or held.version != self.store.freshness.newest(stale.resource_id):
-            raise stale
-        try:
-            return await self.open_object(held.data, stale.resource_id)
-        except InvalidObject as exc:
-            log.info("%s: the object held is not valid now: %s", stale.resource_id, exc.reason)
-            raise stale from None
+        None (:meth:`Pipeline.open`)."""
+        return await self.pipeline.open(data, resource_id, skip_same=skip_same)
 
     async def _stale_answer(
         self, stale: StaleCopy, response: Any, target: Target, on_stale: StaleHandler | None
@@ -325,27 +203,12 @@ class Consumer:
         caller reports it, once)."""
         stale.peer = target.peer
         stale.fresh_in = cache_fresh_in(response)
-        reading = await self._held_reading(stale)
+        reading = await self.pipeline.held_reading(stale)
         if on_stale is not None:
             on_stale(stale, True)
         else:
             log.warning("%s; the newest reading held is given instead", stale.describe())
         return reading
-
-    async def _fetch_secret(self, resource_id: str, epoch: int) -> None:
-        client = await self._as()
-        try:
-            grant = await client.secret(resource_id, epoch)
-        except AccessDenied:
-            raise
-        except AsUnavailable as exc:
-            raise TransportError(f"cannot get the access secret: {exc}") from None
-        except AsError as exc:
-            if exc.code in ("4.04", "4.10"):
-                raise InvalidObject("the AS has no access secret for this epoch") from None
-            raise TransportError(f"cannot get the access secret: {exc}") from None
-        self.store.put_secret(resource_id, epoch, grant.secret)
-        log.info("access secret of %s epoch %d from the AS", resource_id, epoch)
 
     # --- CoAP -------------------------------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""The checks every object received goes through once it is out of CoAP, and its opening.
+
+:class:`Pipeline` takes an object's bytes and the resource it must be of, whatever brought them (a
+CoAP answer, a notification, a file, a multicast group), and fails closed at the first problem:
+
+1. decoding, strict (size limit, CBOR, COSE structure), and the object must be of the resource;
+2. the signer's certificate, by kid (cache, else the AS), checked against the bundle's CA, naming
+   the object's producer, who owns the resource; then the signature and the expiry
+   (:func:`oscar.verify`);
+3. revocation: the signer's certificate must not be on the CA's current CRL (cache, else the AS).
+   It is checked after the signature, so that nothing but the certificate is ever asked of the AS
+   because of an object whose signature did not verify (steps 1-3:
+   :meth:`oscar_io.trust.Trust.check`);
+4. freshness: older than the newest accepted for the resource is a rollback or replay;
+5. the access secret of (resource, epoch) (cache, else the AS), decryption
+   (:func:`oscar.open_verified`), and only then the new freshness state is recorded on disk.
+
+An object equal in (epoch, seq) to the newest accepted is the same object again (a producer seals
+a value once and serves it to everyone): it is opened again, or skipped when the caller says so.
+
+An object that passes steps 1-3 but is *older* than the newest accepted is a stale copy
+(:class:`~consumer.errors.StaleCopy`: a proxy's cache within its Max-Age, after this consumer read
+a newer object elsewhere; or a replay). It is never accepted. :meth:`Pipeline.held_reading` gives
+instead the newest reading this consumer holds — the object kept when it was accepted
+(:meth:`~consumer.store.ConsumerStore.held`), put through steps 1, 2, 3 and 5 again now, so never
+bytes that are expired, revoked or unverified; when that object is no longer valid, the
+:class:`StaleCopy` is raised. Only an object that claims to be newer and fails a check is a
+rejection.
+
+What this module does not do: CoAP (:mod:`consumer.client`), keep state on disk
+(:mod:`consumer.store`), or decide whom to trust (:mod:`oscar_io.trust`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from oscar.errors import InvalidObject
+from oscar.keys import KeyCache
+from oscar.objects import Reading, open_verified
+from oscar_io.asclient import AsClient
+from oscar_io.coaperrors import TransportError
+from oscar_io.errors import AccessDenied, AsError, AsUnavailable
+from oscar_io.trust import Trust
+
+from .errors import StaleCopy
+from .store import ConsumerStore
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger("oscar.consumer")
+
+
+class Pipeline:
+    """Steps 1-5 (see the module docstring) for one consumer: its store, its trust, and the AS
+    client (made by ``as_client`` when first needed) for the secrets it lacks."""
+
+    def __init__(
+        self,
+        store: ConsumerStore,
+        trust: Trust,
+        as_client: Callable[[], Awaitable[AsClient]],
+        *,
+        clock: Callable[[], float],
+        max_object_size: int,
+    ) -> None:
+        self.store = store
+        self.trust = trust
+        self._as_client = as_client
+        self._clock = clock
+        self._max_object_size = max_object_size
+        self._keys = KeyCache(store.secret)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.store!r})"
+
+    async def open(self, data: bytes, resource_id: str, *, skip_same: bool) -> Reading | None:
+        """The reading of ``data``, an object that must be of ``resource_id``; with ``skip_same``
+        an object equal to the newest accepted gives None.
+
+        Raises :class:`InvalidObject` if the object is rejected, :class:`StaleCopy` (one) if it is
+        valid but older than the newest accepted, :class:`AccessDenied` if the AS refuses the
+        secret, :class:`TransportError` if the AS is needed and cannot be reached.
+        """
+        now = int(self._clock())
+        obj, _ = await self.trust.check(data, resource_id, now, max_size=self._max_object_size)
+        m = obj.metadata
+
+        freshness = self.store.freshness
+        version = (m.epoch, m.seq)
+        newest = freshness.newest(resource_id)
+        is_same = newest == version
+        if is_same and skip_same:
+            return None
+        if newest is not None and version < newest:
+            raise StaleCopy(resource_id, version, newest)  # valid, but not news: never accepted
+        if not is_same:
+            freshness.check(resource_id, m.epoch, m.seq)
+        if self.store.secret(resource_id, m.epoch) is None:
+            await self._fetch_secret(resource_id, m.epoch)
+        reading = open_verified(obj, secrets=self._keys)
+        if not is_same:
+            # Another task may have accepted a newer object while we waited for the AS.
+            self.store.freshness.accept(resource_id, m.epoch, m.seq)
+            self.store.save_freshness(resource_id)
+        self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
+        return reading
+
+    async def held_reading(self, stale: StaleCopy) -> Reading:
+        """The newest reading held of ``stale``'s resource, checked again now (certificate,
+        revocation, signature, expiry, decryption); ``stale`` itself when there is none that is
+        still valid."""
+        held = self.store.held(stale.resource_id)
+        if held is None or held.version != self.store.freshness.newest(stale.resource_id):
+            raise stale
+        try:
+            reading = await self.open(held.data, stale.resource_id, skip_same=False)
+        except InvalidObject as exc:
+            log.info("%s: the object held is not valid now: %s", stale.resource_id, exc.reason)
+            raise stale from None
+        if reading is None:  # pragma: no cover - only skip_same=True skips
+            raise stale
+        return reading
+
+    async def _fetch_secret(self, resource_id: str, epoch: int) -> None:
+        client = await self._as_client()
+        try:
+            grant = await client.secret(resource_id, epoch)
+        except AccessDenied:
+            raise
+        except AsUnavailable as exc:
+            raise TransportError(f"cannot get the access secret: {exc}") from None
+        except AsError as exc:
+            if exc.code in ("4.04", "4.10"):
+                raise InvalidObject("the AS has no access secret for this epoch") from None
+            raise TransportError(f"cannot get the access secret: {exc}") from None
+        self.store.put_secret(resource_id, epoch, grant.secret)
+        log.info("access secret of %s epoch %d from the AS", resource_id, epoch)
