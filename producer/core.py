@@ -20,6 +20,7 @@ says so in the log; the last object stays served until its ``exp``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -93,6 +94,11 @@ class Producer:
     def now(self) -> int:
         return int(self._clock())
 
+    @property
+    def sequence_window(self) -> int:
+        """Sequence numbers reserved per write of the state (for :class:`Published`)."""
+        return self.config.sequence_window
+
     async def __aenter__(self) -> Producer:
         await self.start()
         return self
@@ -132,9 +138,16 @@ class Producer:
 
             self._publisher = Publisher(config.publish, self.device_id, client.link)
         if config.listen is not None:
+            from .observers import ObserverLimits
             from .server import serve
 
-            self.server = await serve(self, *config.listen)
+            limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
+            self.server = await serve(
+                self.device_id, self.resources.values(), *config.listen, limits
+            )
+        if self._publisher is not None:  # after the observers: they are told first
+            for published in self.resources.values():
+                published.on_change.append(functools.partial(self.publish, published))
         self.started = True
         for published in self.resources.values():
             published.poll_file(time.monotonic())

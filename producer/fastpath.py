@@ -20,12 +20,13 @@ datagram itself only when it is exactly:
 The answer is what aiocoap would send (the differential tests compare the bytes): a piggybacked ACK
 2.05 with the request's message ID and token, ETag, Content-Format 18, the Max-Age that
 :meth:`ObjectResource.render_get` computes, and the object. The object, its ETag and expiry are read
-from the resource's :class:`~producer.published.Published` on every request, so the answer after a
-re-seal is the new object. Larger objects stay with aiocoap: a stateless server would cut each block
-from the object current when it is asked for, and a re-seal in the middle of a block-wise transfer
-would change the ETag between blocks (the client gives up: RFC 7959 §2.4), where aiocoap's Block2
-cache keeps one copy of the object per remote and finishes the transfer with it. A block-wise
-transfer costs a round trip per block anyway; the saving is in the small objects most readings are.
+from the resource's :class:`Served` object (a :class:`~producer.published.Published`) on every
+request, so the answer after a re-seal is the new object. Larger objects stay with aiocoap: a
+stateless server would cut each block from the object current when it is asked for, and a re-seal
+in the middle of a block-wise transfer would change the ETag between blocks (the client gives up:
+RFC 7959 §2.4), where aiocoap's Block2 cache keeps one copy of the object per remote and finishes
+the transfer with it. A block-wise transfer costs a round trip per block anyway; the saving is in
+the small objects most readings are.
 
 Everything else goes to aiocoap unchanged: NON, Observe, ETag validation, Accept, Uri-Host,
 Uri-Port (libcoap's coap-client sends it when the port is not 5683), Uri-Query, any other option,
@@ -44,14 +45,11 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from oscar_io.aiocoap_fixes import clear_pending_error
 
-if TYPE_CHECKING:
-    from .server import ObjectResource
-
-__all__ = ["BLOCK_SIZE_EXP", "UNSOLICITED_LIMIT", "FastPath"]
+__all__ = ["BLOCK_SIZE_EXP", "UNSOLICITED_LIMIT", "FastPath", "Route", "Served"]
 
 log = logging.getLogger("oscar.producer")
 
@@ -69,6 +67,30 @@ _CONTENT = 0x45
 #: Content-Format 18 (application/cose; cose-type="cose-sign1"), after ETag (option 4).
 _CONTENT_FORMAT_18 = bytes([(12 - 4) << 4 | 1, 18])
 _V4MAPPED = bytes(10) + b"\xff\xff"
+
+
+class Served(Protocol):
+    """What the fast path reads of a resource's current object, on every request
+    (:class:`~producer.published.Published` is one): None before the first object."""
+
+    @property
+    def obj(self) -> bytes | None: ...
+    @property
+    def etag(self) -> bytes: ...
+    @property
+    def exp(self) -> int: ...
+    def now(self) -> int: ...
+    def max_age(self, now: int) -> int: ...
+
+
+class Route(Protocol):
+    """A resource the fast path answers for (:class:`~producer.server.ObjectResource` is one):
+    its object, and its count of requests answered (the fast path adds its own)."""
+
+    requests: int
+
+    @property
+    def published(self) -> Served: ...
 
 
 def _uint(value: int) -> bytes:
@@ -112,11 +134,11 @@ class FastPath:
     answered here.
     """
 
-    def __init__(self, routes: Mapping[tuple[bytes, ...], ObjectResource]) -> None:
+    def __init__(self, routes: Mapping[tuple[bytes, ...], Route]) -> None:
         self.enabled = True
         self.answered = 0
         self._routes = dict(routes)
-        self._encoded: dict[ObjectResource, _Encoded] = {}
+        self._encoded: dict[Route, _Encoded] = {}
         self._failed = False
 
     def __repr__(self) -> str:
@@ -181,7 +203,7 @@ class FastPath:
         obj = published.obj
         if obj is None:
             return None
-        now = published.producer.now()
+        now = published.now()
         if now > published.exp:
             return None
         max_age = published.max_age(now)

@@ -7,8 +7,11 @@ announces one, and the value sources it polls (a file). It refuses to seal when 
 it may use, and never uses a sequence number twice (:class:`oscar.sequence.SequenceAllocator`
 over the producer's state).
 
+What it needs of its producer is :class:`Host` (the id, the signing key, the state directory,
+the sequence window and the clock); :class:`~producer.core.Producer` is one.
+
 What it does not do: talk to the AS or the network (the producer's tasks hand it key states and
-values; observers and publishers are told through ``on_change`` and ``Producer.publish``).
+values; observers and publishers are told through ``on_change``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from oscar import certs
 from oscar.errors import PlaintextTooLarge, SequenceUnavailable
 from oscar.objects import Sealer, object_etag
 from oscar.profiles import PROFILES
@@ -26,13 +30,32 @@ from oscar.sequence import SequenceAllocator
 from oscar_io.aswire import EpochKey, KeyState
 
 from .config import MAX_VALUE_SIZE, ResourceSpec
+from .state import ProducerState
 
-if TYPE_CHECKING:
-    from .core import Producer
-
-__all__ = ["Published"]
+__all__ = ["Host", "Published"]
 
 log = logging.getLogger("oscar.producer")
+
+
+class Host(Protocol):
+    """What a :class:`Published` needs of the producer it belongs to. Read when used: a stand-in
+    that only serves objects set by hand (the fast path's tests and fuzz target) needs no more
+    than ``device_id`` and ``now``."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def signing_key(self) -> certs.SigningKey: ...
+    @property
+    def state(self) -> ProducerState:
+        """Where the epoch floors, sequence limits and key states are kept."""
+        ...
+
+    @property
+    def sequence_window(self) -> int: ...
+    def now(self) -> int:
+        """The producer's clock, in whole seconds."""
+        ...
 
 
 class Published:
@@ -42,10 +65,10 @@ class Published:
     (None before the first). Observers are told through ``on_change``.
     """
 
-    def __init__(self, producer: Producer, spec: ResourceSpec) -> None:
-        self.producer = producer
+    def __init__(self, host: Host, spec: ResourceSpec) -> None:
+        self._host = host
         self.spec = spec
-        self.resource_id = f"{producer.device_id}/{spec.path}"
+        self.resource_id = f"{host.device_id}/{spec.path}"
         self.profile = PROFILES[spec.profile]
         self.value: bytes | None = None
         self.obj: bytes | None = None
@@ -83,7 +106,7 @@ class Published:
 
     def restore(self, stored: KeyState) -> None:
         """Take the key state saved before a restart, then catch up with the clock."""
-        if not self.producer.state.sequences.knows(self.resource_id):
+        if not self._host.state.sequences.knows(self.resource_id):
             # Keys but no sequence record: the sequence file was lost or is an older copy.
             self.state_outlived = True
         self.rotation_period = stored.rotation_period
@@ -141,7 +164,7 @@ class Published:
         return self._sealer is not None and (boundary is None or now < boundary)
 
     def _switch(self, key: EpochKey) -> bool:
-        sequences = self.producer.state.sequences
+        sequences = self._host.state.sequences
         floor = sequences.floor(self.resource_id)
         if key.epoch < floor:
             log.error(
@@ -165,14 +188,14 @@ class Published:
             )
         self._sealer = Sealer(
             secret=key.secret,
-            producer_id=self.producer.device_id,
+            producer_id=self._host.device_id,
             resource_id=self.resource_id,
             epoch=key.epoch,
-            signing_key=self.producer.signing_key,
+            signing_key=self._host.signing_key,
             profile=self.profile,
         )
         self._allocator = SequenceAllocator(
-            sequences, self.resource_id, key.epoch, self.producer.config.sequence_window
+            sequences, self.resource_id, key.epoch, self._host.sequence_window
         )
         self.current = key
         self._expired_logged = False
@@ -181,7 +204,7 @@ class Published:
     def _save_keys(self) -> None:
         if self.current is None:
             return
-        self.producer.state.keys.put(
+        self._host.state.keys.put(
             KeyState(
                 self.resource_id,
                 self.spec.profile,
@@ -215,7 +238,7 @@ class Published:
         """Seal the current value under the current epoch with a fresh seq."""
         if self.value is None:
             return False
-        now = self.producer.now()
+        now = self._host.now()
         sealer, allocator = self._sealer, self._allocator
         if sealer is None or allocator is None or not self.may_seal(now):
             if sealer is None:
@@ -249,8 +272,11 @@ class Published:
         log.debug("%s: sealed epoch %d seq %d", self.resource_id, self.epoch, seq)
         for notify in self.on_change:
             notify()
-        self.producer.publish(self)
         return True
+
+    def now(self) -> int:
+        """The producer's clock (what the server and the fast path compare ``exp`` with)."""
+        return self._host.now()
 
     def max_age(self, now: int) -> int:
         return max(0, min(self.spec.max_age, self.exp - now))

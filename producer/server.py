@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from aiocoap import Context, Message, interfaces
 from aiocoap.numbers.codes import Code
@@ -40,9 +41,7 @@ from . import duplicates
 from .config import ProducerConfig
 from .fastpath import FastPath
 from .observers import ObserverLimits, serve_observation
-
-if TYPE_CHECKING:
-    from .core import Producer, Published
+from .published import Published
 
 __all__ = ["FASTPATH_ENV", "ObjectResource", "ProducerContext", "serve"]
 
@@ -54,6 +53,11 @@ RETRY_AFTER = 5
 FASTPATH_ENV = "OSCAR_PRODUCER_FASTPATH"
 
 
+def default_limits() -> ObserverLimits:
+    """Observer bounds of their own, the configuration's defaults."""
+    return ObserverLimits(ProducerConfig.max_observers, ProducerConfig.max_observers_per_address)
+
+
 class ObjectResource(ObservableResource):  # type: ignore[misc]
     """One protected resource. Its observers are bounded by ``limits`` (shared by every resource
     of the producer) and notified as :func:`~producer.observers.serve_observation` says."""
@@ -63,9 +67,7 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
         self.published = published
         # The producer's resources share one (build_site); a resource built alone (the fast
         # path's tests, fuzz/producer_fastpath.py) gets bounds of its own, the defaults.
-        self.limits = limits or ObserverLimits(
-            ProducerConfig.max_observers, ProducerConfig.max_observers_per_address
-        )
+        self.limits = limits if limits is not None else default_limits()
         self.ct = CONTENT_FORMAT_COSE_SIGN1
         self.requests = 0
         self.watchers: set[asyncio.Event] = set()
@@ -87,7 +89,7 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
 
     async def render_get(self, request: Message) -> Message:
         published = self.published
-        now = published.producer.now()
+        now = published.now()
         self.requests += 1
         if published.obj is None or now > published.exp:
             return Message(code=Code.SERVICE_UNAVAILABLE, max_age=RETRY_AFTER)
@@ -109,14 +111,14 @@ class ProducerContext(Context):  # type: ignore[misc]
     fast_path: FastPath | None = None
 
 
-def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectResource]]:
+def build_site(
+    device_id: str, resources: Iterable[Published], limits: ObserverLimits
+) -> tuple[Any, dict[tuple[bytes, ...], ObjectResource]]:
     """The aiocoap site, and the resources by their Uri-Path segments (for the fast path)."""
     site = Site()
     routes = {}
-    config = producer.config
-    limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
-    for published in producer.resources.values():
-        path = (producer.device_id, *published.spec.path.split("/"))
+    for published in resources:
+        path = (device_id, *published.spec.path.split("/"))
         resource = ObjectResource(published, limits)
         site.add_resource(path, resource)
         routes[tuple(segment.encode() for segment in path)] = resource
@@ -127,10 +129,20 @@ def build_site(producer: Producer) -> tuple[Any, dict[tuple[bytes, ...], ObjectR
     return site, routes
 
 
-async def serve(producer: Producer, host: str, port: int) -> ProducerContext:
-    """Start the server context; the caller shuts it down."""
+async def serve(
+    device_id: str,
+    resources: Iterable[Published],
+    host: str,
+    port: int,
+    limits: ObserverLimits | None = None,
+) -> ProducerContext:
+    """Serve ``resources`` at ``/<device_id>/<path>`` on ``host``:``port``, their observers
+    bounded by ``limits`` (shared by all; default: the configuration's defaults). The caller
+    shuts the context down."""
     aiocoap_fixes.apply()  # observers that leave abruptly: no tracebacks
-    site, routes = build_site(producer)
+    site, routes = build_site(
+        device_id, resources, limits if limits is not None else default_limits()
+    )
     ensure_port_free(host, port)
     context: ProducerContext = await ProducerContext.create_server_context(
         site, bind=(host, port), transports=["udp6"]

@@ -15,7 +15,6 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,9 +26,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oscar.objects import object_etag
-from producer.config import ProducerConfig, ResourceSpec
-from producer.core import Published
+from producer.config import ResourceSpec
 from producer.fastpath import UNSOLICITED_LIMIT, FastPath
+from producer.published import Published
 from producer.server import FASTPATH_ENV, ObjectResource, ProducerContext, serve
 
 DEVICE = "sensor-9"
@@ -42,20 +41,16 @@ SIZES = (206, UNSOLICITED_LIMIT, UNSOLICITED_LIMIT + 1, 3000, 2048)
 
 
 class StandIn:
-    """What the server needs of a Producer: an id, its configuration, resources and a clock
-    (pinned)."""
+    """What the server needs of a Producer: an id, resources and a clock (pinned). As a
+    :class:`producer.published.Host` it is partial: these objects are set by hand, never sealed."""
 
     def __init__(self, paths: tuple[str, ...], now: int = NOW) -> None:
         self.device_id = DEVICE
-        self.config = ProducerConfig(bundle=Path("-"), state=Path("-"), listen=("::1", 1))
         self.clock = now
         self.resources = {p: Published(self, ResourceSpec(p)) for p in paths}  # type: ignore[arg-type]
 
     def now(self) -> int:
         return self.clock
-
-    def publish(self, published: Published) -> None:
-        pass
 
 
 _seq = iter(range(1, 1_000_000))
@@ -63,7 +58,7 @@ _seq = iter(range(1, 1_000_000))
 
 def reseal(published: Published, obj: bytes, *, lifetime: int = 3600) -> None:
     """What ``Published.reseal`` does with a new object, without sealing."""
-    now = published.producer.now()
+    now = published.now()
     seq = next(_seq)
     published.obj, published.iat, published.exp = obj, now, now + lifetime
     published.epoch, published.seq = 1, seq
@@ -368,7 +363,7 @@ async def served() -> AsyncIterator[Served]:
     for size in SIZES:
         reseal(producer.resources[f"s{size}"], os.urandom(size))
     port = free_port()
-    context = await serve(producer, "127.0.0.1", port)  # type: ignore[arg-type]
+    context = await serve(DEVICE, producer.resources.values(), "127.0.0.1", port)
     s = Served(producer, context, port)
     try:
         yield s
@@ -556,7 +551,7 @@ async def test_the_environment_can_leave_it_out(monkeypatch: pytest.MonkeyPatch)
     producer = StandIn(("temperature",))
     reseal(producer.resources["temperature"], b"object")
     port = free_port()
-    context = await serve(producer, "127.0.0.1", port)  # type: ignore[arg-type]
+    context = await serve(DEVICE, producer.resources.values(), "127.0.0.1", port)
     try:
         assert context.fast_path is None
         ctx = await Context.create_client_context(transports=["udp6"])
