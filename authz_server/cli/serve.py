@@ -1,0 +1,147 @@
+"""``oscar-as serve``: the settings (flags over a TOML file over the defaults), checked before
+anything starts, then :func:`authz_server.server.serve` until SIGTERM/SIGINT.
+
+The one command line of the AS: systemd, the tests, the demo and the benchmarks all start it this
+way. The network stack (:mod:`authz_server.server`) is imported only when the command runs, so
+``--help`` and the admin commands do not load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import math
+import os
+import signal
+
+from oscar_io.clikit import configure_logging, fail, read_toml
+from oscar_io.ports import PortInUse, ensure_port_free, parse_listen
+
+from ..store import Store
+from .common import PROG, UsageError, with_store
+
+__all__ = ["SERVE_DEFAULTS", "SERVE_KEYS", "apply_serve_config", "cmd_serve"]
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (:func:`oscar_io.ports.parse_listen`); the DTLS server
+    cannot bind the any-address."""
+    try:
+        # tinydtls_server serves DTLS on its bind port + 1, so the DTLS port is at least 2.
+        host, port = parse_listen(text, lowest=2)
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if unspecified:
+        raise UsageError("--listen needs a specific address: the DTLS server cannot bind 0.0.0.0")
+    return host, port
+
+
+def cmd_serve(args: argparse.Namespace, now: int) -> int:
+    """Run the AS: CoAP over DTLS-PSK on HOST:PORT (the DTLS port; a specific address, not the
+    any-address). SIGTERM or SIGINT stops it cleanly (exit status 0). Logs go to stderr.
+    """
+    apply_serve_config(args)
+    host, port = listen_arg(args.listen)
+    try:  # before anything else (no database opened): exit 1, so that systemd tries again
+        ensure_port_free(host, port)
+    except PortInUse as exc:
+        return fail(f"{PROG} serve", str(exc), 1)
+    # A missing or unreadable state directory is a one-line error before anything starts.
+    asyncio.run(with_store(args.state, _nothing))
+    from ..server import ServeOptions, serve  # the network stack loads only for this command
+
+    names = (
+        "retention", "rate", "burst", "max_connections", "tick", "crl_validity",
+        "min_rotation_period", "audit_retention", "audit_prune_every",
+    )  # fmt: skip
+    options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    configure_logging(args.log_level, json_lines=args.log_json)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await serve(args.state, host, port, options, stop=stop, tune_gc=True)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    asyncio.run(run())
+    return 0
+
+
+async def _nothing(store: Store) -> None:
+    return None
+
+
+#: What ``serve`` runs with unless a flag or ``--config`` says otherwise: the defaults of
+#: :class:`authz_server.server.ServeOptions` (kept here so that ``--help`` shows them without
+#: loading the network stack; a test checks they agree).
+SERVE_DEFAULTS: dict[str, int | float] = {
+    "retention": 7 * 86_400,
+    "rate": 50.0,
+    "burst": 100,
+    "max_connections": 1024,
+    "tick": 0.2,
+    "crl_validity": 3600,
+    "min_rotation_period": 60,
+    "audit_retention": 365,
+    "audit_prune_every": 3600.0,
+}
+
+#: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
+SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "state": str,
+    "listen": str,
+    "retention": int,
+    "rate": (int, float),
+    "burst": int,
+    "max_connections": int,
+    "tick": (int, float),
+    "crl_validity": int,
+    "min_rotation_period": int,
+    "audit_retention": (int, float),
+    "audit_prune_every": (int, float),
+    "log_level": str,
+    "log_json": bool,
+}
+
+
+def apply_serve_config(args: argparse.Namespace) -> None:
+    """Fill the flags not given from ``--config`` (a TOML file of :data:`SERVE_KEYS`)."""
+    if args.config is not None:
+        doc = read_toml(args.config, UsageError)
+        unknown = set(doc) - set(SERVE_KEYS)
+        if unknown:
+            raise UsageError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")
+        for key, value in doc.items():
+            kind = SERVE_KEYS[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UsageError(f"{args.config}: {key} has the wrong type")
+            if key == "log_json":
+                args.log_json = args.log_json or value
+            elif getattr(args, key) is None:
+                if key == "state":
+                    value = args.config.parent / os.path.expanduser(str(value))  # ~user: as is
+                setattr(args, key, value)
+    if args.state is None or args.listen is None:
+        raise UsageError("serve needs --state and --listen (or a --config that gives them)")
+    if args.log_level is None:
+        args.log_level = "info"
+    if args.log_level not in ("debug", "info", "warning", "error"):
+        raise UsageError("log_level is debug, info, warning or error")
+    positive = ("rate", "burst", "max_connections", "tick", "crl_validity", "audit_prune_every")
+    for key in ("retention", *positive):
+        value = getattr(args, key)
+        if value is not None and (value < 0 or (value == 0 and key != "retention")):
+            raise UsageError(f"{key} must be positive")
+    days = args.audit_retention
+    if days is not None and (isinstance(days, bool) or not 0 <= days < math.inf):
+        raise UsageError("audit_retention must be a number of days, 0 (keep every record) or more")
