@@ -3,12 +3,14 @@
 #   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
-#   make test       lint + format check + typecheck + pytest (ARGS passed to pytest)
+#   make check      the fast tier, under a minute: lint, format check, typecheck, import contracts,
+#                   and every test that starts no process (tests/tiers.py; ARGS passed to pytest)
+#   make test       everything: deps, venv, lint, typecheck, import contracts, the whole suite (CI)
 #   make bench      every benchmark; writes bench/results.json and docs/PERFORMANCE.md
 #                   (ARGS=--quick: under three minutes; ARGS='NAME ...': some modules)
 #   make fuzz       every fuzz target for FUZZ_SECONDS each (default 300); corpus in fuzz/corpus/,
 #                   new crash inputs in tests/fuzz_crashes/<target>/ (FUZZ_TARGETS='cbor ...': some)
-#   make lint | typecheck | clean
+#   make lint | typecheck | imports | clean
 
 PY ?= python3
 VENV = .venv
@@ -23,7 +25,7 @@ SHELL := bash
 .DEFAULT_GOAL := test
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: deps venv demo test lint typecheck bench clean fuzz
+.PHONY: deps venv demo check test lint typecheck imports bench clean fuzz
 
 # apt_install CHECK_CMDS PACKAGES: install PACKAGES unless every command in CHECK_CMDS exists.
 define apt_install
@@ -73,7 +75,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy oscar oscar_io authz_server producer consumer proxy demo bench
 
-test: deps $(STAMP) lint typecheck
+# The dependency rule between the packages: the contracts in pyproject.toml ([tool.importlinter]).
+imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+
+# --check-tier: only the tests that start no process; one that starts a process fails (tests/tiers.py).
+check: $(STAMP) lint typecheck imports
+	$(BIN)/pytest --check-tier -q $(ARGS)
+
+test: deps $(STAMP) lint typecheck imports
 	$(BIN)/pytest $(ARGS)
 
 fuzz: $(STAMP)
@@ -88,5 +98,6 @@ bench: .stamp-bench
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(STAMP) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(STAMP) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.import_linter_cache
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -1,4 +1,4 @@
-"""Shared fixtures and the hypothesis profile for the suite."""
+"""Shared fixtures and the hypothesis profile for the suite; the test tiers are in tiers.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
 
 from testkit import Pki, make_pki
+
+# The check tier (--check-tier), the process marker and the guard against starting a process.
+pytest_plugins = ["tiers", "pytester"]
 
 # Crypto calls vary in time on a loaded 2-core machine; deadlines would only make tests flaky.
 settings.register_profile(
