@@ -11,28 +11,31 @@ device, reason and interval (:mod:`authz_server.store.denials`). Decoding is str
 :func:`oscar.cbor.loads`, exact key sets, exact types, ids checked with :mod:`oscar.names` before
 they reach the store. Nothing here changes state unless the request was valid and allowed.
 
+Here: the routing, the authentication of the DTLS identity, the audit of refusals, and the
+endpoints of devices, certificates and resources (``/.well-known/core``, ``/cert``, ``/crl``,
+``/resources``). The key endpoints (``/secret``, ``/keys``) are in :mod:`authz_server.api_keys`,
+the proxy links (``/link``, ``/links``) in :mod:`authz_server.api_links`.
+
 What this module does not do: sockets, DTLS, rate limiting and Observe bookkeeping
-(:mod:`authz_server.server`), storage (:mod:`authz_server.store`).
+(:mod:`authz_server.server`, :mod:`authz_server.site`), storage (:mod:`authz_server.store`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
-from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from oscar import cbor, certs, names
+from oscar import certs, names
 from oscar.errors import CertificateError
 from oscar.profiles import PROFILES
 
+from . import api_keys, api_links
 from .ca import CertificateAuthority
 from .messages import (
     CBOR_FORMAT,
@@ -51,7 +54,6 @@ from .messages import (
     TooManyRequests,
     Unauthorized,
     UnsupportedContentFormat,
-    epoch_number,
     is_bytes,
     is_text,
     parse_body,
@@ -59,7 +61,8 @@ from .messages import (
     resource_id_param,
     uint_at_most,
 )
-from .store import Conflict, Device, Resource, Store, StoreError
+from .store import Conflict, Device, Resource, Store
+from .store.schema import ACTIVE  # a device status as the store keeps it
 
 __all__ = [
     "CBOR_FORMAT",
@@ -80,9 +83,7 @@ __all__ = [
 
 log = logging.getLogger("oscar.as")
 
-
-# KMIP states as the store keeps them and /secret reports them; "active" is a device status too.
-PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED = "pre-active", "active", "deactivated", "compromised"
+_T = TypeVar("_T")
 
 
 # --- endpoints -----------------------------------------------------------------------------------
@@ -107,9 +108,6 @@ ENDPOINTS: tuple[tuple[str, str, bool], ...] = (
     ("links", "oscar.as.links", False),
 )
 
-#: Bytes of SHA-256 over the device id set that make the /links ETag.
-_LINKS_ETAG_LENGTH = 8
-
 
 def link_format() -> bytes:
     """RFC 6690 description of the endpoints."""
@@ -118,6 +116,28 @@ def link_format() -> bytes:
         for path, rt, observable in ENDPOINTS
     ]
     return ",".join(links).encode()
+
+
+class RecentSet(Generic[_T]):
+    """A set that starts over when it reaches ``cap`` items: a memory of recent work whose loss
+    costs a repeat (the database dedupes), never a wrong answer."""
+
+    __slots__ = ("_cap", "_items")
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._items: set[_T] = set()
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: _T) -> None:
+        if len(self._items) >= self._cap:
+            self._items.clear()
+        self._items.add(item)
 
 
 class Endpoints:
@@ -137,8 +157,11 @@ class Endpoints:
         self.clock = clock
         self.crl_validity = crl_validity
         self.min_rotation_period = min_rotation_period
-        self._delivered: set[tuple[str, str, int]] = set()
-        self._links_delivered: set[tuple[str, bytes]] = set()
+        #: (device, resource, epoch) of secrets and (device, proxy, 0) of link PSKs delivered
+        #: (and audited) already: a repeat skips the disk.
+        self.delivered: RecentSet[tuple[str, str, int]] = RecentSet(_MAX_REMEMBERED_DELIVERIES)
+        #: (proxy, ETag) of /links answers audited already.
+        self.links_delivered: RecentSet[tuple[str, bytes]] = RecentSet(_MAX_REMEMBERED_DELIVERIES)
 
     def __repr__(self) -> str:
         return "Endpoints(<store>, <ca>)"
@@ -316,112 +339,6 @@ class Endpoints:
         ]
         return Reply.cbor(Code.CONTENT, {"resources": listed})
 
-    # --- /secret ---------------------------------------------------------------------------------
-
-    async def get_secret(self, device: Device, request: Request, now: int) -> Reply:
-        query = parse_query(request, ("r", "e"))
-        if "r" not in query:
-            raise BadRequest("GET /secret takes r=<resource id> and optionally e=<epoch>")
-        resource_id = resource_id_param(query["r"])
-        wanted = epoch_number(query["e"]) if "e" in query else None
-        if device.role == "proxy":
-            raise await self.deny(device, "secret", resource_id, "proxies get no secrets", now)
-        owner = names.owns(device.id, resource_id)
-        if device.role != "consumer" and not owner:
-            raise await self.deny(device, "secret", resource_id, "not the owner", now)
-        view = await self.store.secret_view(device.id, resource_id, wanted, now)
-        if (
-            not owner
-            and view.readable
-            and view.epoch is not None
-            and view.epoch.state == PRE_ACTIVE
-            and await self._rotate_if_due(view.resource, now)
-        ):
-            view = await self.store.secret_view(device.id, resource_id, wanted, now)
-        resource, epoch = view.resource, view.epoch
-        if owner:
-            if resource is None or resource.producer_id != device.id or epoch is None:
-                raise NotFound("no such resource or epoch")
-        else:
-            # A consumer learns nothing about resources it may not read, existing or not.
-            if not view.readable:
-                raise await self.deny(device, "secret", resource_id, "no grant for this epoch", now)
-            if resource is None or epoch is None:
-                raise NotFound("no such resource or epoch")
-            if epoch.state == PRE_ACTIVE:
-                raise await self.deny(device, "secret", resource_id, "epoch not active yet", now)
-        if epoch.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED, COMPROMISED) or not epoch.secret:
-            raise NotFound("the epoch is destroyed")
-        delivery = (device.id, resource_id, epoch.epoch)
-        if delivery not in self._delivered:
-            # Audited (durably) before the secret leaves; later requests for it skip the disk.
-            await self.store.record_delivery(device.id, resource_id, epoch.epoch, now)
-            self._remember(delivery)
-        log.debug("secret of %s epoch %d to %s", resource_id, epoch.epoch, device.id)
-        return Reply.cbor(
-            Code.CONTENT,
-            {
-                "resource": resource_id,
-                "epoch": epoch.epoch,
-                "state": epoch.state,
-                "secret": epoch.secret,
-                "profile": resource.profile,
-            },
-        )
-
-    async def _rotate_if_due(self, resource: Resource | None, now: int) -> bool:
-        """Rotate now if the scheduler is merely late: a producer switches to the next epoch at
-        the boundary by its own clock, and its consumers ask for that epoch at once."""
-        if resource is None or resource.rotation_period <= 0:
-            return False
-        active = await self.store.epoch(resource.id)
-        if active is None or active.activated_at is None:
-            return False
-        if active.activated_at + resource.rotation_period > now:
-            return False
-        try:
-            epoch = await self.store.rotate(resource.id, now, actor="as", reason="schedule")
-        except StoreError:
-            return True  # rotated meanwhile by the scheduler: read the view again
-        log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
-        return True
-
-    # --- /keys -----------------------------------------------------------------------------------
-
-    async def get_keys(self, device: Device, request: Request, now: int) -> Reply:
-        query = parse_query(request, ("r",))
-        if "r" not in query:
-            raise BadRequest("GET /keys takes r=<resource id>")
-        resource_id = resource_id_param(query["r"])
-        if device.role != "producer" or not names.owns(device.id, resource_id):
-            raise await self.deny(device, "keys", resource_id, "not the owner", now)
-        resource = await self.store.resource(resource_id)
-        if resource is None or resource.producer_id != device.id:
-            raise NotFound("no such resource")
-        return Reply.cbor(Code.CONTENT, await self.key_state(resource))
-
-    async def key_state(self, resource: Resource) -> dict[str, Any]:
-        """The owner's view: the active and the pre-active epoch with their secrets."""
-        active = await self.store.epoch(resource.id, with_secret=True)
-        # The pre-active epoch is the newest live one (found by index, not through the history).
-        live = (await self.store.live_epochs([resource.id]))[resource.id]
-        upcoming = await self.store.epoch(resource.id, live[-1], with_secret=True) if live else None
-        if upcoming is not None and upcoming.state != PRE_ACTIVE:
-            upcoming = None
-        if active is None or upcoming is None or not active.secret or not upcoming.secret:
-            raise ApiError("the resource lacks an active or a pre-active epoch")
-        return {
-            "resource": resource.id,
-            "profile": resource.profile,
-            "rotation_period": resource.rotation_period,
-            "active": {
-                "epoch": active.epoch,
-                "secret": active.secret,
-                "activated_at": active.activated_at,
-            },
-            "next": {"epoch": upcoming.epoch, "secret": upcoming.secret},
-        }
-
     async def key_fingerprint(self, resource_id: str) -> tuple[int, ...]:
         """What a /keys observer cares about, without secrets: (active, pre-active) epochs."""
         return (await self.key_fingerprints([resource_id]))[resource_id]
@@ -429,76 +346,6 @@ class Endpoints:
     async def key_fingerprints(self, resource_ids: list[str]) -> dict[str, tuple[int, ...]]:
         """:meth:`key_fingerprint` of each resource, in one query however many are observed."""
         return await self.store.live_epochs(resource_ids)
-
-    # --- /link and /links ------------------------------------------------------------------------
-
-    async def get_link(self, device: Device, request: Request, now: int) -> Reply:
-        """A producer's or consumer's DTLS PSK for talking to one proxy (DESIGN §5)."""
-        query = parse_query(request, ("proxy",))
-        if "proxy" not in query:
-            raise BadRequest("GET /link takes proxy=<device id>")
-        proxy_id = query["proxy"]
-        if not names.is_device_id(proxy_id):
-            raise BadRequest("a device id is 1 to 32 characters of A-Z a-z 0-9 . _ -")
-        if device.role not in ("producer", "consumer"):
-            raise await self.deny(device, "link", proxy_id, "only producers and consumers", now)
-        proxy = await self.store.device(proxy_id)
-        # One answer for a missing, revoked or non-proxy id: nothing leaks about which ids exist.
-        if proxy is None or proxy.status != ACTIVE or proxy.role != "proxy":
-            raise await self.deny(device, "link", proxy_id, "no such proxy", now)
-        psk = self.store.link_psk(proxy_id, device.id)
-        delivery = (device.id, proxy_id, 0)
-        if delivery not in self._delivered:
-            # Audited (durably) before the PSK leaves, like a secret's first delivery.
-            await self.store.record_link_delivery(device.id, proxy_id, now)
-            self._remember(delivery)
-        log.debug("link PSK for %s to %s", proxy_id, device.id)
-        return Reply.cbor(Code.CONTENT, {"proxy": proxy_id, "identity": device.id, "psk": psk})
-
-    async def get_links(self, device: Device, request: Request, now: int) -> Reply:
-        """A proxy's link PSKs, one per active producer and consumer; ETag over the id set."""
-        parse_query(request, ())
-        if device.role != "proxy":
-            raise await self.deny(device, "links", device.id, "only proxies", now)
-        links = await self.store.link_psks(device.id)
-        etag = links_etag(links)
-        if (device.id, etag) not in self._links_delivered:
-            # One record per proxy and device set, not per poll.
-            detail = {"devices": len(links), "etag": etag.hex()}
-            await self.store.audit(device.id, "links", device.id, "ok", detail, now)
-            if len(self._links_delivered) >= _MAX_REMEMBERED_DELIVERIES:
-                self._links_delivered.clear()
-            self._links_delivered.add((device.id, etag))
-        log.debug("%d link PSKs to %s", len(links), device.id)
-        return TaggedReply(Code.CONTENT, cbor.dumps({"links": links}), etag=etag)
-
-    def _remember(self, delivery: tuple[str, str, int]) -> None:
-        if len(self._delivered) >= _MAX_REMEMBERED_DELIVERIES:
-            self._delivered.clear()
-        self._delivered.add(delivery)
-
-
-def links_etag(links: dict[str, bytes]) -> bytes:
-    """The /links ETag: a hash of the sorted device ids only (the PSKs are a function of them)."""
-    digest = hashlib.sha256(cbor.dumps(sorted(links))).digest()
-    return digest[:_LINKS_ETAG_LENGTH]
-
-
-@dataclass(frozen=True, slots=True)
-class TaggedReply(Reply):
-    """A reply with an ETag option."""
-
-    etag: bytes = b""
-
-    def __repr__(self) -> str:
-        return f"TaggedReply({self.code.dotted}, <{len(self.payload)} bytes>)"
-
-    def to_message(self) -> Message:
-        # Reply.to_message, not super(): dataclass(slots=True) makes a new class, and the
-        # zero-argument super() would still name the old one.
-        message = Reply.to_message(self)
-        message.opt.etag = self.etag
-        return message
 
 
 _Handler = Callable[[Endpoints, Device, Request, int], Any]
@@ -508,8 +355,8 @@ _ROUTES: dict[tuple[str, ...], dict[str, _Handler]] = {
     ("cert",): {"GET": Endpoints.get_cert, "POST": Endpoints.post_cert},
     ("crl",): {"GET": Endpoints.get_crl},
     ("resources",): {"GET": Endpoints.get_resources, "POST": Endpoints.post_resources},
-    ("secret",): {"GET": Endpoints.get_secret},
-    ("keys",): {"GET": Endpoints.get_keys},
-    ("link",): {"GET": Endpoints.get_link},
-    ("links",): {"GET": Endpoints.get_links},
+    ("secret",): {"GET": api_keys.get_secret},
+    ("keys",): {"GET": api_keys.get_keys},
+    ("link",): {"GET": api_links.get_link},
+    ("links",): {"GET": api_links.get_links},
 }

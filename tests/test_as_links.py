@@ -18,7 +18,7 @@ import pytest_asyncio
 from aiocoap import GET
 from as_harness import AsEnv, as_env, enroll, now
 
-from authz_server.api import links_etag
+from authz_server.api_links import links_etag
 from authz_server.store import Store
 from authz_server.vault import Vault
 from oscar.keys import hkdf_sha256

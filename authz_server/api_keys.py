@@ -1,0 +1,149 @@
+"""The AS's key endpoints: ``GET /secret`` (an epoch's access secret, to a consumer with a live
+grant or to the owning producer) and ``GET /keys`` (a producer's active and pre-active epochs, the
+observable resource), as functions of :class:`authz_server.api.Endpoints`.
+
+A secret's first delivery to a device is audited, durably, before it leaves; the epochs' states are
+KMIP's as the store keeps them. What this module does not do: routing, authentication of the DTLS
+identity and the audit of refusals (:mod:`authz_server.api`), storage (:mod:`authz_server.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiocoap.numbers.codes import Code
+
+from oscar import names
+
+from .messages import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    Reply,
+    Request,
+    epoch_number,
+    parse_query,
+    resource_id_param,
+)
+from .store import Device, Resource, StoreError
+from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE
+
+if TYPE_CHECKING:
+    from .api import Endpoints
+
+__all__ = ["get_keys", "get_secret", "key_state", "rotate_if_due"]
+
+log = logging.getLogger("oscar.as")
+
+
+# --- /secret ----------------------------------------------------------------------------------
+
+
+async def get_secret(api: Endpoints, device: Device, request: Request, now: int) -> Reply:
+    query = parse_query(request, ("r", "e"))
+    if "r" not in query:
+        raise BadRequest("GET /secret takes r=<resource id> and optionally e=<epoch>")
+    resource_id = resource_id_param(query["r"])
+    wanted = epoch_number(query["e"]) if "e" in query else None
+    if device.role == "proxy":
+        raise await api.deny(device, "secret", resource_id, "proxies get no secrets", now)
+    owner = names.owns(device.id, resource_id)
+    if device.role != "consumer" and not owner:
+        raise await api.deny(device, "secret", resource_id, "not the owner", now)
+    view = await api.store.secret_view(device.id, resource_id, wanted, now)
+    if (
+        not owner
+        and view.readable
+        and view.epoch is not None
+        and view.epoch.state == PRE_ACTIVE
+        and await rotate_if_due(api, view.resource, now)
+    ):
+        view = await api.store.secret_view(device.id, resource_id, wanted, now)
+    resource, epoch = view.resource, view.epoch
+    if owner:
+        if resource is None or resource.producer_id != device.id or epoch is None:
+            raise NotFound("no such resource or epoch")
+    else:
+        # A consumer learns nothing about resources it may not read, existing or not.
+        if not view.readable:
+            raise await api.deny(device, "secret", resource_id, "no grant for this epoch", now)
+        if resource is None or epoch is None:
+            raise NotFound("no such resource or epoch")
+        if epoch.state == PRE_ACTIVE:
+            raise await api.deny(device, "secret", resource_id, "epoch not active yet", now)
+    if epoch.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED, COMPROMISED) or not epoch.secret:
+        raise NotFound("the epoch is destroyed")
+    delivery = (device.id, resource_id, epoch.epoch)
+    if delivery not in api.delivered:
+        # Audited (durably) before the secret leaves; later requests for it skip the disk.
+        await api.store.record_delivery(device.id, resource_id, epoch.epoch, now)
+        api.delivered.add(delivery)
+    log.debug("secret of %s epoch %d to %s", resource_id, epoch.epoch, device.id)
+    return Reply.cbor(
+        Code.CONTENT,
+        {
+            "resource": resource_id,
+            "epoch": epoch.epoch,
+            "state": epoch.state,
+            "secret": epoch.secret,
+            "profile": resource.profile,
+        },
+    )
+
+
+async def rotate_if_due(api: Endpoints, resource: Resource | None, now: int) -> bool:
+    """Rotate now if the scheduler is merely late: a producer switches to the next epoch at
+    the boundary by its own clock, and its consumers ask for that epoch at once."""
+    if resource is None or resource.rotation_period <= 0:
+        return False
+    active = await api.store.epoch(resource.id)
+    if active is None or active.activated_at is None:
+        return False
+    if active.activated_at + resource.rotation_period > now:
+        return False
+    try:
+        epoch = await api.store.rotate(resource.id, now, actor="as", reason="schedule")
+    except StoreError:
+        return True  # rotated meanwhile by the scheduler: read the view again
+    log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
+    return True
+
+
+# --- /keys ------------------------------------------------------------------------------------
+
+
+async def get_keys(api: Endpoints, device: Device, request: Request, now: int) -> Reply:
+    query = parse_query(request, ("r",))
+    if "r" not in query:
+        raise BadRequest("GET /keys takes r=<resource id>")
+    resource_id = resource_id_param(query["r"])
+    if device.role != "producer" or not names.owns(device.id, resource_id):
+        raise await api.deny(device, "keys", resource_id, "not the owner", now)
+    resource = await api.store.resource(resource_id)
+    if resource is None or resource.producer_id != device.id:
+        raise NotFound("no such resource")
+    return Reply.cbor(Code.CONTENT, await key_state(api, resource))
+
+
+async def key_state(api: Endpoints, resource: Resource) -> dict[str, Any]:
+    """The owner's view: the active and the pre-active epoch with their secrets."""
+    active = await api.store.epoch(resource.id, with_secret=True)
+    # The pre-active epoch is the newest live one (found by index, not through the history).
+    live = (await api.store.live_epochs([resource.id]))[resource.id]
+    upcoming = await api.store.epoch(resource.id, live[-1], with_secret=True) if live else None
+    if upcoming is not None and upcoming.state != PRE_ACTIVE:
+        upcoming = None
+    if active is None or upcoming is None or not active.secret or not upcoming.secret:
+        raise ApiError("the resource lacks an active or a pre-active epoch")
+    return {
+        "resource": resource.id,
+        "profile": resource.profile,
+        "rotation_period": resource.rotation_period,
+        "active": {
+            "epoch": active.epoch,
+            "secret": active.secret,
+            "activated_at": active.activated_at,
+        },
+        "next": {"epoch": upcoming.epoch, "secret": upcoming.secret},
+    }
