@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, settings
 
 from testkit import Pki, make_pki
 
-# The check tier (--check-tier), the process marker and the guard against starting a process.
+# tiers: the check tier (--check-tier), the process marker, the guard against starting a process;
+# pytester: test_tiers.py runs inner sessions with it.
 pytest_plugins = ["tiers", "pytester"]
 
 # Crypto calls vary in time on a loaded 2-core machine; deadlines would only make tests flaky.
