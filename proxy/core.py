@@ -39,8 +39,10 @@ from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
 from oscar_io.trust import CertificateSource, Trust
 
-from .cache import Cache, DiskCache, Entry
+from .cache import Cache
 from .config import ProxyConfig
+from .diskcache import DiskCache
+from .entry import Entry
 from .lookups import BudgetedAs, LookupBudget, origin, origin_of
 from .relays import Relays
 

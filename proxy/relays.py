@@ -36,7 +36,7 @@ from oscar_io.errors import AsUnavailable
 from oscar_io.peers import address_key, host_of
 from oscar_io.tasks import stop_tasks
 
-from .cache import Entry
+from .entry import Entry
 
 if TYPE_CHECKING:
     from .core import Proxy

@@ -58,9 +58,9 @@ from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 
-from .cache import Entry
 from .core import Proxy, Unavailable
 from .echo import AddressCheck, challenge_size
+from .entry import Entry
 from .relays import client_of
 
 __all__ = ["ProxySite"]
