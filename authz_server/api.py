@@ -34,11 +34,11 @@ from cryptography.x509.oid import NameOID
 from oscar import certs, names
 from oscar.errors import CertificateError
 from oscar.profiles import PROFILES
+from oscar_io.aswire import CBOR_FORMAT
 
 from . import api_keys, api_links
 from .ca import CertificateAuthority
 from .messages import (
-    CBOR_FORMAT,
     KID_PATTERN,
     LINK_FORMAT,
     MAX_PAYLOAD,

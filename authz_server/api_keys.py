@@ -10,11 +10,13 @@ identity and the audit of refusals (:mod:`authz_server.api`), storage (:mod:`aut
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiocoap.numbers.codes import Code
 
 from oscar import names
+from oscar.keys import AccessSecret
+from oscar_io.aswire import EpochKey, KeyState
 
 from .messages import (
     ApiError,
@@ -123,11 +125,12 @@ async def get_keys(api: Endpoints, device: Device, request: Request, now: int) -
     resource = await api.store.resource(resource_id)
     if resource is None or resource.producer_id != device.id:
         raise NotFound("no such resource")
-    return Reply.cbor(Code.CONTENT, await key_state(api, resource))
+    return Reply.cbor(Code.CONTENT, (await key_state(api, resource)).to_cbor())
 
 
-async def key_state(api: Endpoints, resource: Resource) -> dict[str, Any]:
-    """The owner's view: the active and the pre-active epoch with their secrets."""
+async def key_state(api: Endpoints, resource: Resource) -> KeyState:
+    """The owner's view: the active and the pre-active epoch with their secrets (the ``/keys``
+    reply, in the wire schema both the AS and its clients use)."""
     active = await api.store.epoch(resource.id, with_secret=True)
     # The pre-active epoch is the newest live one (found by index, not through the history).
     live = (await api.store.live_epochs([resource.id]))[resource.id]
@@ -136,14 +139,10 @@ async def key_state(api: Endpoints, resource: Resource) -> dict[str, Any]:
         upcoming = None
     if active is None or upcoming is None or not active.secret or not upcoming.secret:
         raise ApiError("the resource lacks an active or a pre-active epoch")
-    return {
-        "resource": resource.id,
-        "profile": resource.profile,
-        "rotation_period": resource.rotation_period,
-        "active": {
-            "epoch": active.epoch,
-            "secret": active.secret,
-            "activated_at": active.activated_at,
-        },
-        "next": {"epoch": upcoming.epoch, "secret": upcoming.secret},
-    }
+    return KeyState(
+        resource.id,
+        resource.profile,
+        resource.rotation_period,
+        EpochKey(active.epoch, AccessSecret(active.secret), active.activated_at),
+        EpochKey(upcoming.epoch, AccessSecret(upcoming.secret), None),
+    )

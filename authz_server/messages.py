@@ -28,6 +28,7 @@ from aiocoap.error import ConstructionRenderableError
 from aiocoap.numbers.codes import Code
 
 from oscar import cbor, names
+from oscar_io.aswire import CBOR_FORMAT  # the AS wire schema, shared with its clients
 
 __all__ = [
     "CBOR_FORMAT",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 MAX_PAYLOAD = 4096
-CBOR_FORMAT = 60
 LINK_FORMAT = 40
 MAX_UINT32 = 0xFFFF_FFFF
 

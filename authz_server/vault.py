@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from oscar import cbor, names
 from oscar.keys import hkdf_sha256
+from oscar_io.bundle import LINK_PSK_LENGTH
 
 __all__ = [
     "KEY_LENGTH",
-    "LINK_PSK_LENGTH",
     "MasterKeyError",
     "Vault",
     "VaultError",
@@ -45,8 +45,6 @@ __all__ = [
 ]
 
 KEY_LENGTH = 32
-#: tinydtls takes PSKs of at most 16 bytes.
-LINK_PSK_LENGTH = 16
 _NONCE = 12
 _VERSION = b"\x01"
 

@@ -20,14 +20,14 @@ from cryptography import x509
 from oscar import certs
 from oscar.algorithms import PublicKey
 from oscar.names import require_device_id
+from oscar_io.bundle import LINK_PSK_LENGTH
 
 from ..ca import CA_CERT_NAME, init_state
 from ..store import DB_NAME, MASTER_KEY_NAME, Conflict, Store, StoreError
 from .common import UsageError, as_uri_arg, run_on_store
 
-__all__ = ["BUNDLE_MODE", "PSK_LENGTH", "cmd_enroll", "cmd_init"]
+__all__ = ["BUNDLE_MODE", "cmd_enroll", "cmd_init"]
 
-PSK_LENGTH = 16  # tinydtls takes PSKs of at most 16 bytes
 BUNDLE_MODE = 0o600
 
 
@@ -89,7 +89,7 @@ def cmd_enroll(args: argparse.Namespace, now: int) -> int:
     # The file is made before the device: a path that cannot be written fails with no change.
     fd, written = (-1, out) if out == "-" else _create_private(out, force=args.force)
     try:
-        psk = os.urandom(PSK_LENGTH)
+        psk = os.urandom(LINK_PSK_LENGTH)  # tinydtls's limit, for a device PSK as for a link's
 
         async def body(store: Store) -> bytes:
             ca_pem = await store.get_meta("ca_cert")

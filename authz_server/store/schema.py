@@ -10,6 +10,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from oscar_io.bundle import ROLES  # the device roles, as credentials bundles name them
+
 __all__ = [
     "ACTIVE",
     "COMPROMISED",
@@ -44,7 +46,6 @@ PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED, DESTROYED = (
     "compromised",
     "destroyed",
 )
-ROLES = ("producer", "consumer", "proxy")
 
 MIGRATIONS: list[str] = [
     # 1: the first schema.
