@@ -23,8 +23,8 @@ from oscar.errors import CertificateError
 from oscar_io.errors import StateError
 from oscar_io.statefiles import atomic_write, private_dir
 
+from .envelope import create_master_key
 from .store import MASTER_KEY_NAME, Store, StoreError
-from .vault import create_master_key
 
 __all__ = ["CA_CERT_NAME", "CertificateAuthority", "init_state"]
 

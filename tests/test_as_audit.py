@@ -385,7 +385,7 @@ async def test_a_prune_cut_short_after_its_checkpoint_is_finished_later(
 
 @pytest.mark.asyncio
 async def test_a_schema_3_database_is_migrated_and_prunes(tmp_path: Path) -> None:
-    from authz_server.vault import create_master_key
+    from authz_server.envelope import create_master_key
 
     state = tmp_path / "old"
     state.mkdir(mode=0o700)

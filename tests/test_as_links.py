@@ -19,8 +19,8 @@ from aiocoap import GET
 from as_harness import AsEnv, as_env, enroll, now
 
 from authz_server.api_links import links_etag
+from authz_server.envelope import Envelope
 from authz_server.store import Store
-from authz_server.vault import Vault
 from oscar.keys import hkdf_sha256
 from oscar_io.errors import AccessDenied
 
@@ -227,7 +227,7 @@ async def test_links_for_hundreds_of_devices_arrive_whole(env: AsEnv) -> None:
 
 def test_link_psk_derivation_is_the_documented_one() -> None:
     master = bytes(range(32))
-    vault = Vault(master, Vault.new_wrapped_data_key(master))
+    vault = Envelope(master, Envelope.new_wrapped_data_key(master))
     link_key = hkdf_sha256(vault._data_key, b"OSCAR link key", 32)
     info = cbor2.dumps(["OSCAR link", "proxy-1", "sensor-1"])
     expected = hmac.new(link_key, info, "sha256").digest()[:16]

@@ -28,9 +28,9 @@ import pytest
 import pytest_asyncio
 
 from authz_server.ca import CertificateAuthority, init_state
+from authz_server.envelope import Envelope
 from authz_server.server import ServeOptions, _Server
 from authz_server.store import Conflict, Resource, Store, StoreError
-from authz_server.vault import Vault
 
 NOW = 1_800_000_000
 HOUR = 3600
@@ -298,8 +298,8 @@ async def test_the_due_time_agrees_with_its_definition_through_every_change(
 
 @pytest.mark.asyncio
 async def test_a_schema_2_database_gets_its_due_times_on_migration(tmp_path: Path) -> None:
+    from authz_server.envelope import create_master_key
     from authz_server.store.schema import MIGRATIONS, split_script
-    from authz_server.vault import create_master_key
 
     state = tmp_path / "old"
     state.mkdir()
@@ -309,7 +309,7 @@ async def test_a_schema_2_database_gets_its_due_times_on_migration(tmp_path: Pat
         for statement in split_script(script):
             db.execute(statement)
     db.execute("PRAGMA user_version = 2")
-    db.execute("INSERT INTO meta VALUES ('data_key', ?)", (Vault.new_wrapped_data_key(master),))
+    db.execute("INSERT INTO meta VALUES ('data_key', ?)", (Envelope.new_wrapped_data_key(master),))
     db.execute("INSERT INTO meta VALUES ('changes', 0)")
     db.execute("INSERT INTO devices VALUES ('p', 'producer', NULL, 'active', 1, NULL)")
     for rid, period in (("p/hourly", HOUR), ("p/never", 0), ("p/daily", 86_400)):
@@ -407,13 +407,13 @@ async def test_a_credentials_reload_decrypts_only_new_devices(
     await store.register_resource(Resource("p/r", "p", 0, "ccm-es256", 60, 0, NOW))
     server = _Server(store, await CertificateAuthority.load(store), ServeOptions())
     decrypted: list[bytes] = []
-    original = Vault.decrypt
+    original = Envelope.decrypt
 
-    def counting(self: Vault, blob: bytes, context: bytes) -> bytes:
+    def counting(self: Envelope, blob: bytes, context: bytes) -> bytes:
         decrypted.append(context)
         return original(self, blob, context)
 
-    monkeypatch.setattr(Vault, "decrypt", counting)
+    monkeypatch.setattr(Envelope, "decrypt", counting)
     await server.reload_credentials(initial=True)
     assert len(decrypted) == 21 and server.creds.device_ids() == {f"c{i}" for i in range(20)} | {
         "p"

@@ -333,8 +333,8 @@ async def test_revocation_list_drops_expired_certificates(store: Store) -> None:
 
 
 def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
+    from authz_server.envelope import Envelope, create_master_key
     from authz_server.store.schema import MIGRATIONS, SCHEMA_VERSION, split_script
-    from authz_server.vault import Vault, create_master_key
 
     state = tmp_path / "old"
     state.mkdir()
@@ -343,7 +343,7 @@ def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
     for statement in split_script(MIGRATIONS[0]):
         con.execute(statement)
     con.execute("PRAGMA user_version = 1")
-    con.execute("INSERT INTO meta VALUES ('data_key', ?)", (Vault.new_wrapped_data_key(master),))
+    con.execute("INSERT INTO meta VALUES ('data_key', ?)", (Envelope.new_wrapped_data_key(master),))
     con.execute("INSERT INTO meta VALUES ('changes', 0)")
     con.execute("INSERT INTO devices VALUES ('old-1', 'consumer', NULL, 'revoked', 1, 2)")
     con.commit()

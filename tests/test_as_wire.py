@@ -74,6 +74,6 @@ async def test_keys_reply_is_byte_identical_to_the_hand_written_shape(
 def test_shared_constants_are_the_runtime_s() -> None:
     assert messages.CBOR_FORMAT is aswire.CBOR_FORMAT
     assert schema.ROLES is bundle.ROLES
-    from authz_server import vault
+    from authz_server import envelope
 
-    assert vault.LINK_PSK_LENGTH is bundle.LINK_PSK_LENGTH
+    assert envelope.LINK_PSK_LENGTH is bundle.LINK_PSK_LENGTH

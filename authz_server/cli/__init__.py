@@ -35,8 +35,8 @@ from typing import Any
 from oscar import __version__
 from oscar_io.clikit import OneLineParser, add_logging_arguments, fail, parse_args
 
+from ..envelope import MasterKeyError, VaultError
 from ..store import ROLES, Conflict, NotFound, StoreError
-from ..vault import MasterKeyError, VaultError
 from .audit import cmd_audit, parse_head
 from .common import DEFAULT_AS_URI, PROG, Handler, Refused, UsageError, days, not_negative, positive
 from .enrolment import cmd_enroll, cmd_init

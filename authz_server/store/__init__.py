@@ -7,7 +7,7 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
 - every change that belongs together (an epoch and its successor, a revocation and its rotations, an
   action and its audit record) is one transaction (``BEGIN IMMEDIATE``), so a kill -9 leaves either
   all of it or none of it;
-- secrets (PSKs, access secrets, the CA key) are stored only encrypted by the :class:`Vault`;
+- secrets (PSKs, access secrets, the CA key) are stored only encrypted by the :class:`Envelope`;
   ``PRAGMA secure_delete`` makes SQLite overwrite what is deleted or replaced, and a destroyed
   secret is first overwritten with zeros, then cleared;
 - the schema is versioned (``PRAGMA user_version``) and migrated forward on open;
@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from ..vault import VaultError
+from ..envelope import VaultError
 from .database import json_list
 from .grants import Grants
 from .schema import (
@@ -187,7 +187,7 @@ class Store(Grants):
 
     def link_psk(self, proxy_id: str, device_id: str) -> bytes:
         """The derived (never stored) DTLS PSK between a proxy and a device; see
-        :meth:`Vault.link_psk`. ValueError for malformed ids. Checks no role or status."""
+        :meth:`Envelope.link_psk`. ValueError for malformed ids. Checks no role or status."""
         return self._vault.link_psk(proxy_id, device_id)
 
     async def link_psks(self, proxy_id: str) -> dict[str, bytes]:

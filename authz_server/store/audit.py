@@ -2,9 +2,10 @@
 
 Each record is chained: its ``chain`` value is HMAC-SHA256(audit key, previous chain value ||
 CBOR [seq, at, actor, action, subject, result, detail]), the first record's previous value being
-empty. The key comes from the master key (:class:`authz_server.vault.Vault`), so whoever can edit
-the database file cannot re-chain an edit. ``meta.audit_head`` holds the last (seq, chain), so a
-removed tail shows; a head kept elsewhere (``oscar-as audit --head``) shows a consistent cut.
+empty. The key comes from the master key (:class:`authz_server.envelope.Envelope`), so whoever
+can edit the database file cannot re-chain an edit. ``meta.audit_head`` holds the last (seq,
+chain), so a removed tail shows; a head kept elsewhere (``oscar-as audit --head``) shows a
+consistent cut.
 
 **Pruning** (:meth:`AuditLog.prune_audit`): records older than a date go, the chain stays
 verifiable. One transaction appends a ``prune`` record to the chain and writes the *checkpoint*:
@@ -44,7 +45,7 @@ from typing import Any
 
 from oscar import cbor
 
-from ..vault import Vault
+from ..envelope import Envelope
 from .database import Database
 from .denials import MAX_WINDOWS, DenialTally, Entry
 from .schema import AuditRecord
@@ -295,7 +296,7 @@ class AuditLog(Database):
         return deleted
 
 
-def checkpoint_mac(vault: Vault, seq: int, chain: bytes, at: int) -> bytes:
+def checkpoint_mac(vault: Envelope, seq: int, chain: bytes, at: int) -> bytes:
     """The MAC that vouches for a checkpoint (seq, chain value, time), under the audit key."""
     return vault.chain(_CHECKPOINT_PREFIX, cbor.dumps(["checkpoint", seq, chain, at]))
 
@@ -360,7 +361,7 @@ def audit_bytes(
 # --- verification, in a worker thread ------------------------------------------------------------
 
 
-def _walk(path: Path, vault: Vault, expected: tuple[int, bytes] | None) -> tuple[bool, str]:
+def _walk(path: Path, vault: Envelope, expected: tuple[int, bytes] | None) -> tuple[bool, str]:
     """:meth:`AuditLog.verify_audit` on a read-only connection of its own, in one snapshot."""
     con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
@@ -375,7 +376,7 @@ def _walk(path: Path, vault: Vault, expected: tuple[int, bytes] | None) -> tuple
 
 
 def _walk_snapshot(
-    con: sqlite3.Connection, vault: Vault, expected: tuple[int, bytes] | None
+    con: sqlite3.Connection, vault: Envelope, expected: tuple[int, bytes] | None
 ) -> tuple[bool, str]:
     chain = vault.chain_function()
     base, previous, pruned = 0, b"", ""

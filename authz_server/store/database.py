@@ -31,7 +31,7 @@ from oscar.keys import ACCESS_SECRET_LENGTH
 from oscar_io.errors import StateError
 from oscar_io.statefiles import private_dir
 
-from ..vault import MasterKeyError, Vault, VaultError, read_master_key
+from ..envelope import Envelope, MasterKeyError, VaultError, read_master_key
 from .schema import (
     CA_KEY_CONTEXT,
     DB_NAME,
@@ -61,7 +61,7 @@ class Database:
     """The AS database file. Open with :meth:`open`; every method is a short transaction."""
 
     def __init__(
-        self, db: aiosqlite.Connection, vault: Vault, reader: sqlite3.Connection | None = None
+        self, db: aiosqlite.Connection, vault: Envelope, reader: sqlite3.Connection | None = None
     ) -> None:
         self._db = db
         self._vault = vault
@@ -93,11 +93,11 @@ class Database:
         db = await cls._connect(path)
         try:
             await cls._migrate(db)
-            wrapped = Vault.new_wrapped_data_key(master_key)
+            wrapped = Envelope.new_wrapped_data_key(master_key)
             await db.execute("INSERT INTO meta VALUES ('data_key', ?)", (wrapped,))
             await db.execute("INSERT INTO meta VALUES ('changes', 0)")
             await db.commit()
-            return cls(db, Vault(master_key, wrapped), _connect_reader(path))
+            return cls(db, Envelope(master_key, wrapped), _connect_reader(path))
         except BaseException:
             await db.close()
             raise
@@ -124,7 +124,7 @@ class Database:
             if row is None:
                 raise StoreError("the database has no data key: it is not an AS database")
             try:
-                vault = Vault(master_key, bytes(row[0]))
+                vault = Envelope(master_key, bytes(row[0]))
             except VaultError:
                 raise StoreError("the master key does not open this database") from None
             return cls(db, vault, _connect_reader(path))

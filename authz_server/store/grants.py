@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-from ..vault import VaultError
+from ..envelope import VaultError
 from .database import json_list
 from .keyring import KeyRecords
 from .schema import Conflict, Epoch, NotFound, Resource, SecretView, StoreError, secret_context

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from ..vault import VaultError
+from ..envelope import VaultError
 from .database import json_list
 from .deliveries import Deliveries
 from .schema import (

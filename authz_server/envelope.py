@@ -1,4 +1,5 @@
-"""Encryption at rest for the AS: the master key file and the envelope around every stored secret.
+"""Encryption at rest for the AS: the master key file and the envelope around every stored secret
+(:class:`Envelope`).
 
 Envelope encryption, two levels:
 
@@ -7,6 +8,11 @@ Envelope encryption, two levels:
 - a **data key** (32 random bytes) encrypts every access secret, PSK and the CA key with
   AES-256-GCM. It is stored in the database only wrapped (encrypted) under the master key, so
   changing the master key means re-wrapping one value, not every row.
+
+Both levels use OSCAR's one at-rest recipe, :class:`oscar_io.sealing.Sealer` (``0x01 || nonce ||
+AES-256-GCM(key, plaintext, aad = context)``), which is the format this module always wrote:
+databases made before it used the Sealer open unchanged. :class:`~oscar_io.sealing.SealError` is
+translated here, in :func:`_open` only, into this module's :class:`VaultError`.
 
 Each ciphertext is bound to what it protects through the AEAD's associated data (for example
 ``b"psk\\x00sensor-1"``), so a value copied to another row does not decrypt. The audit chain is
@@ -18,6 +24,9 @@ with ``link key = HKDF-SHA256(data key, info "OSCAR link key", 32)``. Only the h
 key can compute one; they survive restarts and change with nothing but the data key.
 
 This module does no database I/O; it reads and writes only the master key file.
+
+Errors: :class:`MasterKeyError` (the master key file), :class:`VaultError` (a stored ciphertext);
+their names are older than the module's, kept for the callers (the store, the CLI).
 """
 
 from __future__ import annotations
@@ -28,25 +37,23 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from oscar import cbor, names
 from oscar.keys import hkdf_sha256
 from oscar_io.bundle import LINK_PSK_LENGTH
+from oscar_io.sealing import OVERHEAD, VERSION, Sealer, SealError
 
 __all__ = [
     "KEY_LENGTH",
+    "Envelope",
     "MasterKeyError",
-    "Vault",
     "VaultError",
     "create_master_key",
     "read_master_key",
 ]
 
 KEY_LENGTH = 32
-_NONCE = 12
-_VERSION = b"\x01"
+#: What the wrapped data key is bound to.
+_DATA_KEY_CONTEXT = b"OSCAR data key"
 
 
 class VaultError(Exception):
@@ -87,53 +94,48 @@ def read_master_key(path: Path) -> bytes:
     return data
 
 
-def _seal(key: bytes | AESGCM, plaintext: bytes, context: bytes) -> bytes:
-    nonce = os.urandom(_NONCE)
-    aead = key if isinstance(key, AESGCM) else AESGCM(key)
-    return _VERSION + nonce + aead.encrypt(nonce, plaintext, context)
-
-
-def _open(key: bytes | AESGCM, blob: bytes, context: bytes) -> bytes:
-    if len(blob) < 1 + _NONCE + 16 or blob[:1] != _VERSION:
+def _open(sealer: Sealer, blob: bytes, context: bytes) -> bytes:
+    """``sealer.open``, its one error translated into :class:`VaultError` (the only place)."""
+    if len(blob) < OVERHEAD or blob[:1] != VERSION:
         raise VaultError("a stored secret is malformed")
-    aead = key if isinstance(key, AESGCM) else AESGCM(key)
     try:
-        return aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], context)
-    except InvalidTag:
+        return sealer.open(blob, context)
+    except SealError:
         raise VaultError(
             "a stored secret does not decrypt (wrong master key or tampering)"
         ) from None
 
 
-class Vault:
-    """Encrypts and decrypts stored secrets under the data key; keys the audit chain."""
+class Envelope:
+    """Encrypts and decrypts stored secrets under the data key; keys the audit chain and derives
+    the link PSKs. No key appears in its ``repr``."""
 
-    __slots__ = ("_audit_key", "_data_aead", "_data_key", "_link_key")
+    __slots__ = ("_audit_key", "_data", "_data_key", "_link_key")
 
     def __init__(self, master_key: bytes, wrapped_data_key: bytes) -> None:
         if len(master_key) != KEY_LENGTH:
             raise ValueError("the master key is 32 bytes")
-        self._data_key = _open(master_key, wrapped_data_key, b"OSCAR data key")
+        self._data_key = _open(Sealer(master_key), wrapped_data_key, _DATA_KEY_CONTEXT)
         # Set up once: a grant decrypts a secret per request.
-        self._data_aead = AESGCM(self._data_key)
+        self._data = Sealer(self._data_key)
         self._audit_key = hkdf_sha256(master_key, b"OSCAR audit chain", KEY_LENGTH)
         self._link_key = hkdf_sha256(self._data_key, b"OSCAR link key", KEY_LENGTH)
 
     def __repr__(self) -> str:
-        return "Vault(<keys redacted>)"
+        return "Envelope(<keys redacted>)"
 
     @staticmethod
     def new_wrapped_data_key(master_key: bytes) -> bytes:
         """A fresh data key, wrapped under ``master_key``, to store in the database."""
-        return _seal(master_key, os.urandom(KEY_LENGTH), b"OSCAR data key")
+        return Sealer(master_key).seal(os.urandom(KEY_LENGTH), _DATA_KEY_CONTEXT)
 
     def encrypt(self, plaintext: bytes, context: bytes) -> bytes:
         """Encrypt a secret for storage, bound to ``context`` (what and whose it is)."""
-        return _seal(self._data_aead, plaintext, context)
+        return self._data.seal(plaintext, context)
 
     def decrypt(self, blob: bytes, context: bytes) -> bytes:
         """Decrypt a stored secret; :class:`VaultError` if it fails to authenticate."""
-        return _open(self._data_aead, blob, context)
+        return _open(self._data, blob, context)
 
     def chain(self, previous: bytes, record: bytes) -> bytes:
         """The audit chain value after ``record``: HMAC-SHA256(audit key, previous || record)."""
