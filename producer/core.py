@@ -35,6 +35,8 @@ from oscar_io.errors import AccessDenied, AsError, AsUnavailable, StateError
 from oscar_io.tasks import stop_tasks
 
 from .config import ProducerConfig, ResourceSpec
+from .epochs import FIRST_RETRY, LIVENESS, Failure, backoff, keys_keepalive
+from .epochs import retry_delay as _retry_delay
 from .published import Published
 from .state import ProducerState
 
@@ -48,21 +50,11 @@ log = logging.getLogger("oscar.producer")
 #: Renew the certificate when less than this share of its validity is left.
 CERT_RENEW_FRACTION = 0.2
 TICK = 0.25
-#: Seconds of silence after which the /keys observation is made again (at most).
-KEEPALIVE = 30.0
-MAX_BACKOFF = 30.0
-#: Seconds without a word from the AS after which it is pinged: an AS restart ends the /keys
-#: observation silently (see AsClient.watch_keys). A ping is a DTLS record each way and no
-#: request for the AS to handle (pings of several resources at one moment are shared).
-LIVENESS = 3.0
-#: Seconds between attempts to reach an AS that does not answer (it is restarting, or away):
-#: the producer observes /keys again at most this long after the AS is back.
-RETRY_UNREACHABLE = 3.0
 #: The documented bound: a revocation (or any new epoch) made while the AS is up reaches the
 #: producer within this many seconds, also after an AS restart it did not see: the lost
 #: observation is noticed (LIVENESS + AsClient.PING_TIMEOUT), observed again after the first
 #: retry delay (1 s), and the new handshake and first answer take well under a second.
-KEYS_LOST_BOUND = LIVENESS + AsClient.PING_TIMEOUT + 1.0 + 1.0
+KEYS_LOST_BOUND = LIVENESS + AsClient.PING_TIMEOUT + FIRST_RETRY + 1.0
 
 
 class ProducerError(OscarError):
@@ -296,14 +288,15 @@ class Producer:
         away (the producer keeps going on what it holds).
 
         An observation can die silently (the AS restarted and lost the DTLS session): after
-        :data:`LIVENESS` quiet seconds the AS is pinged, and an unanswered ping starts a new DTLS
-        session and a new observation (:data:`KEYS_LOST_BOUND`). While the AS cannot be reached,
-        attempts follow every :data:`RETRY_UNREACHABLE` seconds at most. An observation quiet
-        for ``keepalive`` seconds is also made again (the AS may have dropped it alone)."""
-        spec, delay, registered = published.spec, 1.0, False
+        :data:`~producer.epochs.LIVENESS` quiet seconds the AS is pinged, and an unanswered ping
+        starts a new DTLS session and a new observation (:data:`KEYS_LOST_BOUND`). While the AS
+        cannot be reached, attempts follow every :data:`~producer.epochs.RETRY_UNREACHABLE`
+        seconds at most. An observation quiet for :func:`~producer.epochs.keys_keepalive`
+        seconds is also made again (the AS may have dropped it alone)."""
+        spec, delay, registered = published.spec, FIRST_RETRY, False
         while not self._stopping:
             generation = client.generation
-            keepalive = max(1.0, min(KEEPALIVE, published.rotation_period / 4 or KEEPALIVE))
+            keepalive = keys_keepalive(published.rotation_period)
             try:
                 if not registered:
                     registration = await client.register(
@@ -329,7 +322,7 @@ class Producer:
                                 state.profile,
                             )
                         published.apply(state)
-                        delay = 1.0
+                        delay = FIRST_RETRY
                 except TimeoutError:
                     continue  # quiet for a while: observe afresh
                 finally:
@@ -338,16 +331,19 @@ class Producer:
                 raise
             except AccessDenied as exc:
                 log.error("%s: %s", published.resource_id, exc)
-                delay = 30.0
+                delay = _retry_delay(delay, Failure.DENIED)
             except AsUnavailable as exc:
-                delay = min(delay, RETRY_UNREACHABLE)
+                delay = _retry_delay(delay, Failure.UNREACHABLE)
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
                 await client.reset(generation)
             except AsError as exc:
+                delay = _retry_delay(delay, Failure.OTHER)
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
             except (OSError, StateError) as exc:
+                delay = _retry_delay(delay, Failure.OTHER)
                 log.error("%s: %s", published.resource_id, exc)
             except Exception as exc:  # never stop following the AS (revocations come this way)
+                delay = _retry_delay(delay, Failure.OTHER)
                 log.error("%s: following the AS failed (%s); retrying", published.resource_id, exc)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF)
+            delay = backoff(delay)

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from oscar import certs
@@ -29,6 +30,7 @@ from oscar.profiles import PROFILES
 from oscar.sequence import SequenceAllocator
 from oscar_io.aswire import EpochKey, KeyState
 
+from . import epochs
 from .config import MAX_VALUE_SIZE, ResourceSpec
 from .state import ProducerState
 
@@ -79,13 +81,10 @@ class Published:
         self.seq: int | None = None
         self.sealed_count = 0
         self.on_change: list[Callable[[], None]] = []
-        # keys
-        self.current: EpochKey | None = None
-        self.following: EpochKey | None = None
-        self.rotation_period = spec.rotation_period
+        # keys (producer.epochs decides; this object does the I/O it asks for)
+        self.epochs = epochs.Epochs(rotation_period=spec.rotation_period)
         self._sealer: Sealer | None = None
         self._allocator: SequenceAllocator | None = None
-        self._expired_logged = False
         #: Set when the AS already knew the resource and this state had no record of it.
         self.state_outlived = False
         # sources
@@ -98,83 +97,90 @@ class Published:
     # --- keys ---
 
     @property
+    def current(self) -> EpochKey | None:
+        """The epoch sealed under (None before the AS first answered)."""
+        return self.epochs.current
+
+    @property
+    def following(self) -> EpochKey | None:
+        """The next epoch's secret, when the AS sent it."""
+        return self.epochs.following
+
+    @property
+    def rotation_period(self) -> int:
+        return self.epochs.rotation_period
+
+    @property
     def boundary(self) -> int | None:
         """When the current epoch ends by the producer's clock (None: no scheduled end)."""
-        if self.current is None or self.current.activated_at is None or self.rotation_period <= 0:
-            return None
-        return self.current.activated_at + self.rotation_period
+        return self.epochs.boundary
+
+    @property
+    def epoch_number(self) -> int | None:
+        return self.epochs.epoch
 
     def restore(self, stored: KeyState) -> None:
         """Take the key state saved before a restart, then catch up with the clock."""
-        if not self._host.state.sequences.knows(self.resource_id):
+        sequences = self._host.state.sequences
+        if not sequences.knows(self.resource_id):
             # Keys but no sequence record: the sequence file was lost or is an older copy.
             self.state_outlived = True
-        self.rotation_period = stored.rotation_period
-        self._switch(stored.active)
-        self.following = stored.next
+        floor = sequences.floor(self.resource_id)
+        self._take(epochs.restored(stored, floor), floor)
 
     def apply(self, state: KeyState) -> None:
         """A key state from the AS (a reply or a notification)."""
-        self.rotation_period = state.rotation_period
-        changed = False
-        if self.current is None or state.active.epoch > self.current.epoch:
-            changed = self._switch(state.active)
-            self.following = state.next
-        elif state.active.epoch == self.current.epoch:
-            self.current = state.active  # the AS's activated_at is authoritative
-            self.following = state.next
-        # else: this producer switched ahead at the boundary; the AS will catch up.
-        self._save_keys()
-        if changed:
+        floor = self._host.state.sequences.floor(self.resource_id)
+        step = epochs.received(self.epochs, state, floor)
+        self._take(step, floor)
+        if step.save:
+            self._save_keys()
+        if step.reseal:
             log.info("%s: now sealing under epoch %s", self.resource_id, self.epoch_number)
             self.reseal()
 
     def tick(self, now: int) -> None:
         """Switch epochs at the boundary; re-seal an object before it goes stale."""
-        boundary = self.boundary
-        switched = False
-        while boundary is not None and now >= boundary:
-            upcoming = self.following
-            if upcoming is None or self.current is None or upcoming.epoch <= self.current.epoch:
-                if not self._expired_logged:
-                    log.error(
-                        "%s: epoch %s ended and the AS has not sent the next secret: sealing "
-                        "nothing new until it does",
-                        self.resource_id,
-                        None if self.current is None else self.current.epoch,
-                    )
-                    self._expired_logged = True
-                break
-            switched = self._switch(EpochKey(upcoming.epoch, upcoming.secret, boundary))
-            self.following = None
-            boundary = self.boundary
-        if switched:
+        floor = self._host.state.sequences.floor(self.resource_id)
+        step = epochs.reached(self.epochs, now, floor)
+        self._take(step, floor)
+        if step.reseal:
             log.info("%s: boundary reached, now epoch %s", self.resource_id, self.epoch_number)
             self._save_keys()
             self.reseal()
         elif self.obj is not None and self.exp - now < self.spec.lifetime // 2:
             self.reseal()  # half the object's lifetime is gone: a fresh one for the caches
 
-    @property
-    def epoch_number(self) -> int | None:
-        return None if self.current is None else self.current.epoch
-
     def may_seal(self, now: int) -> bool:
-        boundary = self.boundary
-        return self._sealer is not None and (boundary is None or now < boundary)
+        return self._sealer is not None and self.epochs.may_seal(now)
 
-    def _switch(self, key: EpochKey) -> bool:
-        sequences = self._host.state.sequences
-        floor = sequences.floor(self.resource_id)
-        if key.epoch < floor:
+    def _take(self, step: epochs.Step, floor: int) -> None:
+        """Do what ``step`` asks, in its order, and take its epochs."""
+        # The rotation period first: kept even when the switch's writes below fail.
+        self.epochs = replace(self.epochs, rotation_period=step.epochs.rotation_period)
+        if step.refused is not None:
             log.error(
                 "%s: refusing epoch %d: epoch %d was used already",
                 self.resource_id,
-                key.epoch,
+                step.refused.epoch,
                 floor,
             )
-            return False
-        sequences.raise_floor(self.resource_id, key.epoch)  # durable before the first seal
+        if step.activate is not None:
+            self._activate(step.activate)
+        self.epochs = step.epochs
+        if step.ended:
+            log.error(
+                "%s: epoch %s ended and the AS has not sent the next secret: sealing "
+                "nothing new until it does",
+                self.resource_id,
+                self.epoch_number,
+            )
+
+    def _activate(self, key: EpochKey) -> None:
+        """Seal under ``key`` from now on: the floor raised first (durable before the first
+        seal), a far start for an epoch a lost state may have used, a new sealer."""
+        sequences = self._host.state.sequences
+        sequences.raise_floor(self.resource_id, key.epoch)
         if self.state_outlived and sequences.load(self.resource_id, key.epoch) is None:
             # The AS knew this resource before this state directory did: a lost, restored or
             # copied state may have sealed under this epoch already. Start far away from 0.
@@ -186,7 +192,7 @@ class Published:
                 self.resource_id,
                 key.epoch,
             )
-        self._sealer = Sealer(
+        sealer = Sealer(
             secret=key.secret,
             producer_id=self._host.device_id,
             resource_id=self.resource_id,
@@ -194,25 +200,15 @@ class Published:
             signing_key=self._host.signing_key,
             profile=self.profile,
         )
-        self._allocator = SequenceAllocator(
+        allocator = SequenceAllocator(
             sequences, self.resource_id, key.epoch, self._host.sequence_window
         )
-        self.current = key
-        self._expired_logged = False
-        return True
+        self._sealer, self._allocator = sealer, allocator
 
     def _save_keys(self) -> None:
-        if self.current is None:
-            return
-        self._host.state.keys.put(
-            KeyState(
-                self.resource_id,
-                self.spec.profile,
-                self.rotation_period,
-                self.current,
-                self.following,
-            )
-        )
+        record = self.epochs.record(self.resource_id, self.spec.profile)
+        if record is not None:
+            self._host.state.keys.put(record)
 
     # --- values and objects ---
 
