@@ -77,7 +77,7 @@ typecheck: $(STAMP)
 
 # The dependency rule between the packages: the contracts in pyproject.toml ([tool.importlinter]).
 imports: $(STAMP)
-	$(BIN)/lint-imports --no-cache
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # --check-tier: only the tests that start no process; one that starts a process fails (tests/tiers.py).
 check: $(STAMP) lint typecheck imports
