@@ -43,8 +43,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
-from oscar.errors import OscarError
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
+from oscar_io import ports
+from oscar_io.errors import UsageError
 
 __all__ = [
     "ConfigError",
@@ -77,8 +78,10 @@ _EXTENSIONS = {
 }
 
 
-class ConfigError(OscarError, ValueError):
-    """The configuration is unusable; the message names the field."""
+class ConfigError(UsageError, ValueError):
+    """The configuration (file, flags or code) is unusable; the message names the field (exit 2).
+    A :class:`~oscar_io.errors.UsageError`, as every role's; a ``ValueError`` too, as the
+    dataclasses' checks raise it."""
 
 
 def guess_content_format(path: Path) -> int:
@@ -216,12 +219,12 @@ class ProducerConfig:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into (host, port)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"listen {text!r}: HOST:PORT expected, port 1 to 65535")
-    return host, int(port)
+    """``HOST:PORT`` or ``[IPv6]:PORT``, the port 1 to 65535, into (host, port)
+    (:func:`oscar_io.ports.parse_listen`); :class:`ConfigError` otherwise."""
+    try:
+        return ports.parse_listen(text, lowest=1, highest=65535)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _uint(value: object, maximum: int, what: str) -> None:
