@@ -33,7 +33,7 @@ from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
-from oscar_io.coaperrors import TransportError
+from oscar_io.coaperrors import TransportError, translate
 from oscar_io.errors import AccessDenied, BundleError
 from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
@@ -46,7 +46,7 @@ from .entry import Entry
 from .lookups import BudgetedAs, LookupBudget, origin, origin_of
 from .relays import Relays
 
-__all__ = ["Proxy", "Stats", "Unavailable"]
+__all__ = ["Proxy", "Stats", "Unavailable", "UpstreamError", "upstream_failure"]
 
 log = logging.getLogger("oscar.proxy")
 _T = TypeVar("_T")
@@ -54,6 +54,14 @@ _T = TypeVar("_T")
 
 class UpstreamError(Exception):
     """The upstream's answer cannot be taken (a broken Block2 transfer, say); logged, counted."""
+
+
+def upstream_failure(exc: Exception, source: str) -> str:
+    """Why an upstream exchange failed, for the log: an :class:`UpstreamError`'s text, a network
+    failure's category (:func:`oscar_io.coaperrors.translate`), else the exception's name (the
+    failure is the upstream's either way: the proxy serves what it holds and backs off)."""
+    failure = exc if isinstance(exc, UpstreamError) else translate(exc, source)
+    return str(failure) if failure is not None else type(exc).__name__
 
 
 class Unavailable(Exception):
@@ -310,10 +318,9 @@ class Proxy:
         self.stats.upstream_requests += 1
         try:
             response = await self._fetch(ctx, request)
-        except UpstreamError as exc:
-            return self._upstream_failed(resource_id, source, entry, str(exc))
         except Exception as exc:
-            return self._upstream_failed(resource_id, source, entry, f"{type(exc).__name__}")
+            why = upstream_failure(exc, source)
+            return self._upstream_failed(resource_id, source, entry, why)
         return await self._take(resource_id, source, entry, response)
 
     async def _fetch(self, ctx: Any, request: Any) -> Any:

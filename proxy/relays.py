@@ -32,7 +32,6 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from oscar_io.errors import AsUnavailable
 from oscar_io.peers import address_key, host_of
 from oscar_io.tasks import stop_tasks
 
@@ -201,7 +200,7 @@ class Relays:
         registered again (backing off) when the observation ends, fails or falls silent."""
         from aiocoap import GET, Message
 
-        from .core import UpstreamError
+        from .core import UpstreamError, upstream_failure
 
         proxy = self.proxy
         delay = 1.0
@@ -214,7 +213,7 @@ class Relays:
                 first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
                 await proxy.notified(resource_id, source, await proxy.complete(ctx, message, first))
                 if first.opt.observe is None:
-                    raise AsUnavailable("the upstream does not take observers")
+                    raise UpstreamError("the upstream does not take observers")
                 delay = 1.0
                 await self._follow(resource_id, source, ctx, message, request, first)
             except asyncio.CancelledError:
@@ -222,8 +221,7 @@ class Relays:
                 raise
             except Exception as exc:
                 proxy.stats.upstream_errors += 1
-                known = isinstance(exc, (AsUnavailable, UpstreamError))
-                why = str(exc) if known else type(exc).__name__
+                why = upstream_failure(exc, source)
                 log.info("upstream observation of %s failed: %s", resource_id, why)
             finally:
                 if not request.observation.cancelled:
