@@ -40,14 +40,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
-from oscar.errors import OscarError
+from oscar_io import ports
 from oscar_io.clikit import read_toml
+from oscar_io.errors import UsageError
 
 __all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
 
 
-class ConfigError(OscarError, ValueError):
-    """The configuration is unusable; the message names the field."""
+class ConfigError(UsageError, ValueError):
+    """The configuration (file or flags) is unusable; the message names the field (exit 2). A
+    :class:`~oscar_io.errors.UsageError`, so one ``except UsageError`` covers bad usage of every
+    kind; a ``ValueError`` too, as the dataclasses' checks raise it."""
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,12 @@ def _unspecified(host: str) -> bool:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
-        raise ConfigError(f"listen {text!r}: HOST:PORT expected, port 1 to 65534")
-    return host, int(port)
+    """``HOST:PORT`` or ``[IPv6]:PORT`` of the plain CoAP port, at most 65534 since DTLS takes
+    the next port (:func:`oscar_io.ports.parse_listen`); :class:`ConfigError` otherwise."""
+    try:
+        return ports.parse_listen(text, highest=65534)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_reverse(text: str) -> tuple[str, str]:
