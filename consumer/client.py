@@ -77,8 +77,8 @@ class Consumer:
     a new ``Consumer`` would accept again an object older than one an earlier one accepted.
     ``timeout`` bounds each request to a producer, proxy or the AS, in seconds.
 
-    Raises :class:`~oscar_io.asclient.BundleError` for an unusable bundle and
-    :class:`~oscar_io.asclient.StateError` for a corrupt state file (nothing is changed then).
+    Raises :class:`~oscar_io.errors.BundleError` for an unusable bundle and
+    :class:`~oscar_io.errors.StateError` for a corrupt state file (nothing is changed then).
     """
 
     def __init__(

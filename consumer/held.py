@@ -2,7 +2,7 @@
 
 The bytes kept are the protected object as received (never the plaintext); the caller checks them
 again in full before use (see :mod:`consumer.client`). Persistent: one
-:class:`~oscar_io.asclient.SealedFile` per resource in the private directory ``held`` of the
+:class:`~oscar_io.statefiles.SealedFile` per resource in the private directory ``held`` of the
 state directory, named by an HMAC of the resource id under a key derived from the state key (a
 name says nothing of its resource), holding ``[resource id, epoch, seq, object]``. In memory
 (no state directory): an LRU of the same.
