@@ -45,7 +45,8 @@ from urllib.parse import urlsplit
 from oscar import names
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 from oscar_io import ports
-from oscar_io.errors import UsageError
+
+from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -76,12 +77,6 @@ _EXTENSIONS = {
     ".cbor": 60,
     ".senml": 110,
 }
-
-
-class ConfigError(UsageError, ValueError):
-    """The configuration (file, flags or code) is unusable; the message names the field (exit 2).
-    A :class:`~oscar_io.errors.UsageError`, as every role's; a ``ValueError`` too, as the
-    dataclasses' checks raise it."""
 
 
 def guess_content_format(path: Path) -> int:

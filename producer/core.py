@@ -15,50 +15,50 @@ even when the AS is out of reach, and re-seals the current value under a new epo
 announces a rotation (scheduled, or at once on a revocation or compromise). When it has no secret it
 may use — before the AS first answered, or after both known epochs ran out — it seals nothing and
 says so in the log; the last object stays served until its ``exp``.
+
+:class:`Producer` puts the parts together and runs their tasks: at start the bundle, the state
+directory and the certificate (:mod:`producer.certificate`), then per resource its keys restored,
+the server (:mod:`producer.server`) and the publisher (:mod:`producer.publish`); while it runs, a
+ticker (each resource's clock and file, :data:`TICK`), one task per resource following ``/keys``
+at the AS (:meth:`Producer._sync_keys`, delays from :mod:`producer.epochs`) and one per command or
+callback source (:mod:`producer.sources`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from oscar import certs, names
-from oscar.errors import CertificateError, OscarError
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.errors import AccessDenied, AsError, AsUnavailable, StateError
 from oscar_io.tasks import stop_tasks
 
-from .config import ProducerConfig, ResourceSpec
+from . import sources
+from .certificate import ensure_certificate
+from .config import ProducerConfig
 from .epochs import FIRST_RETRY, LIVENESS, Failure, backoff, keys_keepalive
 from .epochs import retry_delay as _retry_delay
+from .errors import ProducerError
 from .published import Published
+from .sources import FileSource
 from .state import ProducerState
-
-if TYPE_CHECKING:
-    from cryptography import x509
 
 __all__ = ["Producer", "ProducerError", "Published"]
 
 log = logging.getLogger("oscar.producer")
 
-#: Renew the certificate when less than this share of its validity is left.
-CERT_RENEW_FRACTION = 0.2
 TICK = 0.25
 #: The documented bound: a revocation (or any new epoch) made while the AS is up reaches the
 #: producer within this many seconds, also after an AS restart it did not see: the lost
 #: observation is noticed (LIVENESS + AsClient.PING_TIMEOUT), observed again after the first
 #: retry delay (1 s), and the new handshake and first answer take well under a second.
 KEYS_LOST_BOUND = LIVENESS + AsClient.PING_TIMEOUT + FIRST_RETRY + 1.0
-
-
-class ProducerError(OscarError):
-    """The producer cannot start: bad bundle or state, or no certificate to be had."""
 
 
 class Producer:
@@ -76,6 +76,7 @@ class Producer:
         self.as_client: AsClient | None = None
         self.server: Any = None
         self._publisher: Any = None
+        self._files: dict[str, FileSource] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.started = False
@@ -117,7 +118,9 @@ class Producer:
             self.state.signing_key(config.key_algorithm)
         )
         self.as_client = client = AsClient(bundle, timeout=config.as_timeout)
-        await self._ensure_certificate(bundle, client)
+        self.certificate_pem = await ensure_certificate(
+            self.state, self.signing_key, self.device_id, bundle.ca_certificate, client, self.now()
+        )
         for spec in config.resources:
             published = Published(self, spec)
             stored = self.state.keys.get(published.resource_id)
@@ -125,6 +128,8 @@ class Producer:
                 published.restore(stored)
                 published.tick(self.now())
             self.resources[spec.path] = published
+            if spec.file is not None:
+                self._files[spec.path] = FileSource(spec.file, spec.interval, published.resource_id)
         if config.publish:
             from .publish import Publisher
 
@@ -142,10 +147,12 @@ class Producer:
                 published.on_change.append(functools.partial(self.publish, published))
         self.started = True
         for published in self.resources.values():
-            published.poll_file(time.monotonic())
+            self._poll_file(published, time.monotonic())
             self._spawn(self._sync_keys(published, client), f"keys {published.resource_id}")
-            if published.spec.command is not None or published.spec.callback is not None:
-                self._spawn(self._run_source(published), f"source {published.resource_id}")
+            spec = published.spec
+            if spec.command is not None or spec.callback is not None:
+                run = sources.run(spec, published.resource_id, published.update)
+                self._spawn(run, f"source {published.resource_id}")
         self._spawn(self._ticker(), "ticker")
 
     async def stop(self) -> None:
@@ -169,52 +176,6 @@ class Producer:
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
-    async def _ensure_certificate(self, bundle: Bundle, client: AsClient) -> None:
-        now = self.now()
-        ca = bundle.ca_certificate
-        pem = self.state.certificate_pem()
-        if pem is not None and self._usable_certificate(pem, ca, now, renew=True):
-            self.certificate_pem = pem
-            return
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        csr = certs.make_csr(self.signing_key.private_key, self.device_id)
-        try:
-            der = await client.request_certificate(csr.public_bytes(Encoding.DER))
-        except AsError as exc:
-            if pem is not None and self._usable_certificate(pem, ca, now, renew=False):
-                log.warning("certificate renewal failed (%s); using the current one", exc)
-                self.certificate_pem = pem
-                return
-            raise ProducerError(f"cannot get a certificate from the AS: {exc}") from None
-        from cryptography import x509
-
-        cert = x509.load_der_x509_certificate(der)
-        new_pem = cert.public_bytes(Encoding.PEM)
-        if not self._usable_certificate(new_pem, ca, now, renew=False):
-            raise ProducerError("the AS issued a certificate that does not fit this producer")
-        self.state.save_certificate(new_pem)
-        self.certificate_pem = new_pem
-        log.info("certificate %x issued by the AS", cert.serial_number)
-
-    def _usable_certificate(
-        self, pem: bytes, ca: x509.Certificate, now: int, *, renew: bool
-    ) -> bool:
-        from cryptography import x509
-
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-            key = certs.ProducerKey.from_certificate(cert, ca, now=now)
-        except (ValueError, CertificateError) as exc:
-            log.warning("stored certificate not usable: %s", exc)
-            return False
-        if key.kid != self.signing_key.kid or key.producer_id != self.device_id:
-            return False
-        if renew and key.not_after is not None and key.not_before is not None:
-            left = key.not_after - now
-            return left > CERT_RENEW_FRACTION * (key.not_after - key.not_before)
-        return True
-
     # --- values ---
 
     def update(self, path: str, value: bytes) -> bool:
@@ -231,6 +192,13 @@ class Producer:
                 published.resource_id, published.obj, published.max_age(self.now())
             )
 
+    def _poll_file(self, published: Published, now_mono: float) -> None:
+        source = self._files.get(published.spec.path)
+        if source is not None:
+            value = source.poll(now_mono, waiting=published.value is None)
+            if value is not None:
+                published.update(value)
+
     # --- background tasks ---
 
     async def _ticker(self) -> None:
@@ -239,49 +207,11 @@ class Producer:
             mono = time.monotonic()
             for published in self.resources.values():
                 try:
-                    published.poll_file(mono)
+                    self._poll_file(published, mono)
                     published.tick(now)
                 except (OSError, StateError) as exc:
                     log.error("%s: %s", published.resource_id, exc)
             await asyncio.sleep(TICK)
-
-    async def _run_source(self, published: Published) -> None:
-        spec = published.spec
-        while True:
-            try:
-                value = await self._read_source(spec)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("%s: value source failed: %s", published.resource_id, exc)
-                value = None
-            if value is not None:
-                published.update(value)
-            await asyncio.sleep(spec.interval)
-
-    async def _read_source(self, spec: ResourceSpec) -> bytes | None:
-        if spec.callback is not None:
-            result = spec.callback()
-            if inspect.isawaitable(result):
-                result = await result
-            return None if result is None else bytes(result)
-        if not spec.command:
-            return None
-        process = await asyncio.create_subprocess_exec(
-            *spec.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            out, _ = await asyncio.wait_for(process.communicate(), max(10.0, spec.interval))
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise RuntimeError("the command timed out") from None
-        if process.returncode != 0:
-            raise RuntimeError(f"the command exited with status {process.returncode}")
-        return out
 
     async def _sync_keys(self, published: Published, client: AsClient) -> None:
         """Register the resource, then follow its key state; retry with backoff when the AS is

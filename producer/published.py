@@ -3,21 +3,22 @@
 :class:`Published` is what :class:`~producer.core.Producer` keeps per resource: the active
 epoch's secret and the next one's, the switch to the next at the boundary by the producer's own
 clock (also when the AS is out of reach), re-sealing under a new epoch as soon as the AS
-announces one, and the value sources it polls (a file). It refuses to seal when it has no secret
-it may use, and never uses a sequence number twice (:class:`oscar.sequence.SequenceAllocator`
-over the producer's state).
+announces one. The rules are :mod:`producer.epochs`'s (pure); this class does what their steps
+ask: raise the epoch floor, build the sealer, write the key state, log, re-seal. It refuses to
+seal when it has no secret it may use, and never uses a sequence number twice
+(:class:`oscar.sequence.SequenceAllocator` over the producer's state).
 
 What it needs of its producer is :class:`Host` (the id, the signing key, the state directory,
 the sequence window and the clock); :class:`~producer.core.Producer` is one.
 
-What it does not do: talk to the AS or the network (the producer's tasks hand it key states and
-values; observers and publishers are told through ``on_change``).
+What it does not do: talk to the AS or the network, or read values (the producer's tasks hand
+it key states, and values from :mod:`producer.sources`; observers and publishers are told through
+``on_change``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
@@ -87,9 +88,6 @@ class Published:
         self._allocator: SequenceAllocator | None = None
         #: Set when the AS already knew the resource and this state had no record of it.
         self.state_outlived = False
-        # sources
-        self._file_stat: tuple[int, int, int] | None = None
-        self._next_poll = 0.0
 
     def __repr__(self) -> str:
         return f"Published({self.resource_id!r}, epoch={self.epoch}, seq={self.seq})"
@@ -276,33 +274,3 @@ class Published:
 
     def max_age(self, now: int) -> int:
         return max(0, min(self.spec.max_age, self.exp - now))
-
-    # --- sources ---
-
-    def poll_file(self, now_mono: float) -> None:
-        path = self.spec.file
-        if path is None or now_mono < self._next_poll:
-            return
-        self._next_poll = now_mono + self.spec.interval
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            if self._file_stat is not None or self.value is None:
-                log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
-                self._file_stat = None
-            return
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key == self._file_stat:
-            return
-        if st.st_size > MAX_VALUE_SIZE:
-            log.error("%s: %s is over the %d-byte limit", self.resource_id, path, MAX_VALUE_SIZE)
-            self._file_stat = key
-            return
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_VALUE_SIZE + 1)
-        except OSError as exc:
-            log.warning("%s: cannot read %s: %s", self.resource_id, path, exc.strerror)
-            return
-        self._file_stat = key
-        self.update(data)
