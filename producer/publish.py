@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from oscar_io import coaperrors
 from oscar_io.tasks import stop_tasks
 
 from .config import PublishTarget
@@ -117,7 +118,7 @@ class Publisher:
                         "publishing %s to %s failed: %s; retrying in %.0f s",
                         resource_id,
                         target.uri,
-                        exc,
+                        _reason(exc, target.uri),
                         delay,
                     )
                     pending.setdefault(resource_id, obj)  # unless a newer one came meanwhile
@@ -141,10 +142,20 @@ class Publisher:
         response = await asyncio.wait_for(request.response, TIMEOUT)
         self._connections[target.uri] = response.remote  # keeps aiocoap's DTLS session alive
         if not response.code.is_successful():
-            raise RuntimeError(f"the target answered {response.code.dotted}")
+            raise coaperrors.error_answer(response.code, "the target answered")
 
     async def close(self) -> None:
         await stop_tasks(self._tasks)
         if self._ctx is not None:
             await self._ctx.shutdown()
             self._ctx = None
+
+
+def _reason(exc: BaseException, uri: str) -> str:
+    """Why a PUT failed, on one line: aiocoap's and the network's failures in OSCAR's terms
+    (:func:`oscar_io.coaperrors.translate`: "timed out: no answer from …"), anything else (the
+    target's error answer, the AS refusing the link key) as it says."""
+    failure = coaperrors.translate(exc, uri)
+    if failure is None:
+        return str(exc) or type(exc).__name__
+    return f"{failure.kind}: {failure}"
