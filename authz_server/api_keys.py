@@ -28,7 +28,7 @@ from .messages import (
     parse_query,
     resource_id_param,
 )
-from .store import Device, Resource, StoreError
+from .store import DatabaseError, Device, Resource, StoreError
 from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ async def rotate_if_due(api: Endpoints, resource: Resource | None, now: int) -> 
         return False
     try:
         epoch = await api.store.rotate(resource.id, now, actor="as", reason="schedule")
+    except DatabaseError:
+        raise  # the database failed: not a rotation made meanwhile
     except StoreError:
         return True  # rotated meanwhile by the scheduler: read the view again
     log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)

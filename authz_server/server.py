@@ -51,7 +51,7 @@ from .ca import CertificateAuthority
 from .ratelimit import RateLimit
 from .retention import keep_audit
 from .site import AuthorizationSite
-from .store import Store, StoreError
+from .store import DatabaseError, Store, StoreError
 
 __all__ = ["ServeOptions", "serve"]
 
@@ -166,6 +166,8 @@ class _Server:
             done = True
             try:
                 epoch = await self.store.rotate(resource_id, now, actor="as", reason="schedule")
+            except DatabaseError:
+                raise  # the watcher logs it and tries again
             except StoreError as exc:
                 log.warning("scheduled rotation of %s failed: %s", resource_id, exc)
                 continue

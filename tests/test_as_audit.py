@@ -27,7 +27,7 @@ from authz_server.store.denials import (
     SAMPLED_SUBJECTS,
     DenialTally,
 )
-from authz_server.store.schema import MIGRATIONS, split_script
+from authz_server.store.sqlite import MIGRATIONS, split_script
 from oscar import cbor
 
 NOW = 1_800_000_000
@@ -179,7 +179,7 @@ async def test_counts_whose_write_failed_are_written_later(
     async def locked(self: object, records: object) -> None:
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(audit_module.AuditLog, "_audit_many", locked)
+    monkeypatch.setattr(audit_module.AuditLog, "append_many", locked)
     with pytest.raises(sqlite3.OperationalError):
         await store.flush_denials(NOW + 60)
     monkeypatch.undo()
@@ -210,7 +210,7 @@ def test_the_fast_record_encoding_is_the_cbor_encoding() -> None:
 
 @pytest.mark.asyncio
 async def test_the_chain_function_is_the_chain(store: Store) -> None:
-    vault = store._vault
+    vault = store.envelope
     chain = vault.chain_function()
     for previous, record in [(b"", b""), (b"p" * 32, b"r" * 100), (b"", b"x" * 5000)]:
         assert chain(previous, record) == vault.chain(previous, record)

@@ -189,8 +189,8 @@ async def test_a_point_read_neither_sees_nor_waits_for_another_tasks_transaction
     started, release = asyncio.Event(), asyncio.Event()
 
     async def writer() -> None:
-        async with store._transaction():
-            await store._db.execute(
+        async with store.db.transaction():
+            await store.db.execute(
                 "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
             )
             started.set()
@@ -210,8 +210,8 @@ async def test_a_point_read_neither_sees_nor_waits_for_another_tasks_transaction
 async def test_a_point_read_inside_the_tasks_own_transaction_sees_its_writes(
     store: Store,
 ) -> None:
-    async with store._transaction():
-        await store._db.execute(
+    async with store.db.transaction():
+        await store.db.execute(
             "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
         )
         assert (await store.secret_view(CONSUMER, RID, None, NOW)).granted
@@ -234,13 +234,13 @@ class BusyReader:
 @pytest.mark.asyncio
 async def test_a_busy_point_read_goes_through_the_worker_thread(store: Store) -> None:
     await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
-    reader, busy = store._reader, BusyReader()
-    store._reader = busy  # type: ignore[assignment]
+    reader, busy = store.db._reader, BusyReader()
+    store.db._reader = busy  # type: ignore[assignment]
     try:
         view = await store.secret_view(CONSUMER, RID, None, NOW)
         device = await store.device(OTHER)
     finally:
-        store._reader = reader
+        store.db._reader = reader
     assert busy.tries == 2
     assert view.readable and view.epoch is not None and len(view.epoch.secret or b"") == 32
     assert device is not None and device.role == "consumer"
@@ -250,7 +250,7 @@ async def test_a_busy_point_read_goes_through_the_worker_thread(store: Store) ->
 async def test_the_point_read_connection_cannot_write_and_holds_no_snapshot(
     store: Store, tmp_path: Path
 ) -> None:
-    reader = store._reader
+    reader = store.db._reader
     assert reader is not None
     with pytest.raises(sqlite3.OperationalError):
         reader.execute("UPDATE devices SET status = 'revoked'")
@@ -273,13 +273,13 @@ async def test_the_point_read_connection_cannot_write_and_holds_no_snapshot(
 
 def count_transactions(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    original = store._transaction
+    original = store.db.transaction
 
     def counted(**kw: Any) -> Any:
         calls[0] += 1
         return original(**kw)
 
-    monkeypatch.setattr(store, "_transaction", counted)
+    monkeypatch.setattr(store.db, "transaction", counted)
     return calls
 
 
@@ -330,7 +330,7 @@ async def test_a_batch_holds_at_most_max_batch_deliveries(
 async def test_a_failed_batch_fails_each_of_its_callers_and_records_nothing(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = store._audit_many
+    original = store.audit_log.append_many
     failures = [1]
 
     async def failing(records: Any) -> None:
@@ -339,14 +339,14 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_records_nothing(
             raise sqlite3.OperationalError("disk I/O error")
         await original(records)
 
-    monkeypatch.setattr(store, "_audit_many", failing)
+    monkeypatch.setattr(store.audit_log, "append_many", failing)
     results = await asyncio.gather(
         *(store.record_delivery(f"dev-{i}", RID, 1, NOW) for i in range(10)),
         return_exceptions=True,
     )
     assert all(isinstance(r, sqlite3.OperationalError) for r in results)
     assert [r for r in await store.audit_records() if r.action == "secret"] == []
-    assert (await store._all("SELECT COUNT(*) FROM deliveries"))[0][0] == 0
+    assert (await store.db.all("SELECT COUNT(*) FROM deliveries"))[0][0] == 0
     # The store goes on: the next ones are recorded.
     assert await store.record_delivery("dev-0", RID, 1, NOW)
     assert len([r for r in await store.audit_records() if r.action == "secret"]) == 1
@@ -356,7 +356,7 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_records_nothing(
 async def test_a_cancelled_batch_leader_fails_the_others_with_a_store_error(
     store: Store,
 ) -> None:
-    async with store._lock:  # the store is busy: the leader waits for it
+    async with store.db._lock:  # the store is busy: the leader waits for it
         leader = asyncio.create_task(store.record_delivery("dev-0", RID, 1, NOW))
         await asyncio.sleep(0)
         follower = asyncio.create_task(store.record_delivery("dev-1", RID, 1, NOW))

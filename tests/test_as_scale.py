@@ -149,7 +149,7 @@ async def populate(path: Path, resources: int) -> tuple[Store, list[str]]:
         grants.extend((c, rid, NOW + 10 * HOUR) for rid in rng.sample(ids, 2))
     await s.add_grants(grants, NOW)
     for rid in ids:  # one deactivated epoch each: the history the destruction index skips
-        await s._rotate(rid, NOW + 1)
+        await s.keyring.advance(rid, NOW + 1)
     return s, consumers
 
 
@@ -168,14 +168,14 @@ class Steps:
 
 async def steps(store: Store, work: Callable[[], Awaitable[object]]) -> int:
     counter = Steps()
-    await store._db.set_progress_handler(counter, Steps.every)
-    assert store._reader is not None
-    store._reader.set_progress_handler(counter, Steps.every)
+    await store.db._conn.set_progress_handler(counter, Steps.every)
+    assert store.db._reader is not None
+    store.db._reader.set_progress_handler(counter, Steps.every)
     try:
         await work()
     finally:
-        await store._db.set_progress_handler(None, Steps.every)
-        store._reader.set_progress_handler(None, Steps.every)
+        await store.db._conn.set_progress_handler(None, Steps.every)
+        store.db._reader.set_progress_handler(None, Steps.every)
     return counter.count * Steps.every
 
 
@@ -220,7 +220,7 @@ async def test_a_resources_history_of_epochs_does_not_slow_its_reads(store: Stor
     )
     await store.add_grant("c", "p/*", None, NOW)
     for i in range(400):
-        await store._rotate("p/old", NOW + i)
+        await store.keyring.advance("p/old", NOW + i)
 
     def reads(rid: str) -> dict[str, Callable[[], Awaitable[object]]]:
         return {
@@ -299,7 +299,7 @@ async def test_the_due_time_agrees_with_its_definition_through_every_change(
 @pytest.mark.asyncio
 async def test_a_schema_2_database_gets_its_due_times_on_migration(tmp_path: Path) -> None:
     from authz_server.envelope import create_master_key
-    from authz_server.store.schema import MIGRATIONS, split_script
+    from authz_server.store.sqlite import MIGRATIONS, split_script
 
     state = tmp_path / "old"
     state.mkdir()
@@ -381,7 +381,7 @@ async def test_a_consumers_listing_is_what_may_read_decides_for_each_resource(
 
 
 def test_a_pattern_covers_exactly_the_ids_its_prefix_range_holds() -> None:
-    from authz_server.store.grants import _prefix_range
+    from authz_server.store.sqlite import prefix_range as _prefix_range
 
     ids = ["p1/a", "p1/b", "p10/a", "p1-x/a", "p/a", "q/a", "p1", "p2/a", "p0/a"]
     db = sqlite3.connect(":memory:")

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from authz_server.ca import init_state
-from authz_server.store import Conflict, NotFound, Resource, Store, StoreError
+from authz_server.store import Conflict, NoSuchRecord, Resource, Store, StoreError
 
 NOW = 1_800_000_000
 PRODUCER, CONSUMER, OTHER, PROXY = "sensor-1", "phone-1", "phone-2", "cloud-1"
@@ -79,7 +79,7 @@ async def test_grants_patterns_expiry_revocation_and_regrant(store: Store) -> No
     for epoch in (1, 2, 3, 10):
         assert not await store.may_read(CONSUMER, RID, epoch, NOW + 2)
     assert await store.may_read(OTHER, RID, 2, NOW + 2)  # the other consumer keeps access
-    with pytest.raises(NotFound):
+    with pytest.raises(NoSuchRecord):
         await store.revoke_grants(CONSUMER, None, NOW + 3)
 
     # Granted again: only epochs after the ones it was shut out of.
@@ -301,7 +301,7 @@ async def test_concurrent_coroutines_share_one_store_safely(store: Store) -> Non
     assert states(await store.epochs(RID))[-2:] == [(21, "active"), (22, "pre-active")]
     assert (await store.verify_audit())[0]
     # A failing transaction releases the store for the next one.
-    with pytest.raises(NotFound):
+    with pytest.raises(NoSuchRecord):
         await store.rotate("sensor-1/none", NOW, actor="as", reason="missing")
     assert await store.rotate(RID, NOW + 99, actor="as", reason="after") == 22
 
@@ -334,7 +334,7 @@ async def test_revocation_list_drops_expired_certificates(store: Store) -> None:
 
 def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
     from authz_server.envelope import Envelope, create_master_key
-    from authz_server.store.schema import MIGRATIONS, SCHEMA_VERSION, split_script
+    from authz_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION, split_script
 
     state = tmp_path / "old"
     state.mkdir()
@@ -435,8 +435,8 @@ async def test_destroyed_and_revoked_secrets_leave_no_trace_in_the_wal(
     store: Store, tmp_path: Path
 ) -> None:
     secret = (await store.epoch(RID, 1, with_secret=True)).secret  # type: ignore[union-attr]
-    blob = await store._one("SELECT secret FROM epochs WHERE epoch = 1")
-    psk_blob = await store._one("SELECT psk FROM devices WHERE id = ?", (CONSUMER,))
+    blob = await store.db.one("SELECT secret FROM epochs WHERE epoch = 1")
+    psk_blob = await store.db.one("SELECT psk FROM devices WHERE id = ?", (CONSUMER,))
     await store.rotate(RID, NOW + 1, actor="admin", reason="test")
     await store.destroy_expired(NOW + 1000, retention=10)
     await store.revoke_device(CONSUMER, NOW + 1001)
@@ -475,8 +475,8 @@ async def test_a_read_never_sees_another_tasks_transaction_half_done(store: Stor
     started, release = asyncio.Event(), asyncio.Event()
 
     async def writer() -> None:
-        async with store._transaction():
-            await store._db.execute(
+        async with store.db.transaction():
+            await store.db.execute(
                 "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
             )
             started.set()

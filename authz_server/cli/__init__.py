@@ -26,7 +26,6 @@ the network (only ``serve`` does, through :mod:`authz_server.server`).
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from oscar import __version__
 from oscar_io.clikit import OneLineParser, add_logging_arguments, fail, parse_args
 
 from ..envelope import MasterKeyError, VaultError
-from ..store import ROLES, Conflict, NotFound, StoreError
+from ..store import ROLES, Conflict, NoSuchRecord, StoreError
 from .audit import cmd_audit, parse_head
 from .common import DEFAULT_AS_URI, PROG, Handler, Refused, UsageError, days, not_negative, positive
 from .enrolment import cmd_enroll, cmd_init
@@ -216,12 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, int(time.time()))
-    except (NotFound, Conflict, Refused) as exc:
+    except (NoSuchRecord, Conflict, Refused) as exc:
         return fail(prog, str(exc), 1)
     except (UsageError, StoreError, MasterKeyError, VaultError, ValueError) as exc:
         return fail(prog, str(exc), 2)
-    except sqlite3.Error as exc:  # past the store's translation: damaged, or locked too long
-        return fail(prog, f"database error: {exc}", 2)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         return fail(prog, f"{where}{exc.strerror or type(exc).__name__}", 2)

@@ -59,7 +59,7 @@ T = TypeVar("T")
 
 
 class Refused(Exception):
-    """The state says no, other than through the store's NotFound/Conflict (exit 1)."""
+    """The state says no, other than through the store's NoSuchRecord/Conflict (exit 1)."""
 
 
 # --- input ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from oscar.names import require_device_id, require_resource_id
 
-from ..store import NotFound, Store
+from ..store import NoSuchRecord, Store
 from .common import (
     DEVICE_FIELDS,
     EPOCH_FIELDS,
@@ -108,7 +108,7 @@ def cmd_compromise(args: argparse.Namespace, now: int) -> int:
         target = await store.epoch(rid, args.epoch)
         if target is None:
             which = "an active epoch" if args.epoch is None else f"an epoch {args.epoch}"
-            raise NotFound(f"resource {rid} has no {which}")
+            raise NoSuchRecord(f"resource {rid} has no {which}")
         return target.epoch, await store.compromise(rid, target.epoch, now)
 
     epoch, active = run_on_store(args, body)

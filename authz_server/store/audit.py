@@ -36,17 +36,15 @@ import asyncio
 import json
 import logging
 import math
-import sqlite3
 import struct
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from oscar import cbor
 
 from ..envelope import Envelope
-from .database import Database
+from .backend import Backend, SnapshotReader
 from .denials import MAX_WINDOWS, DenialTally, Entry
 from .schema import AuditRecord
 
@@ -71,11 +69,13 @@ _TEXT_CACHE = 65_536
 _CHECKPOINT_PREFIX = b"\xff" * 33
 
 
-class AuditLog(Database):
-    """The audit chain of :class:`Database`; see the module docstring."""
+class AuditLog:
+    """The audit chain over a store's backend; see the module docstring. Other components append
+    to it inside their own transactions (:meth:`append`, :meth:`append_many`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, db: Backend, envelope: Envelope) -> None:
+        self.db = db
+        self._vault = envelope
         self.denials = DenialTally(DENIAL_INTERVAL)
         self._denial_timer: asyncio.TimerHandle | None = None
         self._denial_flush: asyncio.Task[None] | None = None
@@ -87,23 +87,25 @@ class AuditLog(Database):
         self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
     ) -> None:
         """Append one audit record in a transaction of its own."""
-        async with self._transaction(count=False):
-            await self._audit(actor, action, subject, result, detail, now)
+        async with self.db.transaction(count=False):
+            await self.append(actor, action, subject, result, detail, now)
 
-    async def _audit(
+    async def append(
         self, actor: str, action: str, subject: str, result: str, detail: dict[str, Any], now: int
     ) -> None:
-        await self._audit_many([(actor, action, subject, result, detail, now)])
+        """Append one record inside the caller's transaction."""
+        await self.append_many([(actor, action, subject, result, detail, now)])
 
-    async def _audit_many(self, records: Sequence[Entry]) -> None:
+    async def append_many(self, records: Sequence[Entry]) -> None:
         """Append (actor, action, subject, result, detail, at) records to the chain, in order,
         inside the caller's transaction: one read of the head and one write of the rows and one of
         the new head, however many records (a bulk enrolment, a batch of deliveries)."""
         if not records:
             return
-        last = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
+        sql = self.db.sql
+        last = await self.db.one(sql.LAST_RECORD)
         if last is None:  # empty: from the checkpoint, if everything was pruned
-            last = await self._one("SELECT seq, chain FROM audit_checkpoint WHERE id = 1")
+            last = await self.db.one(sql.CHECKPOINT)
         seq, chain = (0, b"") if last is None else (int(last[0]), bytes(last[1]))
         rows = []
         for actor, action, subject, result, detail, now in records:
@@ -113,12 +115,8 @@ class AuditLog(Database):
                 chain, audit_bytes(seq, now, actor, action, subject, result, text)
             )
             rows.append((seq, now, actor, action, subject, result, text, chain))
-        await self._db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        await self._db.execute(
-            "INSERT INTO meta VALUES ('audit_head', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (cbor.dumps([seq, chain]),),
-        )
+        await self.db.executemany(sql.RECORD_INSERT, rows)
+        await self.db.execute(sql.HEAD_SET, (cbor.dumps([seq, chain]),))
 
     # --- denials ---------------------------------------------------------------------------------
 
@@ -143,8 +141,8 @@ class AuditLog(Database):
         self._unwritten = []
         if entries:
             try:
-                async with self._transaction(count=False):
-                    await self._audit_many(entries)
+                async with self.db.transaction(count=False):
+                    await self.append_many(entries)
             except BaseException:
                 # Kept for the next flush (a second later, or at close), within a bound.
                 self._unwritten = (entries + self._unwritten)[-_MAX_UNWRITTEN:]
@@ -171,32 +169,29 @@ class AuditLog(Database):
             log.exception("cannot write the counted denials; retrying")
         finally:
             self._denial_flush = None
-        if self._db is not None:
+        if not self.db.closed:
             self._arm_denial_timer()
 
     async def close(self) -> None:
-        """Write every counted denial, then close the database; closing twice is harmless."""
+        """Write every counted denial (the database stays open); closing twice is harmless."""
         if self._denial_timer is not None:
             self._denial_timer.cancel()
             self._denial_timer = None
         if self._denial_flush is not None:
             await asyncio.gather(self._denial_flush, return_exceptions=True)
-        if self._db is not None and (len(self.denials) or self._unwritten):
+        if not self.db.closed and (len(self.denials) or self._unwritten):
             try:
                 await self.flush_denials(drain=True)
             except Exception:
                 log.exception("cannot write the counted denials at close")
-        await super().close()
 
     # --- reading ---------------------------------------------------------------------------------
 
     async def audit_records(self, since: int = 0) -> list[AuditRecord]:
         """The records after ``since`` (and after the checkpoint), oldest first."""
-        base = await self._one("SELECT seq FROM audit_checkpoint WHERE id = 1")
-        rows = await self._all(
-            "SELECT seq, at, actor, action, subject, result, detail FROM audit WHERE seq > ? "
-            "ORDER BY seq",
-            (max(since, 0 if base is None else int(base[0])),),
+        base = await self.db.one(self.db.sql.CHECKPOINT_SEQ)
+        rows = await self.db.all(
+            self.db.sql.RECORDS_AFTER, (max(since, 0 if base is None else int(base[0])),)
         )
         return [
             AuditRecord(
@@ -218,19 +213,15 @@ class AuditLog(Database):
         :meth:`verify_audit` detect a log cut back to an earlier, self-consistent state, which
         nothing inside the state directory can.
         """
-        row = await self._one("SELECT seq, chain FROM audit ORDER BY seq DESC LIMIT 1")
+        row = await self.db.one(self.db.sql.LAST_RECORD)
         return (0, b"") if row is None else (int(row[0]), bytes(row[1]))
-
-    async def _file(self) -> Path:
-        row = await self._one("PRAGMA database_list")
-        return Path(row[2])
 
     async def verify_audit(self, expected: tuple[int, bytes] | None = None) -> tuple[bool, str]:
         """Walk the chain from the checkpoint: (True, summary) if intact, else (False, where it
         breaks). ``expected`` is a head recorded earlier (see :meth:`audit_head`): the log must
         still hold that record with that chain value."""
-        path = await self._file()
-        return await asyncio.to_thread(_walk, path, self._vault, expected)
+        sql, vault = self.db.sql, self._vault
+        return await self.db.snapshot(lambda reader: _walk(reader, sql, vault, expected))
 
     # --- pruning ---------------------------------------------------------------------------------
 
@@ -244,21 +235,19 @@ class AuditLog(Database):
         none, records deleted)."""
         if limit is not None and (type(limit) is not int or limit < 1):
             raise ValueError("limit must be a whole number, at least 1")
-        async with self._transaction(count=False):
-            row = await self._one("SELECT seq FROM audit_checkpoint WHERE id = 1")
+        sql = self.db.sql
+        async with self.db.transaction(count=False):
+            row = await self.db.one(sql.CHECKPOINT_SEQ)
             base = 0 if row is None else int(row[0])
             upper = base + limit if limit is not None else _MAX_SEQ
-            row = await self._one(
-                "SELECT seq FROM audit WHERE seq > ? AND seq <= ? AND at >= ? ORDER BY seq LIMIT 1",
-                (base, upper, before),
-            )
+            row = await self.db.one(sql.FIRST_KEPT, (base, upper, before))
             if row is None:  # every record up to ``upper`` is older (seqs have no gaps)
-                row = await self._one("SELECT MIN(MAX(seq), ?) + 1 FROM audit", (upper,))
+                row = await self.db.one(sql.PAST_LAST, (upper,))
             through = int(row[0] or 1) - 1
             if through > base:
-                last = await self._one("SELECT chain FROM audit WHERE seq = ?", (through,))
+                last = await self.db.one(sql.CHAIN_AT, (through,))
                 chain = bytes(last[0])
-                await self._audit(
+                await self.append(
                     actor,
                     "prune",
                     "audit",
@@ -266,10 +255,8 @@ class AuditLog(Database):
                     {"before": before, "through": through, "records": through - base},
                     now,
                 )
-                await self._db.execute(
-                    "INSERT INTO audit_checkpoint VALUES (1, ?, ?, ?, ?) ON CONFLICT(id) DO "
-                    "UPDATE SET seq = excluded.seq, chain = excluded.chain, at = excluded.at, "
-                    "mac = excluded.mac",
+                await self.db.execute(
+                    sql.CHECKPOINT_SET,
                     (through, chain, now, checkpoint_mac(self._vault, through, chain, now)),
                 )
         return (through if through > base else 0), await self._delete_pruned()
@@ -278,21 +265,18 @@ class AuditLog(Database):
         """Delete the records the checkpoint covers, a batch per transaction."""
         deleted = 0
         while True:
-            async with self._transaction(count=False):
-                row = await self._one(
-                    "SELECT MIN(a.seq), c.seq FROM audit a, audit_checkpoint c "
-                    "WHERE c.id = 1 AND a.seq <= c.seq"
-                )
+            async with self.db.transaction(count=False):
+                row = await self.db.one(self.db.sql.PRUNED_LEFT)
                 if row is None or row[0] is None:
                     break
-                cursor = await self._db.execute(
-                    "DELETE FROM audit WHERE seq BETWEEN ? AND ?",
+                changed = await self.db.execute(
+                    self.db.sql.RECORDS_DELETE,
                     (row[0], min(int(row[1]), int(row[0]) + PRUNE_BATCH - 1)),
                 )
-                deleted += max(cursor.rowcount, 0)
+                deleted += max(changed, 0)
             await asyncio.sleep(0)  # let the requests waiting for the database in
         if deleted:
-            await self._erase_freed()
+            await self.db.erase_freed()
         return deleted
 
 
@@ -358,30 +342,17 @@ def audit_bytes(
     return cbor.dumps([seq, at, actor, action, subject, result, detail])
 
 
-# --- verification, in a worker thread ------------------------------------------------------------
+# --- verification, in the backend's worker thread -----------------------------------------------
 
 
-def _walk(path: Path, vault: Envelope, expected: tuple[int, bytes] | None) -> tuple[bool, str]:
-    """:meth:`AuditLog.verify_audit` on a read-only connection of its own, in one snapshot."""
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    try:
-        con.execute("PRAGMA busy_timeout=10000")
-        con.execute("BEGIN")  # one read transaction: head, checkpoint and rows agree
-        try:
-            return _walk_snapshot(con, vault, expected)
-        finally:
-            con.execute("COMMIT")
-    finally:
-        con.close()
-
-
-def _walk_snapshot(
-    con: sqlite3.Connection, vault: Envelope, expected: tuple[int, bytes] | None
+def _walk(
+    reader: SnapshotReader, sql: Any, vault: Envelope, expected: tuple[int, bytes] | None
 ) -> tuple[bool, str]:
+    """:meth:`AuditLog.verify_audit` in one snapshot (the head, the checkpoint and the rows
+    agree), in the backend's worker thread."""
     chain = vault.chain_function()
     base, previous, pruned = 0, b"", ""
-    checkpoint = con.execute("SELECT seq, chain, at, mac FROM audit_checkpoint WHERE id = 1")
-    row = checkpoint.fetchone()
+    row = reader.one(sql.CHECKPOINT_ROW)
     if row is not None:
         seq, value, at, mac = row
         if not (
@@ -395,11 +366,7 @@ def _walk_snapshot(
         base, previous = seq, value
         pruned = f" after the checkpoint at record {seq}"
     want_seq, seen = base + 1, None
-    cursor = con.execute(
-        "SELECT seq, at, actor, action, subject, result, detail, chain FROM audit "
-        "WHERE seq > ? ORDER BY seq",
-        (base,),
-    )
+
     # audit_bytes, with the texts' encodings remembered: actors, actions, subjects, results and
     # many details repeat (0.7 rather than 2 microseconds a record).
     texts: dict[str, bytes] = {}
@@ -412,7 +379,7 @@ def _walk_snapshot(
         return encoded
 
     join = b"".join
-    while rows := cursor.fetchmany(_VERIFY_BATCH):
+    for rows in reader.batches(sql.CHAINED_RECORDS_AFTER, (base,), _VERIFY_BATCH):
         for seq, at, actor, action, subject, result, detail, value in rows:
             if seq != want_seq:
                 return False, f"record {want_seq} is missing"
@@ -445,7 +412,7 @@ def _walk_snapshot(
             seen = row[1] if row is not None else None  # the checkpoint's, vouched for above
         if seen != expected[1]:
             return False, f"the log no longer holds the recorded head (record {expected[0]})"
-    head_row = con.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+    head_row = reader.one(sql.HEAD)
     if head_row is None:
         if count == 0 and base == 0:
             return True, "empty"

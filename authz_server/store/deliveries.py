@@ -21,7 +21,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from .audit import AuditLog
-from .database import json_list
+from .backend import Backend
 from .schema import StoreError
 
 __all__ = ["MAX_BATCH", "Deliveries"]
@@ -40,10 +40,13 @@ class _Batch:
     entries: list[tuple[_Delivery, int]] = field(default_factory=list)  # (delivery, at)
 
 
-class Deliveries(AuditLog):
+class Deliveries:
     """The ``deliveries`` table, with grouped commits."""
 
-    _open_batch: _Batch | None = None
+    def __init__(self, db: Backend, audit: AuditLog) -> None:
+        self.db = db
+        self.audit = audit
+        self._open_batch: _Batch | None = None
 
     async def record_delivery(self, device_id: str, resource_id: str, epoch: int, now: int) -> bool:
         """Note that ``device_id`` was handed the secret of (resource, epoch); the first time,
@@ -72,7 +75,7 @@ class Deliveries(AuditLog):
     async def _write_batch(self, batch: _Batch) -> None:
         """Lead ``batch``: wait for the store, close the batch, write it, tell its callers."""
         try:
-            async with self._transaction(count=False):
+            async with self.db.transaction(count=False):
                 if self._open_batch is batch:
                     self._open_batch = None  # later callers make up the next batch
                 written = await self._insert(batch.entries)
@@ -91,18 +94,16 @@ class Deliveries(AuditLog):
 
     async def _insert(self, entries: list[tuple[_Delivery, int]]) -> set[_Delivery]:
         """Insert the deliveries not yet in the table and audit each; returns those."""
-        cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO deliveries SELECT value ->> 0, value ->> 1, value ->> 2, "
-            "value ->> 3 FROM json_each(?) RETURNING device_id, resource_id, epoch",
-            (json_list([d, r, e, now] for (d, r, e), now in entries),),
+        sql = self.db.sql
+        rows = await self.db.returning(
+            sql.DELIVERIES_INSERT_NEW, (sql.id_list([d, r, e, now] for (d, r, e), now in entries),)
         )
-        written = {(d, r, int(e)) for d, r, e in await cursor.fetchall()}
-        await cursor.close()
+        written = {(d, r, int(e)) for d, r, e in rows}
         audited, records = set(), []
         for (device_id, resource_id, epoch), now in entries:
             delivery = (device_id, resource_id, epoch)
             if delivery in written and delivery not in audited:
                 audited.add(delivery)
                 records.append((device_id, "secret", resource_id, "ok", {"epoch": epoch}, now))
-        await self._audit_many(records)
+        await self.audit.append_many(records)
         return written

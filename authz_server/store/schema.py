@@ -1,12 +1,12 @@
-"""The AS database's schema, its migrations, and the records the store hands out.
+"""The records the AS store hands out, its errors, and the names every backend shares.
 
-This module holds data only: the SQL of each schema version, the record types, the errors. The
-queries live in :mod:`.database`, :mod:`.keyring` and :mod:`authz_server.store`.
+This module holds data only: the record types, the errors, the KMIP state names, the contexts the
+envelope binds stored secrets to, the state directory's file names. No SQL: that is a backend's
+(:mod:`.sqlite`); no queries: those are the components'.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,21 +19,19 @@ __all__ = [
     "DEACTIVATED",
     "DESTROYED",
     "MASTER_KEY_NAME",
-    "MIGRATIONS",
     "PRE_ACTIVE",
     "ROLES",
-    "SCHEMA_VERSION",
     "AuditRecord",
     "Conflict",
+    "DatabaseError",
     "Device",
     "Epoch",
-    "NotFound",
+    "NoSuchRecord",
     "Resource",
     "SecretView",
     "StoreError",
     "psk_context",
     "secret_context",
-    "split_script",
 ]
 
 DB_NAME = "as.db"
@@ -47,155 +45,24 @@ PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED, DESTROYED = (
     "destroyed",
 )
 
-MIGRATIONS: list[str] = [
-    # 1: the first schema.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-    CREATE TABLE devices (
-        id TEXT PRIMARY KEY,
-        role TEXT NOT NULL CHECK (role IN ('producer', 'consumer', 'proxy')),
-        psk BLOB,
-        status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-        enrolled_at INTEGER NOT NULL,
-        revoked_at INTEGER
-    );
-    CREATE TABLE certificates (
-        serial TEXT PRIMARY KEY,
-        device_id TEXT NOT NULL REFERENCES devices(id),
-        kid BLOB NOT NULL,
-        der BLOB NOT NULL,
-        not_before INTEGER NOT NULL,
-        not_after INTEGER NOT NULL,
-        issued_at INTEGER NOT NULL,
-        revoked_at INTEGER
-    );
-    CREATE INDEX certificates_device ON certificates(device_id);
-    CREATE INDEX certificates_kid ON certificates(kid);
-    CREATE TABLE resources (
-        id TEXT PRIMARY KEY,
-        producer_id TEXT NOT NULL REFERENCES devices(id),
-        content_format INTEGER NOT NULL,
-        profile TEXT NOT NULL,
-        max_age INTEGER NOT NULL,
-        rotation_period INTEGER NOT NULL,
-        registered_at INTEGER NOT NULL
-    );
-    CREATE TABLE epochs (
-        resource_id TEXT NOT NULL REFERENCES resources(id),
-        epoch INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN
-            ('pre-active', 'active', 'deactivated', 'compromised', 'destroyed')),
-        secret BLOB,
-        created_at INTEGER NOT NULL,
-        activated_at INTEGER,
-        deactivated_at INTEGER,
-        PRIMARY KEY (resource_id, epoch)
-    );
-    CREATE TABLE grants (
-        id INTEGER PRIMARY KEY,
-        consumer_id TEXT NOT NULL REFERENCES devices(id),
-        pattern TEXT NOT NULL,
-        until INTEGER,
-        granted_at INTEGER NOT NULL,
-        revoked_at INTEGER
-    );
-    CREATE INDEX grants_consumer ON grants(consumer_id);
-    CREATE TABLE exclusions (
-        consumer_id TEXT NOT NULL,
-        resource_id TEXT NOT NULL,
-        from_epoch INTEGER NOT NULL,
-        to_epoch INTEGER,
-        created_at INTEGER NOT NULL
-    );
-    CREATE INDEX exclusions_lookup ON exclusions(consumer_id, resource_id);
-    CREATE TABLE audit (
-        seq INTEGER PRIMARY KEY,
-        at INTEGER NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        result TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        chain BLOB NOT NULL
-    );
-    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    """,
-    # 2: who was handed which epoch's secret, so that each first delivery is audited once.
-    """
-    CREATE TABLE deliveries (
-        device_id TEXT NOT NULL,
-        resource_id TEXT NOT NULL,
-        epoch INTEGER NOT NULL,
-        delivered_at INTEGER NOT NULL,
-        PRIMARY KEY (device_id, resource_id, epoch)
-    );
-    """,
-    # 3: nothing done once a second or per request scans a table that grows with the resources,
-    # grants, devices or a resource's history of epochs: the active epoch's due time
-    # (activated_at + rotation_period; NULL for a resource that never rotates) kept with it and
-    # indexed; the live epochs of a resource; indexes for destruction, grant expiry, a
-    # producer's resources and enrolment's case-insensitive id check.
-    """
-    ALTER TABLE epochs ADD COLUMN rotate_at INTEGER;
-    UPDATE epochs SET rotate_at = activated_at + (
-        SELECT NULLIF(r.rotation_period, 0) FROM resources r WHERE r.id = epochs.resource_id)
-        WHERE state = 'active';
-    CREATE INDEX epochs_due ON epochs(rotate_at) WHERE state = 'active' AND rotate_at IS NOT NULL;
-    CREATE INDEX epochs_active ON epochs(resource_id) WHERE state = 'active';
-    CREATE INDEX epochs_live ON epochs(resource_id, state) WHERE state IN ('active', 'pre-active');
-    CREATE INDEX epochs_retired ON epochs(deactivated_at)
-        WHERE state IN ('deactivated', 'compromised');
-    CREATE INDEX resources_producer ON resources(producer_id);
-    CREATE INDEX grants_until ON grants(until) WHERE revoked_at IS NULL AND until IS NOT NULL;
-    CREATE INDEX devices_folded ON devices(lower(id));
-    """,
-    # 4: the audit log may be pruned behind a checkpoint (see store/audit.py): the last pruned
-    # record's seq and chain value with a MAC under the audit key; only records the checkpoint
-    # covers may be deleted.
-    """
-    CREATE TABLE audit_checkpoint (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        seq INTEGER NOT NULL,
-        chain BLOB NOT NULL,
-        at INTEGER NOT NULL,
-        mac BLOB NOT NULL
-    );
-    DROP TRIGGER audit_no_delete;
-    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-        WHEN old.seq > COALESCE((SELECT seq FROM audit_checkpoint WHERE id = 1), 0)
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only (prune behind a checkpoint)');
-        END;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def split_script(script: str) -> list[str]:
-    """The statements of a migration script (triggers hold ';' inside BEGIN ... END)."""
-    statements, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
-    if current.strip():
-        raise ValueError("a migration ends in an incomplete statement")
-    return statements
-
 
 class StoreError(Exception):
-    """The database is unusable (corrupt, from a newer version, wrong master key)."""
+    """The state directory or database is unusable (corrupt, from a newer version, wrong master
+    key), or one of the refusals below."""
 
 
-class NotFound(StoreError):
-    """The device, resource or epoch asked for does not exist."""
+class NoSuchRecord(StoreError):
+    """The device, resource, epoch or grant asked for does not exist (not the 4.04 reply,
+    :class:`authz_server.messages.NotFound`, which the endpoints decide on)."""
 
 
 class Conflict(StoreError):
     """The thing to create exists already, or the change contradicts the state."""
+
+
+class DatabaseError(StoreError):
+    """The database failed a statement: locked for too long, an I/O error, damaged. Raised by
+    the backend for its driver's errors (the only place those are translated)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,36 +12,24 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
-from ..envelope import VaultError
-from .database import json_list
-from .keyring import KeyRecords
-from .schema import Conflict, Epoch, NotFound, Resource, SecretView, StoreError, secret_context
+from ..envelope import Envelope, VaultError
+from .audit import AuditLog
+from .backend import Backend
+from .keyring import Keyring
+from .schema import Conflict, Epoch, NoSuchRecord, Resource, SecretView, StoreError, secret_context
 
-__all__ = ["Grants"]
-
-# What a secret request is decided on (Grants.secret_view); two statements, not one with
-# "e.epoch = :epoch OR (:epoch IS NULL AND e.state = 'active')", which SQLite can answer only by
-# walking the resource's whole history of epochs.
-_VIEW_SELECT = (
-    "SELECT r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
-    "r.rotation_period, r.registered_at, "
-    "e.epoch, e.state, e.created_at, e.activated_at, e.deactivated_at, e.secret, "
-    "EXISTS (SELECT 1 FROM grants g WHERE g.consumer_id = :device "
-    "  AND g.revoked_at IS NULL AND (g.until IS NULL OR :now < g.until) "
-    "  AND oscar_match(:resource, g.pattern)), "
-    "EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = :device "
-    "  AND x.resource_id = :resource AND x.from_epoch <= COALESCE(e.epoch, :epoch, 0) "
-    "  AND (x.to_epoch IS NULL OR COALESCE(e.epoch, :epoch, 0) <= x.to_epoch)) "
-    "FROM (SELECT 1) AS one "
-    "LEFT JOIN resources r ON r.id = :resource "
-    "LEFT JOIN epochs e ON e.resource_id = :resource AND "
-)
-_VIEW_OF_ACTIVE = _VIEW_SELECT + "e.state = 'active'"
-_VIEW_OF_EPOCH = _VIEW_SELECT + "e.epoch = :epoch"
+__all__ = ["Access"]
 
 
-class Grants(KeyRecords):
-    """The queries on grants and exclusions, and what is decided on them."""
+class Access:
+    """Grants and exclusions, and what is decided on them, over a store's backend; a revocation
+    or a readmission rotates through the :class:`Keyring`."""
+
+    def __init__(self, db: Backend, envelope: Envelope, audit: AuditLog, keyring: Keyring) -> None:
+        self.db = db
+        self._vault = envelope
+        self.audit = audit
+        self.keyring = keyring
 
     # --- grants ----------------------------------------------------------------------------------
 
@@ -67,29 +55,23 @@ class Grants(KeyRecords):
         """Grant each (consumer, pattern, until) as :meth:`add_grant` does, in order, all in one
         transaction (one commit for a bulk grant). :class:`Conflict`, and nothing granted, if
         one consumer is not an active consumer. Returns the resources rotated, over all."""
-        async with self._transaction():
-            consumers = json_list(sorted({consumer for consumer, _, _ in grants}))
+        sql = self.db.sql
+        async with self.db.transaction():
+            consumers = sql.id_list(sorted({consumer for consumer, _, _ in grants}))
             status = {
                 device_id: (role, state)
-                for device_id, role, state in await self._all(
-                    "SELECT id, role, status FROM devices "
-                    "WHERE id IN (SELECT value FROM json_each(?))",
-                    (consumers,),
+                for device_id, role, state in await self.db.all(
+                    sql.DEVICES_ROLE_STATUS, (consumers,)
                 )
             }
             excluded: dict[str, list[str]] = {}  # consumer -> resources it is shut out of now
-            for consumer_id, resource_id in await self._all(
-                "SELECT DISTINCT consumer_id, resource_id FROM exclusions WHERE to_epoch IS NULL "
-                "AND consumer_id IN (SELECT value FROM json_each(?)) "
-                "ORDER BY consumer_id, resource_id",
-                (consumers,),
-            ):
+            for consumer_id, resource_id in await self.db.all(sql.OPEN_EXCLUSIONS_OF, (consumers,)):
                 excluded.setdefault(consumer_id, []).append(resource_id)
             for consumer_id, _, _ in grants:
                 if status.get(consumer_id) != ("consumer", "active"):
                     raise Conflict(f"{consumer_id!r} is not an active consumer")
-            await self._db.executemany(
-                "INSERT INTO grants VALUES (NULL, ?, ?, ?, ?, NULL)",
+            await self.db.executemany(
+                sql.GRANT_INSERT,
                 [(consumer_id, pattern, until, now) for consumer_id, pattern, until in grants],
             )
             records: list[tuple[str, str, str, str, dict[str, Any], int]] = []
@@ -101,7 +83,7 @@ class Grants(KeyRecords):
                      {"pattern": pattern, "until": until, "rotated": rotated}, now)
                 )  # fmt: skip
                 rotated_all.extend(rotated)
-            await self._audit_many(records)
+            await self.audit.append_many(records)
             return rotated_all
 
     async def _readmit(
@@ -113,18 +95,13 @@ class Grants(KeyRecords):
         for resource_id in list(excluded.get(consumer_id, ())):
             if not fnmatch.fnmatchcase(resource_id, pattern):
                 continue
-            active = await self._one(
-                "SELECT epoch FROM epochs WHERE resource_id = ? AND state = 'active'",
-                (resource_id,),
-            )
+            active = await self.db.one(self.db.sql.ACTIVE_EPOCH, (resource_id,))
             if active is None:  # a retired resource: nothing new to let it into
                 continue
-            await self._db.execute(
-                "UPDATE exclusions SET to_epoch = ? WHERE consumer_id = ? AND resource_id = ? "
-                "AND to_epoch IS NULL",
-                (active[0], consumer_id, resource_id),
+            await self.db.execute(
+                self.db.sql.EXCLUSION_CLOSE, (active[0], consumer_id, resource_id)
             )
-            await self._rotate(resource_id, now)
+            await self.keyring.advance(resource_id, now)
             excluded[consumer_id].remove(resource_id)
             rotated.append(resource_id)
         return rotated
@@ -133,9 +110,9 @@ class Grants(KeyRecords):
         """Revoke the consumer's grants (those with exactly ``pattern``, or all): every resource
         it could read rotates at once and it is excluded from the new epoch on. Returns the
         resources rotated."""
-        async with self._transaction():
-            rotated = await self._revoke_grants(consumer_id, pattern, now, required=True)
-            await self._audit(
+        async with self.db.transaction():
+            rotated = await self.end_grants_of(consumer_id, pattern, now, required=True)
+            await self.audit.append(
                 "admin",
                 "revoke-grant",
                 consumer_id,
@@ -145,7 +122,7 @@ class Grants(KeyRecords):
             )
             return rotated
 
-    async def _revoke_grants(
+    async def end_grants_of(
         self,
         consumer_id: str,
         pattern: str | None,
@@ -153,13 +130,15 @@ class Grants(KeyRecords):
         *,
         required: bool = False,
     ) -> list[str]:
-        grants = await self._all(
-            "SELECT id, pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL",
-            (consumer_id,),
-        )
+        """Revoke the consumer's grants (with exactly ``pattern``, or all) inside the caller's
+        transaction, as :meth:`revoke_grants` does (no audit record); :class:`NoSuchRecord` if
+        ``required`` and there is none. Returns the resources rotated."""
+        grants = await self.db.all(self.db.sql.UNREVOKED_GRANTS, (consumer_id,))
         chosen = [(gid, p) for gid, p in grants if pattern is None or p == pattern]
         if not chosen and required:
-            raise NotFound(f"no grant of {consumer_id!r}" + (f" on {pattern!r}" if pattern else ""))
+            raise NoSuchRecord(
+                f"no grant of {consumer_id!r}" + (f" on {pattern!r}" if pattern else "")
+            )
         return await self._end_grants(consumer_id, chosen, now, keep_covered=False)
 
     async def _end_grants(
@@ -169,52 +148,36 @@ class Grants(KeyRecords):
         excluded from the new epoch on. With ``keep_covered``, resources another live grant of the
         consumer still covers are left alone (an expiry, unlike a revocation, takes only what
         that grant gave)."""
+        sql = self.db.sql
         patterns = [p for _, p in chosen]
         for gid, _ in chosen:
-            await self._db.execute("UPDATE grants SET revoked_at = ? WHERE id = ?", (now, gid))
+            await self.db.execute(sql.GRANT_REVOKE, (now, gid))
         remaining = []
         if keep_covered:
-            remaining = [
-                p
-                for (p,) in await self._all(
-                    "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
-                    "AND (until IS NULL OR ? < until)",
-                    (consumer_id, now),
-                )
-            ]
+            remaining = [p for (p,) in await self.db.all(sql.LIVE_PATTERNS, (consumer_id, now))]
         resources = [
             rid
-            for (rid,) in await self._all(
-                "SELECT DISTINCT resource_id FROM epochs WHERE state = 'active' "
-                "ORDER BY resource_id"
-            )
+            for (rid,) in await self.db.all(sql.ACTIVE_RESOURCE_IDS)
             if any(fnmatch.fnmatchcase(rid, p) for p in patterns)
             and not any(fnmatch.fnmatchcase(rid, p) for p in remaining)
         ]
         for resource_id in resources:
-            new_epoch = await self._rotate(resource_id, now)
-            await self._db.execute(
-                "INSERT INTO exclusions VALUES (?, ?, ?, NULL, ?)",
-                (consumer_id, resource_id, new_epoch, now),
-            )
+            new_epoch = await self.keyring.advance(resource_id, now)
+            await self.db.execute(sql.EXCLUSION_INSERT, (consumer_id, resource_id, new_epoch, now))
         return resources
 
     async def expire_grants(self, now: int) -> list[tuple[str, list[str]]]:
         """End every grant whose ``until`` has passed as a revocation would: what it alone gave
         rotates, and the consumer is excluded from the new epoch on. Returns (consumer, rotated)
         per grant ended."""
-        expired = await self._all(
-            "SELECT id, consumer_id, pattern FROM grants WHERE revoked_at IS NULL "
-            "AND until IS NOT NULL AND until <= ? ORDER BY id",
-            (now,),
-        )
+        expired = await self.db.all(self.db.sql.EXPIRED_GRANTS, (now,))
         ended = []
         for gid, consumer_id, pattern in expired:
-            async with self._transaction():
+            async with self.db.transaction():
                 rotated = await self._end_grants(
                     consumer_id, [(gid, pattern)], now, keep_covered=True
                 )
-                await self._audit(
+                await self.audit.append(
                     "as", "expire-grant", consumer_id, "ok",
                     {"pattern": pattern, "rotated": rotated}, now,
                 )  # fmt: skip
@@ -222,11 +185,7 @@ class Grants(KeyRecords):
         return ended
 
     async def excluded_resources(self, consumer_id: str) -> list[str]:
-        rows = await self._all(
-            "SELECT DISTINCT resource_id FROM exclusions "
-            "WHERE consumer_id = ? AND to_epoch IS NULL",
-            (consumer_id,),
-        )
+        rows = await self.db.all(self.db.sql.EXCLUDED_RESOURCES, (consumer_id,))
         return [r for (r,) in rows]
 
     async def grants(
@@ -234,20 +193,19 @@ class Grants(KeyRecords):
     ) -> list[tuple[int, str, str, int | None, int, int | None]]:
         """(id, consumer, pattern, until, granted at, revoked at) of grants, oldest first."""
         if consumer_id is None:
-            return await self._all("SELECT * FROM grants ORDER BY id")
-        return await self._all(
-            "SELECT * FROM grants WHERE consumer_id = ? ORDER BY id", (consumer_id,)
-        )
+            return await self.db.all(self.db.sql.GRANTS)
+        return await self.db.all(self.db.sql.GRANTS_OF, (consumer_id,))
 
     async def secret_view(
         self, device_id: str, resource_id: str, epoch: int | None, now: int
     ) -> SecretView:
         """Everything a secret request is decided on, in one point read on the event loop's
-        thread (:meth:`_lookup`): the resource, the epoch asked for (the active one when
+        thread (:meth:`Backend.lookup`): the resource, the epoch asked for (the active one when
         ``epoch`` is None) with its secret decrypted, and whether the device's live grants cover
         the resource and leave that epoch unexcluded."""
-        row = await self._lookup(
-            _VIEW_OF_ACTIVE if epoch is None else _VIEW_OF_EPOCH,
+        sql = self.db.sql
+        row = await self.db.lookup(
+            sql.VIEW_OF_ACTIVE if epoch is None else sql.VIEW_OF_EPOCH,
             {"device": device_id, "resource": resource_id, "epoch": epoch, "now": now},
         )
         resource = None if row[0] is None else Resource(*row[0:7])
@@ -280,27 +238,15 @@ class Grants(KeyRecords):
         ``*``, ``?`` or ``[``), a range of the resources' primary key: the work grows with the
         resources the patterns cover, not with all resources (but a grant of ``*`` covers all).
         """
+        sql = self.db.sql
         patterns = {
-            pattern
-            for (pattern,) in await self._all(
-                "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
-                "AND (until IS NULL OR ? < until)",
-                (consumer_id, now),
-            )
+            pattern for (pattern,) in await self.db.all(sql.LIVE_PATTERNS, (consumer_id, now))
         }
         found: dict[str, tuple[Resource, int]] = {}
         for pattern in sorted(patterns):
-            low, high = _prefix_range(pattern)
-            # An upper bound written out, not "(:high IS NULL OR r.id < :high)": SQLite uses only
-            # the lower one of that, and would scan every id above it.
-            rows = await self._all(
-                "SELECT r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
-                "r.rotation_period, r.registered_at, e.epoch FROM resources r "
-                "JOIN epochs e ON e.resource_id = r.id AND e.state = 'active' "
-                "WHERE r.id >= :low AND r.id < :high AND oscar_match(r.id, :pattern) "
-                "AND NOT EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = :consumer "
-                "  AND x.resource_id = r.id AND x.from_epoch <= e.epoch "
-                "  AND (x.to_epoch IS NULL OR e.epoch <= x.to_epoch))",
+            low, high = sql.prefix_range(pattern)
+            rows = await self.db.all(
+                sql.READABLE_IN_RANGE,
                 {"low": low, "high": high, "pattern": pattern, "consumer": consumer_id},
             )
             for row in rows:
@@ -309,27 +255,9 @@ class Grants(KeyRecords):
 
     async def may_read(self, consumer_id: str, resource_id: str, epoch: int, now: int) -> bool:
         """Whether a live grant covers the resource and no revocation excludes the epoch."""
-        grants = await self._all(
-            "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
-            "AND (until IS NULL OR ? < until)",
-            (consumer_id, now),
-        )
+        sql = self.db.sql
+        grants = await self.db.all(sql.LIVE_PATTERNS, (consumer_id, now))
         if not any(fnmatch.fnmatchcase(resource_id, p) for (p,) in grants):
             return False
-        excluded = await self._one(
-            "SELECT 1 FROM exclusions WHERE consumer_id = ? AND resource_id = ? "
-            "AND from_epoch <= ? AND (to_epoch IS NULL OR ? <= to_epoch)",
-            (consumer_id, resource_id, epoch, epoch),
-        )
+        excluded = await self.db.one(sql.EXCLUSION_COVERS, (consumer_id, resource_id, epoch, epoch))
         return excluded is None
-
-
-def _prefix_range(pattern: str) -> tuple[str, str | bytes]:
-    """Bounds [low, high) of the ids an ``fnmatch`` pattern can match: its literal prefix, and
-    that prefix with its last character incremented. Without an ASCII prefix, every id: the
-    empty blob as the upper bound, which SQLite sorts after all text."""
-    cut = min((i for i, c in enumerate(pattern) if c in "*?["), default=len(pattern))
-    prefix = pattern[:cut]
-    if not prefix or not prefix.isascii():
-        return "", b""
-    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
