@@ -25,6 +25,7 @@ from .aswire import reply_field as _field
 from .aswire import text as _text
 from .aswire import uint as _uint
 from .bundle import LINK_PSK_LENGTH, Bundle
+from .coaperrors import translate
 from .errors import AsError, AsUnavailable
 
 __all__ = ["AsClient"]
@@ -148,14 +149,11 @@ class AsClient:
             return response
         except TimeoutError:
             raise AsUnavailable(f"the AS did not answer {what} within {self.timeout:g} s") from None
-        except OSError as exc:
-            raise AsUnavailable(f"cannot reach the AS: {exc.strerror or exc}") from None
-        except Exception as exc:  # aiocoap's NetworkError, ConRetransmitsExceeded, ...
-            from aiocoap import error
-
-            if isinstance(exc, error.Error):
-                raise AsUnavailable(f"cannot reach the AS: {type(exc).__name__}") from None
-            raise
+        except Exception as exc:  # OSError, aiocoap's NetworkError, ConRetransmitsExceeded, ...
+            failure = translate(exc, "the AS")
+            if failure is None:
+                raise
+            raise AsUnavailable(f"cannot reach the AS: {failure}") from None
 
     # --- one method per endpoint ---
 
@@ -375,16 +373,13 @@ class AsClient:
                 finally:
                     pending = None
                 yield self._key_state(_decode(notification, "GET /keys"), resource_id)
-        except (TimeoutError, OSError) as exc:
-            raise AsUnavailable(f"observation of /keys failed: {exc}") from None
         except AsError:
             raise
         except Exception as exc:
-            from aiocoap import error
-
-            if isinstance(exc, error.Error):
-                raise AsUnavailable(f"observation of /keys failed: {type(exc).__name__}") from None
-            raise
+            failure = translate(exc, "the AS")
+            if failure is None:
+                raise
+            raise AsUnavailable(f"observation of /keys failed: {failure}") from None
         finally:
             if pending is not None:
                 pending.cancel()

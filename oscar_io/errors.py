@@ -6,6 +6,13 @@
     ├── AsError                     the AS refused or failed a request (``code``: the CoAP code)
     │   ├── AccessDenied            4.01 / 4.03: this device may not have what it asked for
     │   └── AsUnavailable           the AS did not answer in time (network, handshake, busy)
+    ├── TransportError              a peer could not be reached (oscar_io.coaperrors)
+    │   ├── NotFound                it answered 4.04
+    │   ├── Refused                 nothing listens there (ICMP port unreachable)
+    │   ├── TimedOut                no answer in time
+    │   └── Unreachable             no route, or the host name does not resolve
+    ├── SealError                   a sealed blob does not open (oscar_io.sealing; callers
+    │                               translate it: StateError, the AS's VaultError, a cache miss)
     └── UsageError                  bad command-line usage or configuration (exit 2)
 
 Foreign errors are translated where they arise: aiocoap's by :mod:`oscar_io.coaperrors`,
