@@ -517,3 +517,35 @@ async def test_a_consumer_asking_for_a_due_epoch_rotates_it(store: Store) -> Non
     # and epoch 3 is refused again: it is not due
     with pytest.raises(Forbidden):
         await endpoints.handle(Request(CONSUMER, "GET", ("secret",), ("r=" + RID, "e=3")))
+
+
+# --- the backend seam (issue 14) -----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_failing_statement_is_a_database_error_never_sqlite3s(store: Store) -> None:
+    from authz_server.store import DatabaseError
+
+    await store.add_certificate(0xA1, PRODUCER, b"k" * 8, b"der", NOW, NOW + 10, NOW)
+    with pytest.raises(DatabaseError, match=r"^database error: ") as caught:
+        await store.add_certificate(0xA1, PRODUCER, b"k" * 8, b"der", NOW, NOW + 10, NOW)
+    assert not isinstance(caught.value, sqlite3.Error)
+    assert isinstance(caught.value, StoreError)
+    assert await store.certificate(device_id=PRODUCER, now=NOW) == b"der"  # rolled back alone
+
+
+def test_every_sql_text_of_the_store_is_in_its_sqlite_module() -> None:
+    import ast
+
+    import authz_server.store as package
+
+    sql = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "PRAGMA ", "CREATE ", "BEGIN", "COMMIT")
+    found = []
+    for path in Path(package.__file__).parent.glob("*.py"):
+        if path.name == "sqlite.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and text.lstrip().startswith(sql):  # SQL is upper-case here
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []
