@@ -26,7 +26,15 @@ The package, by composition (each component holds the one backend, and the other
     └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL
 
 The records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` (a PostgreSQL
-backend provides a module of the same shape, issue 15).
+backend provides a module of the same shape, issue 15). The errors::
+
+    StoreError          the state directory or database is unusable (missing, corrupt, from a
+    │                   newer version, a wrong or exposed master key, a ciphertext that does
+    │                   not open)
+    ├── NoSuchRecord    no such device, resource, epoch or grant
+    ├── Conflict        the thing to create exists already, or the change contradicts the state
+    └── DatabaseError   a statement failed (locked too long, I/O, damaged): the driver's errors,
+                        translated by the backend only (:mod:`.sqlite_backend`)
 """
 
 from __future__ import annotations
