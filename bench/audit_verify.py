@@ -89,7 +89,7 @@ def _build(state: Path, count: int, begin: int) -> float:
         store = await Store.open(state)
         try:
             seq, chain = await store.audit_head()
-            return store._vault, seq, chain
+            return store.envelope, seq, chain
         finally:
             await store.close()
 
@@ -149,7 +149,7 @@ def _old_verify_per_record(state: Path, limit: int) -> float:
     async def walk() -> float:
         store = await Store.open(state)
         try:
-            vault = store._vault
+            vault = store.envelope
             db = await aiosqlite.connect(state / "as.db")
             try:
                 started = time.perf_counter()

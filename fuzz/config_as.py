@@ -1,15 +1,16 @@
-"""Target ``config_as``: the AS CLI's ``serve --config`` loader (``_apply_serve_config``).
+"""Target ``config_as``: the AS CLI's ``serve --config`` loader (``apply_serve_config``).
 
-Contract (authz_server/cli.py): a bad configuration raises ``UsageError`` and nothing else; what
-it accepts gives state and listen, a known log level, and no negative (or zero, but retention)
-numbers.
+Contract (authz_server/cli/serve.py): a bad configuration raises ``UsageError`` and nothing
+else; what it accepts gives state and listen, a known log level, and no negative (or zero, but
+retention) numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from authz_server.cli import _SERVE_KEYS, UsageError, _apply_serve_config
+from authz_server.cli.serve import SERVE_KEYS, apply_serve_config
+from oscar_io.errors import UsageError
 
 from ._common import expect
 from ._config import config_file
@@ -18,10 +19,10 @@ __all__ = ["TestOneInput", "seeds"]
 
 
 def TestOneInput(data: bytes) -> None:
-    args = argparse.Namespace(config=config_file(data), **dict.fromkeys(_SERVE_KEYS))
+    args = argparse.Namespace(config=config_file(data), **dict.fromkeys(SERVE_KEYS))
     args.log_json = False
     try:
-        _apply_serve_config(args)
+        apply_serve_config(args)
     except UsageError:
         return
     expect(args.state is not None and args.listen is not None, "state or listen left unset")

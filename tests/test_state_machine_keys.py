@@ -42,8 +42,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from authz_server.api import Endpoints, Forbidden, NotFound, Request
 from authz_server.ca import CertificateAuthority, init_state
-from authz_server.store import Conflict, Resource, Store
-from authz_server.store import NotFound as StoreNotFound
+from authz_server.store import Conflict, NoSuchRecord, Resource, Store
 from oscar import cbor
 
 T = TypeVar("T")
@@ -215,7 +214,7 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
         state = model.epochs[target].state if target in model.epochs else None
         try:
             active = self.run(self.store.compromise(rid, which, self.now))
-        except StoreNotFound:
+        except NoSuchRecord:
             assert state is None
             return
         except Conflict:
@@ -264,7 +263,7 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
         chosen = [g for g in self.grants if not g.revoked and pattern in (None, g.pattern)]
         try:
             rotated = self.run(self.store.revoke_grants(CONSUMER, pattern, self.now))
-        except StoreNotFound:
+        except NoSuchRecord:
             assert not chosen
             return
         assert chosen

@@ -49,14 +49,9 @@ from .keys import (
     cmd_revoke,
     cmd_rotate,
 )
-from .serve import SERVE_DEFAULTS, SERVE_KEYS, apply_serve_config, cmd_serve
+from .serve import SERVE_DEFAULTS, cmd_serve
 
 __all__ = ["SERVE_DEFAULTS", "UsageError", "build_parser", "main"]
-
-# The names fuzz/config_as.py imports (the serve --config loader); SERVE_KEYS and
-# apply_serve_config in authz_server.cli.serve are the same objects.
-_SERVE_KEYS = SERVE_KEYS
-_apply_serve_config = apply_serve_config
 
 
 # --- parser and entry point ----------------------------------------------------------------------

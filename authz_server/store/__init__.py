@@ -78,15 +78,10 @@ __all__ = [
     "Device",
     "Epoch",
     "NoSuchRecord",
-    "NotFound",
     "Resource",
     "Store",
     "StoreError",
 ]
-
-#: The old name of :class:`NoSuchRecord`, for tests/test_state_machine_keys.py (another owner's
-#: file) until it imports the new one; the 4.04 reply is :class:`authz_server.messages.NotFound`.
-NotFound = NoSuchRecord
 
 
 class Store:
@@ -152,11 +147,6 @@ class Store:
 
     def __repr__(self) -> str:
         return "Store(<open>)"
-
-    @property
-    def _vault(self) -> Envelope:
-        """The envelope under its old name, for bench/audit_verify.py (another owner's file)."""
-        return self.envelope
 
     # --- opening ---------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ class Access:
 
     def __init__(self, db: Backend, envelope: Envelope, audit: AuditLog, keyring: Keyring) -> None:
         self.db = db
-        self._vault = envelope
+        self._envelope = envelope
         self.audit = audit
         self.keyring = keyring
 
@@ -214,7 +214,7 @@ class Access:
             secret = None
             if row[12] is not None:
                 try:
-                    secret = self._vault.decrypt(
+                    secret = self._envelope.decrypt(
                         bytes(row[12]), secret_context(resource_id, row[7])
                     )
                 except VaultError as exc:

@@ -75,7 +75,7 @@ class AuditLog:
 
     def __init__(self, db: Backend, envelope: Envelope) -> None:
         self.db = db
-        self._vault = envelope
+        self._envelope = envelope
         self.denials = DenialTally(DENIAL_INTERVAL)
         self._denial_timer: asyncio.TimerHandle | None = None
         self._denial_flush: asyncio.Task[None] | None = None
@@ -111,7 +111,7 @@ class AuditLog:
         for actor, action, subject, result, detail, now in records:
             seq += 1
             text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-            chain = self._vault.chain(
+            chain = self._envelope.chain(
                 chain, audit_bytes(seq, now, actor, action, subject, result, text)
             )
             rows.append((seq, now, actor, action, subject, result, text, chain))
@@ -220,8 +220,8 @@ class AuditLog:
         """Walk the chain from the checkpoint: (True, summary) if intact, else (False, where it
         breaks). ``expected`` is a head recorded earlier (see :meth:`audit_head`): the log must
         still hold that record with that chain value."""
-        sql, vault = self.db.sql, self._vault
-        return await self.db.snapshot(lambda reader: _walk(reader, sql, vault, expected))
+        sql, envelope = self.db.sql, self._envelope
+        return await self.db.snapshot(lambda reader: _walk(reader, sql, envelope, expected))
 
     # --- pruning ---------------------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ class AuditLog:
                 )
                 await self.db.execute(
                     sql.CHECKPOINT_SET,
-                    (through, chain, now, checkpoint_mac(self._vault, through, chain, now)),
+                    (through, chain, now, checkpoint_mac(self._envelope, through, chain, now)),
                 )
         return (through if through > base else 0), await self._delete_pruned()
 
@@ -280,9 +280,9 @@ class AuditLog:
         return deleted
 
 
-def checkpoint_mac(vault: Envelope, seq: int, chain: bytes, at: int) -> bytes:
+def checkpoint_mac(envelope: Envelope, seq: int, chain: bytes, at: int) -> bytes:
     """The MAC that vouches for a checkpoint (seq, chain value, time), under the audit key."""
-    return vault.chain(_CHECKPOINT_PREFIX, cbor.dumps(["checkpoint", seq, chain, at]))
+    return envelope.chain(_CHECKPOINT_PREFIX, cbor.dumps(["checkpoint", seq, chain, at]))
 
 
 # --- the record's bytes --------------------------------------------------------------------------
@@ -346,11 +346,11 @@ def audit_bytes(
 
 
 def _walk(
-    reader: SnapshotReader, sql: Any, vault: Envelope, expected: tuple[int, bytes] | None
+    reader: SnapshotReader, sql: Any, envelope: Envelope, expected: tuple[int, bytes] | None
 ) -> tuple[bool, str]:
     """:meth:`AuditLog.verify_audit` in one snapshot (the head, the checkpoint and the rows
     agree), in the backend's worker thread."""
-    chain = vault.chain_function()
+    chain = envelope.chain_function()
     base, previous, pruned = 0, b"", ""
     row = reader.one(sql.CHECKPOINT_ROW)
     if row is not None:
@@ -360,7 +360,7 @@ def _walk(
             and isinstance(value, bytes)
             and type(at) is int
             and isinstance(mac, bytes)
-            and mac == checkpoint_mac(vault, seq, value, at)
+            and mac == checkpoint_mac(envelope, seq, value, at)
         ):
             return False, "the checkpoint was altered"
         base, previous = seq, value

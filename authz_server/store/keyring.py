@@ -36,7 +36,7 @@ class Keyring:
 
     def __init__(self, db: Backend, envelope: Envelope, audit: AuditLog) -> None:
         self.db = db
-        self._vault = envelope
+        self._envelope = envelope
         self.audit = audit
 
     @staticmethod
@@ -98,7 +98,7 @@ class Keyring:
     ) -> tuple[str, int, str, bytes, int, int | None, int | None]:
         """The row of a new epoch (see ``EPOCH_INSERT``) with a new secret, encrypted for its
         place."""
-        secret = self._vault.encrypt(self._new_secret(), secret_context(resource_id, epoch))
+        secret = self._envelope.encrypt(self._new_secret(), secret_context(resource_id, epoch))
         return (resource_id, epoch, state, secret, now, activated, due)
 
     async def _insert_epoch(
@@ -160,7 +160,7 @@ class Keyring:
         secret = None
         if with_secret and row[6] is not None:
             try:
-                secret = self._vault.decrypt(bytes(row[6]), secret_context(row[0], row[1]))
+                secret = self._envelope.decrypt(bytes(row[6]), secret_context(row[0], row[1]))
             except VaultError as exc:
                 raise StoreError(str(exc)) from None
         return Epoch(

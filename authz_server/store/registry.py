@@ -25,7 +25,7 @@ class Registry:
 
     def __init__(self, db: Backend, envelope: Envelope, audit: AuditLog, access: Access) -> None:
         self.db = db
-        self._vault = envelope
+        self._envelope = envelope
         self.audit = audit
         self.access = access
 
@@ -58,7 +58,7 @@ class Registry:
             await self.db.executemany(
                 sql.DEVICE_INSERT,
                 [
-                    (device_id, role, self._vault.encrypt(psk, psk_context(device_id)), now)
+                    (device_id, role, self._envelope.encrypt(psk, psk_context(device_id)), now)
                     for device_id, role, psk in devices
                 ],
             )
@@ -87,7 +87,7 @@ class Registry:
         else:
             rows = await self.db.all(sql.ACTIVE_PSKS_OF, (sql.id_list(only),))
         try:
-            return {dev: self._vault.decrypt(bytes(psk), psk_context(dev)) for dev, psk in rows}
+            return {dev: self._envelope.decrypt(bytes(psk), psk_context(dev)) for dev, psk in rows}
         except VaultError as exc:
             raise StoreError(str(exc)) from None
 
@@ -125,13 +125,13 @@ class Registry:
         """The derived (never stored) DTLS PSK between a proxy and a device; see
         :meth:`authz_server.envelope.Envelope.link_psk`. ValueError for malformed ids. Checks no
         role or status."""
-        return self._vault.link_psk(proxy_id, device_id)
+        return self._envelope.link_psk(proxy_id, device_id)
 
     async def link_psks(self, proxy_id: str) -> dict[str, bytes]:
         """Link PSK by device id, for every active producer and consumer (never a proxy, never a
         revoked device), as ``proxy_id`` needs them."""
         rows = await self.db.all(self.db.sql.LINKED_DEVICES)
-        return {dev: self._vault.link_psk(proxy_id, dev) for (dev,) in rows}
+        return {dev: self._envelope.link_psk(proxy_id, dev) for (dev,) in rows}
 
     async def record_link_delivery(self, device_id: str, proxy_id: str, now: int) -> bool:
         """Note that ``device_id`` was handed its link PSK for ``proxy_id``; the first time, audit
