@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .story import Story, installed
+from .children import installed
+from .story import Story
 from .system import LocalSystem
 from .view import Interrupted, LiveLog, StepFailed
 

@@ -2,7 +2,7 @@
 """Run a command under roughly the restrictions the units in deploy/systemd/ impose, without
 systemd: how the hardening in docs/DEPLOY.md was checked.
 
-    python3 deploy/hardening-check.py .venv/bin/python -m pytest tests/test_end_to_end.py
+    python3 deploy/hardening-check.py .venv/bin/python -m pytest tests/system/test_end_to_end.py
 
 Applied to the command and everything it starts (all three are inherited across fork and exec):
 

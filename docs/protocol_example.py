@@ -1,8 +1,9 @@
 """Write the worked example of docs/PROTOCOL.md from the code itself.
 
 Run ``python docs/protocol_example.py`` to rewrite the block between the markers in PROTOCOL.md;
-``tests/test_protocol_doc.py`` fails when the document and the code disagree. Every value below is
-fixed (a fixed P-256 scalar, deterministic ECDSA, fixed seq and times), so the output is stable.
+``tests/core/test_protocol_doc.py`` fails when the document and the code disagree. Every value
+below is fixed (a fixed P-256 scalar, deterministic ECDSA, fixed seq and times), so the output
+is stable.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each target module has ``TestOneInput(data: bytes) -> None``, which raises only when the code
 under test breaks its documented contract (an undocumented exception escapes, a decode does not
 round-trip), and ``seeds() -> list[bytes]``, a small fixed corpus to start from. The targets
-import nothing from atheris, so the test suite (``tests/test_fuzz.py``) calls them directly.
+import nothing from atheris, so the test suite (``tests/system/test_fuzz.py``) calls them directly.
 
 Targets:
 

@@ -9,9 +9,9 @@ in as an argument (``now``, ``iat``, ``exp``), state that must survive a restart
 interface (:class:`~oscar.sequence.SequenceStore`), secrets and keys from the caller. The one
 exception is :func:`oscar.certs.generate_signing_key`, which takes randomness from the operating
 system through ``cryptography`` for the callers that make keys (the AS's CA, the operator tool).
-``tests/test_core_purity.py`` and the import-linter contracts hold the package to this. Everything
-with I/O is in :mod:`oscar_io` (the runtime, including the ``oscar`` tool, :mod:`oscar_io.tool`)
-and the roles.
+``tests/core/test_core_purity.py`` and the import-linter contracts hold the package to this.
+Everything with I/O is in :mod:`oscar_io` (the runtime, including the ``oscar`` tool,
+:mod:`oscar_io.tool`) and the roles.
 
 Modules, from the bottom up::
 

@@ -152,7 +152,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if not (config.getoption(OPTION) or config.getoption(SURVEY)):
         return
-    stale = sorted(name for name in PROCESS if not (TESTS / f"{name}.py").is_file())
+    modules = {path.stem for path in TESTS.rglob("test_*.py")}
+    stale = sorted(name for name in PROCESS if name not in modules)
     if stale:
         raise pytest.UsageError(f"tests/tiers.py: PROCESS names no test module: {', '.join(stale)}")
     guard = _Guard()

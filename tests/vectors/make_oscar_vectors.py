@@ -9,7 +9,7 @@ Every object is made twice: by ``oscar.seal``, and by the *reference* below, wri
 DESIGN §4 with cbor2 and cryptography primitives only. The two must agree byte for byte, and the
 reference must open oscar's object (raw signature verification, then raw AEAD decryption) before
 anything is written. ES256 signs deterministically (RFC 6979) and Ed25519 is deterministic, so the
-objects are fixed. ``tests/test_oscar_vectors.py`` loads this module for the reference only and
+objects are fixed. ``tests/core/test_oscar_vectors.py`` loads this module for the reference only and
 never writes the file.
 
 The reference part of this module imports nothing from ``oscar``; only :func:`generate` does.

@@ -36,7 +36,7 @@ from oscar_io.statefiles import SealedFile, atomic_write, private_dir, read_stat
 
 OTHER = 65534  # nobody
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="acting as a second user (uid 65534) needs root"
 )

@@ -29,7 +29,7 @@ from oscar import algorithms
 from oscar.cose import ENCRYPT0_TAG, IV, SIGN1_TAG, Encrypt0, Sign1
 from oscar.errors import InvalidObject
 
-COSE_WG = Path(__file__).parent / "vectors" / "cose-wg"
+COSE_WG = Path(__file__).parents[1] / "vectors" / "cose-wg"
 SIGN1_DIRS = ("sign1-tests", "ecdsa-examples", "eddsa-examples")
 ENCRYPT0_DIRS = ("encrypted-tests", "aes-ccm-examples", "aes-gcm-examples", "chacha-poly-examples")
 

@@ -16,7 +16,7 @@ import pytest
 
 from oscar.keys import hkdf_sha256
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).parents[1] / "vectors"
 CASES: list[dict[str, Any]] = json.loads((VECTORS / "rfc5869-hkdf.json").read_text())["cases"]
 HASH_LEN = 32
 

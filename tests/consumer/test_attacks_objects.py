@@ -6,7 +6,7 @@ that speaks just enough CoAP to stream Block2 blocks forever); the consumer is t
 (``python -m consumer``), one process per reading, so freshness is what its state directory
 kept across restarts.
 
-What is covered elsewhere, in memory (``tests/test_objects.py``): every single bit flip,
+What is covered elsewhere, in memory (``tests/core/test_objects.py``): every single bit flip,
 truncation, trailing bytes, the nesting bomb, the size limit before decoding, unknown, changed
 and unprotected-only algorithms, EdDSA labelled ES256 and the reverse, resource A as B and epoch N
 as N+1 with the object's own signature. Here they are forged with a *valid* signature by the

@@ -21,7 +21,7 @@ import oscar
 from oscar.keys import ContentKeys
 from oscar.objects import external_aad
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).parents[1] / "vectors"
 FILE: dict[str, Any] = json.loads((VECTORS / "oscar-objects.json").read_text(encoding="utf-8"))
 CASES = [pytest.param(v, id=v["name"]) for v in FILE["vectors"]]
 
