@@ -14,6 +14,8 @@
     ├── SealError                   a sealed blob does not open (oscar_io.sealing; callers
     │                               translate it: StateError, the AS's VaultError, a cache miss)
     └── UsageError                  bad command-line usage or configuration (exit 2)
+        └── ConfigError             a configuration (file, flags or code) is unusable; also a
+                                    ValueError (the producer's and the proxy's, one class)
 
 Foreign errors are translated where they arise: aiocoap's by :mod:`oscar_io.coaperrors`,
 ``OSError`` from files by :mod:`oscar_io.statefiles`, cryptography's ``InvalidTag`` by
@@ -24,7 +26,15 @@ from __future__ import annotations
 
 from oscar.errors import OscarError
 
-__all__ = ["AccessDenied", "AsError", "AsUnavailable", "BundleError", "StateError", "UsageError"]
+__all__ = [
+    "AccessDenied",
+    "AsError",
+    "AsUnavailable",
+    "BundleError",
+    "ConfigError",
+    "StateError",
+    "UsageError",
+]
 
 
 class BundleError(OscarError):
@@ -54,3 +64,9 @@ class StateError(OscarError):
 
 class UsageError(OscarError):
     """Bad command-line usage or configuration; the message is shown as is (exit 2)."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A role's configuration (file, flags or code) is unusable; the message names the field
+    (exit 2). A :class:`UsageError`, so one ``except UsageError`` covers bad usage of every kind;
+    a ``ValueError`` too, as the configuration dataclasses' checks raise it."""

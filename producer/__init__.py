@@ -29,7 +29,7 @@ The exceptions a caller sees::
 
     OscarError                    (oscar.errors)
     ├── UsageError                (oscar_io.errors)
-    │   └── ConfigError           producer.errors (also a ValueError): a bad setting, named (exit 2)
+    │   └── ConfigError           oscar_io.errors (also a ValueError): a bad setting, named (exit 2)
     ├── ProducerError             producer.errors: cannot start — a bundle for another role, a
     │                             resource id too long, no certificate to be had (exit 1)
     ├── BundleError               (oscar_io.errors) the bundle is missing, exposed or bad (exit 1)

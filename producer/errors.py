@@ -1,22 +1,17 @@
-"""The producer's own exceptions (the tree is drawn in :mod:`producer`'s docstring).
+"""The producer's exceptions (the tree is drawn in :mod:`producer`'s docstring).
 
-Both are :class:`~oscar.errors.OscarError` s; the runtime's (:class:`~oscar_io.errors.BundleError`,
-:class:`~oscar_io.errors.StateError`, :class:`~oscar_io.errors.AsError` …) come from
-:mod:`oscar_io.errors` unchanged.
+``ConfigError`` is the runtime's (:class:`oscar_io.errors.ConfigError`, the same class as the
+proxy's), re-exported here; ``ProducerError`` is the producer's own. The runtime's others
+(:class:`~oscar_io.errors.BundleError`, :class:`~oscar_io.errors.StateError`,
+:class:`~oscar_io.errors.AsError` …) come from :mod:`oscar_io.errors` unchanged.
 """
 
 from __future__ import annotations
 
 from oscar.errors import OscarError
-from oscar_io.errors import UsageError
+from oscar_io.errors import ConfigError
 
 __all__ = ["ConfigError", "ProducerError"]
-
-
-class ConfigError(UsageError, ValueError):
-    """The configuration (file, flags or code) is unusable; the message names the field (exit 2).
-    A :class:`~oscar_io.errors.UsageError`, as every role's; a ``ValueError`` too, as the
-    dataclasses' checks raise it."""
 
 
 class ProducerError(OscarError):

@@ -33,7 +33,7 @@ Exceptions, and what each becomes::
     ├── AsError                    (oscar_io.errors) the link-key refresh failed: logged, retried
     ├── BundleError, StateError    (oscar_io.errors) cannot start                          exit 1
     └── UsageError                 (oscar_io.errors)
-        └── ConfigError            (proxy.config; also a ValueError) the configuration     exit 2
+        └── ConfigError            (oscar_io.errors; also ValueError) the configuration  exit 2
     Exception
     ├── Unavailable                (proxy.core) nothing valid to serve: ``code`` (4.04, 5.02)
     │                              is the answer

@@ -42,15 +42,9 @@ from urllib.parse import urlsplit
 from oscar import names
 from oscar_io import ports
 from oscar_io.clikit import read_toml
-from oscar_io.errors import UsageError
+from oscar_io.errors import ConfigError
 
 __all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
-
-
-class ConfigError(UsageError, ValueError):
-    """The configuration (file or flags) is unusable; the message names the field (exit 2). A
-    :class:`~oscar_io.errors.UsageError`, so one ``except UsageError`` covers bad usage of every
-    kind; a ``ValueError`` too, as the dataclasses' checks raise it."""
 
 
 @dataclass(frozen=True)
