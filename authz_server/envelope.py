@@ -40,7 +40,7 @@ from pathlib import Path
 from oscar import cbor, names
 from oscar.keys import hkdf_sha256
 from oscar_io.bundle import LINK_PSK_LENGTH
-from oscar_io.sealing import OVERHEAD, VERSION, Sealer, SealError
+from oscar_io.sealing import KEY_LENGTH, OVERHEAD, VERSION, Sealer, SealError
 
 __all__ = [
     "KEY_LENGTH",
@@ -51,7 +51,6 @@ __all__ = [
     "read_master_key",
 ]
 
-KEY_LENGTH = 32
 #: What the wrapped data key is bound to.
 _DATA_KEY_CONTEXT = b"OSCAR data key"
 

@@ -3,7 +3,9 @@ block-wise assembly.
 
 What this module does not do: check or open objects (:mod:`consumer.client`), send the first
 request of an exchange, or translate aiocoap's, the OS's and DTLSSocket's failures (that is
-:func:`oscar_io.coaperrors.translate`, for every role).
+:func:`oscar_io.coaperrors.translate`, for every role). The one aiocoap error caught here is not a
+failure to reach a peer: a block aiocoap refuses to append is the peer breaking the block-wise
+transfer, and is said so.
 """
 
 from __future__ import annotations

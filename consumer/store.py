@@ -10,8 +10,8 @@ mode 0600:
 - ``freshness``: the :class:`~oscar.freshness.FreshnessState` snapshot, newest (epoch, seq) per
   resource.
 
-With ``"objects"`` among the files, the newest accepted object of each resource (the protected
-bytes as received, never the plaintext) is kept too, one sealed file per resource in the
+The newest accepted object of each resource (the protected bytes as received, never the
+plaintext) is kept too, one sealed file per resource in the
 subdirectory ``held`` (see :mod:`consumer.held`), so that a stale copy served by a cache can be
 answered with the newest reading this consumer holds, checked again (see :mod:`consumer.client`).
 
@@ -42,13 +42,13 @@ from oscar.errors import InvalidObject
 from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
+from oscar_io.aswire import uint
 from oscar_io.localstore import (
     CachedCertificate,
     CachedCrl,
     TrustCache,
     directory_lock,
     load_parsed,
-    uint,
 )
 from oscar_io.statefiles import SealedFile, private_dir
 
@@ -168,10 +168,6 @@ class ConsumerStore:
         return directory_lock(self.directory)
 
     # --- certificates and the CRL (kept by self.trust) ------------------------------------------
-
-    def put_certificate(self, kid: bytes, der: bytes, not_after: int) -> None:
-        """Cache a certificate the caller has checked (:meth:`TrustCache.put_certificate`)."""
-        self.trust.put_certificate(kid, der, not_after)
 
     # --- access secrets ---------------------------------------------------------------------------
 

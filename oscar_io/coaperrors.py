@@ -15,14 +15,15 @@
 
 ``kind`` names the category in a command line's one error line (``…: error: KIND: …``).
 
-:data:`AIOCOAP_ERRORS` lists every exception class aiocoap defines (its ``aiocoap.error`` module
-and its DTLS client transport) by qualified name, with the category each one is reported as; a
-test walks aiocoap's modules and fails when a class is missing, so an aiocoap upgrade that adds one
-is noticed. Two refinements come first, because they say more than the class: the socket error
-aiocoap wraps (``__cause__``, e.g. an ICMP error from the error queue) decides by its ``errno``,
-and a wrapped response is reported by its code (:func:`error_answer`). A server-side renderable
-error (``BadRequest`` …) is listed with the category of its response code, as a client would see
-it answered.
+:data:`AIOCOAP_ERRORS` lists every exception class of aiocoap's ``aiocoap.error`` module and of its
+DTLS client transport by qualified name, with the category each one is reported as; a test walks
+those modules and fails when a class is missing, so an aiocoap upgrade that adds one is noticed.
+(``aiocoap.credentials``' errors are deliberately not there: a missing or unloadable credential is
+a local fault, not the network, and propagates.) Two refinements come first, because they say more
+than the class: the socket error aiocoap wraps (``__cause__``, e.g. an ICMP error from the error
+queue) decides by its ``errno``, and a wrapped response is reported by its code
+(:func:`error_answer`). A server-side renderable error (``BadRequest`` …) is listed with the
+category of its response code, as a client would see it answered.
 
 Names are kept as strings so that importing this module loads no aiocoap (the producer must start
 fast): :func:`translate` looks an exception's classes up by name along its MRO.

@@ -25,21 +25,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from oscar.certs import KID_LENGTH
+
+from .aswire import uint
 from .errors import StateError
 from .statefiles import SealedFile
 
 __all__ = [
-    "KID_LENGTH",
     "CachedCertificate",
     "CachedCrl",
     "TrustCache",
     "directory_lock",
     "load_parsed",
-    "uint",
 ]
 
 #: Bytes of a key id (DESIGN §4: the first 8 bytes of SHA-256 of the key).
-KID_LENGTH = 8
 
 
 @contextlib.contextmanager
@@ -67,13 +67,6 @@ def load_parsed(file: SealedFile | None, parse: Callable[[Any], Any]) -> Any:
         return parse(doc)
     except (TypeError, ValueError, KeyError):
         raise StateError(f"{file.path} holds malformed data") from None
-
-
-def uint(value: object) -> int:
-    """``value`` if it is a non-negative int (not a bool); TypeError otherwise."""
-    if type(value) is not int or value < 0:
-        raise TypeError
-    return value
 
 
 class CachedCertificate(NamedTuple):

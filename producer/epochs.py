@@ -5,7 +5,7 @@ No I/O, no clock, no asyncio: ``now`` and the epoch floor (the lowest epoch the 
 seal under, kept in its sequence state) are arguments, and every transition returns a new
 :class:`Epochs` and what the caller has to do (a :class:`Step`). :class:`~producer.published.
 Published` does that (raise the floor, build the sealer, write the key state, log, re-seal);
-``tests/producer/test_producer_epochs.py`` walks every transition without a process.
+``tests/roles/producer/test_producer_epochs.py`` walks every transition without a process.
 
 The three events::
 

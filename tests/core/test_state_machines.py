@@ -7,7 +7,7 @@
   new one made over the same store), failing saves, and limits near 2**64: no seq is ever handed
   out twice, every seq is below the persisted limit when handed out, never beyond MAX_SEQ.
 
-The AS store's key lifecycle has its machine in ``tests/as/test_state_machine_keys.py``.
+The AS store's key lifecycle has its machine in ``tests/roles/as/test_state_machine_keys.py``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from authz_server.store import Resource, Store, StoreError
 from authz_server.store import deliveries as deliveries_module
 from oscar import cbor
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NOW = 1_800_000_000
 PRODUCER, CONSUMER, OTHER = "sensor-1", "phone-1", "phone-2"
 RID = "sensor-1/temperature"

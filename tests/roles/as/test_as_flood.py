@@ -377,7 +377,7 @@ async def test_a_datagram_whose_handling_raises_is_dropped_alone(
         for s in senders[1:]:
             s.sendto(client_hello(os.urandom(32)), ("127.0.0.1", port))
         senders[0].sendto(b"boom again", ("127.0.0.1", port))
-        with caplog.at_level("DEBUG", logger="oscar.as"):
+        with caplog.at_level("DEBUG", logger="oscar.dtls"):
             replies = []
             for s in senders[1:]:
                 replies.append(await asyncio.wait_for(loop.sock_recv(s, 2048), 5.0))

@@ -270,7 +270,7 @@ async def test_revoked_producer_certificate(
     bundle = Bundle.load(world.bundle(READER))
     store = ConsumerStore(tmp_path / "state", bundle.state_key("consumer"))
     kid = certs.key_id(world.revoked_key.public_key())
-    store.put_certificate(kid, world.revoked_cert, int(time.time()) + 86_400)
+    store.trust.put_certificate(kid, world.revoked_cert, int(time.time()) + 86_400)
     rid = f"{REVOKED_PRODUCER}/door"
     producer.publish(rid, _seal_as(world, rid))
     async with Consumer(bundle, tmp_path / "state") as consumer:

@@ -233,7 +233,7 @@ async def test_forged_objects_are_refused_by_the_consumer_process(
             bundle = Bundle.load(world.bundle(READER))
             store = ConsumerStore(tmp_path / name, bundle.state_key("consumer"))
             kid = certs.key_id(world.revoked_key.public_key())
-            store.put_certificate(kid, world.revoked_cert, int(time.time()) + 86_400)
+            store.trust.put_certificate(kid, world.revoked_cert, int(time.time()) + 86_400)
         runs.append((name, server, cli(world, tmp_path / name, "get", server.uri(resource_id))))
     try:
         results = await asyncio.gather(*(run for _, _, run in runs))
