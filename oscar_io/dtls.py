@@ -19,7 +19,8 @@ evicts one, and keeps a session alive after its credentials are removed. This mo
 These reach into private attributes of aiocoap's transport (``_pool``, ``_connections``,
 ``_psk_store._claims``, ``_dtls_socket``, ``_inject_error``) and of asyncio's selector datagram
 transport (``_sock``, ``_loop._add_reader``, ``_conn_lost``): pinned to aiocoap 0.4.x in
-pyproject.toml, and checked by the AS tests (tests/roles/as/test_as_flood.py for the flood defences).
+pyproject.toml, and checked by the AS tests (tests/roles/as/test_as_flood.py for the flood
+defences).
 This module holds no policy (who may connect is the store's business) and never logs a key.
 """
 

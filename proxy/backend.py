@@ -5,8 +5,8 @@ backend on a miss and writes every new entry through to it. Today's backend is
 :class:`proxy.diskcache.DiskCache` (an SQLite file); a shared one (a Redis-protocol server, so that
 several proxies serve one cache) plugs in behind the same :class:`CacheBackend`.
 
-What every backend must do (the contract tests in ``tests/roles/proxy/test_proxy_cache_backends.py`` run
-against each one):
+What every backend must do (the contract tests in
+``tests/roles/proxy/test_proxy_cache_backends.py`` run against each one):
 
 - keep entries by resource id, the newest write winning; never name a resource or hold an object
   byte in clear: keys are a keyed hash of the resource id, values are sealed with
