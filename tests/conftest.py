@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
 from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
+from pg_harness import PgCluster
 
 from testkit import Pki, make_pki
 
@@ -46,3 +47,24 @@ async def producer() -> AsyncIterator[ProducerStandIn]:
         yield stand_in
     finally:
         await stand_in.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL server for the session (tests/pg_harness.py), started on first use
+    (only by tests that PROCESS in tiers.py lets start a process), removed at the end."""
+    cluster = PgCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: PgCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database on :func:`pg_cluster`, dropped after the test."""
+    url = pg_cluster.new_database()
+    try:
+        yield url
+    finally:
+        pg_cluster.drop_database(url)

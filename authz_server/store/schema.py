@@ -16,6 +16,7 @@ __all__ = [
     "ACTIVE",
     "COMPROMISED",
     "DB_NAME",
+    "DATABASE_NAME",
     "DEACTIVATED",
     "DESTROYED",
     "MASTER_KEY_NAME",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 DB_NAME = "as.db"
+#: In a state directory whose database is PostgreSQL: its URL (``oscar-as init --database``).
+DATABASE_NAME = "database.url"
 MASTER_KEY_NAME = "master.key"
 
 PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED, DESTROYED = (
