@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import asyncpg
 
-__all__ = ["PgCluster", "find_bin"]
+__all__ = ["BACKENDS", "Backing", "PgCluster", "find_bin"]
 
 
 def find_bin() -> Path | None:
@@ -149,3 +150,73 @@ class PgCluster:
     async def database_bytes(self, url: str) -> bytes:
         """Everything :meth:`files_of` holds, as a thief with the disk would read it."""
         return b"".join(p.read_bytes() for p in await self.files_of(url))
+
+
+# --- the AS store's tests on either backend --------------------------------------------------------
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+class Backing:
+    """What a store test needs to know of the database under it, beyond the store: the
+    ``database`` argument of ``init_state``/``Store.open`` (None: SQLite in the state
+    directory), raw statements behind the store's back (an attacker with the database), and the
+    bytes a thief with the disk reads."""
+
+    def __init__(
+        self, name: str, state: Path, url: str | None = None, cluster: PgCluster | None = None
+    ) -> None:
+        self.name = name
+        self.state = state
+        self.database = url
+        self.cluster = cluster
+
+    def __repr__(self) -> str:
+        return f"Backing({self.name})"
+
+    @property
+    def postgres(self) -> bool:
+        return self.database is not None
+
+    def sql(self, text: str) -> str:
+        """A test's statement written with ``?`` parameters, in this backend's dialect."""
+        if not self.postgres:
+            return text
+        parts = text.split("?")
+        return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], 1))
+
+    async def execute(self, text: str, *args: object) -> list[tuple[object, ...]]:
+        """One statement (``?`` parameters) on a connection of its own, committed."""
+        if self.database is None:
+            con = sqlite3.connect(self.state / "as.db")
+            try:
+                rows = con.execute(text, args).fetchall()
+                con.commit()
+                return rows
+            finally:
+                con.close()
+        conn = await asyncpg.connect(self.database)
+        try:
+            return [tuple(r) for r in await conn.fetch(self.sql(text), *args)]
+        finally:
+            await conn.close()
+
+    async def drop_trigger(self, name: str) -> None:
+        await self.execute(f"DROP TRIGGER {name}" + (" ON audit" if self.postgres else ""))
+
+    async def set_head(self, value: bytes) -> None:
+        column = "bytes" if self.postgres else "value"
+        await self.execute(f"UPDATE meta SET {column} = ? WHERE key = 'audit_head'", value)
+
+    async def raw_bytes(self) -> bytes:
+        """Every file that holds the database, as read from the disk (SQLite: the WAL folded in
+        first; PostgreSQL: after a checkpoint, the database's files, the WAL and the catalog)."""
+        if self.database is None:
+            con = sqlite3.connect(self.state / "as.db")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            con.close()
+            return b"".join(
+                p.read_bytes() for p in self.state.iterdir() if p.name.startswith("as.db")
+            )
+        assert self.cluster is not None
+        return await self.cluster.database_bytes(self.database)

@@ -6,7 +6,8 @@
 A test starts a process when it (or a fixture it uses) runs a subprocess, forks, or spawns: the
 AS, a producer, a proxy, the command line tools, libcoap's client. Such tests get the ``process``
 marker from :data:`PROCESS` below, the one place that classification is written (module by module:
-every test of it, every test but some, or only some).
+every test of it, every test but some, or only some), and from :data:`PROCESS_PARAMS` for a
+parameter that starts one wherever it is taken (the AS store's tests on PostgreSQL).
 
 With ``--check-tier`` those tests are deselected, and starting a process anywhere in the session
 (collection, fixtures, tests) raises :class:`ProcessInCheckTier` and fails the test that tried, even
@@ -125,6 +126,11 @@ PROCESS: dict[str, Starts] = {
     ),
 }
 
+#: Parameters that start a process in whichever test takes them, by (parameter, value): the AS
+#: store's tests on PostgreSQL (the ``backing`` fixture, tests/pg_harness.py) start the server of
+#: the session's private cluster; the same tests on SQLite start none.
+PROCESS_PARAMS: frozenset[tuple[str, object]] = frozenset({("backing", "postgresql")})
+
 TESTS = Path(__file__).resolve().parent
 OPTION = "--check-tier"
 SURVEY = "--survey-processes"
@@ -162,6 +168,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(guard.uninstall)
 
 
+def _process_param(item: pytest.Item) -> bool:
+    """Whether the item takes a parameter of :data:`PROCESS_PARAMS`."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    return any(
+        (name, value) in PROCESS_PARAMS
+        for name, value in callspec.params.items()
+        if isinstance(value, str)
+    )
+
+
 def _where(item: pytest.Item) -> tuple[str, str]:
     """The item's module (file stem) and test function (parameters aside)."""
     return item.path.stem, getattr(item, "originalname", item.name)
@@ -171,7 +189,7 @@ def _where(item: pytest.Item) -> tuple[str, str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module, function = _where(item)
-        if module in PROCESS and function in PROCESS[module]:
+        if module in PROCESS and function in PROCESS[module] or _process_param(item):
             item.add_marker(pytest.mark.process)
     if not (config.getoption(OPTION) or config.getoption(SURVEY)):
         return
