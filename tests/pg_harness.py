@@ -134,9 +134,9 @@ class PgCluster:
         finally:
             await conn.close()
 
-    async def files_of(self, url: str) -> list[Path]:
-        """The files that hold a database's data, after a checkpoint: its directory, the WAL, the
-        shared catalog."""
+    async def files_of(self, url: str, *, wal: bool = True) -> list[Path]:
+        """The files that hold a database's data, after a checkpoint: its directory, the shared
+        catalog, and the WAL (unless ``wal`` is false)."""
         name = url.rsplit("/", 1)[1]
         conn = await asyncpg.connect(self.url())
         try:
@@ -144,12 +144,14 @@ class PgCluster:
             oid = await conn.fetchval("SELECT oid FROM pg_database WHERE datname = $1", name)
         finally:
             await conn.close()
-        dirs = [self.data / "pg_wal", self.data / "global", self.data / "base" / str(oid)]
+        dirs = [self.data / "global", self.data / "base" / str(oid)]
+        if wal:
+            dirs.append(self.data / "pg_wal")
         return [p for d in dirs for p in d.rglob("*") if p.is_file()]
 
-    async def database_bytes(self, url: str) -> bytes:
+    async def database_bytes(self, url: str, *, wal: bool = True) -> bytes:
         """Everything :meth:`files_of` holds, as a thief with the disk would read it."""
-        return b"".join(p.read_bytes() for p in await self.files_of(url))
+        return b"".join(p.read_bytes() for p in await self.files_of(url, wal=wal))
 
 
 # --- the AS store's tests on either backend --------------------------------------------------------
@@ -208,9 +210,10 @@ class Backing:
         column = "bytes" if self.postgres else "value"
         await self.execute(f"UPDATE meta SET {column} = ? WHERE key = 'audit_head'", value)
 
-    async def raw_bytes(self) -> bytes:
+    async def raw_bytes(self, *, wal: bool = True) -> bytes:
         """Every file that holds the database, as read from the disk (SQLite: the WAL folded in
-        first; PostgreSQL: after a checkpoint, the database's files, the WAL and the catalog)."""
+        first; PostgreSQL: after a checkpoint, the database's files, the catalog and, unless
+        ``wal`` is false, the WAL)."""
         if self.database is None:
             con = sqlite3.connect(self.state / "as.db")
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -219,4 +222,4 @@ class Backing:
                 p.read_bytes() for p in self.state.iterdir() if p.name.startswith("as.db")
             )
         assert self.cluster is not None
-        return await self.cluster.database_bytes(self.database)
+        return await self.cluster.database_bytes(self.database, wal=wal)
