@@ -78,7 +78,7 @@ class PgCluster:
         root_user = os.geteuid() == 0
         if root_user:  # the server's user must reach and own its directory
             entry = pwd.getpwnam("postgres")
-            os.chmod(self.root, 0o711)
+            os.chmod(self.root, 0o711)  # noqa: S103 (traversable, not listable, by the server)
             for parent in self.root.parents:
                 mode = parent.stat().st_mode
                 if not mode & 0o001:
@@ -154,7 +154,7 @@ class PgCluster:
         return b"".join(p.read_bytes() for p in await self.files_of(url, wal=wal))
 
 
-# --- the AS store's tests on either backend --------------------------------------------------------
+# --- the AS store's tests on either backend -----------------------------------------------------
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -207,8 +207,10 @@ class Backing:
         await self.execute(f"DROP TRIGGER {name}" + (" ON audit" if self.postgres else ""))
 
     async def set_head(self, value: bytes) -> None:
-        column = "bytes" if self.postgres else "value"
-        await self.execute(f"UPDATE meta SET {column} = ? WHERE key = 'audit_head'", value)
+        if self.postgres:
+            await self.execute("UPDATE meta SET bytes = ? WHERE key = 'audit_head'", value)
+        else:
+            await self.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", value)
 
     async def raw_bytes(self, *, wal: bool = True) -> bytes:
         """Every file that holds the database, as read from the disk (SQLite: the WAL folded in

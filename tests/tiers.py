@@ -192,7 +192,7 @@ def _where(item: pytest.Item) -> tuple[str, str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module, function = _where(item)
-        if module in PROCESS and function in PROCESS[module] or _process_param(item):
+        if (module in PROCESS and function in PROCESS[module]) or _process_param(item):
             item.add_marker(pytest.mark.process)
     if not (config.getoption(OPTION) or config.getoption(SURVEY)):
         return

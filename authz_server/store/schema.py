@@ -15,8 +15,8 @@ from oscar_io.bundle import ROLES  # the device roles, as credentials bundles na
 __all__ = [
     "ACTIVE",
     "COMPROMISED",
-    "DB_NAME",
     "DATABASE_NAME",
+    "DB_NAME",
     "DEACTIVATED",
     "DESTROYED",
     "MASTER_KEY_NAME",

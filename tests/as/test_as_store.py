@@ -258,7 +258,9 @@ def test_kill_9_in_a_burst_of_rotations_leaves_a_consistent_database(
     tmp_path = backing.state.parent
 
     async def prepare() -> None:
-        s = await init_state(tmp_path / "state", as_uri="coaps://x", now=NOW, database=backing.database)
+        s = await init_state(
+            tmp_path / "state", as_uri="coaps://x", now=NOW, database=backing.database
+        )
         await s.add_device(PRODUCER, "producer", PSK, NOW)
         await s.add_device(CONSUMER, "consumer", PSK, NOW)
         await s.register_resource(Resource(RID, PRODUCER, 0, "ccm-es256", 60, 1, NOW))
@@ -384,7 +386,9 @@ def test_a_version_1_database_is_migrated_forward(backing: Backing) -> None:
             assert await s.record_delivery("old-1", RID, 1, NOW)  # the table of version 2
         finally:
             await s.close()
-        version = "SELECT version FROM schema_version" if backing.postgres else "PRAGMA user_version"
+        version = (
+            "SELECT version FROM schema_version" if backing.postgres else "PRAGMA user_version"
+        )
         assert (await backing.execute(version))[0][0] == dialect.SCHEMA_VERSION == 4
 
     asyncio.run(check())
@@ -397,7 +401,13 @@ def test_both_dialects_have_the_same_statements_and_migrations() -> None:
         return {n for n in vars(module) if n.isupper() and not n.startswith("_")}
 
     # Each statement the components run exists in both; the settings differ by dialect.
-    own = {"CONNECTION_PRAGMAS", "READER_PRAGMAS", "READER_BUSY_MS", "SNAPSHOT_PRAGMAS", "FUNCTIONS"}
+    own = {
+        "CONNECTION_PRAGMAS",
+        "READER_PRAGMAS",
+        "READER_BUSY_MS",
+        "SNAPSHOT_PRAGMAS",
+        "FUNCTIONS",
+    }
     own |= {"SCHEMA_TABLE", "SCHEMA_VERSION_FIRST", "SCHEMA_VERSION_SET", "MIGRATION_LOCK"}
     own |= {"CONNECTION_SETTINGS", "WRITE_LOCK"}
     assert names(sqlite) - own == names(postgres) - own
@@ -574,9 +584,7 @@ async def test_a_read_never_sees_another_tasks_transaction_half_done(store: Stor
 
     async def writer() -> None:
         async with store.db.transaction():
-            await store.db.execute(
-                store.db.sql.GRANT_INSERT, (CONSUMER, "sensor-1/*", None, NOW)
-            )
+            await store.db.execute(store.db.sql.GRANT_INSERT, (CONSUMER, "sensor-1/*", None, NOW))
             started.set()
             await release.wait()
             raise RuntimeError("abandoned")  # rolled back: the grant never existed
