@@ -9,7 +9,9 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
   it;
 - secrets (PSKs, access secrets, the CA key) are stored only encrypted by the
   :class:`~authz_server.envelope.Envelope`; deleted or replaced data is overwritten (SQLite:
-  ``PRAGMA secure_delete``), and a destroyed secret is first overwritten with zeros, then cleared;
+  ``PRAGMA secure_delete``; PostgreSQL: a VACUUM of the tables, which leaves old versions in its WAL
+  until recycled, see :mod:`.postgres_backend`), and a destroyed secret is first overwritten with
+  zeros, then cleared;
 - the schema is versioned and migrated forward on open;
 - a change counter lets the server notice what the admin CLI changed.
 
@@ -23,10 +25,14 @@ The package, by composition (each component holds the one backend, and the other
     ├── keyring    Keyring         .keyring     resources, epochs, rotation, destruction
     ├── deliveries Deliveries      .deliveries  secrets handed out (grouped commits)
     ├── audit_log  AuditLog        .audit       the audit chain, pruning; .denials tallies refusals
-    └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL
+    └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL,
+                                                .postgres_backend runs .postgres's
 
-The records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` (a PostgreSQL
-backend provides a module of the same shape, issue 15). The errors::
+The database is SQLite in the state directory (``as.db``, the default), or PostgreSQL named by a
+URL (``postgresql://USER@HOST:PORT/DB``) that the state directory records (``database.url``);
+the master key stays in the state directory either way and never enters the database. The
+records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` and :mod:`.postgres`
+(the same names, each in its dialect). The errors::
 
     StoreError          the state directory or database is unusable (missing, corrupt, from a
     │                   newer version, a wrong or exposed master key, a ciphertext that does
@@ -34,7 +40,8 @@ backend provides a module of the same shape, issue 15). The errors::
     ├── NoSuchRecord    no such device, resource, epoch or grant
     ├── Conflict        the thing to create exists already, or the change contradicts the state
     └── DatabaseError   a statement failed (locked too long, I/O, damaged): the driver's errors,
-                        translated by the backend only (:mod:`.sqlite_backend`)
+                        translated by the backend only (:mod:`.sqlite_backend`,
+                        :mod:`.postgres_backend`)
 """
 
 from __future__ import annotations
