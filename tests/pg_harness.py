@@ -47,7 +47,8 @@ def _free_port() -> int:
 class PgCluster:
     """One running cluster; :meth:`start` makes it, :meth:`stop` removes it."""
 
-    def __init__(self, bin_dir: Path, root: Path, port: int) -> None:
+    def __init__(self, bin_dir: Path, root: Path, port: int, *, durable: bool = False) -> None:
+        self.durable = durable
         self.bin = bin_dir
         self.root = root
         self.data = root / "data"
@@ -58,12 +59,15 @@ class PgCluster:
         return f"PgCluster(port={self.port}, data={str(self.data)!r})"
 
     @classmethod
-    def start(cls) -> PgCluster:
+    def start(cls, *, durable: bool = False) -> PgCluster:
+        """Start a cluster; with ``durable``, every commit is flushed to the disk (PostgreSQL's
+        default; the tests' cluster skips the fsyncs, which only a crash of the machine
+        needs)."""
         bin_dir = find_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (make deps installs it)")
         root = Path(tempfile.mkdtemp(prefix="oscar-pg-"))
-        cluster = cls(bin_dir, root, _free_port())
+        cluster = cls(bin_dir, root, _free_port(), durable=durable)
         try:
             cluster._init_and_start()
         except BaseException:
@@ -94,9 +98,10 @@ class PgCluster:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         options = (
-            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c full_page_writes=off -c max_connections=200"
+            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200"
         )
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         subprocess.run(
             [*run, str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60",
              "-l", str(self.data / "server.log"), "-o", options, "start"],

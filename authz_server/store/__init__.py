@@ -96,6 +96,7 @@ __all__ = [
     "StoreError",
     "check_database_url",
     "recorded_database",
+    "redacted",
 ]
 
 
@@ -115,6 +116,17 @@ def check_database_url(database: str) -> str:
             "needs none)"
         )
     return database
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def recorded_database(state_dir: Path) -> str | None:

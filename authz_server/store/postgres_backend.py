@@ -36,15 +36,14 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
-from . import postgres
+from . import postgres, redacted
 from .backend import Params, Row, SnapshotReader, Transaction
 from .schema import DatabaseError, StoreError
 
-__all__ = ["PostgresBackend", "is_postgres_url", "redacted"]
+__all__ = ["PostgresBackend"]
 
 _T = TypeVar("_T")
 
@@ -53,20 +52,6 @@ READERS = 4
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 10.0
 _ROWS = re.compile(r"(\d+)$")
-
-
-def is_postgres_url(database: str) -> bool:
-    return urlsplit(database).scheme in ("postgresql", "postgres")
-
-
-def redacted(url: str) -> str:
-    """The URL without a password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return parts._replace(netloc=f"{user}@{netloc[-1]}").geturl()
 
 
 def _error(exc: BaseException) -> DatabaseError:
