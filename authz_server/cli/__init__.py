@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--database",
             metavar="URL",
             help=(
-                "postgresql://USER@HOST:PORT/DB: the AS database (init records it in the state "
-                "directory; default: the recorded one, else SQLite in the state directory)"
+                "the AS database, postgresql://USER@HOST:PORT/DB (init records it in the state "
+                "directory) (default: the one recorded there, else SQLite in it)"
             ),
         )
         return sub

@@ -54,7 +54,7 @@ class Named(str):
             name = found.group(1)
             if name not in names:
                 names.append(name)
-            return "${names.index(name) + 1}"
+            return "$" + str(names.index(name) + 1)
 
         # "::" (a cast) is not a parameter; a name follows a single colon.
         self = super().__new__(cls, re.sub(r"(?<![:\w]):([a-z_]+)\b", number, text))
