@@ -122,12 +122,49 @@ class _Snapshot:
             yield [tuple(row) for row in rows]
 
 
+class _Readers:
+    """A few connections for point reads, each used by one task at a time. Not asyncpg's pool:
+    its release runs a reset query (a round trip) after every use, which doubled a point read's
+    time; these connections hold no state between reads to reset (autocommit, no session
+    settings changed)."""
+
+    def __init__(self, conns: list[asyncpg.Connection]) -> None:
+        self._conns = conns
+        self._idle: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
+        for conn in conns:
+            self._idle.put_nowait(conn)
+
+    @classmethod
+    async def connect(cls, url: str, size: int) -> _Readers:
+        conns: list[asyncpg.Connection] = []
+        try:
+            for _ in range(size):
+                conns.append(await _connect(url))
+        except BaseException:
+            for conn in conns:
+                conn.terminate()
+            raise
+        return cls(conns)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        conn = await self._idle.get()
+        try:
+            return await conn.fetchrow(sql, *args)
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.close()
+
+
 class PostgresBackend:
     """The AS database on a PostgreSQL server. Made by :meth:`create` or :meth:`open`."""
 
     sql: ModuleType = postgres
 
-    def __init__(self, url: str, conn: asyncpg.Connection, readers: asyncpg.Pool | None) -> None:
+    def __init__(self, url: str, conn: asyncpg.Connection, readers: _Readers | None) -> None:
         self.url = url
         self._conn: asyncpg.Connection | None = conn
         self._readers = readers
@@ -192,17 +229,11 @@ class PostgresBackend:
             raise StoreError(f"cannot connect to the database {redacted(url)}: {exc}") from None
 
     @staticmethod
-    async def _pool(url: str) -> asyncpg.Pool | None:
+    async def _pool(url: str) -> _Readers | None:
         """The readers of :meth:`lookup`; None if they cannot be had (then reads take the
         writer, as :meth:`one` does)."""
         try:
-            return await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=READERS,
-                timeout=CONNECT_TIMEOUT,
-                server_settings=postgres.CONNECTION_SETTINGS,
-            )
+            return await _Readers.connect(url, READERS)
         except _DRIVER_ERRORS:
             return None
 
@@ -234,8 +265,7 @@ class PostgresBackend:
     async def close(self) -> None:
         if self._readers is not None:
             readers, self._readers = self._readers, None
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await readers.close()
+            await readers.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             with contextlib.suppress(*_DRIVER_ERRORS):
