@@ -1,7 +1,8 @@
 """The AS over the network: a real server process, real DTLS clients, loopback.
 
-Each test gets its own state directory and server process (``oscar-as serve``); the
-test changes the database through its own :class:`Store` as the admin CLI would, while the server
+Each test gets its own state directory and server process (``oscar-as serve``), and runs twice:
+on SQLite and on a fresh PostgreSQL database (tests/pg_harness.py) that the state directory names;
+the test changes the database through its own :class:`Store` as the admin CLI would, while the server
 runs. At teardown every server must exit 0 on SIGTERM, log no traceback, and its log must hold no
 PSK and no access secret the test saw.
 """
@@ -24,6 +25,7 @@ from aiocoap.error import NetworkError
 from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, resource_body
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pg_harness import BACKENDS, PgCluster
 
 from authz_server.ratelimit import RateLimit
 from authz_server.store import Store
@@ -34,9 +36,18 @@ from oscar_io.dtls import MAX_SESSIONS_PER_IDENTITY, IndexedCreds
 EVIL = "'; DROP TABLE devices; --"
 
 
+@pytest.fixture(params=BACKENDS)
+def backing(request: pytest.FixtureRequest) -> tuple[PgCluster, str] | None:
+    """The AS database: None for SQLite in the state directory, else (the session's PostgreSQL
+    cluster, a fresh database on it); every test of the server runs on both."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_cluster"), request.getfixturevalue("pg_database")
+
+
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, backing: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, backing) as environment:
         yield environment
 
 
