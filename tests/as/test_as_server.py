@@ -3,8 +3,8 @@
 Each test gets its own state directory and server process (``oscar-as serve``), and runs
 twice: on SQLite and on a fresh PostgreSQL database (tests/pg_harness.py) that the state
 directory names; the test changes the database through its own :class:`Store` as the admin
-CLI would, while the server runs. At teardown every server must exit 0 on SIGTERM, log no traceback, and its log must hold no
-PSK and no access secret the test saw.
+CLI would, while the server runs. At teardown every server must exit 0 on SIGTERM, log no
+traceback, and its log must hold no PSK and no access secret the test saw.
 """
 
 from __future__ import annotations
