@@ -9,7 +9,7 @@ import pytest_asyncio
 from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
-from pg_harness import PgCluster
+from pg_harness import BACKENDS, PgCluster
 
 from testkit import Pki, make_pki
 
@@ -68,3 +68,13 @@ def pg_database(pg_cluster: PgCluster) -> Iterator[str]:
         yield url
     finally:
         pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def as_database(request: pytest.FixtureRequest) -> tuple[PgCluster, str] | None:
+    """The AS database of a test that takes it, which then runs twice: None (SQLite in the state
+    directory), then (the session's PostgreSQL cluster, a fresh database on it); see
+    ``as_harness.as_env``. Its PostgreSQL runs start a process (``PROCESS_PARAMS`` in tiers.py)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_cluster"), request.getfixturevalue("pg_database")

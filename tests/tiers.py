@@ -132,10 +132,13 @@ PROCESS: dict[str, Starts] = {
     ),
 }
 
-#: Parameters that start a process in whichever test takes them, by (parameter, value): the AS
-#: store's tests on PostgreSQL (the ``backing`` fixture, tests/pg_harness.py) start the server of
-#: the session's private cluster; the same tests on SQLite start none.
-PROCESS_PARAMS: frozenset[tuple[str, object]] = frozenset({("backing", "postgresql")})
+#: Parameters that start a process in whichever test takes them, by (parameter, value): the AS's
+#: tests on PostgreSQL (the ``backing`` fixtures of the store's suites, ``as_database`` in
+#: conftest.py; tests/pg_harness.py) start the server of the session's private cluster; the same
+#: tests on SQLite start none.
+PROCESS_PARAMS: frozenset[tuple[str, object]] = frozenset(
+    {("backing", "postgresql"), ("as_database", "postgresql")}
+)
 
 TESTS = Path(__file__).resolve().parent
 OPTION = "--check-tier"

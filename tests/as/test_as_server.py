@@ -25,7 +25,7 @@ from aiocoap.error import NetworkError
 from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, resource_body
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pg_harness import BACKENDS, PgCluster
+from pg_harness import PgCluster
 
 from authz_server.ratelimit import RateLimit
 from authz_server.store import Store
@@ -36,18 +36,9 @@ from oscar_io.dtls import MAX_SESSIONS_PER_IDENTITY, IndexedCreds
 EVIL = "'; DROP TABLE devices; --"
 
 
-@pytest.fixture(params=BACKENDS)
-def backing(request: pytest.FixtureRequest) -> tuple[PgCluster, str] | None:
-    """The AS database: None for SQLite in the state directory, else (the session's PostgreSQL
-    cluster, a fresh database on it); every test of the server runs on both."""
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("pg_cluster"), request.getfixturevalue("pg_database")
-
-
 @pytest_asyncio.fixture
-async def env(tmp_path: Path, backing: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path, backing) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 
