@@ -1,6 +1,7 @@
 # Build skeleton for OSCAR. Everything here is non-interactive (CI runs with CI=true, no stdin).
 #
-#   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin
+#   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin,
+#                   postgresql (the server binaries the AS store's tests run on PostgreSQL with)
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make check      the fast tier, under a minute: lint, format check, typecheck, import contracts,
@@ -41,9 +42,24 @@ define apt_install
 	fi
 endef
 
+# apt_install_unless GLOB PACKAGES: install PACKAGES unless a file matches GLOB (for programs
+# outside PATH: PostgreSQL's initdb is in /usr/lib/postgresql/<major>/bin). The tests start a
+# private cluster of their own (tests/pg_harness.py); no system cluster needs to run.
+define apt_install_unless
+	if ! compgen -G "$(1)" >/dev/null; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "error: missing $(1); run as root: apt-get install -y $(2)" >&2; exit 1; \
+		fi; \
+		echo "deps: installing $(2) (missing: $(1))"; \
+		apt-get update -qq || echo "deps: apt-get update reported problems; continuing" >&2; \
+		apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	fi
+endef
+
 deps:
 	@$(call apt_install,autoreconf automake,autoconf automake libtool)
 	@$(call apt_install,coap-client-openssl,libcoap3-bin)
+	@$(call apt_install_unless,/usr/lib/postgresql/*/bin/initdb,postgresql)
 
 venv: $(STAMP)
 

@@ -22,7 +22,8 @@ Modules::
     cli/          oscar-as: the parser and main, enrolment, keys, audit, serve
 
 Exceptions (each foreign error translated in one place: sqlite3/aiosqlite in
-:mod:`.store.sqlite_backend`, cryptography's through :class:`oscar_io.sealing.SealError` in
+:mod:`.store.sqlite_backend`, asyncpg's and PostgreSQL's in :mod:`.store.postgres_backend`,
+cryptography's through :class:`oscar_io.sealing.SealError` in
 :mod:`.envelope`, ``CertificateError`` of the core into ``BadRequest`` in :mod:`.api`)::
 
     Exception

@@ -24,7 +24,14 @@ from oscar_io.errors import StateError
 from oscar_io.statefiles import atomic_write, private_dir
 
 from .envelope import create_master_key
-from .store import MASTER_KEY_NAME, Store, StoreError
+from .store import (
+    DATABASE_NAME,
+    DB_NAME,
+    MASTER_KEY_NAME,
+    Store,
+    StoreError,
+    check_database_url,
+)
 
 __all__ = ["CA_CERT_NAME", "CertificateAuthority", "init_state"]
 
@@ -34,9 +41,16 @@ DEVICE_CERT_LIFETIME = 365 * 86_400
 
 
 async def init_state(
-    state_dir: Path, *, as_uri: str, now: int, ca_name: str = "OSCAR AS CA"
+    state_dir: Path,
+    *,
+    as_uri: str,
+    now: int,
+    ca_name: str = "OSCAR AS CA",
+    database: str | None = None,
 ) -> Store:
-    """Make a new state directory: master key, database, CA key and certificate.
+    """Make a new state directory: master key, database, CA key and certificate. The database
+    is SQLite in the directory, or the empty PostgreSQL database ``database`` names
+    (``postgresql://USER@HOST:PORT/DB``; the directory records it).
 
     Refuses a directory that already holds a master key or a database. Returns the open store.
     """
@@ -44,10 +58,17 @@ async def init_state(
         private_dir(state_dir)
     except StateError as exc:
         raise StoreError(str(exc)) from None
-    if (state_dir / MASTER_KEY_NAME).exists() or (state_dir / "as.db").exists():
+    if database is not None:
+        check_database_url(database)
+    if any((state_dir / name).exists() for name in (MASTER_KEY_NAME, DB_NAME, DATABASE_NAME)):
         raise StoreError(f"{state_dir} holds an AS state already; refusing to overwrite it")
     master_key = create_master_key(state_dir / MASTER_KEY_NAME)
-    store = await Store.create(state_dir, master_key)
+    try:
+        store = await Store.create(state_dir, master_key, database=database)
+    except BaseException:
+        if database is not None:  # nothing was made in it: init may run again
+            (state_dir / MASTER_KEY_NAME).unlink(missing_ok=True)
+        raise
     try:
         ca_key = certs.generate_signing_key("ES256")
         ca_cert = certs.make_ca_certificate(

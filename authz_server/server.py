@@ -211,6 +211,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     tune_gc: bool = False,
+    database: str | None = None,
 ) -> None:
     """Serve the AS on ``coaps://host:port`` until ``stop`` is set or the task is cancelled.
 
@@ -223,10 +224,11 @@ async def serve(
 
     Raises ValueError for a port outside 2..65535 or an address aiocoap cannot bind (the any
     address), :class:`StoreError` for an unusable state directory, OSError if the port is taken.
+    ``database``: the AS database's URL, if not the one the state directory records.
     """
     if type(port) is not int or not 2 <= port <= 65535:
         raise ValueError("the DTLS port must be between 2 and 65535")
-    store = await Store.open(Path(state_dir))
+    store = await Store.open(Path(state_dir), database=database)
     server: _Server | None = None
     tasks: list[asyncio.Task[None]] = []
     try:

@@ -23,6 +23,7 @@ from typing import Any
 from aiocoap import GET, Context, Message
 from aiocoap.numbers.constants import TransportTuning
 from cryptography import x509
+from pg_harness import PgCluster
 
 from authz_server.ca import init_state
 from authz_server.store import Store
@@ -62,8 +63,8 @@ def now() -> int:
     return int(time.time())
 
 
-async def make_state(state_dir: Path) -> None:
-    store = await init_state(state_dir, as_uri="coaps://127.0.0.1", now=now())
+async def make_state(state_dir: Path, database: str | None = None) -> None:
+    store = await init_state(state_dir, as_uri="coaps://127.0.0.1", now=now(), database=database)
     await store.close()
 
 
@@ -245,6 +246,8 @@ class AsEnv:
     seen: list[bytes] = field(default_factory=list)
     clients: list[Any] = field(default_factory=list)
     servers: list[AsProcess] = field(default_factory=list)
+    #: The store's database when it is not the state directory's SQLite file: (cluster, URL).
+    postgres: tuple[PgCluster, str] | None = None
 
     async def device(self, device_id: str, role: str) -> bytes:
         self.psks[device_id] = await enroll(self.store, device_id, role)
@@ -277,18 +280,25 @@ class AsEnv:
     def keep(self, *secrets: bytes) -> None:
         self.seen.extend(secrets)
 
-    def database_bytes(self) -> bytes:
+    async def database_bytes(self) -> bytes:
+        """The files that hold the database (PostgreSQL: its data files, catalog and WAL)."""
+        if self.postgres is not None:
+            cluster, url = self.postgres
+            return await cluster.database_bytes(url)
         return b"".join(p.read_bytes() for p in sorted(self.state.glob("as.db*")))
 
 
 @contextlib.asynccontextmanager
-async def as_env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    """An :class:`AsEnv`; afterwards every server exited 0 on SIGTERM with no traceback, and no
-    PSK or secret the test saw is in a log (raw or hex) or in the database files."""
+async def as_env(
+    tmp_path: Path, postgres: tuple[PgCluster, str] | None = None
+) -> AsyncIterator[AsEnv]:
+    """An :class:`AsEnv` (on SQLite, or on the PostgreSQL database ``postgres`` names: (cluster,
+    URL)); afterwards every server exited 0 on SIGTERM with no traceback, and no PSK or secret the
+    test saw is in a log (raw or hex) or in the database files."""
     state = tmp_path / "state"
-    await make_state(state)
+    await make_state(state, None if postgres is None else postgres[1])
     store = await Store.open(state)
-    env = AsEnv(tmp_path, state, store)
+    env = AsEnv(tmp_path, state, store, postgres=postgres)
     try:
         yield env
     finally:
@@ -304,7 +314,7 @@ async def as_env(tmp_path: Path) -> AsyncIterator[AsEnv]:
             for secret in secrets:
                 assert secret.hex() not in text
                 assert repr(secret)[2:-1] not in text
-        stored = env.database_bytes()
+        stored = await env.database_bytes()
         for secret in secrets:
             assert secret not in stored
             assert secret.hex().encode() not in stored

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
 from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
+from pg_harness import BACKENDS, PgCluster
 
 from testkit import Pki, make_pki
 
@@ -46,3 +47,34 @@ async def producer() -> AsyncIterator[ProducerStandIn]:
         yield stand_in
     finally:
         await stand_in.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL server for the session (tests/pg_harness.py), started on first use
+    (only by tests that PROCESS in tiers.py lets start a process), removed at the end."""
+    cluster = PgCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: PgCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database on :func:`pg_cluster`, dropped after the test."""
+    url = pg_cluster.new_database()
+    try:
+        yield url
+    finally:
+        pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def as_database(request: pytest.FixtureRequest) -> tuple[PgCluster, str] | None:
+    """The AS database of a test that takes it, which then runs twice: None (SQLite in the state
+    directory), then (the session's PostgreSQL cluster, a fresh database on it); see
+    ``as_harness.as_env``. Its PostgreSQL runs start a process (``PROCESS_PARAMS`` in tiers.py)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_cluster"), request.getfixturevalue("pg_database")

@@ -6,7 +6,8 @@
 A test starts a process when it (or a fixture it uses) runs a subprocess, forks, or spawns: the
 AS, a producer, a proxy, the command line tools, libcoap's client. Such tests get the ``process``
 marker from :data:`PROCESS` below, the one place that classification is written (module by module:
-every test of it, every test but some, or only some).
+every test of it, every test but some, or only some), and from :data:`PROCESS_PARAMS` for a
+parameter that starts one wherever it is taken (the AS store's tests on PostgreSQL).
 
 With ``--check-tier`` those tests are deselected, and starting a process anywhere in the session
 (collection, fixtures, tests) raises :class:`ProcessInCheckTier` and fails the test that tried, even
@@ -54,7 +55,10 @@ def only(*names: str) -> Starts:
 #: name, parameters aside). A module not named here starts none.
 PROCESS: dict[str, Starts] = {
     "test_as_audit_flood": every(),
-    "test_as_cli": only("test_module_entry_point"),
+    "test_as_cli": only(
+        "test_init_records_a_postgresql_database_and_every_command_uses_it",
+        "test_module_entry_point",
+    ),
     "test_as_flood": only(
         "test_a_hello_from_a_new_port_gets_a_stateless_cookie_and_junk_gets_nothing",
         "test_junk_hellos_cannot_evict_established_sessions_from_a_full_table",
@@ -74,7 +78,10 @@ PROCESS: dict[str, Starts] = {
         "test_the_as_catches_up_in_steps_without_waiting_an_hour",
     ),
     "test_as_server": every("test_token_bucket", "test_unknown_identities_get_a_stable_decoy_key"),
-    "test_as_store": only("test_kill_9_in_a_burst_of_rotations_leaves_a_consistent_database"),
+    "test_as_store": only(
+        "test_a_postgresql_database_of_a_newer_schema_or_another_as_is_refused",
+        "test_kill_9_in_a_burst_of_rotations_leaves_a_consistent_database",
+    ),
     "test_attacks_as": every("test_metacharacters_in_every_admin_cli_field_are_refused"),
     "test_attacks_leaks": every("test_the_search_finds_every_encoding"),
     "test_attacks_objects": every(),
@@ -125,6 +132,14 @@ PROCESS: dict[str, Starts] = {
     ),
 }
 
+#: Parameters that start a process in whichever test takes them, by (parameter, value): the AS's
+#: tests on PostgreSQL (the ``backing`` fixtures of the store's suites, ``as_database`` in
+#: conftest.py; tests/pg_harness.py) start the server of the session's private cluster; the same
+#: tests on SQLite start none.
+PROCESS_PARAMS: frozenset[tuple[str, object]] = frozenset(
+    {("backing", "postgresql"), ("as_database", "postgresql")}
+)
+
 TESTS = Path(__file__).resolve().parent
 OPTION = "--check-tier"
 SURVEY = "--survey-processes"
@@ -162,6 +177,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(guard.uninstall)
 
 
+def _process_param(item: pytest.Item) -> bool:
+    """Whether the item takes a parameter of :data:`PROCESS_PARAMS`."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    return any(
+        (name, value) in PROCESS_PARAMS
+        for name, value in callspec.params.items()
+        if isinstance(value, str)
+    )
+
+
 def _where(item: pytest.Item) -> tuple[str, str]:
     """The item's module (file stem) and test function (parameters aside)."""
     return item.path.stem, getattr(item, "originalname", item.name)
@@ -171,7 +198,7 @@ def _where(item: pytest.Item) -> tuple[str, str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module, function = _where(item)
-        if module in PROCESS and function in PROCESS[module]:
+        if (module in PROCESS and function in PROCESS[module]) or _process_param(item):
             item.add_marker(pytest.mark.process)
     if not (config.getoption(OPTION) or config.getoption(SURVEY)):
         return

@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
             required=state_required,
             help="the AS state directory" + ("" if state_required else " (default: from --config)"),
         )
+        sub.add_argument(
+            "--database",
+            metavar="URL",
+            help=(
+                "the AS database, postgresql://USER@HOST:PORT/DB (init records it in the state "
+                "directory) (default: the one recorded there, else SQLite in it)"
+            ),
+        )
         return sub
 
     def listing(name: str, handler: Handler, summary: str) -> argparse.ArgumentParser:

@@ -160,8 +160,11 @@ days.__name__ = "number of days"
 # --- state ---------------------------------------------------------------------------------------
 
 
-async def with_store(state: Path, body: Callable[[Store], Awaitable[T]]) -> T:
-    store = await Store.open(state)
+async def with_store(
+    state: Path, body: Callable[[Store], Awaitable[T]], database: str | None = None
+) -> T:
+    """``body`` on the state directory's store (its recorded database, or ``database``)."""
+    store = await Store.open(state, database=database)
     try:
         return await body(store)
     finally:
@@ -169,7 +172,7 @@ async def with_store(state: Path, body: Callable[[Store], Awaitable[T]]) -> T:
 
 
 def run_on_store(args: argparse.Namespace, body: Callable[[Store], Awaitable[T]]) -> T:
-    return asyncio.run(with_store(args.state, body))
+    return asyncio.run(with_store(args.state, body, getattr(args, "database", None)))
 
 
 # --- output --------------------------------------------------------------------------------------

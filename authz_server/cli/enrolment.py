@@ -23,7 +23,16 @@ from oscar.names import require_device_id
 from oscar_io.bundle import LINK_PSK_LENGTH
 
 from ..ca import CA_CERT_NAME, init_state
-from ..store import DB_NAME, MASTER_KEY_NAME, Conflict, Store, StoreError
+from ..store import (
+    DATABASE_NAME,
+    DB_NAME,
+    MASTER_KEY_NAME,
+    Conflict,
+    Store,
+    StoreError,
+    check_database_url,
+    redacted,
+)
 from .common import UsageError, as_uri_arg, run_on_store
 
 __all__ = ["BUNDLE_MODE", "cmd_enroll", "cmd_init"]
@@ -53,6 +62,12 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
     """
     state: Path = args.state
     as_uri = as_uri_arg(args.as_uri)
+    database: str | None = args.database
+    if database is not None:
+        try:
+            check_database_url(database)
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
     if (state / MASTER_KEY_NAME).exists() or (state / DB_NAME).exists():
         raise Conflict(f"{state} holds an AS state already; refusing to overwrite it")
     if state.exists():
@@ -64,7 +79,7 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
         state.mkdir(mode=0o700, parents=True)
 
     async def body() -> None:
-        store = await init_state(state, as_uri=as_uri, now=now)
+        store = await init_state(state, as_uri=as_uri, now=now, database=database)
         await store.close()
 
     asyncio.run(body())
@@ -73,7 +88,10 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
     kid = certs.key_id(cast("PublicKey", ca.public_key()))  # init_state made an ES256 key
     print(f"AS state initialized in {state} for {as_uri}")
     print(f"CA certificate: {ca_path} (kid {kid.hex()})")
-    print(f"master key: {state / MASTER_KEY_NAME} (mode 0600; back it up apart from {DB_NAME})")
+    where = DB_NAME if database is None else "the database"
+    if database is not None:
+        print(f"database: {redacted(database)} (recorded in {state / DATABASE_NAME})")
+    print(f"master key: {state / MASTER_KEY_NAME} (mode 0600; back it up apart from {where})")
     return 0
 
 

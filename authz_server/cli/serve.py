@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
     except PortInUse as exc:
         return fail(f"{PROG} serve", str(exc), 1)
     # A missing or unreadable state directory is a one-line error before anything starts.
-    asyncio.run(with_store(args.state, _nothing))
+    asyncio.run(with_store(args.state, _nothing, args.database))
     from ..server import ServeOptions, serve  # the network stack loads only for this command
 
     names = (
@@ -68,7 +68,9 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await serve(args.state, host, port, options, stop=stop, tune_gc=True)
+            await serve(
+                args.state, host, port, options, stop=stop, tune_gc=True, database=args.database
+            )
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)

@@ -9,7 +9,9 @@ their access secrets and KMIP states, grants and exclusions, and the audit chain
   it;
 - secrets (PSKs, access secrets, the CA key) are stored only encrypted by the
   :class:`~authz_server.envelope.Envelope`; deleted or replaced data is overwritten (SQLite:
-  ``PRAGMA secure_delete``), and a destroyed secret is first overwritten with zeros, then cleared;
+  ``PRAGMA secure_delete``; PostgreSQL: a VACUUM of the tables, which leaves old versions in its WAL
+  until recycled, see :mod:`.postgres_backend`), and a destroyed secret is first overwritten with
+  zeros, then cleared;
 - the schema is versioned and migrated forward on open;
 - a change counter lets the server notice what the admin CLI changed.
 
@@ -23,10 +25,14 @@ The package, by composition (each component holds the one backend, and the other
     ├── keyring    Keyring         .keyring     resources, epochs, rotation, destruction
     ├── deliveries Deliveries      .deliveries  secrets handed out (grouped commits)
     ├── audit_log  AuditLog        .audit       the audit chain, pruning; .denials tallies refusals
-    └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL
+    └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL,
+                                                .postgres_backend runs .postgres's
 
-The records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` (a PostgreSQL
-backend provides a module of the same shape, issue 15). The errors::
+The database is SQLite in the state directory (``as.db``, the default), or PostgreSQL named by a
+URL (``postgresql://USER@HOST:PORT/DB``) that the state directory records (``database.url``);
+the master key stays in the state directory either way and never enters the database. The
+records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` and :mod:`.postgres`
+(the same names, each in its dialect). The errors::
 
     StoreError          the state directory or database is unusable (missing, corrupt, from a
     │                   newer version, a wrong or exposed master key, a ciphertext that does
@@ -34,16 +40,18 @@ backend provides a module of the same shape, issue 15). The errors::
     ├── NoSuchRecord    no such device, resource, epoch or grant
     ├── Conflict        the thing to create exists already, or the change contradicts the state
     └── DatabaseError   a statement failed (locked too long, I/O, damaged): the driver's errors,
-                        translated by the backend only (:mod:`.sqlite_backend`)
+                        translated by the backend only (:mod:`.sqlite_backend`,
+                        :mod:`.postgres_backend`)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oscar_io.errors import StateError
-from oscar_io.statefiles import private_dir
+from oscar_io.statefiles import atomic_write, private_dir
 
 from ..envelope import Envelope, MasterKeyError, VaultError, read_master_key
 from .access import Access
@@ -54,6 +62,7 @@ from .keyring import Keyring
 from .registry import Registry
 from .schema import (
     CA_KEY_CONTEXT,
+    DATABASE_NAME,
     DB_NAME,
     MASTER_KEY_NAME,
     ROLES,
@@ -68,7 +77,11 @@ from .schema import (
 )
 from .sqlite_backend import SqliteBackend
 
+if TYPE_CHECKING:
+    from .postgres_backend import PostgresBackend
+
 __all__ = [
+    "DATABASE_NAME",
     "DB_NAME",
     "MASTER_KEY_NAME",
     "ROLES",
@@ -81,7 +94,60 @@ __all__ = [
     "Resource",
     "Store",
     "StoreError",
+    "check_database_url",
+    "recorded_database",
+    "redacted",
 ]
+
+
+def check_database_url(database: str) -> str:
+    """``database`` if it names a database this store runs on (``postgresql://…``; SQLite is
+    the state directory's own file, named by no URL); :class:`StoreError` otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(database)
+        parts.port  # noqa: B018 (a port out of range raises here)
+    except ValueError as exc:
+        raise StoreError(f"not a database URL: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise StoreError(
+            "a database URL is postgresql://USER@HOST:PORT/DATABASE (SQLite, the default, "
+            "needs none)"
+        )
+    return database
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def recorded_database(state_dir: Path) -> str | None:
+    """The database URL a state directory records (``oscar-as init --database``), or None: its
+    SQLite file."""
+    path = state_dir / DATABASE_NAME
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    return check_database_url(text)
+
+
+def _postgres_backend(database: str) -> type[PostgresBackend]:
+    """The PostgreSQL backend's class (imported on first use: asyncpg only when it is needed)."""
+    check_database_url(database)
+    from .postgres_backend import PostgresBackend
+
+    return PostgresBackend
 
 
 class Store:
@@ -151,30 +217,59 @@ class Store:
     # --- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    async def create(cls, state_dir: Path, master_key: bytes) -> Store:
-        """Make the database of a new state directory (which must not hold one)."""
+    async def create(
+        cls, state_dir: Path, master_key: bytes, *, database: str | None = None
+    ) -> Store:
+        """Make the database of a new state directory: SQLite in it (which must not hold one),
+        or the empty PostgreSQL database at ``database`` (``postgresql://…``), whose URL the
+        state directory then records (:data:`DATABASE_NAME`)."""
         wrapped = Envelope.new_wrapped_data_key(master_key)
-        db = await SqliteBackend.create(
-            state_dir / DB_NAME, [("data_key", wrapped), ("changes", 0)]
-        )
+        first: list[tuple[str, bytes | int]] = [("data_key", wrapped), ("changes", 0)]
+        db: Backend
+        if database is None:
+            db = await SqliteBackend.create(state_dir / DB_NAME, first)
+        else:
+            backend = _postgres_backend(database)
+            db = await backend.create(database, first)
+            try:
+                atomic_write(state_dir / DATABASE_NAME, database.encode() + b"\n", 0o600)
+            except BaseException:
+                await db.close()
+                raise
         return cls(db, Envelope(master_key, wrapped))
 
     @classmethod
-    async def open(cls, state_dir: Path) -> Store:
-        """Open an existing state directory; :class:`StoreError` saying what is wrong otherwise."""
+    async def open(cls, state_dir: Path, *, database: str | None = None) -> Store:
+        """Open an existing state directory: its database is the one ``database`` names, else
+        the one the directory records, else its SQLite file. :class:`StoreError` saying what
+        is wrong otherwise."""
         if os.path.lexists(state_dir):  # refused unless private (oscar_io.statefiles)
             try:
                 private_dir(state_dir, create=False)
             except StateError as exc:
                 raise StoreError(str(exc)) from None
-        path = state_dir / DB_NAME
-        if not path.is_file():
-            raise StoreError(f"no AS database at {path}; run 'oscar-as init --state {state_dir}'")
+        if database is None:
+            database = recorded_database(state_dir)
+        db: Backend
+        if database is None:
+            path = state_dir / DB_NAME
+            where = str(path)
+            if not path.is_file():
+                raise StoreError(
+                    f"no AS database at {path}; run 'oscar-as init --state {state_dir}'"
+                )
+        else:
+            backend = _postgres_backend(database)
+            where = database
         try:
             master_key = read_master_key(state_dir / MASTER_KEY_NAME)
         except MasterKeyError as exc:
             raise StoreError(str(exc)) from None
-        db = await SqliteBackend.open(path)
+        if database is None:
+            db = await SqliteBackend.open(path)
+        else:
+            db = await backend.open(database)
+            where = repr(db)
         try:
             row = await db.one(db.sql.DATA_KEY)
             if row is None:
@@ -187,7 +282,7 @@ class Store:
         except DatabaseError as exc:
             await db.close()
             detail = str(exc).removeprefix("database error: ")
-            raise StoreError(f"the database {path} is unusable: {detail}") from None
+            raise StoreError(f"the database {where} is unusable: {detail}") from None
         except BaseException:
             await db.close()
             raise
@@ -206,11 +301,14 @@ class Store:
 
     async def get_meta(self, key: str) -> bytes | None:
         row = await self.db.one(self.db.sql.META_GET, (key,))
-        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes) else row[0]
+        if row is None:
+            return None
+        value = self.db.sql.meta_value(row)
+        return bytes(value) if isinstance(value, bytes) else value
 
     async def set_meta(self, key: str, value: bytes | str | int) -> None:
         async with self.db.transaction():
-            await self.db.execute(self.db.sql.META_SET, (key, value))
+            await self.db.execute(self.db.sql.META_SET, self.db.sql.meta_params(key, value))
 
     async def set_ca_key(self, pem: bytes) -> None:
         await self.set_meta("ca_key", self.envelope.encrypt(pem, CA_KEY_CONTEXT))

@@ -2,9 +2,8 @@
 
 The components (:mod:`.registry`, :mod:`.keyring`, :mod:`.access`, :mod:`.audit`,
 :mod:`.deliveries`) hold one :class:`Backend` and run the statements of its ``sql`` module (for
-SQLite :mod:`.sqlite`, run by :mod:`.sqlite_backend`); they never import a database driver. A
-second backend (PostgreSQL, issue 15) provides the same two modules: its statements under the same
-names, and a class with these methods.
+SQLite :mod:`.sqlite`, run by :mod:`.sqlite_backend`; for PostgreSQL :mod:`.postgres`, run by
+:mod:`.postgres_backend`); they never import a database driver.
 
 The contract every backend keeps:
 

@@ -15,6 +15,7 @@ from oscar_io.bundle import ROLES  # the device roles, as credentials bundles na
 __all__ = [
     "ACTIVE",
     "COMPROMISED",
+    "DATABASE_NAME",
     "DB_NAME",
     "DEACTIVATED",
     "DESTROYED",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 DB_NAME = "as.db"
+#: In a state directory whose database is PostgreSQL: its URL (``oscar-as init --database``).
+DATABASE_NAME = "database.url"
 MASTER_KEY_NAME = "master.key"
 
 PRE_ACTIVE, ACTIVE, DEACTIVATED, COMPROMISED, DESTROYED = (

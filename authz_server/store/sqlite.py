@@ -4,8 +4,8 @@ text takes a number); with the few Python helpers the dialect needs (the ``oscar
 function, ASCII case folding as ``lower()`` does it, a list bound as one JSON parameter, the key
 range of a grant pattern).
 
-A second backend (PostgreSQL, issue 15) provides a module of the same shape: the same names,
-its own dialect; the components (:mod:`.registry`, :mod:`.keyring`, :mod:`.access`, :mod:`.audit`,
+The PostgreSQL backend's module (:mod:`.postgres`) has the same shape: the same names, its own
+dialect; the components (:mod:`.registry`, :mod:`.keyring`, :mod:`.access`, :mod:`.audit`,
 :mod:`.deliveries`) reach the statements only through their backend's ``sql`` attribute
 (:class:`.backend.Backend`). Rules kept by every statement: parameterized (no value is ever
 formatted into SQL), and bulk statements bind a whole list as one parameter.
@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "fold", "id_list", "match", "prefix_range"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "fold",
+    "id_list",
+    "match",
+    "meta_params",
+    "meta_value",
+    "prefix_range",
+]
 
 # --- the schema ----------------------------------------------------------------------------------
 
@@ -207,6 +216,17 @@ def match(name: object, pattern: object) -> int:
 FUNCTIONS = (("oscar_match", 2, match),)
 
 # --- meta ----------------------------------------------------------------------------------------
+
+
+def meta_params(key: str, value: bytes | str | int) -> tuple[str, bytes | str | int]:
+    """The parameters of :data:`META_SET` for (key, value) (SQLite keeps any type in a column)."""
+    return (key, value)
+
+
+def meta_value(row: Sequence[Any]) -> Any:
+    """The value of a :data:`META_GET` row."""
+    return row[0]
+
 
 META_INSERT = "INSERT INTO meta VALUES (?, ?)"
 META_GET = "SELECT value FROM meta WHERE key = ?"

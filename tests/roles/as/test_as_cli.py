@@ -794,3 +794,33 @@ def test_module_entry_point(tmp_path: Path) -> None:
     (state / "as.db").write_bytes(b"garbage" * 1000)
     broken = run("devices")
     assert broken.returncode == 2 and ERROR_LINE.fullmatch(broken.stderr)
+
+
+# --- the database chosen by URL (issue 15) -------------------------------------------------------
+
+
+def test_init_records_a_postgresql_database_and_every_command_uses_it(
+    blank: Cli, pg_database: str
+) -> None:
+    result = blank.ok("init", "--database", pg_database)
+    assert pg_database in result.out and not (blank.state / "as.db").exists()
+    assert (blank.state / "database.url").read_text().strip() == pg_database
+    assert stat.S_IMODE((blank.state / "database.url").stat().st_mode) == 0o600
+    blank.enroll("producer", "sensor-1")
+    blank.enroll("consumer", "phone-1")
+    blank.register("sensor-1/temperature")
+    blank.ok("grant", "--consumer", "phone-1", "--resource", "sensor-1/*")
+    listed = json.loads(blank.ok("devices", "--json").out)
+    assert [d["id"] for d in listed] == ["phone-1", "sensor-1"]
+    assert "chain intact" in blank.ok("audit", "--verify").out
+    # --database overrides what the directory records: another (empty) database has no AS.
+    other = pg_database.rsplit("/", 1)[0] + "/postgres"
+    assert "no AS database" in blank.fail(2, "devices", "--database", other).err
+    # A second init on the same database, from another directory, is refused.
+    again = Cli(blank.capsys, blank.state.parent / "again")
+    assert "holds an AS already" in again.fail(1, "init", "--database", pg_database).err
+
+
+def test_a_bad_database_url_is_refused_by_init(blank: Cli) -> None:
+    blank.fail(2, "init", "--database", "mysql://root@127.0.0.1/as")
+    assert not blank.state.exists() or not any(blank.state.iterdir())

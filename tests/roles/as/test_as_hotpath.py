@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from as_harness import AsEnv, as_env, now
+from pg_harness import PgCluster
 
 from authz_server.api import Endpoints, Forbidden, Unauthorized
 from authz_server.ca import CertificateAuthority, init_state
@@ -141,8 +142,8 @@ async def test_a_rotation_by_the_admin_cli_is_served_at_the_next_request(
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from aiocoap import GET
 from as_harness import AsEnv, as_env, enroll, now
+from pg_harness import PgCluster
 
 from authz_server.api_links import links_etag
 from authz_server.envelope import Envelope
@@ -28,8 +29,8 @@ EVIL = "'; DROP TABLE devices; --"
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 

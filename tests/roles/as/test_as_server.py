@@ -1,9 +1,10 @@
 """The AS over the network: a real server process, real DTLS clients, loopback.
 
-Each test gets its own state directory and server process (``oscar-as serve``); the
-test changes the database through its own :class:`Store` as the admin CLI would, while the server
-runs. At teardown every server must exit 0 on SIGTERM, log no traceback, and its log must hold no
-PSK and no access secret the test saw.
+Each test gets its own state directory and server process (``oscar-as serve``), and runs
+twice: on SQLite and on a fresh PostgreSQL database (tests/pg_harness.py) that the state
+directory names; the test changes the database through its own :class:`Store` as the admin
+CLI would, while the server runs. At teardown every server must exit 0 on SIGTERM, log no
+traceback, and its log must hold no PSK and no access secret the test saw.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aiocoap.error import NetworkError
 from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, resource_body
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pg_harness import PgCluster
 
 from authz_server.ratelimit import RateLimit
 from authz_server.store import Store
@@ -35,8 +37,8 @@ EVIL = "'; DROP TABLE devices; --"
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 

@@ -1,4 +1,10 @@
-"""The AS store on a real database file: lifecycle, grants, encryption at rest, audit, crashes."""
+"""The AS store on a real database: lifecycle, grants, encryption at rest, audit, crashes.
+
+Every test that takes ``backing`` runs twice, on SQLite (a file in the state directory) and on
+PostgreSQL (a fresh database on the session's private server, tests/pg_harness.py), with the same
+assertions: the store behaves the same on both. The PostgreSQL runs start a process (the server)
+and are classified so in tests/tiers.py (``PROCESS_PARAMS``).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
+from pg_harness import BACKENDS, Backing
 
 from authz_server.ca import init_state
 from authz_server.store import Conflict, NoSuchRecord, Resource, Store, StoreError
@@ -24,9 +32,23 @@ RID = "sensor-1/temperature"
 PSK = bytes(range(16))
 
 
+@pytest.fixture(params=BACKENDS)
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
+    if request.param == "sqlite":
+        return Backing("sqlite", tmp_path / "state")
+    return Backing(
+        "postgresql",
+        tmp_path / "state",
+        request.getfixturevalue("pg_database"),
+        request.getfixturevalue("pg_cluster"),
+    )
+
+
 @pytest_asyncio.fixture
-async def store(tmp_path: Path) -> Store:
-    s = await init_state(tmp_path / "state", as_uri="coaps://127.0.0.1:5684", now=NOW)
+async def store(backing: Backing) -> Store:
+    s = await init_state(
+        backing.state, as_uri="coaps://127.0.0.1:5684", now=NOW, database=backing.database
+    )
     await s.add_device(PRODUCER, "producer", PSK, NOW)
     await s.add_device(CONSUMER, "consumer", os.urandom(16), NOW)
     await s.add_device(OTHER, "consumer", os.urandom(16), NOW)
@@ -116,7 +138,7 @@ async def test_compromise_moves_on_at_once(store: Store) -> None:
 
 
 @pytest.mark.asyncio
-async def test_destruction_overwrites_the_secret(store: Store, tmp_path: Path) -> None:
+async def test_destruction_overwrites_the_secret(store: Store, backing: Backing) -> None:
     secret = (await store.epoch(RID, 1, with_secret=True)).secret  # type: ignore[union-attr]
     await store.rotate(RID, NOW + 1, actor="admin", reason="test")
     assert await store.destroy_expired(NOW + 50, retention=100) == []
@@ -125,49 +147,36 @@ async def test_destruction_overwrites_the_secret(store: Store, tmp_path: Path) -
     assert destroyed is not None and destroyed.state == "destroyed" and destroyed.secret is None
     assert secret is not None
     # Encrypted at rest, and neither plaintext nor ciphertext of it remains after destruction.
-    raw = _database_bytes(tmp_path / "state")
+    raw = await backing.raw_bytes()
     assert secret not in raw
 
 
 @pytest.mark.asyncio
-async def test_secrets_are_encrypted_at_rest(store: Store, tmp_path: Path) -> None:
+async def test_secrets_are_encrypted_at_rest(store: Store, backing: Backing) -> None:
     secret = (await store.epoch(RID, with_secret=True)).secret  # type: ignore[union-attr]
-    raw = _database_bytes(tmp_path / "state")
+    raw = await backing.raw_bytes()
     assert secret is not None and secret not in raw
     assert PSK not in raw and PSK.hex().encode() not in raw
     marker = b"PRIVATE" + b" KEY"  # spelled apart so the repo's key scan does not match this line
     assert marker not in raw
 
 
-def _database_bytes(state: Path) -> bytes:
-    con = sqlite3.connect(state / "as.db")
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    return b"".join(p.read_bytes() for p in state.iterdir() if p.name.startswith("as.db"))
-
-
 @pytest.mark.asyncio
-async def test_audit_chain_detects_edits_and_deletions(store: Store, tmp_path: Path) -> None:
+async def test_audit_chain_detects_edits_and_deletions(store: Store, backing: Backing) -> None:
     await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
     ok, summary = await store.verify_audit()
     assert ok, summary
     records = await store.audit_records()
     assert [r.action for r in records][:2] == ["init", "enroll"]
     assert all("psk" not in str(r.detail).lower() for r in records)
-    db = tmp_path / "state" / "as.db"
-
-    con = sqlite3.connect(db)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        con.execute("UPDATE audit SET result = 'denied' WHERE seq = 3")
-    con.execute("DROP TRIGGER audit_no_update")
-    con.execute("DROP TRIGGER audit_no_delete")
-    con.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
-    con.commit()
+    with pytest.raises((sqlite3.DatabaseError, asyncpg.PostgresError), match="append-only"):
+        await backing.execute("UPDATE audit SET result = 'denied' WHERE seq = 3")
+    await backing.drop_trigger("audit_no_update")
+    await backing.drop_trigger("audit_no_delete")
+    await backing.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
     ok, summary = await store.verify_audit()
     assert not ok and "removed" in summary
-    con.execute("UPDATE audit SET subject = 'someone-else' WHERE seq = 3")
-    con.commit()
-    con.close()
+    await backing.execute("UPDATE audit SET subject = 'someone-else' WHERE seq = 3")
     ok, summary = await store.verify_audit()
     assert not ok and summary == "record 3 was altered"
 
@@ -183,11 +192,11 @@ async def test_text_fields_with_sql_metacharacters_are_stored_as_data(store: Sto
 
 
 @pytest.mark.asyncio
-async def test_restart_keeps_everything(store: Store, tmp_path: Path) -> None:
+async def test_restart_keeps_everything(store: Store, backing: Backing) -> None:
     await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
     secret = (await store.epoch(RID, with_secret=True)).secret  # type: ignore[union-attr]
     await store.close()
-    again = await Store.open(tmp_path / "state")
+    again = await Store.open(backing.state)  # the state directory names its database
     try:
         assert (await again.epoch(RID, with_secret=True)).secret == secret  # type: ignore[union-attr]
         assert await again.may_read(CONSUMER, RID, 1, NOW)
@@ -244,10 +253,14 @@ _ROTATOR = textwrap.dedent(
 
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.1])
 def test_kill_9_in_a_burst_of_rotations_leaves_a_consistent_database(
-    tmp_path: Path, delay: float
+    backing: Backing, delay: float
 ) -> None:
+    tmp_path = backing.state.parent
+
     async def prepare() -> None:
-        s = await init_state(tmp_path / "state", as_uri="coaps://x", now=NOW)
+        s = await init_state(
+            tmp_path / "state", as_uri="coaps://x", now=NOW, database=backing.database
+        )
         await s.add_device(PRODUCER, "producer", PSK, NOW)
         await s.add_device(CONSUMER, "consumer", PSK, NOW)
         await s.register_resource(Resource(RID, PRODUCER, 0, "ccm-es256", 60, 1, NOW))
@@ -332,35 +345,126 @@ async def test_revocation_list_drops_expired_certificates(store: Store) -> None:
     assert [s for s, _ in await store.revoked_certificates(NOW + 50)] == [0xA1]
 
 
-def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
+def test_a_version_1_database_is_migrated_forward(backing: Backing) -> None:
     from authz_server.envelope import Envelope, create_master_key
-    from authz_server.store.sqlite import MIGRATIONS, SCHEMA_VERSION, split_script
+    from authz_server.store import postgres, sqlite
 
-    state = tmp_path / "old"
-    state.mkdir()
+    dialect = postgres if backing.postgres else sqlite
+    state = backing.state
+    state.mkdir(mode=0o700)
     master = create_master_key(state / "master.key")
-    con = sqlite3.connect(state / "as.db")
-    for statement in split_script(MIGRATIONS[0]):
-        con.execute(statement)
-    con.execute("PRAGMA user_version = 1")
-    con.execute("INSERT INTO meta VALUES ('data_key', ?)", (Envelope.new_wrapped_data_key(master),))
-    con.execute("INSERT INTO meta VALUES ('changes', 0)")
-    con.execute("INSERT INTO devices VALUES ('old-1', 'consumer', NULL, 'revoked', 1, 2)")
-    con.commit()
-    con.close()
+    data_key = Envelope.new_wrapped_data_key(master)
+
+    async def make_version_1() -> None:
+        if backing.database is None:
+            con = sqlite3.connect(state / "as.db")
+            for statement in sqlite.split_script(sqlite.MIGRATIONS[0]):
+                con.execute(statement)
+            con.execute("PRAGMA user_version = 1")
+            con.execute("INSERT INTO meta VALUES ('data_key', ?)", (data_key,))
+            con.execute("INSERT INTO meta VALUES ('changes', 0)")
+            con.commit()
+            con.close()
+        else:
+            conn = await asyncpg.connect(backing.database)
+            await conn.execute(postgres.MIGRATIONS[0])
+            await conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+            await conn.execute("INSERT INTO schema_version VALUES (1)")
+            await conn.execute("INSERT INTO meta (key, bytes) VALUES ('data_key', $1)", data_key)
+            await conn.execute("INSERT INTO meta (key, number) VALUES ('changes', 0)")
+            await conn.close()
+            (state / "database.url").write_text(backing.database)
+        await backing.execute(
+            "INSERT INTO devices VALUES ('old-1', 'consumer', NULL, 'revoked', 1, 2)"
+        )
 
     async def check() -> None:
+        await make_version_1()
         s = await Store.open(state)
         try:
             assert [d.id for d in await s.devices()] == ["old-1"]
             assert await s.record_delivery("old-1", RID, 1, NOW)  # the table of version 2
         finally:
             await s.close()
+        version = (
+            "SELECT version FROM schema_version" if backing.postgres else "PRAGMA user_version"
+        )
+        assert (await backing.execute(version))[0][0] == dialect.SCHEMA_VERSION == 4
 
     asyncio.run(check())
-    con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-    con.close()
+
+
+def test_both_dialects_have_the_same_statements_and_migrations() -> None:
+    from authz_server.store import postgres, sqlite
+
+    def names(module: object) -> set[str]:
+        return {n for n in vars(module) if n.isupper() and not n.startswith("_")}
+
+    # Each statement the components run exists in both; the settings differ by dialect.
+    own = {
+        "CONNECTION_PRAGMAS",
+        "READER_PRAGMAS",
+        "READER_BUSY_MS",
+        "SNAPSHOT_PRAGMAS",
+        "FUNCTIONS",
+    }
+    own |= {"SCHEMA_TABLE", "SCHEMA_VERSION_FIRST", "SCHEMA_VERSION_SET", "MIGRATION_LOCK"}
+    own |= {"CONNECTION_SETTINGS", "WRITE_LOCK"}
+    assert names(sqlite) - own == names(postgres) - own
+    assert len(sqlite.MIGRATIONS) == len(postgres.MIGRATIONS)
+    for helper in ("fold", "id_list", "prefix_range", "meta_params", "meta_value"):
+        assert callable(getattr(sqlite, helper)) and callable(getattr(postgres, helper))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root@127.0.0.1/as",
+        "postgresql://postgres@127.0.0.1:5432",
+        "postgresql://postgres@127.0.0.1:99999/as",
+        "as.db",
+    ],
+)
+async def test_a_bad_database_url_is_refused_and_nothing_is_made(tmp_path: Path, url: str) -> None:
+    with pytest.raises(StoreError, match="URL"):
+        await init_state(tmp_path / "state", as_uri="coaps://x", now=NOW, database=url)
+    assert not (tmp_path / "state" / "master.key").exists()
+
+
+@pytest.mark.asyncio
+async def test_postgresql_that_does_not_answer_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://postgres@127.0.0.1:{port}/as"
+    with pytest.raises(StoreError, match="cannot connect to the database"):
+        await init_state(tmp_path / "state", as_uri="coaps://x", now=NOW, database=url)
+    assert not (tmp_path / "state" / "master.key").exists()  # init may simply run again
+
+
+@pytest.mark.asyncio
+async def test_a_postgresql_database_of_a_newer_schema_or_another_as_is_refused(
+    pg_database: str, tmp_path: Path
+) -> None:
+    s = await init_state(tmp_path / "a", as_uri="coaps://x", now=NOW, database=pg_database)
+    await s.close()
+    # Another AS's state directory on the same database: refused, the database untouched.
+    with pytest.raises(StoreError, match="holds an AS already"):
+        await init_state(tmp_path / "b", as_uri="coaps://x", now=NOW, database=pg_database)
+    conn = await asyncpg.connect(pg_database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM audit") == 1
+        await conn.execute("UPDATE schema_version SET version = 99")
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="schema 99, newer than this program's 4"):
+        await Store.open(tmp_path / "a")
+    # A database with no AS in it.
+    with pytest.raises(StoreError, match="no AS database"):
+        await Store.open(tmp_path / "a", database=pg_database.rsplit("/", 1)[0] + "/postgres")
 
 
 @pytest.mark.asyncio
@@ -432,38 +536,42 @@ async def test_ids_differing_only_in_case_are_one_device(store: Store) -> None:
 
 @pytest.mark.asyncio
 async def test_destroyed_and_revoked_secrets_leave_no_trace_in_the_wal(
-    store: Store, tmp_path: Path
+    store: Store, backing: Backing
 ) -> None:
+    """SQLite: nowhere in the files (secure_delete, the WAL truncated). PostgreSQL has no
+    secure_delete: the old row versions are gone from the database's files after the VACUUM the
+    store runs, but its WAL keeps them until the segment is recycled (ciphertext only, under a
+    master key the database never sees; docs/DECISIONS.md)."""
     secret = (await store.epoch(RID, 1, with_secret=True)).secret  # type: ignore[union-attr]
     blob = await store.db.one("SELECT secret FROM epochs WHERE epoch = 1")
-    psk_blob = await store.db.one("SELECT psk FROM devices WHERE id = ?", (CONSUMER,))
+    psk_blob = await store.db.one(backing.sql("SELECT psk FROM devices WHERE id = ?"), (CONSUMER,))
     await store.rotate(RID, NOW + 1, actor="admin", reason="test")
     await store.destroy_expired(NOW + 1000, retention=10)
     await store.revoke_device(CONSUMER, NOW + 1001)
     # Read the files while the store is still open, as a thief after kill -9 would.
-    state = tmp_path / "state"
-    raw = b"".join(p.read_bytes() for p in state.iterdir() if p.name.startswith("as.db"))
+    if backing.database is None:
+        state = backing.state
+        raw = b"".join(p.read_bytes() for p in state.iterdir() if p.name.startswith("as.db"))
+    else:
+        raw = await backing.raw_bytes(wal=False)
     assert secret is not None and secret not in raw
     assert bytes(blob[0]) not in raw and bytes(psk_blob[0]) not in raw
 
 
 @pytest.mark.asyncio
 async def test_a_recorded_head_detects_a_log_cut_back_consistently(
-    store: Store, tmp_path: Path
+    store: Store, backing: Backing
 ) -> None:
     await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
     head = await store.audit_head()
     assert (await store.verify_audit(head))[0]
     # An attacker with the database cuts the last records and rewrites the head to match.
-    con = sqlite3.connect(tmp_path / "state" / "as.db")
-    con.execute("DROP TRIGGER audit_no_delete")
-    last = con.execute("SELECT seq, chain FROM audit WHERE seq = ?", (head[0] - 2,)).fetchone()
-    con.execute("DELETE FROM audit WHERE seq > ?", (last[0],))
+    await backing.drop_trigger("audit_no_delete")
+    (last,) = await backing.execute("SELECT seq, chain FROM audit WHERE seq = ?", head[0] - 2)
+    await backing.execute("DELETE FROM audit WHERE seq > ?", last[0])
     from oscar import cbor
 
-    con.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (cbor.dumps(list(last)),))
-    con.commit()
-    con.close()
+    await backing.set_head(cbor.dumps(list(last)))
     ok, summary = await store.verify_audit()
     assert ok  # consistent on its own, as the reviewer showed ...
     ok, summary = await store.verify_audit(head)  # ... but not against the recorded head
@@ -476,9 +584,7 @@ async def test_a_read_never_sees_another_tasks_transaction_half_done(store: Stor
 
     async def writer() -> None:
         async with store.db.transaction():
-            await store.db.execute(
-                "INSERT INTO grants VALUES (NULL, ?, 'sensor-1/*', NULL, ?, NULL)", (CONSUMER, NOW)
-            )
+            await store.db.execute(store.db.sql.GRANT_INSERT, (CONSUMER, "sensor-1/*", None, NOW))
             started.set()
             await release.wait()
             raise RuntimeError("abandoned")  # rolled back: the grant never existed
@@ -529,12 +635,12 @@ async def test_a_failing_statement_is_a_database_error_never_sqlite3s(store: Sto
     await store.add_certificate(0xA1, PRODUCER, b"k" * 8, b"der", NOW, NOW + 10, NOW)
     with pytest.raises(DatabaseError, match=r"^database error: ") as caught:
         await store.add_certificate(0xA1, PRODUCER, b"k" * 8, b"der", NOW, NOW + 10, NOW)
-    assert not isinstance(caught.value, sqlite3.Error)
+    assert not isinstance(caught.value, sqlite3.Error | asyncpg.PostgresError)
     assert isinstance(caught.value, StoreError)
     assert await store.certificate(device_id=PRODUCER, now=NOW) == b"der"  # rolled back alone
 
 
-def test_every_sql_text_of_the_store_is_in_its_sqlite_module() -> None:
+def test_every_sql_text_of_the_store_is_in_its_dialect_modules() -> None:
     import ast
 
     import authz_server.store as package
@@ -542,7 +648,7 @@ def test_every_sql_text_of_the_store_is_in_its_sqlite_module() -> None:
     sql = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "PRAGMA ", "CREATE ", "BEGIN", "COMMIT")
     found = []
     for path in Path(package.__file__).parent.glob("*.py"):
-        if path.name == "sqlite.py":
+        if path.name in ("sqlite.py", "postgres.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             text = node.value if isinstance(node, ast.Constant) else None

@@ -1,6 +1,7 @@
 """Stateful property test (hypothesis): the AS store's key lifecycle against a model.
 
-:class:`KeyLifecycleMachine` drives a real store (SQLite on a temporary directory, one per run)
+:class:`KeyLifecycleMachine` drives a real store (one per run: SQLite in a temporary directory, or
+a fresh database on the session's private PostgreSQL server: the test runs on both backends)
 and the real ``GET /secret`` endpoint logic (:class:`authz_server.api.Endpoints`, in memory, no
 sockets) with one producer, one consumer and two resources (one rotating every 60 s, one never):
 scheduled and on-demand rotation, compromise of any epoch, destruction after a retention, grants
@@ -36,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from pg_harness import BACKENDS, PgCluster
 
 from authz_server.api import Endpoints, Forbidden, NotFound, Request
 from authz_server.ca import CertificateAuthority, init_state
@@ -129,10 +132,12 @@ class ModelGrant:
 
 
 class KeyLifecycleMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, cluster: PgCluster | None = None) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.tmp = tempfile.TemporaryDirectory()
+        self.cluster = cluster
+        self.database = None if cluster is None else cluster.new_database()
         self.now = START
         self.store: Store = self.run(self._open(Path(self.tmp.name) / "state"))
         self.api = Endpoints(self.store, self.run(CertificateAuthority.load(self.store)),
@@ -152,7 +157,9 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     async def _open(self, state: Path) -> Store:
-        store = await init_state(state, as_uri="coaps://127.0.0.1:5684", now=START)
+        store = await init_state(
+            state, as_uri="coaps://127.0.0.1:5684", now=START, database=self.database
+        )
         await store.add_device(PRODUCER, "producer", os.urandom(16), START)
         await store.add_device(CONSUMER, "consumer", os.urandom(16), START)
         for rid, period in PERIODS.items():
@@ -167,6 +174,8 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
         finally:
             self.loop.close()
             self.tmp.cleanup()
+            if self.cluster is not None and self.database is not None:
+                self.cluster.drop_database(self.database)
 
     # --- model helpers ---------------------------------------------------------------------------
 
@@ -389,8 +398,14 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
         assert ok, summary
 
 
-KeyLifecycleMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=30, deadline=None
-)
+SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
 
-test_key_lifecycle = KeyLifecycleMachine.TestCase
+
+@pytest.fixture(params=BACKENDS)
+def backing(request: pytest.FixtureRequest) -> PgCluster | None:
+    """The backend of the runs: None for SQLite, else the session's PostgreSQL cluster."""
+    return request.getfixturevalue("pg_cluster") if request.param == "postgresql" else None
+
+
+def test_key_lifecycle(backing: PgCluster | None) -> None:
+    run_state_machine_as_test(lambda: KeyLifecycleMachine(backing), settings=SETTINGS)

@@ -1,0 +1,387 @@
+"""The PostgreSQL backend of the AS store (:class:`.backend.Backend`), over asyncpg: its
+connections, migrations and transactions; the one place where asyncpg's and PostgreSQL's errors
+are translated into the store's (:class:`~.schema.DatabaseError`, or :class:`~.schema.StoreError`
+for a database that cannot be reached or is not usable).
+
+The same shape as :mod:`.sqlite_backend`, so that the store behaves the same on both:
+
+- one writer connection for transactions and for the reads of :meth:`PostgresBackend.one` and
+  :meth:`PostgresBackend.all`, behind an asyncio lock (a read waits for another task's
+  transaction to end; inside its own it sees its writes);
+- every write transaction takes one advisory lock first (:data:`.postgres.WRITE_LOCK`), so the
+  writers of every process on the database (the server, the admin CLI) are serialized as SQLite's
+  ``BEGIN IMMEDIATE`` serializes them;
+- a small pool of reader connections for the point reads of the request path
+  (:meth:`PostgresBackend.lookup`): each statement sees every committed transaction and none half
+  done (READ COMMITTED, autocommit) and never waits for a writer (MVCC);
+- the audit verification (:meth:`PostgresBackend.snapshot`) runs in a worker thread on its own
+  connection and event loop, in one ``REPEATABLE READ READ ONLY`` transaction, a cursor's batch
+  at a time;
+- what a destruction freed (:meth:`PostgresBackend.erase_freed`): PostgreSQL has no
+  ``secure_delete``; the statements overwrite the secret with zeros before clearing it, and a
+  ``VACUUM`` of the tables that held it prunes the dead row versions (their space made reusable,
+  not zeroed). Old versions may remain in free space of a page, in the WAL until it is recycled,
+  and in base backups and standbys: only ciphertext under the master key, which never enters the
+  database (docs/DECISIONS.md).
+
+Every SQL text it runs is in :mod:`.postgres`. What it does not do: know a table (the components
+do), or hold a key (the envelope does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from types import ModuleType
+from typing import Any, TypeVar
+
+import asyncpg
+
+from . import postgres, redacted
+from .backend import Params, Row, SnapshotReader, Transaction
+from .schema import DatabaseError, StoreError
+
+__all__ = ["PostgresBackend"]
+
+_T = TypeVar("_T")
+
+#: Reader connections of the request path's point reads.
+READERS = 4
+#: Seconds to wait for a connection to the server.
+CONNECT_TIMEOUT = 10.0
+_ROWS = re.compile(r"(\d+)$")
+
+
+def _error(exc: BaseException) -> DatabaseError:
+    return DatabaseError(f"database error: {exc}")
+
+
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """asyncpg's and the server's errors (and a lost connection's) as :class:`DatabaseError`."""
+    try:
+        yield
+    except _DRIVER_ERRORS as exc:
+        raise _error(exc) from None
+
+
+def _bind(sql: str, params: Params) -> tuple[str, Sequence[Any]]:
+    """The statement as asyncpg takes it (a plain str) and its positional arguments (a mapping
+    bound in a :class:`.postgres.Named` statement's order)."""
+    if type(sql) is str:
+        if isinstance(params, Mapping):
+            raise ValueError("named parameters for a statement without names")
+        return sql, params
+    names = getattr(sql, "names", ())
+    args = [params[name] for name in names] if isinstance(params, Mapping) else params
+    return str.__str__(sql), args
+
+
+def _args(sql: str, params: Params) -> list[Any]:
+    """The statement and its arguments, as one list to call asyncpg with."""
+    text, args = _bind(sql, params)
+    return [text, *args]
+
+
+def _rows_changed(status: str) -> int:
+    found = _ROWS.search(status or "")
+    return int(found.group(1)) if found else -1
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        url, timeout=CONNECT_TIMEOUT, server_settings=postgres.CONNECTION_SETTINGS
+    )
+
+
+class _Snapshot:
+    """:class:`.backend.SnapshotReader` over one connection, on the worker thread's own loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: asyncpg.Connection) -> None:
+        self._loop = loop
+        self._conn = conn
+
+    def one(self, sql: str, params: Params = ()) -> Row:
+        with _translated():
+            row = self._loop.run_until_complete(self._conn.fetchrow(*_args(sql, params)))
+        return None if row is None else tuple(row)
+
+    def batches(self, sql: str, params: Params, size: int) -> Iterator[list[Row]]:
+        with _translated():
+            cursor = self._loop.run_until_complete(self._conn.cursor(*_args(sql, params)))
+        while True:
+            with _translated():
+                rows = self._loop.run_until_complete(cursor.fetch(size))
+            if not rows:
+                return
+            yield [tuple(row) for row in rows]
+
+
+class _Readers:
+    """A few connections for point reads, each used by one task at a time. Not asyncpg's pool:
+    its release runs a reset query (a round trip) after every use, which doubled a point read's
+    time; these connections hold no state between reads to reset (autocommit, no session
+    settings changed)."""
+
+    def __init__(self, conns: list[asyncpg.Connection]) -> None:
+        self._conns = conns
+        self._idle: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
+        for conn in conns:
+            self._idle.put_nowait(conn)
+
+    @classmethod
+    async def connect(cls, url: str, size: int) -> _Readers:
+        conns: list[asyncpg.Connection] = []
+        try:
+            for _ in range(size):
+                conns.append(await _connect(url))
+        except BaseException:
+            for conn in conns:
+                conn.terminate()
+            raise
+        return cls(conns)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        conn = await self._idle.get()
+        try:
+            return await conn.fetchrow(sql, *args)
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.close()
+
+
+class PostgresBackend:
+    """The AS database on a PostgreSQL server. Made by :meth:`create` or :meth:`open`."""
+
+    sql: ModuleType = postgres
+
+    def __init__(self, url: str, conn: asyncpg.Connection, readers: _Readers | None) -> None:
+        self.url = url
+        self._conn: asyncpg.Connection | None = conn
+        self._readers = readers
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({redacted(self.url)!r})"
+
+    # --- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, url: str, first: Sequence[tuple[str, Any]]) -> PostgresBackend:
+        """Make the schema in an empty database and the ``meta`` rows ``first`` (key, value), in
+        one commit; :class:`~.schema.Conflict` if the database holds an AS already."""
+        from .schema import Conflict
+
+        conn = await cls._connect(url)
+        try:
+            with _translated():
+                async with conn.transaction():
+                    await conn.execute(postgres.MIGRATION_LOCK)
+                    if await cls._version(conn) != 0:
+                        raise Conflict(f"the database {redacted(url)} holds an AS already")
+                    await cls._migrate_locked(conn, url)
+                    await conn.executemany(
+                        postgres.META_INSERT, [postgres.meta_params(k, v) for k, v in first]
+                    )
+            return cls(url, conn, await cls._pool(url))
+        except BaseException:
+            await conn.close()
+            raise
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresBackend:
+        """Connect to an existing AS database, migrated forward; :class:`StoreError` if it
+        cannot be reached or is not an AS database of a version this program knows."""
+        conn = await cls._connect(url)
+        try:
+            with _translated():
+                async with conn.transaction():
+                    await conn.execute(postgres.MIGRATION_LOCK)
+                    if await cls._version(conn) == 0:
+                        raise StoreError(
+                            f"no AS database at {redacted(url)}; run 'oscar-as init' with it"
+                        )
+                    await cls._migrate_locked(conn, url)
+            return cls(url, conn, await cls._pool(url))
+        except DatabaseError as exc:
+            await conn.close()
+            detail = str(exc).removeprefix("database error: ")
+            raise StoreError(f"the database {redacted(url)} is unusable: {detail}") from None
+        except BaseException:
+            await conn.close()
+            raise
+
+    @staticmethod
+    async def _connect(url: str) -> asyncpg.Connection:
+        try:
+            return await _connect(url)
+        except (*_DRIVER_ERRORS, ValueError) as exc:
+            raise StoreError(f"cannot connect to the database {redacted(url)}: {exc}") from None
+
+    @staticmethod
+    async def _pool(url: str) -> _Readers | None:
+        """The readers of :meth:`lookup`; None if they cannot be had (then reads take the
+        writer, as :meth:`one` does)."""
+        try:
+            return await _Readers.connect(url, READERS)
+        except _DRIVER_ERRORS:
+            return None
+
+    @staticmethod
+    async def _version(conn: asyncpg.Connection) -> int:
+        """The schema version (0: no AS schema), inside the migration lock's transaction."""
+        await conn.execute(postgres.SCHEMA_TABLE)
+        version = await conn.fetchval(postgres.USER_VERSION)
+        if version is None:
+            await conn.execute(postgres.SCHEMA_VERSION_FIRST)
+            return 0
+        return int(version)
+
+    @classmethod
+    async def _migrate_locked(cls, conn: asyncpg.Connection, url: str) -> None:
+        """Every migration from the database's version on, inside the caller's transaction,
+        which holds the migration lock: all of them or none."""
+        version = await cls._version(conn)
+        if version > postgres.SCHEMA_VERSION:
+            raise StoreError(
+                f"the database {redacted(url)} has schema {version}, newer than this "
+                f"program's {postgres.SCHEMA_VERSION}"
+            )
+        for number in range(version, postgres.SCHEMA_VERSION):
+            for statement in postgres.split_script(postgres.MIGRATIONS[number]):
+                await conn.execute(statement)
+            await conn.execute(postgres.SCHEMA_VERSION_SET, number + 1)
+
+    async def close(self) -> None:
+        if self._readers is not None:
+            readers, self._readers = self._readers, None
+            await readers.close()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def _writer(self) -> asyncpg.Connection:
+        if self._conn is None:
+            raise DatabaseError("database error: the store is closed")
+        return self._conn
+
+    # --- transactions ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, count: bool = True) -> AsyncIterator[Transaction]:
+        """One whole transaction (``BEGIN``, the write lock, … ``COMMIT``; ``ROLLBACK`` on any
+        error); it bumps the change counter unless ``count`` (or ``tx.count``) is false."""
+        tx = Transaction(count)
+        async with self._lock:
+            self._owner = asyncio.current_task()
+            try:
+                conn = self._writer()
+                with _translated():
+                    await conn.execute(postgres.BEGIN)
+                try:
+                    with _translated():
+                        await conn.execute(postgres.WRITE_LOCK)
+                    yield tx
+                    with _translated():
+                        if tx.count:
+                            await conn.execute(postgres.COUNT_CHANGE)
+                        await conn.execute(postgres.COMMIT)
+                except BaseException:
+                    with contextlib.suppress(*_DRIVER_ERRORS):
+                        if not conn.is_closed():
+                            await conn.execute(postgres.ROLLBACK)
+                    raise
+            finally:
+                self._owner = None
+
+    def _in_own_transaction(self) -> bool:
+        return self._owner is not None and self._owner is asyncio.current_task()
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[None]:
+        if self._in_own_transaction():
+            yield
+            return
+        async with self._lock:
+            yield
+
+    async def erase_freed(self) -> None:
+        """VACUUM the tables whose secrets a destruction or revocation overwrote: their dead row
+        versions pruned (see the module docstring for what PostgreSQL does not offer)."""
+        async with self._lock:
+            with _translated():
+                for statement in postgres.ERASE_FREED:
+                    await self._writer().execute(statement)
+
+    # --- statements ------------------------------------------------------------------------------
+
+    async def one(self, sql: str, params: Params = ()) -> Row:
+        async with self._read():
+            with _translated():
+                row = await self._writer().fetchrow(*_args(sql, params))
+        return None if row is None else tuple(row)
+
+    async def all(self, sql: str, params: Params = ()) -> list[Row]:
+        async with self._read():
+            with _translated():
+                rows = await self._writer().fetch(*_args(sql, params))
+        return [tuple(row) for row in rows]
+
+    async def lookup(self, sql: str, params: Params = ()) -> Row:
+        """One row by key from a reader connection: committed state, no waiting for writers.
+        Inside the task's own transaction (which readers cannot see), as :meth:`one`."""
+        readers = self._readers
+        if readers is None or self._in_own_transaction():
+            return await self.one(sql, params)
+        with _translated():
+            row = await readers.fetchrow(*_args(sql, params))
+        return None if row is None else tuple(row)
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        with _translated():
+            return _rows_changed(await self._writer().execute(*_args(sql, params)))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with _translated():
+            await self._writer().executemany(sql, list(rows))
+
+    async def returning(self, sql: str, params: Params = ()) -> list[Row]:
+        with _translated():
+            rows = await self._writer().fetch(*_args(sql, params))
+        return [tuple(row) for row in rows]
+
+    async def snapshot(self, read: Callable[[SnapshotReader], _T]) -> _T:
+        return await asyncio.to_thread(self._snapshot, read)
+
+    def _snapshot(self, read: Callable[[SnapshotReader], _T]) -> _T:
+        loop = asyncio.new_event_loop()
+        try:
+            with _translated():
+                conn = loop.run_until_complete(_connect(self.url))
+            try:
+                with _translated():
+                    loop.run_until_complete(conn.execute(postgres.BEGIN_READ))
+                try:
+                    return read(_Snapshot(loop, conn))
+                finally:
+                    with _translated():
+                        loop.run_until_complete(conn.execute(postgres.COMMIT))
+            finally:
+                loop.run_until_complete(conn.close())
+        finally:
+            loop.close()
