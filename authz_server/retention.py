@@ -13,6 +13,10 @@ transaction each; a run that hit :data:`STEP` is followed by the next one after
 requests served in between). It is a task of its own, not a step of the change watcher, so a long
 prune never delays a revocation taking effect.
 
+Several AS instances on one database prune once per ``every`` between them: a run prunes
+nothing if the checkpoint (whoever wrote it) is younger than ``every`` seconds, decided inside
+the prune's write transaction; only this instance's own catch-up runs go on regardless.
+
 One info line per run that pruned something (how many records, up to which, dated before when);
 nothing for a run that found nothing. A failed run is one warning line (the error's text, never
 a record) and is tried again after ``min(every, RETRY)`` seconds. ``days`` = 0 keeps every record
@@ -48,11 +52,17 @@ def _iso(moment: int) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def prune_once(store: Store, days: float, now: int) -> tuple[int, int]:
-    """One run: prune the records dated before ``now - days``, at most :data:`STEP` of them.
-    Returns (the last pruned record's seq or 0, records deleted); logs what it did."""
+async def prune_once(
+    store: Store, days: float, now: int, *, min_interval: float | None = None
+) -> tuple[int, int]:
+    """One run: prune the records dated before ``now - days``, at most :data:`STEP` of them;
+    nothing if the checkpoint is younger than ``min_interval`` seconds (see
+    :meth:`authz_server.store.Store.prune_audit`). Returns (the last pruned record's seq or 0,
+    records deleted); logs what it did."""
     before = now - math.ceil(days * 86_400)
-    through, deleted = await store.prune_audit(before, now, actor="as", limit=STEP)
+    through, deleted = await store.prune_audit(
+        before, now, actor="as", limit=STEP, min_interval=min_interval
+    )
     if through:
         log.info(
             "audit retention: pruned %d records up to record %d (dated before %s, %s days); "
@@ -73,11 +83,14 @@ async def keep_audit(
     if not days:
         return
     delay = min(FIRST_DELAY, every)
+    catching_up = False
     while True:
         await asyncio.sleep(delay)
         delay = every
         try:
-            _, deleted = await prune_once(store, days, int(clock()))
+            _, deleted = await prune_once(
+                store, days, int(clock()), min_interval=None if catching_up else every
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database locked or failing: the next run tries again
@@ -89,5 +102,6 @@ async def keep_audit(
                 delay,
             )
             continue
-        if deleted >= STEP:
+        catching_up = deleted >= STEP
+        if catching_up:
             delay = CATCH_UP

@@ -10,8 +10,10 @@ CoAP on any port). Around the site it runs:
   in the database takes effect at once: newly enrolled devices may connect, revoked ones lose
   their credentials and their open sessions, and ``/keys`` observers of resources whose epochs
   changed get a notification;
-- a scheduler (once a second) that rotates the resources whose rotation period has passed and
-  destroys deactivated or compromised epochs older than the retention;
+- a scheduler (once a second) that ends expired grants, rotates the resources whose rotation
+  period has passed and destroys deactivated or compromised epochs older than the retention,
+  each decided again inside its write transaction: done once however many instances run on one
+  database;
 - the audit retention of :mod:`authz_server.retention` (hourly, a task of its own): records older
   than ``audit_retention`` days are pruned behind a checkpoint, as ``oscar-as audit prune`` does.
 
@@ -157,20 +159,27 @@ class _Server:
 
     async def schedule(self, now: int) -> bool:
         """Expire grants, rotate what is due, destroy what is past retention; whether anything
-        was done."""
+        was done. Each duty decides inside its write transaction whether it is still due, so
+        that with several instances on one database (or the admin CLI's ``rotate --due``
+        meanwhile) each is done once, by whoever takes the write lock first."""
         done = False
         for consumer_id, rotated in await self.store.expire_grants(now):
             log.info("grant of %s expired; rotated %s", consumer_id, ", ".join(rotated) or "none")
             done = True
         for resource_id in await self.store.due_rotations(now):
-            done = True
             try:
-                epoch = await self.store.rotate(resource_id, now, actor="as", reason="schedule")
+                epoch = await self.store.rotate_if_due(
+                    resource_id, now, actor="as", reason="schedule"
+                )
             except DatabaseError:
                 raise  # the watcher logs it and tries again
             except StoreError as exc:
+                done = True
                 log.warning("scheduled rotation of %s failed: %s", resource_id, exc)
                 continue
+            if epoch is None:  # another instance (or the admin CLI) rotated it meanwhile
+                continue
+            done = True
             log.info("rotated %s to epoch %d (schedule)", resource_id, epoch)
         for resource_id, epoch in await self.store.destroy_expired(now, self.options.retention):
             log.info("destroyed epoch %d of %s (retention over)", epoch, resource_id)

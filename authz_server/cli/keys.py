@@ -85,10 +85,12 @@ def cmd_rotate(args: argparse.Namespace, now: int) -> int:
     async def body(store: Store) -> list[tuple[str, int]]:
         if rid is not None:
             return [(rid, await store.rotate(rid, now, actor="admin", reason="manual"))]
-        return [
-            (due, await store.rotate(due, now, actor="admin", reason="due"))
-            for due in await store.due_rotations(now)
-        ]
+        done = []
+        for due in await store.due_rotations(now):  # each skipped if a running AS did it first
+            epoch = await store.rotate_if_due(due, now, actor="admin", reason="due")
+            if epoch is not None:
+                done.append((due, epoch))
+        return done
 
     done = run_on_store(args, body)
     for resource, epoch in done:

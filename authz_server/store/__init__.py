@@ -183,6 +183,7 @@ class Store:
         self.epochs = keyring.epochs
         self.epoch = keyring.epoch
         self.rotate = keyring.rotate
+        self.rotate_if_due = keyring.rotate_if_due
         self.compromise = keyring.compromise
         self.due_rotations = keyring.due_rotations
         self.destroy_expired = keyring.destroy_expired

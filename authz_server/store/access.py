@@ -142,16 +142,23 @@ class Access:
         return await self._end_grants(consumer_id, chosen, now, keep_covered=False)
 
     async def _end_grants(
-        self, consumer_id: str, chosen: list[tuple[int, str]], now: int, *, keep_covered: bool
+        self,
+        consumer_id: str,
+        chosen: list[tuple[int, str]],
+        now: int,
+        *,
+        keep_covered: bool,
+        claimed: bool = False,
     ) -> list[str]:
         """End these grants: every live resource they covered rotates and the consumer is
         excluded from the new epoch on. With ``keep_covered``, resources another live grant of the
         consumer still covers are left alone (an expiry, unlike a revocation, takes only what
-        that grant gave)."""
+        that grant gave). ``claimed``: the caller has marked them ended already."""
         sql = self.db.sql
         patterns = [p for _, p in chosen]
-        for gid, _ in chosen:
-            await self.db.execute(sql.GRANT_REVOKE, (now, gid))
+        if not claimed:
+            for gid, _ in chosen:
+                await self.db.execute(sql.GRANT_REVOKE, (now, gid))
         remaining = []
         if keep_covered:
             remaining = [p for (p,) in await self.db.all(sql.LIVE_PATTERNS, (consumer_id, now))]
@@ -169,13 +176,22 @@ class Access:
     async def expire_grants(self, now: int) -> list[tuple[str, list[str]]]:
         """End every grant whose ``until`` has passed as a revocation would: what it alone gave
         rotates, and the consumer is excluded from the new epoch on. Returns (consumer, rotated)
-        per grant ended."""
-        expired = await self.db.all(self.db.sql.EXPIRED_GRANTS, (now,))
+        per grant ended.
+
+        Each grant ends in a transaction of its own, which first claims it (``GRANT_EXPIRE``
+        changes the row only if the grant is still live and expired, read under the write
+        lock): a grant another AS instance (or a concurrent call) ended meanwhile is skipped, so
+        each expiry, its rotations and its audit record happen once."""
+        sql = self.db.sql
+        expired = await self.db.all(sql.EXPIRED_GRANTS, (now,))
         ended = []
         for gid, consumer_id, pattern in expired:
-            async with self.db.transaction():
+            async with self.db.transaction() as tx:
+                if await self.db.execute(sql.GRANT_EXPIRE, {"now": now, "id": gid}) != 1:
+                    tx.count = False  # ended by another instance meanwhile
+                    continue
                 rotated = await self._end_grants(
-                    consumer_id, [(gid, pattern)], now, keep_covered=True
+                    consumer_id, [(gid, pattern)], now, keep_covered=True, claimed=True
                 )
                 await self.audit.append(
                     "as", "expire-grant", consumer_id, "ok",

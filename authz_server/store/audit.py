@@ -226,24 +226,36 @@ class AuditLog:
     # --- pruning ---------------------------------------------------------------------------------
 
     async def prune_audit(
-        self, before: int, now: int, actor: str = "admin", *, limit: int | None = None
+        self,
+        before: int,
+        now: int,
+        actor: str = "admin",
+        *,
+        limit: int | None = None,
+        min_interval: float | None = None,
     ) -> tuple[int, int]:
         """Prune the oldest records dated before ``before`` (up to the first record that is
         not), behind a checkpoint; see the module docstring. ``limit``: at most that many
         records past the checkpoint (the rest for a next call), so that the transaction that
-        finds them reads that many rows at most. Returns (the last pruned record's seq, or 0 if
-        none, records deleted)."""
+        finds them reads that many rows at most. ``min_interval`` (the running AS's schedule):
+        prune nothing if the checkpoint was written less than that many seconds before ``now``,
+        decided inside the write transaction, so that of several AS instances on one database
+        the first to run prunes and the others find it done. Returns (the last pruned record's
+        seq, or 0 if none, records deleted)."""
         if limit is not None and (type(limit) is not int or limit < 1):
             raise ValueError("limit must be a whole number, at least 1")
         sql = self.db.sql
         async with self.db.transaction(count=False):
-            row = await self.db.one(sql.CHECKPOINT_SEQ)
+            row = await self.db.one(sql.CHECKPOINT_ROW)
             base = 0 if row is None else int(row[0])
-            upper = base + limit if limit is not None else _MAX_SEQ
-            row = await self.db.one(sql.FIRST_KEPT, (base, upper, before))
-            if row is None:  # every record up to ``upper`` is older (seqs have no gaps)
-                row = await self.db.one(sql.PAST_LAST, (upper,))
-            through = int(row[0] or 1) - 1
+            if row is not None and min_interval is not None and now - int(row[2]) < min_interval:
+                through = base  # pruned a moment ago (by another instance, say): nothing to do
+            else:
+                upper = base + limit if limit is not None else _MAX_SEQ
+                row = await self.db.one(sql.FIRST_KEPT, (base, upper, before))
+                if row is None:  # every record up to ``upper`` is older (seqs have no gaps)
+                    row = await self.db.one(sql.PAST_LAST, (upper,))
+                through = int(row[0] or 1) - 1
             if through > base:
                 last = await self.db.one(sql.CHAIN_AT, (through,))
                 chain = bytes(last[0])

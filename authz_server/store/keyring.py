@@ -230,13 +230,33 @@ class Keyring:
             return new_active
 
     async def due_rotations(self, now: int) -> list[str]:
-        """Resources whose active epoch has lived its rotation period (its ``rotate_at``)."""
+        """Resources whose active epoch has lived its rotation period (its ``rotate_at``): what
+        was due when read; rotate each with :meth:`rotate_if_due`, which decides again."""
         rows = await self.db.all(self.db.sql.DUE_ROTATIONS, (now,))
         return [row[0] for row in rows]
 
+    async def rotate_if_due(
+        self, resource_id: str, now: int, *, actor: str, reason: str
+    ) -> int | None:
+        """:meth:`rotate` the resource if its rotation is still due once the write transaction
+        holds the database's write lock, else nothing (None): the scheduled rotation happens
+        once however many AS instances (and admin CLIs) found it due, since whoever comes
+        second reads the first one's committed rotation (its new ``rotate_at``)."""
+        async with self.db.transaction() as tx:
+            if await self.db.one(self.db.sql.ROTATION_DUE, (resource_id, now)) is None:
+                tx.count = False  # done by another instance meanwhile: nothing changed
+                return None
+            epoch = await self.advance(resource_id, now)
+            await self.audit.append(
+                actor, "rotate", resource_id, "ok", {"epoch": epoch, "reason": reason}, now
+            )
+            return epoch
+
     async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
         """Destroy deactivated and compromised epochs older than ``retention`` seconds: the secret
-        is overwritten with zeros, then cleared. Returns the (resource, epoch) destroyed."""
+        is overwritten with zeros, then cleared. Returns the (resource, epoch) destroyed. What to
+        destroy is read again inside the write transaction, so an epoch is destroyed (and
+        audited) once however many AS instances run this."""
         sql = self.db.sql
         if not await self.db.one(sql.RETIRED_BEFORE, (now - retention,)):
             return []  # the common case, once a second: no write transaction for nothing

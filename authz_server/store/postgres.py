@@ -458,6 +458,10 @@ DUE_ROTATIONS = (
     "SELECT resource_id FROM epochs WHERE state = 'active' AND rotate_at IS NOT NULL "
     "AND rotate_at <= $1 ORDER BY resource_id"
 )
+ROTATION_DUE = (
+    "SELECT 1 FROM epochs WHERE resource_id = $1 AND state = 'active' AND rotate_at IS NOT NULL "
+    "AND rotate_at <= $2"
+)
 RETIRED_BEFORE = (
     "SELECT resource_id, epoch FROM epochs WHERE state IN ('deactivated', "
     "'compromised') AND deactivated_at <= $1"
@@ -504,6 +508,10 @@ UNREVOKED_GRANTS = (
     "SELECT id, pattern FROM grants WHERE consumer_id = $1 AND revoked_at IS NULL ORDER BY id"
 )
 GRANT_REVOKE = "UPDATE grants SET revoked_at = $1 WHERE id = $2"
+GRANT_EXPIRE = Named(
+    "UPDATE grants SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL "
+    "AND until IS NOT NULL AND until <= :now"
+)
 LIVE_PATTERNS = (
     "SELECT pattern FROM grants WHERE consumer_id = $1 AND revoked_at IS NULL "
     "AND (until IS NULL OR $2 < until)"

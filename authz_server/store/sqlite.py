@@ -351,6 +351,11 @@ DUE_ROTATIONS = (
     "SELECT resource_id FROM epochs WHERE state = 'active' AND rotate_at IS NOT NULL "
     "AND rotate_at <= ? ORDER BY resource_id"
 )
+#: Whether one resource's rotation is still due, read inside the rotation's transaction.
+ROTATION_DUE = (
+    "SELECT 1 FROM epochs WHERE resource_id = ? AND state = 'active' AND rotate_at IS NOT NULL "
+    "AND rotate_at <= ?"
+)
 #: No ORDER BY (the caller sorts): it would draw SQLite to the primary key, a scan of every
 #: epoch, instead of the index of retired epochs.
 RETIRED_BEFORE = (
@@ -396,6 +401,11 @@ EXCLUSION_CLOSE = (
 )
 UNREVOKED_GRANTS = "SELECT id, pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL"
 GRANT_REVOKE = "UPDATE grants SET revoked_at = ? WHERE id = ?"
+#: An expiry, if the grant is still live and past its ``until`` (one row changed, else none).
+GRANT_EXPIRE = (
+    "UPDATE grants SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL "
+    "AND until IS NOT NULL AND until <= :now"
+)
 LIVE_PATTERNS = (
     "SELECT pattern FROM grants WHERE consumer_id = ? AND revoked_at IS NULL "
     "AND (until IS NULL OR ? < until)"

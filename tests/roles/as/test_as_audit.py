@@ -1,7 +1,10 @@
 """The audit log's growth and retention: denials tallied, pruning behind a checkpoint, verification.
 
-On real database files, in process (the store's own API and its SQL file); the AS process flooded
-with denied requests is in ``test_as_audit_flood.py``.
+On real databases, in process (the store's own API and its SQL file); the AS process flooded
+with denied requests is in ``test_as_audit_flood.py``. The tests on a store run on SQLite and on
+PostgreSQL (``as_database``); the tampering and schema-3 migration tests stay on SQLite: they
+edit the SQLite file with sqlite3 (PostgreSQL's own tampering and migration tests are in
+``test_as_store.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from pg_harness import PgCluster
 
 from authz_server.ca import init_state
 from authz_server.store import Store
@@ -35,9 +39,16 @@ DAY = 86_400
 BEGIN = NOW - 30 * DAY  # when the test states are made (their first record)
 
 
+def url(as_database: tuple[PgCluster, str] | None) -> str | None:
+    return None if as_database is None else as_database[1]
+
+
 @pytest_asyncio.fixture
-async def store(tmp_path: Path) -> Store:
-    s = await init_state(tmp_path / "state", as_uri="coaps://127.0.0.1:5684", now=BEGIN)
+async def store(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> Store:
+    """A new AS's store, on SQLite and then on PostgreSQL (``as_database``)."""
+    s = await init_state(
+        tmp_path / "state", as_uri="coaps://127.0.0.1:5684", now=BEGIN, database=url(as_database)
+    )
     yield s
     await s.close()
 
@@ -144,9 +155,13 @@ async def test_denials_are_aggregated_with_exact_counts(store: Store) -> None:
 
 
 @pytest.mark.asyncio
-async def test_counted_denials_are_written_by_the_timer_and_at_close(tmp_path: Path) -> None:
+async def test_counted_denials_are_written_by_the_timer_and_at_close(
+    tmp_path: Path, as_database: tuple[PgCluster, str] | None
+) -> None:
     state = tmp_path / "state"
-    s = await init_state(state, as_uri="coaps://127.0.0.1:5684", now=BEGIN)
+    s = await init_state(
+        state, as_uri="coaps://127.0.0.1:5684", now=BEGIN, database=url(as_database)
+    )
     s.denials.interval = 0.5
     now = int(time.time())
     for _ in range(5):

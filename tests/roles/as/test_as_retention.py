@@ -3,7 +3,8 @@ whose audit logs hold old records (dated in the past through the store's API, wh
 time of each record) prune them, hourly by default and here every second, behind the checkpoint
 ``oscar-as audit --verify`` verifies from; records inside the retention stay; a failed prune is
 one warning line and is tried again. In process: a prune bounded to a number of records, and the
-AS's loop catching up in such steps.
+AS's loop catching up in such steps. On SQLite and on PostgreSQL (``as_database``), but for the
+failed prune (a trigger put into the SQLite file).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from as_harness import ROOT, AsProcess, Daemon
+from pg_harness import PgCluster
 
 from authz_server import retention
 from authz_server.ca import init_state
@@ -66,10 +68,17 @@ def verify_cli(state: Path) -> str:
     return done.stdout
 
 
-async def old_state(state: Path, now: int) -> Store:
+def url(as_database: tuple[PgCluster, str] | None) -> str | None:
+    return None if as_database is None else as_database[1]
+
+
+async def old_state(state: Path, now: int, database: str | None = None) -> Store:
     """A state made 10 days ago whose log has records 10 and 5 days old, then 1 day old and
-    new (``young-*``): with a retention of 2 days, everything before ``young-0`` is past it."""
-    store = await init_state(state, as_uri="coaps://127.0.0.1", now=now - 10 * DAY)
+    new (``young-*``): with a retention of 2 days, everything before ``young-0`` is past it.
+    On SQLite, or on the PostgreSQL database ``database`` (the state records it)."""
+    store = await init_state(
+        state, as_uri="coaps://127.0.0.1", now=now - 10 * DAY, database=database
+    )
     await store.add_device("p1", "producer", b"\x01" * 16, now - 10 * DAY)
     for i in range(20):
         await store.audit("admin", "test", f"old-{i}", "ok", {}, now - 5 * DAY + i)
@@ -80,7 +89,8 @@ async def old_state(state: Path, now: int) -> Store:
 
 @pytest_asyncio.fixture
 async def servers() -> AsyncIterator[list[Daemon]]:
-    """Daemons started by the test; each must exit 0 on SIGTERM with no traceback."""
+    """Daemons started by the test; each must exit 0 on SIGTERM with no traceback. A test takes
+    it after ``as_database``, so that they stop before their database is dropped."""
     started: list[Daemon] = []
     yield started
     for server in started:
@@ -112,10 +122,10 @@ def test_serve_refuses_a_bad_audit_retention(
 
 @pytest.mark.asyncio
 async def test_the_as_prunes_what_is_past_its_retention_by_itself(
-    tmp_path: Path, servers: list[Daemon]
+    tmp_path: Path, as_database: tuple[PgCluster, str] | None, servers: list[Daemon]
 ) -> None:
     state, now = tmp_path / "state", int(time.time())
-    store = await old_state(state, now)
+    store = await old_state(state, now, url(as_database))
     try:
         before = await store.audit_records()
         young = next(r.seq for r in before if r.subject == "young-0")
@@ -153,12 +163,14 @@ async def test_the_as_prunes_what_is_past_its_retention_by_itself(
 
 @pytest.mark.asyncio
 async def test_records_that_age_past_the_retention_while_it_runs_are_pruned(
-    tmp_path: Path, servers: list[Daemon]
+    tmp_path: Path, as_database: tuple[PgCluster, str] | None, servers: list[Daemon]
 ) -> None:
     """A retention of 0.0001 day (8.64 s) applied every second: the state's records are new when
     the AS starts (the first run, after 1 s, finds nothing); a later run prunes them."""
     state = tmp_path / "state"
-    store = await init_state(state, as_uri="coaps://127.0.0.1", now=int(time.time()))
+    store = await init_state(
+        state, as_uri="coaps://127.0.0.1", now=int(time.time()), database=url(as_database)
+    )
     try:
         made = [r.seq for r in await store.audit_records()]
         server = AsProcess(
@@ -181,6 +193,7 @@ async def test_records_that_age_past_the_retention_while_it_runs_are_pruned(
 async def test_a_failed_prune_is_logged_and_tried_again(
     tmp_path: Path, servers: list[Daemon]
 ) -> None:
+    """SQLite only: the failure is a trigger put into the SQLite file with sqlite3."""
     state, now = tmp_path / "state", int(time.time())
     store = await old_state(state, now)
     try:
@@ -209,9 +222,11 @@ async def test_a_failed_prune_is_logged_and_tried_again(
 
 
 @pytest.mark.asyncio
-async def test_a_prune_bounded_to_a_number_of_records_goes_in_steps(tmp_path: Path) -> None:
+async def test_a_prune_bounded_to_a_number_of_records_goes_in_steps(
+    tmp_path: Path, as_database: tuple[PgCluster, str] | None
+) -> None:
     now = int(time.time())
-    store = await old_state(tmp_path / "state", now)
+    store = await old_state(tmp_path / "state", now, url(as_database))
     try:
         young = next(r.seq for r in await store.audit_records() if r.subject == "young-0")
         with pytest.raises(ValueError):
@@ -230,12 +245,12 @@ async def test_a_prune_bounded_to_a_number_of_records_goes_in_steps(tmp_path: Pa
 
 @pytest.mark.asyncio
 async def test_the_as_catches_up_in_steps_without_waiting_an_hour(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_database: tuple[PgCluster, str] | None
 ) -> None:
     """The loop of the AS on a real store: with steps of 4 records and an hourly schedule, a
     run that pruned a whole step is followed by the next at once, until none is left."""
     now = int(time.time())
-    store = await old_state(tmp_path / "state", now)
+    store = await old_state(tmp_path / "state", now, url(as_database))
     monkeypatch.setattr(retention, "STEP", 4)
     monkeypatch.setattr(retention, "FIRST_DELAY", 0.0)
     monkeypatch.setattr(retention, "CATCH_UP", 0.01)

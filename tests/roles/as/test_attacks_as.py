@@ -8,7 +8,8 @@ is involved, or the admin CLI in-process.
 - floods of requests, handshakes and junk: the rate limit holds, memory stays bounded and
   legitimate clients are still served.
 
-The harness (:mod:`as_harness`) checks at teardown that every server exited 0 without a
+Each runs on SQLite and on PostgreSQL (``as_database``). The harness (:mod:`as_harness`) checks
+at teardown that every server exited 0 without a
 traceback and that no PSK or secret the test saw reached a log or the database in clear.
 """
 
@@ -27,6 +28,7 @@ import pytest_asyncio
 from aiocoap import GET, POST
 from aiocoap.error import NetworkError
 from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, now, resource_body
+from pg_harness import PgCluster
 
 from authz_server.cli import main as cli_main
 from authz_server.store import Store
@@ -60,8 +62,8 @@ NASTY = [
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 
@@ -226,10 +228,11 @@ def _cli(state: Path, *argv: str) -> int:
 
 
 def test_metacharacters_in_every_admin_cli_field_are_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_database: tuple[PgCluster, str] | None
 ) -> None:
     state = tmp_path / "state"
-    assert _cli(state, "init") == 0
+    database = [] if as_database is None else ["--database", as_database[1]]
+    assert _cli(state, "init", *database) == 0
     for role, device_id in [("producer", "maker"), ("consumer", "eater")]:
         assert _cli(state, "enroll", "--role", role, "--id", device_id, "--out", "-") == 0
     capsys.readouterr()
