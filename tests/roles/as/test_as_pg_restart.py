@@ -80,6 +80,7 @@ async def test_postgresql_restarting_gets_5_03_then_everything_accepted_is_still
     await env.store.register_resources([Resource("p/a", "p", 50, "ccm-es256", 60, 0, t)])
     await env.store.add_grant("c", "p/*", None, t)
     server = env.server()
+    other = env.server()  # stopped while the database is away
     producer, consumer = await env.client(server, "p"), await env.client(server, "c")
     # Accepted before: a registration through the AS, and a first delivery (audited).
     assert (await producer.call(POST, "resources", body=resource_body("b")))[0] == "2.01"
@@ -98,6 +99,8 @@ async def test_postgresql_restarting_gets_5_03_then_everything_accepted_is_still
     assert time.monotonic() - started < 5
     await asyncio.sleep(2)  # the watcher ticks every 0.2 s meanwhile
     assert server.proc is not None and server.proc.poll() is None  # still serving
+    assert other.stop() == 0  # SIGTERM with the database away: a clean exit all the same
+    assert "Traceback" not in other.log(), other.log()
     text = server.log()
     assert text.count("the database is unavailable") == 1, text  # once, not once a tick
     assert "Traceback" not in text and "background work failed" not in text, text
