@@ -31,6 +31,7 @@ cryptography's through :class:`oscar_io.sealing.SealError` in
     │   ├── NoSuchRecord                     no such device, resource, epoch or grant
     │   ├── Conflict                         exists already, or contradicts the state
     │   └── DatabaseError                    a statement failed (locked, I/O, damaged)
+    │       └── DatabaseUnavailable          the server unreachable now (5.03, reconnects)
     ├── VaultError            envelope       a stored ciphertext does not open
     ├── MasterKeyError        envelope       the master key file: missing, exposed, wrong size
     ├── Refused               cli.common     the state says no otherwise (a broken audit chain)

@@ -51,6 +51,7 @@ from .messages import (
     Reply,
     Request,
     RequestTooLarge,
+    ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
     UnsupportedContentFormat,
@@ -61,7 +62,7 @@ from .messages import (
     resource_id_param,
     uint_at_most,
 )
-from .store import Conflict, Device, Resource, Store
+from .store import Conflict, DatabaseUnavailable, Device, Resource, Store
 from .store.schema import ACTIVE  # a device status as the store keeps it
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "Reply",
     "Request",
     "RequestTooLarge",
+    "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedContentFormat",
@@ -167,7 +169,14 @@ class Endpoints:
         return "Endpoints(<store>, <ca>)"
 
     async def handle(self, request: Request) -> Reply:
-        """Answer one request; raises :class:`ApiError` subclasses for every refusal."""
+        """Answer one request; raises :class:`ApiError` subclasses for every refusal, and
+        :class:`ServiceUnavailable` (5.03) while the database cannot be reached."""
+        try:
+            return await self._handle(request)
+        except DatabaseUnavailable:
+            raise ServiceUnavailable() from None
+
+    async def _handle(self, request: Request) -> Reply:
         now = self.clock()
         device = await self.authenticate(request.device, now)
         route = _ROUTES.get(request.path)

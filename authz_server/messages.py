@@ -10,7 +10,9 @@
     ├── MethodNotAllowed          4.05
     ├── RequestTooLarge           4.13  payload over MAX_PAYLOAD bytes
     ├── UnsupportedContentFormat  4.15  a payload that says it is not CBOR
-    └── TooManyRequests           4.29  rate limit; Max-Age = seconds to wait
+    ├── TooManyRequests           4.29  rate limit; Max-Age = seconds to wait
+    └── ServiceUnavailable        5.03  the database cannot be reached now; Max-Age = seconds
+                                        after which to try again
 
 Decoding is strict: :func:`oscar.cbor.loads`, exact key sets, exact types, ids checked with
 :mod:`oscar.names`. This module knows no endpoint and no store (see :mod:`authz_server.api`).
@@ -41,6 +43,7 @@ __all__ = [
     "Reply",
     "Request",
     "RequestTooLarge",
+    "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedContentFormat",
@@ -118,6 +121,28 @@ class TooManyRequests(ApiError):
 
     def __init__(self, wait: int) -> None:
         super().__init__(f"too many requests; retry in {wait} s")
+        self.wait = wait
+
+    def to_message(self) -> Message:
+        response = super().to_message()
+        response.opt.max_age = self.wait
+        return response
+
+
+class ServiceUnavailable(ApiError):
+    """The AS cannot answer now (its database is unreachable: PostgreSQL stopped or
+    restarting); the client may try again after Max-Age seconds. Nothing of the request was
+    done."""
+
+    code = Code.SERVICE_UNAVAILABLE
+    message = "service unavailable"
+
+    #: Seconds a client waits before asking again (the backoff of the database's reconnection
+    #: is at most 5 s; a short wait lets devices come back soon after the database does).
+    RETRY = 2
+
+    def __init__(self, wait: int = RETRY) -> None:
+        super().__init__("the database is unavailable; retry later")
         self.wait = wait
 
     def to_message(self) -> Message:

@@ -53,7 +53,7 @@ from .ca import CertificateAuthority
 from .ratelimit import RateLimit
 from .retention import keep_audit
 from .site import AuthorizationSite
-from .store import DatabaseError, Store, StoreError
+from .store import DatabaseError, DatabaseUnavailable, Store, StoreError
 
 __all__ = ["ServeOptions", "serve"]
 
@@ -187,13 +187,23 @@ class _Server:
         return done
 
     async def watch(self) -> None:
-        """Poll for changes (admin CLI, scheduler) and run the schedule, until cancelled."""
+        """Poll for changes (admin CLI, scheduler) and run the schedule, until cancelled.
+
+        While the database cannot be reached (PostgreSQL stopped or restarting) each tick fails
+        at once (the backend connects again no sooner than its backoff allows): one warning
+        when it goes away, one info line when it is back, and the credentials and observers
+        brought up to date then."""
         seen = await self.store.changes()
         next_schedule = 0.0
+        unavailable = False
         while True:
             await asyncio.sleep(self.options.tick)
             try:
                 changes = await self.store.changes()
+                if unavailable:
+                    unavailable = False
+                    log.info("the database is reachable again")
+                    seen = -1  # whatever changed meanwhile: reload
                 if changes != seen:
                     seen = changes
                     await self.reload_credentials()
@@ -206,6 +216,13 @@ class _Server:
                     self.limit.prune(time.monotonic())
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable as exc:
+                if not unavailable:
+                    unavailable = True
+                    log.warning(
+                        "the database is unavailable (%s); answering 5.03 and connecting again",
+                        exc,
+                    )
             except Exception:
                 # A locked or briefly unavailable database must not stop the server.
                 log.exception("background work failed; retrying")

@@ -31,6 +31,7 @@ from .api import (
     Unauthorized,
 )
 from .ratelimit import RateLimit
+from .store import DatabaseUnavailable
 
 __all__ = ["AuthorizationSite"]
 
@@ -135,6 +136,8 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
         if names.is_resource_id(resource_id) and resource_id not in self._fingerprints:
             try:
                 self._fingerprints[resource_id] = await self.endpoints.key_fingerprint(resource_id)
+            except DatabaseUnavailable:
+                pass  # read again at the next change (the watcher logs the database's state)
             except Exception:
                 log.exception("cannot read the key state of an observed resource")
         key = resource_id or ""
@@ -170,6 +173,8 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
             return changed
         try:
             fingerprints = await self.endpoints.key_fingerprints(observed)
+        except DatabaseUnavailable:
+            return changed  # the watcher logs the database's state and tries again
         except Exception:
             log.exception("cannot read the key state of the observed resources")
             return changed

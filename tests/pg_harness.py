@@ -97,14 +97,27 @@ class PgCluster:
              "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`halt`): same port, same data directory."""
         options = (
             f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200"
         )
         if not self.durable:
             options += " -c fsync=off -c full_page_writes=off"
         subprocess.run(
-            [*run, str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60",
+            [*self._as_owner(), str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60",
              "-l", str(self.data / "server.log"), "-o", options, "start"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def halt(self) -> None:
+        """Stop the server as an operator does (``pg_ctl stop -m fast``: every session ended,
+        open transactions rolled back, a clean shutdown), keeping its data for :meth:`resume`."""
+        subprocess.run(
+            [*self._as_owner(), str(self.bin / "pg_ctl"), "-D", str(self.data),
+             "-m", "fast", "-w", "-t", "60", "stop"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
 

@@ -73,6 +73,7 @@ PROCESS: dict[str, Starts] = {
         "test_a_rotation_by_the_admin_cli_is_served_at_the_next_request",
         "test_a_running_as_refuses_a_grant_the_admin_cli_revoked_on_the_same_session",
     ),
+    "test_as_pg_restart": every(),
     "test_as_links": every("test_link_psk_derivation_is_the_documented_one"),
     "test_as_retention": every(
         "test_a_prune_bounded_to_a_number_of_records_goes_in_steps",

@@ -41,7 +41,9 @@ records and errors are in :mod:`.schema`; every SQL text in :mod:`.sqlite` and :
     ├── Conflict        the thing to create exists already, or the change contradicts the state
     └── DatabaseError   a statement failed (locked too long, I/O, damaged): the driver's errors,
                         translated by the backend only (:mod:`.sqlite_backend`,
-                        :mod:`.postgres_backend`)
+        │               :mod:`.postgres_backend`)
+        └── DatabaseUnavailable  the server cannot be reached now (PostgreSQL stopped or
+                                 restarting): the backend reconnects on a later call
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from .schema import (
     AuditRecord,
     Conflict,
     DatabaseError,
+    DatabaseUnavailable,
     Device,
     Epoch,
     NoSuchRecord,
@@ -88,6 +91,7 @@ __all__ = [
     "AuditRecord",
     "Conflict",
     "DatabaseError",
+    "DatabaseUnavailable",
     "Device",
     "Epoch",
     "NoSuchRecord",

@@ -24,6 +24,15 @@ The same shape as :mod:`.sqlite_backend`, so that the store behaves the same on 
   and in base backups and standbys: only ciphertext under the master key, which never enters the
   database (docs/DECISIONS.md).
 
+A lost connection (the server stopped, restarting, the network cut) fails the call with
+:class:`~.schema.DatabaseUnavailable`; the connection is dropped and a later call connects again,
+no sooner than a backoff (0.1 s doubling to 5 s) after the last failed attempt, so that a server
+that is down costs one refused connect per backoff, not one per request. A transaction the loss
+interrupts never committed, so PostgreSQL rolled it back, and it is reported as failed (a loss
+during ``COMMIT`` itself is reported as failed too, though the server may have committed it:
+what the AS writes is idempotent or re-read inside its next transaction). A transaction never
+reconnects midway: only a call that begins afresh does.
+
 Every SQL text it runs is in :mod:`.postgres`. What it does not do: know a table (the components
 do), or hold a key (the envelope does).
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
@@ -41,7 +51,7 @@ import asyncpg
 
 from . import postgres, redacted
 from .backend import Params, Row, SnapshotReader, Transaction
-from .schema import DatabaseError, StoreError
+from .schema import DatabaseError, DatabaseUnavailable, StoreError
 
 __all__ = ["PostgresBackend"]
 
@@ -51,23 +61,90 @@ _T = TypeVar("_T")
 READERS = 4
 #: Seconds to wait for a connection to the server.
 CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for a connection again after one was lost (a request waits on it).
+RECONNECT_TIMEOUT = 2.0
+#: The first and the longest wait between two attempts to connect again.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
 _ROWS = re.compile(r"(\d+)$")
 
 
-def _error(exc: BaseException) -> DatabaseError:
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
+#: Errors that say the connection (or the server) is gone, or left in a state nobody can know,
+#: whatever state the connection shows.
+_LOST = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InternalClientError,  # the protocol out of step (a session ended under a query)
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ConnectionFailureError, …
+    asyncpg.CannotConnectNowError,  # the server is starting or shutting down
+    asyncpg.AdminShutdownError,  # pg_ctl stop -m fast: the server ends every session
+    asyncpg.CrashShutdownError,
+)
+
+
+def _is_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
+    return isinstance(exc, _LOST) or (conn is not None and conn.is_closed())
+
+
+def _error(exc: BaseException, conn: asyncpg.Connection | None = None) -> DatabaseError:
+    if _is_lost(exc, conn):
+        return DatabaseUnavailable(f"database unavailable: {exc or type(exc).__name__}")
     return DatabaseError(f"database error: {exc}")
 
 
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
-
-
 @contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """asyncpg's and the server's errors (and a lost connection's) as :class:`DatabaseError`."""
+def _translated(conn: asyncpg.Connection | None = None) -> Iterator[None]:
+    """asyncpg's and the server's errors as :class:`DatabaseError`, a lost connection's as
+    :class:`DatabaseUnavailable`."""
     try:
         yield
     except _DRIVER_ERRORS as exc:
-        raise _error(exc) from None
+        raise _error(exc, conn) from None
+
+
+class _Backoff:
+    """When the next attempt to connect again may be made: :data:`BACKOFF_FIRST` after the
+    first failure, doubling to :data:`BACKOFF_MAX`; at once after a success."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._delay = 0.0
+        self._next = 0.0
+
+    def ready(self) -> float:
+        """Seconds until an attempt may be made (0: now)."""
+        return max(0.0, self._next - self._monotonic())
+
+    def failed(self) -> None:
+        self._delay = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._delay * 2))
+        self._next = self._monotonic() + self._delay
+
+    def succeeded(self) -> None:
+        self._delay = 0.0
+        self._next = 0.0
+
+    async def connect(self, url: str) -> asyncpg.Connection:
+        """A new connection, unless the last attempt failed too recently
+        (:class:`DatabaseUnavailable` then, at once: the event loop never waits on it)."""
+        wait = self.ready()
+        if wait:
+            raise DatabaseUnavailable(f"database unavailable: connecting again in {wait:.1f} s")
+        try:
+            conn = await _connect(url, RECONNECT_TIMEOUT)
+        except (*_DRIVER_ERRORS, ValueError) as exc:
+            self.failed()
+            raise DatabaseUnavailable(
+                f"database unavailable: {exc or type(exc).__name__}"
+            ) from None
+        self.succeeded()
+        return conn
 
 
 def _bind(sql: str, params: Params) -> tuple[str, Sequence[Any]]:
@@ -93,10 +170,8 @@ def _rows_changed(status: str) -> int:
     return int(found.group(1)) if found else -1
 
 
-async def _connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        url, timeout=CONNECT_TIMEOUT, server_settings=postgres.CONNECTION_SETTINGS
-    )
+async def _connect(url: str, timeout: float = CONNECT_TIMEOUT) -> asyncpg.Connection:
+    return await asyncpg.connect(url, timeout=timeout, server_settings=postgres.CONNECTION_SETTINGS)
 
 
 class _Snapshot:
@@ -128,14 +203,18 @@ class _Readers:
     time; these connections hold no state between reads to reset (autocommit, no session
     settings changed)."""
 
-    def __init__(self, conns: list[asyncpg.Connection]) -> None:
-        self._conns = conns
-        self._idle: asyncio.Queue[asyncpg.Connection] = asyncio.Queue()
+    def __init__(self, url: str, conns: list[asyncpg.Connection], backoff: _Backoff) -> None:
+        self._url = url
+        self._backoff = backoff
+        #: Each slot holds a connection, or None once its connection was lost (connected again
+        #: by the next read that takes the slot).
+        self._idle: asyncio.Queue[asyncpg.Connection | None] = asyncio.Queue()
         for conn in conns:
             self._idle.put_nowait(conn)
+        self._open: set[asyncpg.Connection] = set(conns)
 
     @classmethod
-    async def connect(cls, url: str, size: int) -> _Readers:
+    async def connect(cls, url: str, size: int, backoff: _Backoff) -> _Readers:
         conns: list[asyncpg.Connection] = []
         try:
             for _ in range(size):
@@ -144,19 +223,39 @@ class _Readers:
             for conn in conns:
                 conn.terminate()
             raise
-        return cls(conns)
+        return cls(url, conns, backoff)
 
     async def fetchrow(self, sql: str, *args: Any) -> Any:
+        """The row, as a plain asyncpg call; :class:`DatabaseError` (or
+        :class:`DatabaseUnavailable`) for a failure, the lost connection dropped."""
         conn = await self._idle.get()
         try:
-            return await conn.fetchrow(sql, *args)
+            if conn is None or conn.is_closed():
+                self._drop(conn)
+                conn = None
+                conn = await self._backoff.connect(self._url)
+                self._open.add(conn)
+            try:
+                return await conn.fetchrow(sql, *args)
+            except _DRIVER_ERRORS as exc:
+                error = _error(exc, conn)
+                if isinstance(error, DatabaseUnavailable):
+                    self._drop(conn)
+                    conn = None
+                raise error from None
         finally:
             self._idle.put_nowait(conn)
 
+    def _drop(self, conn: asyncpg.Connection | None) -> None:
+        if conn is not None:
+            self._open.discard(conn)
+            conn.terminate()
+
     async def close(self) -> None:
-        for conn in self._conns:
+        for conn in list(self._open):
             with contextlib.suppress(*_DRIVER_ERRORS):
                 await conn.close()
+        self._open.clear()
 
 
 class PostgresBackend:
@@ -170,6 +269,8 @@ class PostgresBackend:
         self._readers = readers
         self._lock = asyncio.Lock()
         self._owner: asyncio.Task[Any] | None = None
+        self._closed = False
+        self._backoff = readers._backoff if readers is not None else _Backoff()
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redacted(self.url)!r})"
@@ -233,7 +334,7 @@ class PostgresBackend:
         """The readers of :meth:`lookup`; None if they cannot be had (then reads take the
         writer, as :meth:`one` does)."""
         try:
-            return await _Readers.connect(url, READERS)
+            return await _Readers.connect(url, READERS, _Backoff())
         except _DRIVER_ERRORS:
             return None
 
@@ -263,6 +364,7 @@ class PostgresBackend:
             await conn.execute(postgres.SCHEMA_VERSION_SET, number + 1)
 
     async def close(self) -> None:
+        self._closed = True
         if self._readers is not None:
             readers, self._readers = self._readers, None
             await readers.close()
@@ -273,12 +375,46 @@ class PostgresBackend:
 
     @property
     def closed(self) -> bool:
-        return self._conn is None
+        return self._closed
 
     def _writer(self) -> asyncpg.Connection:
-        if self._conn is None:
+        """The writer connection as it is (inside a transaction: never a new one, which would
+        run the rest of the transaction's statements outside it)."""
+        if self._closed:
             raise DatabaseError("database error: the store is closed")
+        if self._conn is None:
+            raise DatabaseUnavailable("database unavailable: the connection was lost")
         return self._conn
+
+    async def _fresh_writer(self) -> asyncpg.Connection:
+        """The writer connection at the start of a call (under the lock, outside a
+        transaction): connected again if it was lost, no sooner than the backoff allows."""
+        if self._closed:
+            raise DatabaseError("database error: the store is closed")
+        conn = self._conn
+        if conn is not None and conn.is_closed():
+            self._lose(conn)
+            conn = None
+        if conn is None:
+            conn = self._conn = await self._backoff.connect(self.url)
+        return conn
+
+    def _lose(self, conn: asyncpg.Connection) -> None:
+        """Drop the writer connection (lost, or in a state nobody can know after a timeout)."""
+        if self._conn is conn:
+            self._conn = None
+        conn.terminate()
+
+    @contextlib.contextmanager
+    def _on_writer(self, conn: asyncpg.Connection) -> Iterator[None]:
+        """:func:`_translated` on the writer: a lost writer is dropped, to connect again."""
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            error = _error(exc, conn)
+            if isinstance(error, DatabaseUnavailable):
+                self._lose(conn)
+            raise error from None
 
     # --- transactions ----------------------------------------------------------------------------
 
@@ -290,21 +426,21 @@ class PostgresBackend:
         async with self._lock:
             self._owner = asyncio.current_task()
             try:
-                conn = self._writer()
-                with _translated():
+                conn = await self._fresh_writer()
+                with self._on_writer(conn):
                     await conn.execute(postgres.BEGIN)
                 try:
-                    with _translated():
+                    with self._on_writer(conn):
                         await conn.execute(postgres.WRITE_LOCK)
                     yield tx
-                    with _translated():
+                    with self._on_writer(conn):
                         if tx.count:
                             await conn.execute(postgres.COUNT_CHANGE)
                         await conn.execute(postgres.COMMIT)
                 except BaseException:
                     with contextlib.suppress(*_DRIVER_ERRORS):
-                        if not conn.is_closed():
-                            await conn.execute(postgres.ROLLBACK)
+                        if self._conn is conn and not self._conn.is_closed():
+                            await self._conn.execute(postgres.ROLLBACK)
                     raise
             finally:
                 self._owner = None
@@ -313,33 +449,36 @@ class PostgresBackend:
         return self._owner is not None and self._owner is asyncio.current_task()
 
     @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[None]:
+    async def _read(self) -> AsyncIterator[asyncpg.Connection]:
+        """The writer connection for a read: the transaction's own, or (once no other task's
+        transaction runs) the writer, connected again if it was lost."""
         if self._in_own_transaction():
-            yield
+            yield self._writer()
             return
         async with self._lock:
-            yield
+            yield await self._fresh_writer()
 
     async def erase_freed(self) -> None:
         """VACUUM the tables whose secrets a destruction or revocation overwrote: their dead row
         versions pruned (see the module docstring for what PostgreSQL does not offer)."""
         async with self._lock:
-            with _translated():
+            conn = await self._fresh_writer()
+            with self._on_writer(conn):
                 for statement in postgres.ERASE_FREED:
-                    await self._writer().execute(statement)
+                    await conn.execute(statement)
 
     # --- statements ------------------------------------------------------------------------------
 
     async def one(self, sql: str, params: Params = ()) -> Row:
-        async with self._read():
-            with _translated():
-                row = await self._writer().fetchrow(*_args(sql, params))
+        async with self._read() as conn:
+            with self._on_writer(conn):
+                row = await conn.fetchrow(*_args(sql, params))
         return None if row is None else tuple(row)
 
     async def all(self, sql: str, params: Params = ()) -> list[Row]:
-        async with self._read():
-            with _translated():
-                rows = await self._writer().fetch(*_args(sql, params))
+        async with self._read() as conn:
+            with self._on_writer(conn):
+                rows = await conn.fetch(*_args(sql, params))
         return [tuple(row) for row in rows]
 
     async def lookup(self, sql: str, params: Params = ()) -> Row:
@@ -348,21 +487,23 @@ class PostgresBackend:
         readers = self._readers
         if readers is None or self._in_own_transaction():
             return await self.one(sql, params)
-        with _translated():
-            row = await readers.fetchrow(*_args(sql, params))
+        row = await readers.fetchrow(*_args(sql, params))
         return None if row is None else tuple(row)
 
     async def execute(self, sql: str, params: Params = ()) -> int:
-        with _translated():
-            return _rows_changed(await self._writer().execute(*_args(sql, params)))
+        conn = self._writer()
+        with self._on_writer(conn):
+            return _rows_changed(await conn.execute(*_args(sql, params)))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with _translated():
-            await self._writer().executemany(sql, list(rows))
+        conn = self._writer()
+        with self._on_writer(conn):
+            await conn.executemany(sql, list(rows))
 
     async def returning(self, sql: str, params: Params = ()) -> list[Row]:
-        with _translated():
-            rows = await self._writer().fetch(*_args(sql, params))
+        conn = self._writer()
+        with self._on_writer(conn):
+            rows = await conn.fetch(*_args(sql, params))
         return [tuple(row) for row in rows]
 
     async def snapshot(self, read: Callable[[SnapshotReader], _T]) -> _T:

@@ -25,6 +25,7 @@ __all__ = [
     "AuditRecord",
     "Conflict",
     "DatabaseError",
+    "DatabaseUnavailable",
     "Device",
     "Epoch",
     "NoSuchRecord",
@@ -66,6 +67,12 @@ class Conflict(StoreError):
 class DatabaseError(StoreError):
     """The database failed a statement: locked for too long, an I/O error, damaged. Raised by
     the backend for its driver's errors (the only place those are translated)."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached now (stopped, restarting, the network): the call
+    failed and changed nothing that was not rolled back; the backend reconnects on a later call
+    (with backoff). The AS answers 5.03 meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
