@@ -304,6 +304,42 @@ def test_a_source_of_a_newer_schema_is_refused_untouched(
     assert not (state / "database.url").exists()
 
 
+def test_a_source_of_an_older_schema_is_migrated_forward_then_copied(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from authz_server.envelope import Envelope, create_master_key
+    from authz_server.store import sqlite
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    master = create_master_key(state / "master.key")
+    con = sqlite3.connect(state / "as.db")
+    for statement in sqlite.split_script(sqlite.MIGRATIONS[0]):  # version 1 only
+        con.execute(statement)
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO meta VALUES ('data_key', ?)", (Envelope.new_wrapped_data_key(master),))
+    con.execute("INSERT INTO meta VALUES ('changes', 7)")
+    con.execute("INSERT INTO devices VALUES ('old-1', 'consumer', NULL, 'revoked', 1, 2)")
+    con.commit()
+    con.close()
+    code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
+    assert code == 0, err
+    assert "audit log intact on both sides: empty" in out
+    con = sqlite3.connect(state / "as.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 4  # as any command would do
+    con.close()
+    after = asyncio.run(read_devices(state))
+    assert after == (["old-1"], 7)
+
+
+async def read_devices(state: Path) -> tuple[list[str], int]:
+    store = await Store.open(state)
+    try:
+        return [d.id for d in await store.devices()], await store.changes()
+    finally:
+        await store.close()
+
+
 def test_bad_urls_a_silent_server_and_a_wrong_password_are_one_clear_line(
     tmp_path: Path, pg_cluster: PgCluster, pg_database: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
