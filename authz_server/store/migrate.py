@@ -52,7 +52,7 @@ from oscar_io.statefiles import atomic_write
 from . import Store, check_database_url, postgres, recorded_database, redacted, sqlite
 from .audit import _walk
 from .backend import Params, Row, SnapshotReader
-from .postgres_backend import PostgresBackend
+from .postgres_backend import PostgresBackend, _is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
 
 __all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]
@@ -123,7 +123,7 @@ async def migrate(state_dir: Path, url: str) -> Migrated:
         )
     conn = await PostgresBackend._connect(url)  # StoreError naming the redacted URL
     try:
-        with _translated(url, "reading"):
+        with _translated(url, "reading", conn=conn):
             await _refuse_an_as(conn, url)  # at once, before the source is opened
         source = await Store.open(state_dir)  # no URL recorded: its SQLite file
         try:
@@ -142,20 +142,28 @@ _VALUE_ERRORS = (TypeError, ValueError, OverflowError)
 
 
 @contextlib.contextmanager
-def _translated(url: str, doing: str, rows: bool = False) -> Iterator[None]:
+def _translated(
+    url: str, doing: str, rows: bool = False, conn: asyncpg.Connection | None = None
+) -> Iterator[None]:
     """The driver's errors (with ``rows``, a row's value it cannot encode too) as one
-    :class:`StoreError` line: the server's own message (it names objects, not values), or only
-    the kind of a client-side error (which may quote a value)."""
+    :class:`StoreError` line: the server's or the connection's own message (they name objects,
+    not values), never the text of a value the driver could not encode."""
     caught: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, *(_VALUE_ERRORS if rows else ()))
     try:
         yield
     except caught as exc:
-        if isinstance(exc, asyncpg.PostgresError):
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        elif isinstance(exc, _VALUE_ERRORS):
+        if isinstance(exc, _VALUE_ERRORS):  # asyncpg's own DataError too: it quotes the value
             detail = f"a row holds a value its column's type does not take ({type(exc).__name__})"
-        else:
-            detail = type(exc).__name__
+        elif isinstance(exc, asyncio.TimeoutError):
+            detail = "timed out"
+        elif _is_lost(exc, conn):
+            detail = f"the connection was lost ({type(exc).__name__})" + (
+                "; the copy may or may not be committed: look before migrating again"
+                if doing.startswith("committing")
+                else "; nothing was committed"
+            )
+        else:  # the server's message, or the connection's state ("connection is closed")
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise StoreError(f"{doing} the database {redacted(url)} failed: {detail}") from None
 
 
@@ -203,7 +211,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
     def read(reader: SnapshotReader) -> Migrated:
         """In the snapshot's thread: check the source, then send every row (batches)."""
         copied = _read_source(reader, source)
-        with _translated(url, "making the schema in"):
+        with _translated(url, "making the schema in", conn=conn):
             on_loop(begin())
         for table, columns in TABLES.items():
             sent = 0
@@ -211,7 +219,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
             for rows in reader.batches(sqlite.table_rows(table, columns), (), COPY_BATCH):
                 if table == "meta":
                     rows = [_meta_row(row) for row in rows]
-                with _translated(url, f"copying the table {table} to", rows=True):
+                with _translated(url, f"copying the table {table} to", rows=True, conn=conn):
                     on_loop(conn.copy_records_to_table(table, records=rows, columns=target))
                 sent += len(rows)
             if sent != copied.rows[table]:
@@ -220,7 +228,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
 
     try:
         copied = await source.db.snapshot(read)
-        with _translated(url, "checking the copy in"):
+        with _translated(url, "checking the copy in", conn=conn):
             await conn.execute(postgres.GRANT_IDS_SET)
             for table, count in copied.rows.items():
                 found = await conn.fetchval(postgres.count_rows(table))
@@ -236,7 +244,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
                 "the SQLite database changed during the copy (an AS or an admin command wrote "
                 "to it): stop them and migrate again"
             )
-        with _translated(url, "committing the copy to"):
+        with _translated(url, "committing the copy to", conn=conn):
             await conn.execute(postgres.COMMIT)
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():

@@ -380,18 +380,38 @@ def test_bad_urls_a_silent_server_and_a_wrong_password_are_one_clear_line(
     assert asyncio.run(objects(pg_database)) == []
 
 
-@pytest.mark.parametrize("where", ["schema", "rows"])
+@pytest.mark.parametrize("where", ["schema", "rows", "connection"])
 def test_a_copy_failing_midway_leaves_the_target_empty_and_the_state_on_sqlite(
-    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str], where: str
+    tmp_path: Path,
+    pg_cluster: PgCluster,
+    pg_database: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
     state = tmp_path / "state"
     asyncio.run(populate(state))
-    if where == "schema":
+    if where == "connection":
+        # The migration's session killed by the server's administrator when the copy reaches
+        # the audit table, every table before it sent (the point chosen through the statement
+        # the copy asks for; the kill is PostgreSQL's own).
+        from authz_server.store import sqlite
+
+        statement = sqlite.table_rows
+
+        def kill_at_audit(table: str, columns: Any) -> str:
+            if table == "audit":
+                asyncio.run(_terminate_others(pg_cluster.url(), pg_database))
+            return statement(table, columns)
+
+        monkeypatch.setattr(sqlite, "table_rows", kill_at_audit)
+        reasons = ["copying the table audit to the database", "the connection was lost"]
+    elif where == "schema":
         # Another application's index under a name the migrations use: the schema is half made
         # when it clashes.
         asyncio.run(_execute(pg_database, "CREATE TABLE lamps (until BIGINT)"))
         asyncio.run(_execute(pg_database, "CREATE INDEX grants_until ON lamps (until)"))
-        reason = 'relation "grants_until" already exists'
+        reasons = ["making the schema in the database", 'relation "grants_until" already exists']
     else:
         # A row PostgreSQL does not take (SQLite keeps a text in an integer column), in a table
         # copied after the others.
@@ -399,12 +419,12 @@ def test_a_copy_failing_midway_leaves_the_target_empty_and_the_state_on_sqlite(
         con.execute("INSERT INTO deliveries VALUES ('phone-1', 'sensor-1/x', 1, 'soon')")
         con.commit()
         con.close()
-        reason = "copying the table deliveries to the database"
+        reasons = ["copying the table deliveries to the database", "a row holds a value"]
     before = asyncio.run(objects(pg_database))
     sqlite_before = sqlite_bytes(state)
     code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
     assert (code, out) == (2, "") and ERROR_LINE.fullmatch(err), err
-    assert reason in err and "soon" not in err
+    assert all(reason in err for reason in reasons) and "soon" not in err
     assert asyncio.run(objects(pg_database)) == before  # rolled back whole: nothing of the AS
     assert not (state / "database.url").exists()
     assert sqlite_bytes(state) == sqlite_before
@@ -468,6 +488,19 @@ async def _execute(url: str, statement: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _terminate_others(admin: str, url: str) -> None:
+    """End every session on the database at ``url`` (``pg_terminate_backend``)."""
+    conn = await asyncpg.connect(admin)
+    try:
+        ended = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            url.rsplit("/", 1)[1],
+        )
+        assert ended >= 1
     finally:
         await conn.close()
 
