@@ -130,8 +130,10 @@ async def migrate(state_dir: Path, url: str) -> Migrated:
             copied = await _copy(source, conn, url)
         finally:
             await source.close()
-    finally:
-        conn.terminate()  # committed or rolled back already
+    finally:  # committed or rolled back already
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await conn.close(timeout=5)
+        conn.terminate()  # if close could not end it (closing twice is harmless)
     await _check_copy(state_dir, url, copied)
     atomic_write(state_dir / DATABASE_NAME, url.encode() + b"\n", 0o600)
     return copied
@@ -190,7 +192,7 @@ async def _refuse_an_as(conn: asyncpg.Connection, url: str) -> None:
 
 
 async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
-    """Steps 3 of the module docstring: one snapshot of the source, one transaction on the
+    """Step 3 of the module docstring: one snapshot of the source, one transaction on the
     target, committed only if every check holds."""
     loop = asyncio.get_running_loop()
 
