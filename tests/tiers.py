@@ -74,6 +74,10 @@ PROCESS: dict[str, Starts] = {
         "test_a_running_as_refuses_a_grant_the_admin_cli_revoked_on_the_same_session",
     ),
     "test_as_pg_restart": every(),
+    "test_as_migrate": every(
+        "test_a_bad_target_url_is_a_usage_error_before_anything",
+        "test_tables_are_every_table_and_column_of_the_sqlite_schema",
+    ),
     "test_as_links": every("test_link_psk_derivation_is_the_documented_one"),
     "test_as_retention": every(
         "test_a_prune_bounded_to_a_number_of_records_goes_in_steps",

@@ -1,10 +1,11 @@
 """``oscar-as``: the AS's admin tool and the entry point of its server.
 
 Every command works on a state directory (``--state``): ``init`` makes one; ``enroll``, ``grant``,
-``revoke``, ``rotate``, ``compromise`` and ``destroy`` change it; ``devices``, ``resources``,
-``grants`` and ``audit`` read it; ``serve`` runs the server (:mod:`authz_server.server`, imported
-only by that command). The admin commands talk to the database directly, so they work whether or
-not a server is running; the server notices their changes through the store's change counter.
+``revoke``, ``rotate``, ``compromise`` and ``destroy`` change it; ``migrate`` moves its database
+from SQLite to PostgreSQL; ``devices``, ``resources``, ``grants`` and ``audit`` read it;
+``serve`` runs the server (:mod:`authz_server.server`, imported only by that command). The admin
+commands talk to the database directly, so they work whether or not a server is running; the
+server notices their changes through the store's change counter.
 
 Exit status: 0 success, 1 refused by the state (no such device, resource, grant or epoch; the
 thing exists already; a broken audit chain; for ``serve``, its port held by another process), 2
@@ -17,7 +18,8 @@ bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
 The package: this module (the parser and :func:`main`, the one place exceptions become exit
 statuses), :mod:`.common` (argument types, store access, terminal output), :mod:`.enrolment`
 (``init``, ``enroll``), :mod:`.keys` (``grant``, ``revoke``, ``rotate``, ``compromise``,
-``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.serve` (``serve``).
+``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.migrate` (``migrate``),
+:mod:`.serve` (``serve``).
 
 What it does not do: decide policy (that is :mod:`authz_server.store` and the server), or speak
 the network (only ``serve`` does, through :mod:`authz_server.server`).
@@ -49,6 +51,7 @@ from .keys import (
     cmd_revoke,
     cmd_rotate,
 )
+from .migrate import cmd_migrate
 from .serve import SERVE_DEFAULTS, cmd_serve
 
 __all__ = ["SERVE_DEFAULTS", "UsageError", "build_parser", "main"]
@@ -171,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     destroy = command("destroy", cmd_destroy, "destroy secrets past their retention")
     destroy.add_argument("--retention", metavar="S", type=not_negative, required=True)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="copy the SQLite database to PostgreSQL and use it",
+        description=cmd_migrate.__doc__,
+        allow_abbrev=False,
+    )
+    migrate.set_defaults(handler=cmd_migrate)
+    migrate.add_argument(
+        "--state", metavar="DIR", type=Path, required=True, help="the AS state directory"
+    )
+    migrate.add_argument(
+        "--to",
+        metavar="URL",
+        required=True,
+        help="an empty PostgreSQL database, postgresql://USER@HOST:PORT/DB",
+    )
 
     listing("devices", cmd_devices, "list devices")
     listing("resources", cmd_resources, "list resources and their epochs")

@@ -605,3 +605,44 @@ CHAINED_RECORDS_AFTER = (
     "WHERE seq > $1 ORDER BY seq"
 )
 HEAD = "SELECT bytes FROM meta WHERE key = 'audit_head'"
+
+# --- a copy from SQLite (migrate.py) -------------------------------------------------------------
+
+SCHEMA_TABLES = (
+    "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+    "ORDER BY table_name"
+)
+TABLE_COLUMNS = (
+    "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+    "AND table_name = $1 ORDER BY ordinal_position"
+)
+#: What the migrations make under a name of their own in the schema the AS uses (the first of
+#: the search path): the tables, the version's table and the functions.
+SCHEMA_OBJECTS = (
+    *("meta", "devices", "certificates", "resources", "epochs", "grants", "exclusions"),
+    *("deliveries", "audit", "audit_checkpoint", "schema_version"),
+    *("audit_append_only", "audit_prune_only", "oscar_glob", "oscar_match"),
+)
+#: Those of :data:`SCHEMA_OBJECTS` (bound as ``$1``) that exist already.
+OBJECTS_PRESENT = (
+    "SELECT name FROM unnest($1::text[]) AS name, "
+    "(SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AS here(oid) WHERE "
+    "EXISTS (SELECT 1 FROM pg_class c WHERE c.relname = name AND c.relnamespace = here.oid) OR "
+    "EXISTS (SELECT 1 FROM pg_proc p WHERE p.proname = name AND p.pronamespace = here.oid) "
+    "ORDER BY name"
+)
+#: After a copy that gave grants their ids: the next grant gets the next id.
+GRANT_IDS_SET = (
+    "SELECT setval(pg_get_serial_sequence('grants', 'id'), COALESCE(MAX(id), 0) + 1, false) "
+    "FROM grants"
+)
+
+
+def table_rows(table: str, columns: Sequence[str]) -> str:
+    """Every row of ``table`` (a name of the schema, never input), its ``columns`` in order."""
+    return f"SELECT {', '.join(columns)} FROM {table}"  # noqa: S608 (the schema's names)
+
+
+def count_rows(table: str) -> str:
+    """How many rows ``table`` (a name of the schema, never input) holds."""
+    return f"SELECT count(*) FROM {table}"  # noqa: S608 (the schema's names)

@@ -493,3 +493,23 @@ CHAINED_RECORDS_AFTER = (
     "WHERE seq > ? ORDER BY seq"
 )
 HEAD = "SELECT value FROM meta WHERE key = 'audit_head'"
+
+# --- copying the database to PostgreSQL (migrate.py) ---------------------------------------------
+
+#: The schema's tables (SQLite's own ``sqlite_*`` aside), to check that a copy takes every one.
+SCHEMA_TABLES = (
+    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!' "
+    "ORDER BY name"
+)
+#: A table's columns, in the order the schema declares them.
+TABLE_COLUMNS = "SELECT name FROM pragma_table_info(?) ORDER BY cid"
+
+
+def table_rows(table: str, columns: Sequence[str]) -> str:
+    """Every row of ``table`` (a name of the schema, never input), its ``columns`` in order."""
+    return f"SELECT {', '.join(columns)} FROM {table}"  # noqa: S608 (the schema's names)
+
+
+def count_rows(table: str) -> str:
+    """How many rows ``table`` (a name of the schema, never input) holds."""
+    return f"SELECT count(*) FROM {table}"  # noqa: S608 (the schema's names)

@@ -741,7 +741,7 @@ def test_serve_logs_plain_lines_at_the_chosen_level(cli: Cli, fake_server: FakeS
 
 
 COMMANDS = ["init", "enroll", "serve", "grant", "revoke", "rotate", "compromise", "destroy"]
-COMMANDS += ["devices", "resources", "grants", "audit"]
+COMMANDS += ["devices", "resources", "grants", "audit", "migrate"]
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, None])
