@@ -116,9 +116,15 @@ def _is_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
     return isinstance(exc, _LOST) or (conn is not None and conn.is_closed())
 
 
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # its text is empty
+        return "no answer from the server in time"
+    return str(exc) or type(exc).__name__
+
+
 def _error(exc: BaseException, conn: asyncpg.Connection | None = None) -> DatabaseError:
     if _is_lost(exc, conn):
-        return DatabaseUnavailable(f"database unavailable: {exc or type(exc).__name__}")
+        return DatabaseUnavailable(f"database unavailable: {_detail(exc)}")
     return DatabaseError(f"database error: {exc}")
 
 
@@ -164,7 +170,7 @@ class _Backoff:
         except (*_DRIVER_ERRORS, ValueError) as exc:
             self.failed()
             raise DatabaseUnavailable(
-                f"database unavailable: {exc or type(exc).__name__}"
+                f"database unavailable: {_detail(exc)}"
             ) from None
         self.succeeded()
         return conn

@@ -42,9 +42,11 @@ from aiocoap.error import NetworkError
 from as_harness import ROOT, AsEnv, AsProcess, Client, FastFail, as_env, decode, now
 from pg_harness import PgCluster
 
+from authz_server.ca import init_state
 from authz_server.store import Resource, StoreError
 from authz_server.store.postgres_backend import (
     COMMAND_TIMEOUT,
+    READERS,
     PostgresBackend,
     _split_url,
     command_timeout,
@@ -161,6 +163,39 @@ def _signal_server(cluster: PgCluster, signum: int) -> list[int]:
     return [postmaster, *children]
 
 
+async def _secret_loop(
+    client: Client, codes: list[tuple[float, str]], stop: asyncio.Event, pause: float = 0.05
+) -> None:
+    """GET /secret, then a ``pause``, until ``stop``; each answer's (moment, code), "timeout" for
+    none."""
+    while not stop.is_set():
+        try:
+            response = await client.send(client.message(GET, "secret", {"r": "p/a"}), 10)
+            codes.append((time.monotonic(), response.code.dotted))
+        except (TimeoutError, NetworkError):
+            codes.append((time.monotonic(), "timeout"))
+        await asyncio.sleep(pause)
+
+
+@contextlib.asynccontextmanager
+async def secret_load(
+    clients: list[Client], pause: float = 0.05
+) -> AsyncIterator[list[list[tuple[float, str]]]]:
+    """Each client asks for ``p/a``'s secret again and again meanwhile; yields each one's
+    answers (moment, code), complete once the block is left."""
+    stop = asyncio.Event()
+    codes: list[list[tuple[float, str]]] = [[] for _ in clients]
+    tasks = [
+        asyncio.create_task(_secret_loop(client, got, stop, pause))
+        for client, got in zip(clients, codes, strict=True)
+    ]
+    try:
+        yield codes
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
 # --- a change through the admin CLI reaches both instances within a second -----------------------
 
 
@@ -168,31 +203,46 @@ def _signal_server(cluster: PgCluster, signum: int) -> list[int]:
 async def test_a_revocation_through_the_cli_ends_the_devices_session_on_both_instances(
     env: AsEnv,
 ) -> None:
-    for device in ("doomed", "fine", "second"):
+    """Under load: other consumers keep asking both instances for a secret meanwhile (each
+    request a write: its delivery), so the instances' change polls wait their turn on the
+    database connection they share with those writes."""
+    t = now()
+    busy = [f"busy{n}" for n in range(4)]
+    for device in ("doomed", "fine", "second", *busy):
         await env.device(device, "consumer")
+    await env.device("p", "producer")
+    await env.store.register_resources([Resource("p/a", "p", 50, "ccm-es256", 60, 0, t)])
+    for device in busy:
+        await env.store.add_grant(device, "p/*", None, t)
     a, b = env.server(), env.server()
     doomed_a, doomed_b = await env.client(a, "doomed"), await env.client(b, "doomed")
     fine_b, second_b = await env.client(b, "fine"), await env.client(b, "second")
     for client in (doomed_a, doomed_b, fine_b, second_b):
         assert (await client.get("crl"))[0] == "2.05"  # a session open on each instance
+    loaders = [await env.client((a, b)[n % 2], device) for n, device in enumerate(busy)]
+    async with secret_load(loaders, pause=0.005) as codes:
+        await asyncio.sleep(0.5)
+        exited = await admin(env, "revoke", "--device", "doomed")
+        ended = "ended 1 session(s) of doomed"
+        ended_a, ended_b = await asyncio.gather(log_line(a, ended), log_line(b, ended))
+        print(f"revocation: ended on A {ended_a - exited:+.3f} s, B {ended_b - exited:+.3f} s")
+        assert ended_a - exited <= WITHIN and ended_b - exited <= WITHIN
+        assert await refused(doomed_b, "crl") and await refused(doomed_a, "crl")
+        again = await env.client(b, "doomed")
+        assert await refused(again, "crl")  # and no new session either
+        assert (await fine_b.get("crl"))[0] == "2.05"
 
-    exited = await admin(env, "revoke", "--device", "doomed")
-    ended = "ended 1 session(s) of doomed"
-    ended_a, ended_b = await asyncio.gather(log_line(a, ended), log_line(b, ended))
-    print(f"revocation: session ended on A {ended_a - exited:+.3f} s, B {ended_b - exited:+.3f} s")
-    assert ended_a - exited <= WITHIN and ended_b - exited <= WITHIN
-    assert await refused(doomed_b, "crl") and await refused(doomed_a, "crl")
-    again = await env.client(b, "doomed")
-    assert await refused(again, "crl")  # and no new session either
-    assert (await fine_b.get("crl"))[0] == "2.05"
-
-    # From the commit itself (the CLI exits a little after it): another process's store.
-    await env.store.revoke_device("second", now())
-    committed = time.monotonic()
-    ended_b = await log_line(b, "ended 1 session(s) of second")
-    print(f"revocation: session ended on B {ended_b - committed:.3f} s after the commit")
-    assert ended_b - committed <= WITHIN
-    assert await refused(second_b, "crl")
+        # From the commit itself (the CLI exits a little after it): another process's store.
+        await env.store.revoke_device("second", now())
+        committed = time.monotonic()
+        ended_b = await log_line(b, "ended 1 session(s) of second")
+        print(f"revocation: session ended on B {ended_b - committed:.3f} s after the commit")
+        assert ended_b - committed <= WITHIN
+        assert await refused(second_b, "crl")
+    served = [at for got in codes for at, code in got if code == "2.05"]
+    print(f"revocation: under {len(served) / (max(served) - min(served)):.0f} deliveries/s")
+    assert {code for got in codes for _, code in got} <= {"2.05", "4.29"}  # 4.29: rate limit
+    assert len(served) > 100
 
 
 @pytest.mark.asyncio
@@ -281,17 +331,6 @@ async def test_a_device_enrolled_through_the_cli_connects_to_both_instances(
 # --- PostgreSQL going away under two instances ---------------------------------------------------
 
 
-async def _secret_loop(client: Client, codes: list[tuple[float, str]], stop: asyncio.Event) -> None:
-    """GET /secret every 50 ms until ``stop``; each answer's (moment, code), "timeout" for none."""
-    while not stop.is_set():
-        try:
-            response = await client.send(client.message(GET, "secret", {"r": "p/a"}), 10)
-            codes.append((time.monotonic(), response.code.dotted))
-        except (TimeoutError, NetworkError):
-            codes.append((time.monotonic(), "timeout"))
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.asyncio
 async def test_postgresql_restarted_under_load_with_two_instances(
     own_env: AsEnv, own_cluster: PgCluster
@@ -311,27 +350,18 @@ async def test_postgresql_restarted_under_load_with_two_instances(
     secret = before[0][1]["secret"]
     env.keep(secret)
 
-    stop = asyncio.Event()
-    codes: list[list[tuple[float, str]]] = [[] for _ in clients]
-    load = [
-        asyncio.create_task(_secret_loop(c, got, stop))
-        for c, got in zip(clients, codes, strict=True)
-    ]
-    try:
+    async with secret_load(clients) as codes:
         await asyncio.sleep(0.5)
-        own_cluster.halt()
+        await asyncio.to_thread(own_cluster.halt)  # the load goes on meanwhile
         halted = time.monotonic()
         await asyncio.sleep(1.5)
-        own_cluster.resume()
+        await asyncio.to_thread(own_cluster.resume)
         resumed = time.monotonic()
         # Both instances serve again: each client has a 2.05 after the restart.
         while not all(any(at > resumed and c == "2.05" for at, c in got) for got in codes):
             assert time.monotonic() - resumed < 10, [Counter(c for _, c in got) for got in codes]
             await asyncio.sleep(0.05)
         back = max(min(at for at, c in got if at > resumed and c == "2.05") for got in codes)
-    finally:
-        stop.set()
-        await asyncio.gather(*load)
     print(f"PostgreSQL restart: both instances served again {back - resumed:.2f} s after start")
     for got in codes:
         assert set(c for _, c in got) <= {"2.05", "5.03"}, Counter(c for _, c in got)
@@ -384,6 +414,26 @@ async def test_a_bad_command_timeout_is_one_clear_error_without_the_password() -
     assert "hunter2" not in message and "***" in message
 
 
+@pytest.mark.asyncio
+async def test_a_store_holds_one_connection_until_it_reads_on_the_request_path(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """The readers are made on first use: the admin CLI (which reads through the writer) holds
+    one connection, not five."""
+    store = await init_state(
+        tmp_path / "state", as_uri="coaps://127.0.0.1", now=now(), database=pg_database
+    )
+    count = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    try:
+        assert await store.db.one(count) == (1,)
+        assert await store.resource("p/a") is None  # a point read: one reader made
+        assert await store.db.one(count) == (2,)
+        await asyncio.gather(*(store.resource(f"p/{n}") for n in range(8)))
+        assert (await store.db.one(count))[0] <= 1 + READERS
+    finally:
+        await store.close()
+
+
 #: The command timeout the silent-server test asks for in the database URL.
 SILENT_TIMEOUT = 2.0
 
@@ -434,3 +484,4 @@ async def test_a_silent_postgresql_gets_5_03_within_the_command_timeout_not_a_ha
     print(f"silent PostgreSQL: served again {time.monotonic() - resumed:.2f} s after SIGCONT")
     await log_line(server, "the database is reachable again")
     assert server.log().count("the database is unavailable") == 1, server.log()
+    assert "no answer from the server in time" in server.log()
