@@ -169,9 +169,7 @@ class _Backoff:
             conn = await _connect(url, RECONNECT_TIMEOUT)
         except (*_DRIVER_ERRORS, ValueError) as exc:
             self.failed()
-            raise DatabaseUnavailable(
-                f"database unavailable: {_detail(exc)}"
-            ) from None
+            raise DatabaseUnavailable(f"database unavailable: {_detail(exc)}") from None
         self.succeeded()
         return conn
 
