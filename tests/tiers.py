@@ -73,6 +73,10 @@ PROCESS: dict[str, Starts] = {
         "test_a_rotation_by_the_admin_cli_is_served_at_the_next_request",
         "test_a_running_as_refuses_a_grant_the_admin_cli_revoked_on_the_same_session",
     ),
+    "test_as_cluster": every(
+        "test_a_bad_command_timeout_is_one_clear_error_without_the_password",
+        "test_the_command_timeout_is_5_s_unless_the_url_asks_for_another",
+    ),
     "test_as_pg_restart": every(),
     "test_as_migrate": every(
         "test_a_bad_target_url_is_a_usage_error_before_anything",

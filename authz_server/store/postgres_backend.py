@@ -25,13 +25,23 @@ The same shape as :mod:`.sqlite_backend`, so that the store behaves the same on 
   database (docs/DECISIONS.md).
 
 A lost connection (the server stopped, restarting, the network cut) fails the call with
-:class:`~.schema.DatabaseUnavailable`; the connection is dropped and a later call connects again,
-no sooner than a backoff (0.1 s doubling to 5 s) after the last failed attempt, so that a server
-that is down costs one refused connect per backoff, not one per request. A transaction the loss
-interrupts never committed, so PostgreSQL rolled it back, and it is reported as failed (a loss
-during ``COMMIT`` itself is reported as failed too, though the server may have committed it:
-what the AS writes is idempotent or re-read inside its next transaction). A transaction never
-reconnects midway: only a call that begins afresh does.
+:class:`~.schema.DatabaseUnavailable`; so does a server that went silent (its host gone, a network
+partition, the server process stopped): a statement that gets no answer within the command
+timeout (:data:`COMMAND_TIMEOUT`, 5 s; ``?command_timeout=SECONDS`` in the URL sets another) is
+taken for a lost connection. The wait for the write lock, which the server itself bounds
+(``lock_timeout``), gets a little more than that bound; migrations and ``VACUUM`` get
+:data:`MAINTENANCE_TIMEOUT`. In every case the connection is dropped and a later call connects
+again, no sooner than a backoff (0.1 s doubling to 5 s) after the last failed attempt, so that a
+server that is down costs one refused connect per backoff, not one per request. (TCP keepalives
+would only notice a dead idle connection sooner; asyncpg has no option for them, and a
+connection is only waited on while a statement runs, which the command timeout bounds.)
+A transaction the loss interrupts never committed, so PostgreSQL rolled it back, and it is
+reported as failed (a loss during ``COMMIT`` itself is reported as failed too, though the server
+may have committed it: what the AS writes is idempotent or re-read inside its next transaction).
+A transaction never reconnects midway: only a call that begins afresh does.
+
+The reader connections are made on first use, not when the store opens: the admin CLI, which
+reads through the writer, holds one connection, not five.
 
 Every SQL text it runs is in :mod:`.postgres`. What it does not do: know a table (the components
 do), or hold a key (the envelope does).
@@ -41,11 +51,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
@@ -66,6 +78,17 @@ RECONNECT_TIMEOUT = 2.0
 #: The first and the longest wait between two attempts to connect again.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
+#: Seconds a statement may go unanswered before its connection is taken for lost (the default of
+#: the URL's ``command_timeout`` query parameter).
+COMMAND_TIMEOUT = 5.0
+#: The longest ``command_timeout`` a URL may ask for.
+COMMAND_TIMEOUT_MAX = 3600.0
+#: Seconds a graceful close may take (then the connection is dropped).
+CLOSE_TIMEOUT = 1.0
+#: Seconds a migration's or a VACUUM's statement may take.
+MAINTENANCE_TIMEOUT = 600.0
+#: Seconds beyond the server's own ``lock_timeout`` that a wait for the write lock may take.
+LOCK_WAIT_MARGIN = 2.0
 _ROWS = re.compile(r"(\d+)$")
 
 
@@ -93,9 +116,15 @@ def _is_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
     return isinstance(exc, _LOST) or (conn is not None and conn.is_closed())
 
 
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # its text is empty
+        return "no answer from the server in time"
+    return str(exc) or type(exc).__name__
+
+
 def _error(exc: BaseException, conn: asyncpg.Connection | None = None) -> DatabaseError:
     if _is_lost(exc, conn):
-        return DatabaseUnavailable(f"database unavailable: {exc or type(exc).__name__}")
+        return DatabaseUnavailable(f"database unavailable: {_detail(exc)}")
     return DatabaseError(f"database error: {exc}")
 
 
@@ -140,9 +169,7 @@ class _Backoff:
             conn = await _connect(url, RECONNECT_TIMEOUT)
         except (*_DRIVER_ERRORS, ValueError) as exc:
             self.failed()
-            raise DatabaseUnavailable(
-                f"database unavailable: {exc or type(exc).__name__}"
-            ) from None
+            raise DatabaseUnavailable(f"database unavailable: {_detail(exc)}") from None
         self.succeeded()
         return conn
 
@@ -170,8 +197,57 @@ def _rows_changed(status: str) -> int:
     return int(found.group(1)) if found else -1
 
 
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close gracefully, or (a server that does not answer within :data:`CLOSE_TIMEOUT`) not."""
+    try:
+        await conn.close(timeout=CLOSE_TIMEOUT)
+    except _DRIVER_ERRORS:
+        conn.terminate()
+
+
+def _split_url(url: str) -> tuple[str, float]:
+    """The URL as asyncpg takes it (without ``command_timeout``, which it would send the server
+    as a setting) and the command timeout it asks for; ValueError for a bad one."""
+    parts = urlsplit(url)
+    if "command_timeout" not in parts.query:
+        return url, COMMAND_TIMEOUT
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for key, value in query if key == "command_timeout"]
+    if not given:
+        return url, COMMAND_TIMEOUT
+    try:
+        seconds = float(given[-1])
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= COMMAND_TIMEOUT_MAX:
+        raise ValueError(
+            f"command_timeout must be a number of seconds, more than 0 and at most "
+            f"{COMMAND_TIMEOUT_MAX:.0f}"
+        )
+    kept = urlencode([(key, value) for key, value in query if key != "command_timeout"])
+    return parts._replace(query=kept).geturl(), seconds
+
+
+def command_timeout(url: str) -> float:
+    """The command timeout a database URL asks for (:data:`COMMAND_TIMEOUT` if none)."""
+    return _split_url(url)[1]
+
+
+def _lock_wait(url: str) -> float:
+    """Seconds to wait for the write lock: the server's ``lock_timeout`` and a margin (it ends
+    the wait itself), or the command timeout if that is longer."""
+    server = float(postgres.CONNECTION_SETTINGS["lock_timeout"].removesuffix("s"))
+    return max(command_timeout(url), server + LOCK_WAIT_MARGIN)
+
+
 async def _connect(url: str, timeout: float = CONNECT_TIMEOUT) -> asyncpg.Connection:
-    return await asyncpg.connect(url, timeout=timeout, server_settings=postgres.CONNECTION_SETTINGS)
+    dsn, seconds = _split_url(url)
+    return await asyncpg.connect(
+        dsn,
+        timeout=timeout,
+        command_timeout=seconds,
+        server_settings=postgres.CONNECTION_SETTINGS,
+    )
 
 
 class _Snapshot:
@@ -198,32 +274,20 @@ class _Snapshot:
 
 
 class _Readers:
-    """A few connections for point reads, each used by one task at a time. Not asyncpg's pool:
-    its release runs a reset query (a round trip) after every use, which doubled a point read's
-    time; these connections hold no state between reads to reset (autocommit, no session
-    settings changed)."""
+    """A few connections for point reads, each used by one task at a time, each made on its
+    first use. Not asyncpg's pool: its release runs a reset query (a round trip) after every
+    use, which doubled a point read's time; these connections hold no state between reads to
+    reset (autocommit, no session settings changed)."""
 
-    def __init__(self, url: str, conns: list[asyncpg.Connection], backoff: _Backoff) -> None:
+    def __init__(self, url: str, size: int, backoff: _Backoff) -> None:
         self._url = url
         self._backoff = backoff
-        #: Each slot holds a connection, or None once its connection was lost (connected again
-        #: by the next read that takes the slot).
+        #: Each slot holds a connection, or None until one is made (by the next read that takes
+        #: the slot): at first, and once its connection was lost.
         self._idle: asyncio.Queue[asyncpg.Connection | None] = asyncio.Queue()
-        for conn in conns:
-            self._idle.put_nowait(conn)
-        self._open: set[asyncpg.Connection] = set(conns)
-
-    @classmethod
-    async def connect(cls, url: str, size: int, backoff: _Backoff) -> _Readers:
-        conns: list[asyncpg.Connection] = []
-        try:
-            for _ in range(size):
-                conns.append(await _connect(url))
-        except BaseException:
-            for conn in conns:
-                conn.terminate()
-            raise
-        return cls(url, conns, backoff)
+        for _ in range(size):
+            self._idle.put_nowait(None)
+        self._open: set[asyncpg.Connection] = set()
 
     async def fetchrow(self, sql: str, *args: Any) -> Any:
         """The row, as a plain asyncpg call; :class:`DatabaseError` (or
@@ -252,9 +316,7 @@ class _Readers:
             conn.terminate()
 
     async def close(self) -> None:
-        for conn in list(self._open):
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.close()
+        await asyncio.gather(*(_close(conn) for conn in self._open))
         self._open.clear()
 
 
@@ -271,6 +333,7 @@ class PostgresBackend:
         self._owner: asyncio.Task[Any] | None = None
         self._closed = False
         self._backoff = readers._backoff if readers is not None else _Backoff()
+        self._lock_wait = _lock_wait(url)
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redacted(self.url)!r})"
@@ -287,14 +350,14 @@ class PostgresBackend:
         try:
             with _translated():
                 async with conn.transaction():
-                    await conn.execute(postgres.MIGRATION_LOCK)
+                    await conn.execute(postgres.MIGRATION_LOCK, timeout=_lock_wait(url))
                     if await cls._version(conn) != 0:
                         raise Conflict(f"the database {redacted(url)} holds an AS already")
                     await cls._migrate_locked(conn, url)
                     await conn.executemany(
                         postgres.META_INSERT, [postgres.meta_params(k, v) for k, v in first]
                     )
-            return cls(url, conn, await cls._pool(url))
+            return cls(url, conn, _Readers(url, READERS, _Backoff()))
         except BaseException:
             await conn.close()
             raise
@@ -307,13 +370,13 @@ class PostgresBackend:
         try:
             with _translated():
                 async with conn.transaction():
-                    await conn.execute(postgres.MIGRATION_LOCK)
+                    await conn.execute(postgres.MIGRATION_LOCK, timeout=_lock_wait(url))
                     if await cls._version(conn) == 0:
                         raise StoreError(
                             f"no AS database at {redacted(url)}; run 'oscar-as init' with it"
                         )
                     await cls._migrate_locked(conn, url)
-            return cls(url, conn, await cls._pool(url))
+            return cls(url, conn, _Readers(url, READERS, _Backoff()))
         except DatabaseError as exc:
             await conn.close()
             detail = str(exc).removeprefix("database error: ")
@@ -328,15 +391,6 @@ class PostgresBackend:
             return await _connect(url)
         except (*_DRIVER_ERRORS, ValueError) as exc:
             raise StoreError(f"cannot connect to the database {redacted(url)}: {exc}") from None
-
-    @staticmethod
-    async def _pool(url: str) -> _Readers | None:
-        """The readers of :meth:`lookup`; None if they cannot be had (then reads take the
-        writer, as :meth:`one` does)."""
-        try:
-            return await _Readers.connect(url, READERS, _Backoff())
-        except _DRIVER_ERRORS:
-            return None
 
     @staticmethod
     async def _version(conn: asyncpg.Connection) -> int:
@@ -360,7 +414,7 @@ class PostgresBackend:
             )
         for number in range(version, postgres.SCHEMA_VERSION):
             for statement in postgres.split_script(postgres.MIGRATIONS[number]):
-                await conn.execute(statement)
+                await conn.execute(statement, timeout=MAINTENANCE_TIMEOUT)
             await conn.execute(postgres.SCHEMA_VERSION_SET, number + 1)
 
     async def close(self) -> None:
@@ -370,8 +424,7 @@ class PostgresBackend:
             await readers.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            with contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.close()
+            await _close(conn)
 
     @property
     def closed(self) -> bool:
@@ -431,7 +484,7 @@ class PostgresBackend:
                     await conn.execute(postgres.BEGIN)
                 try:
                     with self._on_writer(conn):
-                        await conn.execute(postgres.WRITE_LOCK)
+                        await conn.execute(postgres.WRITE_LOCK, timeout=self._lock_wait)
                     yield tx
                     with self._on_writer(conn):
                         if tx.count:
@@ -465,7 +518,7 @@ class PostgresBackend:
             conn = await self._fresh_writer()
             with self._on_writer(conn):
                 for statement in postgres.ERASE_FREED:
-                    await conn.execute(statement)
+                    await conn.execute(statement, timeout=MAINTENANCE_TIMEOUT)
 
     # --- statements ------------------------------------------------------------------------------
 
