@@ -221,7 +221,7 @@ class AuditLog:
         breaks). ``expected`` is a head recorded earlier (see :meth:`audit_head`): the log must
         still hold that record with that chain value."""
         sql, envelope = self.db.sql, self._envelope
-        return await self.db.snapshot(lambda reader: _walk(reader, sql, envelope, expected))
+        return await self.db.snapshot(lambda reader: walk_chain(reader, sql, envelope, expected))
 
     # --- pruning ---------------------------------------------------------------------------------
 
@@ -357,7 +357,7 @@ def audit_bytes(
 # --- verification, in the backend's worker thread -----------------------------------------------
 
 
-def _walk(
+def walk_chain(
     reader: SnapshotReader, sql: Any, envelope: Envelope, expected: tuple[int, bytes] | None
 ) -> tuple[bool, str]:
     """:meth:`AuditLog.verify_audit` in one snapshot (the head, the checkpoint and the rows

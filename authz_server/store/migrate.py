@@ -50,9 +50,9 @@ import asyncpg
 from oscar_io.statefiles import atomic_write
 
 from . import Store, check_database_url, postgres, recorded_database, redacted, sqlite
-from .audit import _walk
+from .audit import walk_chain
 from .backend import Params, Row, SnapshotReader
-from .postgres_backend import PostgresBackend, _is_lost
+from .postgres_backend import MAINTENANCE_TIMEOUT, PostgresBackend, is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
 
 __all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]
@@ -121,7 +121,7 @@ async def migrate(state_dir: Path, url: str) -> Migrated:
             f"{state_dir} uses a PostgreSQL database already ({DATABASE_NAME}); migrate copies "
             f"a state directory's SQLite file ({DB_NAME})"
         )
-    conn = await PostgresBackend._connect(url)  # StoreError naming the redacted URL
+    conn = await PostgresBackend.connect(url)  # StoreError naming the redacted URL
     try:
         with _translated(url, "reading", conn=conn):
             await _refuse_an_as(conn, url)  # at once, before the source is opened
@@ -158,7 +158,7 @@ def _translated(
             detail = f"a row holds a value its column's type does not take ({type(exc).__name__})"
         elif isinstance(exc, asyncio.TimeoutError):
             detail = "timed out"
-        elif _is_lost(exc, conn):
+        elif is_lost(exc, conn):
             detail = f"the connection was lost ({type(exc).__name__})" + (
                 "; the copy may or may not be committed: look before migrating again"
                 if doing.startswith("committing")
@@ -204,7 +204,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
         await conn.execute(postgres.BEGIN)
         await conn.execute(postgres.MIGRATION_LOCK)  # as init takes it: one of them wins
         await _refuse_an_as(conn, url)
-        await PostgresBackend._migrate_locked(conn, url)
+        await PostgresBackend.migrate_locked(conn, url)
         for table, columns in TABLES.items():
             found = tuple(r[0] for r in await conn.fetch(postgres.TABLE_COLUMNS, table))
             if found != (_TARGET_META if table == "meta" else columns):
@@ -222,7 +222,11 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
                 if table == "meta":
                     rows = [_meta_row(row) for row in rows]
                 with _translated(url, f"copying the table {table} to", rows=True, conn=conn):
-                    on_loop(conn.copy_records_to_table(table, records=rows, columns=target))
+                    on_loop(
+                        conn.copy_records_to_table(
+                            table, records=rows, columns=target, timeout=MAINTENANCE_TIMEOUT
+                        )
+                    )
                 sent += len(rows)
             if sent != copied.rows[table]:
                 raise StoreError(f"the table {table} changed while it was read")
@@ -237,7 +241,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
                 if found != count:
                     raise StoreError(f"the copy of {table} has {found} rows, the source {count}")
             intact, summary = await asyncio.to_thread(
-                _walk, _InTransaction(conn, on_loop), postgres, source.envelope, copied.head
+                walk_chain, _InTransaction(conn, on_loop), postgres, source.envelope, copied.head
             )
             if not intact or summary != copied.audit:
                 raise StoreError(f"the copy's audit chain does not verify: {summary}")
@@ -272,7 +276,7 @@ def _read_source(reader: SnapshotReader, source: Store) -> Migrated:
         if found != columns:
             raise StoreError(f"the SQLite table {table} has the columns {found}, not {columns}")
     rows = {table: int(reader.one(sqlite.count_rows(table))[0]) for table in TABLES}
-    intact, summary = _walk(reader, sqlite, source.envelope, None)
+    intact, summary = walk_chain(reader, sqlite, source.envelope, None)
     if not intact:
         raise StoreError(f"the SQLite database's audit chain is broken: {summary}; not copied")
     last = reader.one(sqlite.LAST_RECORD)

@@ -65,7 +65,7 @@ from . import postgres, redacted
 from .backend import Params, Row, SnapshotReader, Transaction
 from .schema import DatabaseError, DatabaseUnavailable, StoreError
 
-__all__ = ["PostgresBackend"]
+__all__ = ["MAINTENANCE_TIMEOUT", "PostgresBackend", "is_lost"]
 
 _T = TypeVar("_T")
 
@@ -112,7 +112,7 @@ _LOST = (
 )
 
 
-def _is_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
+def is_lost(exc: BaseException, conn: asyncpg.Connection | None) -> bool:
     return isinstance(exc, _LOST) or (conn is not None and conn.is_closed())
 
 
@@ -123,7 +123,7 @@ def _detail(exc: BaseException) -> str:
 
 
 def _error(exc: BaseException, conn: asyncpg.Connection | None = None) -> DatabaseError:
-    if _is_lost(exc, conn):
+    if is_lost(exc, conn):
         return DatabaseUnavailable(f"database unavailable: {_detail(exc)}")
     return DatabaseError(f"database error: {exc}")
 
@@ -346,14 +346,14 @@ class PostgresBackend:
         one commit; :class:`~.schema.Conflict` if the database holds an AS already."""
         from .schema import Conflict
 
-        conn = await cls._connect(url)
+        conn = await cls.connect(url)
         try:
             with _translated():
                 async with conn.transaction():
                     await conn.execute(postgres.MIGRATION_LOCK, timeout=_lock_wait(url))
                     if await cls._version(conn) != 0:
                         raise Conflict(f"the database {redacted(url)} holds an AS already")
-                    await cls._migrate_locked(conn, url)
+                    await cls.migrate_locked(conn, url)
                     await conn.executemany(
                         postgres.META_INSERT, [postgres.meta_params(k, v) for k, v in first]
                     )
@@ -366,7 +366,7 @@ class PostgresBackend:
     async def open(cls, url: str) -> PostgresBackend:
         """Connect to an existing AS database, migrated forward; :class:`StoreError` if it
         cannot be reached or is not an AS database of a version this program knows."""
-        conn = await cls._connect(url)
+        conn = await cls.connect(url)
         try:
             with _translated():
                 async with conn.transaction():
@@ -375,7 +375,7 @@ class PostgresBackend:
                         raise StoreError(
                             f"no AS database at {redacted(url)}; run 'oscar-as init' with it"
                         )
-                    await cls._migrate_locked(conn, url)
+                    await cls.migrate_locked(conn, url)
             return cls(url, conn, _Readers(url, READERS, _Backoff()))
         except DatabaseError as exc:
             await conn.close()
@@ -386,7 +386,9 @@ class PostgresBackend:
             raise
 
     @staticmethod
-    async def _connect(url: str) -> asyncpg.Connection:
+    async def connect(url: str) -> asyncpg.Connection:
+        """A connection of its own to ``url``, with the backend's timeouts; :class:`StoreError`
+        naming the redacted URL (also for :mod:`.migrate`)."""
         try:
             return await _connect(url)
         except (*_DRIVER_ERRORS, ValueError) as exc:
@@ -403,7 +405,7 @@ class PostgresBackend:
         return int(version)
 
     @classmethod
-    async def _migrate_locked(cls, conn: asyncpg.Connection, url: str) -> None:
+    async def migrate_locked(cls, conn: asyncpg.Connection, url: str) -> None:
         """Every migration from the database's version on, inside the caller's transaction,
         which holds the migration lock: all of them or none."""
         version = await cls._version(conn)
