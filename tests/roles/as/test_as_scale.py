@@ -323,9 +323,8 @@ async def test_the_due_time_agrees_with_its_definition_through_every_change(
         if step == 45:
             await store.revoke_device("q", t)  # its resources lose their active epochs
         for later in (t, t + 59, t + 60, t + 600, t + HOUR):
-            assert await store.due_rotations(later) == await due_by_definition(
-                backing, later
-            ), (step, later)
+            expected = await due_by_definition(backing, later)
+            assert await store.due_rotations(later) == expected, (step, later)
 
 
 async def make_schema_2(backing: Backing, data_key: bytes) -> None:
