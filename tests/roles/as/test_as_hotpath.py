@@ -344,6 +344,24 @@ async def test_the_point_read_connections_hold_no_transaction_on_postgresql(
 
 
 @postgresql_only()
+@pytest.mark.asyncio
+async def test_more_point_reads_at_once_than_reader_connections_are_all_answered_on_postgresql(
+    store: Store,
+) -> None:
+    """The counterpart of SQLite's busy reader falling back to the worker thread: a read that
+    finds every reader connection taken waits for one, and is answered, not failed."""
+    await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
+    readers = len(await readers_of(store))
+    views = await asyncio.wait_for(
+        asyncio.gather(*(store.secret_view(CONSUMER, RID, None, NOW) for _ in range(8 * readers))),
+        10.0,
+    )
+    assert len(views) == 8 * readers and all(v.readable for v in views)
+    secrets = {v.epoch.secret for v in views if v.epoch is not None}
+    assert len(secrets) == 1 and len(secrets.pop() or b"") == 32
+
+
+@postgresql_only()
 @pytest.mark.xfail(
     strict=True,
     reason="PostgreSQL's reader connections are opened as the writer is (no "
