@@ -348,11 +348,16 @@ def id_list(items: Iterable[Any]) -> str:
     return json.dumps(list(items))
 
 
-#: Each statement that takes a list reads it as (SELECT jsonb_array_elements_text($1::jsonb)).
+#: Each statement that takes a list matches it as ``= ANY(ARRAY(SELECT
+#: jsonb_array_elements_text($1::jsonb)))``: an index condition with array keys, one lookup per
+#: item whatever the planner estimates. ``IN (SELECT jsonb_array_elements_text(…))`` is a
+#: semi-join, which the planner (guessing 100 items, few rows in a table without statistics)
+#: ran as a walk of the whole table: a two-device credentials reload visited every device
+#: (tests/roles/as/test_as_scale.py counts the rows).
 
 DEVICE_TAKEN = (
-    "SELECT lower(id) FROM devices WHERE lower(id) IN "
-    "(SELECT jsonb_array_elements_text($1::jsonb)) LIMIT 1"
+    "SELECT lower(id) FROM devices WHERE lower(id) "
+    "= ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) LIMIT 1"
 )
 DEVICE_INSERT = "INSERT INTO devices VALUES ($1, $2, $3, 'active', $4, NULL)"
 DEVICE = "SELECT id, role, status, enrolled_at, revoked_at FROM devices WHERE id = $1"
@@ -360,12 +365,13 @@ DEVICES = "SELECT id, role, status, enrolled_at, revoked_at FROM devices ORDER B
 ACTIVE_DEVICE_IDS = "SELECT id FROM devices WHERE status = 'active'"
 ACTIVE_PSKS = "SELECT id, psk FROM devices WHERE status = 'active'"
 ACTIVE_PSKS_OF = (
-    "SELECT id, psk FROM devices WHERE status = 'active' AND id IN "
-    "(SELECT jsonb_array_elements_text($1::jsonb))"
+    "SELECT id, psk FROM devices WHERE status = 'active' AND id "
+    "= ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))"
 )
 DEVICE_ROLE_STATUS = "SELECT role, status FROM devices WHERE id = $1"
 DEVICES_ROLE_STATUS = (
-    "SELECT id, role, status FROM devices WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+    "SELECT id, role, status FROM devices WHERE id "
+    "= ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))"
 )
 #: Overwrite before clearing (the zeros are the row's last version; see ERASE_FREED).
 PSK_OVERWRITE = "UPDATE devices SET psk = decode(repeat('00', length(psk)), 'hex') WHERE id = $1"
@@ -397,7 +403,8 @@ REVOKED_CERTIFICATES = (
 # --- resources and epochs (keyring.py) ----------------------------------------------------------
 
 RESOURCE_TAKEN = (
-    "SELECT id FROM resources WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb)) LIMIT 1"
+    "SELECT id FROM resources WHERE id "
+    "= ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) LIMIT 1"
 )
 RESOURCE_INSERT = "INSERT INTO resources VALUES ($1, $2, $3, $4, $5, $6, $7)"
 EPOCH_INSERT = (
@@ -425,7 +432,7 @@ LIVE_RESOURCES = _LIVE_RESOURCES + "ORDER BY r.id"
 LIVE_RESOURCES_OF = _LIVE_RESOURCES + "WHERE r.producer_id = $1 ORDER BY r.id"
 LIVE_EPOCHS = (
     "SELECT resource_id, epoch FROM epochs WHERE state IN ('active', 'pre-active') "
-    "AND resource_id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+    "AND resource_id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))"
 )
 EPOCHS = (
     "SELECT resource_id, epoch, state, created_at, activated_at, deactivated_at "
@@ -493,7 +500,7 @@ VIEW_OF_ACTIVE = Named(_VIEW + "e.state = 'active'")
 VIEW_OF_EPOCH = Named(_VIEW + "e.epoch = :epoch::bigint")
 OPEN_EXCLUSIONS_OF = (
     "SELECT DISTINCT consumer_id, resource_id FROM exclusions WHERE to_epoch IS NULL "
-    "AND consumer_id IN (SELECT jsonb_array_elements_text($1::jsonb)) "
+    "AND consumer_id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) "
     "ORDER BY consumer_id, resource_id"
 )
 GRANT_INSERT = (

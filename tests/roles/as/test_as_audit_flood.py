@@ -1,6 +1,9 @@
 """A real AS process flooded with denied requests: the audit log grows by a bounded number of
 records whose counts add up to the denials answered, after a clean stop; after a kill -9 the
-first records of the burst are there and the chain verifies, only the counts are lost."""
+first records of the burst are there and the chain verifies, only the counts are lost.
+
+Each test runs twice, the AS on SQLite then on PostgreSQL (``as_database``, tests/conftest.py):
+the denials' tally and its records are the store's, and the same on both."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from as_harness import AsEnv, Client, as_env
+from pg_harness import PgCluster
 
 from authz_server.store import Store
 from authz_server.store.denials import IMMEDIATE_SUBJECTS
@@ -24,8 +28,8 @@ CONCURRENCY = 16
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[AsEnv]:
-    async with as_env(tmp_path) as environment:
+async def env(tmp_path: Path, as_database: tuple[PgCluster, str] | None) -> AsyncIterator[AsEnv]:
+    async with as_env(tmp_path, as_database) as environment:  # on SQLite, then on PostgreSQL
         yield environment
 
 
