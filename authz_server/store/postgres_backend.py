@@ -159,14 +159,16 @@ class _Backoff:
         self._delay = 0.0
         self._next = 0.0
 
-    async def connect(self, url: str) -> asyncpg.Connection:
+    async def connect(
+        self, url: str, settings: Mapping[str, str] = postgres.CONNECTION_SETTINGS
+    ) -> asyncpg.Connection:
         """A new connection, unless the last attempt failed too recently
         (:class:`DatabaseUnavailable` then, at once: the event loop never waits on it)."""
         wait = self.ready()
         if wait:
             raise DatabaseUnavailable(f"database unavailable: connecting again in {wait:.1f} s")
         try:
-            conn = await _connect(url, RECONNECT_TIMEOUT)
+            conn = await _connect(url, RECONNECT_TIMEOUT, settings)
         except (*_DRIVER_ERRORS, ValueError) as exc:
             self.failed()
             raise DatabaseUnavailable(f"database unavailable: {_detail(exc)}") from None
@@ -240,14 +242,20 @@ def _lock_wait(url: str) -> float:
     return max(command_timeout(url), server + LOCK_WAIT_MARGIN)
 
 
-async def _connect(url: str, timeout: float = CONNECT_TIMEOUT) -> asyncpg.Connection:
+async def _connect(
+    url: str,
+    timeout: float = CONNECT_TIMEOUT,
+    settings: Mapping[str, str] = postgres.CONNECTION_SETTINGS,
+) -> asyncpg.Connection:
     dsn, seconds = _split_url(url)
     return await asyncpg.connect(
-        dsn,
-        timeout=timeout,
-        command_timeout=seconds,
-        server_settings=postgres.CONNECTION_SETTINGS,
+        dsn, timeout=timeout, command_timeout=seconds, server_settings=dict(settings)
     )
+
+
+#: The point-read connections' sessions: read-only, as SQLite's reader (``mode=ro``) is, so a
+#: statement that reached a reader by mistake changes nothing.
+READER_SETTINGS = {**postgres.CONNECTION_SETTINGS, "default_transaction_read_only": "on"}
 
 
 class _Snapshot:
@@ -297,7 +305,7 @@ class _Readers:
             if conn is None or conn.is_closed():
                 self._drop(conn)
                 conn = None
-                conn = await self._backoff.connect(self._url)
+                conn = await self._backoff.connect(self._url, READER_SETTINGS)
                 self._open.add(conn)
             try:
                 return await conn.fetchrow(sql, *args)

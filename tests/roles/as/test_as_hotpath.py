@@ -315,7 +315,9 @@ async def test_the_point_read_connection_cannot_write_and_holds_no_snapshot(
 
 
 async def readers_of(store: Store) -> list[asyncpg.Connection]:
-    """PostgreSQL's point-read connections (idle: no read is running)."""
+    """PostgreSQL's point-read connections (idle: no read is running), every one of them made
+    first (each is made on its first use) by more concurrent point reads than there are."""
+    await asyncio.gather(*(store.device(CONSUMER) for _ in range(16)))
     readers = store.db._readers  # type: ignore[attr-defined]
     assert readers is not None and len(readers._open) >= 1
     return list(readers._open)
@@ -362,11 +364,6 @@ async def test_more_point_reads_at_once_than_reader_connections_are_all_answered
 
 
 @postgresql_only()
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgreSQL's reader connections are opened as the writer is (no "
-    "default_transaction_read_only): postgres_backend.py's to fix, see the suites notes",
-)
 @pytest.mark.asyncio
 async def test_the_point_read_connections_cannot_write_on_postgresql(store: Store) -> None:
     """The counterpart of SQLite's read-only (``mode=ro``) reader: a statement that reached a

@@ -255,6 +255,9 @@ class Rows:
 
 async def rows_visited(store: Store, work: Callable[[], Awaitable[object]]) -> int:
     backend = store.db
+    # Every reader connection made first (each is made on its first use): more point reads at
+    # once than there are readers.
+    await asyncio.gather(*(store.device("nobody") for _ in range(16)))
     assert backend._readers is not None and backend._conn is not None  # type: ignore[attr-defined]
     conns = [backend._conn, *backend._readers._open]  # type: ignore[attr-defined]
     counter = Rows()
