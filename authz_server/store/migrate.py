@@ -52,7 +52,8 @@ from oscar_io.statefiles import atomic_write
 from . import Store, check_database_url, postgres, recorded_database, redacted, sqlite
 from .audit import walk_chain
 from .backend import Params, Row, SnapshotReader
-from .postgres_backend import MAINTENANCE_TIMEOUT, PostgresBackend, is_lost
+from .postgres_backend import PostgresBackend
+from .postgres_connections import MAINTENANCE_TIMEOUT, is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
 
 __all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]

@@ -46,12 +46,12 @@ from pg_harness import PgCluster
 
 from authz_server.ca import init_state
 from authz_server.store import DatabaseUnavailable, Resource, StoreError
-from authz_server.store.postgres_backend import (
+from authz_server.store.postgres_backend import PostgresBackend
+from authz_server.store.postgres_connections import (
     COMMAND_TIMEOUT,
     READERS,
-    PostgresBackend,
-    _split_url,
     command_timeout,
+    split_url,
 )
 
 #: The bound the issue sets for a change to reach every instance.
@@ -397,8 +397,8 @@ async def _until_up(call: Any, timeout: float = 10.0) -> Any:
 def test_the_command_timeout_is_5_s_unless_the_url_asks_for_another() -> None:
     base = "postgresql://as:pw@127.0.0.1:5432/as"
     assert command_timeout(base) == COMMAND_TIMEOUT == 5.0
-    assert _split_url(f"{base}?command_timeout=2.5") == (base, 2.5)
-    kept = _split_url(f"{base}?application_name=as1&command_timeout=1&sslmode=disable")
+    assert split_url(f"{base}?command_timeout=2.5") == (base, 2.5)
+    kept = split_url(f"{base}?application_name=as1&command_timeout=1&sslmode=disable")
     assert kept == (f"{base}?application_name=as1&sslmode=disable", 1.0)
     for bad in ("0", "-1", "nan", "inf", "3601", "", "five"):
         with pytest.raises(ValueError, match="command_timeout must be"):
