@@ -23,7 +23,9 @@ from as_harness import AsEnv, AsProcess, as_env
 from cryptography import x509
 from pg_harness import PgCluster
 
+from authz_server.cli import main
 from authz_server.store import Resource
+from demo.system import free_port
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.errors import AsUnavailable
@@ -61,14 +63,26 @@ async def started(env: AsEnv, client: AsClient) -> AsClient:
     return client
 
 
-async def fleet(env: AsEnv) -> tuple[AsProcess, AsProcess]:
-    """A producer with one resource, a consumer granted it, and two AS instances."""
+async def fleet(env: AsEnv, *, start: bool = True) -> tuple[AsProcess, AsProcess]:
+    """A producer with one resource, a consumer granted it, and two AS instances (started, or
+    with their ports chosen only)."""
     t = int(time.time())
     await env.device("p", "producer")
     await env.device("c", "consumer")
     await env.store.register_resources([Resource(RID, "p", 50, "ccm-es256", 60, 0, t)])
     await env.store.add_grant("c", "p/*", None, t)
-    return env.server(), env.server()
+    if start:
+        return env.server(), env.server()
+    servers = [AsProcess(env.state, env.tmp / f"as{i}.log") for i in range(2)]
+    for server in servers:
+        server.port = free_port()
+    return servers[0], servers[1]
+
+
+def serve(env: AsEnv, *servers: AsProcess) -> None:
+    for server in servers:
+        server.start(port=server.port)
+        env.servers.append(server)
 
 
 @pytest_asyncio.fixture
@@ -84,8 +98,18 @@ async def test_a_device_continues_through_the_other_instance_and_comes_back(
     """A is killed with -9: the next request is served by B within seconds (one info line says
     so), a /keys observation on A is lost and made again on B; A started again is asked first
     once the come-back time has passed, and serves."""
-    a, b = await fleet(env)
-    consumer = await started(env, CountingClient(bundle(env, "c", a, b), come_back=COME_BACK))
+    a, b = await fleet(env, start=False)
+    # A consumer enrolled by the admin CLI, its bundle listing both instances.
+    path = env.tmp / "reader.json"
+    argv = ["enroll", "--state", str(env.state), "--role", "consumer", "--id", "reader"]
+    argv += ["--out", str(path), "--as-uri", a.uri, "--as-uri", b.uri]
+    assert await asyncio.to_thread(main, argv) == 0  # main runs its own event loop
+    reader = Bundle.load(path)
+    assert reader.as_uris == (a.uri, b.uri)
+    env.psks["reader"] = reader.psk
+    await env.store.add_grant("reader", "p/*", None, int(time.time()))
+    serve(env, a, b)
+    consumer = await started(env, CountingClient(reader, come_back=COME_BACK))
     producer = await started(env, AsClient(bundle(env, "p", a, b), come_back=COME_BACK))
     first = await consumer.secret(RID)
     env.keep(first.secret.value)
@@ -103,7 +127,7 @@ async def test_a_device_continues_through_the_other_instance_and_comes_back(
     assert consumer.as_uri == b.uri and b.uri in repr(consumer)
     moves = [r.getMessage() for r in caplog.records if r.name == "oscar.asclient"]
     assert moves == [f"AS {b.uri} now, was {a.uri} (no answer)"]
-    assert all(env.psks["c"].hex() not in r.getMessage() for r in caplog.records)
+    assert all(reader.psk.hex() not in r.getMessage() for r in caplog.records)
     sent = len(consumer.sent)
     assert (await consumer.secret(RID)).secret == first.secret
     assert [uri for _, uri in consumer.sent[sent:]] == [b.uri]  # A is not asked first again
