@@ -3,6 +3,10 @@
 Refusals raise :class:`~oscar_io.errors.AccessDenied` (4.01/4.03), an unreachable AS
 :class:`~oscar_io.errors.AsUnavailable`, anything else :class:`~oscar_io.errors.AsError`.
 
+A bundle that lists several AS instances (``as_uris``) makes the client fail over between them:
+which one to ask is :mod:`oscar_io.asfailover`'s bookkeeping; the timeouts, one DTLS context per
+instance and the retries are here (docs/PROTOCOL.md, "The credentials bundle and failover").
+
 Importing this module does not load the DTLS transport: :meth:`AsClient.start` does.
 """
 
@@ -27,6 +31,7 @@ from .aswire import text as _text
 from .aswire import uint as _uint
 from .bundle import LINK_PSK_LENGTH, Bundle
 from .coaperrors import translate
+from .coapping import ping_session
 from .errors import AsError, AsUnavailable
 
 __all__ = ["AsClient"]
@@ -402,55 +407,9 @@ class AsClient:
         remote = self._connection if remote is None else remote
         if self._ping is None or self._ping[1].done() or self._ping[0] is not remote:
             wait = self.PING_TIMEOUT if timeout is None else timeout
-            self._ping = (remote, asyncio.ensure_future(self._send_ping(remote, wait)))
+            contexts = [instance.ctx for instance in self.failover.instances]
+            self._ping = (remote, asyncio.ensure_future(ping_session(contexts, remote, wait)))
         return await asyncio.shield(self._ping[1])
-
-    @staticmethod
-    async def _recognized(transport: Any, remote: Any) -> bool:
-        """Whether ``remote`` is still a live connection of ``transport`` (its pool)."""
-        return bool(await transport.recognize_remote(remote))
-
-    async def _send_ping(self, remote: Any, timeout: float) -> bool | None:
-        from aiocoap import Message
-        from aiocoap.numbers.codes import Code
-        from aiocoap.numbers.types import CON
-
-        transport = getattr(remote, "coaptransport", None)
-        if transport is None:
-            return None
-        interfaces = [
-            token_manager
-            for instance in self.failover.instances
-            for token_manager in getattr(instance.ctx, "request_interfaces", ())
-        ]
-        manager: Any = None
-        for token_manager in interfaces:
-            manager = getattr(token_manager, "token_interface", None)
-            if getattr(manager, "message_interface", None) is transport:
-                break
-        else:
-            return None
-        # A session the AS closed (oscar_io.dtls_client takes it out of the pool) is over,
-        # even though tinydtls would answer a ping on it by handshaking anew: a new session, on
-        # which the AS knows no observation of ours.
-        if not await self._recognized(transport, remote):
-            return False
-        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        message = Message(code=Code.EMPTY)
-        message.mtype = CON
-        message.remote = remote
-
-        def answered() -> None:  # aiocoap calls it when a RST ends the exchange
-            if not pong.done():
-                pong.set_result(None)
-
-        # Unanswered, the ping is retransmitted until the context goes (our caller resets it).
-        manager.send_message(message, answered)
-        try:
-            await asyncio.wait_for(pong, timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def watch_keys(
         self, resource_id: str, *, liveness: float | None = None
