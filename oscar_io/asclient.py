@@ -110,7 +110,7 @@ class AsClient:
         """The client context for ``instance``, made (with its credentials) if there is none,
         or anew if its last attempt failed and other AS are listed (its session is suspect)."""
         async with instance.lock:
-            if instance.ctx is not None and instance.failed and self.failover.several:
+            if instance.ctx is not None and instance.suspect and self.failover.several:
                 await self._drop(instance)
             if instance.ctx is None:
                 from aiocoap import Context  # the DTLS transport loads here, not at import
@@ -130,6 +130,7 @@ class AsClient:
                     }
                 )
                 instance.ctx = ctx
+                instance.suspect = False
                 self.generation += 1
             return instance.ctx
 
@@ -141,14 +142,15 @@ class AsClient:
             await ctx.shutdown()
 
     async def reset(self, generation: int) -> None:
-        """Drop the contexts (and DTLS sessions) of the AS that did not answer — with one AS,
-        its context — if no context was made since ``generation``: after an AS restarted, the
-        old session is dead, and only a new handshake gets through. Callers pass the generation
-        they saw fail, so several of them do not throw away each other's fresh session."""
+        """Drop the contexts (and DTLS sessions) of the AS that did not answer since their
+        context was made — with one AS, its context — if no context was made since
+        ``generation``: after an AS restarted, the old session is dead, and only a new handshake
+        gets through. Callers pass the generation they saw fail, so several of them do not throw
+        away each other's fresh session."""
         if generation != self.generation:
             return
         for instance in self.failover.instances:
-            if instance.failed or not self.failover.several:
+            if instance.suspect or not self.failover.several:
                 await self._drop(instance)
 
     async def close(self) -> None:

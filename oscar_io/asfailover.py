@@ -42,7 +42,16 @@ MAX_BUSY = 60.0
 class AsInstance:
     """One listed AS: its URI and what the client holds for it."""
 
-    __slots__ = ("busy_code", "busy_until", "connection", "ctx", "failed", "lock", "uri")
+    __slots__ = (
+        "busy_code",
+        "busy_until",
+        "connection",
+        "ctx",
+        "failed",
+        "lock",
+        "suspect",
+        "uri",
+    )
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -54,9 +63,11 @@ class AsInstance:
         #: Monotonic time until which it is busy (its Max-Age), and the code it said so with.
         self.busy_until = 0.0
         self.busy_code: str | None = None
-        #: Its last attempt got no answer: its session is suspect, a new context is made before
-        #: it is asked again.
+        #: Its last attempt got no answer (it goes last in the order until one comes).
         self.failed = False
+        #: Its context saw an attempt fail: a new one is made before it is asked again (cleared
+        #: when the new one is made, so that concurrent callers do not throw it away in turn).
+        self.suspect = False
         self.lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -113,6 +124,7 @@ class Failover:
     def failed(self, index: int) -> None:
         """``index`` did not answer: it goes last in :meth:`order` until it answers again."""
         self.instances[index].failed = True
+        self.instances[index].suspect = True
         if index == 0 and self.current != 0:
             self._left_at = self._clock()  # the preferred one is still away: stay longer
 

@@ -95,9 +95,9 @@ async def env(tmp_path: Path, pg_cluster: PgCluster, pg_database: str) -> AsyncI
 async def test_a_device_continues_through_the_other_instance_and_comes_back(
     env: AsEnv, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A is killed with -9: the next request is served by B within seconds (one info line says
-    so), a /keys observation on A is lost and made again on B; A started again is asked first
-    once the come-back time has passed, and serves."""
+    """A is killed with -9: the next requests (ten at once) are served by B within seconds (one
+    info line says so), a /keys observation on A is lost and made again on B; A started again
+    is asked first once the come-back time has passed, and serves."""
     a, b = await fleet(env, start=False)
     # A consumer enrolled by the admin CLI, its bundle listing both instances.
     path = env.tmp / "reader.json"
@@ -121,9 +121,9 @@ async def test_a_device_continues_through_the_other_instance_and_comes_back(
     caplog.set_level(logging.INFO, logger="oscar.asclient")
     a.kill()
     killed = time.monotonic()
-    again = await consumer.secret(RID)
+    grants = await asyncio.gather(*(consumer.secret(RID) for _ in range(10)))  # at once
     took = time.monotonic() - killed
-    assert again.secret == first.secret and took < 5.0, took
+    assert {grant.secret for grant in grants} == {first.secret} and took < 5.0, took
     assert consumer.as_uri == b.uri and b.uri in repr(consumer)
     moves = [r.getMessage() for r in caplog.records if r.name == "oscar.asclient"]
     assert moves == [f"AS {b.uri} now, was {a.uri} (no answer)"]
