@@ -12,7 +12,9 @@ Randomness (the CA key, serial numbers) comes from the operating system; the tim
 from __future__ import annotations
 
 import datetime
+import json
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -33,7 +35,7 @@ from .store import (
     check_database_url,
 )
 
-__all__ = ["CA_CERT_NAME", "CertificateAuthority", "init_state"]
+__all__ = ["CA_CERT_NAME", "CertificateAuthority", "as_uris", "init_state", "set_as_uris"]
 
 CA_CERT_NAME = "ca.pem"
 CA_LIFETIME = 10 * 365 * 86_400
@@ -47,10 +49,12 @@ async def init_state(
     now: int,
     ca_name: str = "OSCAR AS CA",
     database: str | None = None,
+    as_uris: Sequence[str] = (),
 ) -> Store:
     """Make a new state directory: master key, database, CA key and certificate. The database
     is SQLite in the directory, or the empty PostgreSQL database ``database`` names
-    (``postgresql://USER@HOST:PORT/DB``; the directory records it).
+    (``postgresql://USER@HOST:PORT/DB``; the directory records it). ``as_uris`` lists every AS
+    instance for the bundles (default: ``as_uri`` alone); it starts with ``as_uri``.
 
     Refuses a directory that already holds a master key or a database. Returns the open store.
     """
@@ -58,6 +62,9 @@ async def init_state(
         private_dir(state_dir)
     except StateError as exc:
         raise StoreError(str(exc)) from None
+    listed = list(as_uris) or [as_uri]
+    if listed[0] != as_uri:
+        raise ValueError("as_uris must start with as_uri")
     if database is not None:
         check_database_url(database)
     if any((state_dir / name).exists() for name in (MASTER_KEY_NAME, DB_NAME, DATABASE_NAME)):
@@ -78,12 +85,44 @@ async def init_state(
         await store.set_ca_key(certs.private_key_pem(ca_key))
         await store.set_meta("ca_cert", pem)
         await store.set_meta("as_uri", as_uri)
+        await store.set_meta("as_uris", json.dumps(listed))
         atomic_write(state_dir / CA_CERT_NAME, pem, 0o644)
-        await store.audit("admin", "init", ca_name, "ok", {"as_uri": as_uri}, now)
+        detail: dict[str, object] = {"as_uri": as_uri}
+        if len(listed) > 1:
+            detail["as_uris"] = listed
+        await store.audit("admin", "init", ca_name, "ok", detail, now)
     except BaseException:
         await store.close()
         raise
     return store
+
+
+async def as_uris(store: Store) -> list[str]:
+    """The AS URIs bundles list, preferred first: meta ``as_uris`` (JSON), or ``[as_uri]`` for a
+    state made before failover. StoreError if the database holds neither."""
+    listed = await store.get_meta("as_uris")
+    if isinstance(listed, str):
+        try:
+            uris = json.loads(listed)
+        except ValueError:
+            uris = None
+        if isinstance(uris, list) and uris and all(isinstance(uri, str) for uri in uris):
+            return uris
+        raise StoreError("the database holds a malformed list of AS URIs")
+    first = await store.get_meta("as_uri")
+    if not isinstance(first, str):
+        raise StoreError("the database holds no AS URI")
+    return [first]
+
+
+async def set_as_uris(store: Store, uris: Sequence[str], now: int) -> None:
+    """Record ``uris`` (checked by the caller) as the AS URIs of bundles enrolled from now on;
+    bundles issued before keep their list. Audited."""
+    listed = list(uris)
+    async with store.db.transaction():
+        for key, value in (("as_uri", listed[0]), ("as_uris", json.dumps(listed))):
+            await store.db.execute(store.db.sql.META_SET, store.db.sql.meta_params(key, value))
+        await store.audit_log.append("admin", "set-as-uris", "as", "ok", {"as_uris": listed}, now)
 
 
 def _serial() -> int:

@@ -130,7 +130,10 @@ class Pipeline:
         except AccessDenied:
             raise
         except AsUnavailable as exc:
-            raise TransportError(f"cannot get the access secret: {exc}") from None
+            # Every AS listed is busy: say when asking again makes sense (the client refuses
+            # to ask sooner).
+            later = "" if exc.retry_after is None else f" (retry in {exc.retry_after:g} s)"
+            raise TransportError(f"cannot get the access secret: {exc}{later}") from None
         except AsError as exc:
             if exc.code in ("4.04", "4.10"):
                 raise InvalidObject("the AS has no access secret for this epoch") from None

@@ -3,6 +3,10 @@
 Refusals raise :class:`~oscar_io.errors.AccessDenied` (4.01/4.03), an unreachable AS
 :class:`~oscar_io.errors.AsUnavailable`, anything else :class:`~oscar_io.errors.AsError`.
 
+A bundle that lists several AS instances (``as_uris``) makes the client fail over between them:
+which one to ask is :mod:`oscar_io.asfailover`'s bookkeeping; the timeouts, one DTLS context per
+instance and the retries are here (docs/PROTOCOL.md, "The credentials bundle and failover").
+
 Importing this module does not load the DTLS transport: :meth:`AsClient.start` does.
 """
 
@@ -18,6 +22,7 @@ from cryptography import x509
 from oscar import cbor, names
 from oscar.keys import AccessSecret
 
+from .asfailover import COME_BACK, AsInstance, Failover
 from .aswire import CBOR_FORMAT, KeyState, Registration, SecretGrant
 from .aswire import byte_string as _bytes
 from .aswire import decode_reply as _decode
@@ -26,34 +31,69 @@ from .aswire import text as _text
 from .aswire import uint as _uint
 from .bundle import LINK_PSK_LENGTH, Bundle
 from .coaperrors import translate
+from .coapping import ping_session
 from .errors import AsError, AsUnavailable
 
 __all__ = ["AsClient"]
 
 log = logging.getLogger("oscar.asclient")
 
+#: The answers that say an AS is busy (its Max-Age says for how long).
+BUSY_CODES = ("5.03", "4.29")
+
 
 class AsClient:
     """Requests to the AS over DTLS-PSK with the bundle's identity.
 
-    ``async with AsClient(bundle) as client: ...`` or :meth:`start` / :meth:`close`. Each request
-    gives up after ``timeout`` seconds with :class:`AsUnavailable`.
+    ``async with AsClient(bundle) as client: ...`` or :meth:`start` / :meth:`close`.
+
+    With one AS URI in the bundle, each request gives up after ``timeout`` seconds with
+    :class:`AsUnavailable`. With several (``as_uris``), the client fails over
+    (:mod:`oscar_io.asfailover`): each AS gets ``attempt_timeout`` seconds (default
+    :data:`ATTEMPT_TIMEOUT`, at most ``timeout``) before the next is asked, each at most once per
+    call, so a call takes at most ``len(as_uris) * attempt_timeout`` seconds (one more attempt
+    when the last AS asked had a session that may have died); it comes back to the preferred AS
+    ``come_back`` seconds after leaving it. An AS that answered 5.03 or 4.29 is not asked again
+    before its Max-Age has passed; when no AS may be asked, :class:`AsUnavailable` carries
+    ``retry_after``.
     """
 
-    def __init__(self, bundle: Bundle, *, timeout: float = 10.0) -> None:
+    #: Seconds each AS gets to answer when the bundle lists several: a halted host gives no
+    #: ICMP error, only silence, and the next AS must be asked well within the 10 s in which a
+    #: device is to continue after losing one (two CoAP retransmissions fit).
+    ATTEMPT_TIMEOUT = 4.0
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        timeout: float = 10.0,
+        attempt_timeout: float | None = None,
+        come_back: float = COME_BACK,
+    ) -> None:
         self.bundle = bundle
         self.timeout = timeout
-        self._ctx: Any = None
-        #: The DTLS connection of the last answer. aiocoap keeps a client connection only while
-        #: something refers to it: without this, every request would close the session and
-        #: handshake anew (and a new handshake right after a close is sometimes lost).
-        self._connection: Any = None
+        self.failover = Failover(bundle.as_uris, come_back=come_back)
+        if not self.failover.several:
+            self.attempt_timeout = timeout
+        else:
+            self.attempt_timeout = min(timeout, attempt_timeout or self.ATTEMPT_TIMEOUT)
         #: Counts the DTLS client contexts made; see :meth:`reset`.
         self.generation = 0
         self._ping: tuple[Any, asyncio.Future[bool | None]] | None = None
 
     def __repr__(self) -> str:
-        return f"AsClient({self.bundle.device_id!r} -> {self.bundle.as_uri})"
+        return f"AsClient({self.bundle.device_id!r} -> {self.as_uri})"
+
+    @property
+    def as_uri(self) -> str:
+        """The AS requests go to now."""
+        return self.failover.instances[self.failover.current].uri
+
+    @property
+    def _connection(self) -> Any:
+        """The DTLS connection of the current AS's last answer (None: no session yet)."""
+        return self.failover.instances[self.failover.current].connection
 
     async def __aenter__(self) -> AsClient:
         await self.start()
@@ -63,48 +103,73 @@ class AsClient:
         await self.close()
 
     async def start(self) -> None:
-        if self._ctx is not None:
-            return
-        from aiocoap import Context  # the DTLS transport loads here, not at import
+        """Load the DTLS transport and make the context for the current AS."""
+        await self._context(self.failover.instances[self.failover.current])
 
-        from . import dtls_client
+    async def _context(self, instance: AsInstance) -> Any:
+        """The client context for ``instance``, made (with its credentials) if there is none,
+        or anew if its last attempt failed and other AS are listed (its session is suspect)."""
+        async with instance.lock:
+            if instance.ctx is not None and instance.suspect and self.failover.several:
+                await self._drop(instance)
+            if instance.ctx is None:
+                from aiocoap import Context  # the DTLS transport loads here, not at import
 
-        dtls_client.apply()  # a session the AS closed and tinydtls renews: no traceback
-        ctx = await Context.create_client_context(transports=["tinydtls"])
-        ctx.client_credentials.load_from_dict(
-            {
-                f"{self.bundle.as_uri}/*": {
-                    "dtls": {
-                        "psk": self.bundle.psk,
-                        "client-identity": self.bundle.psk_identity.encode(),
+                from . import dtls_client
+
+                dtls_client.apply()  # a session the AS closed and tinydtls renews: no traceback
+                ctx = await Context.create_client_context(transports=["tinydtls"])
+                ctx.client_credentials.load_from_dict(
+                    {
+                        f"{instance.uri}/*": {
+                            "dtls": {
+                                "psk": self.bundle.psk,
+                                "client-identity": self.bundle.psk_identity.encode(),
+                            }
+                        }
                     }
-                }
-            }
-        )
-        self._ctx = ctx
-        self.generation += 1
+                )
+                instance.ctx = ctx
+                instance.suspect = False
+                self.generation += 1
+            return instance.ctx
 
-    async def reset(self, generation: int) -> None:
-        """Drop the context (and its DTLS session) if it is still ``generation``: after the AS
-        restarted, the old session is dead, and only a new handshake gets through. Callers pass
-        the generation they saw fail, so several of them do not throw away each other's fresh
-        session."""
-        if self._ctx is not None and generation == self.generation:
-            await self.close()
-
-    async def close(self) -> None:
-        self._connection = None
-        ctx, self._ctx = self._ctx, None
+    @staticmethod
+    async def _drop(instance: AsInstance) -> None:
+        instance.connection = None
+        ctx, instance.ctx = instance.ctx, None
         if ctx is not None:
             await ctx.shutdown()
 
+    async def reset(self, generation: int) -> None:
+        """Drop the contexts (and DTLS sessions) of the AS that did not answer since their
+        context was made — with one AS, its context — if no context was made since
+        ``generation``: after an AS restarted, the old session is dead, and only a new handshake
+        gets through. Callers pass the generation they saw fail, so several of them do not throw
+        away each other's fresh session."""
+        if generation != self.generation:
+            return
+        for instance in self.failover.instances:
+            if instance.suspect or not self.failover.several:
+                await self._drop(instance)
+
+    async def close(self) -> None:
+        for instance in self.failover.instances:
+            await self._drop(instance)
+
     def _message(
-        self, method: str, path: str, query: dict[str, str] | None, body: Any, observe: bool
+        self,
+        uri: str,
+        method: str,
+        path: str,
+        query: dict[str, str] | None,
+        body: Any,
+        observe: bool,
     ) -> Any:
         from aiocoap import Message
         from aiocoap.numbers.codes import Code
 
-        message = Message(code=getattr(Code, method), uri=f"{self.bundle.as_uri}/{path}")
+        message = Message(code=getattr(Code, method), uri=f"{uri}/{path}")
         if query:
             message.opt.uri_query = tuple(f"{k}={v}" for k, v in query.items())
         if body is not None:
@@ -120,40 +185,98 @@ class AsClient:
         """One request; returns the decoded CBOR reply of a 2.xx answer."""
         return (await self._exchange(method, path, query, body))[1]
 
+    def busy_for(self) -> float | None:
+        """Seconds until a listed AS may be asked, when every one is busy (a 5.03 or 4.29 whose
+        Max-Age has not passed); None when one may be asked now."""
+        return None if self.failover.order() else self.failover.retry_after()
+
+    def _none_to_ask(self, what: str) -> AsUnavailable:
+        """Every listed AS is busy: the error, without sending anything."""
+        wait = self.failover.retry_after()
+        code = self.failover.busy_code()
+        return AsUnavailable(
+            f"{what}: the AS is busy ({code}); retry in {wait:g} s", code, retry_after=wait
+        )
+
     async def _exchange(
         self, method: str, path: str, query: dict[str, str] | None, body: Any
     ) -> tuple[str, Any]:
-        """One request: (dotted 2.xx code, decoded CBOR reply)."""
-        if self._ctx is None:
-            await self.start()
+        """One request: (dotted 2.xx code, decoded CBOR reply), from the first AS that answers
+        (see the class docstring)."""
         what = f"{method} /{path}"
-        held = self._connection is not None
-        request = self._ctx.request(self._message(method, path, query, body, False))
+        order = self.failover.order()
+        if not order:
+            raise self._none_to_ask(what)
+        failure: AsUnavailable | None = None
+        for position, index in enumerate(order):
+            last = position == len(order) - 1
+            try:
+                response = await self._ask(index, method, path, query, body, what, renew=last)
+            except AsUnavailable as exc:
+                self.failover.failed(index)
+                failure = exc
+                continue
+            try:
+                reply = _decode(response, what)
+            except AsUnavailable as exc:  # 5.03 or 4.29: busy; Max-Age says how long
+                self.failover.busy(index, response.opt.max_age, exc.code)
+                failure = exc
+                continue
+            except AsError:
+                self.failover.answered(index)
+                raise
+            self.failover.answered(index)
+            return response.code.dotted, reply
+        if failure is None:  # pragma: no cover - order is not empty
+            raise self._none_to_ask(what)
+        failure.retry_after = self.failover.retry_after()
+        raise failure
+
+    async def _ask(
+        self,
+        index: int,
+        method: str,
+        path: str,
+        query: dict[str, str] | None,
+        body: Any,
+        what: str,
+        *,
+        renew: bool,
+    ) -> Any:
+        """One request to the AS ``index``: its response, or :class:`AsUnavailable`. With
+        ``renew``, a request that got no answer over a session held from before is sent once
+        more over a new handshake."""
+        instance = self.failover.instances[index]
+        ctx = await self._context(instance)
+        held = instance.connection is not None
+        request = ctx.request(self._message(instance.uri, method, path, query, body, False))
         try:
-            response = await self._response(request.response, what)
+            return await self._response(instance, request.response, what)
         except AsUnavailable:
-            if not held:
+            if not held or not renew:
                 raise
             # The session we kept may have died on the AS's side (idle sweep, restart) without
             # our hearing of it: once more, over a new handshake.
-            await self.close()
-            await self.start()
-            request = self._ctx.request(self._message(method, path, query, body, False))
-            response = await self._response(request.response, what)
-        return response.code.dotted, _decode(response, what)
+            await self._drop(instance)
+            ctx = await self._context(instance)
+            request = ctx.request(self._message(instance.uri, method, path, query, body, False))
+            return await self._response(instance, request.response, what)
 
-    async def _response(self, awaitable: Any, what: str) -> Any:
+    async def _response(self, instance: AsInstance, awaitable: Any, what: str) -> Any:
+        who = "the AS" if not self.failover.several else f"the AS {instance.uri}"
         try:
-            response = await asyncio.wait_for(awaitable, self.timeout)
-            self._connection = response.remote
+            response = await asyncio.wait_for(awaitable, self.attempt_timeout)
+            instance.connection = response.remote
             return response
         except TimeoutError:
-            raise AsUnavailable(f"the AS did not answer {what} within {self.timeout:g} s") from None
+            raise AsUnavailable(
+                f"{who} did not answer {what} within {self.attempt_timeout:g} s"
+            ) from None
         except Exception as exc:  # OSError, aiocoap's NetworkError, ConRetransmitsExceeded, ...
             failure = translate(exc, "the AS")
             if failure is None:
                 raise
-            raise AsUnavailable(f"cannot reach the AS: {failure}") from None
+            raise AsUnavailable(f"cannot reach {who}: {failure}") from None
 
     # --- one method per endpoint ---
 
@@ -286,50 +409,9 @@ class AsClient:
         remote = self._connection if remote is None else remote
         if self._ping is None or self._ping[1].done() or self._ping[0] is not remote:
             wait = self.PING_TIMEOUT if timeout is None else timeout
-            self._ping = (remote, asyncio.ensure_future(self._send_ping(remote, wait)))
+            contexts = [instance.ctx for instance in self.failover.instances]
+            self._ping = (remote, asyncio.ensure_future(ping_session(contexts, remote, wait)))
         return await asyncio.shield(self._ping[1])
-
-    @staticmethod
-    async def _recognized(transport: Any, remote: Any) -> bool:
-        """Whether ``remote`` is still a live connection of ``transport`` (its pool)."""
-        return bool(await transport.recognize_remote(remote))
-
-    async def _send_ping(self, remote: Any, timeout: float) -> bool | None:
-        from aiocoap import Message
-        from aiocoap.numbers.codes import Code
-        from aiocoap.numbers.types import CON
-
-        transport = getattr(remote, "coaptransport", None)
-        if transport is None:
-            return None
-        manager: Any = None
-        for token_manager in getattr(self._ctx, "request_interfaces", ()):
-            manager = getattr(token_manager, "token_interface", None)
-            if getattr(manager, "message_interface", None) is transport:
-                break
-        else:
-            return None
-        # A session the AS closed (oscar_io.dtls_client takes it out of the pool) is over,
-        # even though tinydtls would answer a ping on it by handshaking anew: a new session, on
-        # which the AS knows no observation of ours.
-        if not await self._recognized(transport, remote):
-            return False
-        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        message = Message(code=Code.EMPTY)
-        message.mtype = CON
-        message.remote = remote
-
-        def answered() -> None:  # aiocoap calls it when a RST ends the exchange
-            if not pong.done():
-                pong.set_result(None)
-
-        # Unanswered, the ping is retransmitted until the context goes (our caller resets it).
-        manager.send_message(message, answered)
-        try:
-            await asyncio.wait_for(pong, timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def watch_keys(
         self, resource_id: str, *, liveness: float | None = None
@@ -342,16 +424,31 @@ class AsClient:
         without a notification the AS is pinged over the observation's session (:meth:`ping`);
         no answer within :attr:`PING_TIMEOUT`, or a session the AS closed, raises
         :class:`AsUnavailable`. A lost observation is thus noticed within
-        ``liveness + PING_TIMEOUT`` seconds."""
-        if self._ctx is None:
-            await self.start()
-        request = self._ctx.request(
-            self._message("GET", "keys", {"r": resource_id}, None, observe=True)
+        ``liveness + PING_TIMEOUT`` seconds.
+
+        The observation goes to the first AS :meth:`Failover.order` names; one that does not
+        answer or loses the observation is marked failed (one that answers 5.03 or 4.29, busy),
+        so that the caller's next attempt goes to the next AS listed."""
+        order = self.failover.order()
+        if not order:
+            raise self._none_to_ask("GET /keys")
+        index = order[0]
+        instance = self.failover.instances[index]
+        ctx = await self._context(instance)
+        request = ctx.request(
+            self._message(instance.uri, "GET", "keys", {"r": resource_id}, None, observe=True)
         )
         pending: asyncio.Future[Any] | None = None
         try:
-            first = await self._response(request.response, "GET /keys")
-            yield self._key_state(_decode(first, "GET /keys"), resource_id)
+            first = await self._response(instance, request.response, "GET /keys")
+            try:
+                state = self._key_state(_decode(first, "GET /keys"), resource_id)
+            except AsUnavailable as exc:  # 5.03 or 4.29: busy
+                self.failover.busy(index, first.opt.max_age, exc.code)
+                exc.retry_after = None if self.failover.order() else self.failover.retry_after()
+                raise
+            self.failover.answered(index)
+            yield state
             if first.opt.observe is None:
                 raise AsUnavailable("the AS did not accept the observation of /keys")
             notifications = aiter(request.observation)
@@ -373,12 +470,17 @@ class AsClient:
                 finally:
                     pending = None
                 yield self._key_state(_decode(notification, "GET /keys"), resource_id)
+        except AsUnavailable as exc:
+            if exc.code not in BUSY_CODES:
+                self.failover.failed(index)
+            raise
         except AsError:
             raise
         except Exception as exc:
             failure = translate(exc, "the AS")
             if failure is None:
                 raise
+            self.failover.failed(index)
             raise AsUnavailable(f"observation of /keys failed: {failure}") from None
         finally:
             if pending is not None:

@@ -5,7 +5,8 @@
     ├── StateError                  a state directory or file is unusable (owner, mode, corrupt)
     ├── AsError                     the AS refused or failed a request (``code``: the CoAP code)
     │   ├── AccessDenied            4.01 / 4.03: this device may not have what it asked for
-    │   └── AsUnavailable           the AS did not answer in time (network, handshake, busy)
+    │   └── AsUnavailable           no AS answered in time (network, handshake, busy);
+    │                               ``retry_after``: seconds until a busy AS may be asked
     ├── TransportError              a peer could not be reached (oscar_io.coaperrors)
     │   ├── NotFound                it answered 4.04
     │   ├── Refused                 nothing listens there (ICMP port unreachable)
@@ -54,7 +55,18 @@ class AccessDenied(AsError):
 
 
 class AsUnavailable(AsError):
-    """The AS did not answer (network down, AS stopped, handshake failed) within the timeout."""
+    """The AS did not answer (network down, AS stopped, handshake failed) within the timeout, or
+    answered that it is busy (5.03, 4.29). With several AS instances listed, none of them could.
+
+    ``retry_after``: when every AS that could be asked said it is busy, the seconds until the
+    first of them may be asked again (its Max-Age); otherwise None. Callers that retry wait at
+    least this long."""
+
+    def __init__(
+        self, message: str, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
 
 
 class StateError(OscarError):

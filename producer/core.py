@@ -263,7 +263,8 @@ class Producer:
                 log.error("%s: %s", published.resource_id, exc)
                 delay = _retry_delay(delay, Failure.DENIED)
             except AsUnavailable as exc:
-                delay = _retry_delay(delay, Failure.UNREACHABLE)
+                # A busy AS's Max-Age (retry_after) is the least wait: asking sooner is refused.
+                delay = _retry_delay(delay, Failure.UNREACHABLE, exc.retry_after)
                 log.warning("%s: AS: %s; retrying in %.0f s", published.resource_id, exc, delay)
                 await client.reset(generation)
             except AsError as exc:

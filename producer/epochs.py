@@ -246,14 +246,18 @@ def keys_keepalive(rotation_period: int) -> float:
     return max(1.0, min(KEEPALIVE, rotation_period / 4 or KEEPALIVE))
 
 
-def retry_delay(delay: float, failure: Failure) -> float:
+def retry_delay(delay: float, failure: Failure, at_least: float | None = None) -> float:
     """Seconds to wait after ``failure`` before following ``/keys`` again, ``delay`` being the
-    current backoff (:data:`FIRST_RETRY` at first and after every key state)."""
+    current backoff (:data:`FIRST_RETRY` at first and after every key state), and never less
+    than ``at_least`` (an :class:`~oscar_io.errors.AsUnavailable`'s ``retry_after``: every AS
+    listed is busy for that long)."""
     if failure is Failure.DENIED:
-        return DENIED_RETRY
-    if failure is Failure.UNREACHABLE:
-        return min(delay, RETRY_UNREACHABLE)
-    return delay
+        wait = DENIED_RETRY
+    elif failure is Failure.UNREACHABLE:
+        wait = min(delay, RETRY_UNREACHABLE)
+    else:
+        wait = delay
+    return wait if at_least is None else max(wait, at_least)
 
 
 def backoff(waited: float) -> float:

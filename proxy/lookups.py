@@ -11,7 +11,9 @@ whatever its port; or the producer that published it) and one for the whole prox
 a token from both; with either empty, the lookup is not sent and the object cannot be verified
 now: :class:`AsUnavailable`, which the proxy treats as the AS being out of reach (a fetch serves
 what it holds and backs off that upstream; a PUT gets 5.03). A known kid (certificate cached)
-costs nothing. Tokens come back at the budget's rate; the table of origins is bounded.
+costs nothing, and so does a lookup while every AS is busy (a 5.03 or 4.29 whose Max-Age has not
+passed: the AS client would not send it). Tokens come back at the budget's rate; the table of
+origins is bounded.
 
 :class:`BudgetedAs` puts the budget in front of :meth:`AsClient.certificate`: it is the
 :class:`~oscar_io.trust.CertificateSource` the proxy's Trust asks (the CRL goes to the AS client
@@ -116,6 +118,9 @@ class BudgetedAs:
     async def certificate(self, *, kid: bytes) -> bytes:
         """The DER certificate of ``kid`` from the AS; :class:`AsUnavailable` without asking when
         the budget of the object's origin (or of the proxy) is spent."""
+        wait = self._client.busy_for()
+        if wait is not None:  # no AS may be asked before its Max-Age: spend no budget on it
+            raise AsUnavailable(f"the AS is busy; retry in {wait:g} s", retry_after=wait)
         key = origin.get()
         if key is not None and not self._budget.take(key):
             raise AsUnavailable("too many certificate lookups for unknown signers; later")

@@ -1,11 +1,11 @@
 """``oscar-as``: the AS's admin tool and the entry point of its server.
 
 Every command works on a state directory (``--state``): ``init`` makes one; ``enroll``, ``grant``,
-``revoke``, ``rotate``, ``compromise`` and ``destroy`` change it; ``migrate`` moves its database
-from SQLite to PostgreSQL; ``devices``, ``resources``, ``grants`` and ``audit`` read it;
-``serve`` runs the server (:mod:`authz_server.server`, imported only by that command). The admin
-commands talk to the database directly, so they work whether or not a server is running; the
-server notices their changes through the store's change counter.
+``revoke``, ``rotate``, ``compromise``, ``destroy`` and ``set-as-uris`` change it; ``migrate``
+moves its database from SQLite to PostgreSQL; ``devices``, ``resources``, ``grants`` and
+``audit`` read it; ``serve`` runs the server (:mod:`authz_server.server`, imported only by that
+command). The admin commands talk to the database directly, so they work whether or not a server
+is running; the server notices their changes through the store's change counter.
 
 Exit status: 0 success, 1 refused by the state (no such device, resource, grant or epoch; the
 thing exists already; a broken audit chain; for ``serve``, its port held by another process), 2
@@ -17,9 +17,9 @@ bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
 
 The package: this module (the parser and :func:`main`, the one place exceptions become exit
 statuses), :mod:`.common` (argument types, store access, terminal output), :mod:`.enrolment`
-(``init``, ``enroll``), :mod:`.keys` (``grant``, ``revoke``, ``rotate``, ``compromise``,
-``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.migrate` (``migrate``),
-:mod:`.serve` (``serve``).
+(``init``, ``enroll``, ``set-as-uris``), :mod:`.keys` (``grant``, ``revoke``, ``rotate``,
+``compromise``, ``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.migrate`
+(``migrate``), :mod:`.serve` (``serve``).
 
 What it does not do: decide policy (that is :mod:`authz_server.store` and the server), or speak
 the network (only ``serve`` does, through :mod:`authz_server.server`).
@@ -40,7 +40,7 @@ from ..envelope import MasterKeyError, VaultError
 from ..store import ROLES, Conflict, NoSuchRecord, StoreError
 from .audit import cmd_audit, parse_head
 from .common import DEFAULT_AS_URI, PROG, Handler, Refused, UsageError, days, not_negative, positive
-from .enrolment import cmd_enroll, cmd_init
+from .enrolment import cmd_enroll, cmd_init, cmd_set_as_uris
 from .keys import (
     cmd_compromise,
     cmd_destroy,
@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = command("init", cmd_init, "make a new state directory")
     init.add_argument(
-        "--as-uri", metavar="URI", default=DEFAULT_AS_URI, help=f"(default: {DEFAULT_AS_URI})"
+        "--as-uri",
+        metavar="URI",
+        action="append",
+        help=f"an AS instance, repeatable, the preferred first (default: {DEFAULT_AS_URI})",
     )
 
     enroll = command("enroll", cmd_enroll, "enroll a device, write its credentials")
@@ -110,8 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument(
         "--out", metavar="FILE", required=True, help="credentials bundle (mode 0600), - for stdout"
     )
-    enroll.add_argument("--as-uri", metavar="URI", help="(default: the one given to init)")
+    enroll.add_argument(
+        "--as-uri",
+        metavar="URI",
+        action="append",
+        help="an AS instance, repeatable (default: those given to init or set-as-uris)",
+    )
     enroll.add_argument("--force", action="store_true", help="replace an existing FILE")
+
+    uris = command("set-as-uris", cmd_set_as_uris, "change the AS instances new bundles list")
+    uris.add_argument(
+        "--as-uri",
+        metavar="URI",
+        action="append",
+        required=True,
+        help="an AS instance, repeatable, the preferred first",
+    )
 
     serve = command("serve", cmd_serve, "run the AS", state_required=False)
     serve.add_argument(

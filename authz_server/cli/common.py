@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from oscar.names import MAX_RESOURCE_ID, is_device_id
+from oscar_io.bundle import MAX_AS_URIS
 from oscar_io.errors import UsageError
 
 from ..store import Store
@@ -35,6 +36,7 @@ __all__ = [
     "Refused",
     "UsageError",
     "as_uri_arg",
+    "as_uris_arg",
     "days",
     "epoch_runs",
     "iso",
@@ -124,6 +126,21 @@ def as_uri_arg(text: str) -> str:
     ):
         raise UsageError("--as-uri must be coaps://HOST[:PORT], for example " + DEFAULT_AS_URI)
     return text
+
+
+def as_uris_arg(texts: Sequence[str] | None) -> list[str]:
+    """The ``--as-uri`` values (repeatable; none: :data:`DEFAULT_AS_URI`), each checked by
+    :func:`as_uri_arg`: at most :data:`~oscar_io.bundle.MAX_AS_URIS`, no AS twice, in order."""
+    uris = [as_uri_arg(text) for text in texts or [DEFAULT_AS_URI]]
+    if len(uris) > MAX_AS_URIS:
+        raise UsageError(f"--as-uri may be given at most {MAX_AS_URIS} times")
+    seen: set[str] = set()
+    for uri in uris:
+        key = uri.rstrip("/")
+        if key in seen:
+            raise UsageError(f"--as-uri {uri} is given twice; list each AS instance once")
+        seen.add(key)
+    return uris
 
 
 def positive(kind: Callable[[str], T]) -> Callable[[str], T]:

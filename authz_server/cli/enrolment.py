@@ -1,5 +1,6 @@
-"""``oscar-as init`` (a new state directory) and ``oscar-as enroll`` (a device and its
-credentials bundle, the only place a PSK leaves the AS).
+"""``oscar-as init`` (a new state directory), ``oscar-as enroll`` (a device and its
+credentials bundle, the only place a PSK leaves the AS) and ``oscar-as set-as-uris`` (the AS
+instances that bundles enrolled from then on list).
 
 What it does not do: hold the PSK anywhere but in the bundle it writes and the store's envelope.
 """
@@ -22,7 +23,7 @@ from oscar.algorithms import PublicKey
 from oscar.names import require_device_id
 from oscar_io.bundle import LINK_PSK_LENGTH
 
-from ..ca import CA_CERT_NAME, init_state
+from ..ca import CA_CERT_NAME, as_uris, init_state, set_as_uris
 from ..store import (
     DATABASE_NAME,
     DB_NAME,
@@ -33,9 +34,9 @@ from ..store import (
     check_database_url,
     redacted,
 )
-from .common import UsageError, as_uri_arg, run_on_store
+from .common import UsageError, as_uris_arg, run_on_store
 
-__all__ = ["BUNDLE_MODE", "cmd_enroll", "cmd_init"]
+__all__ = ["BUNDLE_MODE", "cmd_enroll", "cmd_init", "cmd_set_as_uris"]
 
 BUNDLE_MODE = 0o600
 
@@ -58,10 +59,12 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
     """Make a new state directory (mode 0700): a master key (master.key, mode 0600, the only
     secret outside the database: back it up apart from the database), the database (as.db) and
     the CA key and certificate (ca.pem). Refuses a directory that holds an AS state or anything
-    else.
+    else. --as-uri may be repeated: every AS instance the bundles list, the preferred first
+    (devices fail over to the others; see set-as-uris to change the list later).
     """
     state: Path = args.state
-    as_uri = as_uri_arg(args.as_uri)
+    uris = as_uris_arg(args.as_uri)
+    as_uri = uris[0]
     database: str | None = args.database
     if database is not None:
         try:
@@ -79,14 +82,14 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
         state.mkdir(mode=0o700, parents=True)
 
     async def body() -> None:
-        store = await init_state(state, as_uri=as_uri, now=now, database=database)
+        store = await init_state(state, as_uri=as_uri, as_uris=uris, now=now, database=database)
         await store.close()
 
     asyncio.run(body())
     ca_path = state / CA_CERT_NAME
     ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
     kid = certs.key_id(cast("PublicKey", ca.public_key()))  # init_state made an ES256 key
-    print(f"AS state initialized in {state} for {as_uri}")
+    print(f"AS state initialized in {state} for {', '.join(uris)}")
     print(f"CA certificate: {ca_path} (kid {kid.hex()})")
     where = DB_NAME if database is None else "the database"
     if database is not None:
@@ -97,12 +100,14 @@ def cmd_init(args: argparse.Namespace, now: int) -> int:
 
 def cmd_enroll(args: argparse.Namespace, now: int) -> int:
     """Enroll a device: a fresh random 16-byte DTLS PSK under the device id as PSK identity, and a
-    credentials bundle for the device (JSON: id, role, as_uri, psk_identity, psk_hex, ca_cert_pem)
-    written with mode 0600, or to stdout with --out -. Ids are never reused. The PSK is shown
-    nowhere else: hand the bundle to the device over a safe channel.
+    credentials bundle for the device (JSON: id, role, as_uri, as_uris, psk_identity, psk_hex,
+    ca_cert_pem) written with mode 0600, or to stdout with --out -. as_uris lists every AS
+    instance (--as-uri, repeatable, else those given to init or set-as-uris), as_uri is the first.
+    Ids are never reused. The PSK is shown nowhere else: hand the bundle to the device over a
+    safe channel.
     """
     device_id = require_device_id(args.id)
-    as_uri = None if args.as_uri is None else as_uri_arg(args.as_uri)
+    override = None if args.as_uri is None else as_uris_arg(args.as_uri)
     out: str = args.out
     # The file is made before the device: a path that cannot be written fails with no change.
     fd, written = (-1, out) if out == "-" else _create_private(out, force=args.force)
@@ -111,14 +116,15 @@ def cmd_enroll(args: argparse.Namespace, now: int) -> int:
 
         async def body(store: Store) -> bytes:
             ca_pem = await store.get_meta("ca_cert")
-            uri = as_uri or await store.get_meta("as_uri")
-            if not isinstance(ca_pem, bytes) or not isinstance(uri, str):
-                raise StoreError("the database holds no CA certificate or AS URI")
+            if not isinstance(ca_pem, bytes):
+                raise StoreError("the database holds no CA certificate")
+            uris = override or await as_uris(store)
             await store.add_device(device_id, args.role, psk, now)
             bundle = {
                 "id": device_id,
                 "role": args.role,
-                "as_uri": uri,
+                "as_uri": uris[0],
+                "as_uris": uris,
                 "psk_identity": device_id,
                 "psk_hex": psk.hex(),
                 "ca_cert_pem": ca_pem.decode("ascii"),
@@ -148,4 +154,18 @@ def cmd_enroll(args: argparse.Namespace, now: int) -> int:
     where = "stdout" if out == "-" else f"{out} (mode 0600)"
     report = sys.stderr if out == "-" else sys.stdout
     print(f"enrolled {args.role} {device_id}; credentials bundle on {where}", file=report)
+    return 0
+
+
+def cmd_set_as_uris(args: argparse.Namespace, now: int) -> int:
+    """Record the AS instances (--as-uri, repeatable, the preferred first) that bundles enrolled
+    from now on list. Bundles issued before keep the list they were written with: enroll those
+    devices again (or hand them a new bundle) to move them. Audited."""
+    uris = as_uris_arg(args.as_uri)
+
+    async def body(store: Store) -> None:
+        await set_as_uris(store, uris, now)
+
+    run_on_store(args, body)
+    print(f"bundles enrolled from now on list {', '.join(uris)}")
     return 0

@@ -34,11 +34,12 @@ from cryptography import x509
 from authz_server.cli import main
 from authz_server.store import Resource, Store
 from oscar import cbor
+from oscar_io.bundle import Bundle
 
 T = TypeVar("T")
 PRODUCER, CONSUMER, OTHER, PROXY = "sensor-1", "phone-1", "phone-2", "cloud-1"
 RID, RID2 = "sensor-1/temperature", "sensor-1/humidity"
-ERROR_LINE = re.compile(r"^oscar-as(?: [a-z]+)?: error: \S[^\n]*\n$")
+ERROR_LINE = re.compile(r"^oscar-as(?: [a-z-]+)?: error: \S[^\n]*\n$")
 BAD_IDS = ["'; DROP TABLE devices; --", "a/b", "x" * 33, "", "-lead", "tab\there", "é"]
 BAD_PATTERNS = [
     "sensor-1",
@@ -207,10 +208,12 @@ def test_enroll_writes_a_private_bundle(cli: Cli, role: str) -> None:
     out = cli.state.parent / "bundle.json"
     bundle = cli.enroll(role, "dev-1", out)
     assert mode(out) == 0o600
-    assert set(bundle) == {"id", "role", "as_uri", "psk_identity", "psk_hex", "ca_cert_pem"}
+    keys = {"id", "role", "as_uri", "as_uris", "psk_identity", "psk_hex", "ca_cert_pem"}
+    assert set(bundle) == keys
     assert bundle["id"] == bundle["psk_identity"] == "dev-1"
     assert bundle["role"] == role
     assert bundle["as_uri"] == "coaps://127.0.0.1:5684"
+    assert bundle["as_uris"] == ["coaps://127.0.0.1:5684"]
     assert bundle["ca_cert_pem"] == (cli.state / "ca.pem").read_text()
     psk = bytes.fromhex(bundle["psk_hex"])
     assert len(psk) == 16
@@ -227,6 +230,76 @@ def test_every_device_gets_its_own_psk_and_the_as_uri_can_be_overridden(cli: Cli
     cli.psks.add(b["psk_hex"])
     assert a["psk_hex"] != b["psk_hex"]
     assert (a["as_uri"], b["as_uri"]) == ("coaps://127.0.0.1:5684", "coaps://h")
+
+
+A, B, C = "coaps://as-a.example:5684", "coaps://as-b.example:5684", "coaps://127.0.0.1:5784"
+
+
+def uris(*listed: str) -> list[str]:
+    return [arg for uri in listed for arg in ("--as-uri", uri)]
+
+
+def test_init_lists_several_as_instances_and_bundles_carry_them_all(blank: Cli) -> None:
+    result = blank.ok("init", *uris(A, B, C))
+    assert f"{A}, {B}, {C}" in result.out
+    assert blank.store(lambda s: s.get_meta("as_uri")) == A
+    assert json.loads(blank.store(lambda s: s.get_meta("as_uris"))) == [A, B, C]
+    record = blank.store(lambda s: s.audit_records())[-1]
+    assert record.action == "init" and record.detail == {"as_uri": A, "as_uris": [A, B, C]}
+    bundle = blank.enroll("consumer", CONSUMER)
+    assert (bundle["as_uri"], bundle["as_uris"]) == (A, [A, B, C])
+    loaded = Bundle.load(blank.state.parent / f"{CONSUMER}.json")
+    assert (loaded.as_uri, loaded.as_uris) == (A, (A, B, C))
+    # enroll's own --as-uri repeats too, and overrides the list for that bundle only
+    out = blank.state.parent / "other.json"
+    blank.ok("enroll", "--role", "producer", "--id", PRODUCER, "--out", str(out), *uris(C, A))
+    other = json.loads(out.read_text())
+    blank.psks.add(other["psk_hex"])
+    assert (other["as_uri"], other["as_uris"]) == (C, [C, A])
+    assert blank.enroll("proxy", PROXY)["as_uris"] == [A, B, C]
+
+
+@pytest.mark.parametrize(
+    "listed",
+    [
+        [A, B, A],
+        [A, A + "/"],  # the same AS, spelt with a slash
+        [f"coaps://as{i}.example" for i in range(9)],
+        [A, "coap://as-b.example"],
+    ],
+)
+def test_init_refuses_a_repeated_or_bad_list_of_as_instances(blank: Cli, listed: list[str]) -> None:
+    result = blank.fail(2, "init", *uris(*listed))
+    assert "--as-uri" in result.err
+    assert not blank.state.exists()
+
+
+def test_a_state_from_before_the_list_enrolls_with_its_one_as_uri(cli: Cli) -> None:
+    with sqlite3.connect(cli.state / "as.db") as db:
+        db.execute("DELETE FROM meta WHERE key = 'as_uris'")
+    bundle = cli.enroll("consumer", CONSUMER)
+    default = "coaps://127.0.0.1:5684"
+    assert (bundle["as_uri"], bundle["as_uris"]) == (default, [default])
+
+
+def test_set_as_uris_changes_the_list_of_bundles_enrolled_after(cli: Cli) -> None:
+    first = cli.enroll("consumer", CONSUMER)
+    path = cli.state.parent / f"{CONSUMER}.json"
+    before = path.read_bytes()
+    snapshot = cli.snapshot()
+    cli.fail(2, "set-as-uris", *uris(B, B))
+    cli.fail(2, "set-as-uris")
+    assert cli.snapshot() == snapshot
+    cli.ok("set-as-uris", *uris(B, A))
+    assert path.read_bytes() == before  # a bundle issued before keeps its list
+    assert first["as_uris"] == ["coaps://127.0.0.1:5684"]
+    later = cli.enroll("consumer", OTHER)
+    assert (later["as_uri"], later["as_uris"]) == (B, [B, A])
+    records = cli.store(lambda s: s.audit_records())
+    assert [(r.action, r.detail) for r in records if r.action == "set-as-uris"] == [
+        ("set-as-uris", {"as_uris": [B, A]})
+    ]
+    assert cli.store(lambda s: s.verify_audit())[0]
 
 
 def test_enroll_to_stdout(cli: Cli) -> None:
@@ -741,7 +814,7 @@ def test_serve_logs_plain_lines_at_the_chosen_level(cli: Cli, fake_server: FakeS
 
 
 COMMANDS = ["init", "enroll", "serve", "grant", "revoke", "rotate", "compromise", "destroy"]
-COMMANDS += ["devices", "resources", "grants", "audit", "migrate"]
+COMMANDS += ["devices", "resources", "grants", "audit", "migrate", "set-as-uris"]
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, None])

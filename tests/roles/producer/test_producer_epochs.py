@@ -476,6 +476,21 @@ def test_retry_delay(delay: float, failure: Failure, wait: float) -> None:
     assert epochs.retry_delay(delay, failure) == wait
 
 
+@pytest.mark.parametrize(
+    ("delay", "at_least", "wait"),
+    [
+        (1.0, 2.0, 2.0),  # every AS answered 5.03 with Max-Age 2: not sooner
+        (8.0, 2.0, 3.0),  # the backoff is longer already
+        (1.0, 10.0, 10.0),
+        (1.0, None, 1.0),
+    ],
+)
+def test_retry_delay_is_at_least_the_busy_as_max_age(
+    delay: float, at_least: float | None, wait: float
+) -> None:
+    assert epochs.retry_delay(delay, Failure.UNREACHABLE, at_least) == wait
+
+
 def _waits(failures: list[Failure | None]) -> list[float]:
     """The waits of the producer's /keys loop for a run of outcomes (None: a key state)."""
     delay, waits = epochs.FIRST_RETRY, []
