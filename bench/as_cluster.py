@@ -80,6 +80,11 @@ class Case:
     pg: PgServer | None = None
     clients: list[Context] = field(default_factory=list)
     client_ports: list[int] = field(default_factory=list)
+    #: Each client's DTLS connection, held: aiocoap keeps its client connections in a
+    #: WeakValueDictionary, so one that no message refers to (a client idle while the other cases
+    #: run) is closed and the next request makes a new handshake (and, past the AS's 4 sessions
+    #: per device, closes an older one).
+    remotes: list[object] = field(default_factory=list)
     best: float = 0.0
     latencies: list[float] = field(default_factory=list)
     cpu: float = 0.0
@@ -118,12 +123,24 @@ def _backend_cpu(postmaster: int, database: str) -> float:
     return total
 
 
+def _grant_request(port: int) -> Message:
+    message = Message(code=GET, uri=f"coaps://127.0.0.1:{port}/secret")
+    message.opt.uri_query = (f"r={RESOURCE}",)
+    return message
+
+
 async def _connect(case: Case) -> None:
-    """Each case's clients, spread over its instances; each gets its first delivery now."""
+    """Each case's clients, spread over its instances; each gets its first delivery now, and
+    its DTLS connection is held for the run (see :attr:`Case.remotes`)."""
     for i, device in enumerate(list(case.psks)[:CLIENTS]):
         port = case.ports[i % len(case.ports)]
-        case.clients.append(await client(port, device, case.psks[device]))
+        ctx = await client(port, device, case.psks[device])
+        response = await ctx.request(_grant_request(port)).response
+        if not response.code.is_successful():
+            raise RuntimeError(f"{case.name}: first grant: {response.code}")
+        case.clients.append(ctx)
         case.client_ports.append(port)
+        case.remotes.append(response.remote)
     await load(case.clients, case.client_ports, grant, 0.5)
 
 
@@ -145,6 +162,7 @@ async def _measure(cases: list[Case], settings: Settings) -> None:
         for ctx in case.clients:
             await ctx.shutdown()
         case.clients.clear()
+        case.remotes.clear()
 
 
 async def _failover(
@@ -162,11 +180,6 @@ async def _failover(
         }
     )
 
-    def request(port: int) -> Message:
-        message = Message(code=GET, uri=f"coaps://127.0.0.1:{port}/secret")
-        message.opt.uri_query = (f"r={RESOURCE}",)
-        return message
-
     killed: list[float] = []
 
     def kill() -> None:
@@ -178,7 +191,7 @@ async def _failover(
         while True:
             try:
                 response = await asyncio.wait_for(
-                    ctx.request(request(ports[0])).response, FAILOVER_TIMEOUT
+                    ctx.request(_grant_request(ports[0])).response, FAILOVER_TIMEOUT
                 )
             except TimeoutError:
                 reason = f"no answer in {FAILOVER_TIMEOUT:g} s"
@@ -193,7 +206,9 @@ async def _failover(
         deadline = time.perf_counter() + 30
         while True:
             try:
-                response = await asyncio.wait_for(ctx.request(request(ports[1])).response, 5.0)
+                response = await asyncio.wait_for(
+                    ctx.request(_grant_request(ports[1])).response, 5.0
+                )
             except (TimeoutError, OSError, error.NetworkError):
                 if time.perf_counter() > deadline:
                     raise RuntimeError("B did not answer within 30 s of the kill") from None
