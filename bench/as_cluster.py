@@ -12,10 +12,11 @@ commands would), each AS started as ``oscar-as serve --state DIR --listen …``:
 
 PostgreSQL is a private server started for the run (:mod:`demo.pgserver`), durable (every commit
 flushed, PostgreSQL's default, as SQLite's audited deliveries are). Each case has :data:`CLIENTS`
-DTLS clients (one consumer each), which first get their grant once (the audited first delivery);
-then windows of grants (``GET /secret?r=bench-producer/reading``, answered with the secret:
-:func:`bench.as_load.grant`) alternate between the cases, so that a burst of other load on the
-shared machine slows every case rather than one. Per case: grants/s (the best window), p99
+DTLS clients (one consumer each), which first get their grant once (the audited first delivery)
+and keep their DTLS session for the run (:attr:`Case.remotes`); then windows of grants
+(``GET /secret?r=bench-producer/reading``, answered with the secret: :func:`bench.as_load.grant`)
+alternate between the cases, so that a burst of other load on the shared machine slows every case
+rather than one. Per case: grants/s (the best window), p99
 latency (all windows), and the CPU seconds of the case's AS process(es) over the windows
 (``/proc/PID/stat``) divided by the grants served; beside it, printed, the CPU of the PostgreSQL
 backends serving that case's database (what SQLite does inside the AS process, PostgreSQL does
@@ -217,6 +218,8 @@ async def _failover(
                 return time.perf_counter() - killed[0], reason
             raise RuntimeError(f"B: {response.code}")
     finally:
+        if not killed:  # an error before the kill: A goes anyway (run() restarts it)
+            victim.kill()
         victim.wait()
         await ctx.shutdown()
 
