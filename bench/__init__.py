@@ -42,6 +42,7 @@ MODULES = (
     "seal_open",
     "as_grants",
     "as_scale",
+    "as_cluster",
     "producer_get",
     "consumer_open",
     "producer_cpu",

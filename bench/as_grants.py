@@ -30,12 +30,9 @@ client. Then DTLS handshakes/s: a new client context, handshake and one GET, one
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,82 +41,22 @@ from aiocoap import GET, Context, Message, error
 from demo.system import free_port
 
 from . import Figure, Settings
+from .as_load import FRESH, PRODUCER, Target, client, load, percentile, prepare, start_as
+from .as_load import grant as _grant
 from .testbed import cpu_seconds
 
 __all__ = ["run"]
 
-PRODUCER = "bench-producer"
-RESOURCE = f"{PRODUCER}/reading"
-#: Resources each client may ask for once, for first deliveries (enough for a full run).
-FRESH = 5000
-CONSUMERS = 50
 CONCURRENCY = (1, 10, 50)
 #: Grants/s ÷ static GET/s the AS should reach (issue 7's target).
 TARGET_RATIO = 0.7
 
 
-async def _prepare(state: Path) -> dict[str, bytes]:
-    from authz_server.ca import init_state
-    from authz_server.store import Resource
-
-    now = int(time.time())
-    store = await init_state(state, as_uri="coaps://127.0.0.1", now=now)
-    try:
-        await store.add_device(PRODUCER, "producer", os.urandom(16), now)
-        ids = [RESOURCE, *(f"{PRODUCER}/n{i}" for i in range(FRESH))]
-        await store.register_resources(
-            [Resource(rid, PRODUCER, 0, "ccm-es256", 60, 0, now) for rid in ids]
-        )
-        psks = {f"bench-consumer-{i}": os.urandom(16) for i in range(CONSUMERS)}
-        await store.add_devices([(name, "consumer", psk) for name, psk in psks.items()], now)
-        await store.add_grants([(name, f"{PRODUCER}/*", None) for name in psks], now)
-        return psks
-    finally:
-        await store.close()
-
-
-async def _client(port: int, device: str, psk: bytes) -> Context:
-    ctx = await Context.create_client_context(transports=["tinydtls"])
-    ctx.client_credentials.load_from_dict(
-        {f"coaps://127.0.0.1:{port}/*": {"dtls": {"psk": psk, "client-identity": device.encode()}}}
-    )
-    return ctx
-
-
-#: A request's path and query, given the client's number.
-Target = Callable[[int], tuple[str, tuple[str, ...]]]
-
-
 async def _load(
     clients: list[Context], port: int, target: Target, seconds: float
 ) -> tuple[float, list[float]]:
-    """Requests/s over all clients and every request's latency, each client looping ``seconds``."""
-    latencies: list[float] = []
-
-    async def loop(index: int, ctx: Context) -> int:
-        done = 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            path, query = target(index)
-            message = Message(code=GET, uri=f"coaps://127.0.0.1:{port}/{path}")
-            if query:
-                message.opt.uri_query = query
-            start = time.perf_counter()
-            response = await ctx.request(message).response
-            latencies.append(time.perf_counter() - start)
-            if not response.code.is_successful():
-                raise RuntimeError(f"{path} {query}: {response.code}")
-            done += 1
-        return done
-
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(loop(i, ctx) for i, ctx in enumerate(clients)))
-    return sum(counts) / (time.perf_counter() - start), latencies
-
-
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+    """:func:`bench.as_load.load` with every client on the one AS at ``port``."""
+    return await load(clients, [port] * len(clients), target, seconds)
 
 
 @dataclass
@@ -139,10 +76,6 @@ class Kind:
 
 def _static(index: int) -> tuple[str, tuple[str, ...]]:
     return ".well-known/core", ()
-
-
-def _grant(index: int) -> tuple[str, tuple[str, ...]]:
-    return "secret", (f"r={RESOURCE}",)
 
 
 class Fresh:
@@ -168,7 +101,7 @@ async def _measure(port: int, pid: int, psks: dict[str, bytes], settings: Settin
     names = list(psks)
     fresh = Fresh(len(names))
     for concurrency in CONCURRENCY:
-        clients = [await _client(port, n, psks[n]) for n in names[:concurrency]]
+        clients = [await client(port, n, psks[n]) for n in names[:concurrency]]
         kinds = {
             "static": Kind(_static),
             "grant": Kind(_grant),
@@ -191,10 +124,10 @@ async def _measure(port: int, pid: int, psks: dict[str, bytes], settings: Settin
         static, grant, first = kinds["static"], kinds["grant"], kinds["first"]
         print(
             f"  {concurrency:>2} clients: grant latency p50 "
-            f"{_percentile(grant.latencies, 0.5) * 1e3:.1f} ms, p99 "
-            f"{_percentile(grant.latencies, 0.99) * 1e3:.1f} ms ({len(grant.latencies)} grants); "
-            f"first delivery p50 {_percentile(first.latencies, 0.5) * 1e3:.1f} ms, p99 "
-            f"{_percentile(first.latencies, 0.99) * 1e3:.1f} ms. AS CPU per request: static "
+            f"{percentile(grant.latencies, 0.5) * 1e3:.1f} ms, p99 "
+            f"{percentile(grant.latencies, 0.99) * 1e3:.1f} ms ({len(grant.latencies)} grants); "
+            f"first delivery p50 {percentile(first.latencies, 0.5) * 1e3:.1f} ms, p99 "
+            f"{percentile(first.latencies, 0.99) * 1e3:.1f} ms. AS CPU per request: static "
             f"{static.cpu_per_request_us:.0f} us, grant {grant.cpu_per_request_us:.0f} us, "
             f"first delivery {first.cpu_per_request_us:.0f} us",
             flush=True,
@@ -238,7 +171,7 @@ async def _handshakes(port: int, psks: dict[str, bytes], settings: Settings) -> 
     done, lost, spent = 0, 0, 0.0
     while done < count and lost < 5:
         start = time.perf_counter()
-        ctx = await _client(port, device, psk)
+        ctx = await client(port, device, psk)
         try:
             message = Message(code=GET, uri=f"coaps://127.0.0.1:{port}/crl")
             response = await asyncio.wait_for(ctx.request(message).response, 5.0)
@@ -260,17 +193,10 @@ def run(settings: Settings) -> Iterator[Figure]:
     """Start an AS, measure, stop it; yield three figures per concurrency."""
     with tempfile.TemporaryDirectory(prefix="oscar-bench-as-") as tmp:
         state = Path(tmp) / "state"
-        psks = asyncio.run(_prepare(state))
+        psks = asyncio.run(prepare(state))
         port = free_port()
-        log = open(Path(tmp) / "as.log", "wb")  # noqa: SIM115 (closed below)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "authz_server", "serve", "--state", str(state),
-             "--listen", f"127.0.0.1:{port}", "--rate", "1000000", "--burst", "1000000",
-             "--log-level", "info"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        server = start_as(state, port, Path(tmp) / "as.log")
         try:
-            _wait_until_serving(Path(tmp) / "as.log", server)
             figures = asyncio.run(_measure(port, server.pid, psks, settings))
             yield from figures
             rate = asyncio.run(_handshakes(port, psks, settings))
@@ -279,15 +205,3 @@ def run(settings: Settings) -> Iterator[Figure]:
         finally:
             server.terminate()
             server.wait(timeout=10)
-            log.close()
-
-
-def _wait_until_serving(log: Path, server: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"serving coaps://" in log.read_bytes():
-            return
-        if server.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError("the AS did not start: " + log.read_text(errors="replace")[-2000:])
