@@ -54,6 +54,8 @@ async def get_secret(api: Endpoints, device: Device, request: Request, now: int)
     if device.role != "consumer" and not owner:
         raise await api.deny(device, "secret", resource_id, "not the owner", now)
     view = await api.store.secret_view(device.id, resource_id, wanted, now)
+    if not view.active:  # revoked since authenticate() found it active (Endpoints.known)
+        raise await api.inactive(device.id, now)
     if (
         not owner
         and view.readable
@@ -62,6 +64,8 @@ async def get_secret(api: Endpoints, device: Device, request: Request, now: int)
         and await rotate_if_due(api, view.resource, now)
     ):
         view = await api.store.secret_view(device.id, resource_id, wanted, now)
+        if not view.active:
+            raise await api.inactive(device.id, now)
     resource, epoch = view.resource, view.epoch
     if owner:
         if resource is None or resource.producer_id != device.id or epoch is None:

@@ -153,6 +153,7 @@ class _Server:
                 log.info("device %s may connect", device_id)
         for device_id in sorted(current - active):
             self.creds.remove_device(device_id)
+            self.endpoints.forget(device_id)
             log.info("device %s is no longer active: credentials removed", device_id)
             self._end_sessions(device_id)
         psks.clear()

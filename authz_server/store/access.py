@@ -218,7 +218,7 @@ class Access:
         """Everything a secret request is decided on, in one point read on the event loop's
         thread (:meth:`Backend.lookup`): the resource, the epoch asked for (the active one when
         ``epoch`` is None) with its secret decrypted, and whether the device's live grants cover
-        the resource and leave that epoch unexcluded."""
+        the resource and leave that epoch unexcluded, and whether the device is active."""
         sql = self.db.sql
         row = await self.db.lookup(
             sql.VIEW_OF_ACTIVE if epoch is None else sql.VIEW_OF_EPOCH,
@@ -244,7 +244,7 @@ class Access:
                 deactivated_at=row[11],
                 secret=secret,
             )
-        return SecretView(resource, found, bool(row[13]), bool(row[14]))
+        return SecretView(resource, found, bool(row[13]), bool(row[14]), bool(row[15]))
 
     async def readable_resources(self, consumer_id: str, now: int) -> list[tuple[Resource, int]]:
         """(resource, active epoch) of every resource the consumer may read now, by id: what

@@ -137,6 +137,9 @@ class SecretView:
     epoch: Epoch | None
     granted: bool
     excluded: bool
+    #: The asking device is active, read in the same statement (the same snapshot) as the
+    #: grants: the request path's device check for ``GET /secret``.
+    active: bool
 
     @property
     def readable(self) -> bool:

@@ -148,11 +148,19 @@ async def test_a_device_revoked_by_the_admin_cli_is_unauthorized_at_the_next_req
     for _ in range(3):
         await api.handle(secret_request(CONSUMER))
         await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
+    assert CONSUMER in api.known  # GET /secret reads its status in its own point read
     admin(tmp_path / "state", "revoke", "--device", CONSUMER)
-    with pytest.raises(Unauthorized):
-        await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
+    with pytest.raises(Unauthorized):  # the known device's status, read with the grants
+        await api.handle(secret_request(CONSUMER))
+    assert CONSUMER not in api.known
     with pytest.raises(Unauthorized):
         await api.handle(secret_request(CONSUMER))
+    with pytest.raises(Unauthorized):
+        await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
+    refusals = [
+        r for r in await store.audit_records() if r.actor == CONSUMER and r.result != "ok"
+    ]
+    assert refusals and all(r.detail.get("reason") == "inactive" for r in refusals), refusals
 
 
 @pytest.mark.asyncio
