@@ -108,13 +108,17 @@ async def rotate_if_due(api: Endpoints, resource: Resource | None, now: int) -> 
         return False
     if active.activated_at + resource.rotation_period > now:
         return False
+    # Decided again under the write lock: the schedule of this instance or of another (or a
+    # concurrent request) may have rotated it since the read above, and a due rotation is done
+    # once (rotating unconditionally here rotated it once per instance that saw it due).
     try:
-        epoch = await api.store.rotate(resource.id, now, actor="as", reason="schedule")
+        epoch = await api.store.rotate_if_due(resource.id, now, actor="as", reason="schedule")
     except DatabaseError:
         raise  # the database failed: not a rotation made meanwhile
     except StoreError:
-        return True  # rotated meanwhile by the scheduler: read the view again
-    log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
+        return True  # the resource changed meanwhile: read the view again
+    if epoch is not None:
+        log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
     return True
 
 

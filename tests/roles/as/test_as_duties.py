@@ -27,7 +27,7 @@ import pytest_asyncio
 from as_harness import AsEnv, as_env
 from pg_harness import PgCluster
 
-from authz_server import retention
+from authz_server import api_keys, retention
 from authz_server.ca import CertificateAuthority, init_state
 from authz_server.cli import main
 from authz_server.server import ServeOptions, _Server
@@ -210,3 +210,35 @@ async def test_two_as_processes_rotate_each_due_resource_once(env: AsEnv) -> Non
     assert sum(text.count("(schedule)") for text in logs) == sum(map(len, times.values()))
     ok, summary = await env.store.verify_audit()
     assert ok, summary
+
+
+@pytest.mark.asyncio
+async def test_a_due_rotation_on_request_and_the_schedule_rotate_once_between_them(
+    stores: list[Store],
+) -> None:
+    """A consumer asking for the pre-active epoch of a resource whose rotation is due makes the
+    instance it asks rotate at once (``api_keys.rotate_if_due``), while the schedules of the
+    instances (this one's included) find the same rotation due: one of them rotates, once."""
+    store = stores[0]
+    await store.add_device("p", "producer", b"p" * 16, NOW)
+    await store.register_resources(
+        [Resource(rid, "p", 0, "ccm-es256", 60, PERIOD, NOW) for rid in RESOURCES]
+    )
+    servers = await servers_on(stores, ServeOptions())
+    for round_ in range(1, 4):
+        now = NOW + PERIOD * round_
+        resources = [await store.resource(rid) for rid in RESOURCES]
+        on_request = [
+            api_keys.rotate_if_due(server.endpoints, resource, now)
+            for server in servers
+            for resource in resources
+        ]
+        await asyncio.gather(*on_request, *(server.schedule(now) for server in servers))
+        for rid in RESOURCES:
+            active = await store.epoch(rid)
+            assert active is not None and active.epoch == 1 + round_, (rid, round_)
+    rotations = Counter(
+        (r.subject, r.at) for r in await store.audit_records() if r.action == "rotate"
+    )
+    assert set(rotations.values()) == {1} and len(rotations) == len(RESOURCES) * 3
+    assert (await store.verify_audit())[0]
