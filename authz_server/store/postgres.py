@@ -499,6 +499,41 @@ _VIEW = (
 )
 VIEW_OF_ACTIVE = Named(_VIEW + "e.state = 'active'")
 VIEW_OF_EPOCH = Named(_VIEW + "e.epoch = :epoch::bigint")
+#: Many secret views in one statement: one row per (device, resource, epoch or NULL for the
+#: active one, now) of the arrays, numbered from 1 in the first column, then the columns of
+#: VIEW_OF_ACTIVE / VIEW_OF_EPOCH, each decided as they decide it (the backend coalesces the
+#: point reads of concurrent requests into one round trip: see COALESCED).
+VIEW_BATCH = (
+    "SELECT q.n, r.id, r.producer_id, r.content_format, r.profile, r.max_age, "
+    "r.rotation_period, r.registered_at, e.epoch, e.state, e.created_at, e.activated_at, "
+    "e.deactivated_at, e.secret, "
+    "EXISTS (SELECT 1 FROM grants g WHERE g.consumer_id = q.device "
+    "  AND g.revoked_at IS NULL AND (g.until IS NULL OR q.now < g.until) "
+    "  AND oscar_match(q.resource, g.pattern)), "
+    "EXISTS (SELECT 1 FROM exclusions x WHERE x.consumer_id = q.device "
+    "  AND x.resource_id = q.resource AND x.from_epoch <= COALESCE(e.epoch, q.epoch, 0) "
+    "  AND (x.to_epoch IS NULL OR COALESCE(e.epoch, q.epoch, 0) <= x.to_epoch)), "
+    "EXISTS (SELECT 1 FROM devices d WHERE d.id = q.device AND d.status = 'active') "
+    "FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) "
+    "  WITH ORDINALITY AS q(device, resource, epoch, now, n) "
+    "LEFT JOIN resources r ON r.id = q.resource "
+    "LEFT JOIN LATERAL ("
+    "  (SELECT e1.epoch, e1.state, e1.created_at, e1.activated_at, e1.deactivated_at, e1.secret "
+    "   FROM epochs e1 WHERE q.epoch IS NULL AND e1.resource_id = q.resource "
+    "   AND e1.state = 'active') "
+    "  UNION ALL "
+    "  (SELECT e2.epoch, e2.state, e2.created_at, e2.activated_at, e2.deactivated_at, e2.secret "
+    "   FROM epochs e2 WHERE q.epoch IS NOT NULL AND e2.resource_id = q.resource "
+    "   AND e2.epoch = q.epoch) "
+    "  LIMIT 1"
+    ") e ON true"
+)
+#: The point reads the backend coalesces: statement -> (the statement reading many at once,
+#: the names of the parameters whose values become its arrays, in order).
+COALESCED: dict[str, tuple[str, tuple[str, ...]]] = {
+    VIEW_OF_ACTIVE: (VIEW_BATCH, ("device", "resource", "epoch", "now")),
+    VIEW_OF_EPOCH: (VIEW_BATCH, ("device", "resource", "epoch", "now")),
+}
 OPEN_EXCLUSIONS_OF = (
     "SELECT DISTINCT consumer_id, resource_id FROM exclusions WHERE to_epoch IS NULL "
     "AND consumer_id = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb))) "

@@ -54,7 +54,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -65,6 +65,7 @@ from .postgres_connections import (
     MAINTENANCE_TIMEOUT,
     READERS,
     Backoff,
+    Coalescer,
     Readers,
     close_quietly,
     connect,
@@ -136,6 +137,7 @@ class PostgresBackend:
         self.url = url
         self._conn: asyncpg.Connection | None = conn
         self._readers = readers
+        self._coalescer = None if readers is None else Coalescer(readers)
         self._lock = asyncio.Lock()
         self._owner: asyncio.Task[Any] | None = None
         self._closed = False
@@ -228,6 +230,9 @@ class PostgresBackend:
 
     async def close(self) -> None:
         self._closed = True
+        if self._coalescer is not None:
+            coalescer, self._coalescer = self._coalescer, None
+            await coalescer.close()
         if self._readers is not None:
             readers, self._readers = self._readers, None
             await readers.close()
@@ -345,10 +350,16 @@ class PostgresBackend:
 
     async def lookup(self, sql: str, params: Params = ()) -> Row:
         """One row by key from a reader connection: committed state, no waiting for writers.
-        Inside the task's own transaction (which readers cannot see), as :meth:`one`."""
+        Inside the task's own transaction (which readers cannot see), as :meth:`one`. The
+        statements :data:`.postgres.COALESCED` names are read together with the same kind's
+        reads of other tasks (:class:`.postgres_connections.Coalescer`)."""
         readers = self._readers
         if readers is None or self._in_own_transaction():
             return await self.one(sql, params)
+        coalesced = postgres.COALESCED.get(sql)
+        if coalesced is not None and self._coalescer is not None and isinstance(params, Mapping):
+            batch, names = coalesced
+            return cast(Row, await self._coalescer.fetchrow(batch, [params[n] for n in names]))
         row = await readers.fetchrow(*_args(sql, params))
         return None if row is None else tuple(row)
 

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
@@ -33,6 +33,7 @@ __all__ = [
     "READER_SETTINGS",
     "RECONNECT_TIMEOUT",
     "Backoff",
+    "Coalescer",
     "Readers",
     "close_quietly",
     "command_timeout",
@@ -203,6 +204,9 @@ async def connect(
     )
 
 
+#: Point reads sent together in one statement at most (:class:`Coalescer`).
+COALESCE_LIMIT = 64
+
 #: The point-read connections' sessions: read-only, as SQLite's reader (``mode=ro``) is, so a
 #: statement that reached a reader by mistake changes nothing.
 READER_SETTINGS = {**postgres.CONNECTION_SETTINGS, "default_transaction_read_only": "on"}
@@ -227,6 +231,13 @@ class Readers:
     async def fetchrow(self, sql: str, *args: Any) -> Any:
         """The row, as a plain asyncpg call; :class:`DatabaseError` (or
         :class:`DatabaseUnavailable`) for a failure, the lost connection dropped."""
+        return await self._call("fetchrow", sql, args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Every row, as :meth:`fetchrow` reads one."""
+        return cast(list[Any], await self._call("fetch", sql, args))
+
+    async def _call(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
         conn = await self._idle.get()
         try:
             if conn is None or conn.is_closed():
@@ -235,7 +246,7 @@ class Readers:
                 conn = await self._backoff.connect(self._url, READER_SETTINGS)
                 self._open.add(conn)
             try:
-                return await conn.fetchrow(sql, *args)
+                return await getattr(conn, method)(sql, *args)
             except DRIVER_ERRORS as exc:
                 error = error_of(exc, conn)
                 if isinstance(error, DatabaseUnavailable):
@@ -253,3 +264,81 @@ class Readers:
     async def close(self) -> None:
         await asyncio.gather(*(close_quietly(conn) for conn in self._open))
         self._open.clear()
+
+
+def _each(exc: Exception) -> DatabaseError:
+    """An error of the same kind as ``exc`` for each read of a failed statement."""
+    if isinstance(exc, DatabaseError):
+        return type(exc)(*exc.args)
+    return DatabaseError(f"database error: {type(exc).__name__}")
+
+
+class Coalescer:
+    """Point reads of one kind that arrive while such a read is on its way to the server, sent
+    together as one statement (:data:`.postgres.COALESCED`): a round trip costs the AS more CPU
+    than the statement (asyncpg's protocol, two system calls, the event loop's turns), so under
+    load many requests share one. A read that finds none running is sent at once (by a task
+    that then sends whatever gathered meanwhile, :data:`COALESCE_LIMIT` at a time, until
+    nothing waits): no read waits for a timer, and each is answered from a statement that began
+    after it was asked (it sees every commit made before). A failed statement fails each of its
+    reads with the same kind of error."""
+
+    def __init__(self, readers: Readers) -> None:
+        self._readers = readers
+        #: Per batch statement: the reads waiting (their parameters, their future).
+        self._waiting: dict[str, list[tuple[Sequence[Any], asyncio.Future[Any]]]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+
+    async def fetchrow(self, batch: str, params: Sequence[Any]) -> Any:
+        """The row of ``params`` (one value per array of ``batch``), without the number."""
+        if self._closed:
+            raise DatabaseError("database error: the store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(batch, []).append((params, future))
+        if batch not in self._tasks:
+            self._tasks[batch] = asyncio.ensure_future(self._send(batch))
+        return await future
+
+    async def _send(self, batch: str) -> None:
+        waiting = self._waiting[batch]
+        try:
+            while waiting:
+                reads = [read for read in waiting[:COALESCE_LIMIT] if not read[1].done()]
+                del waiting[:COALESCE_LIMIT]
+                if not reads:
+                    continue
+                values = zip(*(params for params, _ in reads), strict=True)
+                arrays = [list(column) for column in values]
+                try:
+                    rows = await self._readers.fetch(batch, *arrays)
+                except Exception as exc:  # DatabaseError (or DatabaseUnavailable) for each
+                    for _, future in reads:
+                        if not future.done():
+                            future.set_exception(_each(exc))
+                    continue
+                except BaseException:  # cancelled: the store is closing
+                    for _, future in [*reads, *waiting]:
+                        if not future.done():
+                            future.set_exception(DatabaseError("database error: interrupted"))
+                    waiting.clear()
+                    raise
+                found = {row[0]: row for row in rows}
+                for number, (_, future) in enumerate(reads, 1):
+                    if not future.done():
+                        row = found.get(number)
+                        future.set_result(None if row is None else tuple(row)[1:])
+        finally:
+            del self._tasks[batch]
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for waiting in self._waiting.values():
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(DatabaseError("database error: the store is closed"))
+            waiting.clear()

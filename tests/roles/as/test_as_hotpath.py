@@ -7,6 +7,8 @@ deliveries that share a commit.
 - The read-only connection of ``Database._lookup``: sees every commit at once, never a
   transaction half done nor waits for one, sees the task's own transaction through the writer,
   falls back to the worker thread when busy, cannot write, keeps no read transaction open.
+- PostgreSQL: secret views asked at once share one statement, each answer what its own
+  statement says, and none joins a statement sent before a commit it must see.
 - Grouped first deliveries: one transaction for those asked at once, each audited once and in
   order, durable before the caller returns; a failed batch fails each caller and records
   nothing.
@@ -157,9 +159,7 @@ async def test_a_device_revoked_by_the_admin_cli_is_unauthorized_at_the_next_req
         await api.handle(secret_request(CONSUMER))
     with pytest.raises(Unauthorized):
         await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
-    refusals = [
-        r for r in await store.audit_records() if r.actor == CONSUMER and r.result != "ok"
-    ]
+    refusals = [r for r in await store.audit_records() if r.actor == CONSUMER and r.result != "ok"]
     assert refusals and all(r.detail.get("reason") == "inactive" for r in refusals), refusals
 
 
@@ -380,6 +380,105 @@ async def test_the_point_read_connections_cannot_write_on_postgresql(store: Stor
         with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
             await conn.execute("UPDATE devices SET status = 'revoked' WHERE id = $1", CONSUMER)
     assert (await store.device(CONSUMER)).status == "active"  # type: ignore[union-attr]
+
+
+# --- PostgreSQL: concurrent secret views coalesced into one statement -----------------------
+
+
+def count_reader_statements(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the statements the store's reader connections run (one item per statement, the
+    number of rows it returned)."""
+    readers = store.db._readers  # type: ignore[attr-defined]
+    calls: list[int] = []
+    call = readers._call
+
+    async def counted(method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        result = await call(method, sql, args)
+        calls.append(len(result) if method == "fetch" else 1)
+        return result
+
+    monkeypatch.setattr(readers, "_call", counted)
+    return calls
+
+
+@postgresql_only()
+@pytest.mark.asyncio
+async def test_concurrent_secret_views_share_one_statement_and_agree_with_one_each(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views asked at once go to PostgreSQL as one statement (a round trip costs the AS more CPU
+    than the statement), and each answer is what its own statement (VIEW_OF_ACTIVE or
+    VIEW_OF_EPOCH, read through the writer) says, over devices active, revoked and unknown,
+    grants live, expired and revoked, exclusions, and epochs in every state."""
+    await store.add_device("phone-3", "consumer", os.urandom(16), NOW)
+    await store.add_device("gone", "consumer", os.urandom(16), NOW)
+    await store.register_resource(Resource("sensor-1/other", PRODUCER, 0, "ccm-es256", 60, 0, NOW))
+    await store.add_grant(CONSUMER, "sensor-1/*", None, NOW)
+    await store.add_grant(OTHER, "sensor-1/temp*", NOW + 5, NOW)  # expires at NOW + 5
+    await store.add_grant("gone", "*", None, NOW)
+    await store.add_grant("phone-3", "sensor-1/*", None, NOW)
+    await store.rotate(RID, NOW + 1, actor="admin", reason="test")  # epochs 1, 2, 3 (pre-active)
+    await store.revoke_grants("phone-3", None, NOW + 2)  # excluded from the next epochs
+    await store.add_grant("phone-3", "sensor-1/*", None, NOW + 3)  # readmitted, a new epoch
+    await store.compromise(RID, 2, NOW + 3)
+    await store.revoke_device("gone", NOW + 4)
+    epochs = {e.epoch: e.state for e in await store.epochs(RID)}
+    assert len(set(epochs.values())) >= 3, epochs  # several states among the epochs
+    asked = [
+        (device, resource, epoch, when)
+        for device in (CONSUMER, OTHER, "phone-3", "gone", "nobody", PRODUCER)
+        for resource in (RID, "sensor-1/other", "sensor-1/none")
+        for epoch in (None, 1, 2, 3, max(epochs), max(epochs) + 1)
+        for when in (NOW + 4, NOW + 10)
+    ]
+    sql = store.db.sql
+    expected = []
+    for device, resource, epoch, when in asked:
+        params = {"device": device, "resource": resource, "epoch": epoch, "now": when}
+        statement = sql.VIEW_OF_ACTIVE if epoch is None else sql.VIEW_OF_EPOCH
+        expected.append(await store.db.one(statement, params))  # the writer: not coalesced
+    calls = count_reader_statements(store, monkeypatch)
+    views = await asyncio.gather(*(store.secret_view(*one) for one in asked))
+    assert len(calls) < len(asked) / 10, calls  # 432 views in a few statements
+    assert sum(calls) == len(asked)
+    for one, view, row in zip(asked, views, expected, strict=True):
+        resource = None if row[0] is None else Resource(*row[0:7])
+        assert view.resource == resource, one
+        assert (view.epoch and view.epoch.epoch, view.epoch and view.epoch.state) == (
+            row[7],
+            row[8],
+        ), one
+        assert (view.granted, view.excluded, view.active) == (row[13], row[14], row[15]), one
+    assert any(v.readable for v in views) and not all(v.readable for v in views)
+    assert any(v.active for v in views) and not all(v.active for v in views)
+
+
+@postgresql_only()
+@pytest.mark.asyncio
+async def test_a_view_asked_after_a_commit_sees_it_even_with_a_statement_under_way(
+    store: Store, tmp_path: Path
+) -> None:
+    """A coalesced read never joins a statement already sent: what was committed before it was
+    asked is in its answer (a revocation by the admin CLI, here, while views keep coming)."""
+    now_ = int(time.time())
+    await store.add_grant(CONSUMER, "sensor-1/*", None, now_)
+    stop = asyncio.Event()
+
+    async def keep_reading() -> None:
+        while not stop.is_set():
+            await store.secret_view(OTHER, RID, None, now_)
+
+    readers = [asyncio.ensure_future(keep_reading()) for _ in range(8)]
+    try:
+        assert (await store.secret_view(CONSUMER, RID, None, now_)).readable
+        await asyncio.to_thread(admin, tmp_path / "state", "revoke", "--consumer", CONSUMER)
+        views = await asyncio.gather(
+            *(store.secret_view(CONSUMER, RID, None, int(time.time())) for _ in range(20))
+        )
+        assert not any(view.readable for view in views)
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
 
 
 # --- first deliveries that share a commit -----------------------------------------------------
