@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import signal
 import sys
 import time
@@ -197,16 +198,15 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
         tasks = [asyncio.create_task(t) for t in (write(), direct.run(stop), proxied.run(stop))]
         figures: dict[str, float] = {}
 
-        async def kill_after_a_rotation(*servers: AsProcess) -> tuple[float, int]:
-            """kill -9 ``servers`` just after the reader saw a new epoch: the pre-active epoch
+        async def kill_after_a_rotation(server: AsProcess) -> tuple[float, int]:
+            """kill -9 ``server`` just after the reader saw a new epoch: the pre-active epoch
             then is the next one, so every later one is made after the kill. Returns (the time
             of the kill, the first epoch made after it)."""
             seen = direct.newest_epoch()
             await until(lambda: direct.newest_epoch() > seen, PERIOD + 5, "a rotation")
-            for server in servers:
-                assert server.proc is not None
-                server.proc.send_signal(signal.SIGKILL)
-                server.proc.wait()
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait()
             return time.time(), direct.newest_epoch() + 2
 
         async def followed(
@@ -261,9 +261,16 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
             # --- then B killed: everyone goes back to A (it failed before B did).
             killed, made_after = await kill_after_a_rotation(b)
             await followed("B killed", killed, made_after, b, a)
+            # the producer with the default period (3600 s) keeps a quiet observation: it
+            # notices the loss by an unanswered ping (LIVENESS + PING_TIMEOUT)
+            back_to_a = f"AS {a.uri} now, was {b.uri} (no answer)"
+            await until(lambda: logged_at(late.log(), back_to_a, killed), BOUND, "late's move")
+            late_moved = logged_at(late.log(), back_to_a, killed)
+            assert late_moved is not None
+            figures["B killed: a 3600 s producer moved"] = late_moved - killed
 
-            # --- both killed: the producer serves what it holds and says why it waits; a
-            # consumer that must ask the AS gets one clear error line.
+            # --- A killed too (B is down already): the producer serves what it holds and says
+            # why it waits; a consumer that must ask the AS gets one clear error line.
             down, made_after = await kill_after_a_rotation(a)
             before = len(direct.readings)
             await until(lambda: len(direct.readings) > before + 5, PERIOD, "readings with no AS")
@@ -273,6 +280,7 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
             assert status == 4, (status, out, err)
             assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
             assert "none of the 2 AS instances asked served" in err, err
+            print("with no AS, oscar-consumer says:", err.strip())
             await asyncio.sleep(max(0.0, down + PERIOD + 1.5 - time.time()))
             # past the boundary the producer sealed under the next epoch (it held its secret);
             # the consumer needs that secret, and cannot have it
@@ -309,4 +317,13 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
         daemon.kill()
         assert "Traceback" not in daemon.log(), daemon.log()[-3000:]
     admin("audit", "--verify")
+    # each rotation was made once (none on the heels of another: a period apart, less the
+    # seconds' truncation and an outage's catch-up)
+    rotations = sorted(
+        at
+        for server in (a, b)
+        for line in server.log().splitlines()
+        if (at := logged_at(line, "rotated meter/v to epoch", 0)) is not None
+    )
+    assert len(rotations) >= 6 and min(map(operator.sub, rotations[1:], rotations)) > 1.0, rotations
     print("failover figures (s):", {k: round(v, 2) for k, v in figures.items()})
