@@ -61,7 +61,7 @@ async def get_secret(api: Endpoints, device: Device, request: Request, now: int)
         and view.readable
         and view.epoch is not None
         and view.epoch.state == PRE_ACTIVE
-        and await rotate_if_due(api, view.resource, now)
+        and await rotate_if_due(api, view.resource, view.epoch.epoch, now)
     ):
         view = await api.store.secret_view(device.id, resource_id, wanted, now)
         if not view.active:
@@ -98,26 +98,29 @@ async def get_secret(api: Endpoints, device: Device, request: Request, now: int)
     )
 
 
-async def rotate_if_due(api: Endpoints, resource: Resource | None, now: int) -> bool:
+async def rotate_if_due(api: Endpoints, resource: Resource | None, asked: int, now: int) -> bool:
     """Rotate now if the scheduler is merely late: a producer switches to the next epoch at
-    the boundary by its own clock, and its consumers ask for that epoch at once."""
+    the boundary by its own clock, and its consumers ask for that epoch (``asked``, pre-active
+    when they looked) at once. True when the caller must look again: rotated now, or meanwhile.
+    Whether it is still due is decided again inside the write transaction
+    (:meth:`Store.rotate_if_due`): consumers asking at once, or another instance's scheduler,
+    rotate it once between them."""
     if resource is None or resource.rotation_period <= 0:
         return False
     active = await api.store.epoch(resource.id)
     if active is None or active.activated_at is None:
         return False
+    if active.epoch >= asked:
+        return True  # rotated since the caller looked (another request, the scheduler)
     if active.activated_at + resource.rotation_period > now:
         return False
-    # Decided again under the write lock: the schedule of this instance or of another (or a
-    # concurrent request) may have rotated it since the read above, and a due rotation is done
-    # once (rotating unconditionally here rotated it once per instance that saw it due).
     try:
         epoch = await api.store.rotate_if_due(resource.id, now, actor="as", reason="schedule")
     except DatabaseError:
         raise  # the database failed: not a rotation made meanwhile
     except StoreError:
-        return True  # the resource changed meanwhile: read the view again
-    if epoch is not None:
+        return True  # no longer rotatable as it was: read the view again
+    if epoch is not None:  # None: rotated meanwhile (another request, the scheduler)
         log.info("rotated %s to epoch %d (due, on request)", resource.id, epoch)
     return True
 

@@ -229,6 +229,11 @@ class AsClient:
             return response.code.dotted, reply
         if failure is None:  # pragma: no cover - order is not empty
             raise self._none_to_ask(what)
+        if len(order) > 1:  # say that each was asked, not only the last (an operator's first look)
+            failure = AsUnavailable(
+                f"none of the {len(order)} AS instances asked served {what} (the last: {failure})",
+                failure.code,
+            )
         failure.retry_after = self.failover.retry_after()
         raise failure
 

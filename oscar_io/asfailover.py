@@ -5,8 +5,10 @@ Rules (docs/PROTOCOL.md, "The credentials bundle and failover"):
 
 - Requests go to the **current** AS, at first the preferred one (the bundle's first URI).
 - One that does not answer is **failed**: the next in the list is asked at once (each AS at most
-  once per call), and a failed AS goes last in the order until it answers again. The AS that
-  answers becomes current.
+  once per call), and a failed AS goes last in the order until it answers again; among failed
+  ones, the one that failed longest ago comes first (so that a caller that asks one AS per
+  attempt, as the ``/keys`` observation does, goes round them all instead of asking the same
+  dead one again while another is back). The AS that answers becomes current.
 - One that answers 5.03 or 4.29 with a Max-Age is **busy** until that many seconds have passed
   (at most :data:`MAX_BUSY`): nobody asks it before. Without a Max-Age it is not remembered as
   busy (the call still moves on to the next).
@@ -48,6 +50,7 @@ class AsInstance:
         "connection",
         "ctx",
         "failed",
+        "failed_turn",
         "lock",
         "suspect",
         "uri",
@@ -65,6 +68,8 @@ class AsInstance:
         self.busy_code: str | None = None
         #: Its last attempt got no answer (it goes last in the order until one comes).
         self.failed = False
+        #: When its last attempt failed, as a count of the failures seen (orders failed ones).
+        self.failed_turn = 0
         #: Its context saw an attempt fail: a new one is made before it is asked again (cleared
         #: when the new one is made, so that concurrent callers do not throw it away in turn).
         self.suspect = False
@@ -90,6 +95,7 @@ class Failover:
         self.come_back = come_back
         self._clock = clock
         self.current = 0
+        self._failures = 0
         #: When the client last left (or failed to come back to) the preferred AS.
         self._left_at: float | None = None
 
@@ -103,7 +109,7 @@ class Failover:
     def order(self) -> list[int]:
         """The instances to try for one call, in order: the preferred one when it is time to come
         back to it, then the current one and the next ones in the list, those whose last attempt
-        failed last; busy ones left out."""
+        failed last (the one that failed longest ago first); busy ones left out."""
         now = self._clock()
         count = len(self.instances)
         back = self.current != 0 and self._left_at is not None
@@ -112,7 +118,10 @@ class Failover:
         if back:
             cyclic.remove(0)
         fresh = [i for i in cyclic if not self.instances[i].failed]
-        ordered = ([0] if back else []) + fresh + [i for i in cyclic if i not in fresh]
+        failed = sorted(
+            (i for i in cyclic if i not in fresh), key=lambda i: self.instances[i].failed_turn
+        )
+        ordered = ([0] if back else []) + fresh + failed
         return [i for i in ordered if self.instances[i].busy_until <= now]
 
     def answered(self, index: int) -> None:
@@ -123,7 +132,9 @@ class Failover:
 
     def failed(self, index: int) -> None:
         """``index`` did not answer: it goes last in :meth:`order` until it answers again."""
+        self._failures += 1
         self.instances[index].failed = True
+        self.instances[index].failed_turn = self._failures
         self.instances[index].suspect = True
         if index == 0 and self.current != 0:
             self._left_at = self._clock()  # the preferred one is still away: stay longer

@@ -62,6 +62,7 @@ PROCESS: dict[str, Starts] = {
     "test_as_duties": only("test_two_as_processes_rotate_each_due_resource_once"),
     "test_as_failover": every(),
     "test_as_storm": every(),
+    "test_as_failover_roles": every(),
     "test_as_flood": only(
         "test_a_hello_from_a_new_port_gets_a_stateless_cookie_and_junk_gets_nothing",
         "test_junk_hellos_cannot_evict_established_sessions_from_a_full_table",

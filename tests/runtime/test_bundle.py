@@ -165,6 +165,27 @@ def test_failover_goes_to_the_next_and_comes_back_after_the_set_time(
     ]
 
 
+def test_among_instances_that_did_not_answer_the_one_that_failed_longest_ago_comes_first() -> None:
+    """A dies (the device moves to B), comes back unnoticed, then B dies: the next attempt goes to
+    A, not to B again (a /keys observation asks one instance per attempt); with every instance
+    away, the attempts go round them, whichever is current."""
+    failover = Failover([A, B, C], clock=Clock())
+    failover.failed(0)
+    failover.answered(1)
+    assert failover.order() == [1, 2, 0]
+    failover.failed(1)
+    assert failover.order() == [2, 0, 1]  # one that has not failed first
+    failover.failed(2)
+    assert failover.order() == [0, 1, 2]  # A failed longest ago
+    failover.failed(0)
+    assert failover.order() == [1, 2, 0]
+    failover.failed(1)
+    failover.failed(2)
+    assert failover.current == 1 and failover.order() == [0, 1, 2]
+    failover.answered(0)
+    assert failover.current == 0 and failover.order() == [0, 1, 2]
+
+
 def test_failover_skips_a_busy_instance_until_its_max_age() -> None:
     clock = Clock()
     failover = Failover([A, B], clock=clock)

@@ -229,7 +229,7 @@ async def test_a_due_rotation_on_request_and_the_schedule_rotate_once_between_th
         now = NOW + PERIOD * round_
         resources = [await store.resource(rid) for rid in RESOURCES]
         on_request = [
-            api_keys.rotate_if_due(server.endpoints, resource, now)
+            api_keys.rotate_if_due(server.endpoints, resource, round_ + 1, now)  # the pre-active
             for server in servers
             for resource in resources
         ]

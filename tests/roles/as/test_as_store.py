@@ -626,6 +626,30 @@ async def test_a_consumer_asking_for_a_due_epoch_rotates_it(store: Store) -> Non
         await endpoints.handle(Request(CONSUMER, "GET", ("secret",), ("r=" + RID, "e=3")))
 
 
+@pytest.mark.asyncio
+async def test_consumers_asking_at_once_for_a_due_epoch_rotate_it_once(store: Store) -> None:
+    """Several consumers ask for the new epoch at the same moment (each reader of the producer
+    does, at every boundary): the due rotation is done once, not once per request (the second
+    request reads the first one's rotation inside its write transaction)."""
+    from authz_server.api import Endpoints
+    from authz_server.ca import CertificateAuthority
+    from authz_server.messages import Request
+    from oscar import cbor
+
+    for consumer in (CONSUMER, OTHER):
+        await store.add_grant(consumer, "sensor-1/*", None, NOW)
+    endpoints = Endpoints(store, await CertificateAuthority.load(store), clock=lambda: NOW + 3600)
+    asks = [
+        Request(consumer, "GET", ("secret",), ("r=" + RID, "e=2"))
+        for consumer in (CONSUMER, OTHER, CONSUMER, OTHER)
+    ]
+    replies = await asyncio.gather(*(endpoints.handle(ask) for ask in asks))
+    assert {cbor.loads(reply.payload)["epoch"] for reply in replies} == {2}
+    assert states(await store.epochs(RID)) == [(1, "deactivated"), (2, "active"), (3, "pre-active")]
+    rotations = [r for r in await store.audit_records() if r.action == "rotate"]
+    assert len(rotations) == 1, rotations
+
+
 # --- the backend seam (issue 14) -----------------------------------------------------------------
 
 
