@@ -279,11 +279,15 @@ MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(7262707, 1)"
 
 #: Each session's settings: every commit durable (the default, stated), UTC, a statement that
 #: waits longer than SQLite's busy timeout fails.
+#: The sessions' settings. A transaction of the AS takes milliseconds and never waits for
+#: anything but the server between its statements, so a session idle inside one for 5 s is a
+#: process that stopped (SIGSTOP, a VM paused, a partition) while it held the write lock: the
+#: server ends it, and the other instances' writers, waiting up to ``lock_timeout``, go on.
 CONNECTION_SETTINGS = {
     "synchronous_commit": "on",
     "TimeZone": "UTC",
     "lock_timeout": "10s",
-    "idle_in_transaction_session_timeout": "60s",
+    "idle_in_transaction_session_timeout": "5s",
 }
 BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
 #: Every write transaction of every process on this database takes this lock first, as SQLite's

@@ -434,6 +434,37 @@ async def test_a_store_holds_one_connection_until_it_reads_on_the_request_path(
         await store.close()
 
 
+@pytest.mark.asyncio
+async def test_a_stopped_process_holding_the_write_lock_blocks_the_others_for_seconds_only(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """A session that took the cluster-wide write lock and then went quiet inside its
+    transaction (its process stopped, its VM paused) is ended by the server after 5 s idle, so
+    another instance's write waits for it, then goes through (before its ``lock_timeout``)."""
+    from authz_server.store import postgres
+
+    store = await init_state(
+        tmp_path / "state", as_uri="coaps://127.0.0.1", now=now(), database=pg_database
+    )
+    frozen = await PostgresBackend.connect(pg_database)  # the AS's session settings
+    try:
+        await store.add_device("phone-1", "consumer", os.urandom(16), now())
+        await frozen.execute(postgres.BEGIN)
+        await frozen.execute(postgres.WRITE_LOCK)  # and then nothing more: "stopped"
+        began = time.monotonic()
+        await store.add_grant("phone-1", "p/*", None, now())
+        waited = time.monotonic() - began
+        assert 4.0 <= waited <= 9.0, waited  # the idle timeout (5 s), not the lock timeout
+        assert [g[2] for g in await store.grants("phone-1")] == [
+            "p/*"
+        ]  # (id, consumer, pattern, …)
+        with pytest.raises(Exception):  # noqa: B017 (the server ended that session)
+            await frozen.execute("SELECT 1")
+    finally:
+        frozen.terminate()
+        await store.close()
+
+
 #: The command timeout the silent-server test asks for in the database URL.
 SILENT_TIMEOUT = 2.0
 
