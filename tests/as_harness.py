@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiocoap import GET, Context, Message
+from aiocoap.error import NetworkError
 from aiocoap.numbers.constants import TransportTuning
 from cryptography import x509
 from pg_harness import PgCluster
@@ -318,3 +319,41 @@ async def as_env(
         for secret in secrets:
             assert secret not in stored
             assert secret.hex().encode() not in stored
+
+
+async def refused(client: Client, path: str, **query: Any) -> bool:
+    """True if the request got no response at all (failed handshake, ended session) or 4.01."""
+    try:
+        response = await client.send(
+            client.message(GET, path, query or None, transport_tuning=FastFail()), timeout=5
+        )
+    except (TimeoutError, NetworkError):
+        return True
+    return response.code.dotted == "4.01"
+
+
+class Observation:
+    """A ``/keys`` observation: the first response, then each notification (with its arrival,
+    :func:`time.monotonic`, from :meth:`arrival`)."""
+
+    def __init__(self, client: Client, resource_id: str) -> None:
+        self.request = client.ctx.request(
+            client.message(GET, "keys", {"r": resource_id}, observe=0)
+        )
+        self._notes = self.request.observation.__aiter__()
+
+    async def first(self) -> tuple[str, Any]:
+        response = await asyncio.wait_for(self.request.response, 10)
+        return response.code.dotted, decode(response)
+
+    async def next(self, timeout: float = 5.0) -> Any:
+        return (await self.arrival(timeout))[1]
+
+    async def arrival(self, timeout: float = 10.0) -> tuple[float, Any]:
+        note = await asyncio.wait_for(self._notes.__anext__(), timeout)
+        arrived = time.monotonic()
+        assert note.code.dotted == "2.05"
+        return arrived, decode(note)
+
+    def cancel(self) -> None:
+        self.request.observation.cancel()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
-from pg_harness import BACKENDS, PgCluster
+from pg_harness import BACKENDS, Backing, PgCluster
 
 from testkit import Pki, make_pki
 
@@ -78,3 +79,17 @@ def as_database(request: pytest.FixtureRequest) -> tuple[PgCluster, str] | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("pg_cluster"), request.getfixturevalue("pg_database")
+
+
+@pytest.fixture(params=BACKENDS)
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
+    """An AS state directory ``tmp_path/state`` on SQLite, then on PostgreSQL (a fresh database
+    on the session's private server); see :class:`pg_harness.Backing`."""
+    if request.param == "sqlite":
+        return Backing("sqlite", tmp_path / "state")
+    return Backing(
+        "postgresql",
+        tmp_path / "state",
+        request.getfixturevalue("pg_database"),
+        request.getfixturevalue("pg_cluster"),
+    )

@@ -41,7 +41,7 @@ import pytest
 import pytest_asyncio
 from aiocoap import GET
 from aiocoap.error import NetworkError
-from as_harness import ROOT, AsEnv, AsProcess, Client, FastFail, as_env, decode, now
+from as_harness import ROOT, AsEnv, AsProcess, Client, Observation, as_env, decode, now, refused
 from pg_harness import PgCluster
 
 from authz_server.ca import init_state
@@ -112,36 +112,6 @@ async def log_line(server: AsProcess, text: str, timeout: float = 10.0) -> float
         assert time.monotonic() < deadline, f"no {text!r} in:\n{server.log()}"
         await asyncio.sleep(0.01)
     return time.monotonic()
-
-
-async def refused(client: Client, path: str) -> bool:
-    """True if the request got no response at all (failed handshake, ended session) or 4.01."""
-    try:
-        response = await client.send(client.message(GET, path, transport_tuning=FastFail()), 5)
-    except (TimeoutError, NetworkError):
-        return True
-    return response.code.dotted == "4.01"
-
-
-class Observation:
-    """A ``/keys`` observation: the first response, then each notification with its arrival."""
-
-    def __init__(self, client: Client, resource_id: str) -> None:
-        self.request = client.ctx.request(
-            client.message(GET, "keys", {"r": resource_id}, observe=0)
-        )
-        self._notes = self.request.observation.__aiter__()
-
-    async def first(self) -> Any:
-        response = await asyncio.wait_for(self.request.response, 10)
-        assert response.code.dotted == "2.05"
-        return decode(response)
-
-    async def next(self, timeout: float = 10.0) -> tuple[float, Any]:
-        note = await asyncio.wait_for(self._notes.__anext__(), timeout)
-        arrived = time.monotonic()
-        assert note.code.dotted == "2.05"
-        return arrived, decode(note)
 
 
 def _signal_server(cluster: PgCluster, signum: int) -> list[int]:
@@ -261,11 +231,11 @@ async def test_a_rotation_notifies_keys_observers_on_both_instances(env: AsEnv) 
     a, b = env.server(), env.server()
     on_a, on_b = await env.client(a, "p"), await env.client(b, "p")
     manual = [Observation(on_a, "p/manual"), Observation(on_b, "p/manual")]
-    firsts = await asyncio.gather(*(o.first() for o in manual))
+    firsts = [doc for _, doc in await asyncio.gather(*(o.first() for o in manual))]
     assert [f["active"]["epoch"] for f in firsts] == [1, 1]
 
     exited = await admin(env, "rotate", "--resource", "p/manual")
-    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.next() for o in manual))
+    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.arrival() for o in manual))
     print(f"rotation (CLI): observer on A {at_a - exited:+.3f} s, B {at_b - exited:+.3f} s")
     assert note_a["active"]["epoch"] == note_b["active"]["epoch"] == 2
     assert note_a["active"]["secret"] == note_b["active"]["secret"]
@@ -274,7 +244,7 @@ async def test_a_rotation_notifies_keys_observers_on_both_instances(env: AsEnv) 
     # From the commit itself (the CLI exits a little after it): another process's store.
     await env.store.rotate("p/manual", now(), actor="admin", reason="test")
     committed = time.monotonic()
-    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.next() for o in manual))
+    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.arrival() for o in manual))
     print(f"rotation: observer on A {at_a - committed:.3f} s, B {at_b - committed:.3f} s after")
     assert note_a["active"]["epoch"] == note_b["active"]["epoch"] == 3
     assert at_a - committed <= WITHIN and at_b - committed <= WITHIN
@@ -282,13 +252,13 @@ async def test_a_rotation_notifies_keys_observers_on_both_instances(env: AsEnv) 
 
     # A rotation one instance's schedule makes reaches the other's observers (its poll).
     timed = [Observation(on_a, "p/timed"), Observation(on_b, "p/timed")]
-    firsts = await asyncio.gather(*(o.first() for o in timed))
-    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.next() for o in timed))
+    firsts = [doc for _, doc in await asyncio.gather(*(o.first() for o in timed))]
+    (at_a, note_a), (at_b, note_b) = await asyncio.gather(*(o.arrival() for o in timed))
     while note_a["active"]["epoch"] != note_b["active"]["epoch"]:  # one a rotation behind
         if note_a["active"]["epoch"] < note_b["active"]["epoch"]:
-            at_a, note_a = await timed[0].next()
+            at_a, note_a = await timed[0].arrival()
         else:
-            at_b, note_b = await timed[1].next()
+            at_b, note_b = await timed[1].arrival()
     print(f"rotation (schedule): observers on A and B {abs(at_a - at_b):.3f} s apart")
     assert abs(at_a - at_b) <= WITHIN
     env.keep(note_a["active"]["secret"], note_a["next"]["secret"])

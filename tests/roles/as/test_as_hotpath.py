@@ -36,7 +36,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from as_harness import AsEnv, as_env, now
-from pg_harness import BACKENDS, Backing, PgCluster
+from pg_harness import Backing, PgCluster
 
 from authz_server.api import Endpoints, Forbidden, Unauthorized
 from authz_server.ca import CertificateAuthority, init_state
@@ -49,18 +49,6 @@ ROOT = Path(__file__).resolve().parents[3]
 NOW = 1_800_000_000
 PRODUCER, CONSUMER, OTHER = "sensor-1", "phone-1", "phone-2"
 RID = "sensor-1/temperature"
-
-
-@pytest.fixture(params=BACKENDS)
-def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
-    if request.param == "sqlite":
-        return Backing("sqlite", tmp_path / "state")
-    return Backing(
-        "postgresql",
-        tmp_path / "state",
-        request.getfixturevalue("pg_database"),
-        request.getfixturevalue("pg_cluster"),
-    )
 
 
 async def new_store(state: Path, database: str | None = None) -> Store:

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from pg_harness import BACKENDS, Backing
+from pg_harness import Backing
 
 from authz_server.ca import CertificateAuthority, init_state
 from authz_server.envelope import Envelope
@@ -45,18 +45,6 @@ HOUR = 3600
 
 async def new_store(path: Path, database: str | None = None) -> Store:
     return await init_state(path, as_uri="coaps://127.0.0.1:5684", now=NOW, database=database)
-
-
-@pytest.fixture(params=BACKENDS)
-def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
-    if request.param == "sqlite":
-        return Backing("sqlite", tmp_path / "state")
-    return Backing(
-        "postgresql",
-        tmp_path / "state",
-        request.getfixturevalue("pg_database"),
-        request.getfixturevalue("pg_cluster"),
-    )
 
 
 @pytest_asyncio.fixture

@@ -22,7 +22,18 @@ import pytest
 import pytest_asyncio
 from aiocoap import DELETE, GET, POST, PUT, Message
 from aiocoap.error import NetworkError
-from as_harness import PROFILE, AsEnv, Client, FastFail, as_env, decode, now, resource_body
+from as_harness import (
+    PROFILE,
+    AsEnv,
+    Client,
+    FastFail,
+    Observation,
+    as_env,
+    decode,
+    now,
+    refused,
+    resource_body,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pg_harness import PgCluster
@@ -52,39 +63,6 @@ def csr_der(key: Any, device_id: str) -> bytes:
 
 async def denials(store: Store, actor: str) -> list[Any]:
     return [r for r in await store.audit_records() if r.actor == actor and r.result == "denied"]
-
-
-async def refused(client: Client, path: str, **query: Any) -> bool:
-    """True if the request got no response at all (failed handshake, ended session) or 4.01."""
-    try:
-        response = await client.send(
-            client.message(GET, path, query or None, transport_tuning=FastFail()), timeout=5
-        )
-    except (TimeoutError, NetworkError):
-        return True
-    return response.code.dotted == "4.01"
-
-
-class Observation:
-    """A /keys observation: the first response, then notifications."""
-
-    def __init__(self, client: Client, resource_id: str) -> None:
-        self.request = client.ctx.request(
-            client.message(GET, "keys", {"r": resource_id}, observe=0)
-        )
-        self._notes = self.request.observation.__aiter__()
-
-    async def first(self) -> tuple[str, Any]:
-        response = await asyncio.wait_for(self.request.response, 10)
-        return response.code.dotted, decode(response)
-
-    async def next(self, timeout: float = 5.0) -> Any:
-        note = await asyncio.wait_for(self._notes.__anext__(), timeout)
-        assert note.code.dotted == "2.05"
-        return decode(note)
-
-    def cancel(self) -> None:
-        self.request.observation.cancel()
 
 
 # --- in memory first: the pure parts -------------------------------------------------------------

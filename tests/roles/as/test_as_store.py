@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
-from pg_harness import BACKENDS, Backing
+from pg_harness import Backing
 
 from authz_server.ca import init_state
 from authz_server.store import Conflict, NoSuchRecord, Resource, Store, StoreError
@@ -30,18 +30,6 @@ NOW = 1_800_000_000
 PRODUCER, CONSUMER, OTHER, PROXY = "sensor-1", "phone-1", "phone-2", "cloud-1"
 RID = "sensor-1/temperature"
 PSK = bytes(range(16))
-
-
-@pytest.fixture(params=BACKENDS)
-def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
-    if request.param == "sqlite":
-        return Backing("sqlite", tmp_path / "state")
-    return Backing(
-        "postgresql",
-        tmp_path / "state",
-        request.getfixturevalue("pg_database"),
-        request.getfixturevalue("pg_cluster"),
-    )
 
 
 @pytest_asyncio.fixture
