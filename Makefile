@@ -100,7 +100,7 @@ check: $(STAMP) lint typecheck imports
 	$(BIN)/pytest --check-tier -q $(ARGS)
 
 test: deps $(STAMP) lint typecheck imports
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest --durations=25 $(ARGS)
 
 fuzz: $(STAMP)
 	$(BIN)/python -m fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
