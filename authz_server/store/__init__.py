@@ -109,28 +109,56 @@ def check_database_url(database: str) -> str:
     the state directory's own file, named by no URL); :class:`StoreError` otherwise."""
     from urllib.parse import urlsplit
 
+    shape = (
+        "a database URL is postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE, with / ? # @ : in a "
+        "password percent-encoded (SQLite, the default, needs none)"
+    )
     try:
         parts = urlsplit(database)
         parts.port  # noqa: B018 (a port out of range raises here)
-    except ValueError as exc:
-        raise StoreError(f"not a database URL: {exc}") from None
+    except ValueError:  # its text may quote a password that looked like a port
+        raise StoreError(f"not a database URL: {shape}") from None
     if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
-        raise StoreError(
-            "a database URL is postgresql://USER@HOST:PORT/DATABASE (SQLite, the default, "
-            "needs none)"
-        )
+        raise StoreError(shape)
+    if _user_part_unclear(database):  # a password with a / or an @ in it, say
+        raise StoreError(f"not a database URL: {shape}")
     return database
 
 
-def redacted(url: str) -> str:
-    """A database URL without its password, for messages."""
+def _user_part_unclear(url: str) -> bool:
+    """Whether an ``@`` of ``url`` is not the one ending its user part (a password's
+    unencoded ``/``, ``?``, ``#`` or ``@`` makes it so)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    rest = url.partition("://")[2]
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return "@" in rest
+    return rest.count("@") > 1 or ("@" in rest and "@" not in netloc)
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for messages: the password of the user part and
+    of a ``password=`` parameter shown as ``***``; a URL whose user part cannot be told apart
+    (an ``@`` past the host) shown as ``postgresql://***`` and its host."""
+    import re
+    from urllib.parse import urlsplit
+
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    if _user_part_unclear(url):
+        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return f"{scheme}://***"
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = re.sub(r"(?i)(^|&)(password|passfile)=[^&]*", r"\1\2=***", parts.query)
+    return parts._replace(query=query).geturl()
 
 
 def recorded_database(state_dir: Path) -> str | None:

@@ -198,10 +198,15 @@ async def connect(
     timeout: float = CONNECT_TIMEOUT,
     settings: Mapping[str, str] = postgres.CONNECTION_SETTINGS,
 ) -> asyncpg.Connection:
-    dsn, seconds = split_url(url)
-    return await asyncpg.connect(
-        dsn, timeout=timeout, command_timeout=seconds, server_settings=dict(settings)
-    )
+    dsn, seconds = split_url(url)  # ValueError of its own: says what, quotes no value
+    try:
+        return await asyncpg.connect(
+            dsn, timeout=timeout, command_timeout=seconds, server_settings=dict(settings)
+        )
+    except ValueError:  # asyncpg's text may quote a parameter of the URL (a password, even)
+        raise ValueError(
+            "the database URL has a parameter asyncpg does not take, or a value it refuses"
+        ) from None
 
 
 #: Point reads sent together in one statement at most (:class:`Coalescer`).

@@ -24,7 +24,15 @@ import pytest_asyncio
 from pg_harness import Backing
 
 from authz_server.ca import init_state
-from authz_server.store import Conflict, NoSuchRecord, Resource, Store, StoreError
+from authz_server.store import (
+    Conflict,
+    NoSuchRecord,
+    Resource,
+    Store,
+    StoreError,
+    check_database_url,
+    redacted,
+)
 
 NOW = 1_800_000_000
 PRODUCER, CONSUMER, OTHER, PROXY = "sensor-1", "phone-1", "phone-2", "cloud-1"
@@ -419,6 +427,35 @@ async def test_a_bad_database_url_is_refused_and_nothing_is_made(tmp_path: Path,
     with pytest.raises(StoreError, match="URL"):
         await init_state(tmp_path / "state", as_uri="coaps://x", now=NOW, database=url)
     assert not (tmp_path / "state" / "master.key").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:sekrit@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (
+            "postgresql://u@h/db?password=sekrit&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+        ),
+        ("postgresql://u:p%40sekrit@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:se/krit@h/db", "postgresql://***@h/db"),
+        ("postgresql://u:12/34@h/db", "postgresql://***@h/db"),
+        ("postgresql://u:se@krit@h/db", "postgresql://***@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ],
+)
+def test_a_password_never_shows_in_a_database_url_or_its_errors(url: str, shown: str) -> None:
+    """What messages show of a URL (redacted), and the refusal of one whose user part cannot be
+    told apart, quote no password: not one in the query, not one with an unencoded / or @ that
+    urllib would take for a port or a path."""
+    assert redacted(url) == shown
+    try:
+        check_database_url(url)
+    except StoreError as exc:
+        assert "krit" not in str(exc) and "34" not in str(exc)
+        assert "/" in url.split("@")[0][13:] or url.count("@") > 1  # refused: unclear user part
+    else:
+        assert url.count("@") == 1
 
 
 @pytest.mark.asyncio
