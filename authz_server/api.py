@@ -187,6 +187,7 @@ class Endpoints:
         device = None
         if (request.path, request.method) in _STATUS_IN_VIEW and request.device is not None:
             device = self.known.get(request.device)
+        known = device is not None
         if device is None:
             device = await self.authenticate(request.device, now)
         route = _ROUTES.get(request.path)
@@ -195,7 +196,14 @@ class Endpoints:
         method = route.get(request.method)
         if method is None:
             raise MethodNotAllowed(f"/{'/'.join(request.path)} takes " + ", ".join(route))
-        return cast(Reply, await method(self, device, request, now))
+        try:
+            return cast(Reply, await method(self, device, request, now))
+        except Unauthorized:
+            raise
+        except ApiError:
+            if known:  # refused before its view read the status: a device revoked since gets 4.01
+                await self.authenticate(device.id, now)
+            raise
 
     async def authenticate(self, device_id: str | None, now: int) -> Device:
         """The active device behind the DTLS identity; Unauthorized (audited) otherwise."""

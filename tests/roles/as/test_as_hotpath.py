@@ -38,7 +38,7 @@ import pytest_asyncio
 from as_harness import AsEnv, as_env, now
 from pg_harness import Backing, PgCluster
 
-from authz_server.api import Endpoints, Forbidden, Unauthorized
+from authz_server.api import Endpoints, Forbidden, NotFound, Unauthorized
 from authz_server.ca import CertificateAuthority, init_state
 from authz_server.messages import Request
 from authz_server.store import DatabaseError, Resource, Store, StoreError
@@ -149,6 +149,30 @@ async def test_a_device_revoked_by_the_admin_cli_is_unauthorized_at_the_next_req
         await api.handle(Request(CONSUMER, "GET", (".well-known", "core")))
     refusals = [r for r in await store.audit_records() if r.actor == CONSUMER and r.result != "ok"]
     assert refusals and all(r.detail.get("reason") == "inactive" for r in refusals), refusals
+
+
+@pytest.mark.asyncio
+async def test_a_known_device_revoked_since_is_refused_4_01_whatever_else_is_wrong(
+    store: Store,
+) -> None:
+    """A device ``GET /secret`` knows (its status is read in the view) that was revoked since,
+    asking something that is refused before the view (a malformed query; a producer asking for
+    another's resource), gets the 4.01 of an inactive device, audited, not that refusal."""
+    api = await endpoints(store)
+    with pytest.raises(Forbidden):  # no grant: refused, but authenticated (now known)
+        await api.handle(secret_request(OTHER))
+    with pytest.raises(NotFound):  # its own resource: not registered
+        await api.handle(Request(PRODUCER, "GET", ("secret",), ("r=sensor-1/none",)))
+    assert {OTHER, PRODUCER} <= set(api.known)
+    await store.revoke_device(OTHER, int(time.time()))
+    await store.revoke_device(PRODUCER, int(time.time()))
+    with pytest.raises(Unauthorized):
+        await api.handle(Request(OTHER, "GET", ("secret",), ("x=1",)))
+    with pytest.raises(Unauthorized):
+        await api.handle(Request(PRODUCER, "GET", ("secret",), ("r=phone-9/x",)))
+    assert not {OTHER, PRODUCER} & set(api.known)
+    denied = {r.actor for r in await store.audit_records() if r.detail.get("reason") == "inactive"}
+    assert {OTHER, PRODUCER} <= denied
 
 
 @pytest.mark.asyncio
