@@ -75,7 +75,7 @@ class Case:
     name: str
     servers: list[Popen[bytes]]
     ports: list[int]
-    psks: dict[str, bytes]
+    psks: dict[str, bytes] = field(repr=False)
     database: str | None = None
     pg: PgServer | None = None
     clients: list[Context] = field(default_factory=list)

@@ -207,34 +207,32 @@ class AsClient:
         order = self.failover.order()
         if not order:
             raise self._none_to_ask(what)
-        failure: AsUnavailable | None = None
+        failures: list[AsUnavailable] = []
         for position, index in enumerate(order):
             last = position == len(order) - 1
             try:
                 response = await self._ask(index, method, path, query, body, what, renew=last)
-            except AsUnavailable as exc:
-                self.failover.failed(index)
-                failure = exc
+            except AsUnavailable as exc:  # _ask marked it failed (if its context was current)
+                failures.append(exc)
                 continue
             try:
                 reply = _decode(response, what)
             except AsUnavailable as exc:  # 5.03 or 4.29: busy; Max-Age says how long
                 self.failover.busy(index, response.opt.max_age, exc.code)
-                failure = exc
+                failures.append(exc)
                 continue
             except AsError:
                 self.failover.answered(index)
                 raise
             self.failover.answered(index)
             return response.code.dotted, reply
-        if failure is None:  # pragma: no cover - order is not empty
-            raise self._none_to_ask(what)
+        failure = failures[-1]  # order is not empty: one failure per AS asked
         if len(order) > 1:  # say that each was asked, not only the last (an operator's first look)
             failure = AsUnavailable(
                 f"none of the {len(order)} AS instances asked served {what} (the last: {failure})",
                 failure.code,
             )
-        failure.retry_after = self.failover.retry_after()
+        failure.retry_after = self.busy_for()  # only when no AS may be asked now
         raise failure
 
     async def _ask(
@@ -248,24 +246,44 @@ class AsClient:
         *,
         renew: bool,
     ) -> Any:
-        """One request to the AS ``index``: its response, or :class:`AsUnavailable`. With
-        ``renew``, a request that got no answer over a session held from before is sent once
-        more over a new handshake."""
+        """One request to the AS ``index``: its response, or :class:`AsUnavailable` (the AS then
+        marked failed, unless the context the request went out on was replaced meanwhile: its
+        failure says nothing of the new one). Sent once more over a new handshake when its
+        context was replaced meanwhile (another call found the AS silent and dropped it, which
+        fails the requests in flight on it), or, with ``renew``, when it got no answer over a
+        session held from before (it may have died on the AS's side: an idle sweep, a restart)."""
         instance = self.failover.instances[index]
         ctx = await self._context(instance)
         held = instance.connection is not None
-        request = ctx.request(self._message(instance.uri, method, path, query, body, False))
         try:
-            return await self._response(instance, request.response, what)
+            return await self._send(instance, ctx, method, path, query, body, what)
         except AsUnavailable:
-            if not held or not renew:
+            replaced = instance.ctx is not ctx
+            if not replaced and not (held and renew):
+                self.failover.failed(index)
                 raise
-            # The session we kept may have died on the AS's side (idle sweep, restart) without
-            # our hearing of it: once more, over a new handshake.
-            await self._drop(instance)
-            ctx = await self._context(instance)
-            request = ctx.request(self._message(instance.uri, method, path, query, body, False))
-            return await self._response(instance, request.response, what)
+            if not replaced:
+                await self._drop(instance)
+        ctx = await self._context(instance)
+        try:
+            return await self._send(instance, ctx, method, path, query, body, what)
+        except AsUnavailable:
+            if instance.ctx is ctx:
+                self.failover.failed(index)
+            raise
+
+    async def _send(
+        self,
+        instance: AsInstance,
+        ctx: Any,
+        method: str,
+        path: str,
+        query: dict[str, str] | None,
+        body: Any,
+        what: str,
+    ) -> Any:
+        request = ctx.request(self._message(instance.uri, method, path, query, body, False))
+        return await self._response(instance, request.response, what)
 
     async def _response(self, instance: AsInstance, awaitable: Any, what: str) -> Any:
         who = "the AS" if not self.failover.several else f"the AS {instance.uri}"
@@ -476,7 +494,9 @@ class AsClient:
                     pending = None
                 yield self._key_state(_decode(notification, "GET /keys"), resource_id)
         except AsUnavailable as exc:
-            if exc.code not in BUSY_CODES:
+            # Not if its context was replaced meanwhile (another call dropped it, which ends
+            # the observations on it): that says nothing of the AS.
+            if exc.code not in BUSY_CODES and instance.ctx is ctx:
                 self.failover.failed(index)
             raise
         except AsError:
@@ -485,7 +505,8 @@ class AsClient:
             failure = translate(exc, "the AS")
             if failure is None:
                 raise
-            self.failover.failed(index)
+            if instance.ctx is ctx:
+                self.failover.failed(index)
             raise AsUnavailable(f"observation of /keys failed: {failure}") from None
         finally:
             if pending is not None:

@@ -16,10 +16,9 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from oscar.names import MAX_RESOURCE_ID, is_device_id
-from oscar_io.bundle import MAX_AS_URIS
+from oscar_io.bundle import MAX_AS_URIS, check_as_uri
 from oscar_io.errors import UsageError
 
 from ..store import Store
@@ -110,20 +109,9 @@ def time_arg(text: str, now: int, flag: str = "--until", *, future: bool = True)
 
 
 def as_uri_arg(text: str) -> str:
-    try:
-        parts = urlsplit(text)
-        _ = parts.port  # raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if (
-        parts is None
-        or parts.scheme != "coaps"
-        or not parts.hostname
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-        or parts.username
-    ):
+    """An ``--as-uri`` value, checked as a bundle's ``as_uri`` is when a device loads it
+    (:func:`oscar_io.bundle.check_as_uri`): nothing recorded that no device could use."""
+    if not check_as_uri(text):
         raise UsageError("--as-uri must be coaps://HOST[:PORT], for example " + DEFAULT_AS_URI)
     return text
 

@@ -53,7 +53,7 @@ from . import Store, check_database_url, postgres, recorded_database, redacted, 
 from .audit import walk_chain
 from .backend import Params, Row, SnapshotReader
 from .postgres_backend import PostgresBackend
-from .postgres_connections import MAINTENANCE_TIMEOUT, is_lost
+from .postgres_connections import DRIVER_ERRORS, MAINTENANCE_TIMEOUT, close_quietly, is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
 
 __all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]
@@ -88,14 +88,6 @@ TABLES: dict[str, tuple[str, ...]] = {
 _TARGET_META = ("key", "bytes", "text", "number")
 #: Rows sent per ``COPY``.
 COPY_BATCH = 5000
-
-_DRIVER_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 
 @dataclass(frozen=True)
@@ -132,9 +124,7 @@ async def migrate(state_dir: Path, url: str) -> Migrated:
         finally:
             await source.close()
     finally:  # committed or rolled back already
-        with contextlib.suppress(*_DRIVER_ERRORS):
-            await conn.close(timeout=5)
-        conn.terminate()  # if close could not end it (closing twice is harmless)
+        await close_quietly(conn)
     await _check_copy(state_dir, url, copied)
     atomic_write(state_dir / DATABASE_NAME, url.encode() + b"\n", 0o600)
     return copied
@@ -151,7 +141,7 @@ def _translated(
     """The driver's errors (with ``rows``, a row's value it cannot encode too) as one
     :class:`StoreError` line: the server's or the connection's own message (they name objects,
     not values), never the text of a value the driver could not encode."""
-    caught: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, *(_VALUE_ERRORS if rows else ()))
+    caught: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, *(_VALUE_ERRORS if rows else ()))
     try:
         yield
     except caught as exc:
@@ -255,7 +245,7 @@ async def _copy(source: Store, conn: asyncpg.Connection, url: str) -> Migrated:
             await conn.execute(postgres.COMMIT)
     except BaseException:
         if not conn.is_closed() and conn.is_in_transaction():
-            with contextlib.suppress(*_DRIVER_ERRORS):
+            with contextlib.suppress(*DRIVER_ERRORS):
                 await conn.execute(postgres.ROLLBACK)
         raise
     return copied

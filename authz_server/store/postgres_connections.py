@@ -330,9 +330,13 @@ class Coalescer:
                     raise
                 found = {row[0]: row for row in rows}
                 for number, (_, future) in enumerate(reads, 1):
-                    if not future.done():
-                        row = found.get(number)
-                        future.set_result(None if row is None else tuple(row)[1:])
+                    if future.done():
+                        continue
+                    row = found.get(number)
+                    if row is None:  # the statement gives one row per read: never
+                        future.set_exception(DatabaseError("database error: a read got no row"))
+                    else:
+                        future.set_result(tuple(row)[1:])
         finally:
             del self._tasks[batch]
 

@@ -214,3 +214,33 @@ def test_one_listed_as_is_always_asked_unless_busy() -> None:
     assert failover.order() == []
     clock.now += 2
     assert failover.order() == [0]
+
+
+@pytest.mark.asyncio
+async def test_no_retry_after_while_an_instance_that_did_not_answer_may_be_asked(
+    ca_pem: str,
+) -> None:
+    """A call that found A silent while B is busy (a 4.29 with a long Max-Age) says to retry
+    without waiting for B: A may be asked again at once (it may be back). ``retry_after`` is for
+    when every listed AS is busy. A is a loopback port nobody listens on (real DTLS client)."""
+    import socket
+
+    from oscar_io.asclient import AsClient
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        silent = f"coaps://127.0.0.1:{s.getsockname()[1]}"
+    bundle = load(document(ca_pem, as_uri=silent, as_uris=[silent, B]))
+    client = AsClient(bundle, attempt_timeout=1.0)
+    try:
+        client.failover.busy(1, 60, "4.29")
+        with pytest.raises(AsUnavailable) as caught:
+            await client.secret("sensor-1/x")
+        assert caught.value.retry_after is None
+        assert client.busy_for() is None  # A may be asked now
+        client.failover.busy(0, 2, "5.03")  # now every AS is busy
+        with pytest.raises(AsUnavailable) as caught:
+            await client.secret("sensor-1/x")
+        assert caught.value.retry_after == 2.0
+    finally:
+        await client.close()

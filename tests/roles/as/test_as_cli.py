@@ -266,6 +266,8 @@ def test_init_lists_several_as_instances_and_bundles_carry_them_all(blank: Cli) 
         [A, A + "/"],  # the same AS, spelt with a slash
         [f"coaps://as{i}.example" for i in range(9)],
         [A, "coap://as-b.example"],
+        [A, "coaps://@as-b.example"],  # an empty user part: no device would load its bundle
+        ["coaps://:@as-b.example"],
     ],
 )
 def test_init_refuses_a_repeated_or_bad_list_of_as_instances(blank: Cli, listed: list[str]) -> None:
