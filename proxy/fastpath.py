@@ -32,7 +32,7 @@ truncated bytes, a request on a token aiocoap is using for that remote (an obser
 any datagram the fast path fails on. ``OSCAR_PROXY_FASTPATH=off`` leaves it out.
 
 What it does not do: fetch, verify or store anything (:mod:`proxy.core`), or keep anything per
-remote beyond a bounded table of address strings.
+remote beyond a bounded table of address strings (and one of request targets read).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ log = logging.getLogger("oscar.proxy")
 FASTPATH_ENV = "OSCAR_PROXY_FASTPATH"
 #: The payload size over which aiocoap answers block-wise unasked (aiocoap 0.4.17).
 UNSOLICITED_LIMIT = 1124
-#: Remote address strings remembered (the table is cleared when full).
+#: Remote address strings, and request targets read, remembered (each table cleared when full).
 MAX_HOSTS = 4096
+MAX_NAMES = 4096
+_UNKNOWN: Any = object()
 
 _ETAG = 4
 _URI_PATH = 11
@@ -90,6 +92,8 @@ class FastPath:
         self.hook = UdpHook(self._respond, log)
         self._encoded: dict[str, _Encoded] = {}
         self._hosts: dict[Any, str] = {}
+        #: How the site reads a request's Uri-Path or Proxy-Uri: resource id or None.
+        self._names: dict[tuple[tuple[bytes, ...], bytes | None], str | None] = {}
 
     def __repr__(self) -> str:
         state = "on" if self.enabled else "off"
@@ -145,7 +149,13 @@ class FastPath:
                 proxy_uri = value
             else:
                 return None
-        resource_id = _resource_id(path, proxy_uri)
+        key = (tuple(path), proxy_uri)
+        resource_id = self._names.get(key, _UNKNOWN)
+        if resource_id is _UNKNOWN:
+            resource_id = _resource_id(path, proxy_uri)
+            if len(self._names) >= MAX_NAMES:
+                self._names.clear()
+            self._names[key] = resource_id
         if resource_id is None or not self.site.addresses.is_verified(host):
             return None  # unproven: aiocoap's challenge (4.01 and Echo)
         entry = self.proxy.cache.in_memory(resource_id)
