@@ -149,6 +149,8 @@ class FastPath:
                 proxy_uri = value
             else:
                 return None
+        if not self.site.addresses.is_verified(host):
+            return None  # unproven: aiocoap's challenge (4.01 and Echo)
         key = (tuple(path), proxy_uri)
         resource_id = self._names.get(key, _UNKNOWN)
         if resource_id is _UNKNOWN:
@@ -156,8 +158,8 @@ class FastPath:
             if len(self._names) >= MAX_NAMES:
                 self._names.clear()
             self._names[key] = resource_id
-        if resource_id is None or not self.site.addresses.is_verified(host):
-            return None  # unproven: aiocoap's challenge (4.01 and Echo)
+        if resource_id is None:
+            return None
         entry = self.proxy.cache.in_memory(resource_id)
         if entry is None:
             return None
