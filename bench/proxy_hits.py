@@ -16,6 +16,18 @@ Echo challenge once, untimed; a challenge during the load is answered the same w
 Printed above the rows: each server's CPU time per GET, and the proxy's hits and misses over the
 windows (from ``/.well-known/oscar-stats``). Target: a ratio of at least 0.9.
 
+The proxy answers a verified client's hit of the 64 B reading's object from its fast path
+(:mod:`proxy.fastpath`); with aiocoap client contexts as the load, the client is the bound there,
+which is why (c) exists.
+
+(c) Fast-path hits: the 64 B reading's object from the proxy under :func:`bench.udpload.run_load`
+(raw UDP sockets, 16 with 4 confirmable GETs in flight each, every answer checked; each socket
+answers its Echo challenge once first, untimed), beside the plain aiocoap server sending the same
+bytes under the same load, and beside a second proxy started with ``OSCAR_PROXY_FASTPATH=off``
+(the same hits through aiocoap's message layer). Windows as in (a). Target (issue 16): at least
+10 times the plain server's GET/s, per core (each server is one process, one thread). The code
+of (c) is :mod:`bench.proxy_fast`.
+
 (b) Requests reaching the producer when N = 1, 10, 100 consumers each read once: N
 ``consumer.Consumer`` instances (the library, ``state_dir=None``: each fetches the certificate,
 CRL and access secret from the AS, verifies and decrypts), at most 16 at a time, either through
@@ -30,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -43,8 +56,10 @@ from aiocoap import GET, Context, Message
 from consumer import Consumer, TransportError
 from demo.system import free_port_pair
 from oscar_io.bundle import Bundle
+from proxy.fastpath import FASTPATH_ENV
 
 from . import Figure, Settings
+from .proxy_fast import FAST_SIZE, FastTarget, run_fast
 from .testbed import Testbed, cpu_seconds, free_port
 
 __all__ = ["run"]
@@ -374,6 +389,26 @@ def run(settings: Settings) -> Iterator[Figure]:
             plain = bed.spawn("plain", argv, ready=b"plain server ready")
 
             yield from _run_hits(settings, objects, proxy.pid, proxy_port, plain.pid, plain_port)
+            slow_port = free_port_pair()
+            os.environ[FASTPATH_ENV] = "off"
+            try:
+                slow = bed.spawn(
+                    "proxy-slow",
+                    ["-m", "proxy", "--bundle", str(bundles[PROXY]),
+                     "--state", str(bed.dir / "proxy-slow-state"),
+                     "--listen", f"127.0.0.1:{slow_port}",
+                     "--reverse", f"{PRODUCER}=coap://127.0.0.1:{relay.port}", "--no-dtls"],
+                    ready=b"serving coap://",
+                )  # fmt: skip
+            finally:
+                del os.environ[FASTPATH_ENV]
+            path = f"{PRODUCER}/r{_label(FAST_SIZE)}"
+            fast_targets = [
+                FastTarget("fast", f"coap://127.0.0.1:{proxy_port}/{path}", proxy.pid),
+                FastTarget("aiocoap-path", f"coap://127.0.0.1:{slow_port}/{path}", slow.pid),
+                FastTarget("plain", f"coap://127.0.0.1:{plain_port}/o{FAST_SIZE}", plain.pid),
+            ]
+            yield from run_fast(settings, fast_targets, objects[FAST_SIZE], proxy_port)
             bundle = Bundle.load(bundles[CONSUMER])
             yield from _run_spared(bundle, reading, relay, proxy_port)
         finally:

@@ -19,6 +19,8 @@ Targets:
 ``proxy_target``     ``proxy.server.ProxySite.target`` on decoded CoAP requests: BadTarget only;
                      ``proxy.echo.AddressCheck.prove``: a bool, never an exception
 ``producer_fastpath`` ``producer.fastpath.FastPath.answer``: None or bytes, never an exception
+``proxy_fastpath``   ``proxy.fastpath.FastPath.answer``: None or bytes, never an exception; only
+                     GETs the site reads as a held resource, answered 2.05 or 2.03 as it would
 ``config_producer``  ``producer.config.load_config``: ConfigError only
 ``config_proxy``     ``proxy.config.load_config``: ConfigError only
 ``config_consumer``  the consumer CLI's ``--config`` loader: UsageError only
@@ -40,6 +42,7 @@ TARGETS: dict[str, str] = {
     "as_endpoints": "fuzz.as_endpoints",
     "proxy_target": "fuzz.proxy_target",
     "producer_fastpath": "fuzz.producer_fastpath",
+    "proxy_fastpath": "fuzz.proxy_fastpath",
     "config_producer": "fuzz.config_producer",
     "config_proxy": "fuzz.config_proxy",
     "config_consumer": "fuzz.config_consumer",

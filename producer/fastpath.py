@@ -36,6 +36,9 @@ did not foresee. A retransmitted request is answered again with the same bytes: 
 idempotent (RFC 7252 §4.5). The fast path keeps nothing per remote: its only state is one
 pre-encoded answer per resource.
 
+The CoAP bytes and the hook on aiocoap's udp6 interface are :mod:`oscar_io.coapfast`'s (shared
+with the proxy's fast path); what to answer is this module's.
+
 What it does not do: anything with DTLS (the producer serves plain CoAP only), send anything but
 the piggybacked answer, or change aiocoap's handling of what it passes on.
 """
@@ -43,11 +46,10 @@ the piggybacked answer, or change aiocoap's handling of what it passes on.
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-from oscar_io.aiocoap_fixes import clear_pending_error
+from oscar_io.coapfast import CON, UdpHook, option, parse, uint
 
 __all__ = ["BLOCK_SIZE_EXP", "UNSOLICITED_LIMIT", "FastPath", "Route", "Served"]
 
@@ -66,7 +68,6 @@ _ACK = 0x60
 _CONTENT = 0x45
 #: Content-Format 18 (application/cose; cose-type="cose-sign1"), after ETag (option 4).
 _CONTENT_FORMAT_18 = bytes([(12 - 4) << 4 | 1, 18])
-_V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 class Served(Protocol):
@@ -93,26 +94,6 @@ class Route(Protocol):
     def published(self) -> Served: ...
 
 
-def _uint(value: int) -> bytes:
-    """A CoAP uint option value: big-endian, no leading zero bytes (0 is empty)."""
-    return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-
-def _option(delta: int, value: bytes) -> bytes:
-    """One encoded option, ``delta`` after the previous one (RFC 7252 §3.1)."""
-
-    def nibble(n: int) -> tuple[int, bytes]:
-        if n < 13:
-            return n, b""
-        if n < 269:
-            return 13, bytes([n - 13])
-        return 14, (n - 269).to_bytes(2, "big")
-
-    d, d_ext = nibble(delta)
-    n, n_ext = nibble(len(value))
-    return bytes([d << 4 | n]) + d_ext + n_ext + value
-
-
 class _Encoded:
     """The options of one object's answer for one Max-Age, and the whole answer's body."""
 
@@ -120,9 +101,7 @@ class _Encoded:
 
     def __init__(self, obj: bytes, etag: bytes, max_age: int) -> None:
         self.obj, self.etag, self.max_age = obj, etag, max_age
-        self.options = (
-            _option(4, etag) + _CONTENT_FORMAT_18 + _option(_MAX_AGE - 12, _uint(max_age))
-        )
+        self.options = option(4, etag) + _CONTENT_FORMAT_18 + option(_MAX_AGE - 12, uint(max_age))
         self.whole = self.options + b"\xff" + obj
 
 
@@ -135,66 +114,44 @@ class FastPath:
     """
 
     def __init__(self, routes: Mapping[tuple[bytes, ...], Route]) -> None:
-        self.enabled = True
-        self.answered = 0
         self._routes = dict(routes)
         self._encoded: dict[Route, _Encoded] = {}
-        self._failed = False
+        self.hook = UdpHook(lambda data, address, pktinfo: self.answer(data), log)
 
     def __repr__(self) -> str:
         state = "on" if self.enabled else "off"
         return f"FastPath({len(self._routes)} resources, {state}, answered={self.answered})"
 
+    @property
+    def enabled(self) -> bool:
+        return self.hook.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.hook.enabled = value
+
+    @property
+    def answered(self) -> int:
+        return self.hook.answered
+
     def answer(self, data: bytes) -> bytes | None:
         """The response datagram to the request datagram ``data``, or None for aiocoap's to
         handle. Counts the request on the resource (as its ``render_get`` does)."""
-        n = len(data)
-        if n < 4:
+        parsed = parse(data)
+        if parsed is None:
             return None
-        first = data[0]
-        tkl = first & 0x0F
-        if first & 0xF0 != 0x40 or tkl > 8 or data[1] != 1:  # version 1, CON; GET
-            return None
-        pos = 4 + tkl
-        if pos > n:
+        mtype, code, tkl, options = parsed
+        if mtype != CON or code != 1:  # confirmable GET
             return None
         path: list[bytes] = []
         block2 = -1
-        number = 0
-        while pos < n:
-            byte = data[pos]
-            pos += 1
-            delta = byte >> 4
-            length = byte & 0x0F
-            if delta >= 13:
-                if delta == 13 and pos < n:
-                    delta = 13 + data[pos]
-                    pos += 1
-                elif delta == 14 and pos + 1 < n:
-                    delta = 269 + (data[pos] << 8 | data[pos + 1])
-                    pos += 2
-                else:  # 15: the payload marker, or a message format error
-                    return None
-            if length >= 13:
-                if length == 13 and pos < n:
-                    length = 13 + data[pos]
-                    pos += 1
-                elif length == 14 and pos + 1 < n:
-                    length = 269 + (data[pos] << 8 | data[pos + 1])
-                    pos += 2
-                else:
-                    return None
-            number += delta
-            end = pos + length
-            if end > n:
-                return None
+        for number, value in options:
             if number == _URI_PATH:
-                path.append(data[pos:end])
-            elif number == _BLOCK2 and block2 < 0 and length <= 3:
-                block2 = int.from_bytes(data[pos:end], "big")
+                path.append(value)
+            elif number == _BLOCK2 and block2 < 0 and len(value) <= 3:
+                block2 = int.from_bytes(value, "big")
             else:
                 return None
-            pos = end
 
         resource = self._routes.get(tuple(path))
         if resource is None:
@@ -230,77 +187,7 @@ class FastPath:
         resource.requests += 1
         return bytes((_ACK | tkl, _CONTENT)) + data[2 : 4 + tkl] + encoded.whole
 
-    # --- on aiocoap's udp6 interface --------------------------------------------------------
-
     def install(self, context: Any) -> bool:
-        """Put the fast path in front of ``context``'s udp6 interface. False (and a log line) if
-        aiocoap's internals are not where this version expects them: then aiocoap answers all."""
-        try:
-            from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
-
-            for token_manager in context.request_interfaces:
-                message_manager = getattr(token_manager, "token_interface", None)
-                interface = getattr(message_manager, "message_interface", None)
-                if isinstance(interface, MessageInterfaceUDP6):
-                    break
-            else:
-                raise LookupError("no udp6 interface")
-            incoming: dict[Any, Any] = token_manager.incoming_requests
-            original = interface.datagram_msg_received
-            transport = interface.transport
-            sock = transport.get_extra_info("socket")
-        except (ImportError, AttributeError, LookupError) as exc:
-            log.warning("fast path not installed (%s): aiocoap answers every request", exc)
-            return False
-
-        def in_use(token: bytes, address: Any, pktinfo: bytes) -> bool:
-            """Whether aiocoap has a request on this token from this remote (an observation)."""
-            return (token, UDP6EndpointAddress(address, interface, pktinfo=pktinfo)) in incoming
-
-        def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
-            response = None
-            if self.enabled:
-                try:
-                    response = self._respond(data, ancdata, address, in_use if incoming else None)
-                except Exception:  # never lose the receive loop: aiocoap answers instead
-                    if not self._failed:
-                        self._failed = True
-                        log.exception("fast path failed; this datagram goes to aiocoap")
-                    response = None
-            if response is None:
-                original(data, ancdata, flags, address)
-                return
-            self.answered += 1
-            try:
-                # A pending ICMP error (an observer gone) would fail this send, not its own:
-                # read and clear it first, as aiocoap_fixes does for aiocoap's sends.
-                clear_pending_error(sock)
-                transport.sendmsg(response, ancdata, 0, address)  # OSErrors: aiocoap logs them
-            except Exception:
-                log.exception("fast path could not send an answer")
-
-        interface.datagram_msg_received = datagram_msg_received
-        return True
-
-    def _respond(
-        self,
-        data: bytes,
-        ancdata: Any,
-        address: Any,
-        in_use: Callable[[bytes, Any, bytes], bool] | None,
-    ) -> bytes | None:
-        """The answer to a datagram as received (with its ancillary data), or None."""
-        if len(ancdata) != 1:
-            return None
-        level, kind, pktinfo = ancdata[0]
-        if level != socket.IPPROTO_IPV6 or kind != socket.IPV6_PKTINFO or len(pktinfo) < 16:
-            return None
-        if pktinfo[0] == 0xFF or (pktinfo[:12] == _V4MAPPED and pktinfo[12] >> 4 == 0xE):
-            return None  # sent to a multicast address: aiocoap's rules for those
-        if (
-            in_use is not None
-            and len(data) >= 4
-            and in_use(data[4 : 4 + (data[0] & 0x0F)], address, pktinfo)
-        ):
-            return None  # a new request on a token in use: aiocoap replaces the old one
-        return self.answer(data)
+        """Put the fast path in front of ``context``'s udp6 interface (:class:`UdpHook`). False
+        (and a log line) if aiocoap's internals are not where this version expects them."""
+        return self.hook.install(context)

@@ -10,7 +10,8 @@ Modules:
 - :mod:`proxy.core`: :class:`Proxy`, verification, lookups, upstream fetches, publishing;
 - :mod:`proxy.server`: :class:`~proxy.server.ProxySite`, the CoAP face; :mod:`proxy.echo`: the
   Echo challenge (no amplification); :mod:`proxy.relays`: observers and the upstream observations
-  they hold, bounded;
+  they hold, bounded; :mod:`proxy.fastpath`: cache hits of verified plain-CoAP clients answered
+  before aiocoap, byte for byte as the site would;
 - the cache: :mod:`proxy.cache` (the memory layer), :mod:`proxy.backend` (the interface of a
   backend), :mod:`proxy.diskcache` (the SQLite backend, encrypted at rest), :mod:`proxy.entry`;
 - :mod:`proxy.lookups`: the budget of AS lookups that objects from outside can cause;
@@ -19,7 +20,9 @@ Modules:
 
 From the runtime (:mod:`oscar_io`), shared with the consumer: :mod:`oscar_io.trust` (producer
 certificates and revocation), :mod:`oscar_io.localstore` (their cache, in ``STATE/trust``),
-:mod:`oscar_io.coaperrors` (aiocoap's failures in our terms). The proxy imports no other role.
+:mod:`oscar_io.coaperrors` (aiocoap's failures in our terms); with the producer,
+:mod:`oscar_io.coapfast` (a fast path's CoAP bytes and its hook on aiocoap). The proxy imports no
+other role.
 
 Exceptions, and what each becomes::
 

@@ -97,6 +97,13 @@ class Cache:
             self._remember(entry)
         return entry
 
+    def in_memory(self, resource_id: str) -> Entry | None:
+        """The entry held in memory (as :meth:`get`, never reading the backend)."""
+        entry = self._memory.get(resource_id)
+        if entry is not None:
+            self._memory.move_to_end(resource_id)
+        return entry
+
     def newest(self, resource_id: str) -> tuple[int, int] | None:
         """The newest (epoch, seq) stored for ``resource_id`` in this run, even if its entry
         was evicted since, or that of the entry held (on disk, from an earlier run)."""

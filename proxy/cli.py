@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     """Run a proxy until ``stop`` is set."""
     from aiocoap import Context
 
+    from .fastpath import FASTPATH_ENV, FastPath
     from .server import ProxySite
 
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
@@ -126,6 +128,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         )
         for each in ports:
             ensure_alone_on_port(host, each)
+        if config.plain and os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
+            FastPath(site).install(ctx)  # cache hits before aiocoap (proxy.fastpath)
         try:
             stats = await serve_stats(config.state, proxy.counters)
         except OSError as exc:  # the proxy serves without: its counters stay at the CoAP endpoint

@@ -75,6 +75,8 @@ class Unavailable(Exception):
 @dataclass
 class Stats:
     hits: int = 0
+    #: Of the hits, those answered by the fast path (proxy.fastpath).
+    fast_hits: int = 0
     misses: int = 0
     revalidations: int = 0
     stale_served: int = 0

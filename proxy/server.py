@@ -63,7 +63,7 @@ from .echo import AddressCheck, challenge_size
 from .entry import Entry
 from .relays import client_of
 
-__all__ = ["ProxySite"]
+__all__ = ["BadTarget", "ProxySite", "proxied"]
 
 log = logging.getLogger("oscar.proxy")
 
@@ -106,6 +106,30 @@ def _wire_size(request: Message) -> int:
     return 4 + len(request.token) + options + (1 + payload if payload else 0)
 
 
+def proxied(proxy_uri: str) -> tuple[str, str]:
+    """(resource id, upstream URI) of a Proxy-Uri; BadTarget if it names none."""
+    try:  # urlsplit and .port raise ValueError (bad IPv6 literal, port out of range)
+        parts = urlsplit(proxy_uri)
+        scheme, host, port, path = parts.scheme, parts.hostname, parts.port, parts.path
+    except ValueError:
+        raise BadTarget("4.00", "malformed Proxy-Uri") from None
+    if parts.query or parts.fragment:
+        raise BadTarget("4.00", "no query in a proxied URI")
+    return _forward(scheme, host, port, path)
+
+
+def _forward(scheme: str | None, host: str | None, port: int | None, path: str) -> tuple[str, str]:
+    if scheme != "coap":
+        raise BadTarget("5.05", "only coap:// targets are proxied")
+    if not host:
+        raise BadTarget("4.00", "the proxied URI has no host")
+    resource_id = unquote(path.lstrip("/"))
+    if not names.is_resource_id(resource_id):
+        raise BadTarget("4.00", "the target path is not a resource id")
+    netloc = f"[{host}]" if ":" in host else host
+    return resource_id, f"coap://{netloc}:{port or 5683}/{resource_id}"
+
+
 def _loopback(remote: Any) -> bool:
     host = str(getattr(remote, "hostinfo", "")).rpartition(":")[0].strip("[]")
     try:
@@ -140,25 +164,9 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         opt = request.opt
         if opt.proxy_uri is not None or opt.proxy_scheme is not None:
             if opt.proxy_uri is not None:
-                try:  # urlsplit and .port raise ValueError (bad IPv6 literal, port out of range)
-                    parts = urlsplit(opt.proxy_uri)
-                    scheme, host, port, path = parts.scheme, parts.hostname, parts.port, parts.path
-                except ValueError:
-                    raise BadTarget("4.00", "malformed Proxy-Uri") from None
-                if parts.query or parts.fragment:
-                    raise BadTarget("4.00", "no query in a proxied URI")
-            else:
-                scheme, host, port = opt.proxy_scheme, opt.uri_host, opt.uri_port
-                path = "/" + "/".join(opt.uri_path)
-            if scheme != "coap":
-                raise BadTarget("5.05", "only coap:// targets are proxied")
-            if not host:
-                raise BadTarget("4.00", "the proxied URI has no host")
-            resource_id = unquote(path.lstrip("/"))
-            if not names.is_resource_id(resource_id):
-                raise BadTarget("4.00", "the target path is not a resource id")
-            netloc = f"[{host}]" if ":" in host else host
-            return resource_id, f"coap://{netloc}:{port or 5683}/{resource_id}"
+                return proxied(opt.proxy_uri)
+            path = "/" + "/".join(opt.uri_path)
+            return _forward(opt.proxy_scheme, opt.uri_host, opt.uri_port, path)
         resource_id = "/".join(opt.uri_path)
         if not names.is_resource_id(resource_id):
             raise BadTarget("4.04", "not a resource id")

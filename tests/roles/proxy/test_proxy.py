@@ -503,6 +503,27 @@ async def test_unverified_plain_clients_get_an_echo_challenge_not_the_object(
     assert response.code == Code.CONTENT and response.opt.echo is None
 
 
+async def test_a_verified_plain_clients_hits_take_the_fast_path(world: World) -> None:
+    """The running proxy answers a verified client's cache hits on its fast path
+    (proxy/fastpath.py; tests/roles/proxy/test_proxy_fastpath.py compares the bytes)."""
+    client = RawClient(world.proxy.port)
+    get = lambda **kw: Message(code=GET, uri_path=("meter", "power"), **kw)  # noqa: E731
+    try:
+        _, _, challenge = await asyncio.to_thread(client.exchange, get())
+        _, _, first = await asyncio.to_thread(client.exchange, get(echo=challenge.opt.echo))
+        assert first.code == Code.CONTENT  # through aiocoap: this request proved the address
+        before = await stats(world)
+        _, _, again = await asyncio.to_thread(client.exchange, get())
+        _, _, valid = await asyncio.to_thread(client.exchange, get(etag=first.opt.etag))
+        after = await stats(world)
+    finally:
+        client.close()
+    assert again.code == Code.CONTENT and again.payload == first.payload
+    assert valid.code == Code.VALID and valid.opt.etag == first.opt.etag
+    assert after["fast_hits"] - before["fast_hits"] == 2
+    assert after["hits"] - before["hits"] >= 2
+
+
 # --- observation relay -------------------------------------------------------------------------
 
 
