@@ -24,7 +24,7 @@ from . import Figure, Settings
 from .testbed import cpu_seconds
 from .udpload import run_load
 
-__all__ = ["FAST_SIZE", "FAST_TARGET_RATIO", "FastTarget", "run_fast"]
+__all__ = ["FAST_SIZE", "FAST_TARGET_RATIO", "FastTarget", "proxy_stats", "run_fast"]
 
 #: Fast-path GET/s ÷ plain GET/s of the same bytes (issue 16), and the load.
 FAST_TARGET_RATIO = 10.0
@@ -124,12 +124,12 @@ def run_fast(
 async def _stats_of(port: int) -> dict[str, int]:
     ctx = await Context.create_client_context(transports=["udp6"])
     try:
-        return await _proxy_stats(ctx, port)
+        return await proxy_stats(ctx, port)
     finally:
         await ctx.shutdown()
 
 
-async def _proxy_stats(ctx: Context, port: int) -> dict[str, int]:
+async def proxy_stats(ctx: Context, port: int) -> dict[str, int]:
     uri = f"coap://127.0.0.1:{port}/.well-known/oscar-stats"
     response = await asyncio.wait_for(ctx.request(Message(code=GET, uri=uri)).response, 10)
     if response.code.dotted != "2.05":

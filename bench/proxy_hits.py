@@ -40,7 +40,6 @@ better), so ``ours / baseline`` is (GETs direct) / (GETs through the proxy), tar
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import selectors
@@ -59,7 +58,7 @@ from oscar_io.bundle import Bundle
 from proxy.fastpath import FASTPATH_ENV
 
 from . import Figure, Settings
-from .proxy_fast import FAST_SIZE, FastTarget, run_fast
+from .proxy_fast import FAST_SIZE, FastTarget, proxy_stats, run_fast
 from .testbed import Testbed, cpu_seconds, free_port
 
 __all__ = ["run"]
@@ -213,15 +212,6 @@ async def _first_object(uri: str, timeout: float = 30.0) -> bytes:
         await ctx.shutdown()
 
 
-async def _proxy_stats(ctx: Context, port: int) -> dict[str, int]:
-    uri = f"coap://127.0.0.1:{port}/.well-known/oscar-stats"
-    response = await asyncio.wait_for(ctx.request(Message(code=GET, uri=uri)).response, 10)
-    if response.code.dotted != "2.05":
-        raise RuntimeError(f"GET {uri}: {response.code}")
-    stats: dict[str, int] = json.loads(response.payload)
-    return stats
-
-
 async def _load(clients: list[Context], target: Target, seconds: float) -> Result:
     """GET/s over all clients, and the server's CPU seconds per GET, in one window."""
     challenges = 0
@@ -262,14 +252,14 @@ async def _hits(
                     raise RuntimeError(f"{target.uri}: not the object's bytes")
         for target in targets:  # warm up
             await _load(clients, target, 0.3)
-        before = await _proxy_stats(clients[0], proxy_port)
+        before = await proxy_stats(clients[0], proxy_port)
         best: dict[str, Result] = {}
         for i in range(rounds):
             for target in targets if i % 2 == 0 else reversed(targets):
                 result = await _load(clients, target, window)
                 if target.name not in best or result.rate > best[target.name].rate:
                     best[target.name] = result
-        after = await _proxy_stats(clients[0], proxy_port)
+        after = await proxy_stats(clients[0], proxy_port)
         change = {k: after[k] - before[k] for k in ("hits", "misses", "upstream_requests")}
         return best, change, handshakes
     finally:
@@ -327,7 +317,7 @@ async def _readings(
 
     stats_ctx = await Context.create_client_context(transports=["udp6"])
     try:
-        before = await _proxy_stats(stats_ctx, proxy_port) if proxy_port is not None else None
+        before = await proxy_stats(stats_ctx, proxy_port) if proxy_port is not None else None
         relay.take_counts()
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
@@ -335,7 +325,7 @@ async def _readings(
         gets, retransmissions = relay.take_counts()
         upstream = None
         if before is not None and proxy_port is not None:
-            after = await _proxy_stats(stats_ctx, proxy_port)
+            after = await proxy_stats(stats_ctx, proxy_port)
             upstream = after["upstream_requests"] - before["upstream_requests"]
         return Spared(gets, retransmissions, upstream, seconds, dtls_errors, retries)
     finally:

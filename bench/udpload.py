@@ -26,6 +26,8 @@ import socket
 import time
 from typing import NamedTuple
 
+from oscar_io.coapfast import option
+
 __all__ = ["LoadResult", "get_request", "run_load"]
 
 _URI_PATH = 11
@@ -47,30 +49,17 @@ class LoadResult(NamedTuple):
         return self.gets / self.seconds
 
 
-def _option(delta: int, value: bytes) -> bytes:
-    def nibble(n: int) -> tuple[int, bytes]:
-        if n < 13:
-            return n, b""
-        if n < 269:
-            return 13, bytes([n - 13])
-        return 14, (n - 269).to_bytes(2, "big")
-
-    d, d_ext = nibble(delta)
-    length, l_ext = nibble(len(value))
-    return bytes([d << 4 | length]) + d_ext + l_ext + value
-
-
 def get_request(path: str, mid: int, token: bytes, block: int | None = None) -> bytes:
     """A confirmable GET for ``path`` (``/``-separated segments), optionally for Block2 ``block``
     of 1024 bytes."""
     out = bytearray([0x40 | len(token), 0x01]) + mid.to_bytes(2, "big") + token
     previous = 0
     for segment in path.strip("/").split("/"):
-        out += _option(_URI_PATH - previous, segment.encode())
+        out += option(_URI_PATH - previous, segment.encode())
         previous = _URI_PATH
     if block is not None:
         value = block << 4 | 6
-        out += _option(_BLOCK2 - previous, value.to_bytes((value.bit_length() + 7) // 8, "big"))
+        out += option(_BLOCK2 - previous, value.to_bytes((value.bit_length() + 7) // 8, "big"))
     return bytes(out)
 
 
@@ -86,7 +75,7 @@ def _prove(sock: socket.socket, path: str, timeout: float = 5.0) -> None:
         if answer.code.dotted == "4.01" and answer.opt.echo is not None:
             echo = answer.opt.echo
             request = get_request(path, (mid + 1) & 0xFFFF, b"e2")
-            sock.send(request + _option(_ECHO - _URI_PATH, echo))
+            sock.send(request + option(_ECHO - _URI_PATH, echo))
             answer = Message.decode(sock.recv(2048))
         if answer.code.dotted != "2.05":
             raise RuntimeError(f"{path}: {answer.code} after the Echo exchange")

@@ -30,6 +30,7 @@ from producer.config import ResourceSpec
 from producer.fastpath import UNSOLICITED_LIMIT, FastPath
 from producer.published import Published
 from producer.server import FASTPATH_ENV, ObjectResource, ProducerContext, serve
+from testkit import coap_option as option
 
 DEVICE = "sensor-9"
 #: A path segment long enough for an extended option length (13 + 1 byte).
@@ -65,19 +66,6 @@ def reseal(published: Published, obj: bytes, *, lifetime: int = 3600) -> None:
     published.etag = object_etag(published.resource_id, 1, seq)
     for notify in published.on_change:
         notify()
-
-
-def option(delta: int, value: bytes) -> bytes:
-    def nibble(n: int) -> tuple[int, bytes]:
-        if n < 13:
-            return n, b""
-        if n < 269:
-            return 13, bytes([n - 13])
-        return 14, (n - 269).to_bytes(2, "big")
-
-    d, dx = nibble(delta)
-    n, nx = nibble(len(value))
-    return bytes([d << 4 | n]) + dx + nx + value
 
 
 def uint(value: int) -> bytes:

@@ -33,6 +33,7 @@ from proxy.core import Proxy
 from proxy.entry import Entry
 from proxy.fastpath import UNSOLICITED_LIMIT, FastPath
 from proxy.server import ProxySite
+from testkit import coap_option as option
 
 NOW = 1_800_000_000.0
 REVERSED = "sensor-1/temperature"  # under the --reverse prefix sensor-1
@@ -45,19 +46,6 @@ HOST = "127.0.0.1:40000"
 TOKENS = [bytes(range(1, 1 + n)) for n in range(9)]
 
 _ETAG, _URI_PATH, _PROXY_URI, _OBSERVE, _ECHO = 4, 11, 35, 6, 252
-
-
-def option(delta: int, value: bytes) -> bytes:
-    def nibble(n: int) -> tuple[int, bytes]:
-        if n < 13:
-            return n, b""
-        if n < 269:
-            return 13, bytes([n - 13])
-        return 14, (n - 269).to_bytes(2, "big")
-
-    d, dx = nibble(delta)
-    n, nx = nibble(len(value))
-    return bytes([d << 4 | n]) + dx + nx + value
 
 
 def request(
