@@ -149,6 +149,7 @@ class Bundle:
         return uris
 
     def state_key(self, purpose: str) -> bytes:
-        """A 32-byte key for this device's local state files, derived from its PSK."""
+        """A 32-byte key for this device's own use (its local state files; a proxy's Echo values,
+        the same for every instance of it), derived from its PSK: each purpose its own key."""
         info = cbor.dumps(["OSCAR state", self.device_id, purpose])
         return hkdf_sha256(self.psk, info, 32)

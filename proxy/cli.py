@@ -116,7 +116,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     ensure_state_free(config.state)  # nor a state directory another proxy uses
     proxy = Proxy(config)
     proxy.open()
-    site = ProxySite(proxy)
+    site = ProxySite(proxy, echo_key=proxy.bundle.state_key("proxy echo"))
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
     ctx = None

@@ -7,8 +7,12 @@ client (before any other work) with 4.01 Unauthorized carrying an Echo option; a
 that repeats its request with that Echo value has proved its address, which is then trusted for
 :data:`VERIFIED_FOR` seconds (a bounded table). DTLS peers are verified by their handshake.
 
-The Echo value is stateless: 3 bytes of time (seconds, modulo 2**24) and 5 bytes of HMAC over
-(time, address) under a key made at start, valid for :data:`ECHO_LIFETIME` seconds. It is that
+The Echo value is stateless: 3 bytes of wall-clock time (seconds, modulo 2**24) and 5 bytes of
+HMAC over (time, address), valid for :data:`ECHO_LIFETIME` seconds. The key is the proxy
+identity's (derived from its bundle, :meth:`~oscar_io.bundle.Bundle.state_key`), so that every
+instance of one proxy behind one address checks what any of them issued (issue 16's cluster:
+a client may be challenged by one and come back to another); without a bundle, a key made at
+start. It is that
 short so that the 4.01 carrying it (4 bytes, the token, 10 bytes of option) is no larger than the
 request it answers (:func:`challenge_size`); a spoofer would need about 2**39 guesses per address
 to forge one, and would gain only replies to that address for :data:`VERIFIED_FOR` seconds.
@@ -42,12 +46,23 @@ class AddressCheck:
     """Issues and checks Echo values; remembers verified addresses."""
 
     def __init__(
-        self, *, max_addresses: int = 65_536, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        key: bytes | None = None,
+        max_addresses: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        self._key = os.urandom(32)
+        """``key``: 32 bytes shared by the instances that must accept each other's Echo values
+        (None: one of its own). ``clock`` times how long an address stays verified (monotonic);
+        ``wall`` stamps the Echo values (wall clock, which instances share)."""
+        if key is not None and len(key) != 32:
+            raise ValueError("the Echo key is 32 bytes")
+        self._key = os.urandom(32) if key is None else key
         self._verified: OrderedDict[str, float] = OrderedDict()
         self._max = max_addresses
         self._clock = clock
+        self._wall = wall
         self.challenges = 0
 
     def __repr__(self) -> str:
@@ -60,7 +75,7 @@ class AddressCheck:
     def challenge(self, address: str) -> bytes:
         """A fresh Echo value for ``address``."""
         self.challenges += 1
-        stamp = struct.pack(">I", int(self._clock()) & _WRAP)[-_STAMP:]
+        stamp = struct.pack(">I", int(self._wall()) & _WRAP)[-_STAMP:]
         return stamp + self._mac(stamp, address)
 
     def is_verified(self, address: str) -> bool:
@@ -79,7 +94,7 @@ class AddressCheck:
         stamp, mac = echo[:_STAMP], echo[_STAMP:]
         if not hmac.compare_digest(mac, self._mac(stamp, address)):
             return False
-        age = (int(self._clock()) - int.from_bytes(stamp, "big")) & _WRAP
+        age = (int(self._wall()) - int.from_bytes(stamp, "big")) & _WRAP
         if age > ECHO_LIFETIME:
             return False
         self._verified[address] = self._clock()

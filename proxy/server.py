@@ -144,10 +144,12 @@ def _loopback(remote: Any) -> bool:
 class ProxySite(ObservableResource):  # type: ignore[misc]
     """Every path of the proxy (it is the site's root resource)."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, *, echo_key: bytes | None = None) -> None:
+        """``echo_key``: the proxy identity's key for Echo values (:mod:`proxy.echo`), so that
+        its instances accept each other's; None: one of this site's own."""
         super().__init__()
         self.proxy = proxy
-        self.addresses = AddressCheck()
+        self.addresses = AddressCheck(key=echo_key)
         self._observers: dict[str, set[Any]] = {}
         #: Admitted observations by request id (see proxy.relays).
         self._watches: dict[int, Any] = {}
