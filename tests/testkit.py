@@ -1,7 +1,10 @@
-"""Shared test material: fixed ids and secrets, and a throwaway PKI (CA + producer certificate)."""
+"""Shared test material: fixed ids and secrets, a throwaway PKI (CA + producer certificate), and
+the fast-path tests' own CoAP option encoder and raw UDP clients."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -52,3 +55,37 @@ def coap_option(delta: int, value: bytes) -> bytes:
     d, dx = nibble(delta)
     n, nx = nibble(len(value))
     return bytes([d << 4 | n]) + dx + nx + value
+
+
+class RawUdpClients:
+    """Raw UDP client sockets to a server on 127.0.0.1:``port`` (the fast-path tests send bytes
+    that no CoAP library would), closed by :meth:`close`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sockets: list[socket.socket] = []
+
+    def client(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", self.port))
+        self.sockets.append(sock)
+        return sock
+
+    async def exchange(self, sock: socket.socket, data: bytes, timeout: float = 5.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, data)
+        return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
+
+    async def nothing(self, sock: socket.socket, wait: float = 0.2) -> bool:
+        """True if nothing arrives on ``sock`` within ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_recv(sock, 4096), wait)
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()

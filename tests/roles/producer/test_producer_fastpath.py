@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -30,6 +29,7 @@ from producer.config import ResourceSpec
 from producer.fastpath import UNSOLICITED_LIMIT, FastPath
 from producer.published import Published
 from producer.server import FASTPATH_ENV, ObjectResource, ProducerContext, serve
+from testkit import RawUdpClients
 from testkit import coap_option as option
 
 DEVICE = "sensor-9"
@@ -304,44 +304,18 @@ def test_mutated_requests(position: int, value: int) -> None:
 # --- on loopback: the real server, fast path on and off ------------------------------------------
 
 
-class Served:
+class Served(RawUdpClients):
     """A running server of a stand-in producer, and raw client sockets."""
 
     def __init__(self, producer: StandIn, context: ProducerContext, port: int) -> None:
+        super().__init__(port)
         self.producer = producer
         self.context = context
-        self.port = port
-        self.sockets: list[socket.socket] = []
 
     @property
     def fast(self) -> FastPath:
         assert self.context.fast_path is not None
         return self.context.fast_path
-
-    def client(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", self.port))
-        self.sockets.append(sock)
-        return sock
-
-    async def exchange(self, sock: socket.socket, data: bytes, timeout: float = 5.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, data)
-        return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
-
-    async def nothing(self, sock: socket.socket, wait: float = 0.2) -> bool:
-        """True if nothing arrives on ``sock`` within ``wait`` seconds."""
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.sock_recv(sock, 4096), wait)
-        except TimeoutError:
-            return True
-        return False
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
 
 
 @pytest_asyncio.fixture

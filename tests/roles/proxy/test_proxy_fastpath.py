@@ -33,6 +33,7 @@ from proxy.core import Proxy
 from proxy.entry import Entry
 from proxy.fastpath import UNSOLICITED_LIMIT, FastPath
 from proxy.server import ProxySite
+from testkit import RawUdpClients
 from testkit import coap_option as option
 
 NOW = 1_800_000_000.0
@@ -278,31 +279,19 @@ def test_mutated_requests(position: int, value: int) -> None:
 # --- on loopback: the real site, fast path on and off ---------------------------------------------
 
 
-class Served:
+class Served(RawUdpClients):
     """The proxy site on a server context, its fast path, and raw client sockets."""
 
     def __init__(self, site: ProxySite, clock: Clock, context: Any, port: int) -> None:
-        self.site, self.clock, self.context, self.port = site, clock, context, port
+        super().__init__(port)
+        self.site, self.clock, self.context = site, clock, context
         self.fast = FastPath(site)
         assert self.fast.install(context)
-        self.sockets: list[socket.socket] = []
         self._mid = 0x100
 
     def mid(self) -> int:
         self._mid += 1
         return self._mid
-
-    def client(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", self.port))
-        self.sockets.append(sock)
-        return sock
-
-    async def exchange(self, sock: socket.socket, data: bytes, timeout: float = 5.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, data)
-        return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
 
     async def proven(self) -> socket.socket:
         """A client that answered its Echo challenge (through aiocoap, as any client)."""
@@ -312,10 +301,6 @@ class Served:
         again = request(PUBLISHED, mid=self.mid(), more=((_ECHO, challenge.opt.echo),))
         assert Message.decode(await self.exchange(sock, again)).code == Code.CONTENT
         return sock
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
 
 
 @pytest_asyncio.fixture
