@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from as_harness import ROOT, AsProcess, free_port
 from proxy_harness import ProxyProcess
@@ -198,16 +199,35 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
         tasks = [asyncio.create_task(t) for t in (write(), direct.run(stop), proxied.run(stop))]
         figures: dict[str, float] = {}
 
-        async def kill_after_a_rotation(server: AsProcess) -> tuple[float, int]:
+        async def kill_after_a_rotation(
+            server: AsProcess, settled: str | None = None
+        ) -> tuple[float, int]:
             """kill -9 ``server`` just after the reader saw a new epoch: the pre-active epoch
-            then is the next one, so every later one is made after the kill. Returns (the time
-            of the kill, the first epoch made after it)."""
+            then is the next one, so every later one is made after the kill. With ``settled``
+            (a resource id), only once the AS holds that next epoch of it, and a notification
+            round later (the producer observing it holds its secret then). Returns (the time of
+            the kill, the first epoch made after it)."""
             seen = direct.newest_epoch()
             await until(lambda: direct.newest_epoch() > seen, PERIOD + 5, "a rotation")
+            if settled is not None:
+                await next_epoch_made(settled, direct.newest_epoch() + 1)
+                await asyncio.sleep(0.5)  # the AS's change poll (0.1 s) and the notification
             assert server.proc is not None
             server.proc.send_signal(signal.SIGKILL)
             server.proc.wait()
             return time.time(), direct.newest_epoch() + 2
+
+        async def next_epoch_made(resource_id: str, epoch: int) -> None:
+            """Until the AS's database holds ``epoch`` of ``resource_id`` (within a period)."""
+            conn = await asyncpg.connect(pg_database)
+            try:
+                deadline = time.monotonic() + PERIOD + 2
+                query = "SELECT max(epoch) FROM epochs WHERE resource_id = $1"
+                while (await conn.fetchval(query, resource_id) or 0) < epoch:
+                    assert time.monotonic() < deadline, f"the AS never made epoch {epoch}"
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
 
         async def followed(
             name: str, killed: float, made_after: int, old: AsProcess, new: AsProcess
@@ -270,8 +290,11 @@ async def test_the_roles_fail_over_to_the_other_as_instance_and_recover(
             figures["B killed: a 3600 s producer moved"] = late_moved - killed
 
             # --- A killed too (B is down already): the producer serves what it holds and says
-            # why it waits; a consumer that must ask the AS gets one clear error line.
-            down, made_after = await kill_after_a_rotation(a)
+            # why it waits; a consumer that must ask the AS gets one clear error line. A goes
+            # once the producer holds the next epoch's secret (the AS made it and notified the
+            # observers, within a tick of 0.1 s): otherwise the producer would rightly stay on
+            # the epoch the consumer holds, and nothing would need the AS.
+            down, made_after = await kill_after_a_rotation(a, settled="meter/v")
             before = len(direct.readings)
             await until(lambda: len(direct.readings) > before + 5, PERIOD, "readings with no AS")
             status, out, err = await consumer_cli(
