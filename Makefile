@@ -1,7 +1,8 @@
 # Build skeleton for OSCAR. Everything here is non-interactive (CI runs with CI=true, no stdin).
 #
 #   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin,
-#                   postgresql (the server binaries the AS store's tests run on PostgreSQL with)
+#                   postgresql (the server binaries the AS store's tests run on PostgreSQL with),
+#                   redis-server (the proxy cluster's tests start private servers of it)
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make check      the fast tier, under a minute: lint, format check, typecheck, import contracts,
@@ -60,6 +61,7 @@ deps:
 	@$(call apt_install,autoreconf automake,autoconf automake libtool)
 	@$(call apt_install,coap-client-openssl,libcoap3-bin)
 	@$(call apt_install_unless,/usr/lib/postgresql/*/bin/initdb,postgresql)
+	@$(call apt_install,redis-server,redis-server)
 
 venv: $(STAMP)
 

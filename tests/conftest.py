@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -11,6 +12,7 @@ from consumer_harness import ProducerStandIn
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import HealthCheck, settings
 from pg_harness import BACKENDS, Backing, PgCluster
+from redis_harness import RedisServer
 
 from testkit import Pki, make_pki
 
@@ -93,3 +95,30 @@ def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Backing:
         request.getfixturevalue("pg_database"),
         request.getfixturevalue("pg_cluster"),
     )
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh private Redis server for the test (tests/redis_harness.py: plain, memory only, on a
+    free loopback port; it starts in about 13 ms), stopped and removed after it. A test that
+    needs AUTH, TLS or an RDB file makes its own ``RedisServer(...)``."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_servers() -> Iterator[Callable[..., RedisServer]]:
+    """Makes started private Redis servers with ``RedisServer``'s options (``password``, ``user``,
+    ``tls``, ``persistent``); every one is stopped and removed after the test."""
+    made: list[RedisServer] = []
+
+    def make(**options: Any) -> RedisServer:
+        server = RedisServer(**options)
+        made.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
