@@ -3,7 +3,8 @@
 ::
 
     oscar-proxy --bundle proxy-1.json --state /var/lib/oscar/proxy --listen 127.0.0.1:5683 \\
-        [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls]
+        [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls] \\
+        [--cluster redis://HOST:PORT/DB]
     oscar-proxy stats --state /var/lib/oscar/proxy [--json]
 
 ``stats`` asks the running proxy for its live counters over ``STATE/stats.sock``
@@ -14,6 +15,11 @@ Forward proxying (Proxy-Uri) is always on; each ``--reverse`` maps a path prefix
 listen port and DTLS-PSK on the next one (identities: devices enrolled at the AS, keyed with link
 PSKs the AS derives for this proxy). Flags override the configuration file (see
 :mod:`proxy.config` for its format and the limits).
+
+With ``--cluster`` (or ``cluster`` in the configuration), the instances of one bundle share their
+cache, anti-rollback memory, upstream fetches and observations and the lookup budget through a
+Redis-protocol store (:mod:`proxy.cluster`); each needs a state directory and address of its own.
+A URL with a password belongs in the configuration file (0600), not on a command line.
 
 Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start, 2 for bad usage or configuration.
 """
@@ -44,7 +50,14 @@ from oscar_io.errors import AsError, BundleError, StateError
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 from oscar_io.tasks import stop_tasks
 
-from .config import ConfigError, ProxyConfig, config_from_mapping, load_config, parse_listen
+from .config import (
+    ConfigError,
+    ProxyConfig,
+    check_cluster_url,
+    config_from_mapping,
+    load_config,
+    parse_listen,
+)
 from .config import parse_reverse as _parse_reverse
 from .core import Proxy
 from .statsock import StatsUnavailable, close_stats, ensure_state_free, read_stats, serve_stats
@@ -70,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX=coap://HOST:PORT",
         help="map a path prefix to a producer (repeatable)",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="redis://HOST:PORT/DB",
+        help="share cache, observations and budgets with the other instances of this bundle",
+    )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
     add_logging_arguments(parser)
@@ -94,6 +112,7 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "reverse": reverse,
         "plain": False if args.no_plain else None,
         "dtls": False if args.no_dtls else None,
+        "cluster": check_cluster_url(args.cluster) if args.cluster is not None else None,
     }
     if args.config is not None:
         return load_config(args.config, **overrides)
@@ -116,6 +135,11 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     ensure_state_free(config.state)  # nor a state directory another proxy uses
     proxy = Proxy(config)
     proxy.open()
+    try:
+        await proxy.start()  # joins the cluster, if any: ClusterError (a StateError) otherwise
+    except BaseException:
+        await proxy.close()
+        raise
     site = ProxySite(proxy, echo_key=proxy.bundle.state_key("proxy echo"))
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])

@@ -6,6 +6,9 @@
                                        # (DTLS cannot bind a wildcard such as 0.0.0.0)
     plain = true                       # false: DTLS only
     dtls = true                        # false: plain CoAP only (no publishing)
+    cluster = "redis://10.0.0.5:6379/0"  # instances of one bundle sharing a Redis-protocol store
+                                       # (proxy.cluster); rediss:// for TLS, a password in the
+                                       # URL (keep it in this file, 0600, not on a command line)
 
     [reverse]                          # prefix -> producer: /PREFIX/REST from URI/PREFIX/REST
     "sensor-1" = "coap://192.0.2.10:5683"
@@ -37,14 +40,23 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from oscar import names
 from oscar_io import ports
 from oscar_io.clikit import read_toml
 from oscar_io.errors import ConfigError
+from oscar_io.urls import redacted, user_part_unclear
 
-__all__ = ["ConfigError", "Limits", "ProxyConfig", "load_config", "parse_listen", "parse_reverse"]
+__all__ = [
+    "ConfigError",
+    "Limits",
+    "ProxyConfig",
+    "check_cluster_url",
+    "load_config",
+    "parse_listen",
+    "parse_reverse",
+]
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,16 @@ class ProxyConfig:
     plain: bool = True
     dtls: bool = True
     limits: Limits = field(default_factory=Limits)
+    #: The cluster store's URL (:func:`check_cluster_url`); None: a proxy alone (SQLite cache).
+    cluster: str | None = None
+
+    def __repr__(self) -> str:
+        shown = None if self.cluster is None else redacted(self.cluster)
+        return f"ProxyConfig(listen={self.listen!r}, state={str(self.state)!r}, cluster={shown!r})"
 
     def __post_init__(self) -> None:
+        if self.cluster is not None:
+            check_cluster_url(self.cluster)
         if not self.plain and not self.dtls:
             raise ConfigError("plain and dtls are both off: nothing to listen on")
         if self.dtls and _unspecified(self.listen[0]):
@@ -112,6 +132,62 @@ def _unspecified(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:  # a host name
         return False
+
+
+#: What a cluster URL's query may set (redis-py's names): TLS files and checks, timeouts.
+CLUSTER_URL_OPTIONS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "socket_timeout",
+        "socket_connect_timeout",
+    }
+)
+_CLUSTER_SHAPE = (
+    "a cluster URL is redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS, "
+    "unix:///PATH for a socket), with / ? # @ : in a password percent-encoded"
+)
+
+
+def check_cluster_url(url: object) -> str:
+    """``url`` if it names a Redis-protocol store: ``redis://``, ``rediss://`` (TLS) or
+    ``unix://``, a host (or path), a port in range, a database number, only the query options
+    of :data:`CLUSTER_URL_OPTIONS`; :class:`ConfigError` (the URL redacted) otherwise."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"cluster: {_CLUSTER_SHAPE}")
+    shown = redacted(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:  # its text may quote a password that looked like a port
+        raise ConfigError(f"cluster {shown}: {_CLUSTER_SHAPE}") from None
+    if parts.scheme not in ("redis", "rediss", "unix") or user_part_unclear(url):
+        raise ConfigError(f"cluster {shown}: {_CLUSTER_SHAPE}")
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ConfigError(f"cluster {shown}: unix:///PATH names the socket")
+    elif not parts.hostname:
+        raise ConfigError(f"cluster {shown}: no host")
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"cluster {shown}: the database is a number (/0 to /15)")
+    if parts.fragment:
+        raise ConfigError(f"cluster {shown}: {_CLUSTER_SHAPE}")
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "db" and value.isdigit() and parts.scheme == "unix":
+            continue
+        if name not in CLUSTER_URL_OPTIONS:
+            raise ConfigError(f"cluster {shown}: unknown option {name!r}")
+        if name.startswith("socket_"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not 0 < seconds <= 60:
+                raise ConfigError(f"cluster {shown}: {name} is 0 to 60 seconds")
+    return url
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -152,7 +228,7 @@ def load_config(path: Path, **overrides: Any) -> ProxyConfig:
 def config_from_mapping(
     doc: dict[str, Any], *, base: Path, where: str = "config", **overrides: Any
 ) -> ProxyConfig:
-    known = {"bundle", "state", "listen", "reverse", "plain", "dtls", "limits"}
+    known = {"bundle", "state", "listen", "reverse", "plain", "dtls", "limits", "cluster"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -177,6 +253,8 @@ def config_from_mapping(
             if not isinstance(doc[flag], bool):
                 raise ConfigError(f"{where}: {flag} is true or false")
             values[flag] = doc[flag]
+    if "cluster" in doc:
+        values["cluster"] = check_cluster_url(doc["cluster"])
     reverse = doc.get("reverse", {})
     if not isinstance(reverse, dict) or not all(isinstance(v, str) for v in reverse.values()):
         raise ConfigError(f'{where}: [reverse] maps "PREFIX" = "coap://HOST:PORT"')

@@ -23,6 +23,8 @@ each new object is pushed to all observers of the resource (also a published one
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -30,38 +32,29 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from oscar.errors import InvalidObject
-from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
+from oscar.objects import object_etag
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
-from oscar_io.coaperrors import TransportError, translate
+from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, BundleError
 from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
 from oscar_io.trust import CertificateSource, Trust
 
+from . import shared
 from .cache import Cache
+from .cluster import ClusterStore, ClusterUnavailable, Verdict
 from .config import ProxyConfig
 from .diskcache import DiskCache
 from .entry import Entry
 from .lookups import BudgetedAs, LookupBudget, origin, origin_of
 from .relays import Relays
+from .upstream import UpstreamError, complete, upstream_failure
 
 __all__ = ["Proxy", "Stats", "Unavailable", "UpstreamError", "upstream_failure"]
 
 log = logging.getLogger("oscar.proxy")
 _T = TypeVar("_T")
-
-
-class UpstreamError(Exception):
-    """The upstream's answer cannot be taken (a broken Block2 transfer, say); logged, counted."""
-
-
-def upstream_failure(exc: Exception, source: str) -> str:
-    """Why an upstream exchange failed, for the log: an :class:`UpstreamError`'s text, a network
-    failure's category (:func:`oscar_io.coaperrors.translate`), else the exception's name (the
-    failure is the upstream's either way: the proxy serves what it holds and backs off)."""
-    failure = exc if isinstance(exc, UpstreamError) else translate(exc, source)
-    return str(failure) if failure is not None else type(exc).__name__
 
 
 class Unavailable(Exception):
@@ -109,6 +102,8 @@ class Proxy:
         self._cache: Cache | None = None
         self._trust: Trust | None = None
         self._as_client: AsClient | None = None
+        #: The store the instances of a cluster share (``--cluster``); None: a proxy alone.
+        self.cluster: ClusterStore | None = None
         self.lookups = LookupBudget(
             per_origin=config.limits.signer_lookups_per_origin, total=config.limits.signer_lookups
         )
@@ -151,17 +146,35 @@ class Proxy:
             raise BundleError(f"the bundle is for a {bundle.role}, not a proxy")
         self._bundle = bundle
         state = private_dir(self.config.state)
-        disk = DiskCache(
-            state / "cache.db",
-            bundle.state_key("proxy storage"),
-            max_entries=self.limits.disk_entries,
-            max_bytes=self.limits.disk_bytes,
-        )
+        disk = None
+        if self.config.cluster is None:
+            disk = DiskCache(
+                state / "cache.db",
+                bundle.state_key("proxy storage"),
+                max_entries=self.limits.disk_entries,
+                max_bytes=self.limits.disk_bytes,
+            )
+        else:  # the cluster store is the backend: this instance keeps its memory layer only
+            self.cluster = ClusterStore(
+                self.config.cluster, bundle.state_key("proxy storage"), clock=self._clock
+            )
         self._cache = Cache(
             disk, max_entries=self.limits.memory_entries, max_bytes=self.limits.memory_bytes
         )
         trust = TrustCache(private_dir(state / "trust"), bundle.state_key("proxy trust"), "proxy")
         self._trust = Trust(bundle, trust, self._budgeted_as_client)
+
+    async def start(self) -> None:
+        """Join the cluster (``--cluster``): :class:`~proxy.cluster.ClusterError` if its store
+        cannot be used. Nothing to do for a proxy alone."""
+        cluster = self.cluster
+        if cluster is None:
+            return
+        cluster.on_object = functools.partial(shared.take, self)
+        cluster.on_resync = functools.partial(shared.resync, self, cluster)
+        cluster.counters = lambda: self.counters(totals=False)
+        self.lookups.shared = cluster.take
+        await cluster.open()
 
     async def as_client(self) -> AsClient:
         if self._as_client is None:
@@ -186,23 +199,34 @@ class Proxy:
             self._upstream = None
         if self._as_client is not None:
             await self._as_client.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._cache is not None:
             self._cache.close()
 
-    def counters(self) -> dict[str, int]:
-        """The live counters (served at /.well-known/oscar-stats and to ``oscar-proxy stats``)."""
+    def counters(self, *, totals: bool = True) -> dict[str, int]:
+        """The live counters (served at /.well-known/oscar-stats and to ``oscar-proxy stats``).
+        In a cluster, also this instance's ``cluster_*`` counters and (``totals``) the sums of
+        every live instance's counters, ``all_*``."""
         self.stats.evictions = self.cache.evictions
         self.stats.signer_lookups_refused = self.lookups.refused
         self.stats.observers = self.relays.observers
         self.stats.upstream_observations = self.relays.relays
         self.stats.observations_declined = self.relays.declined
-        return {
+        doc = {
             **self.stats.as_dict(),
             "memory_entries": len(self.cache),
             "memory_bytes": self.cache.memory_bytes,
             "disk_entries": len(self.cache.disk) if self.cache.disk else 0,
             "disk_bytes": self.cache.disk.size if self.cache.disk else 0,
         }
+        cluster = self.cluster
+        if cluster is not None:
+            doc.update({f"cluster_{k}": v for k, v in vars(cluster.stats).items()})
+            doc["cluster_up"] = int(cluster.up)
+            if totals:
+                doc.update({f"all_{k}": v for k, v in cluster.totals.items()})
+        return doc
 
     # --- checking objects ---
 
@@ -243,18 +267,29 @@ class Proxy:
         """The entry if it may still be served (not past its ``exp``)."""
         return entry if entry is not None and self.now() <= entry.exp else None
 
-    def store(self, entry: Entry) -> bool:
+    async def store(self, entry: Entry) -> bool:
         """Keep ``entry`` if it is newer than what is held; True if it replaced it.
 
         "Held" includes what was held before: the newest version of each resource is remembered
         beyond its entry's eviction (:meth:`Cache.newest`), so that an origin cannot bring back
-        an older object once the newer one has left the cache."""
+        an older object once the newer one has left the cache; in a cluster, also what any
+        instance has stored (:meth:`ClusterStore.put <proxy.cluster.ClusterStore.put>`, which
+        raises :class:`~proxy.cluster.ClusterUnavailable`: then nothing is kept)."""
         held = self.cache.get(entry.resource_id)
         newest = self.cache.newest(entry.resource_id)
         if newest is not None and entry.version < newest:
             self.stats.rejected += 1
             log.info("rejected a rollback of %s", entry.resource_id)
             return False
+        if self.cluster is not None:
+            same = held is not None and held.version == entry.version
+            refresh = same and held is not None and entry.upstream == held.upstream
+            if await self.cluster.put(entry, refresh=refresh) is Verdict.OLDER:
+                self.stats.rejected += 1
+                log.info(
+                    "rejected a rollback of %s (another instance holds newer)", entry.resource_id
+                )
+                return False
         if held is not None and entry.version == held.version:
             # The same object again: keep the bytes first seen (a re-signed copy, such as
             # ECDSA's (r, n - s) twin, is not new: same ETag, one entry); it renews the entry
@@ -278,6 +313,11 @@ class Proxy:
         if entry is not None and now < entry.fresh_until:
             self.stats.hits += 1
             return entry
+        if self.cluster is not None:  # what another instance stored, if fresher
+            entry = await shared.lookup(self, self.cluster, resource_id, entry)
+            if entry is not None and now < entry.fresh_until:
+                self.stats.hits += 1
+                return entry
         source = upstream or (entry.upstream if entry is not None else None)
         if source is None:
             if entry is not None:  # published: the newest we have, until its exp
@@ -293,7 +333,10 @@ class Proxy:
             future = asyncio.get_running_loop().create_future()
             self._inflight[key] = future
             try:
-                result = await self._refresh(resource_id, source, entry)
+                if self.cluster is None:
+                    result = await self.refresh(resource_id, source, entry)
+                else:
+                    result = await shared.refresh(self, self.cluster, resource_id, source, entry)
                 future.set_result(result)
             except BaseException as exc:
                 future.set_exception(exc)
@@ -307,7 +350,7 @@ class Proxy:
             raise Unavailable("5.02", "the upstream gave no valid object")
         return result
 
-    async def _refresh(self, resource_id: str, source: str, entry: Entry | None) -> Entry | None:
+    async def refresh(self, resource_id: str, source: str, entry: Entry | None) -> Entry | None:
         from aiocoap import GET, Message
 
         ctx = await self.upstream()
@@ -334,54 +377,8 @@ class Proxy:
         return await self.complete(ctx, request, first)
 
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
-        """``first`` (an answer or a notification) with the rest of its blocks, if it has more.
-
-        aiocoap's own assembly has no size limit (an upstream named in a Proxy-Uri could stream
-        blocks until the proxy runs out of memory) and copies the whole payload for each block
-        it appends. Here every exchange (one block) has ``upstream_timeout``, the object may grow
-        to :data:`~oscar.objects.DEFAULT_MAX_OBJECT_SIZE` and no further, every block must be the
-        next one, full but the last, and carry the first one's ETag (RFC 7959 §2.4; the rest of a
-        notification is asked for without Observe, §2.6). Raises :class:`UpstreamError`, and
-        what aiocoap raises.
-        """
-        from aiocoap.optiontypes import BlockOption
-
-        block2 = first.opt.block2
-        if block2 is None:
-            return first
-        if block2.block_number != 0:
-            raise UpstreamError("a Block2 transfer that does not start at block 0")
-        parts, received = [bytes(first.payload)], len(first.payload)
-        while block2.more:
-            if len(parts[-1]) != block2.size:
-                raise UpstreamError("a Block2 block shorter than its size, not the last")
-            if received >= DEFAULT_MAX_OBJECT_SIZE:
-                raise UpstreamError("a Block2 transfer larger than any object")
-            follow = request.copy(
-                mid=None,
-                token=None,
-                remote=first.remote,
-                etags=[],
-                observe=None,
-                block2=BlockOption.BlockwiseTuple(
-                    block2.block_number + 1, False, block2.size_exponent
-                ),
-            )
-            reply = await asyncio.wait_for(
-                ctx.request(follow, handle_blockwise=False).response, self.limits.upstream_timeout
-            )
-            block2 = reply.opt.block2
-            if reply.code != first.code or block2 is None or block2.start != received:
-                raise UpstreamError("a Block2 transfer broken off or out of order")
-            if reply.opt.etag != first.opt.etag:
-                raise UpstreamError("the object changed during its Block2 transfer")
-            parts.append(bytes(reply.payload))
-            received += len(parts[-1])
-        if received > DEFAULT_MAX_OBJECT_SIZE:
-            raise UpstreamError("a Block2 transfer larger than any object")
-        first.payload = b"".join(parts)
-        first.opt.block2 = None
-        return first
+        """``first`` with the rest of its blocks (:func:`proxy.upstream.complete`)."""
+        return await complete(ctx, request, first, self.limits.upstream_timeout)
 
     async def _take(
         self, resource_id: str, source: str, entry: Entry | None, response: Any
@@ -401,6 +398,9 @@ class Proxy:
             fresh = entry.refreshed(now + max_age)
             self.cache.touch(fresh)
             self._backoff.pop((resource_id, source), None)
+            if self.cluster is not None:  # the renewed freshness for every instance
+                with contextlib.suppress(ClusterUnavailable):
+                    await self.cluster.put(fresh, refresh=True)
             return self.valid(fresh)
         if code != "2.05" or response.opt.content_format != 18:
             return self._upstream_failed(resource_id, source, entry, f"answer {code}")
@@ -414,8 +414,11 @@ class Proxy:
         fresh = _with(new, upstream_etag=response.opt.etag, fresh_until=now + max_age)
         self._backoff.pop((resource_id, source), None)
         self.relays.served(resource_id, source)
-        if self.store(fresh):
-            return fresh
+        try:
+            if await self.store(fresh):
+                return fresh
+        except ClusterUnavailable:  # not taken: the cluster could not check it is the newest
+            return self.valid(entry)
         held = self.cache.get(resource_id)
         return self.valid(held)
 
@@ -438,6 +441,8 @@ class Proxy:
         """Take an object PUT by its owner. True if it is new; InvalidObject if rejected
         (rollbacks included); TransportError when it cannot be verified now."""
         entry = await self.check(data, resource_id, None)
+        if self.cluster is not None:
+            await shared.lookup(self, self.cluster, resource_id, None)  # for its upstream
         held = self.cache.get(resource_id)
         newest = self.cache.newest(resource_id)
         if newest is not None and entry.version < newest:
@@ -451,7 +456,14 @@ class Proxy:
             upstream=held.upstream if held is not None else None,
             fresh_until=self.now() + age,
         )
-        new = self.store(entry)
+        try:
+            new = await self.store(entry)
+        except ClusterUnavailable as exc:  # not accepted: the PUT gets 5.03
+            raise TransportError(str(exc)) from None
+        if not new and self.cluster is not None:
+            held = self.cache.get(resource_id)
+            if held is None or held.version < entry.version:  # the cluster refused a rollback
+                raise InvalidObject("older than the object another instance holds")
         if new:
             self.stats.published += 1
         return new

@@ -13,7 +13,8 @@ now: :class:`AsUnavailable`, which the proxy treats as the AS being out of reach
 what it holds and backs off that upstream; a PUT gets 5.03). A known kid (certificate cached)
 costs nothing, and so does a lookup while every AS is busy (a 5.03 or 4.29 whose Max-Age has not
 passed: the AS client would not send it). Tokens come back at the budget's rate; the table of
-origins is bounded.
+origins is bounded. In a cluster the buckets are the cluster store's (:attr:`LookupBudget.shared`),
+so that the budget is the cluster's, not each instance's.
 
 :class:`BudgetedAs` puts the budget in front of :meth:`AsClient.certificate`: it is the
 :class:`~oscar_io.trust.CertificateSource` the proxy's Trust asks (the CRL goes to the AS client
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -76,6 +77,9 @@ class LookupBudget:
         self._origins: OrderedDict[str, _Bucket] = OrderedDict()
         #: Lookups refused for want of budget, since the start.
         self.refused = 0
+        #: In a cluster, the budget the instances share (:meth:`proxy.cluster.ClusterStore.take`:
+        #: key, per-origin size, total size): it replaces this instance's buckets.
+        self.shared: Callable[[str, int, int], Awaitable[bool]] | None = None
 
     def __repr__(self) -> str:
         return f"LookupBudget(origins={len(self._origins)}, refused={self.refused})"
@@ -103,6 +107,21 @@ class LookupBudget:
         self._global.tokens -= 1.0
         return True
 
+    async def spend(self, key: str) -> bool:
+        """:meth:`take`, or the cluster's budget when the instances share one (nothing is spent
+        and False while the cluster store cannot be reached: fail closed)."""
+        if self.shared is None:
+            return self.take(key)
+        from .cluster import ClusterUnavailable
+
+        try:
+            taken = await self.shared(key, self.per_origin, self.total)
+        except ClusterUnavailable:
+            taken = False
+        if not taken:
+            self.refused += 1
+        return taken
+
 
 class BudgetedAs:
     """The AS lookups of the proxy's Trust (a :class:`~oscar_io.trust.CertificateSource`): the
@@ -122,7 +141,7 @@ class BudgetedAs:
         if wait is not None:  # no AS may be asked before its Max-Age: spend no budget on it
             raise AsUnavailable(f"the AS is busy; retry in {wait:g} s", retry_after=wait)
         key = origin.get()
-        if key is not None and not self._budget.take(key):
+        if key is not None and not await self._budget.spend(key):
             raise AsUnavailable("too many certificate lookups for unknown signers; later")
         return await self._client.certificate(kid=kid)
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from oscar_io.peers import address_key, host_of
 from oscar_io.tasks import stop_tasks
 
+from .cluster import LEASE_RENEW, ClusterUnavailable
 from .entry import Entry
 
 if TYPE_CHECKING:
@@ -189,22 +190,61 @@ class Relays:
 
     # --- one relay ---
 
-    def _live(self, resource_id: str, source: str) -> bool:
-        """Whether the running task is still the relay of (resource, source). A cancelled one
-        ends at its next step even if a cancellation was lost: in Python 3.11, ``wait_for`` can
-        return the awaited result instead of raising CancelledError when both come at once."""
-        return self._tasks.get((resource_id, source)) is asyncio.current_task()
+    def _live(self, resource_id: str, source: str, owner: asyncio.Task[Any] | None) -> bool:
+        """Whether ``owner`` is still the relay of (resource, source). A cancelled one ends at
+        its next step even if a cancellation was lost: in Python 3.11, ``wait_for`` can return
+        the awaited result instead of raising CancelledError when both come at once."""
+        return owner is not None and self._tasks.get((resource_id, source)) is owner
 
     async def _relay(self, resource_id: str, source: str) -> None:
+        """The relay of (resource, source): the upstream observation itself for a proxy alone;
+        in a cluster, only while this instance holds the relay's lease (one instance of the
+        cluster observes upstream; the others' observers get its objects from the store's
+        events). A standby takes the lease over within :data:`~proxy.cluster.LEASE_TTL` of its
+        holder's end (a crash included) and observes in its turn."""
+        owner = asyncio.current_task()
+        cluster = self.proxy.cluster
+        if cluster is None:
+            await self._observe(resource_id, source, owner)
+            return
+        while self._live(resource_id, source, owner):
+            try:
+                held = await cluster.lease(resource_id, source)
+            except ClusterUnavailable:
+                held = False  # nothing it observed could be stored: wait for the store
+            if not held:
+                await asyncio.sleep(LEASE_RENEW)
+                continue
+            cluster.stats.leases_taken += 1
+            log.info("observing %s upstream for the cluster", resource_id)
+            observing = asyncio.create_task(
+                self._observe(resource_id, source, owner), name=f"observe {resource_id}"
+            )
+            try:
+                while not observing.done():
+                    await asyncio.wait([observing], timeout=LEASE_RENEW)
+                    try:
+                        if not await cluster.lease(resource_id, source):
+                            log.info("another instance observes %s upstream", resource_id)
+                            break
+                    except ClusterUnavailable:
+                        continue  # keep observing: no other instance can take the lease now
+            finally:
+                await stop_tasks([observing])
+                await cluster.release(resource_id, source)
+
+    async def _observe(
+        self, resource_id: str, source: str, owner: asyncio.Task[Any] | None
+    ) -> None:
         """Observe ``source`` until cancelled, each notification checked and taken like a fetch;
         registered again (backing off) when the observation ends, fails or falls silent."""
         from aiocoap import GET, Message
 
-        from .core import UpstreamError, upstream_failure
+        from .upstream import UpstreamError, upstream_failure
 
         proxy = self.proxy
         delay = 1.0
-        while self._live(resource_id, source):
+        while self._live(resource_id, source, owner):
             ctx = await proxy.upstream()
             proxy.stats.upstream_requests += 1
             message = Message(code=GET, uri=source, observe=0)
@@ -215,7 +255,7 @@ class Relays:
                 if first.opt.observe is None:
                     raise UpstreamError("the upstream does not take observers")
                 delay = 1.0
-                await self._follow(resource_id, source, ctx, message, request, first)
+                await self._follow(resource_id, source, owner, ctx, message, request, first)
             except asyncio.CancelledError:
                 request.observation.cancel()
                 raise
@@ -230,15 +270,22 @@ class Relays:
             delay = min(delay * 2, 30.0)
 
     async def _follow(
-        self, resource_id: str, source: str, ctx: Any, message: Any, request: Any, first: Any
+        self,
+        resource_id: str,
+        source: str,
+        owner: asyncio.Task[Any] | None,
+        ctx: Any,
+        message: Any,
+        request: Any,
+        first: Any,
     ) -> None:
         """Take the notifications of one registration until it ends or falls silent."""
-        from .core import UpstreamError
+        from .upstream import UpstreamError
 
         proxy = self.proxy
         notifications = request.observation.__aiter__()
         silence = _silence(first)
-        while self._live(resource_id, source):
+        while self._live(resource_id, source, owner):
             try:
                 notification = await asyncio.wait_for(notifications.__anext__(), silence)
             except StopAsyncIteration:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 
 from oscar_io.errors import StateError
 from oscar_io.statefiles import atomic_write, private_dir
+from oscar_io.urls import redacted, user_part_unclear
 
 from ..envelope import Envelope, MasterKeyError, VaultError, read_master_key
 from .access import Access
@@ -120,45 +121,9 @@ def check_database_url(database: str) -> str:
         raise StoreError(f"not a database URL: {shape}") from None
     if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
         raise StoreError(shape)
-    if _user_part_unclear(database):  # a password with a / or an @ in it, say
+    if user_part_unclear(database):  # a password with a / or an @ in it, say
         raise StoreError(f"not a database URL: {shape}")
     return database
-
-
-def _user_part_unclear(url: str) -> bool:
-    """Whether an ``@`` of ``url`` is not the one ending its user part (a password's
-    unencoded ``/``, ``?``, ``#`` or ``@`` makes it so)."""
-    from urllib.parse import urlsplit
-
-    rest = url.partition("://")[2]
-    try:
-        netloc = urlsplit(url).netloc
-    except ValueError:
-        return "@" in rest
-    return rest.count("@") > 1 or ("@" in rest and "@" not in netloc)
-
-
-def redacted(url: str) -> str:
-    """A database URL without its password, for messages: the password of the user part and
-    of a ``password=`` parameter shown as ``***``; a URL whose user part cannot be told apart
-    (an ``@`` past the host) shown as ``postgresql://***`` and its host."""
-    import re
-    from urllib.parse import urlsplit
-
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "***"
-    if _user_part_unclear(url):
-        return f"{scheme}://***@{rest.rsplit('@', 1)[-1]}"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return f"{scheme}://***"
-    if parts.password is not None:
-        host = parts.netloc.rsplit("@", 1)[-1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    query = re.sub(r"(?i)(^|&)(password|passfile)=[^&]*", r"\1\2=***", parts.query)
-    return parts._replace(query=query).geturl()
 
 
 def recorded_database(state_dir: Path) -> str | None:
