@@ -59,6 +59,8 @@ from oscar_io.tasks import stop_tasks
 from oscar_io.urls import redacted
 
 from .entry import Entry
+from .redisio import COMMAND_TIMEOUT, LEASE, PUT, RELEASE, TAKE, UNLOCK, is_outage, reason
+from .redisio import connect as _default_connect
 
 __all__ = [
     "LEASE_TTL",
@@ -80,67 +82,7 @@ LEASE_RENEW = 0.5
 #: How often a down server is pinged, and counters are reported.
 PING_EVERY = 0.5
 REPORT_EVERY = 2.0
-#: The most one command may take before the server counts as unreachable.
-COMMAND_TIMEOUT = 1.0
 _OBJECT, _UNLOCK = b"o", b"u"
-
-# KEYS: version, entry. ARGV: version (32 hex), sealed entry, entry expiry (ms), version
-# expiry (ms), channel, message, refresh (1: rewrite an entry of the same version).
-# Returns 0: older than the newest stored (refused), 1: the same version, 2: new.
-_PUT = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur > ARGV[1] then return 0 end
-if cur == ARGV[1] then
-  if ARGV[7] == '1' or redis.call('EXISTS', KEYS[2]) == 0 then
-    redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[3])
-  end
-  return 1
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[4])
-redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[3])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 2
-"""
-# KEYS: lock. ARGV: token, channel, message. Deletes the lock if still ours, and says so.
-_UNLOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-"""
-# KEYS: lease. ARGV: holder, ttl (ms). Takes a free lease or renews ours: 1; held by another: 0.
-_LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not cur then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
-return 0
-"""
-# KEYS: one origin's bucket, the whole cluster's. ARGV: their sizes (tokens per minute, also
-# the burst). Takes a token from both, or none: 1 or 0. The server's clock, for every instance.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function level(key, size)
-  local v = redis.call('HMGET', key, 't', 's')
-  local tokens = tonumber(v[1]) or size
-  local stamp = tonumber(v[2]) or now
-  return math.min(size, tokens + math.max(0, now - stamp) * size / 60000)
-end
-local a = level(KEYS[1], tonumber(ARGV[1]))
-local g = level(KEYS[2], tonumber(ARGV[2]))
-if a < 1 or g < 1 then return 0 end
-redis.call('HSET', KEYS[1], 't', tostring(a - 1), 's', tostring(now))
-redis.call('PEXPIRE', KEYS[1], 120000)
-redis.call('HSET', KEYS[2], 't', tostring(g - 1), 's', tostring(now))
-redis.call('PEXPIRE', KEYS[2], 120000)
-return 1
-"""
 
 
 class ClusterError(StateError):
@@ -202,7 +144,7 @@ class ClusterStore:
         self._check = hmac.new(self._index_key, b"OSCAR proxy cluster check", "sha256").hexdigest()
         self.instance = secrets.token_hex(8)
         self._clock = clock
-        self._connect = connect or _connect
+        self._connect = connect or _default_connect
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
         self.stats = ClusterStats()
@@ -232,13 +174,13 @@ class ClusterStore:
         try:
             self._redis = self._connect(self.url)
         except (ValueError, TypeError) as exc:  # redis-py's URL parsing
-            raise ClusterError(f"bad cluster URL {self.where}: {_reason(exc)}") from None
+            raise ClusterError(f"bad cluster URL {self.where}: {reason(exc)}") from None
         for name, text in (
-            ("put", _PUT),
-            ("unlock", _UNLOCK_SCRIPT),
-            ("lease", _LEASE),
-            ("release", _RELEASE),
-            ("take", _TAKE),
+            ("put", PUT),
+            ("unlock", UNLOCK),
+            ("lease", LEASE),
+            ("release", RELEASE),
+            ("take", TAKE),
         ):
             self._scripts[name] = self._redis.register_script(text)
         try:
@@ -249,14 +191,14 @@ class ClusterStore:
         except Exception as exc:
             await self._close_client()
             raise ClusterError(
-                f"cannot use the cluster store {self.where}: {_reason(exc)}"
+                f"cannot use the cluster store {self.where}: {reason(exc)}"
             ) from None
         try:
             pubsub = await self._subscribe()
         except Exception as exc:
             await self._close_client()
             raise ClusterError(
-                f"cannot use the cluster store {self.where}: {_reason(exc)}"
+                f"cannot use the cluster store {self.where}: {reason(exc)}"
             ) from None
         self.up = True
         self._tasks.append(asyncio.create_task(self._listen(pubsub), name="cluster events"))
@@ -315,11 +257,11 @@ class ClusterStore:
         except Exception as exc:
             from redis.exceptions import RedisError
 
-            if _is_outage(exc):
+            if is_outage(exc):
                 self._down(exc)
                 why = "is unreachable"
             elif isinstance(exc, RedisError):  # reachable, but refuses (out of memory, ACL)
-                log.error("the cluster store %s refused a command: %s", self.where, _reason(exc))
+                log.error("the cluster store %s refused a command: %s", self.where, reason(exc))
                 why = "refused a command"
             else:
                 raise
@@ -335,7 +277,7 @@ class ClusterStore:
             "cluster store %s unreachable (%s): serving what this instance holds, refusing "
             "what needs the cluster",
             self.where,
-            _reason(exc),
+            reason(exc),
         )
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch(), name="cluster monitor")
@@ -351,9 +293,9 @@ class ClusterStore:
                 log.error("%s; the cluster stays unavailable", exc)
                 continue
             except Exception as exc:
-                if _is_outage(exc):
+                if is_outage(exc):
                     continue
-                log.error("the cluster store %s fails: %s", self.where, _reason(exc))
+                log.error("the cluster store %s fails: %s", self.where, reason(exc))
                 continue
             self.up = True
             if self.on_resync is not None:
@@ -525,10 +467,10 @@ class ClusterStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if _is_outage(exc):
+                if is_outage(exc):
                     self._down(exc)
                 else:
-                    log.error("reading the cluster events failed: %s", _reason(exc))
+                    log.error("reading the cluster events failed: %s", reason(exc))
                 await asyncio.sleep(PING_EVERY)
             finally:
                 if pubsub is not None:
@@ -582,34 +524,3 @@ class ClusterStore:
                 totals["instances"] += 1
         self.totals = totals
         return totals
-
-
-def _connect(url: str) -> Any:
-    """A redis.asyncio client for ``url`` that fails fast: no retries (the store's monitor
-    decides when to try again), every command within :data:`COMMAND_TIMEOUT`."""
-    import redis.asyncio as redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return redis.from_url(
-        url,
-        socket_timeout=COMMAND_TIMEOUT,
-        socket_connect_timeout=COMMAND_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` means the server cannot be reached (rather than a bad command)."""
-    from redis import exceptions
-
-    return isinstance(
-        exc, (exceptions.ConnectionError, exceptions.TimeoutError, OSError, TimeoutError)
-    ) and not isinstance(exc, exceptions.AuthenticationError)
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception's text for a message, never a password: redis-py's texts name hosts and
-    ports, not credentials; an empty one becomes its type's name."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
