@@ -19,7 +19,7 @@ PSKs the AS derives for this proxy). Flags override the configuration file (see
 With ``--cluster`` (or ``cluster`` in the configuration), the instances of one bundle share their
 cache, anti-rollback memory, upstream fetches and observations and the lookup budget through a
 Redis-protocol store (:mod:`proxy.cluster`); each needs a state directory and address of its own.
-A URL with a password belongs in the configuration file (0600), not on a command line.
+A password goes in ``--cluster-password-file`` (or ``cluster_password_file``), not in the URL.
 
 Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start, 2 for bad usage or configuration.
 """
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="redis://HOST:PORT/DB",
         help="share cache, observations and budgets with the other instances of this bundle",
     )
+    parser.add_argument(
+        "--cluster-password-file",
+        type=Path,
+        metavar="FILE",
+        help="the cluster store's password (first line), kept out of the URL",
+    )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
     add_logging_arguments(parser)
@@ -113,6 +119,7 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "plain": False if args.no_plain else None,
         "dtls": False if args.no_dtls else None,
         "cluster": check_cluster_url(args.cluster) if args.cluster is not None else None,
+        "cluster_password_file": args.cluster_password_file,
     }
     if args.config is not None:
         return load_config(args.config, **overrides)
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return args
     try:
         config = _config(args)
+        config.cluster_password()  # readable now: a bad file is a usage error, not a crash
     except ConfigError as exc:
         return fail(PROG, str(exc), 2)
     configure_logging(args.log_level, json_lines=args.log_json)

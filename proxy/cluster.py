@@ -135,8 +135,10 @@ class ClusterStore:
         storage_key: bytes,
         *,
         clock: Callable[[], float] = time.time,
-        connect: Callable[[str], Any] | None = None,
+        connect: Callable[..., Any] | None = None,
+        password: str | None = None,
     ) -> None:
+        """``password``: the store's, if not in ``url`` (never shown; it wins over the URL's)."""
         self.url = url
         self.where = redacted(url)
         self._sealer = Sealer(hkdf_sha256(storage_key, b"OSCAR proxy cluster data", 32))
@@ -145,6 +147,7 @@ class ClusterStore:
         self.instance = secrets.token_hex(8)
         self._clock = clock
         self._connect = connect or _default_connect
+        self._password = password
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
         self.stats = ClusterStats()
@@ -172,7 +175,7 @@ class ClusterStore:
         """Connect, check the database is this cluster's (or empty), subscribe to the events.
         :class:`ClusterError` with one clear line otherwise."""
         try:
-            self._redis = self._connect(self.url)
+            self._redis = self._connect(self.url, password=self._password)
         except (ValueError, TypeError) as exc:  # redis-py's URL parsing
             raise ClusterError(f"bad cluster URL {self.where}: {reason(exc)}") from None
         for name, text in (

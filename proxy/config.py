@@ -7,8 +7,8 @@
     plain = true                       # false: DTLS only
     dtls = true                        # false: plain CoAP only (no publishing)
     cluster = "redis://10.0.0.5:6379/0"  # instances of one bundle sharing a Redis-protocol store
-                                       # (proxy.cluster); rediss:// for TLS, a password in the
-                                       # URL (keep it in this file, 0600, not on a command line)
+                                       # (proxy.cluster); rediss:// for TLS
+    cluster_password_file = "/etc/oscar/redis.pass"  # the password (first line), not in the URL
 
     [reverse]                          # prefix -> producer: /PREFIX/REST from URI/PREFIX/REST
     "sensor-1" = "coap://192.0.2.10:5683"
@@ -107,14 +107,36 @@ class ProxyConfig:
     limits: Limits = field(default_factory=Limits)
     #: The cluster store's URL (:func:`check_cluster_url`); None: a proxy alone (SQLite cache).
     cluster: str | None = None
+    #: A file whose first line is the cluster store's password (kept out of the URL, so out of
+    #: a world-readable configuration and of ``ps``); read at start (:meth:`cluster_password`).
+    cluster_password_file: Path | None = None
 
     def __repr__(self) -> str:
         shown = None if self.cluster is None else redacted(self.cluster)
         return f"ProxyConfig(listen={self.listen!r}, state={str(self.state)!r}, cluster={shown!r})"
 
+    def cluster_password(self) -> str | None:
+        """The password in :attr:`cluster_password_file`, if one is named; ConfigError if it
+        cannot be read or is empty."""
+        path = self.cluster_password_file
+        if path is None:
+            return None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"cluster_password_file {path}: {why}") from None
+        if not lines or not lines[0]:
+            raise ConfigError(
+                f"cluster_password_file {path}: empty (the password is its first line)"
+            )
+        return lines[0]
+
     def __post_init__(self) -> None:
         if self.cluster is not None:
             check_cluster_url(self.cluster)
+        elif self.cluster_password_file is not None:
+            raise ConfigError("cluster_password_file without cluster")
         if not self.plain and not self.dtls:
             raise ConfigError("plain and dtls are both off: nothing to listen on")
         if self.dtls and _unspecified(self.listen[0]):
@@ -228,7 +250,17 @@ def load_config(path: Path, **overrides: Any) -> ProxyConfig:
 def config_from_mapping(
     doc: dict[str, Any], *, base: Path, where: str = "config", **overrides: Any
 ) -> ProxyConfig:
-    known = {"bundle", "state", "listen", "reverse", "plain", "dtls", "limits", "cluster"}
+    known = {
+        "bundle",
+        "state",
+        "listen",
+        "reverse",
+        "plain",
+        "dtls",
+        "limits",
+        "cluster",
+        "cluster_password_file",
+    }
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -255,6 +287,10 @@ def config_from_mapping(
             values[flag] = doc[flag]
     if "cluster" in doc:
         values["cluster"] = check_cluster_url(doc["cluster"])
+    if "cluster_password_file" in doc:
+        values["cluster_password_file"] = resolve(
+            doc["cluster_password_file"], "cluster_password_file"
+        )
     reverse = doc.get("reverse", {})
     if not isinstance(reverse, dict) or not all(isinstance(v, str) for v in reverse.values()):
         raise ConfigError(f'{where}: [reverse] maps "PREFIX" = "coap://HOST:PORT"')

@@ -156,7 +156,10 @@ class Proxy:
             )
         else:  # the cluster store is the backend: this instance keeps its memory layer only
             self.cluster = ClusterStore(
-                self.config.cluster, bundle.state_key("proxy storage"), clock=self._clock
+                self.config.cluster,
+                bundle.state_key("proxy storage"),
+                clock=self._clock,
+                password=self.config.cluster_password(),
             )
         self._cache = Cache(
             disk, max_entries=self.limits.memory_entries, max_bytes=self.limits.memory_bytes

@@ -92,15 +92,17 @@ return 1
 """
 
 
-def connect(url: str) -> Any:
+def connect(url: str, *, password: str | None = None) -> Any:
     """A redis.asyncio client for ``url`` that fails fast: no retries (the store's monitor
     decides when to try again), every command within :data:`COMMAND_TIMEOUT`."""
     import redis.asyncio as redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
+    extra = {} if password is None else {"password": password}
     return redis.from_url(
         url,
+        **extra,
         socket_timeout=COMMAND_TIMEOUT,
         socket_connect_timeout=COMMAND_TIMEOUT,
         retry=Retry(NoBackoff(), 0),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oscar_io.errors import UsageError
-from proxy.config import ConfigError, config_from_mapping, parse_listen
+from proxy.config import ConfigError, check_cluster_url, config_from_mapping, parse_listen
 
 
 def test_listen_addresses() -> None:
@@ -31,3 +31,68 @@ def test_the_config_file_says_the_same(tmp_path: Path) -> None:
         config_from_mapping(doc, base=tmp_path)
     doc["listen"] = "127.0.0.1:5683"
     assert config_from_mapping(doc, base=tmp_path).listen == ("127.0.0.1", 5683)
+
+
+# --- cluster URLs (issue 16) -------------------------------------------------------------------
+
+GOOD_CLUSTER_URLS = [
+    "redis://127.0.0.1:6379/0",
+    "redis://redis.example:6379",
+    "redis://:p%40ss@10.0.0.5:6379/3",
+    "redis://oscar:pw@[::1]:6379/0",
+    "rediss://redis.example:6380/0?ssl_ca_certs=/etc/oscar/ca.pem&ssl_cert_reqs=required",
+    "redis://h/0?socket_timeout=2&socket_connect_timeout=0.5",
+    "unix:///run/redis/redis.sock?db=2",
+]
+BAD_CLUSTER_URLS = [
+    ("http://127.0.0.1:6379/0", "a cluster URL is"),
+    ("redis://", "no host"),
+    ("redis://h:99999/0", "a cluster URL is"),
+    ("redis://h/zero", "the database is a number"),
+    ("redis://h/0?evil=1", "unknown option 'evil'"),
+    ("redis://h/0?socket_timeout=0", "0 to 60 seconds"),
+    ("redis://h/0?socket_timeout=x", "0 to 60 seconds"),
+    ("redis://:pa@ss@h:6379/0", "a cluster URL is"),
+    ("redis://h/0#frag", "a cluster URL is"),
+    ("unix://relative.sock", "unix:///PATH"),
+    ("", "a cluster URL is"),
+]
+
+
+@pytest.mark.parametrize("url", GOOD_CLUSTER_URLS)
+def test_cluster_urls_taken(url: str, tmp_path: Path) -> None:
+    doc = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683", "cluster": url}
+    config = config_from_mapping(doc, base=tmp_path)
+    assert config.cluster == url
+    assert "pw" not in repr(config) and "p%40ss" not in repr(config)
+
+
+@pytest.mark.parametrize(("url", "why"), BAD_CLUSTER_URLS)
+def test_bad_cluster_urls_are_config_errors_without_the_password(url: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why) as refused:
+        check_cluster_url(url)
+    assert "pa@ss" not in str(refused.value) and "ss@h" not in str(refused.value)
+
+
+def test_the_cluster_password_comes_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "redis.pass"
+    secret.write_text("s3cret-pw\nignored\n")
+    doc = {
+        "bundle": "b.json",
+        "state": "s",
+        "listen": "127.0.0.1:5683",
+        "cluster": "redis://127.0.0.1:6379/0",
+        "cluster_password_file": "redis.pass",
+    }
+    config = config_from_mapping(doc, base=tmp_path)
+    assert config.cluster_password() == "s3cret-pw"
+    assert "s3cret" not in repr(config)
+    secret.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        config.cluster_password()
+    secret.unlink()
+    with pytest.raises(ConfigError, match="No such file"):
+        config.cluster_password()
+    del doc["cluster"]
+    with pytest.raises(ConfigError, match="without cluster"):
+        config_from_mapping(doc, base=tmp_path)
