@@ -444,8 +444,13 @@ class Proxy:
         """Take an object PUT by its owner. True if it is new; InvalidObject if rejected
         (rollbacks included); TransportError when it cannot be verified now."""
         entry = await self.check(data, resource_id, None)
-        if self.cluster is not None:
-            await shared.lookup(self, self.cluster, resource_id, None)  # for its upstream
+        if self.cluster is not None:  # what the cluster holds: its upstream, its version
+            try:
+                found = await self.cluster.get(resource_id)
+            except ClusterUnavailable as exc:  # not accepted: the PUT gets 5.03
+                raise TransportError(str(exc)) from None
+            if found is not None:
+                shared.take(self, found)
         held = self.cache.get(resource_id)
         newest = self.cache.newest(resource_id)
         if newest is not None and entry.version < newest:
