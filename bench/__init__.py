@@ -48,6 +48,7 @@ MODULES = (
     "producer_cpu",
     "proxy_hits",
     "proxy_scale",
+    "proxy_cluster",
     "large_transfer",
     "producer_footprint",
     "producer_observers",
