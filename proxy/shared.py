@@ -100,6 +100,11 @@ async def refresh(
             return entry
         if lock is not None:
             try:
+                # Another instance may have fetched and let go of the lock since this one read
+                # the store: look again under the lock, or the upstream is asked twice.
+                entry = await lookup(proxy, cluster, resource_id, entry)
+                if entry is not None and proxy.now() < entry.fresh_until:
+                    return entry
                 return await proxy.refresh(resource_id, source, entry)
             finally:
                 await cluster.unlock(lock)
