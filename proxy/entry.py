@@ -60,17 +60,24 @@ class Entry:
             self.upstream,
             self.upstream_etag,
             int(self.fresh_until),
+            # its milliseconds: a whole second would make another instance of a cluster
+            # (proxy.cluster) find the entry stale up to a second early, and fetch again
+            int(self.fresh_until * 1000) % 1000,
         ]
 
     @classmethod
     def from_cbor(cls, doc: Any) -> Entry:
-        if not isinstance(doc, list) or len(doc) != 11:
+        # 11 items: written before the milliseconds of fresh_until were kept
+        if not isinstance(doc, list) or len(doc) not in (11, 12):
             raise ValueError("not a cache entry")
-        rid, obj, epoch, seq, exp, etag, kid, serial, upstream, upstream_etag, fresh = doc
+        rid, obj, epoch, seq, exp, etag, kid, serial, upstream, upstream_etag, fresh = doc[:11]
+        ms = doc[11] if len(doc) == 12 else 0
         if not (
             isinstance(rid, str)
             and isinstance(obj, bytes)
             and all(type(v) is int for v in (epoch, seq, exp, fresh))
+            and type(ms) is int
+            and 0 <= ms < 1000
             and isinstance(etag, bytes)
             and isinstance(kid, bytes)
             and (serial is None or isinstance(serial, bytes))
@@ -79,7 +86,10 @@ class Entry:
         ):
             raise ValueError("not a cache entry")
         number = None if serial is None else int.from_bytes(serial, "big")
-        return cls(rid, obj, epoch, seq, exp, etag, kid, number, upstream, upstream_etag, fresh)
+        fresh_until = fresh + ms / 1000
+        return cls(
+            rid, obj, epoch, seq, exp, etag, kid, number, upstream, upstream_etag, fresh_until
+        )
 
 
 def _serial_bytes(serial: int) -> bytes:

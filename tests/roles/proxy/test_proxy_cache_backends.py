@@ -311,3 +311,19 @@ def test_the_sqlite_backend_is_a_cache_backend(tmp_path: Path) -> None:
     reference: CacheBackend = KeyValueBackend(KEY, max_entries=1, max_bytes=1)
     assert len(backend) == len(reference) == 0
     backend.close()
+
+
+def test_fresh_until_keeps_its_milliseconds_and_older_entries_still_read() -> None:
+    """A cluster's instances share fresh_until: a whole second would make them find an entry
+    stale up to a second early (and fetch again); entries of 11 items (whole seconds, written
+    before) still read."""
+    e = Entry(
+        "p/r", b"obj", 1, 2, 1_900_000_000, b"e" * 8, b"k", None, None, None, 1_800_000_060.789
+    )
+    doc = cbor.loads(cbor.dumps(e.to_cbor()))
+    back = Entry.from_cbor(doc)
+    assert abs(back.fresh_until - 1_800_000_060.789) < 0.002 and back.fresh_until <= e.fresh_until
+    assert Entry.from_cbor(doc[:11]).fresh_until == 1_800_000_060
+    for bad in (1000, -1, "1", 1.5):
+        with pytest.raises(ValueError, match="not a cache entry"):
+            Entry.from_cbor([*doc[:11], bad])
