@@ -442,7 +442,10 @@ class Proxy:
         (rollbacks included); TransportError when it cannot be verified now."""
         entry = await self.check(data, resource_id, None)
         if self.cluster is not None:
-            await shared.lookup(self, self.cluster, resource_id, None)  # for its upstream
+            try:
+                await shared.lookup(self, self.cluster, resource_id, None)  # for its upstream
+            except Unavailable as exc:  # the store is away: not accepted, the PUT gets 5.03
+                raise TransportError(str(exc)) from None
         held = self.cache.get(resource_id)
         newest = self.cache.newest(resource_id)
         if newest is not None and entry.version < newest:
