@@ -215,7 +215,11 @@ class ClusterStore:
         if major < 7:
             raise ClusterError(f"{self.where} runs Redis {info.get('redis_version')}; 7 or later")
         if await redis.set(CHECK_KEY, self._check, nx=True):
-            others = [k async for k in redis.scan_iter(count=100) if k != CHECK_KEY.encode()]
+            # A cluster's own keys without the check value: the store came back empty and
+            # another instance, back first, already wrote; another cluster has its check value.
+            others = [
+                k async for k in redis.scan_iter(count=100) if not k.startswith(PREFIX.encode())
+            ]
             if others:
                 await redis.delete(CHECK_KEY)
                 raise ClusterError(
