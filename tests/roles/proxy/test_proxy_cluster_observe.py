@@ -622,3 +622,86 @@ async def test_one_log_line_per_outage_and_no_traceback(world: World) -> None:
         assert "Traceback" not in text, text[text.find("Traceback") :][:2000]
     late = world.root / "proxy-late.log"  # the instance started after Redis came back empty
     assert not late.exists() or "Traceback" not in late.read_text()
+
+
+# --- joining again after an empty restart --------------------------------------------------------
+
+
+class _Gated:
+    """A cluster store's Redis client whose monitor PING (``hold_ping``) or join-check SCAN
+    (``hold_scan``: the unfiltered one) waits for ``go``; ``waiting`` is set when it does."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.hold_ping = self.hold_scan = False
+        self.go, self.waiting = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def _hold(self) -> None:
+        self.waiting.set()
+        await self.go.wait()
+
+    async def ping(self) -> Any:
+        if self.hold_ping:
+            await self._hold()
+        return await self._client.ping()
+
+    async def scan_iter(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        if self.hold_scan and "match" not in kwargs:
+            await self._hold()
+        async for key in self._client.scan_iter(*args, **kwargs):
+            yield key
+
+
+async def test_after_an_empty_restart_an_instance_racing_another_one_joins_again() -> None:
+    """A sets the (lost) check value again; before its check that the database holds nothing
+    foreign, B compares it, is back and writes what it holds. A must take B's keys for its own
+    cluster's, not refuse the database (and delete the check value) for good."""
+    from proxy.cluster import ClusterStore
+    from proxy.entry import Entry
+    from proxy.redisio import connect
+
+    server = RedisServer().start()
+    clients: list[_Gated] = []
+
+    def gated(url: str) -> _Gated:
+        clients.append(_Gated(connect(url)))
+        return clients[-1]
+
+    key = b"k" * 32
+    a, b = (
+        ClusterStore(server.url, key, connect=gated),
+        ClusterStore(server.url, key, connect=gated),
+    )
+    now = time.time()
+    held = Entry(
+        "meter/energy", b"object", 1, 7, int(now) + 600, b"e" * 8, b"kid", 1, None, None, now
+    )
+
+    async def push() -> None:
+        await b.put(held)
+
+    b.on_resync = push
+    try:
+        await a.open()
+        await b.open()
+        client_a, client_b = clients
+        client_a.hold_scan, client_b.hold_ping = True, True
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)  # empty
+        for store in (a, b):
+            with contextlib.suppress(Exception):
+                await store.get("meter/energy")  # both notice the outage
+        await asyncio.wait_for(client_a.waiting.wait(), 10)  # A set the check value, not scanned
+        client_b.go.set()
+        await until(lambda: b.up and server.client().keys("oscar:v:*"), 10, "B back, pushed")
+        client_a.go.set()
+        await until(lambda: a.up, 10, "A joined again")
+        assert server.client().get("oscar:cluster") is not None
+        assert a.stats.outages == 1
+    finally:
+        await a.close()
+        await b.close()
+        server.stop()
