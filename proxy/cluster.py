@@ -164,6 +164,8 @@ class ClusterStore:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._monitor: asyncio.Task[None] | None = None
+        #: A subscription made by the monitor before the store is used again, for the listener.
+        self._fresh: Any = None
         self._lock_count = 0
 
     def __repr__(self) -> str:
@@ -216,7 +218,11 @@ class ClusterStore:
         if major < 7:
             raise ClusterError(f"{self.where} runs Redis {info.get('redis_version')}; 7 or later")
         if await redis.set(CHECK_KEY, self._check, nx=True):
-            others = [k async for k in redis.scan_iter(count=100) if k != CHECK_KEY.encode()]
+            # A cluster's own keys without the check value: the store came back empty and
+            # another instance, back first, already wrote; another cluster has its check value.
+            others = [
+                k async for k in redis.scan_iter(count=100) if not k.startswith(PREFIX.encode())
+            ]
             if others:
                 await redis.delete(CHECK_KEY)
                 raise ClusterError(
@@ -237,6 +243,7 @@ class ClusterStore:
         await stop_tasks(tasks)
         self._tasks.clear()
         self._monitor = None
+        await self._drop_fresh()
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.delete(PREFIX + "n:" + self.instance)
@@ -292,6 +299,8 @@ class ClusterStore:
             try:
                 await self._redis.ping()
                 await self._claim()
+                # subscribed before anything is stored again: no event of the others is missed
+                fresh = await self._subscribe()
             except ClusterError as exc:
                 log.error("%s; the cluster stays unavailable", exc)
                 continue
@@ -300,6 +309,8 @@ class ClusterStore:
                     continue
                 log.error("the cluster store %s fails: %s", self.where, reason(exc))
                 continue
+            await self._drop_fresh()
+            self._fresh = fresh
             self.up = True
             if self.on_resync is not None:
                 try:
@@ -453,16 +464,24 @@ class ClusterStore:
             raise
         return pubsub
 
+    async def _drop_fresh(self) -> None:
+        if self._fresh is not None:
+            with contextlib.suppress(Exception):
+                await self._fresh.aclose()
+            self._fresh = None
+
     async def _listen(self, pubsub: Any) -> None:
-        """Take the events of the other instances, subscribing again after an outage."""
+        """Take the events of the other instances, on the subscription the monitor made after
+        an outage (made before the store is used again: an event published once it is back is
+        not lost while this task waits to notice)."""
         while True:
             try:
                 if pubsub is None:
-                    if not self.up:
-                        await asyncio.sleep(PING_EVERY)
+                    pubsub, self._fresh = self._fresh, None
+                    if pubsub is None:
+                        await asyncio.sleep(PING_EVERY / 5)
                         continue
-                    pubsub = await self._subscribe()
-                while True:
+                while self._fresh is None:
                     # bounded waits: the connection's socket timeout is for commands
                     message = await pubsub.get_message(timeout=COMMAND_TIMEOUT / 2)
                     if message is not None and message.get("type") == "message":

@@ -138,6 +138,7 @@ PROCESS: dict[str, Starts] = {
     "test_redis_harness": every(),
     "test_proxy_cluster_store": every(),
     "test_proxy_cluster": every(),
+    "test_proxy_cluster_observe": every(),
     "test_state_dirs": only(
         "test_a_state_directory_of_another_user_is_refused",
         "test_a_state_directory_reached_through_a_symlink_is_refused",

@@ -195,8 +195,8 @@ async def test_an_outage_refuses_at_once_and_the_store_comes_back_resynchronized
     resyncs: list[float] = []
 
     async def resync() -> None:
-        resyncs.append(time.monotonic())
         assert await a.put(entry(5, 5)) is Verdict.NEW  # the restarted server was empty
+        resyncs.append(time.monotonic())  # once done: the test reads it back at once
 
     a.on_resync = resync
     try:
