@@ -666,8 +666,8 @@ async def test_after_an_empty_restart_an_instance_racing_another_one_joins_again
     server = RedisServer().start()
     clients: list[_Gated] = []
 
-    def gated(url: str) -> _Gated:
-        clients.append(_Gated(connect(url)))
+    def gated(url: str, **options: Any) -> _Gated:
+        clients.append(_Gated(connect(url, **options)))
         return clients[-1]
 
     key = b"k" * 32
