@@ -114,6 +114,8 @@ class ClusterStats:
     refused: int = 0
     outages: int = 0
     leases_taken: int = 0
+    #: Upstream observations this instance holds the lease of now (the others stand by).
+    leases_held: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +296,7 @@ class ClusterStore:
 
     async def _watch(self) -> None:
         """Ping the store until it answers, then resynchronize and serve from it again."""
+        refused = ""  # why the store was last refused: said once, not at every ping
         while True:
             await asyncio.sleep(PING_EVERY)
             try:
@@ -302,7 +305,9 @@ class ClusterStore:
                 # subscribed before anything is stored again: no event of the others is missed
                 fresh = await self._subscribe()
             except ClusterError as exc:
-                log.error("%s; the cluster stays unavailable", exc)
+                if str(exc) != refused:
+                    refused = str(exc)
+                    log.error("%s; the cluster stays unavailable", exc)
                 continue
             except Exception as exc:
                 if is_outage(exc):

@@ -216,6 +216,7 @@ class Relays:
                 await asyncio.sleep(LEASE_RENEW)
                 continue
             cluster.stats.leases_taken += 1
+            cluster.stats.leases_held += 1
             log.info("observing %s upstream for the cluster", resource_id)
             observing = asyncio.create_task(
                 self._observe(resource_id, source, owner), name=f"observe {resource_id}"
@@ -230,6 +231,7 @@ class Relays:
                     except ClusterUnavailable:
                         continue  # keep observing: no other instance can take the lease now
             finally:
+                cluster.stats.leases_held -= 1
                 await stop_tasks([observing])
                 await cluster.release(resource_id, source)
 

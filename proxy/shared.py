@@ -75,10 +75,15 @@ def take(proxy: Proxy, entry: Entry) -> None:
 
 
 async def resync(proxy: Proxy, cluster: ClusterStore) -> None:
-    """The store is back: put what this instance holds; drop what the store holds newer."""
+    """The store is back: put what this instance holds; take what the store holds newer (news
+    for this instance's observers: it missed those events), or drop the entry if it is gone."""
     for entry in proxy.cache.entries():
         if await cluster.put(entry) is Verdict.OLDER:
-            proxy.cache.drop(entry.resource_id)
+            found = await cluster.get(entry.resource_id)
+            if found is None:
+                proxy.cache.drop(entry.resource_id)
+            else:
+                take(proxy, found)
 
 
 async def refresh(

@@ -318,6 +318,7 @@ async def test_fifty_observers_over_three_instances_share_one_upstream_observati
         assert sorted(taken) == [0, 0, 1], taken
         assert [doc["observers"] for doc in docs] == [17, 17, 17]
         assert [doc["upstream_observations"] for doc in docs] == [1, 1, 1]
+        assert [doc["cluster_leases_held"] for doc in docs] == taken  # the holder observes
         holder = world.proxies[taken.index(1)]
         assert holder.log().count(f"observing meter/energy {LEASE_LINE}") == 1
         for proxy in world.proxies:

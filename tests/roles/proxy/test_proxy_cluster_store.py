@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
 from redis_harness import RedisServer
@@ -231,3 +232,38 @@ async def test_bad_urls_and_silent_servers_are_clear_errors(redis_servers) -> No
     await good.close()
     with pytest.raises(ClusterError, match="cannot use the cluster store"):
         await store("redis://127.0.0.1:1/0")
+
+
+async def test_resync_takes_what_the_store_holds_newer_and_tells_the_observers(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An instance back from an outage it alone had missed events in: what the store holds newer
+    replaces its memory (news for its observers); an entry the store holds newer but no longer
+    has is dropped (the next lookup reads the store)."""
+    from proxy import shared
+    from proxy.cache import Cache
+    from proxy.config import ProxyConfig
+    from proxy.core import Proxy
+
+    config = ProxyConfig(bundle=tmp_path / "b", state=tmp_path / "s", listen=("127.0.0.1", 9))
+    proxy = Proxy(config)
+    proxy._cache = Cache(None, max_entries=10, max_bytes=1 << 20)
+    news: list[str] = []
+    proxy.on_new_object.append(news.append)
+    a, b = await store(redis_server.url), await store(redis_server.url)
+    try:
+        proxy.cache.put(entry(1, 1), persist=False)
+        proxy.cache.put(entry(1, 1, rid="p/gone"), persist=False)
+        proxy.cache.put(entry(1, 1, rid="p/mine"), persist=False)
+        await b.put(entry(1, 2))
+        await b.put(entry(1, 3, rid="p/gone"))
+        redis_server.client().delete(*redis_server.client().keys("oscar:o:*"))
+        await b.put(entry(1, 2))  # RID's newer entry is there again; p/gone's is not
+        await shared.resync(proxy, a)
+        assert proxy.cache.in_memory(RID).version == (1, 2)  # type: ignore[union-attr]
+        assert news == [RID]
+        assert proxy.cache.in_memory("p/gone") is None
+        assert (await a.get("p/mine")).version == (1, 1)  # type: ignore[union-attr]  # put back
+    finally:
+        await a.close()
+        await b.close()
