@@ -133,8 +133,10 @@ _values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=5)
         | st.dictionaries(st.integers(-1000, 1000) | st.text(max_size=5), inner, max_size=5)
-        # Tags cbor2 gives no meaning of its own, so it hands them back untouched.
-        | st.builds(Tag, st.integers(min_value=40_000, max_value=50_000), inner)
+        # Tags cbor2 gives no meaning of its own, so it hands them back untouched (not 40,000
+        # to 50,000: cbor2 6.3 reads tag 43000 as a complex number; none of 60,000 to 70,000
+        # means anything to it, checked one by one)
+        | st.builds(Tag, st.integers(min_value=60_000, max_value=70_000), inner)
     ),
     max_leaves=30,
 )
