@@ -80,29 +80,9 @@ class TimedRelay(CountingRelay):
         self.notified: list[float] = []
         super().__init__(upstream)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            for key, _ in self._selector.select(0.1):
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                try:
-                    if sock is self.sock:
-                        data, client = sock.recvfrom(65535)
-                        up = self._to_upstream.get(client)
-                        if up is None:
-                            up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                            up.connect(self.upstream)
-                            self._to_upstream[client] = up
-                            self._to_client[up] = client
-                            self._selector.register(up, 1)
-                        self._count(data, client)
-                        up.send(data)
-                    else:
-                        data = sock.recv(65535)
-                        if len(data) > 4 and data[0] >> 4 & 3 in (0, 1) and data[1] == 0x45:
-                            self.notified.append(time.monotonic())
-                        self.sock.sendto(data, self._to_client[sock])
-                except OSError:
-                    continue
+    def _from_upstream(self, data: bytes) -> None:
+        if len(data) > 4 and data[0] >> 4 & 3 in (0, 1) and data[1] == 0x45:
+            self.notified.append(time.monotonic())
 
     def sent_after(self, moment: float) -> float | None:
         return next((t for t in self.notified if t > moment), None)

@@ -162,9 +162,14 @@ class CountingRelay:
                         self._count(data, client)
                         up.send(data)
                     else:
-                        self.sock.sendto(sock.recv(65535), self._to_client[sock])
+                        data = sock.recv(65535)
+                        self._from_upstream(data)
+                        self.sock.sendto(data, self._to_client[sock])
                 except OSError:  # the producer's port unreachable for a moment: drop it
                     continue
+
+    def _from_upstream(self, data: bytes) -> None:
+        """Called with each datagram from the upstream before it is relayed (nothing here)."""
 
 
 # --- (a) cache hits ---------------------------------------------------------------------------
