@@ -1,8 +1,11 @@
 """Target ``proxy_fastpath``: :meth:`proxy.fastpath.FastPath.answer` on any datagram.
 
-Contract (proxy/fastpath.py): ``answer`` returns None (aiocoap handles the datagram) or the bytes
-of an answer, and never raises. It answers only what aiocoap decodes as a GET (CON or NON, token
-of at most 8 bytes, no payload, no option but ETag, Uri-Path and Proxy-Uri) naming, as
+Contract (proxy/fastpath.py): ``answer`` returns None (aiocoap handles the datagram), ``b""``
+(taken: a RST, or a NON on a fast observation's token with its registration's message ID: a
+duplicate), or the bytes of an answer, and never raises. It answers only what aiocoap decodes
+as a GET (CON or NON, token of at most 8 bytes, no payload, no option but ETag, Uri-Path and
+Proxy-Uri, and an Observe of 0 on a NON: a registration, answered with Observe 0 or, declined by
+a limit, without) naming, as
 :meth:`proxy.server.ProxySite.target` reads it, a resource whose entry is fresh; the answer is a
 2.05 with the entry's object or a 2.03 exactly when one of the request's ETags is the entry's,
 with the request's token, on the ACK with the request's message ID (CON) or as a NON.
@@ -75,11 +78,18 @@ def TestOneInput(data: bytes) -> None:
     if answer is None:
         return
     expect(type(answer) is bytes, "answer returned something other than None or bytes")
+    if answer == b"":  # taken: a RST, or a NON repeating a registration's message ID
+        expect((data[0] >> 4) & 3 in (Type.RST, Type.NON), "took another datagram")
+        return
     request = Message.decode(data)
     expect(request.code == Code.GET and request.payload == b"", "answered a non-GET")
     expect(request.mtype in (Type.CON, Type.NON) and len(request.token) <= 8, "bad type/token")
     numbers = {int(o.number) for o in request.opt.option_list()}
-    expect(numbers <= {4, 11, 35}, "answered a request with another option")
+    expect(numbers <= {4, 6, 11, 35}, "answered a request with another option")
+    if 6 in numbers:
+        expect(request.mtype == Type.NON and request.opt.observe == 0, "not a NON registration")
+        observe = Message.decode(answer).opt.observe
+        expect(observe in (0, None), "a registration answered with Observe other than 0")
     resource_id, _ = _FAST.site.target(request)  # BadTarget: the fast path read it otherwise
     entry = _FAST.proxy.cache.in_memory(resource_id)
     if entry is None:
@@ -113,4 +123,6 @@ def seeds() -> list[bytes]:
         _request(proxy_uri="coap://127.0.0.1:5700/sensor-1/temperature"),
         _request(uri_path=("sensor-1", "large")),
         _request(uri_path=("sensor-1", "temperature"), observe=0),
+        _request(Type.NON, uri_path=("pub-2", "reading"), observe=0),
+        _request(Type.NON, uri_path=("pub-2", "reading"), etags=(etag,), observe=0),
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,7 @@ from proxy.entry import Entry
 
 _OBSERVE, _ECHO = 6, 252
 RID = "pub-2/observed"
-_seq = iter(range(1_000, 1_000_000))
+_seq = iter(range(1 << 40, (1 << 40) + 1_000_000))  # newer than any of make_site
 
 
 def new_entry(rid: str = RID, size: int = 120, *, fresh: float = 60.0) -> Entry:
@@ -52,7 +53,7 @@ def new_entry(rid: str = RID, size: int = 120, *, fresh: float = 60.0) -> Entry:
 def observe(rid: str | None = RID, **kwargs: Any) -> bytes:
     """A NON registration (``Observe: 0``) unless told otherwise."""
     kwargs.setdefault("mtype", 1)
-    more = kwargs.pop("more", ()) + ((_OBSERVE, kwargs.pop("observe", b"")),)
+    more = (*kwargs.pop("more", ()), (_OBSERVE, kwargs.pop("observe", b"")))
     return request(rid, more=more, **kwargs)
 
 
@@ -162,7 +163,7 @@ async def test_registration_and_notifications_same_bytes(pair: Pair, shape: str)
     if shape == "etag-new":
         assert Message.decode(fast[1]).code == Code.VALID
     mids = [int.from_bytes(d[2:4], "big") for d in fast]  # aiocoap's sequence, one by one
-    assert all((b - a) & 0xFFFF == 1 for a, b in zip(mids, mids[1:], strict=False))
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(mids))
     assert pair.fast.fast.observe.by_key and not pair.slow.fast.observe.by_key
     assert pair.counters(pair.fast) == pair.counters(pair.slow)
     assert pair.counters(pair.fast)["observers"] == 1

@@ -221,10 +221,17 @@ def _check_answer(fast: FastPath, data: bytes) -> None:
     answer = fast.answer(data, HOST)
     if answer is None:
         return
+    if answer == b"":  # taken: a RST, or a NON repeating a fast registration's message ID
+        assert (data[0] >> 4) & 3 in (1, 3)
+        return
     parsed = Message.decode(data)
     assert parsed.code == Code.GET and parsed.mtype.name in ("CON", "NON")
     assert parsed.payload == b"" and len(parsed.token) <= 8
-    assert {o.number for o in parsed.opt.option_list()} <= {_ETAG, _URI_PATH, _PROXY_URI}
+    numbers = {o.number for o in parsed.opt.option_list()}
+    assert numbers <= {_ETAG, _URI_PATH, _PROXY_URI, _OBSERVE}
+    if _OBSERVE in numbers:  # a NON registration (proxy.fastobserve)
+        assert parsed.mtype.name == "NON" and parsed.opt.observe == 0
+        assert Message.decode(answer).opt.observe in (0, None)
     response = Message.decode(answer)
     assert response.token == parsed.token
     if parsed.mtype.name == "CON":
