@@ -399,3 +399,49 @@ def test_published_entry_is_the_one_observed() -> None:
     assert answer[5] == 0x48 and answer[14:17] == b"\x20\x61\x12"
     assert site.proxy.relays.observers == 1 and len(fast.observe) == 1
     assert fast.answer(observe(PUBLISHED, token=b"t", mid=0x1234), host) == b""  # duplicate
+
+
+# --- new objects from elsewhere, and ones the fast path cannot send -------------------------------
+
+
+@pytest.mark.asyncio
+async def test_objects_from_another_cluster_instance_are_notified_alike(pair: Pair) -> None:
+    """In a cluster, another instance's new object reaches this one's memory through
+    :func:`proxy.shared.take`, which calls the same ``on_new_object`` callbacks."""
+    from proxy import shared
+
+    objects = [new_entry(), new_entry(size=700)]
+    received: dict[bool, list[bytes]] = {}
+    for served in pair.both:
+        sock, first = await _registered(served)
+        got = [first]
+        for entry in objects:
+            shared.take(served.site.proxy, entry)
+            got.append(await receive(sock))
+        received[served is pair.fast] = got
+    assert [masked(d) for d in received[True]] == [masked(d) for d in received[False]]
+    assert [Message.decode(d).opt.observe for d in received[True]] == [0, 1, 2]
+    assert pair.counters(pair.fast) == pair.counters(pair.slow)
+
+
+@pytest.mark.asyncio
+async def test_a_new_object_already_expired_ends_the_observation_alike(pair: Pair) -> None:
+    """A new object past its ``exp`` is looked up as the slow path renders it: the upstream
+    (nothing listens) gives nothing, the observer gets 5.02 with Max-Age 1 and no Observe, and
+    its observation ends, on both paths."""
+    expired = dataclasses.replace(new_entry(REVERSED), exp=int(NOW) - 1)
+    received: dict[bool, list[bytes]] = {}
+    for served in pair.both:
+        sock = await served.proven()
+        answer = await served.exchange(sock, observe(REVERSED, mid=0xC00, token=b"x"))
+        assert Message.decode(answer).opt.observe == 0
+        assert await served.site.proxy.store(expired)
+        last = await receive(sock, timeout=10.0)
+        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await served.site.proxy.store(new_entry(REVERSED))
+        assert await served.nothing(sock, 0.2)
+        received[served is pair.fast] = [answer, last]
+    assert [masked(d) for d in received[True]] == [masked(d) for d in received[False]]
+    last = Message.decode(received[True][1])
+    assert last.code == Code.BAD_GATEWAY and last.opt.max_age == 1 and last.opt.observe is None
+    assert not pair.fast.fast.observe.by_key
