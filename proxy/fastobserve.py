@@ -1,41 +1,52 @@
 """The proxy's fast observations: an Observe registration of a cache hit, and its notifications,
 sent from pre-encoded bytes before aiocoap (the observation half of :mod:`proxy.fastpath`).
 
-:class:`proxy.fastpath.FastPath` hands over a registration it would answer as a hit — a NON GET
-with ``Observe: 0`` (empty) and no other new option, from a verified plain-CoAP address, for a
-fresh in-memory entry of at most 1,124 bytes. CON registrations stay with aiocoap (their CON
-notifications need retransmission and aiocoap's one-exchange-per-peer queue). What the slow path
-(:meth:`proxy.server.ProxySite.render_to_pipe`, aiocoap's ``ObservableResource``) would do, this
-does with the same limits and the same bytes:
+:class:`proxy.fastpath.FastPath` hands over a registration it would answer as a hit — a CON or
+NON GET with ``Observe: 0`` (empty) and no other new option, from a verified plain-CoAP address,
+for a fresh in-memory entry of at most 1,124 bytes. What the slow path
+(:meth:`proxy.server.ProxySite.render_to_pipe`, aiocoap's ``ObservableResource`` and message
+layer) would do, this does with the same limits and the same bytes:
 
 - **Registration.** :meth:`Relays.admit <proxy.relays.Relays.admit>` then
   :meth:`~proxy.relays.Relays.attach` under a holder id of its own (negative: never an
   ``id()``); declined by either, the GET is answered without Observe (RFC 7641 §4.1) and nothing
-  is held. Otherwise the answer carries ``Observe: 0`` (2.05, or 2.03 for a matching ETag).
+  is held. Otherwise the answer carries ``Observe: 0`` (2.05, or 2.03 for a matching ETag): a
+  NON with a message ID of aiocoap's sequence, or piggybacked on the ACK of a CON.
 - **Notifications.** On every new object of the resource (``Proxy.on_new_object``: a fetch, a
   relayed notification, a PUT, another cluster instance's object through
   :func:`proxy.shared.take`), one encoding of the entry for all observers; per observer only
-  the header (NON, a message ID of aiocoap's sequence), token, and Observe number (1, 2, ...)
+  the header (type, a message ID of aiocoap's sequence), token and Observe number (1, 2, ...)
   differ, and a 2.03 where an observer's registration named the new ETag. aiocoap sends an
   observation's notifications whole whatever their size (no Block2), and so does this. Each is a
   hit (``hits``, ``fast_hits``) as the slow path's rendering is. An entry not fresh in memory at
   that moment (a Max-Age of 0, say) is looked up per observer as the slow path renders it
   (:meth:`Proxy.lookup <proxy.core.Proxy.lookup>`: a refresh, a stale answer, or a 5.0x with
   ``Max-Age: 1`` that ends the observation).
+- **Reliability, as aiocoap's message layer.** A NON registration gets NON notifications. A CON
+  registration gets CON notifications, each an exchange: sent again after a random
+  ``ACK_TIMEOUT`` times 1 to ``ACK_RANDOM_FACTOR``, doubling, ``MAX_RETRANSMIT`` times (aiocoap's
+  ``TransportTuning``, read when sent), until the client's empty ACK or RST; one exchange in
+  flight per peer (NSTART 1), the others waiting in order. The last timeout ends every fast
+  observation of that peer, as aiocoap's ends every request of it.
 - **Ends** (each gives back what it held, :meth:`Relays.release <proxy.relays.Relays.release>`):
   a new request from the same address on the observation's token (a deregistration with
   ``Observe: 1``, a new GET, a re-registration: the request is then answered as any other; a
-  repeat of the registration's own NON message is a duplicate and dropped, as aiocoap drops
-  it); an ICMP error for the address (aiocoap's error queue, :attr:`UdpHook.on_error
-  <oscar_io.coapfast.UdpHook.on_error>`), or a failed send; a RST to its answer or to one of its
-  last notifications (RFC 7641 §3.6; aiocoap 0.4.17 ignores a RST to a NON and keeps
-  notifying); an error notification; the server's shutdown.
+  repeat of the registration's own message is a duplicate: a NON is dropped, a CON gets the
+  same ACK again, as aiocoap's deduplication does); an ICMP error for the address (aiocoap's
+  error queue, :attr:`UdpHook.on_error <oscar_io.coapfast.UdpHook.on_error>`) or a failed send;
+  a RST to a CON notification in flight, or to its answer or one of its last NON notifications
+  (RFC 7641 §3.6; aiocoap 0.4.17 ignores a RST to a NON and keeps notifying); an unacknowledged
+  CON notification's last timeout; an error notification; the server's shutdown.
 
 Differences from the slow path, by design: new objects that arrive together are each sent (the
-slow path's lossy trigger may send only the newest of a burst); an RST ends the observation.
+slow path's lossy trigger may send only the newest of a burst); a RST to a NON ends the
+observation; the one-exchange-per-peer rule covers the fast path's own CON notifications (a
+peer that also holds aiocoap observations can have one of each in flight); CON notifications
+still waiting when their observation ends are dropped (aiocoap sends them).
 
-What it does not do: CON registrations, DTLS, registrations with ETags over 8 bytes, Block2,
-Accept or any other option (aiocoap's), or keep anything per observer beyond one small record.
+What it does not do: DTLS, registrations with other options (Block2, Accept, Echo...) or other
+Observe encodings, or keep anything per observer beyond one small record (and a CON
+registration's answer, for its duplicates).
 """
 
 from __future__ import annotations
@@ -43,9 +54,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from aiocoap.numbers.constants import TransportTuning
 
 from oscar_io.coapfast import option, uint
 
@@ -89,10 +104,27 @@ class Observer:
     #: Where to send (aiocoap's sockaddr and the request's PKTINFO), for the hook.
     address: Any
     pktinfo: bytes
+    #: A CON registration: its answer is piggybacked, its notifications are CON.
+    con: bool = False
+    #: A CON registration's answer, sent again to a repeat of the registration.
+    answer: bytes = b""
     number: int = 0
     #: Message IDs sent to it, newest last (at most RECENT_MIDS).
     sent: tuple[int, ...] = ()
     ended: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Exchange:
+    """A CON notification in flight (aiocoap's exchange: retransmitted until ACK, RST or the
+    last timeout)."""
+
+    observer: Observer
+    mid: int
+    data: bytes
+    timeout: float
+    handle: asyncio.TimerHandle | None = None
+    tries: int = 0
 
 
 class _Encoded:
@@ -129,6 +161,9 @@ class FastObserve:
         #: (host, message ID) of recent answers and notifications: the observation a RST ends.
         self._by_mid: dict[tuple[str, int], Observer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: CON notifications: the one in flight per host, and those waiting behind it (NSTART 1).
+        self._inflight: dict[str, _Exchange] = {}
+        self._backlog: dict[str, deque[_Exchange]] = {}
         self.closed = False
         proxy.on_new_object.append(self.notify)
 
@@ -137,6 +172,11 @@ class FastObserve:
 
     def __len__(self) -> int:
         return len(self.by_key)
+
+    @property
+    def pending(self) -> bool:
+        """Whether CON notifications are in flight (their ACKs are this layer's)."""
+        return bool(self._inflight)
 
     # --- registration ---
 
@@ -165,8 +205,14 @@ class FastObserve:
         return next(self._holders)
 
     def first(self, observer: Observer, entry: Entry, now: float) -> bytes:
-        """The registration's answer (``Observe: 0``) to an observer :meth:`register` took."""
-        return self._encode(observer, entry, _Encoded(entry, _max_age(entry, now)))
+        """The registration's answer (``Observe: 0``) to an observer :meth:`register` took: a
+        NON, or for a CON registration the ACK with its message ID (kept for a repeat)."""
+        encoded = _Encoded(entry, _max_age(entry, now))
+        if not observer.con:
+            return self._encode(observer, entry, encoded)[0]
+        answer = self._encode(observer, entry, encoded, ack=observer.mid)[0]
+        observer.answer = answer
+        return answer
 
     # --- ends ---
 
@@ -189,34 +235,60 @@ class FastObserve:
         self.proxy.relays.release(observer.holder)
         self._count()
 
-    def request_on(self, host: str, token: bytes, mid: int, non: bool) -> bool:
+    def request_on(self, host: str, token: bytes, mid: int) -> bytes | None:
         """A request came from ``host`` on ``token``: it ends a fast observation on that token,
-        as a new request ends aiocoap's. True if it is a repeat of the registration's NON
-        message (a duplicate: dropped, the observation goes on)."""
+        as a new request ends aiocoap's (None: the request is answered as any other). A repeat
+        of the registration's message is a duplicate: the observation goes on, and the answer
+        is ``b""`` (NON: dropped) or the registration's ACK again (CON), as aiocoap does."""
         observer = self.by_key.get((host, token))
         if observer is None:
-            return False
-        if non and mid == observer.mid:
-            return True
+            return None
+        if mid == observer.mid:
+            return observer.answer
         self.end(observer)
-        return False
+        return None
 
     def reset(self, host: str, mid: int) -> bool:
-        """A RST from ``host`` for message ``mid``: True if it ended a fast observation."""
+        """A RST from ``host`` for message ``mid``: True if it ended a fast observation (a
+        CON's exchange, or a recent NON's)."""
+        exchange = self._inflight.get(host)
+        if exchange is not None and exchange.mid == mid:
+            self._done(host, exchange)
+            self.end(exchange.observer)
+            return True
         observer = self._by_mid.get((host, mid))
         if observer is None:
             return False
         self.end(observer)
         return True
 
+    def ack(self, host: str, mid: int) -> bool:
+        """An empty ACK from ``host``: True if it acknowledged a fast CON notification (the next
+        one waiting for that host goes out)."""
+        exchange = self._inflight.get(host)
+        if exchange is None or exchange.mid != mid:
+            return False
+        self._done(host, exchange)
+        return True
+
     def gone(self, host: str) -> None:
-        """An error for ``host`` (ICMP, a failed send): its fast observations end."""
+        """An error for ``host`` (ICMP, a failed send, a CON's last timeout): its fast
+        observations end, and its CON notifications in flight or waiting are dropped."""
+        exchange = self._inflight.pop(host, None)
+        if exchange is not None and exchange.handle is not None:
+            exchange.handle.cancel()
+        self._backlog.pop(host, None)
         for observer in [o for o in self.by_key.values() if o.host == host]:
             self.end(observer)
 
     def close(self) -> None:
         """The server shuts down: every fast observation ends (nothing is sent, as aiocoap)."""
         self.closed = True
+        for exchange in self._inflight.values():
+            if exchange.handle is not None:
+                exchange.handle.cancel()
+        self._inflight.clear()
+        self._backlog.clear()
         for observer in list(self.by_key.values()):
             self.end(observer)
         for task in self._tasks:
@@ -254,9 +326,10 @@ class FastObserve:
                 return
             mid = self.next_mid()
             high, low = exc.code.split(".")
-            header = bytes((0x50 | len(observer.token), int(high) << 5 | int(low), mid >> 8))
-            data = header + bytes((mid & 0xFF,)) + observer.token + option(_MAX_AGE, b"\x01")
-            self.send(data, observer)
+            first = (0x40 if observer.con else 0x50) | len(observer.token)
+            header = bytes((first, int(high) << 5 | int(low), mid >> 8, mid & 0xFF))
+            data = header + observer.token + option(_MAX_AGE, b"\x01")
+            self._transmit(observer, mid, data)
             self.end(observer)  # an unsuccessful notification is the last
             return
         if not observer.ended:
@@ -265,24 +338,82 @@ class FastObserve:
 
     def _send_notification(self, observer: Observer, entry: Entry, encoded: _Encoded) -> None:
         observer.number = (observer.number + 1) & _OBSERVE_MASK
-        self.send(self._encode(observer, entry, encoded), observer)
+        data, mid = self._encode(observer, entry, encoded)
+        self._transmit(observer, mid, data)
 
-    def _encode(self, observer: Observer, entry: Entry, encoded: _Encoded) -> bytes:
-        """A NON answer or notification with ``observer``'s current Observe number."""
+    def _encode(
+        self, observer: Observer, entry: Entry, encoded: _Encoded, ack: int | None = None
+    ) -> tuple[bytes, int]:
+        """An answer or notification with ``observer``'s current Observe number, and its
+        message ID: the ACK of message ``ack``, else a NON or (CON registration) a CON with a
+        message ID of aiocoap's sequence."""
         valid = entry.etag in observer.etags
-        mid = self.next_mid()
         token = observer.token
+        if ack is not None:
+            first, mid = 0x60, ack
+        else:
+            first, mid = (0x40 if observer.con else 0x50), self.next_mid()
+            self._sent(observer, mid)
         data = b"".join(
             (
-                bytes((0x50 | len(token), _VALID if valid else _CONTENT, mid >> 8, mid & 0xFF)),
+                bytes((first | len(token), _VALID if valid else _CONTENT, mid >> 8, mid & 0xFF)),
                 token,
                 encoded.etag,
                 option(_OBSERVE - _ETAG, uint(observer.number)),
                 encoded.valid if valid else encoded.content,
             )
         )
-        self._sent(observer, mid)
-        return data
+        return data, mid
+
+    # --- the message layer of CON notifications (aiocoap's MessageManager, for these) ---
+
+    def _transmit(self, observer: Observer, mid: int, data: bytes) -> None:
+        """Send a NON at once; a CON as an exchange, behind the one in flight to its host."""
+        if not observer.con:
+            self.send(data, observer)
+            return
+        tuning = TransportTuning()  # as aiocoap: its defaults, or what a test set on the class
+        low, high = tuning.ACK_TIMEOUT, tuning.ACK_TIMEOUT * tuning.ACK_RANDOM_FACTOR
+        timeout = random.uniform(low, high)  # noqa: S311 (retransmission jitter, not a secret)
+        exchange = _Exchange(observer, mid, data, timeout)
+        if observer.host in self._inflight:
+            self._backlog.setdefault(observer.host, deque()).append(exchange)
+            return
+        self._start(exchange)
+
+    def _start(self, exchange: _Exchange) -> None:
+        host = exchange.observer.host
+        self._inflight[host] = exchange
+        exchange.handle = asyncio.get_running_loop().call_later(
+            exchange.timeout, self._retransmit, exchange
+        )
+        self.send(exchange.data, exchange.observer)  # a failure ends it (gone)
+
+    def _retransmit(self, exchange: _Exchange) -> None:
+        host = exchange.observer.host
+        if self._inflight.get(host) is not exchange:
+            return
+        if exchange.tries < TransportTuning().MAX_RETRANSMIT:
+            exchange.tries += 1
+            exchange.timeout *= 2
+            exchange.handle = asyncio.get_running_loop().call_later(
+                exchange.timeout, self._retransmit, exchange
+            )
+            self.send(exchange.data, exchange.observer)
+            return
+        log.info("a notification to %s was never acknowledged: its observations end", host)
+        self.gone(host)  # as aiocoap: every observation of that peer ends
+
+    def _done(self, host: str, exchange: _Exchange) -> None:
+        """``exchange`` was acknowledged or reset: the next one waiting for ``host`` goes."""
+        if exchange.handle is not None:
+            exchange.handle.cancel()
+        del self._inflight[host]
+        waiting = self._backlog.get(host)
+        if waiting:
+            self._start(waiting.popleft())
+        if not waiting:
+            self._backlog.pop(host, None)
 
     def _sent(self, observer: Observer, mid: int) -> None:
         if len(observer.sent) >= RECENT_MIDS:

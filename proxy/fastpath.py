@@ -10,9 +10,9 @@ when it is exactly:
 - CoAP version 1, CON or NON, code 0.01 GET, a token of at most 8 bytes, no payload;
 - options: Uri-Path segments (a resource id: a ``--reverse`` prefix or a published resource;
   not the counters' path) or one Proxy-Uri that :func:`proxy.server.proxied` takes, not both,
-  and optionally ETag options (1 to 8 bytes each), and for a NON request an empty Observe (a
-  registration: :mod:`proxy.fastobserve` takes it and sends its notifications); nothing else (no
-  other Observe, Echo, Block2, Accept, Uri-Host, Proxy-Scheme...);
+  and optionally ETag options (1 to 8 bytes each), and an empty Observe (a registration:
+  :mod:`proxy.fastobserve` takes it and sends its notifications); nothing else (no other
+  Observe, Echo, Block2, Accept, Uri-Host, Proxy-Scheme...);
 - from a remote whose address the Echo check has proven (:class:`proxy.echo.AddressCheck`,
   the site's): an unproven one goes to aiocoap, which challenges it (4.01 and Echo);
 - for a resource whose entry is in memory (not only on disk), fresh (before ``fresh_until``)
@@ -27,11 +27,12 @@ message ID; a NON request gets a NON answer whose message ID comes from aiocoap'
 (RFC 7252 §5.2.2; aiocoap does the same). The hit is counted (``hits``) as
 :meth:`proxy.core.Proxy.lookup` counts it, and in ``fast_hits``.
 
-Before any of that, a datagram is checked against the fast observations: a RST that names one's
-recent message ends it (taken, nothing sent), and a request on one's token ends it (a repeat of
-its registration is dropped as aiocoap drops duplicates) before being answered as any other.
+Before any of that, a datagram is checked against the fast observations: an empty ACK of one's
+CON notification is taken, a RST that names one's message ends it (taken, nothing sent), and a
+request on one's token ends it before being answered as any other (a repeat of its
+registration is a duplicate: dropped, or the same ACK again for a CON, as aiocoap does).
 
-Everything else goes to aiocoap unchanged: CON Observe registrations, other Observe values,
+Everything else goes to aiocoap unchanged: other Observe values,
 DTLS (another interface), misses, stale or expired entries, entries only on disk, PUT, the
 counters, block-wise, 4.04s, malformed or truncated bytes, a request on a token aiocoap is using
 for that remote (an observation), and any datagram the fast path fails on.
@@ -67,6 +68,8 @@ MAX_HOSTS = 4096
 MAX_NAMES = 4096
 _UNKNOWN: Any = object()
 
+_ACK = 2
+_RST = 3
 _ETAG = 4
 _OBSERVE = 6
 _URI_PATH = 11
@@ -165,14 +168,17 @@ class FastPath:
         if parsed is None:
             return None
         mtype, code, tkl, options = parsed
-        if self.observe.by_key:  # a RST or a request that ends a fast observation
-            if mtype == 3 and code == 0 and tkl == 0 and not options:
-                mid = data[2] << 8 | data[3]
-                return b"" if self.observe.reset(host, mid) else None
+        if self.observe.by_key or self.observe.pending:  # a fast observation's ACK, RST, end
+            mid = data[2] << 8 | data[3]
+            if code == 0 and tkl == 0 and not options and mtype in (_ACK, _RST):
+                taken = (
+                    self.observe.ack(host, mid) if mtype == _ACK else self.observe.reset(host, mid)
+                )
+                return b"" if taken else None
             if 1 <= code < 32 and mtype in (CON, NON):
-                mid = data[2] << 8 | data[3]
-                if self.observe.request_on(host, data[4 : 4 + tkl], mid, mtype == NON):
-                    return b""  # a repeat of a registration: a duplicate
+                repeat = self.observe.request_on(host, data[4 : 4 + tkl], mid)
+                if repeat is not None:
+                    return repeat  # a duplicate of a registration: dropped, or its ACK again
         if code != 1 or mtype not in (CON, NON):
             return None
         path: list[bytes] = []
@@ -186,10 +192,12 @@ class FastPath:
                 etags.append(value)
             elif number == _PROXY_URI and proxy_uri is None and not path:
                 proxy_uri = value
-            elif number == _OBSERVE and not value and not observe and mtype == NON:
+            elif number == _OBSERVE and not value and not observe:
                 observe = True
             else:
                 return None
+        if observe and address is None:
+            return None  # nowhere to send notifications to (an in-memory caller): aiocoap's
         if not self.site.addresses.is_verified(host):
             return None  # unproven: aiocoap's challenge (4.01 and Echo)
         key = (tuple(path), proxy_uri)
@@ -228,6 +236,7 @@ class FastPath:
                 mid=data[2] << 8 | data[3],
                 address=address,
                 pktinfo=pktinfo,
+                con=mtype == CON,
             )
             if self.observe.register(observer, entry):
                 stats = self.proxy.stats

@@ -171,18 +171,124 @@ async def test_registration_and_notifications_same_bytes(pair: Pair, shape: str)
 
 
 @pytest.mark.asyncio
-async def test_con_registrations_and_other_observe_values_go_to_aiocoap(pair: Pair) -> None:
+async def test_other_observe_values_go_to_aiocoap(pair: Pair) -> None:
     served = pair.fast
     sock = await served.proven()
     before = served.fast.answered
-    answer = Message.decode(await served.exchange(sock, observe(mtype=0, mid=0x600, token=b"c")))
-    assert answer.opt.observe == 0 and answer.mtype.name == "ACK"
-    await served.exchange(sock, observe(mid=0x601, token=b"d", observe=b"\x00"))
+    answer = Message.decode(await served.exchange(sock, observe(mid=0x601, observe=b"\x00")))
+    assert answer.opt.observe == 0  # Observe 0 in a longer form: aiocoap's registration
     assert served.fast.answered == before and not served.fast.observe.by_key
-    assert observers(served) == 2
+    assert observers(served) == 1
     await served.site.proxy.store(new_entry())
-    notified = {Message.decode(await receive(sock)).token for _ in range(2)}
-    assert notified == {b"c", b"d"}  # aiocoap's observations, notified by aiocoap
+    assert Message.decode(await receive(sock)).opt.observe == 1  # notified by aiocoap
+
+
+# --- CON registrations ------------------------------------------------------------------------
+
+
+def ack(note: bytes) -> bytes:
+    return bytes([0x60, 0]) + note[2:4]
+
+
+@pytest.mark.asyncio
+async def test_con_registration_and_notifications_same_bytes(pair: Pair) -> None:
+    """A CON registration: the answer piggybacked on the ACK, then CON notifications, each
+    acknowledged; a second new object while the first notification waits for its ACK goes
+    out only after that ACK (one exchange in flight per peer, as aiocoap)."""
+    objects = [new_entry(), new_entry(size=400), new_entry(size=50)]
+    loop = asyncio.get_running_loop()
+    received: dict[bool, list[bytes]] = {}
+    for served in pair.both:
+        sock = await served.proven()
+        got = [await served.exchange(sock, observe(mtype=0, mid=0x6000, token=b"con"))]
+        assert len(served.fast.observe) == (1 if served.fast.enabled else 0)
+        assert await served.site.proxy.store(objects[0])
+        got.append(await receive(sock))
+        await loop.sock_sendall(sock, ack(got[-1]))
+        assert await served.site.proxy.store(objects[1])
+        got.append(await receive(sock))  # not acknowledged yet:
+        assert await served.site.proxy.store(objects[2])
+        assert await served.nothing(sock, 0.3)  # the next one waits for the ACK
+        await loop.sock_sendall(sock, ack(got[-1]))
+        got.append(await receive(sock))
+        await loop.sock_sendall(sock, ack(got[-1]))
+        assert await served.nothing(sock, 0.2)  # acknowledged: nothing sent again
+        received[served is pair.fast] = got
+    fast, slow = received[True], received[False]
+    assert fast[0] == slow[0]  # the ACK carries the request's message ID
+    assert [masked(d) for d in fast] == [masked(d) for d in slow]
+    kinds = [(Message.decode(d).mtype.name, Message.decode(d).opt.observe) for d in fast]
+    assert kinds == [("ACK", 0), ("CON", 1), ("CON", 2), ("CON", 3)]
+    assert len(pair.fast.fast.observe) == 1 and not pair.fast.fast.observe.pending
+    assert pair.counters(pair.fast) == pair.counters(pair.slow)
+
+
+@pytest.fixture
+def quick_retransmissions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiocoap's transmission parameters (read by both paths) made short."""
+    from aiocoap.numbers.constants import TransportTuning
+
+    monkeypatch.setattr(TransportTuning, "ACK_TIMEOUT", 0.1)
+    monkeypatch.setattr(TransportTuning, "MAX_RETRANSMIT", 2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("quick_retransmissions")
+async def test_an_unacknowledged_con_notification_is_retransmitted_then_ends_it(
+    pair: Pair,
+) -> None:
+    """No ACK: the notification is sent again MAX_RETRANSMIT times, the same bytes, then the
+    peer's observations end (aiocoap: the exchange timed out), on both paths."""
+    entry = new_entry()
+    received: dict[bool, list[bytes]] = {}
+    for served in pair.both:
+        sock = await served.proven()
+        got = [await served.exchange(sock, observe(mtype=0, mid=0x6100, token=b"r"))]
+        assert len(served.fast.observe) == (1 if served.fast.enabled else 0)
+        assert await served.site.proxy.store(entry)
+        got += [await receive(sock) for _ in range(3)]
+        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        assert await served.nothing(sock, 0.3)
+        received[served is pair.fast] = got
+    fast, slow = received[True], received[False]
+    assert fast[1] == fast[2] == fast[3]  # retransmissions: the same message
+    assert [masked(d) for d in fast] == [masked(d) for d in slow]
+    assert not pair.fast.fast.observe.by_key and not pair.fast.fast.observe.pending
+    assert pair.counters(pair.fast) == pair.counters(pair.slow)
+
+
+@pytest.mark.asyncio
+async def test_rst_to_a_con_notification_ends_the_observation_alike(pair: Pair) -> None:
+    loop = asyncio.get_running_loop()
+    for served in pair.both:
+        sock = await served.proven()
+        await served.exchange(sock, observe(mtype=0, mid=0x6200, token=b"t"))
+        assert observers(served) == 1
+        assert len(served.fast.observe) == (1 if served.fast.enabled else 0)
+        await served.site.proxy.store(new_entry())
+        note = await receive(sock)
+        await loop.sock_sendall(sock, bytes([0x70, 0]) + note[2:4])
+        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await served.site.proxy.store(new_entry())
+        assert await served.nothing(sock, 0.3)
+    assert not pair.fast.fast.observe.pending
+    assert pair.counters(pair.fast) == pair.counters(pair.slow)
+
+
+@pytest.mark.asyncio
+async def test_a_repeated_con_registration_gets_the_same_ack(pair: Pair) -> None:
+    for served in pair.both:
+        sock = await served.proven()
+        reg = observe(mtype=0, mid=0x6300, token=b"d")
+        first = await served.exchange(sock, reg)
+        await served.site.proxy.store(new_entry())
+        note = await receive(sock)
+        await asyncio.get_running_loop().sock_sendall(sock, ack(note))
+        # A retransmission of the registration (its ACK lost): the same ACK again (aiocoap's
+        # stored response, or ours), not a new registration with the newer object.
+        assert await served.exchange(sock, reg) == first
+        await served.site.proxy.store(new_entry())
+        assert Message.decode(await receive(sock)).opt.observe == 2 and observers(served) == 1
 
 
 @pytest.mark.asyncio
@@ -389,7 +495,9 @@ def test_published_entry_is_the_one_observed() -> None:
             return self.mid
 
     fast.hook.message_manager = Mids()
-    answer = fast.answer(observe(PUBLISHED, token=b"t"), host)
+    assert fast.answer(observe(PUBLISHED, token=b"t"), host) is None  # no address: aiocoap's
+    address = ("::ffff:127.0.0.1", 40000, 0, 0)
+    answer = fast.answer(observe(PUBLISHED, token=b"t"), host, address)
     assert answer is not None
     message = Message.decode(answer)
     assert message.opt.observe == 0 and message.mtype.name == "NON" and message.mid == 1
@@ -398,7 +506,8 @@ def test_published_entry_is_the_one_observed() -> None:
     # header, token, ETag (4), then Observe 0 (delta 2, empty), Content-Format 18 (delta 6)
     assert answer[5] == 0x48 and answer[14:17] == b"\x20\x61\x12"
     assert site.proxy.relays.observers == 1 and len(fast.observe) == 1
-    assert fast.answer(observe(PUBLISHED, token=b"t", mid=0x1234), host) == b""  # duplicate
+    repeat = observe(PUBLISHED, token=b"t", mid=0x1234)
+    assert fast.answer(repeat, host, address) == b""  # the same NON message: a duplicate
 
 
 # --- new objects from elsewhere, and ones the fast path cannot send -------------------------------
