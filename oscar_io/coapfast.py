@@ -253,6 +253,7 @@ class UdpHook:
             return None
         if pktinfo[0] == 0xFF or (pktinfo[:12] == _V4MAPPED and pktinfo[12] >> 4 == 0xE):
             return None  # sent to a multicast address: aiocoap's rules for those
-        if in_use is not None and in_use(data, address, pktinfo):
+        if in_use is not None and data[1] != 0 and in_use(data, address, pktinfo):
             return None  # a new request on a token in use: aiocoap replaces the old one
+        # (an empty message, ACK or RST, has no token to be in use: the role may take it)
         return self.respond(data, address, pktinfo)

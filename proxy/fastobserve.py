@@ -193,7 +193,14 @@ class FastObserve:
             self.end(old)
         if not relays.admit(observer.holder, client_of(None, observer.host)):
             return False
-        if not relays.attach(observer.holder, observer.resource_id, observer.upstream, entry):
+        try:
+            attached = relays.attach(
+                observer.holder, observer.resource_id, observer.upstream, entry
+            )
+        except BaseException:  # nothing held if it fails (the datagram then goes to aiocoap)
+            relays.release(observer.holder)
+            raise
+        if not attached:
             relays.release(observer.holder)
             return False
         self.by_key[key] = observer

@@ -223,6 +223,27 @@ async def test_con_registration_and_notifications_same_bytes(pair: Pair) -> None
     assert pair.counters(pair.fast) == pair.counters(pair.slow)
 
 
+@pytest.mark.asyncio
+async def test_acks_reach_the_fast_path_beside_an_aiocoap_observation_on_the_empty_token(
+    pair: Pair,
+) -> None:
+    """An empty ACK has no token: aiocoap holding a request on the empty token from the same
+    peer must not keep the fast path from seeing the ACKs of its CON notifications."""
+    served = pair.fast
+    loop = asyncio.get_running_loop()
+    sock = await served.proven()
+    slow = await served.exchange(sock, observe(mid=0x6400, token=b"", observe=b"\x00"))
+    assert Message.decode(slow).opt.observe == 0 and not served.fast.observe.by_key
+    await served.exchange(sock, observe(mtype=0, mid=0x6401, token=b"f"))
+    assert len(served.fast.observe) == 1 and observers(served) == 2
+    for number in (1, 2):
+        await served.site.proxy.store(new_entry())
+        notes = {Message.decode(d).token: d for d in [await receive(sock), await receive(sock)]}
+        assert Message.decode(notes[b"f"]).opt.observe == number
+        await loop.sock_sendall(sock, ack(notes[b"f"]))
+        await until(lambda: not served.fast.observe.pending)
+
+
 @pytest.fixture
 def quick_retransmissions(monkeypatch: pytest.MonkeyPatch) -> None:
     """aiocoap's transmission parameters (read by both paths) made short."""
