@@ -41,8 +41,7 @@ layer) would do, this does with the same limits and the same bytes:
 Differences from the slow path, by design: new objects that arrive together are each sent (the
 slow path's lossy trigger may send only the newest of a burst); a RST to a NON ends the
 observation; the one-exchange-per-peer rule covers the fast path's own CON notifications (a
-peer that also holds aiocoap observations can have one of each in flight); CON notifications
-still waiting when their observation ends are dropped (aiocoap sends them).
+peer that also holds aiocoap observations can have one of each in flight).
 
 What it does not do: DTLS, registrations with other options (Block2, Accept, Echo...) or other
 Observe encodings, or keep anything per observer beyond one small record (and a CON
@@ -328,20 +327,27 @@ class FastObserve:
     async def _looked_up(self, observer: Observer) -> None:
         try:
             entry = await self.proxy.lookup(observer.resource_id, observer.upstream)
-        except Unavailable as exc:
-            if observer.ended:
-                return
-            mid = self.next_mid()
+        except Unavailable as exc:  # the site's answer: the code, Max-Age 1
             high, low = exc.code.split(".")
-            first = (0x40 if observer.con else 0x50) | len(observer.token)
-            header = bytes((first, int(high) << 5 | int(low), mid >> 8, mid & 0xFF))
-            data = header + observer.token + option(_MAX_AGE, b"\x01")
-            self._transmit(observer, mid, data)
-            self.end(observer)  # an unsuccessful notification is the last
+            self._last(observer, int(high) << 5 | int(low), option(_MAX_AGE, b"\x01"))
+            return
+        except Exception:  # aiocoap answers a rendering that raised with a bare 5.00
+            log.exception("a notification of %s failed", observer.resource_id)
+            self._last(observer, 0xA0, b"")
             return
         if not observer.ended:
             encoded = _Encoded(entry, _max_age(entry, self.proxy.now()))
             self._send_notification(observer, entry, encoded)
+
+    def _last(self, observer: Observer, code: int, options: bytes) -> None:
+        """An unsuccessful notification (no Observe): the observation's last."""
+        if observer.ended:
+            return
+        mid = self.next_mid()
+        first = (0x40 if observer.con else 0x50) | len(observer.token)
+        data = bytes((first, code, mid >> 8, mid & 0xFF)) + observer.token + options
+        self._transmit(observer, mid, data)
+        self.end(observer)
 
     def _send_notification(self, observer: Observer, entry: Entry, encoded: _Encoded) -> None:
         observer.number = (observer.number + 1) & _OBSERVE_MASK
