@@ -2,9 +2,10 @@
 
 Two proxy sites on aiocoap server contexts in this process (see test_proxy_fastpath.py), one
 with the fast path on and one with it off, hold the same entries; raw UDP clients register with
-``Observe: 0`` on both, the same new objects are stored in both, and what each client receives
-is compared byte for byte (NON message IDs are the server's own: masked, and checked to come
-from aiocoap's sequence), with the counters and the limits' state.
+``Observe: 0`` (NON and CON) on both, the same new objects are stored in both, and what each
+client receives is compared byte for byte (message IDs of the server's own sequence are masked,
+and checked to follow aiocoap's sequence), with the counters and the limits' state; then every
+way an observation ends (ICMP, RST, deregistration, re-registration, CON timeouts, shutdown).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ async def test_an_unacknowledged_con_notification_is_retransmitted_then_ends_it(
         assert len(served.fast.observe) == (1 if served.fast.enabled else 0)
         assert await served.site.proxy.store(entry)
         got += [await receive(sock) for _ in range(3)]
-        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await until(lambda s=served: observers(s) == 0)
         assert await served.nothing(sock, 0.3)
         received[served is pair.fast] = got
     fast, slow = received[True], received[False]
@@ -289,7 +290,7 @@ async def test_rst_to_a_con_notification_ends_the_observation_alike(pair: Pair) 
         await served.site.proxy.store(new_entry())
         note = await receive(sock)
         await loop.sock_sendall(sock, bytes([0x70, 0]) + note[2:4])
-        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await until(lambda s=served: observers(s) == 0)
         await served.site.proxy.store(new_entry())
         assert await served.nothing(sock, 0.3)
     assert not pair.fast.fast.observe.pending
@@ -332,9 +333,12 @@ async def test_many_observers_each_notified_once(pair: Pair) -> None:
 
 
 @pytest.mark.asyncio
-async def test_observers_per_client_declined_identically(pair: Pair) -> None:
+@pytest.mark.parametrize("mtype", [1, 0], ids=["NON", "CON"])
+async def test_observers_per_client_declined_identically(pair: Pair, mtype: int) -> None:
     """Over ``observers_per_client``, the GET is answered without Observe on both paths; the
-    declined client is not notified, the others are."""
+    declined client is not notified, the others are (CON: one after the other's ACK)."""
+    entry = new_entry()
+    loop = asyncio.get_running_loop()
     received: dict[bool, list[bytes]] = {}
     for served in pair.both:
         relays = served.site.proxy.relays
@@ -342,14 +346,20 @@ async def test_observers_per_client_declined_identically(pair: Pair) -> None:
         sock = await served.proven()
         got = []
         for n in range(3):
-            got.append(await served.exchange(sock, observe(mid=0x800 + n, token=bytes([n + 1]))))
+            reg = observe(mid=0x800 + n, token=bytes([n + 1]), mtype=mtype)
+            got.append(await served.exchange(sock, reg))
         assert relays.declined == 1 and observers(served) == 2
-        assert await served.site.proxy.store(new_entry()) or True
-        got += sorted([await receive(sock), await receive(sock)], key=lambda d: d[4])
+        assert await served.site.proxy.store(entry)
+        notes = []
+        for _ in range(2):
+            notes.append(await receive(sock))
+            if mtype == 0:
+                await loop.sock_sendall(sock, ack(notes[-1]))
+        got += sorted(notes, key=lambda d: d[4])
         assert await served.nothing(sock, 0.2)
         received[served is pair.fast] = got
     fast, slow = received[True], received[False]
-    assert [masked(d) for d in fast[:3]] == [masked(d) for d in slow[:3]]
+    assert [masked(d) for d in fast] == [masked(d) for d in slow]
     assert Message.decode(fast[2]).opt.observe is None  # declined: no Observe
     assert [Message.decode(d).token for d in fast[3:]] == [b"\x01", b"\x02"]
     assert pair.counters(pair.fast) == pair.counters(pair.slow)
@@ -377,7 +387,7 @@ async def test_icmp_error_ends_the_observation(pair: Pair) -> None:
         sock.close()
         served.sockets.remove(sock)
         await served.site.proxy.store(new_entry())
-        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await until(lambda s=served: observers(s) == 0)
         await served.site.proxy.store(new_entry())
         assert observers(served) == 0
     assert not pair.fast.fast.observe.by_key
@@ -392,7 +402,7 @@ async def test_deregistration_with_observe_1_is_answered_and_releases(pair: Pair
         sock, _ = await _registered(served)
         dereg = observe(mid=0x901, token=b"ob", observe=b"\x01")
         answer = await served.exchange(sock, dereg)
-        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await until(lambda s=served: observers(s) == 0)
         await served.site.proxy.store(new_entry())
         assert await served.nothing(sock, 0.2)
         received[served is pair.fast] = answer
@@ -444,7 +454,7 @@ async def test_rst_to_a_notification_ends_a_fast_observation(pair: Pair) -> None
         note = await receive(sock)
         await loop.sock_sendall(sock, bytes([0x70, 0]) + note[2:4])
         if served is pair.fast:
-            await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+            await until(lambda s=served: observers(s) == 0)
             await served.site.proxy.store(new_entry())
             assert await served.nothing(sock, 0.2)
         else:
@@ -476,7 +486,7 @@ async def test_relays_held_and_released_alike(pair: Pair) -> None:
         assert Message.decode(await served.exchange(sock, reg)).opt.observe == 0
         assert served.site.proxy.relays.relays == 1
         await served.exchange(sock, request(REVERSED, mid=0xA01, token=b"r", mtype=1))
-        await until(lambda s=served: s.site.proxy.relays.relays == 0)  # type: ignore[misc]
+        await until(lambda s=served: s.site.proxy.relays.relays == 0)
         assert observers(served) == 0
     assert pair.counters(pair.fast) == pair.counters(pair.slow)
 
@@ -499,7 +509,7 @@ async def test_shutdown_releases_every_observation() -> None:
         await served.site.proxy.close()
 
 
-def test_published_entry_is_the_one_observed() -> None:
+def test_the_registration_answer_in_memory() -> None:
     """The in-memory answer to a registration: Observe 0 between ETag and Content-Format."""
     site, _ = make_site()
     host = "127.0.0.1:40000"
@@ -567,7 +577,7 @@ async def test_a_new_object_already_expired_ends_the_observation_alike(pair: Pai
         assert Message.decode(answer).opt.observe == 0
         assert await served.site.proxy.store(expired)
         last = await receive(sock, timeout=10.0)
-        await until(lambda s=served: observers(s) == 0)  # type: ignore[misc]
+        await until(lambda s=served: observers(s) == 0)
         await served.site.proxy.store(new_entry(REVERSED))
         assert await served.nothing(sock, 0.2)
         received[served is pair.fast] = [answer, last]
