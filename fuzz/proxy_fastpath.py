@@ -1,11 +1,16 @@
 """Target ``proxy_fastpath``: :meth:`proxy.fastpath.FastPath.answer` on any datagram.
 
-Contract (proxy/fastpath.py): ``answer`` returns None (aiocoap handles the datagram) or the bytes
-of an answer, and never raises. It answers only what aiocoap decodes as a GET (CON or NON, token
-of at most 8 bytes, no payload, no option but ETag, Uri-Path and Proxy-Uri) naming, as
-:meth:`proxy.server.ProxySite.target` reads it, a resource whose entry is fresh; the answer is a
-2.05 with the entry's object or a 2.03 exactly when one of the request's ETags is the entry's,
-with the request's token, on the ACK with the request's message ID (CON) or as a NON.
+Contract (proxy/fastpath.py): ``answer`` returns None (aiocoap handles the datagram), ``b""``
+(taken: an ACK or RST of a fast observation's message, or a NON on its token with its
+registration's message ID: a duplicate), or the bytes of an answer, and never raises. A repeat
+of a held registration's message (its token and message ID) gets that registration's answer
+again (nothing for a NON), as aiocoap's deduplication does. Otherwise it answers only what
+aiocoap decodes as a GET (CON or NON, token of at most 8 bytes, no payload, no option but ETag,
+Uri-Path and Proxy-Uri, and an empty Observe: a registration, answered with Observe 0 or,
+declined by a limit, without) naming, as :meth:`proxy.server.ProxySite.target` reads it, a
+resource whose entry is fresh; the answer is a 2.05 with the entry's object or a 2.03 exactly
+when one of the request's ETags is the entry's, with the request's token, on the ACK with the
+request's message ID (CON) or as a NON.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = ["TestOneInput", "seeds"]
 
 NOW = 1_800_000_000.0
 HOST = "127.0.0.1:40000"
+ADDRESS = ("::ffff:127.0.0.1", 40000, 0, 0)
 _RESOURCES = ("sensor-1/temperature", "pub-2/reading", "sensor-1/large")
 
 
@@ -49,7 +55,6 @@ def _fast_path() -> FastPath:
         bundle=Path("/nonexistent/bundle"),
         state=Path("/nonexistent/state"),
         listen=("127.0.0.1", 5683),
-        reverse={"sensor-1": "coap://127.0.0.1:5700"},
         dtls=False,
     )
     proxy = Proxy(config, clock=lambda: NOW)
@@ -71,15 +76,27 @@ _FAST = _fast_path()
 
 
 def TestOneInput(data: bytes) -> None:
-    answer = _FAST.answer(data, HOST)
+    token, mid = (data[4 : 4 + (data[0] & 0x0F)], int.from_bytes(data[2:4])) if data else (b"", -1)
+    held = _FAST.observe.by_key.get((HOST, token))
+    answer = _FAST.answer(data, HOST, ADDRESS)
     if answer is None:
         return
+    if held is not None and held.mid == mid and (data[0] >> 4) & 3 in (Type.CON, Type.NON):
+        expect(answer == held.answer, "a repeated registration not answered as the first")
+        return
     expect(type(answer) is bytes, "answer returned something other than None or bytes")
+    if answer == b"":  # taken: an ACK or RST, or a NON repeating a registration's message ID
+        expect((data[0] >> 4) & 3 in (Type.ACK, Type.RST, Type.NON), "took another datagram")
+        return
     request = Message.decode(data)
     expect(request.code == Code.GET and request.payload == b"", "answered a non-GET")
     expect(request.mtype in (Type.CON, Type.NON) and len(request.token) <= 8, "bad type/token")
     numbers = {int(o.number) for o in request.opt.option_list()}
-    expect(numbers <= {4, 11, 35}, "answered a request with another option")
+    expect(numbers <= {4, 6, 11, 35}, "answered a request with another option")
+    if 6 in numbers:
+        expect(request.opt.observe == 0, "not a registration")
+        observe = Message.decode(answer).opt.observe
+        expect(observe in (0, None), "a registration answered with Observe other than 0")
     resource_id, _ = _FAST.site.target(request)  # BadTarget: the fast path read it otherwise
     entry = _FAST.proxy.cache.in_memory(resource_id)
     if entry is None:
@@ -113,4 +130,6 @@ def seeds() -> list[bytes]:
         _request(proxy_uri="coap://127.0.0.1:5700/sensor-1/temperature"),
         _request(uri_path=("sensor-1", "large")),
         _request(uri_path=("sensor-1", "temperature"), observe=0),
+        _request(Type.NON, uri_path=("pub-2", "reading"), observe=0),
+        _request(Type.NON, uri_path=("pub-2", "reading"), etags=(etag,), observe=0),
     ]

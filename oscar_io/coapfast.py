@@ -12,7 +12,12 @@ are not the role's:
   which asks the role's ``respond(data, address, pktinfo)`` first and sends what it returns,
   for unicast datagrams only, never on a token aiocoap is using for a request from that remote
   (an observation: a new request on its token is aiocoap's to handle), and never losing the
-  receive loop: a responder that raises is logged once and the datagram goes to aiocoap.
+  receive loop: a responder that raises is logged once and the datagram goes to aiocoap. A
+  responder's ``b""`` takes the datagram and sends nothing (a RST or duplicate it consumed). For a
+  role that keeps exchanges of its own (the proxy's fast observations): :meth:`UdpHook.send` for
+  unsolicited datagrams, :attr:`UdpHook.on_error` told of every error aiocoap reads for a peer
+  (ICMP from the socket's error queue, or a failed send), :attr:`UdpHook.on_close` of the
+  interface's shutdown.
 
 What it does not do: decide what to answer (the roles do), or anything with DTLS.
 """
@@ -109,17 +114,23 @@ class UdpHook:
     """A fast path's place on aiocoap's udp6 interface; see the module docstring.
 
     ``enabled`` False sends every datagram to aiocoap; ``answered`` counts those answered by
-    ``respond``. After :meth:`install`, ``interface`` is aiocoap's udp6 message interface and
-    ``message_manager`` its message layer (a NON answer takes its message ID from there)."""
+    ``respond`` (``taken`` those it consumed without an answer). After :meth:`install`,
+    ``interface`` is aiocoap's udp6 message interface and ``message_manager`` its message layer
+    (a NON answer takes its message ID from there). ``on_error(address)`` and ``on_close()``,
+    if set, are called before aiocoap handles an error for a peer or shuts the interface down."""
 
     def __init__(self, respond: Responder, log: logging.Logger) -> None:
         self.respond = respond
         self.log = log
         self.enabled = True
         self.answered = 0
+        self.taken = 0
         self.failed = False
         self.interface: Any = None
         self.message_manager: Any = None
+        self.on_error: Callable[[Any], None] | None = None
+        self.on_close: Callable[[], None] | None = None
+        self._sock: socket.socket | None = None
 
     def next_message_id(self) -> int:
         """A message ID from aiocoap's own sequence (for a NON answer)."""
@@ -146,6 +157,21 @@ class UdpHook:
             self.log.warning("fast path not installed (%s): aiocoap answers every request", exc)
             return False
         self.interface, self.message_manager = interface, message_manager
+        self._sock = sock
+        errqueue = interface.datagram_errqueue_received
+        shutdown = interface.shutdown
+
+        def datagram_errqueue_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+            self._tell_error(address)
+            errqueue(data, ancdata, flags, address)
+
+        async def shutdown_interface() -> None:
+            if self.on_close is not None:
+                try:
+                    self.on_close()
+                except Exception:
+                    self.log.exception("fast path failed on shutdown")
+            await shutdown()
 
         def in_use(data: bytes, address: Any, pktinfo: bytes) -> bool:
             """Whether aiocoap has a request on this token from this remote (an observation)."""
@@ -166,6 +192,9 @@ class UdpHook:
             if response is None:
                 original(data, ancdata, flags, address)
                 return
+            if not response:  # consumed: nothing to send
+                self.taken += 1
+                return
             self.answered += 1
             try:
                 # A pending ICMP error (an observer gone) would fail this send, not its own:
@@ -176,7 +205,38 @@ class UdpHook:
                 self.log.exception("fast path could not send an answer")
 
         interface.datagram_msg_received = datagram_msg_received
+        interface.datagram_errqueue_received = datagram_errqueue_received
+        interface.shutdown = shutdown_interface
         return True
+
+    def send(self, data: bytes, address: Any, pktinfo: bytes) -> bool:
+        """Send an unsolicited datagram to ``address`` (a sockaddr as received) from the local
+        address of ``pktinfo``; a failed send is an error for that peer as aiocoap treats one
+        (:attr:`on_error`, then aiocoap's exchanges with it end). False if it failed."""
+        sock = self._sock
+        if sock is None:
+            return False
+        clear_pending_error(sock)  # another peer's ICMP error must not fail this send
+        try:
+            sock.sendmsg((data,), [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)], 0, address)
+        except OSError as exc:
+            self._tell_error(address)
+            try:
+                from aiocoap.transports.udp6 import UDP6EndpointAddress
+
+                remote = UDP6EndpointAddress(address, self.interface, pktinfo=pktinfo)
+                self.message_manager.dispatch_error(exc, remote)
+            except Exception:
+                self.log.exception("fast path could not report a failed send")
+            return False
+        return True
+
+    def _tell_error(self, address: Any) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(address)
+            except Exception:
+                self.log.exception("fast path failed on a peer's error")
 
     def _answer(
         self,
@@ -193,6 +253,7 @@ class UdpHook:
             return None
         if pktinfo[0] == 0xFF or (pktinfo[:12] == _V4MAPPED and pktinfo[12] >> 4 == 0xE):
             return None  # sent to a multicast address: aiocoap's rules for those
-        if in_use is not None and in_use(data, address, pktinfo):
+        if in_use is not None and data[1] != 0 and in_use(data, address, pktinfo):
             return None  # a new request on a token in use: aiocoap replaces the old one
+        # (an empty message, ACK or RST, has no token to be in use: the role may take it)
         return self.respond(data, address, pktinfo)

@@ -10,8 +10,9 @@ when it is exactly:
 - CoAP version 1, CON or NON, code 0.01 GET, a token of at most 8 bytes, no payload;
 - options: Uri-Path segments (a resource id: a ``--reverse`` prefix or a published resource;
   not the counters' path) or one Proxy-Uri that :func:`proxy.server.proxied` takes, not both,
-  and optionally ETag options (1 to 8 bytes each); nothing else (no Observe, Echo, Block2,
-  Accept, Uri-Host, Proxy-Scheme...);
+  and optionally ETag options (1 to 8 bytes each), and an empty Observe (a registration:
+  :mod:`proxy.fastobserve` takes it and sends its notifications); nothing else (no other
+  Observe, Echo, Block2, Accept, Uri-Host, Proxy-Scheme...);
 - from a remote whose address the Echo check has proven (:class:`proxy.echo.AddressCheck`,
   the site's): an unproven one goes to aiocoap, which challenges it (4.01 and Echo);
 - for a resource whose entry is in memory (not only on disk), fresh (before ``fresh_until``)
@@ -26,24 +27,33 @@ message ID; a NON request gets a NON answer whose message ID comes from aiocoap'
 (RFC 7252 §5.2.2; aiocoap does the same). The hit is counted (``hits``) as
 :meth:`proxy.core.Proxy.lookup` counts it, and in ``fast_hits``.
 
-Everything else goes to aiocoap unchanged: Observe, DTLS (another interface), misses, stale or
-expired entries, entries only on disk, PUT, the counters, block-wise, 4.04s, malformed or
-truncated bytes, a request on a token aiocoap is using for that remote (an observation), and
-any datagram the fast path fails on. ``OSCAR_PROXY_FASTPATH=off`` leaves it out.
+Before any of that, a datagram is checked against the fast observations: an empty ACK of one's
+CON notification is taken, a RST that names one's message ends it (taken, nothing sent), and a
+request on one's token ends it before being answered as any other (a repeat of its
+registration is a duplicate: dropped, or the same ACK again for a CON, as aiocoap does).
+
+Everything else goes to aiocoap unchanged: other Observe values,
+DTLS (another interface), misses, stale or expired entries, entries only on disk, PUT, the
+counters, block-wise, 4.04s, malformed or truncated bytes, a request on a token aiocoap is using
+for that remote (an observation), and any datagram the fast path fails on.
+``OSCAR_PROXY_FASTPATH=off`` leaves it out.
 
 What it does not do: fetch, verify or store anything (:mod:`proxy.core`), or keep anything per
-remote beyond a bounded table of address strings (and one of request targets read).
+remote beyond a bounded table of address strings (and one of request targets read) and the
+fast observations' records (bounded by the observer limits).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from oscar import names
 from oscar_io.coapfast import CON, NON, UdpHook, option, parse, uint
 
 from .entry import Entry
+from .fastobserve import FastObserve, Observer
 from .server import STATS_PATH, BadTarget, ProxySite, proxied
 
 __all__ = ["FASTPATH_ENV", "UNSOLICITED_LIMIT", "FastPath"]
@@ -58,7 +68,10 @@ MAX_HOSTS = 4096
 MAX_NAMES = 4096
 _UNKNOWN: Any = object()
 
+_ACK = 2
+_RST = 3
 _ETAG = 4
+_OBSERVE = 6
 _URI_PATH = 11
 _PROXY_URI = 35
 _MAX_AGE = 14
@@ -92,8 +105,13 @@ class FastPath:
         self.hook = UdpHook(self._respond, log)
         self._encoded: dict[str, _Encoded] = {}
         self._hosts: dict[Any, str] = {}
-        #: How the site reads a request's Uri-Path or Proxy-Uri: resource id or None.
-        self._names: dict[tuple[tuple[bytes, ...], bytes | None], str | None] = {}
+        #: How the site reads a request's Uri-Path or Proxy-Uri: (resource id, upstream) or None.
+        self._names: dict[tuple[tuple[bytes, ...], bytes | None], tuple[str, str | None] | None]
+        self._names = {}
+        #: Observe registrations answered here, and their notifications (proxy.fastobserve).
+        self.observe = FastObserve(self.proxy, self._send, self.hook.next_message_id)
+        self.hook.on_error = self._error
+        self.hook.on_close = self.observe.close
 
     def __repr__(self) -> str:
         state = "on" if self.enabled else "off"
@@ -116,7 +134,7 @@ class FastPath:
         then aiocoap answers every request)."""
         return self.hook.install(context)
 
-    def _respond(self, data: bytes, address: Any, pktinfo: bytes) -> bytes | None:
+    def _host(self, address: Any, pktinfo: bytes | None) -> str:
         host = self._hosts.get(address)
         if host is None:
             from aiocoap.transports.udp6 import UDP6EndpointAddress
@@ -126,20 +144,47 @@ class FastPath:
             if len(self._hosts) >= MAX_HOSTS:
                 self._hosts.clear()
             self._hosts[address] = host
-        return self.answer(data, host)
+        return host
 
-    def answer(self, data: bytes, host: str) -> bytes | None:
+    def _respond(self, data: bytes, address: Any, pktinfo: bytes) -> bytes | None:
+        return self.answer(data, self._host(address, pktinfo), address, pktinfo)
+
+    def _send(self, data: bytes, observer: Observer) -> bool:
+        return self.hook.send(data, observer.address, observer.pktinfo)
+
+    def _error(self, address: Any) -> None:
+        """aiocoap read an error for ``address`` (ICMP) or a send to it failed."""
+        if self.observe.by_key:
+            self.observe.gone(self._host(address, None))
+
+    def answer(
+        self, data: bytes, host: str, address: Any = None, pktinfo: bytes = b""
+    ) -> bytes | None:
         """The answer to the request datagram ``data`` from the remote ``host`` (aiocoap's
-        ``hostinfo`` of it), or None for aiocoap's to handle."""
+        ``hostinfo`` of it; ``address`` and ``pktinfo`` as received, for an observation's
+        notifications), None for aiocoap's to handle, or ``b""`` for a datagram taken with
+        nothing to send."""
         parsed = parse(data)
         if parsed is None:
             return None
         mtype, code, tkl, options = parsed
+        if self.observe.by_key or self.observe.pending:  # a fast observation's ACK, RST, end
+            mid = data[2] << 8 | data[3]
+            if code == 0 and tkl == 0 and not options and mtype in (_ACK, _RST):
+                taken = (
+                    self.observe.ack(host, mid) if mtype == _ACK else self.observe.reset(host, mid)
+                )
+                return b"" if taken else None
+            if 1 <= code < 32 and mtype in (CON, NON):
+                repeat = self.observe.request_on(host, data[4 : 4 + tkl], mid)
+                if repeat is not None:
+                    return repeat  # a duplicate of a registration: dropped, or its ACK again
         if code != 1 or mtype not in (CON, NON):
             return None
         path: list[bytes] = []
         etags: list[bytes] = []
         proxy_uri: bytes | None = None
+        observe = False
         for number, value in options:
             if number == _URI_PATH:
                 path.append(value)
@@ -147,19 +192,24 @@ class FastPath:
                 etags.append(value)
             elif number == _PROXY_URI and proxy_uri is None and not path:
                 proxy_uri = value
+            elif number == _OBSERVE and not value and not observe:
+                observe = True
             else:
                 return None
+        if observe and address is None:
+            return None  # nowhere to send notifications to (an in-memory caller): aiocoap's
         if not self.site.addresses.is_verified(host):
             return None  # unproven: aiocoap's challenge (4.01 and Echo)
         key = (tuple(path), proxy_uri)
-        resource_id = self._names.get(key, _UNKNOWN)
-        if resource_id is _UNKNOWN:
-            resource_id = _resource_id(path, proxy_uri)
+        target = self._names.get(key, _UNKNOWN)
+        if target is _UNKNOWN:
+            target = _target(path, proxy_uri, self.proxy.reverse_target)
             if len(self._names) >= MAX_NAMES:
                 self._names.clear()
-            self._names[key] = resource_id
-        if resource_id is None:
+            self._names[key] = target
+        if target is None:
             return None
+        resource_id = target[0]
         entry = self.proxy.cache.in_memory(resource_id)
         if entry is None:
             return None
@@ -175,6 +225,25 @@ class FastPath:
                 self._encoded.clear()
             encoded = self._encoded[resource_id] = _Encoded(entry, max_age)
         valid = entry.etag in etags
+        if observe:
+            observer = Observer(
+                holder=self.observe.new_holder(),
+                host=host,
+                token=data[4 : 4 + tkl],
+                resource_id=resource_id,
+                upstream=target[1],
+                etags=tuple(etags),
+                mid=data[2] << 8 | data[3],
+                address=address,
+                pktinfo=pktinfo,
+                con=mtype == CON,
+            )
+            if self.observe.register(observer, entry):
+                stats = self.proxy.stats
+                stats.hits += 1
+                stats.fast_hits += 1
+                return self.observe.first(observer, entry, now)
+            # declined by a limit: the GET answered without Observe, as the slow path does
         if mtype == CON:  # piggybacked on the ACK, the request's message ID
             header = bytes((0x60 | tkl, _VALID if valid else _CONTENT)) + data[2 : 4 + tkl]
         else:  # NON, a message ID of aiocoap's sequence
@@ -187,14 +256,18 @@ class FastPath:
         return header + (encoded.valid if valid else encoded.content)
 
 
-def _resource_id(path: list[bytes], proxy_uri: bytes | None) -> str | None:
-    """The resource id a request names as the site would read it, or None (aiocoap's)."""
+def _target(
+    path: list[bytes], proxy_uri: bytes | None, reverse: Callable[[str], str | None]
+) -> tuple[str, str | None] | None:
+    """(resource id, upstream URI or None) of a request as the site reads it (its ``target``),
+    or None (aiocoap's)."""
     try:
         if proxy_uri is not None:
-            return proxied(proxy_uri.decode("utf-8"))[0]
+            resource_id, upstream = proxied(proxy_uri.decode("utf-8"))
+            return resource_id, upstream
         if not path or tuple(path) == _STATS:
             return None
         resource_id = "/".join(segment.decode("utf-8") for segment in path)
     except (UnicodeDecodeError, BadTarget):
         return None
-    return resource_id if names.is_resource_id(resource_id) else None
+    return (resource_id, reverse(resource_id)) if names.is_resource_id(resource_id) else None
