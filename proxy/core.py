@@ -70,6 +70,8 @@ class Stats:
     hits: int = 0
     #: Of the hits, those answered by the fast path (proxy.fastpath).
     fast_hits: int = 0
+    #: Of the observers, those the fast path holds (proxy.fastobserve; a gauge).
+    fast_observers: int = 0
     misses: int = 0
     revalidations: int = 0
     stale_served: int = 0

@@ -439,7 +439,7 @@ class FastObserve:
 
     def _count(self) -> None:
         # A gauge beside ``observers`` (which counts these too, through Relays.admit).
-        setattr(self.proxy.stats, "fast_observers", len(self.by_key))  # noqa: B010
+        self.proxy.stats.fast_observers = len(self.by_key)
 
 
 def _max_age(entry: Entry, now: float) -> int:

@@ -185,6 +185,8 @@ async def test_origins_that_never_served_the_object_get_no_observation(world: Wo
         assert observed(reply), port  # observed, from what the producer sends
     doc = await stats(world)
     assert doc["observers"] == 41 and doc["upstream_observations"] == 1
+    # each client's first registration carried its Echo (aiocoap's path); the 39 others: fast
+    assert doc["fast_observers"] == 39
     await asyncio.sleep(1.5)  # what the proxy would send the victims has had time to arrive
     assert [v.datagrams for _, v, _ in world.victims] == [0] * len(world.victims)
 
@@ -196,6 +198,7 @@ async def test_origins_that_never_served_the_object_get_no_observation(world: Wo
     await leave(world, legit, resource_id=STEADY)
     doc = await settle(world, observers=0, upstream_observations=0)
     assert doc["observers"] == 0 and doc["upstream_observations"] == 0
+    assert doc["fast_observers"] == 0
     assert [v.datagrams for _, v, _ in world.victims] == [0] * len(world.victims)
 
 
