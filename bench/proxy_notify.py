@@ -75,6 +75,8 @@ CASES = ((50, False), (200, False), (50, True), (200, True))
 OBJECT_SIZE = 235
 FAST, SLOW, ALONE = "bench-pub/fast", "bench-pub/slow", "bench-pub/alone"
 TOKEN = b"\x0b\x5e"
+#: Seconds a window may take before the run fails (a notification or an ACK lost).
+WINDOW_TIMEOUT = 30.0
 #: Registrations set up at once.
 SETUP_BATCH = 25
 _OBSERVE, _URI_PATH, _ECHO = 6, 11, 252
@@ -110,6 +112,10 @@ class Meter:
         self.count, self.want = 0, want
         self.done = asyncio.get_running_loop().create_future()
         return self.done
+
+    def fail(self, why: str) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(RuntimeError(f"{why}: {self.count} of {self.want}"))
 
     def tick(self) -> None:
         self.count += 1
@@ -381,16 +387,24 @@ async def _window(served: Served, side: Side, observers: int, objects: int, con:
     fast.enabled = side.fast
     cpu, walls = 0.0, []
     meter = served.acks if con else served.sends
-    for _ in range(objects):
-        entry = served.put(side.resource_id)
-        done = meter.arm(observers)
-        wall, start = time.perf_counter(), time.process_time()
-        if not await served.proxy.store(entry):
-            raise RuntimeError(f"{side.resource_id}: the new object was not stored")
-        await done
-        cpu += time.process_time() - start
-        walls.append(time.perf_counter() - wall)
-    served.acks.done = served.sends.done = None
+    what = "ACKs handled" if con else "notifications sent"
+    # One timer per window, not per object: a lost notification or ACK fails the run.
+    watchdog = asyncio.get_running_loop().call_later(
+        WINDOW_TIMEOUT, meter.fail, f"{side.name}: {what} within {WINDOW_TIMEOUT} s"
+    )
+    try:
+        for _ in range(objects):
+            entry = served.put(side.resource_id)
+            done = meter.arm(observers)
+            wall, start = time.perf_counter(), time.process_time()
+            if not await served.proxy.store(entry):
+                raise RuntimeError(f"{side.resource_id}: the new object was not stored")
+            await done
+            cpu += time.process_time() - start
+            walls.append(time.perf_counter() - wall)
+    finally:
+        watchdog.cancel()
+        served.acks.done = served.sends.done = None
     if not served.idle():
         raise RuntimeError(f"{side.name}: CON notifications unacknowledged after the window")
     return Window(cpu / (objects * observers), statistics.median(walls))
