@@ -47,6 +47,7 @@ MODULES = (
     "consumer_open",
     "producer_cpu",
     "proxy_hits",
+    "proxy_notify",
     "proxy_scale",
     "proxy_cluster",
     "large_transfer",
