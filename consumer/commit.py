@@ -96,9 +96,10 @@ class FreshnessCommits:
         """Accept (epoch, seq) as the newest of the resource, in memory, and queue it for the
         next save; ``data`` is the object as received (held once committed).
 
-        Returns the future the caller awaits (:meth:`settled`) before releasing the reading, or
-        None when the store is in memory (committed already). Raises :class:`InvalidObject`
-        when it is not newer than :meth:`newest`.
+        Returns the future the caller awaits before releasing the reading (its own: cancelling
+        it drops this reading only, the save goes on), or None when the store is in memory
+        (committed already). Raises :class:`InvalidObject` when it is not newer than
+        :meth:`newest`.
         """
         self.check(resource_id, epoch, seq)
         if not self._store.persistent:
@@ -124,8 +125,8 @@ class FreshnessCommits:
 
     @staticmethod
     async def settled(done: asyncio.Future[None]) -> None:
-        """Wait for the save of a reading; raises what failed it. Cancelling the wait leaves the
-        save (and the other readings of its group) alone."""
+        """Wait for the save of a reading another caller accepted (:meth:`waiting`); raises what
+        failed it. Cancelling the wait leaves that reading and its save alone."""
         await asyncio.shield(done)
 
     async def close(self) -> None:

@@ -111,7 +111,7 @@ class Pipeline:
             # Checked again: another task may have accepted a newer object meanwhile.
             done = commits.accept(resource_id, m.epoch, m.seq, data)
             if done is not None:
-                await commits.settled(done)  # released only once its freshness is on disk
+                await done  # released only once its freshness is on disk (cancelling: ours only)
             return reading
         done = commits.waiting(resource_id, version)
         if done is not None:  # the same object, accepted by another task: once it is on disk
