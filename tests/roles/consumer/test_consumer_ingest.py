@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from consumer_harness import HUMIDITY, READER, TEMPERATURE, World, build_world
 
+from consumer import Consumer, StaleCopy
 from consumer.commit import FreshnessCommits
 from consumer.store import ConsumerStore
 from oscar.errors import InvalidObject
@@ -241,6 +242,39 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     finally:
         status = world.server.stop()
         assert status == 0, world.server.log()
+
+
+@pytest.mark.asyncio
+async def test_readings_in_flight_of_one_resource_through_the_pipeline(
+    world: World, tmp_path: Path
+) -> None:
+    """Real objects, many in flight: the newest waiting for its save refuses an older one and
+    makes the same one wait for that save; nothing is returned before its freshness is on disk."""
+    state = tmp_path / "state"
+    key = Bundle.load(world.bundle(READER)).state_key("consumer")
+    epoch = world.secrets[TEMPERATURE][0]
+    objects = {seq: world.seal(b'{"n": %d}' % seq, seq=seq) for seq in (1, 4, 5, 6)}
+    async with Consumer(world.bundle(READER), state) as consumer:
+        await consumer.open_object(objects[1], TEMPERATURE)  # certificate, CRL, secret: cached
+
+        async def reading(seq: int, *, skip_same: bool = False) -> str:
+            try:
+                got = await consumer.pipeline.open(objects[seq], TEMPERATURE, skip_same=skip_same)
+            except StaleCopy:
+                return "stale"
+            if got is None:
+                return "skipped"
+            assert tuple(on_disk(state, key)[TEMPERATURE]) >= (epoch, seq)  # saved before
+            return "released"
+
+        outcomes = await asyncio.gather(
+            reading(5), reading(5), reading(5, skip_same=True), reading(4), reading(6)
+        )
+        # The second 5 is the same object again (returned, once its save is done); the third,
+        # as a notification, is skipped; 4 is older than the 5 in flight; 6 is news.
+        assert outcomes == ["released", "released", "skipped", "stale", "released"]
+        assert consumer.pipeline.commits.newest(TEMPERATURE) == (epoch, 6)
+    assert on_disk(state, key)[TEMPERATURE] == [epoch, 6]
 
 
 def run_consumer(world: World, state: Path, objects: Path, kill_after: int | None) -> list[str]:
