@@ -130,9 +130,10 @@ class FreshnessCommits:
         await asyncio.shield(done)
 
     async def close(self) -> None:
-        """Wait for the saves under way (and those queued) to end."""
+        """Wait for the saves under way (and those queued) to end; their failures went to
+        their readings, not here."""
         while self._saving is not None:
-            await asyncio.shield(self._saving)
+            await asyncio.wait({self._saving})
 
     def _save_next(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start saving everything queued, in a worker thread, at once (no wait for a turn of

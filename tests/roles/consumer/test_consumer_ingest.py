@@ -124,6 +124,7 @@ async def test_a_failed_save_fails_its_readings_and_changes_nothing_else(tmp_pat
     with refusing_disk():
         failing = [commits.accept(R1, 1, seq, b"x") for seq in (2, 3)]
         failing.append(commits.accept(R2, 1, 7, b"y"))
+        await commits.close()  # both saves end; their failure is their readings', not the closer's
         outcomes = await asyncio.gather(
             *(commits.settled(f) for f in failing if f is not None), return_exceptions=True
         )
