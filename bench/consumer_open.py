@@ -12,6 +12,9 @@ profile ``ccm-es256`` at 64 B and 1 KiB, and ``a128gcm-es256`` at 60 KiB. Per ca
   (cached CRL), freshness, secret (cached), decrypt, and the new freshness state written to disk
   (an fsync'd file) for every new object accepted;
 - ``consumer-mem``: the same, with the state in memory only (``state_dir=None``);
+- ``ingest`` (issue 17, durable ingest): ``consumer``'s path with :data:`INGEST_WINDOW` objects
+  in flight, so that the group commit (:mod:`consumer.commit`) saves many per fsync; its baseline
+  is the same window on the consumer in memory, the target :data:`INGEST_TARGET`;
 - ``core``: the same checks with the core functions alone: :func:`oscar.open` with a
   :class:`~oscar.ProducerKey` made once from the AS certificate
   (:meth:`~oscar.ProducerKey.from_certificate`), the CA as trust anchor, a
@@ -62,6 +65,13 @@ LIFETIME = 3600
 #: Plaintext bytes kept in one pool of sealed objects, and the most objects in a pool.
 POOL_BYTES = 16 << 20
 POOL_MAX = 2048
+#: Readings in flight at once in the ``ingest`` figures, and readings per timed operation.
+INGEST_WINDOW = 64
+INGEST_BATCH = 256
+#: The fewest objects in a pool (half with --quick), so that the ingest window is seldom drained.
+INGEST_POOL = 1024
+#: Issue 17's target: durable ingest at least half as fast as in memory.
+INGEST_TARGET = 0.5
 
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -117,7 +127,10 @@ class _Case:
         if settings.quick:
             pool_size = max(16, pool_size // 4)
         now = int(time.time())
-        self.pool = [
+        # The ingest figures drain their window whenever the pool starts over: not too often.
+        # (Their pool is the same one, longer; the others keep theirs, as their figures have.)
+        ingest_size = max(pool_size, INGEST_POOL // (2 if settings.quick else 1))
+        self.ingest_pool = [
             sealer.seal(
                 seq=seq,
                 iat=now,
@@ -125,8 +138,9 @@ class _Case:
                 content_format=CONTENT_FORMAT,
                 plaintext=self.plaintext,
             )
-            for seq in range(1, pool_size + 1)
+            for seq in range(1, ingest_size + 1)
         ]
+        self.pool = self.ingest_pool[:pool_size]
         obj = oscar.ProtectedObject.from_bytes(self.pool[0])
         m = obj.metadata
         tbs = cbor2.dumps(["Signature1", obj.sign1.protected, b"", obj.sign1.payload])
@@ -181,6 +195,42 @@ class _ConsumerOpen:
 
     def __call__(self, n: int) -> None:
         self.loop.run_until_complete(self._batch(n))
+
+
+class _ConsumerIngest(_ConsumerOpen):
+    """``Consumer.open_object`` over the pool, :data:`INGEST_WINDOW` readings in flight at once
+    (a consumer observing many resources, or opening a batch); one operation is
+    :data:`INGEST_BATCH` readings. The window is drained before the pool starts over and at the
+    end of each timed call."""
+
+    def __init__(self, consumer: Any, case: _Case, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(consumer, case, loop)
+        self._start_over()  # the one-at-a-time figure before went through this pool
+
+    async def _batch(self, n: int) -> None:
+        open_object, pool = self.consumer.open_object, self.case.ingest_pool
+        rid = self.case.resource_id
+        expected = self.case.plaintext
+        left = n * INGEST_BATCH
+        in_flight: set[asyncio.Task[Any]] = set()
+
+        async def drain(until: int) -> None:
+            nonlocal in_flight
+            while len(in_flight) > until:
+                done, in_flight = await asyncio.wait(in_flight, return_when="FIRST_COMPLETED")
+                for task in done:
+                    if task.result().plaintext != expected:
+                        raise RuntimeError("the consumer opened something else")
+
+        while left:
+            if self.index == len(pool):
+                await drain(0)
+                self._start_over()
+            in_flight.add(asyncio.ensure_future(open_object(pool[self.index], rid)))
+            self.index += 1
+            left -= 1
+            await drain(INGEST_WINDOW - 1)
+        await drain(0)
 
 
 class _CoreOpen:
@@ -247,6 +297,27 @@ def run(settings: Settings) -> Iterator[Figure]:
                     op(1)  # certificate, CRL and secret from the AS: not timed
                     ours, base = compare(op, case.bare_open, settings)
                     yield Figure(f"{label}/{case.name_part}", ours, "ops/s", baseline, base)
+                durable = _ConsumerIngest(on_disk, case, loop)
+                memory = _ConsumerIngest(in_memory, case, loop)
+                saves = on_disk.pipeline.commits.saves, on_disk.pipeline.commits.committed
+                ours, base = compare(durable, memory, settings)
+                saves = (
+                    on_disk.pipeline.commits.saves - saves[0],
+                    on_disk.pipeline.commits.committed - saves[1],
+                )
+                yield Figure(
+                    f"ingest/{case.name_part}",
+                    ours * INGEST_BATCH,
+                    "ops/s",
+                    f"the same in memory ({INGEST_WINDOW} in flight)",
+                    base * INGEST_BATCH,
+                    min_ratio=INGEST_TARGET,
+                )
+                print(
+                    f"  ingest/{case.name_part}: {saves[1] / max(1, saves[0]):.1f} readings "
+                    "per save (fsync)",
+                    flush=True,
+                )
                 signer = oscar.ProducerKey.from_certificate(
                     x509.load_der_x509_certificate(producer.certificate),
                     bundle.ca_certificate,

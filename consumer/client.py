@@ -156,6 +156,7 @@ class Consumer:
         return context
 
     async def close(self) -> None:
+        await self.pipeline.close()  # the readings accepted are saved before anything stops
         self._dtls_connections.clear()
         dtls, self._dtls = self._dtls, {}
         for context in dtls.values():

@@ -13,10 +13,14 @@ CoAP answer, a notification, a file, a multicast group), and fails closed at the
    :meth:`oscar_io.trust.Trust.check`);
 4. freshness: older than the newest accepted for the resource is a rollback or replay;
 5. the access secret of (resource, epoch) (cache, else the AS), decryption
-   (:func:`oscar.open_verified`), and only then the new freshness state is recorded on disk.
+   (:func:`oscar.open_verified`), and only then the new freshness is accepted (in memory, so no
+   other reading in flight of that resource with the same or an older (epoch, seq) is) and
+   recorded on disk, many readings per save (:mod:`consumer.commit`); a reading is returned only
+   once the save holding its freshness has completed.
 
 An object equal in (epoch, seq) to the newest accepted is the same object again (a producer seals
-a value once and serves it to everyone): it is opened again, or skipped when the caller says so.
+a value once and serves it to everyone): it is opened again, or skipped when the caller says so;
+if it is still waiting for its save, it is returned only once that save has completed.
 
 An object that passes steps 1-3 but is *older* than the newest accepted is a stale copy
 (:class:`~consumer.errors.StaleCopy`: a proxy's cache within its Max-Age, after this consumer read
@@ -44,6 +48,7 @@ from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, AsError, AsUnavailable
 from oscar_io.trust import Trust
 
+from .commit import FreshnessCommits
 from .errors import StaleCopy
 from .store import ConsumerStore
 
@@ -71,6 +76,8 @@ class Pipeline:
         self._clock = clock
         self._max_object_size = max_object_size
         self._keys = KeyCache(store.secret)
+        #: The freshness as accepted, committed or waiting for its save (:mod:`consumer.commit`).
+        self.commits = FreshnessCommits(store)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.store!r})"
@@ -87,32 +94,41 @@ class Pipeline:
         obj, _ = await self.trust.check(data, resource_id, now, max_size=self._max_object_size)
         m = obj.metadata
 
-        freshness = self.store.freshness
+        commits = self.commits
         version = (m.epoch, m.seq)
-        newest = freshness.newest(resource_id)
+        newest = commits.newest(resource_id)
         is_same = newest == version
         if is_same and skip_same:
             return None
         if newest is not None and version < newest:
             raise StaleCopy(resource_id, version, newest)  # valid, but not news: never accepted
         if not is_same:
-            freshness.check(resource_id, m.epoch, m.seq)
+            commits.check(resource_id, m.epoch, m.seq)
         if self.store.secret(resource_id, m.epoch) is None:
             await self._fetch_secret(resource_id, m.epoch)
         reading = open_verified(obj, secrets=self._keys)
         if not is_same:
-            # Another task may have accepted a newer object while we waited for the AS.
-            self.store.freshness.accept(resource_id, m.epoch, m.seq)
-            self.store.save_freshness(resource_id)
+            # Checked again: another task may have accepted a newer object meanwhile.
+            done = commits.accept(resource_id, m.epoch, m.seq, data)
+            if done is not None:
+                await done  # released only once its freshness is on disk (cancelling: ours only)
+            return reading
+        done = commits.waiting(resource_id, version)
+        if done is not None:  # the same object, accepted by another task: once it is on disk
+            await commits.settled(done)
         self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
         return reading
+
+    async def close(self) -> None:
+        """Wait for the freshness saves under way to end."""
+        await self.commits.close()
 
     async def held_reading(self, stale: StaleCopy) -> Reading:
         """The newest reading held of ``stale``'s resource, checked again now (certificate,
         revocation, signature, expiry, decryption); ``stale`` itself when there is none that is
         still valid."""
         held = self.store.held(stale.resource_id)
-        if held is None or held.version != self.store.freshness.newest(stale.resource_id):
+        if held is None or held.version != self.commits.newest(stale.resource_id):
             raise stale
         try:
             reading = await self.open(held.data, stale.resource_id, skip_same=False)

@@ -15,6 +15,10 @@ plaintext) is kept too, one sealed file per resource in the
 subdirectory ``held`` (see :mod:`consumer.held`), so that a stale copy served by a cache can be
 answered with the newest reading this consumer holds, checked again (see :mod:`consumer.client`).
 
+Accepted readings are saved in groups (:meth:`ConsumerStore.commit_freshness`, run by
+:mod:`consumer.commit` in a worker thread): one write and fsync of ``freshness`` for every reading
+accepted meanwhile, then the newest object of each resource held.
+
 Every file but the held objects is read when the store opens; one that fails authentication
 raises :class:`~oscar_io.errors.StateError` and nothing is written. A held object is read only
 when it is wanted, and one that cannot be read is dropped with a warning. Each save re-reads the
@@ -34,7 +38,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +229,54 @@ class ConsumerStore:
             if ours is not None and tuple(merged[str(accepted)]) > ours:
                 raise InvalidObject("rollback: a newer object was accepted by another process")
 
+    def commit_freshness(
+        self, base: dict[str, list[int]], accepted: Sequence[tuple[str, tuple[int, int], bytes]]
+    ) -> tuple[dict[str, list[int]], set[int]]:
+        """Persist a group of accepted objects in one write (one fsync): ``base`` (this process's
+        committed state, :meth:`FreshnessState.snapshot`) with the (resource, (epoch, seq),
+        object) ``accepted``, merged with what another process may have recorded, under the
+        directory's lock; then the newest object of each resource is held (:meth:`put_held`).
+
+        Returns the merged state (the caller makes it :attr:`freshness`) and the indices in
+        ``accepted`` of the objects another process sharing the directory has meanwhile
+        superseded (rollbacks after all, as in :meth:`save_freshness`: never to be released).
+        Changes nothing in this object but the held objects, so that it can run in a worker
+        thread (:mod:`consumer.commit`). OSError if the disk refuses, :class:`StateError` if the
+        file went bad meanwhile: then nothing was written.
+        """
+        if self.directory is None:
+            raise RuntimeError("an in-memory store commits nothing")
+        with self._locked():
+            stored = self._load("freshness", FreshnessState.from_snapshot)
+            theirs = stored.snapshot() if stored else {}
+            merged = {rid: list(pair) for rid, pair in base.items()}
+            for rid, version, _ in accepted:
+                if rid not in merged or tuple(merged[rid]) < version:
+                    merged[rid] = list(version)
+            for rid, (epoch, seq) in theirs.items():
+                if rid not in merged or tuple(merged[rid]) < (epoch, seq):
+                    merged[rid] = [epoch, seq]
+            rejected = {
+                i
+                for i, (rid, version, _) in enumerate(accepted)
+                if rid in theirs and tuple(theirs[rid]) > version
+            }
+            self._files["freshness"].save(merged)
+            newest: dict[str, tuple[tuple[int, int], bytes]] = {}
+            for i, (rid, version, data) in enumerate(accepted):
+                if i not in rejected and (rid not in newest or newest[rid][0] < version):
+                    newest[rid] = (version, data)
+            for rid, ((epoch, seq), data) in newest.items():
+                if tuple(merged[rid]) > (epoch, seq):
+                    continue  # another process accepted a newer one (and holds it)
+                try:
+                    self._hold(rid, HeldObject(epoch, seq, bytes(data)))
+                except OSError as exc:
+                    # Only a cache: the freshness is committed, the reading stands; the older
+                    # object still held is never given for this newer version.
+                    log.warning("%s: the reading could not be held: %s", rid, exc.strerror)
+        return merged, rejected
+
     # --- the newest accepted objects --------------------------------------------------------------
 
     def held(self, resource_id: str) -> HeldObject | None:
@@ -251,4 +303,12 @@ class ConsumerStore:
             newest = stored.newest(resource_id) if stored is not None else None
             if newest is not None and newest > held.version:
                 return  # another process accepted a newer one (and holds it)
+            self._held.put(resource_id, held)
+
+    def _hold(self, resource_id: str, held: HeldObject) -> None:
+        """:meth:`put_held` under the lock already taken, the freshness on disk already known."""
+        if self._held is None:
+            return
+        known = self._held.known(resource_id)
+        if known is None or known < held.version:
             self._held.put(resource_id, held)
