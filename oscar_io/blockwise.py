@@ -15,7 +15,8 @@ exchange), and takes their answers strictly in order:
   and the block whose More bit is 0 ends the transfer (requests beyond it are cancelled, their
   answers, errors included, never looked at);
 - memory: the object assembled into one buffer (appending, no quadratic copying) and at most
-  ``window`` answers waiting to be appended.
+  ``window`` answers waiting to be appended; the buffer is copied once into the ``bytes``
+  returned (for that moment, twice the object).
 
 Failures raise :class:`BrokenTransfer` or :class:`TooLarge` (both :class:`BlockwiseError`), with
 nothing returned and every outstanding request cancelled; the caller maps them to its own errors
@@ -33,9 +34,11 @@ aiocoap sends one confirmable message per peer at a time (NSTART = 1, RFC 7252 ย
 the rest, which would make a window one block again. :func:`allow_in_flight` lets a client
 context have up to ``window`` confirmable exchanges per peer outstanding (a bound chosen here,
 RFC 7252 ยง4.7 allows a higher NSTART where the application knows better); each is still a
-normal exchange, retransmitted by aiocoap. It is a repair of aiocoap's internals, written for
-the versions in :data:`IN_FLIGHT_VERSIONS` and off (one exchange at a time, still correct) for
-any other. Importing this module loads no aiocoap.
+normal exchange, retransmitted by aiocoap. Past the limit (other requests to the same peer at
+the same time) aiocoap's queue takes over: the queued requests go one at a time, as before. The
+limit holds for every request of that context to any peer. It is a repair of aiocoap's
+internals, written for the versions in :data:`IN_FLIGHT_VERSIONS` and off (one exchange at a
+time, still correct) for any other. Importing this module loads no aiocoap.
 """
 
 from __future__ import annotations
@@ -93,15 +96,20 @@ def _patched(original: Any, con: Any) -> Any:
         context's limit of confirmable exchanges to that peer is not reached."""
         limit = getattr(self, _LIMIT, 1)
         remote, active, backlogs = message.remote, self._active_exchanges, self._backlogs
-        if (
+        set_aside = (
             limit > 1
             and message.mtype == con  # set by the caller: aiocoap's default is decided later
             and active is not None
             and not backlogs.get(remote, True)  # queued for it: none (the queue keeps order)
             and sum(1 for peer, _ in active if peer == remote) < limit
-        ):
+        )
+        if set_aside:
             del backlogs[remote]  # re-created as this message's exchange is added
-        return original(self, message, messageerror_monitor)
+        try:
+            return original(self, message, messageerror_monitor)
+        finally:
+            if set_aside and remote not in self._backlogs:
+                self._backlogs[remote] = []  # it failed before: aiocoap's invariant again
 
     send_message.__wrapped__ = original  # type: ignore[attr-defined]
     return send_message

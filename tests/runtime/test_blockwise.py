@@ -238,6 +238,32 @@ async def test_late_answers_to_cancelled_requests_leave_no_error(
     assert len(blocks.requests) > 4 + 3 + 9 + 17 + 2  # requests past the end were made
 
 
+@pytest.mark.asyncio
+async def test_requests_over_the_contexts_limit_wait_their_turn(
+    served: tuple[Blocks, Context, str],
+) -> None:
+    """Six requests at once to a peer with a limit of three: three outstanding, the rest queued
+    by aiocoap (NSTART) and answered all the same."""
+    blocks, client, uri = served
+    blocks.payload, blocks.delay = os.urandom(8 * 1024), 0.03
+    assert allow_in_flight(client, 3)
+
+    def block(number: int) -> Message:
+        message = Message(code=GET, uri=uri)
+        message.mtype = CON
+        message.opt.block2 = BlockOption.BlockwiseTuple(number, False, 6)
+        return message
+
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(answer(client, block(n)) for n in range(6))), 10
+    )
+    assert [a.opt.block2.block_number for a in answers] == list(range(6))
+    assert [a.payload for a in answers] == [
+        blocks.payload[n * 1024 : (n + 1) * 1024] for n in range(6)
+    ]
+    assert blocks.most_in_flight == 3
+
+
 def test_the_installed_aiocoap_is_the_one_allow_in_flight_was_written_for() -> None:
     assert aiocoap.meta.version in IN_FLIGHT_VERSIONS
 
