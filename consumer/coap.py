@@ -2,10 +2,9 @@
 block-wise assembly.
 
 What this module does not do: check or open objects (:mod:`consumer.client`), send the first
-request of an exchange, or translate aiocoap's, the OS's and DTLSSocket's failures (that is
-:func:`oscar_io.coaperrors.translate`, for every role). The one aiocoap error caught here is not a
-failure to reach a peer: a block aiocoap refuses to append is the peer breaking the block-wise
-transfer, and is said so.
+request of an exchange, translate aiocoap's, the OS's and DTLSSocket's failures (that is
+:func:`oscar_io.coaperrors.translate`, for every role), or check the blocks of a transfer (that is
+:mod:`oscar_io.blockwise`: its failures are said here in the consumer's terms).
 """
 
 from __future__ import annotations
@@ -15,7 +14,15 @@ from typing import Any, NamedTuple
 
 from oscar.errors import InvalidObject
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
-from oscar_io.coaperrors import TransportError, describe
+from oscar_io.blockwise import (
+    DEFAULT_WINDOW,
+    BrokenTransfer,
+    TooLarge,
+    allow_in_flight,
+    answer,
+    fetch_rest,
+)
+from oscar_io.coaperrors import TransportError
 
 __all__ = ["Exchange", "assemble", "cache_fresh_in", "cancel"]
 
@@ -49,17 +56,21 @@ async def assemble(
     peer: str,
     max_size: int,
     respond: Callable[[Any], Awaitable[Any]],
+    window: int = DEFAULT_WINDOW,
 ) -> Any:
     """The whole response whose first block is ``first``: the further Block2 blocks are asked
-    for one by one (each awaited through ``respond``, which bounds and translates the wait), and
-    never more than ``max_size`` bytes in all.
+    for with up to ``window`` requests in flight (:func:`oscar_io.blockwise.fetch_rest`; each
+    answer awaited through ``respond``, which bounds and translates the wait), and never more
+    than ``max_size`` bytes in all.
 
     aiocoap's own block-wise assembly has no bound (a hostile server could stream blocks
-    forever, each accepted into memory before the size is checked), so it is turned off for
-    our requests and done here. Raises :class:`InvalidObject` when the announced (Size2) or
-    received size exceeds the limit, :class:`TransportError` for a broken transfer.
+    forever, each accepted into memory before the size is checked) and asks for one block per
+    round trip, so it is turned off for our requests and done here. Raises
+    :class:`InvalidObject` when the announced (Size2) or received size exceeds the limit,
+    :class:`TransportError` for a broken transfer.
     """
-    from aiocoap import error
+    from aiocoap import CON
+    from aiocoap.optiontypes import BlockOption
 
     block2 = first.opt.block2
     if block2 is None or (not block2.more and block2.block_number == 0):
@@ -67,28 +78,30 @@ async def assemble(
         return first
     if first.code.dotted != "2.05" or first.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
         return first  # refused as it is by _payload: no more of it is asked for
-    if block2.block_number != 0:
-        raise TransportError(f"{peer} broke the block-wise transfer (first block)")
     size2 = first.opt.size2
     if size2 is not None and size2 > max_size:
         raise InvalidObject("object exceeds the size limit (announced)")
-    assembled = first
-    while True:
-        # More is announced: with the limit already reached, do not even ask for it.
-        if len(assembled.payload) >= max_size:
-            raise InvalidObject("object exceeds the size limit (block-wise)")
-        following = exchange.message._generate_next_block2_request(assembled)
-        following = following.copy(remote=first.remote)
-        last = await respond(exchange.context.request(following, handle_blockwise=False).response)
-        block2 = last.opt.block2
-        if block2 is None or last.code != first.code:
-            raise TransportError(f"{peer} broke the block-wise transfer")
-        try:
-            assembled._append_response_block(last)
-        except error.Error as exc:
-            raise TransportError(f"{peer} broke the block-wise transfer: {describe(exc)}") from None
-        if len(assembled.payload) > max_size:
-            raise InvalidObject("object exceeds the size limit (block-wise)")
-        if not block2.more:
-            assembled.opt.block2 = None
-            return assembled
+
+    async def ask(number: int, size_exponent: int) -> Any:
+        following = exchange.message.copy(
+            payload=b"",
+            mid=None,
+            token=None,
+            remote=first.remote,
+            block2=BlockOption.BlockwiseTuple(number, False, size_exponent),
+            mtype=CON,  # confirmable, said now: allow_in_flight counts it
+            block1=None,
+            observe=None,
+        )
+        return await respond(answer(exchange.context, following))
+
+    allow_in_flight(exchange.context, window)
+    try:
+        payload = await fetch_rest(first, ask, max_size=max_size, window=window)
+    except TooLarge:
+        raise InvalidObject("object exceeds the size limit (block-wise)") from None
+    except BrokenTransfer as exc:
+        raise TransportError(f"{peer} broke the block-wise transfer: {exc}") from None
+    first.payload = payload
+    first.opt.block2 = None
+    return first

@@ -48,6 +48,7 @@ from consumer.store import ConsumerStore
 from demo.system import free_port
 from oscar import ProtectedObject, Sealer, certs
 from oscar.algorithms import ES256, PrivateKey
+from oscar_io.blockwise import DEFAULT_WINDOW
 from oscar_io.bundle import Bundle
 
 ERROR = "oscar-consumer: error: "
@@ -345,6 +346,9 @@ class EndlessBlocks(asyncio.DatagramProtocol):
         self.size2 = size2
         self.requests = 0
         self.transport: Any = None
+        self.delay = 0.0  # answers this late, counting the requests waiting for one
+        self.waiting = 0
+        self.most_waiting = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -369,7 +373,17 @@ class EndlessBlocks(asyncio.DatagramProtocol):
         response.opt.block2 = BlockOption.BlockwiseTuple(number, True, 6)
         if self.size2 is not None:
             response.opt.size2 = self.size2
-        self.transport.sendto(response.encode(), addr)
+        if not self.delay:
+            self.transport.sendto(response.encode(), addr)
+            return
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+
+        def send() -> None:
+            self.waiting -= 1
+            self.transport.sendto(response.encode(), addr)
+
+        asyncio.get_running_loop().call_later(self.delay, send)
 
 
 @pytest_asyncio.fixture
@@ -405,6 +419,24 @@ async def test_endless_block2_stream_is_cut_off_at_the_size_limit(
     reason = rejected(await cli(world, tmp_path / "cli", "--timeout", "5", "get", uri))
     assert reason == "object exceeds the size limit (block-wise)"
     assert server.requests <= (1 << 20) // 1024 + 5
+
+
+@pytest.mark.asyncio
+async def test_blocks_are_asked_for_several_at_a_time_within_the_window(
+    world: World, endless: tuple[EndlessBlocks, str], tmp_path: Path
+) -> None:
+    """The consumer keeps the default window of blocks in flight (not one per round trip), and
+    not more: the slow server sees exactly that many requests waiting at once; the limit still
+    ends the transfer with no block asked for past it."""
+    server, uri = endless
+    server.delay = 0.03
+    limit = 32 * 1024
+    async with Consumer(world.bundle(READER), tmp_path / "lib", max_object_size=limit) as c:
+        with pytest.raises(InvalidObject) as info:
+            await asyncio.wait_for(c.get(uri), 20)
+    assert "size limit" in info.value.reason
+    assert server.most_waiting == DEFAULT_WINDOW
+    assert server.requests == limit // 1024
 
 
 @pytest.mark.asyncio
