@@ -44,6 +44,7 @@ from oscar.errors import InvalidObject
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, DEFAULT_MAX_OBJECT_SIZE, Reading
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
+from oscar_io.blockwise import DEFAULT_WINDOW, check_window
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TimedOut, TransportError, error_answer, translate
 from oscar_io.errors import AccessDenied, AsError, BundleError
@@ -89,6 +90,7 @@ class Consumer:
         timeout: float = DEFAULT_TIMEOUT,
         max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
         max_secrets: int = DEFAULT_MAX_SECRETS,
+        block_window: int = DEFAULT_WINDOW,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(bundle, Bundle):
@@ -100,6 +102,8 @@ class Consumer:
         self.bundle = bundle
         self.timeout = timeout
         self.max_object_size = max_object_size
+        #: Blocks of a large object asked for at once (:mod:`oscar_io.blockwise`; 1 to 64).
+        self.block_window = check_window(block_window)
         self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
         self.trust = Trust(bundle, self.store.trust, self._as)
         self.pipeline = Pipeline(
@@ -310,7 +314,9 @@ class Consumer:
         async def respond(awaitable: Any) -> Any:
             return await self._response(awaitable, target)
 
-        return await assemble(exchange, first, target.peer, self.max_object_size, respond)
+        return await assemble(
+            exchange, first, target.peer, self.max_object_size, respond, window=self.block_window
+        )
 
     async def observe(
         self,

@@ -29,6 +29,7 @@
     observers_per_client = 128         # ... per client (DTLS device, IPv4 address, IPv6 /64)
     relays = 1024                      # upstream observations at once, in all
     relays_per_client = 64             # ... that one client's registrations hold
+    block_window = 8                   # blocks of a large upstream object asked for at once
 
 Every check happens before anything starts; a bad value is a :class:`ConfigError`.
 """
@@ -44,6 +45,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from oscar import names
 from oscar_io import ports
+from oscar_io.blockwise import MAX_WINDOW
 from oscar_io.clikit import read_toml
 from oscar_io.errors import ConfigError
 from oscar_io.urls import redacted, user_part_unclear
@@ -85,6 +87,8 @@ class Limits:
     #: one client's registrations; a relay goes only toward an origin that served the object.
     relays: int = 1024
     relays_per_client: int = 64
+    #: Blocks of a large upstream object asked for at once (:mod:`oscar_io.blockwise`), 1 to 64.
+    block_window: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,6 +98,8 @@ class Limits:
                     raise ConfigError(f"limits.{f.name} is a positive whole number")
             elif type(value) not in (int, float) or not 0 < value <= 3600:  # bool is no number
                 raise ConfigError(f"limits.{f.name} is 0 to 3600 seconds")
+        if self.block_window > MAX_WINDOW:
+            raise ConfigError(f"limits.block_window is 1 to {MAX_WINDOW}")
 
 
 @dataclass(frozen=True)

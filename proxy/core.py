@@ -383,7 +383,9 @@ class Proxy:
 
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
         """``first`` with the rest of its blocks (:func:`proxy.upstream.complete`)."""
-        return await complete(ctx, request, first, self.limits.upstream_timeout)
+        return await complete(
+            ctx, request, first, self.limits.upstream_timeout, window=self.limits.block_window
+        )
 
     async def _take(
         self, resource_id: str, source: str, entry: Entry | None, response: Any

@@ -422,20 +422,23 @@ async def test_endless_block2_stream_is_cut_off_at_the_size_limit(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("window", [DEFAULT_WINDOW, 3])
 async def test_blocks_are_asked_for_several_at_a_time_within_the_window(
-    world: World, endless: tuple[EndlessBlocks, str], tmp_path: Path
+    world: World, endless: tuple[EndlessBlocks, str], tmp_path: Path, window: int
 ) -> None:
-    """The consumer keeps the default window of blocks in flight (not one per round trip), and
-    not more: the slow server sees exactly that many requests waiting at once; the limit still
-    ends the transfer with no block asked for past it."""
+    """The consumer keeps its window of blocks in flight (the default, or ``block_window``),
+    not one per round trip, and not more: the slow server sees exactly that many requests
+    waiting at once; the limit still ends the transfer with no block asked for past it."""
     server, uri = endless
     server.delay = 0.03
     limit = 32 * 1024
-    async with Consumer(world.bundle(READER), tmp_path / "lib", max_object_size=limit) as c:
+    async with Consumer(
+        world.bundle(READER), tmp_path / "lib", max_object_size=limit, block_window=window
+    ) as c:
         with pytest.raises(InvalidObject) as info:
             await asyncio.wait_for(c.get(uri), 20)
     assert "size limit" in info.value.reason
-    assert server.most_waiting == DEFAULT_WINDOW
+    assert server.most_waiting == window
     assert server.requests == limit // 1024
 
 

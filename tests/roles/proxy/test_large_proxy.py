@@ -37,6 +37,8 @@ from oscar_io.bundle import Bundle
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PROFILE = "a128gcm-es256"
+#: The proxy's limits.block_window here: not the default, so a test sees the limit used.
+WINDOW = DEFAULT_WINDOW - 3
 
 
 @dataclass
@@ -189,9 +191,13 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     transport2, _ = await loop.create_datagram_endpoint(
         lambda: observable, local_addr=("127.0.0.1", 0)
     )
+    config = root / "proxy.toml"  # a window other than the default: the limit is the one used
+    config.write_text(f"[limits]\nblock_window = {WINDOW}\n")
     proxy = ProxyProcess(
         root / "cache-1.json",
         root / "proxy-state",
+        "--config",
+        str(config),
         "--reverse",
         f"sensor={relay.address}",
         "--reverse",
@@ -246,7 +252,7 @@ async def test_a_mebibyte_goes_through_the_proxy_block_wise_then_is_a_hit(world:
         assert reading.plaintext == plaintext
         # every block fetched once, and (no Size2) at most a window's worth asked past the end
         fetched = gets(world) - blocks
-        assert -(-len(obj) // 1024) <= fetched < -(-len(obj) // 1024) + DEFAULT_WINDOW
+        assert -(-len(obj) // 1024) <= fetched < -(-len(obj) // 1024) + WINDOW
         again = await consumer.get(world.proxy.uri("sensor/big"))
         assert again.plaintext == plaintext
     after = await stats(world)
@@ -286,12 +292,13 @@ async def test_blocks_that_do_not_belong_together_are_refused(
 async def test_the_blocks_of_an_upstream_answer_are_asked_for_several_at_a_time(
     world: World,
 ) -> None:
-    """The proxy asks for the blocks after block 0 a window at a time, not one per round trip:
-    the slow upstream has a whole window waiting for an answer at the same time (blocks 1 to 8
-    of a 5-block answer: without Size2 the window goes past the end, and those are dropped)."""
+    """The proxy asks for the blocks after block 0 a window at a time (its configured
+    ``limits.block_window``), not one per round trip: the slow upstream has a whole window waiting
+    for an answer at the same time (without Size2 the window goes past the end of the 5-block
+    answer, and those are dropped)."""
     world.raw.mode, world.raw.most_waiting = "slow", 0
     await proxy_get(world.proxy.uri("broken/slow"))  # not an object: what counts is the fetch
-    assert world.raw.most_waiting == DEFAULT_WINDOW
+    assert world.raw.most_waiting == WINDOW
 
 
 async def test_a_block_wise_notification_is_assembled_checked_and_cached(world: World) -> None:

@@ -96,3 +96,15 @@ def test_the_cluster_password_comes_from_a_file(tmp_path: Path) -> None:
     del doc["cluster"]
     with pytest.raises(ConfigError, match="without cluster"):
         config_from_mapping(doc, base=tmp_path)
+
+
+def test_the_block_window_is_a_limit_from_1_to_64(tmp_path: Path) -> None:
+    doc: dict[str, object] = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683"}
+    assert config_from_mapping(doc, base=tmp_path).limits.block_window == 8
+    for good in (1, 64):
+        doc["limits"] = {"block_window": good}
+        assert config_from_mapping(doc, base=tmp_path).limits.block_window == good
+    for bad in (0, 65, True, 2.5):
+        doc["limits"] = {"block_window": bad}
+        with pytest.raises(ConfigError, match="block_window"):
+            config_from_mapping(doc, base=tmp_path)
