@@ -51,6 +51,7 @@ MODULES = (
     "proxy_scale",
     "proxy_cluster",
     "large_transfer",
+    "network",
     "producer_footprint",
     "producer_observers",
     "as_flood",
