@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from as_harness import ROOT
 
+# bench/ is not an installed package (as in test_as_flood).
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 from bench.linkemu import Link, open_relays
 
 HOST = "127.0.0.1"
