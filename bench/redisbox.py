@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .testbed import stop_process
+
 __all__ = ["RedisBox"]
 
 
@@ -77,14 +79,8 @@ class RedisBox:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process)
 
     def __enter__(self) -> RedisBox:
         return self.start()

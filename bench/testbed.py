@@ -45,6 +45,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process (SIGTERM, then SIGKILL after 5 s); nothing if it has ended."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Testbed:
     """A temporary directory and the processes started in it; see the module docstring."""
 
@@ -150,14 +161,8 @@ class Testbed:
         return process
 
     def stop(self, process: subprocess.Popen[bytes]) -> None:
-        """Stop one process started here (SIGTERM, then SIGKILL after 5 s)."""
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Stop one process started here (:func:`stop_process`)."""
+        stop_process(process)
 
     def log(self, name: str) -> str:
         path = self._logs.get(name)
