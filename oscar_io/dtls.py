@@ -316,23 +316,32 @@ class ConnectionGuard:
         if sockaddr not in connections:
             reply = self.gate.answer(data, sockaddr)
             if reply is not None:
-                if reply:
-                    # Straight to the socket: a reply that cannot leave now is dropped, never
-                    # queued (asyncio's transport would queue without a bound).
-                    with contextlib.suppress(OSError):
-                        self._pool._transport._sock.sendto(reply, sockaddr)
+                self._send(reply, sockaddr)
                 return
             self.verified += 1
+        else:
+            # A new handshake from an address that has a connection: its old peer is gone (a
+            # device killed and another program given its port). Left to the old connection,
+            # the handshake failed at the PSK lookup if it named another identity, after the
+            # client had sent its last flight, which it then retransmitted into nothing. The
+            # gate's cookie exchange proves the sender owns the address, then a fresh
+            # connection takes the handshake from its first hello.
+            restart = self.gate.answer_known(data, sockaddr)
+            if restart is True:
+                self.verified += 1
+                self.drop(sockaddr, "a new handshake from its address")
+            elif restart:
+                self._send(restart, sockaddr)
+                return
         try:
             self._original(data, sockaddr)
         except (RuntimeError, SystemError):
             # aiocoap's per-connection PSK store refuses a handshake naming another identity
             # than the one this address's earlier session used ("DTLS stack tried accessing
-            # different keys"). tinydtls asks for a PSK only after the cookie exchange, so the
-            # sender owns the address: the old session's peer is gone (its port reused, by a
-            # NAT or the OS). Drop the old entry whole, claims included; the peer's next
-            # ClientHello makes a fresh one. Without this, the address could not handshake
-            # until the idle sweep, and each attempt logged a traceback.
+            # different keys"). A new handshake's first hello replaces the connection (above),
+            # so this is a hello the gate took for the connection's own cookie exchange. The
+            # sender got past tinydtls's cookie, so owns the address: drop the old entry whole,
+            # claims included; the client's next hello makes a fresh one.
             log.info("a new handshake from a known address named another identity: reset")
             self.drop(sockaddr, "new handshake under another identity")
             return
@@ -348,6 +357,13 @@ class ConnectionGuard:
         table.move_to_end(sockaddr)
         while len(connections) > self.cap and self._evict_one(sockaddr):
             pass
+
+    def _send(self, reply: bytes, sockaddr: Any) -> None:
+        """Straight to the socket: a reply that cannot leave now is dropped, never queued
+        (asyncio's transport would queue without a bound). Nothing for an empty one."""
+        if reply:
+            with contextlib.suppress(OSError):
+                self._pool._transport._sock.sendto(reply, sockaddr)
 
     def _forget(self, sockaddr: Any) -> None:
         self._pending.pop(sockaddr, None)

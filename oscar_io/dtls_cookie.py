@@ -99,12 +99,38 @@ class CookieGate:
         if hello is None:
             return b""
         record_seq, message_seq, cookie, fields = hello
+        if self._good(cookie, sockaddr, fields):
+            return None
+        return self._verify_request(record_seq, message_seq, sockaddr, fields)
+
+    def answer_known(self, data: bytes, sockaddr: Any) -> bytes | bool:
+        """For a source that has a connection already, which a new handshake from the same
+        address must replace (the old peer is gone: its port was reused by another program, or it
+        restarted). True: a ClientHello carrying this gate's cookie, so its sender receives at the
+        address: the caller ends the old connection and lets this hello make a fresh one. A
+        cookie-less ClientHello: the HelloVerifyRequest to send back (the old connection stays
+        until the cookie returns, so a spoofed hello cannot end it). False for anything else,
+        a hello with another cookie included: that is the connection's own handshake going on
+        (tinydtls's cookie exchange), tinydtls's business."""
+        hello = _client_hello(data)
+        if hello is None:
+            return False
+        record_seq, message_seq, cookie, fields = hello
+        if not cookie:
+            return self._verify_request(record_seq, message_seq, sockaddr, fields)
+        return self._good(cookie, sockaddr, fields)
+
+    def _good(self, cookie: bytes, sockaddr: Any, fields: bytes) -> bool:
         period = int(self._clock() // self._period)
-        if len(cookie) == _COOKIE_LENGTH and any(
+        return len(cookie) == _COOKIE_LENGTH and any(
             hmac.compare_digest(cookie, self._cookie(sockaddr, p, fields))
             for p in (period, period - 1)
-        ):
-            return None
+        )
+
+    def _verify_request(
+        self, record_seq: bytes, message_seq: bytes, sockaddr: Any, fields: bytes
+    ) -> bytes:
+        period = int(self._clock() // self._period)
         return _hello_verify_request(
             record_seq, message_seq, self._cookie(sockaddr, period, fields)
         )

@@ -64,6 +64,7 @@ PROCESS: dict[str, Starts] = {
     "test_as_storm": every(),
     "test_as_failover_roles": every(),
     "test_as_flood": only(
+        "test_a_new_handshake_from_a_dead_peers_port_is_answered_at_once",
         "test_a_hello_from_a_new_port_gets_a_stateless_cookie_and_junk_gets_nothing",
         "test_junk_hellos_cannot_evict_established_sessions_from_a_full_table",
         "test_junk_hellos_from_many_ports_leave_nothing_behind",

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -272,6 +273,25 @@ def test_the_gate_admits_its_cookie_from_the_same_address_within_two_periods() -
     assert CookieGate(clock=lambda: clock[0]).answer(again, ("127.0.0.1", 4000)) is not None
 
 
+def test_for_a_known_address_the_gate_restarts_only_on_its_own_cookie() -> None:
+    """A source that has a connection: a cookie-less hello gets a HelloVerifyRequest (the old
+    connection stays: a spoofed hello cannot end it), a hello with the gate's cookie restarts
+    (True), and a hello with any other cookie (tinydtls's own exchange) or anything else is the
+    connection's business (False)."""
+    gate = CookieGate(clock=lambda: 1000.0)
+    address = ("127.0.0.1", 4000)
+    random = os.urandom(32)
+    request = gate.answer_known(client_hello(random), address)
+    assert isinstance(request, bytes) and request[13] == 3  # a HelloVerifyRequest
+    assert request == gate.answer(client_hello(random), address)  # the same cookie
+    cookie = _cookie_of(request)
+    assert gate.answer_known(client_hello(random, cookie=cookie, record_seq=1), address) is True
+    other = client_hello(random, cookie=os.urandom(16), record_seq=1)
+    assert gate.answer_known(other, address) is False
+    assert gate.answer_known(client_hello(random, cookie=cookie), ("127.0.0.1", 4001)) is False
+    assert gate.answer_known(b"\x17\xfe\xfd" + bytes(60), address) is False  # application data
+
+
 @pytest.mark.asyncio
 async def test_admission_and_eviction_cost_does_not_grow_with_the_cap() -> None:
     """Cookie-verified newcomers into a full table (a tinydtls context made, the oldest entry
@@ -392,6 +412,106 @@ async def test_a_datagram_whose_handling_raises_is_dropped_alone(
         for s in senders:
             s.close()
         loop.set_exception_handler(None)
+        guard.drain()
+        guard.uninstall()
+        await ctx.shutdown()
+
+
+# A DTLS client that handshakes from a given source port, asks for /crl, prints the answer's
+# code and how long it took, then waits to be killed (as a device killed with -9 leaves its
+# session behind at the server, never closed).
+_CLIENT_FROM_PORT = """
+import asyncio, sys, time
+from aiocoap import GET, Context, Message
+
+async def main():
+    server, local, identity = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    psk = bytes.fromhex(sys.stdin.readline())
+    loop = asyncio.get_running_loop()
+    original = loop.create_datagram_endpoint
+
+    async def bound(factory, **kwargs):
+        kwargs.setdefault("local_addr", ("127.0.0.1", local))
+        return await original(factory, **kwargs)
+
+    loop.create_datagram_endpoint = bound
+    ctx = await Context.create_client_context(transports=["tinydtls"])
+    uri = f"coaps://127.0.0.1:{server}"
+    ctx.client_credentials.load_from_dict(
+        {uri + "/*": {"dtls": {"psk": psk, "client-identity": identity.encode()}}}
+    )
+    start = time.monotonic()
+    try:
+        request = ctx.request(Message(code=GET, uri=uri + "/crl"))
+        response = await asyncio.wait_for(request.response, 6)
+        print(response.code.dotted, round(time.monotonic() - start, 2), flush=True)
+    except Exception as exc:
+        print("failed", type(exc).__name__, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_new_handshake_from_a_dead_peers_port_is_answered_at_once() -> None:
+    """A device killed with -9 leaves its session at the server; the OS gives its source port to
+    the next program, whose handshake must be answered at once, whatever identity it names.
+    Before: a handshake naming another identity failed at the PSK lookup after the client had
+    sent its last flight; the server dropped the old session and that flight, and the client's
+    retransmissions of it found no connection (a producer test's reader timed out, ~1 run in 5).
+    Now the new handshake's first hello goes through the gate's cookie exchange and replaces the
+    old connection."""
+    from aiocoap import Context, resource
+
+    from oscar_io.dtls import ConnectionGuard, IndexedCreds
+
+    class Crl(resource.Resource):
+        async def render_get(self, request: Any) -> Any:
+            from aiocoap import Message
+
+            return Message(payload=b"crl")
+
+    site = resource.Site()
+    site.add_resource(["crl"], Crl())
+    creds = IndexedCreds()
+    psks = {name: os.urandom(16) for name in ("dead-a", "reuser-b")}
+    for name, psk in psks.items():
+        creds.set_device(name, psk)
+    port = free_port()
+    ctx = await Context.create_server_context(
+        site, bind=("127.0.0.1", port - 1), transports=["tinydtls_server"],
+        server_credentials=creds,
+    )  # fmt: skip
+    guard = ConnectionGuard(ctx, cap=16)
+    local = free_port()
+
+    async def run_and_kill(identity: str) -> list[str]:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CLIENT_FROM_PORT, str(port), str(local), identity,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(psks[identity].hex().encode() + b"\n")
+        await child.stdin.drain()
+        try:
+            line = await asyncio.wait_for(child.stdout.readline(), 20)
+        finally:
+            child.kill()  # SIGKILL: no close_notify
+            await child.wait()
+        return line.decode().split()
+
+    try:
+        # dead-a, then reuser-b from the same port, then dead-a again (a restarted device).
+        for identity in ("dead-a", "reuser-b", "dead-a"):
+            answer = await run_and_kill(identity)
+            assert answer[0] == "2.05", (identity, answer)
+            # One HelloVerifyRequest more than a fresh port needs; no retransmission timeout
+            # (tinydtls's first is after 1 s).
+            assert float(answer[1]) < 0.9, (identity, answer)
+            assert ("127.0.0.1", local) in guard._pool._connections
+        assert guard.verified == 3
+    finally:
         guard.drain()
         guard.uninstall()
         await ctx.shutdown()
