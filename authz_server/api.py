@@ -81,6 +81,7 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedContentFormat",
+    "is_endpoint",
 ]
 
 log = logging.getLogger("oscar.as")
@@ -406,3 +407,8 @@ _ROUTES: dict[tuple[str, ...], dict[str, _Handler]] = {
     ("link",): {"GET": api_links.get_link},
     ("links",): {"GET": api_links.get_links},
 }
+
+
+def is_endpoint(method: str, path: tuple[str, ...]) -> bool:
+    """Whether ``method`` on ``path`` is one of the endpoints (for the metrics' labels)."""
+    return method in _ROUTES.get(path, {})

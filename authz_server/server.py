@@ -44,12 +44,14 @@ from typing import Any
 from aiocoap import Context
 
 from oscar_io.dtls import ConnectionGuard, IndexedCreds, label_of
+from oscar_io.metrics import MetricsServer, serve_metrics
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 
 from .api import (
     Endpoints,
 )
 from .ca import CertificateAuthority
+from .metrics import AsMetrics
 from .ratelimit import RateLimit
 from .retention import keep_audit
 from .site import AuthorizationSite
@@ -97,6 +99,10 @@ class ServeOptions:
             raise ValueError("audit_prune_every must be more than 0 and at most 86400 seconds")
 
 
+def _joined(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _wall_clock() -> int:
     return int(time.time())
 
@@ -104,7 +110,14 @@ def _wall_clock() -> int:
 class _Server:
     """The pieces of one running AS, and its background work."""
 
-    def __init__(self, store: Store, ca: CertificateAuthority, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        options: ServeOptions,
+        metrics: AsMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics
         self.raw_store = store
         self.store = store
         self.options = options
@@ -117,7 +130,7 @@ class _Server:
         )
         self.limit = RateLimit(options.rate, options.burst)
         self.creds = IndexedCreds()
-        self.site = AuthorizationSite(self.endpoints, self.limit, self._end_later)
+        self.site = AuthorizationSite(self.endpoints, self.limit, self._end_later, metrics=metrics)
         self.ctx: Any = None
         self.guard: ConnectionGuard | None = None
 
@@ -167,6 +180,10 @@ class _Server:
         for consumer_id, rotated in await self.store.expire_grants(now):
             log.info("grant of %s expired; rotated %s", consumer_id, ", ".join(rotated) or "none")
             done = True
+            if self.metrics is not None:
+                self.metrics.grants_expired.inc()
+                for resource_id in rotated:
+                    self.metrics.rotated(resource_id, "grant expired")
         for resource_id in await self.store.due_rotations(now):
             try:
                 epoch = await self.store.rotate_if_due(
@@ -182,9 +199,13 @@ class _Server:
                 continue
             done = True
             log.info("rotated %s to epoch %d (schedule)", resource_id, epoch)
+            if self.metrics is not None:
+                self.metrics.rotated(resource_id, "schedule")
         for resource_id, epoch in await self.store.destroy_expired(now, self.options.retention):
             log.info("destroyed epoch %d of %s (retention over)", epoch, resource_id)
             done = True
+            if self.metrics is not None:
+                self.metrics.destroyed.inc()
         return done
 
     async def watch(self) -> None:
@@ -204,6 +225,8 @@ class _Server:
                 if unavailable:
                     unavailable = False
                     log.info("the database is reachable again")
+                    if self.metrics is not None:
+                        self.metrics.database_up.set(value=1)
                     seen = -1  # whatever changed meanwhile: reload
                 if changes != seen:
                     seen = changes
@@ -218,6 +241,8 @@ class _Server:
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as exc:
+                if self.metrics is not None:
+                    self.metrics.database_up.set(value=0)
                 if not unavailable:
                     unavailable = True
                     log.warning(
@@ -239,6 +264,8 @@ async def serve(
     stop: asyncio.Event | None = None,
     tune_gc: bool = False,
     database: str | None = None,
+    metrics: tuple[str, int] | None = None,
+    per_resource_metrics: bool = False,
 ) -> None:
     """Serve the AS on ``coaps://host:port`` until ``stop`` is set or the task is cancelled.
 
@@ -252,15 +279,19 @@ async def serve(
     Raises ValueError for a port outside 2..65535 or an address aiocoap cannot bind (the any
     address), :class:`StoreError` for an unusable state directory, OSError if the port is taken.
     ``database``: the AS database's URL, if not the one the state directory records.
+    ``metrics``: (host, port) to serve Prometheus metrics on (:mod:`authz_server.metrics`), with
+    resource names in labels if ``per_resource_metrics``; RuntimeError without the ops extra.
     """
     if type(port) is not int or not 2 <= port <= 65535:
         raise ValueError("the DTLS port must be between 2 and 65535")
     store = await Store.open(Path(state_dir), database=database)
     server: _Server | None = None
     tasks: list[asyncio.Task[None]] = []
+    exporter: MetricsServer | None = None
     try:
         ca = await CertificateAuthority.load(store)
-        server = _Server(store, ca, options)
+        as_metrics = None if metrics is None else AsMetrics(per_resource=per_resource_metrics)
+        server = _Server(store, ca, options, as_metrics)
         await server.reload_credentials(initial=True)
         # tinydtls_server serves DTLS on the bind port + 1 and binds nothing on the bind port.
         ensure_port_free(host, port)
@@ -274,6 +305,10 @@ async def serve(
         server.guard = ConnectionGuard(
             server.ctx, cap=options.max_connections, pinned=server.site.has_observation
         )
+        if metrics is not None and as_metrics is not None:
+            as_metrics.watch(server.guard, server.creds, server.site)
+            exporter = await serve_metrics(as_metrics.metrics, *metrics)
+            log.info("metrics at http://%s/metrics", _joined(exporter.host, exporter.port))
         tasks = [
             asyncio.create_task(server.guard.run(), name="oscar-as connection guard"),
             asyncio.create_task(server.watch(), name="oscar-as watcher"),
@@ -298,6 +333,8 @@ async def serve(
         else:
             await stop.wait()
     finally:
+        if exporter is not None:
+            await exporter.close()
         for task in tasks:
             task.cancel()
         for task in tasks:

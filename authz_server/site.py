@@ -30,6 +30,7 @@ from .api import (
     TooManyRequests,
     Unauthorized,
 )
+from .metrics import AsMetrics, endpoint_label
 from .ratelimit import RateLimit
 from .store import DatabaseUnavailable
 
@@ -48,8 +49,10 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
         limit: RateLimit,
         on_unauthorized: Callable[[str], None],
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: AsMetrics | None = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics
         self.endpoints = endpoints
         self.limit = limit
         self._on_unauthorized = on_unauthorized
@@ -90,7 +93,11 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
             if len(request.payload) + (block1.start if block1 else 0) > MAX_PAYLOAD:
                 raise RequestTooLarge()
         except ApiError as exc:
-            pipe.add_response(exc.to_message(), is_last=True)
+            answer = exc.to_message()
+            if self.metrics is not None:
+                label = endpoint_label(request.code.name, tuple(request.opt.uri_path))
+                self.metrics.request(label, answer.code.dotted)
+            pipe.add_response(answer, is_last=True)
             return
         mark_established(request.remote)
         if (
@@ -103,6 +110,15 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
             await interfaces.Resource._render_to_pipe(self, pipe)
 
     async def render(self, request: Message) -> Message:
+        if self.metrics is None:
+            return await self._render(request)
+        start = time.perf_counter()
+        answer = await self._render(request)
+        label = endpoint_label(request.code.name, tuple(request.opt.uri_path))
+        self.metrics.request(label, answer.code.dotted, time.perf_counter() - start)
+        return answer
+
+    async def _render(self, request: Message) -> Message:
         device = self.identity(request.remote)
         content_format = request.opt.content_format
         api_request = Request(
@@ -188,4 +204,6 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
                     observation.trigger()
         if changed:
             log.info("notified key observers of %s", ", ".join(changed))
+            if self.metrics is not None:
+                self.metrics.notifications.inc(amount=len(changed))
         return changed

@@ -63,6 +63,10 @@ PROCESS: dict[str, Starts] = {
     "test_as_failover": every(),
     "test_as_storm": every(),
     "test_as_failover_roles": every(),
+    "test_as_metrics": only(
+        "test_the_as_counts_its_requests_by_endpoint_and_outcome_and_its_sessions",
+        "test_a_bad_or_taken_metrics_address_is_one_line_before_anything_starts",
+    ),
     "test_as_flood": only(
         "test_a_new_handshake_from_a_dead_peers_port_is_answered_at_once",
         "test_a_hello_from_a_new_port_gets_a_stateless_cookie_and_junk_gets_nothing",

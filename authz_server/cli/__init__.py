@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
         positive(float),
         "how often to apply --audit-retention, in seconds (at most 86400)",
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; needs the ops "
+        "extra; plain HTTP: loopback or a management network)",
+    )
+    serve.add_argument(
+        "--metrics-per-resource",
+        action="store_true",
+        default=None,
+        help="label per-resource metrics with resource names (default: off)",
+    )
     add_logging_arguments(serve, default=None)
     for action in serve._actions:  # the one flag without a value: say what its absence means
         if action.dest == "log_json" and action.help and "default" not in action.help:

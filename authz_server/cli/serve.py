@@ -16,6 +16,7 @@ import os
 import signal
 
 from oscar_io.clikit import configure_logging, fail, read_toml
+from oscar_io.metrics import MetricsUnavailable, check_metrics_address
 from oscar_io.ports import PortInUse, ensure_port_free, parse_listen
 
 from ..store import Store
@@ -41,15 +42,28 @@ def listen_arg(text: str) -> tuple[str, int]:
     return host, port
 
 
+def metrics_arg(text: str | None) -> tuple[str, int] | None:
+    """``--metrics HOST:PORT`` (None: off)."""
+    if text is None:
+        return None
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise UsageError(f"--metrics: {exc}") from None
+
+
 def cmd_serve(args: argparse.Namespace, now: int) -> int:
     """Run the AS: CoAP over DTLS-PSK on HOST:PORT (the DTLS port; a specific address, not the
     any-address). SIGTERM or SIGINT stops it cleanly (exit status 0). Logs go to stderr.
     """
     apply_serve_config(args)
     host, port = listen_arg(args.listen)
+    metrics = metrics_arg(args.metrics)
     try:  # before anything else (no database opened): exit 1, so that systemd tries again
         ensure_port_free(host, port)
-    except PortInUse as exc:
+        if metrics is not None:
+            check_metrics_address(*metrics)
+    except (PortInUse, MetricsUnavailable) as exc:
         return fail(f"{PROG} serve", str(exc), 1)
     # A missing or unreadable state directory is a one-line error before anything starts.
     asyncio.run(with_store(args.state, _nothing, args.database))
@@ -69,7 +83,15 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
             loop.add_signal_handler(signum, stop.set)
         try:
             await serve(
-                args.state, host, port, options, stop=stop, tune_gc=True, database=args.database
+                args.state,
+                host,
+                port,
+                options,
+                stop=stop,
+                tune_gc=True,
+                database=args.database,
+                metrics=metrics,
+                per_resource_metrics=bool(args.metrics_per_resource),
             )
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +135,8 @@ SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "audit_prune_every": (int, float),
     "log_level": str,
     "log_json": bool,
+    "metrics": str,
+    "metrics_per_resource": bool,
 }
 
 
@@ -127,8 +151,8 @@ def apply_serve_config(args: argparse.Namespace) -> None:
             kind = SERVE_KEYS[key]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise UsageError(f"{args.config}: {key} has the wrong type")
-            if key == "log_json":
-                args.log_json = args.log_json or value
+            if key in ("log_json", "metrics_per_resource"):
+                setattr(args, key, bool(getattr(args, key)) or value)
             elif getattr(args, key) is None:
                 if key == "state":
                     value = args.config.parent / os.path.expanduser(str(value))  # ~user: as is
