@@ -47,6 +47,7 @@ from oscar_io.clikit import (
 )
 from oscar_io.dtls import IndexedCreds, end_sessions, label_of
 from oscar_io.errors import AsError, BundleError, StateError
+from oscar_io.metrics import MetricsServer, MetricsUnavailable, check_metrics_address, serve_metrics
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 from oscar_io.tasks import stop_tasks
 
@@ -57,9 +58,11 @@ from .config import (
     config_from_mapping,
     load_config,
     parse_listen,
+    parse_metrics,
 )
 from .config import parse_reverse as _parse_reverse
 from .core import Proxy
+from .metrics import proxy_metrics
 from .statsock import StatsUnavailable, close_stats, ensure_state_free, read_stats, serve_stats
 
 PROG = "oscar-proxy"
@@ -94,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the cluster store's password (first line), kept out of the URL",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; ops extra)",
+    )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
     add_logging_arguments(parser)
@@ -120,6 +128,7 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "dtls": False if args.no_dtls else None,
         "cluster": check_cluster_url(args.cluster) if args.cluster is not None else None,
         "cluster_password_file": args.cluster_password_file,
+        "metrics": parse_metrics(args.metrics) if args.metrics is not None else None,
     }
     if args.config is not None:
         return load_config(args.config, **overrides)
@@ -140,6 +149,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     for each in ports:  # before any work: a port in use changes no state
         ensure_port_free(host, each)
     ensure_state_free(config.state)  # nor a state directory another proxy uses
+    if config.metrics is not None:
+        check_metrics_address(*config.metrics)
     proxy = Proxy(config)
     proxy.open()
     try:
@@ -152,6 +163,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
     ctx = None
     stats: asyncio.Server | None = None
+    exporter: MetricsServer | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
         ctx = await Context.create_server_context(
@@ -165,6 +177,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
             stats = await serve_stats(config.state, proxy.counters)
         except OSError as exc:  # the proxy serves without: its counters stay at the CoAP endpoint
             log.warning("no live counters for oscar-proxy stats: %s", exc.strerror or exc)
+        if config.metrics is not None:
+            exporter = await serve_metrics(proxy_metrics(proxy.counters), *config.metrics)
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host
@@ -176,6 +190,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await stop_tasks(tasks)
+        if exporter is not None:
+            await exporter.close()
         close_stats(config.state, stats)
         if ctx is not None:
             await ctx.shutdown()
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
-    except (BundleError, StateError) as exc:
+    except (BundleError, StateError, MetricsUnavailable) as exc:
         return fail(PROG, f"cannot start: {exc}", 1)
     except OSError as exc:
         return fail(PROG, f"cannot start: {exc.strerror or exc}", 1)

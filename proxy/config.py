@@ -57,6 +57,7 @@ __all__ = [
     "check_cluster_url",
     "load_config",
     "parse_listen",
+    "parse_metrics",
     "parse_reverse",
 ]
 
@@ -116,6 +117,8 @@ class ProxyConfig:
     #: A file whose first line is the cluster store's password (kept out of the URL, so out of
     #: a world-readable configuration and of ``ps``); read at start (:meth:`cluster_password`).
     cluster_password_file: Path | None = None
+    #: Where to serve Prometheus metrics (``metrics = "HOST:PORT"``); None: nowhere.
+    metrics: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         shown = None if self.cluster is None else redacted(self.cluster)
@@ -227,6 +230,16 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ConfigError(str(exc)) from None
 
 
+def parse_metrics(text: object, where: str = "metrics") -> tuple[str, int]:
+    """``metrics = "HOST:PORT"`` (``--metrics``): where Prometheus scrapes the proxy."""
+    if not isinstance(text, str):
+        raise ConfigError(f'{where}: metrics is "HOST:PORT"')
+    try:
+        return ports.parse_listen(text)
+    except ValueError as exc:
+        raise ConfigError(f"metrics: {exc}") from None
+
+
 def parse_reverse(text: str) -> tuple[str, str]:
     """``PREFIX=coap://HOST:PORT``: requests for /PREFIX/REST go to coap://HOST:PORT/PREFIX/REST."""
     prefix, sep, uri = text.partition("=")
@@ -266,6 +279,7 @@ def config_from_mapping(
         "limits",
         "cluster",
         "cluster_password_file",
+        "metrics",
     }
     unknown = set(doc) - known
     if unknown:
@@ -297,6 +311,8 @@ def config_from_mapping(
         values["cluster_password_file"] = resolve(
             doc["cluster_password_file"], "cluster_password_file"
         )
+    if "metrics" in doc:
+        values["metrics"] = parse_metrics(doc["metrics"], where)
     reverse = doc.get("reverse", {})
     if not isinstance(reverse, dict) or not all(isinstance(v, str) for v in reverse.values()):
         raise ConfigError(f'{where}: [reverse] maps "PREFIX" = "coap://HOST:PORT"')

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
+import socket
 import sqlite3
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,7 @@ class World:
     plaintexts: list[bytes] = field(default_factory=list)
     objects: list[bytes] = field(default_factory=list)
     _seq: int = 100
+    metrics_port: int = 0
 
     def seal(
         self,
@@ -189,7 +193,11 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     standin = await StandIn().start()
     sensor_key, other_key, keys, links = await _devices(root)
     config = root / "proxy.toml"
-    config.write_text("[limits]\nupstream_timeout = 1.0\nupstream_backoff = 1.0\n")
+    metrics_port = free_tcp_port()
+    config.write_text(
+        f'metrics = "127.0.0.1:{metrics_port}"\n'
+        "[limits]\nupstream_timeout = 1.0\nupstream_backoff = 1.0\n"
+    )
     proxy = ProxyProcess(
         root / f"{PROXY_ID}.json",
         root / "proxy-state",
@@ -202,7 +210,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     )
     world = World(
         root, d, producer, relay, standin, proxy, sensor_key, other_key, keys, links,
-        root / "warm", files,
+        root / "warm", files, metrics_port=metrics_port,
     )  # fmt: skip
     try:
         await asyncio.to_thread(wait_until, lambda: producer.log().count("now sealing") >= 2, 20)
@@ -664,6 +672,50 @@ async def test_counters_from_the_cli_and_from_loopback(world: World) -> None:
     counted = {row[0]: int(row[1]) for row in rows}["echo_challenges"]
     assert counted == live["echo_challenges"] + 1
     assert not (world.proxy.state / "stats.json").exists()  # nothing rewritten every second
+
+
+async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> None:
+    """``metrics = "HOST:PORT"`` in the TOML file: the counters as Prometheus families, each
+    between the values ``/.well-known/oscar-stats`` showed just before and just after."""
+    before = await stats(world)
+    async with Consumer(world.root / "c1.json", world.warm) as reader:
+        await reader.get(world.proxy.uri("meter/power"))  # a hit or a miss: counted either way
+    text = await asyncio.to_thread(_scrape, world.metrics_port)
+    after = await stats(world)
+
+    def series(name: str) -> float:
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in the scrape"
+        return float(match.group(1))
+
+    pairs = {
+        "oscar_proxy_cache_misses_total": "misses",
+        "oscar_proxy_upstream_fetches_total": "upstream_requests",
+        "oscar_proxy_objects_rejected_total": "rejected",
+        "oscar_proxy_echo_challenges_total": "echo_challenges",
+        'oscar_proxy_publications_total{outcome="accepted"}': "published",
+        'oscar_proxy_publications_total{outcome="refused"}': "publish_refused",
+        'oscar_proxy_cache_entries{tier="disk"}': "disk_entries",
+    }
+    for name, key in pairs.items():
+        assert before[key] <= series(name) <= after[key], (name, before[key], after[key])
+    hits = series('oscar_proxy_cache_hits_total{path="fast"}')
+    hits += series('oscar_proxy_cache_hits_total{path="slow"}')
+    assert before["hits"] <= hits <= after["hits"]
+    assert after["hits"] + after["misses"] > before["hits"] + before["misses"]  # the read above
+    assert series("process_open_fds") > 0
+    assert "meter" not in text and "sensor" not in text  # no resource name in a label
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # --- nothing readable in the proxy's files or log ----------------------------------------------

@@ -108,3 +108,14 @@ def test_the_block_window_is_a_limit_from_1_to_64(tmp_path: Path) -> None:
         doc["limits"] = {"block_window": bad}
         with pytest.raises(ConfigError, match="block_window"):
             config_from_mapping(doc, base=tmp_path)
+
+
+def test_the_metrics_address_is_host_and_port(tmp_path: Path) -> None:
+    doc: dict[str, object] = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683"}
+    assert config_from_mapping(doc, base=tmp_path).metrics is None
+    doc["metrics"] = "[::1]:9464"
+    assert config_from_mapping(doc, base=tmp_path).metrics == ("::1", 9464)
+    for bad in ("9464", "localhost:", "127.0.0.1:70000", 9464):
+        doc["metrics"] = bad
+        with pytest.raises(ConfigError, match="metrics"):
+            config_from_mapping(doc, base=tmp_path)
