@@ -38,6 +38,7 @@ from oscar_io.clikit import (
     parse_args,
 )
 from oscar_io.errors import BundleError, StateError
+from oscar_io.metrics import MetricsServer, MetricsUnavailable, check_metrics_address, serve_metrics
 from oscar_io.ports import ensure_port_free
 
 from .config import (
@@ -171,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Observe registrations held at once from one IP address "
         f"(default: the configuration file's, else {_CONFIG.max_observers_per_address})",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; ops extra; "
+        "default: the configuration file's, else off)",
+    )
+    parser.add_argument(
+        "--metrics-per-resource",
+        action="store_true",
+        default=None,
+        help="label per-resource metrics with resource ids (default: off)",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -207,6 +220,8 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
         "key_algorithm": args.key_algorithm,
         "max_observers": args.max_observers,
         "max_observers_per_address": args.max_observers_per_address,
+        "metrics": parse_listen(args.metrics, what="--metrics") if args.metrics else None,
+        "metrics_per_resource": args.metrics_per_resource,
         "resources": specs,
         "publish": publish,
     }
@@ -224,9 +239,17 @@ async def run(config: ProducerConfig) -> None:
     quiet_undecodable_datagrams(loop, log)
     if config.listen is not None:  # before any work: a port in use changes no state
         ensure_port_free(*config.listen)
+    if config.metrics is not None:
+        check_metrics_address(*config.metrics)
     producer = Producer(config)
+    exporter: MetricsServer | None = None
     try:
         await producer.start()
+        if config.metrics is not None:
+            from .metrics import producer_metrics
+
+            metrics = producer_metrics(producer, per_resource=config.metrics_per_resource)
+            exporter = await serve_metrics(metrics, *config.metrics)
         log.info(
             "producer %s ready: %s",
             producer.device_id,
@@ -234,6 +257,8 @@ async def run(config: ProducerConfig) -> None:
         )
         await stop.wait()
     finally:
+        if exporter is not None:
+            await exporter.close()
         await producer.stop()
 
 
@@ -248,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
         asyncio.run(run(config))
-    except (BundleError, StateError, ProducerError) as exc:
+    except (BundleError, StateError, ProducerError, MetricsUnavailable) as exc:
         return fail(PROG, f"cannot start: {exc}", 1)
     except OSError as exc:
         return fail(PROG, f"cannot start: {exc.strerror or exc}", 1)

@@ -190,6 +190,10 @@ class ProducerConfig:
     #: 9 KiB; see producer.observers). 0 serves no observers.
     max_observers: int = 256
     max_observers_per_address: int = 16
+    #: Where to serve Prometheus metrics (``metrics = "HOST:PORT"``), None: nowhere; and
+    #: whether resource ids label the per-resource families (``metrics_per_resource``).
+    metrics: tuple[str, int] | None = None
+    metrics_per_resource: bool = False
 
     def __post_init__(self) -> None:
         if self.key_algorithm not in ("ES256", "EdDSA"):
@@ -213,13 +217,14 @@ class ProducerConfig:
         _uint(self.max_observers_per_address, MAX_OBSERVERS, "max_observers_per_address")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, *, what: str = "") -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``, the port 1 to 65535, into (host, port)
-    (:func:`oscar_io.ports.parse_listen`); :class:`ConfigError` otherwise."""
+    (:func:`oscar_io.ports.parse_listen`); :class:`ConfigError` otherwise (its message starting
+    with ``what:`` if given)."""
     try:
         return ports.parse_listen(text, lowest=1, highest=65535)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{what}: {exc}" if what else str(exc)) from None
 
 
 def _uint(value: object, maximum: int, what: str) -> None:
@@ -237,6 +242,8 @@ _TOP = {
     "sequence_window",
     "max_observers",
     "max_observers_per_address",
+    "metrics",
+    "metrics_per_resource",
 }
 _RESOURCE = {
     "path",
@@ -326,6 +333,14 @@ def config_from_mapping(
     }
     if "listen" in doc and not isinstance(doc["listen"], str):
         raise ConfigError(f'{where}: listen is "HOST:PORT"')
+    if "metrics" in doc:
+        if not isinstance(doc["metrics"], str):
+            raise ConfigError(f'{where}: metrics is "HOST:PORT"')
+        values["metrics"] = parse_listen(doc["metrics"], what="metrics")
+    if "metrics_per_resource" in doc:
+        if not isinstance(doc["metrics_per_resource"], bool):
+            raise ConfigError(f"{where}: metrics_per_resource is true or false")
+        values["metrics_per_resource"] = doc["metrics_per_resource"]
     for key in ("key_algorithm", "sequence_window", "max_observers", "max_observers_per_address"):
         if key in doc:
             values[key] = doc[key]

@@ -75,6 +75,8 @@ class Producer:
         self.resources: dict[str, Published] = {}
         self.as_client: AsClient | None = None
         self.server: Any = None
+        #: The observers' bounds and counts (None when serving nothing).
+        self.observer_limits: Any = None
         self._publisher: Any = None
         self._files: dict[str, FileSource] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,6 +88,11 @@ class Producer:
 
     def now(self) -> int:
         return int(self._clock())
+
+    @property
+    def publisher(self) -> Any:
+        """The publisher to proxies (:mod:`producer.publish`), or None."""
+        return self._publisher
 
     @property
     def sequence_window(self) -> int:
@@ -139,6 +146,7 @@ class Producer:
             from .server import serve
 
             limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
+            self.observer_limits = limits
             self.server = await serve(
                 self.device_id, self.resources.values(), *config.listen, limits
             )

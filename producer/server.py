@@ -109,6 +109,8 @@ class ProducerContext(Context):  # type: ignore[misc]
     """aiocoap's server context, with the fast path in front of it (None when left out)."""
 
     fast_path: FastPath | None = None
+    #: The served resources by their Uri-Path segments (their request counts: the metrics').
+    routes: dict[tuple[bytes, ...], ObjectResource] = {}  # noqa: RUF012 (set per instance)
 
 
 def build_site(
@@ -152,6 +154,7 @@ async def serve(
     except PortInUse:
         await context.shutdown()
         raise
+    context.routes = routes
     duplicates.bound(context)  # a flood of requests costs at most LIMIT entries of memory
     if os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
         fast_path = FastPath(routes)

@@ -37,6 +37,7 @@ class SequenceFile:
         self._sealed = sealed
         doc = sealed.load()
         self._doc: dict[str, Any] = {} if doc is None else _check_sequence_doc(doc, sealed.path)
+        self.saves = 0
 
     def __repr__(self) -> str:
         return f"SequenceFile({str(self._sealed.path)!r})"
@@ -67,6 +68,10 @@ class SequenceFile:
         return None if limit is None else int(limit)
 
     def save(self, resource_id: str, epoch: int, limit: int) -> None:
+        self._save(resource_id, epoch, limit)
+        self.saves += 1  # a window reserved, durably (the metrics' sequence_windows_saved)
+
+    def _save(self, resource_id: str, epoch: int, limit: int) -> None:
         entry = self._doc.setdefault(resource_id, {"floor": 0, "limits": {}})
         if epoch < entry["floor"]:
             raise ValueError("epoch below the floor")

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; ops extra)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; ops extra; "
+        "default: the configuration file's, else off)",
     )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")

@@ -6,10 +6,12 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,6 +166,83 @@ async def test_observers_are_notified_of_each_new_value(
             seen.append((await opener.open(notification.payload, rid)).plaintext)
         assert seen == [b"1", b"2", b"3"]
         request.observation.cancel()
+    finally:
+        await ctx.shutdown()
+        producer.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_metrics_endpoint_counts_requests_seals_windows_and_observers(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """``--metrics HOST:PORT``: the figures of the running producer, each checked for its value
+    after a known number of GETs, new values and one observation."""
+    device_id, bundle = new_producer(deployment)
+    value = tmp_path / "level"
+    value.write_bytes(b"1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    producer = ProducerProcess(
+        bundle, tmp_path / "p", "--resource", f"level={value}", "--interval", "0.05",
+        "--metrics", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    producer.start()
+    rid = f"{device_id}/level"
+
+    def scrape(per_resource: bool = False) -> dict[str, float]:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+        assert (device_id in text) == per_resource  # resource ids only when asked for
+        return {
+            line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    ctx = await Context.create_client_context()
+    try:
+        wait_until(lambda: "now sealing" in producer.log())
+        for _ in range(5):
+            assert (await coap_get(producer.uri(rid))).code == Code.CONTENT
+        first = await asyncio.to_thread(scrape)
+        assert first['oscar_producer_requests_total{path="fast"}'] == 5
+        assert first['oscar_producer_requests_total{path="slow"}'] == 0
+        assert first["oscar_producer_objects_sealed_total"] == 1
+        assert first["oscar_producer_seal_seconds_count"] == 1
+        assert first["oscar_producer_sequence_windows_saved_total"] == 1
+        assert first["oscar_producer_resources_unsealable"] == 0
+        assert first["oscar_producer_observers"] == 0
+        request = ctx.request(Message(code=GET, uri=producer.uri(rid), observe=0))
+        await asyncio.wait_for(request.response, 10)  # through aiocoap: a slow-path request
+        notifications = aiter(request.observation)
+        await asyncio.wait_for(anext(notifications), 10)  # the confirming notification
+        for new in (b"2", b"3"):
+            write_atomic(value, new)
+            await asyncio.wait_for(anext(notifications), 10)
+        then = await asyncio.to_thread(scrape)
+        assert then["oscar_producer_objects_sealed_total"] == 3
+        assert then["oscar_producer_seal_seconds_count"] == 3
+        assert then["oscar_producer_observers"] == 1
+        assert then["oscar_producer_notifications_total"] >= 3
+        assert then['oscar_producer_requests_total{path="fast"}'] == 5
+        assert then['oscar_producer_requests_total{path="slow"}'] >= 1
+        request.observation.cancel()
+        producer.stop()
+        # Per-resource labels, asked for: the same producer started again.
+        producer = ProducerProcess(
+            bundle, tmp_path / "p", "--resource", f"level={value}", "--interval", "0.05",
+            "--metrics", f"127.0.0.1:{port}", "--metrics-per-resource", port=producer.port,
+        )  # fmt: skip
+        producer.start()
+        wait_until(lambda: "now sealing" in producer.log())
+        for _ in range(2):
+            assert (await coap_get(producer.uri(rid))).code == Code.CONTENT
+        named = await asyncio.to_thread(scrape, True)
+        assert named[f'oscar_producer_resource_requests_total{{resource="{rid}"}}'] == 2
+        assert named[f'oscar_producer_objects_sealed_total{{resource="{rid}"}}'] == 1
+        assert named[f'oscar_producer_seal_seconds_count{{resource="{rid}"}}'] == 1
     finally:
         await ctx.shutdown()
         producer.stop()

@@ -41,3 +41,15 @@ def test_the_config_file_says_the_same(tmp_path: Path) -> None:
         config_from_mapping(doc, base=tmp_path)
     doc["listen"] = "[::1]:5683"
     assert config_from_mapping(doc, base=tmp_path).listen == ("::1", 5683)
+
+
+def test_the_metrics_settings(tmp_path: Path) -> None:
+    doc: dict[str, object] = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683"}
+    config = config_from_mapping(doc, base=tmp_path)
+    assert config.metrics is None and config.metrics_per_resource is False
+    doc |= {"metrics": "127.0.0.1:9466", "metrics_per_resource": True}
+    config = config_from_mapping(doc, base=tmp_path)
+    assert config.metrics == ("127.0.0.1", 9466) and config.metrics_per_resource is True
+    for key, bad in (("metrics", "9466"), ("metrics", 9466), ("metrics_per_resource", "yes")):
+        with pytest.raises(ConfigError, match=key):
+            config_from_mapping({**doc, key: bad}, base=tmp_path)
