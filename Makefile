@@ -74,13 +74,14 @@ $(STAMP): pyproject.toml | deps
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The demo needs the project and the AS extra only; a venv made for the tests has them too.
+# The demo needs the project, the AS extra and ops (the daemons serve --metrics); a venv made for
+# the tests has them too.
 .stamp-demo: pyproject.toml | deps
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "error: $(PY) is older than Python 3.11 (tomllib); run make PY=python3.X" >&2; exit 1; }
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[as]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[as,ops]'
 	touch $@
 
 demo: .stamp-demo

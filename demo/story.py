@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .children import installed, lines, write_atomic
-from .system import Child, LocalSystem, free_port, free_port_pair, tail
+from .system import Child, LocalSystem, free_port, free_port_pair, free_tcp_port, tail
 from .view import LiveLog, StepFailed
 
 __all__ = ["Story"]
@@ -75,6 +75,8 @@ class Story:
         self.as_port = free_port()
         self.proxy_port = free_port_pair()
         self.meter_port = free_port()
+        #: Where each daemon serves its Prometheus metrics (``--metrics``).
+        self.metrics_ports = {name: free_tcp_port() for name in ("as", PROXY, "meter-1")}
         self.meter_value = system.path("meter-1-power.txt")
         self.sleeper_value = system.path("sleeper-1-reading.txt")
         self.as_server: Child | None = None
@@ -225,21 +227,21 @@ class Story:
             self.as_server = system.spawn(
                 "as", "authz_server", "serve", "--state", str(system.path("as")),
                 "--listen", f"{HOST}:{self.as_port}", "--min-rotation-period", "1",
-                "--tick", "0.2", ready="serving coaps://", stop_last=True,
+                "--tick", "0.2", *self.metrics("as"), ready="serving coaps://", stop_last=True,
             )  # fmt: skip
             step.done(f"AS serving {self.as_uri} (pid {self.as_server.process.pid})")
         # the proxy and the meter start side by side; the sleeper needs the proxy
         self.proxy = system.start(
             PROXY, "proxy", "--bundle", str(self.bundle(PROXY)), "--state", str(self.state(PROXY)),
             "--listen", f"{HOST}:{self.proxy_port}",
-            "--reverse", f"meter-1=coap://{HOST}:{self.meter_port}",
+            "--reverse", f"meter-1=coap://{HOST}:{self.meter_port}", *self.metrics(PROXY),
         )  # fmt: skip
         self.meter_value.write_text("230.4 W")
         self.meter = system.start(
             "meter-1", "producer", "--bundle", str(self.bundle("meter-1")),
             "--state", str(self.state("meter-1")), "--listen", f"{HOST}:{self.meter_port}",
             "--resource", f"power={self.meter_value}", "--rotation-period", str(ROTATION_PERIOD),
-            "--max-age", "2", "--interval", "0.1",
+            "--max-age", "2", "--interval", "0.1", *self.metrics("meter-1"),
         )  # fmt: skip
         with log.step("starting the proxy") as step:
             text = system.wait_for(self.proxy, "link keys of")
@@ -415,6 +417,21 @@ class Story:
             step.done("proxy stats: " + ", ".join(f"{k} {stats.get(k, '?')}" for k in keys))
 
     # --- exploring ----------------------------------------------------------------------------
+
+    def metrics(self, name: str) -> tuple[str, str]:
+        """The ``--metrics`` flag of one daemon."""
+        return "--metrics", f"{HOST}:{self.metrics_ports[name]}"
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """Where the running system serves operators: (what, URL)."""
+        return [
+            (f"{who} metrics (Prometheus text)", f"http://{HOST}:{port}/metrics")
+            for who, port in (
+                ("the AS's", self.metrics_ports["as"]),
+                (f"proxy {PROXY}'s", self.metrics_ports[PROXY]),
+                ("producer meter-1's", self.metrics_ports["meter-1"]),
+            )
+        ]
 
     def commands(self) -> list[tuple[str, str]]:
         """Shell commands to try on the running system: (what it shows, the command), each with

@@ -61,6 +61,14 @@ def free_port() -> int:
             return port
 
 
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel's pick): for ``--metrics``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
 def free_port_pair() -> int:
     """A UDP port P on 127.0.0.1 such that P and P + 1 are both free now (plain CoAP and DTLS)."""
     while True:

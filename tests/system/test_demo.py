@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from as_harness import ROOT
@@ -52,7 +53,7 @@ ENTRY_POINTS = {"oscar-as", "oscar-consumer", "oscar-producer", "oscar-proxy", "
 
 def printed_commands(out: str) -> list[list[str]]:
     """The commands ``--keep-running`` prints to try (those of OSCAR; not ``echo``)."""
-    block = out.split("Try, from another shell:", 1)[1].split("\nrunning: ", 1)[0]
+    block = out.split("Try, from another shell:", 1)[1].split("\nFor operators", 1)[0]
     commands = []
     for line in block.splitlines():
         if line.startswith("  ") and not line.startswith("  #"):
@@ -91,6 +92,16 @@ def test_the_demo_runs_every_step_and_leaves_nothing_behind() -> None:
                 ["bash", "-c", shlex.join(argv)], capture_output=True, text=True, timeout=60
             )
             assert done.returncode == 0, (argv, done.stderr)
+        # Where the metrics are: each answers with its daemon's families.
+        urls = re.findall(
+            r"^  (.+) metrics \(Prometheus text\): (http://\S+)$", "".join(lines), re.M
+        )
+        assert [who for who, _ in urls] == ["the AS's", "proxy cloud-1's", "producer meter-1's"]
+        for (_, url), prefix in zip(
+            urls, ("oscar_as_", "oscar_proxy_", "oscar_producer_"), strict=True
+        ):
+            with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 (http only)
+                assert f"\n{prefix}" in answer.read().decode(), url
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=30)
     finally:
