@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from oscar.errors import InvalidObject
-from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, DEFAULT_MAX_OBJECT_SIZE, Reading
+from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, ObjectMetadata, Reading
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
 from oscar_io.blockwise import DEFAULT_WINDOW, check_window
@@ -53,15 +53,19 @@ from oscar_io.trust import Trust
 from .coap import Exchange, assemble, cache_fresh_in, cancel
 from .errors import StaleCopy
 from .pipeline import Pipeline
+from .spool import Assembly, Output
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .target import Target, parse_target
 
-__all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
+__all__ = ["DEFAULT_MAX_OBJECT_SIZE", "DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
 log = logging.getLogger("oscar.consumer")
 
 #: Seconds to wait for a CoAP or AS response.
 DEFAULT_TIMEOUT = 10.0
+#: The largest object a consumer takes by default: 64 MiB (a large one is read as it arrives,
+#: in bounded memory: :mod:`consumer.spool`).
+DEFAULT_MAX_OBJECT_SIZE = 64 << 20
 
 #: Called with each rejected notification of an observation (the observation goes on).
 RejectHandler = Callable[[InvalidObject], None]
@@ -274,16 +278,67 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        exchange = await self._request(target, observe=False)
-        response = await self._assembled(exchange, exchange.response, target)
+        return await self._get(target, on_stale, None)
+
+    async def get_file(
+        self,
+        uri: str,
+        path: str | os.PathLike[str],
+        *,
+        resource: str | None = None,
+        proxy: str | None = None,
+        on_stale: StaleHandler | None = None,
+    ) -> ObjectMetadata:
+        """:meth:`get` with the plaintext written to the file ``path`` (mode 0600), in bounded
+        memory however large the object (:mod:`consumer.spool`): the file appears, whole, only
+        once every check has passed, the signature and the AEAD tag included; a refused object
+        leaves it as it was. Returns the reading's metadata; raises what :meth:`get` raises, and
+        OSError when the file cannot be written."""
+        target = parse_target(uri, resource=resource, proxy=proxy)
+        await self.start()
+        output = Output(path)
         try:
-            return await self.open_object(self._payload(response, target), target.resource_id)
-        except StaleCopy as stale:
+            metadata = (await self._get(target, on_stale, output)).metadata
+            output.commit()
+        finally:
+            output.discard()
+        return metadata
+
+    async def _get(
+        self, target: Target, on_stale: StaleHandler | None, output: Output | None
+    ) -> Reading:
+        """The reading of the target's current object. An object over the spool threshold is
+        read as it arrives (:class:`~consumer.spool.Assembly`) and opened in pieces into
+        ``output`` (the reading's plaintext is then empty) or, without one, into memory."""
+        exchange = await self._request(target, observe=False)
+        assembly = Assembly(max_size=self.max_object_size, directory=self.store.directory)
+        try:
+            response = await self._assembled(exchange, exchange.response, target, assembly.feed)
+            self._payload(response, target)  # the code and content format
             try:
-                return await self._stale_answer(stale, response, target, on_stale)
-            except StaleCopy:
-                log.info("%s", stale.describe())  # raised to the caller: a trace, not a warning
-                raise
+                if not assembly.spilled:
+                    reading = await self.open_object(assembly.data, target.resource_id)
+                else:
+                    obj = assembly.finish()
+                    plaintext = bytearray()
+                    metadata = await self.pipeline.open_stream(
+                        obj,
+                        target.resource_id,
+                        assembly.ciphertext(obj),
+                        plaintext.extend if output is None else output.write,
+                    )
+                    return Reading(bytes(plaintext), metadata)
+            except StaleCopy as stale:
+                try:
+                    reading = await self._stale_answer(stale, response, target, on_stale)
+                except StaleCopy:
+                    log.info("%s", stale.describe())  # raised to the caller: a trace
+                    raise
+        finally:
+            assembly.close()
+        if output is not None:
+            output.write(reading.plaintext)
+        return reading
 
     async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -307,15 +362,27 @@ class Consumer:
             self._dtls_connections[str(target.proxy)] = response.remote
         return Exchange(context, message, request, response)
 
-    async def _assembled(self, exchange: Exchange, first: Any, target: Target) -> Any:
+    async def _assembled(
+        self,
+        exchange: Exchange,
+        first: Any,
+        target: Target,
+        sink: Callable[[bytes], object] | None = None,
+    ) -> Any:
         """The whole response whose first block is ``first`` (:func:`consumer.coap.assemble`,
-        within :attr:`max_object_size`)."""
+        within :attr:`max_object_size`), its payload handed to ``sink`` if given."""
 
         async def respond(awaitable: Any) -> Any:
             return await self._response(awaitable, target)
 
         return await assemble(
-            exchange, first, target.peer, self.max_object_size, respond, window=self.block_window
+            exchange,
+            first,
+            target.peer,
+            self.max_object_size,
+            respond,
+            window=self.block_window,
+            sink=sink,
         )
 
     async def observe(

@@ -37,12 +37,20 @@ What this module does not do: CoAP (:mod:`consumer.client`), keep state on disk
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from oscar.aeadstream import Pass, Write
 from oscar.errors import InvalidObject
 from oscar.keys import KeyCache
-from oscar.objects import Reading, open_verified
+from oscar.objects import (
+    ObjectMetadata,
+    Reading,
+    StreamedObject,
+    open_verified,
+    open_verified_stream,
+)
 from oscar_io.asclient import AsClient
 from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, AsError, AsUnavailable
@@ -118,6 +126,40 @@ class Pipeline:
             await commits.settled(done)
         self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
         return reading
+
+    async def open_stream(
+        self, obj: StreamedObject, resource_id: str, ciphertext: Pass, write: Write
+    ) -> ObjectMetadata:
+        """:meth:`open` for a large object read as it arrived (:mod:`consumer.spool`): steps 1-3
+        on its headers and the digest of its signed message, 4, then 5 with the ciphertext
+        authenticated whole before any plaintext goes to ``write``
+        (:func:`oscar.opening.open_verified_stream`, in a worker thread: a large object takes
+        a while). What ``write`` received is released only when this returns. Such an object is
+        not held (too large: :mod:`consumer.held` drops the older one), so a stale copy of it is
+        a :class:`StaleCopy` with no reading instead. Raises what :meth:`open` raises."""
+        now = int(self._clock())
+        obj, _ = await self.trust.check_stream(obj, resource_id, now)
+        m = obj.metadata
+        commits = self.commits
+        version = (m.epoch, m.seq)
+        newest = commits.newest(resource_id)
+        is_same = newest == version
+        if newest is not None and version < newest:
+            raise StaleCopy(resource_id, version, newest)
+        if not is_same:
+            commits.check(resource_id, m.epoch, m.seq)
+        if self.store.secret(resource_id, m.epoch) is None:
+            await self._fetch_secret(resource_id, m.epoch)
+        await asyncio.to_thread(open_verified_stream, obj, ciphertext, write, secrets=self._keys)
+        if not is_same:
+            done = commits.accept(resource_id, m.epoch, m.seq, b"")  # b"": not held
+            if done is not None:
+                await done
+            return m
+        done = commits.waiting(resource_id, version)
+        if done is not None:
+            await commits.settled(done)
+        return m
 
     async def close(self) -> None:
         """Wait for the freshness saves under way to end."""
