@@ -106,8 +106,7 @@ class Limits:
     #: Blocks of a large upstream object asked for at once (:mod:`oscar_io.blockwise`), 1 to 64.
     block_window: int = 8
     #: The largest object fetched from an upstream, published, verified or cached, in bytes:
-    #: 1,024 to :data:`MAX_OBJECT_SIZE`, at most ``memory_bytes`` (an entry must fit the memory
-    #: cache), at most :data:`CLUSTER_MAX_OBJECT_SIZE` in a cluster.
+    #: 1,024 to :data:`MAX_OBJECT_SIZE`, at most :data:`CLUSTER_MAX_OBJECT_SIZE` in a cluster.
     max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
 
     def __post_init__(self) -> None:
@@ -122,11 +121,6 @@ class Limits:
             raise ConfigError(f"limits.block_window is 1 to {MAX_WINDOW}")
         if not 1024 <= self.max_object_size <= MAX_OBJECT_SIZE:
             raise ConfigError(f"limits.max_object_size is 1024 to {MAX_OBJECT_SIZE} bytes")
-        if self.max_object_size > self.memory_bytes:
-            raise ConfigError(
-                f"limits.max_object_size ({self.max_object_size}) is more than "
-                f"limits.memory_bytes ({self.memory_bytes}): such an object could not be cached"
-            )
 
 
 @dataclass(frozen=True)
