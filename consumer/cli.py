@@ -11,8 +11,8 @@ verified); ``observe`` writes each reading's plaintext followed by a newline. Wi
 reading is one JSON line: ``value`` (text for text content formats that are valid UTF-8, else
 base64, as ``encoding`` says), ``producer``, ``resource``, ``epoch``, ``seq``, ``iat``, ``exp``,
 ``content_format``; with ``-o``, ``output`` and ``length`` instead of ``value`` and ``encoding``.
-``--max-object-size`` (``max_object_size`` in the config) is the largest object taken, 64 MiB by
-default; objects over 1 MiB are spooled to the state directory and checked as they arrive.
+``--max-object-size`` (``max_object_size`` in the config) is the largest object taken, 64 MiB +
+4 KiB by default; objects over 1 MiB are spooled to the state directory and checked as they arrive.
 
 A stale copy (a valid object older than one this consumer accepted before: a proxy's cache within
 its Max-Age after a direct read, or a replay) is never accepted and is not a rejection: ``get``
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-object-size",
         type=_object_size,
         metavar="BYTES",
-        help=f"largest object taken (default: {DEFAULT_MAX_OBJECT_SIZE} = 64 MiB; at most "
+        help=f"largest object taken (default: {DEFAULT_MAX_OBJECT_SIZE}, 64 MiB + 4 KiB; at most "
         f"{MAX_OBJECT_SIZE_LIMIT})",
     )
     add_logging_arguments(parser, default="warning")

@@ -63,9 +63,10 @@ log = logging.getLogger("oscar.consumer")
 
 #: Seconds to wait for a CoAP or AS response.
 DEFAULT_TIMEOUT = 10.0
-#: The largest object a consumer takes by default: 64 MiB (a large one is read as it arrives,
-#: in bounded memory: :mod:`consumer.spool`).
-DEFAULT_MAX_OBJECT_SIZE = 64 << 20
+#: The largest object a consumer takes by default: a 64 MiB representation (a producer's largest)
+#: plus its headers and tag (a large one is read as it arrives, in bounded memory:
+#: :mod:`consumer.spool`).
+DEFAULT_MAX_OBJECT_SIZE = (64 << 20) + 4096
 
 #: Called with each rejected notification of an observation (the observation goes on).
 RejectHandler = Callable[[InvalidObject], None]
@@ -239,7 +240,11 @@ class Consumer:
         """Await an aiocoap response (for at most ``timeout`` seconds, unless ``wait`` is false),
         translating every failure to :class:`TransportError`."""
         try:
-            return await asyncio.wait_for(awaitable, self.timeout if wait else None)
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns the answer when it arrives
+            # as the caller is cancelled, swallowing the cancellation (a large transfer has
+            # answers arriving all the time: a cancelled get would run on to the end).
+            async with asyncio.timeout(self.timeout if wait else None):
+                return await awaitable
         except TimeoutError:
             raise TimedOut(f"no answer from {target.peer} within {self.timeout:g} s") from None
         except Exception as exc:
@@ -307,38 +312,56 @@ class Consumer:
     async def _get(
         self, target: Target, on_stale: StaleHandler | None, output: Output | None
     ) -> Reading:
-        """The reading of the target's current object. An object over the spool threshold is
-        read as it arrives (:class:`~consumer.spool.Assembly`) and opened in pieces into
-        ``output`` (the reading's plaintext is then empty) or, without one, into memory."""
+        """The reading of the target's current object, its plaintext also written to ``output``
+        if given (see :meth:`_opened`)."""
         exchange = await self._request(target, observe=False)
-        assembly = Assembly(max_size=self.max_object_size, directory=self.store.directory)
+        response = exchange.response
+        assembly = self._assembly()
         try:
-            response = await self._assembled(exchange, exchange.response, target, assembly.feed)
+            response = await self._assembled(exchange, response, target, assembly.feed)
             self._payload(response, target)  # the code and content format
             try:
-                if not assembly.spilled:
-                    reading = await self.open_object(assembly.data, target.resource_id)
-                else:
-                    obj = assembly.finish()
-                    plaintext = bytearray()
-                    metadata = await self.pipeline.open_stream(
-                        obj,
-                        target.resource_id,
-                        assembly.ciphertext(obj),
-                        plaintext.extend if output is None else output.write,
-                    )
-                    return Reading(bytes(plaintext), metadata)
+                reading = await self._opened(assembly, target, skip_same=False, output=output)
             except StaleCopy as stale:
                 try:
                     reading = await self._stale_answer(stale, response, target, on_stale)
                 except StaleCopy:
                     log.info("%s", stale.describe())  # raised to the caller: a trace
                     raise
+                if output is not None:
+                    output.write(reading.plaintext)
         finally:
             assembly.close()
-        if output is not None:
-            output.write(reading.plaintext)
+        if reading is None:  # pragma: no cover - only skip_same=True skips
+            raise InvalidObject("object skipped")
         return reading
+
+    def _assembly(self) -> Assembly:
+        return Assembly(max_size=self.max_object_size, directory=self.store.directory)
+
+    async def _opened(
+        self, assembly: Assembly, target: Target, *, skip_same: bool, output: Output | None = None
+    ) -> Reading | None:
+        """The reading of an assembled object (:meth:`_open`; with ``skip_same`` one equal to
+        the newest accepted gives None). An object over the spool threshold was read as it
+        arrived (:class:`~consumer.spool.Assembly`) and is opened in pieces
+        (:meth:`Pipeline.open_stream`) into ``output``, the reading's plaintext then empty, or
+        into memory; a smaller one is opened at once, its plaintext also written to ``output``."""
+        if not assembly.spilled:
+            reading = await self._open(assembly.data, target.resource_id, skip_same=skip_same)
+            if reading is not None and output is not None:
+                output.write(reading.plaintext)
+            return reading
+        obj = assembly.finish()
+        plaintext = bytearray()
+        metadata = await self.pipeline.open_stream(
+            obj,
+            target.resource_id,
+            assembly.ciphertext(obj),
+            plaintext.extend if output is None else output.write,
+            skip_same=skip_same,
+        )
+        return None if metadata is None else Reading(bytes(plaintext), metadata)
 
     async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -453,15 +476,34 @@ class Consumer:
         on_reject: RejectHandler | None,
         on_stale: StaleHandler | None = None,
     ) -> Reading | None:
+        assembly = self._assembly()
         try:
-            response = await self._assembled(exchange, response, target)
+            return await self._notified(
+                exchange, response, target, skip_same, on_reject, on_stale, assembly
+            )
+        finally:
+            assembly.close()
+
+    async def _notified(
+        self,
+        exchange: Exchange,
+        response: Any,
+        target: Target,
+        skip_same: bool,
+        on_reject: RejectHandler | None,
+        on_stale: StaleHandler | None,
+        assembly: Assembly,
+    ) -> Reading | None:
+        """:meth:`_notification`, its object assembled into ``assembly``."""
+        try:
+            response = await self._assembled(exchange, response, target, assembly.feed)
         except TransportError as exc:  # one broken transfer does not end the observation
             log.warning("%s: notification dropped: %s", target.resource_id, exc)
             return None
         try:
-            payload = self._payload(response, target)
+            self._payload(response, target)
             try:
-                return await self._open(payload, target.resource_id, skip_same=skip_same)
+                return await self._opened(assembly, target, skip_same=skip_same)
             except StaleCopy as stale:
                 if not skip_same:  # the first answer: the newest reading held, if still valid
                     with contextlib.suppress(StaleCopy):

@@ -128,15 +128,22 @@ class Pipeline:
         return reading
 
     async def open_stream(
-        self, obj: StreamedObject, resource_id: str, ciphertext: Pass, write: Write
-    ) -> ObjectMetadata:
+        self,
+        obj: StreamedObject,
+        resource_id: str,
+        ciphertext: Pass,
+        write: Write,
+        *,
+        skip_same: bool = False,
+    ) -> ObjectMetadata | None:
         """:meth:`open` for a large object read as it arrived (:mod:`consumer.spool`): steps 1-3
         on its headers and the digest of its signed message, 4, then 5 with the ciphertext
         authenticated whole before any plaintext goes to ``write``
         (:func:`oscar.opening.open_verified_stream`, in a worker thread: a large object takes
         a while). What ``write`` received is released only when this returns. Such an object is
         not held (too large: :mod:`consumer.held` drops the older one), so a stale copy of it is
-        a :class:`StaleCopy` with no reading instead. Raises what :meth:`open` raises."""
+        a :class:`StaleCopy` with no reading instead. With ``skip_same`` an object equal to the
+        newest accepted gives None. Raises what :meth:`open` raises."""
         now = int(self._clock())
         obj, _ = await self.trust.check_stream(obj, resource_id, now)
         m = obj.metadata
@@ -144,12 +151,15 @@ class Pipeline:
         version = (m.epoch, m.seq)
         newest = commits.newest(resource_id)
         is_same = newest == version
+        if is_same and skip_same:
+            return None
         if newest is not None and version < newest:
             raise StaleCopy(resource_id, version, newest)
         if not is_same:
             commits.check(resource_id, m.epoch, m.seq)
         if self.store.secret(resource_id, m.epoch) is None:
             await self._fetch_secret(resource_id, m.epoch)
+        self._keys.keys_for(resource_id, m.epoch, m.aead)  # derived here, not in the thread
         await asyncio.to_thread(open_verified_stream, obj, ciphertext, write, secrets=self._keys)
         if not is_same:
             done = commits.accept(resource_id, m.epoch, m.seq, b"")  # b"": not held

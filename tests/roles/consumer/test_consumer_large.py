@@ -209,3 +209,49 @@ async def test_ten_mebibytes_by_the_cli_in_bounded_memory(world: World, tmp_path
         assert spooled(state) == []
     finally:
         await producer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_transfer_leaves_no_spool_and_no_file(
+    world: World, tmp_path: Path
+) -> None:
+    producer = await ProducerStandIn().start()
+    state = tmp_path / "state"
+    out = tmp_path / "out.bin"
+    try:
+        producer.publish(TEMPERATURE, seal(world, os.urandom(4 * MIB)))
+        async with Consumer(world.bundle("reader-1"), state) as consumer:
+            task = asyncio.create_task(consumer.get_file(producer.uri(), out))
+            deadline = time.monotonic() + 30
+            while not spooled(state):  # the transfer is past the threshold, spooling
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert spooled(state) == []
+        assert sorted(os.listdir(tmp_path)) == ["state"]
+    finally:
+        await producer.close()
+
+
+@pytest.mark.asyncio
+async def test_the_size_limit_in_flags_and_config(world: World, tmp_path: Path) -> None:
+    producer = await ProducerStandIn().start()
+    state = tmp_path / "state"
+    try:
+        producer.publish(TEMPERATURE, seal(world, os.urandom(SPOOL_THRESHOLD * 2)))
+        code, _, err, _ = await run_cli(world, state, "--max-object-size", "12", "get", "x")
+        assert code == 2 and "max_object_size must be 1024 to" in err
+        config = tmp_path / "consumer.toml"
+        config.write_text('max_object_size = "big"\n')
+        code, _, err, _ = await run_cli(world, state, "--config", str(config), "get", "x")
+        assert code == 2 and err.endswith("max_object_size has the wrong type"), err
+        config.write_text(f"max_object_size = {SPOOL_THRESHOLD + SPOOL_THRESHOLD // 2}\n")
+        code, _, err, _ = await run_cli(
+            world, state, "--config", str(config), "get", producer.uri(), "-o", str(tmp_path / "o")
+        )
+        assert code == 1 and "exceeds the size limit" in err, err
+        assert sorted(os.listdir(tmp_path)) == ["consumer.toml", "state"]
+    finally:
+        await producer.close()
