@@ -309,7 +309,7 @@ def _apply_config(args: argparse.Namespace) -> None:
         raise UsageError("--bundle and --state are required (or a --config that gives them)")
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT
-    if args.max_object_size is None:
+    if getattr(args, "max_object_size", None) is None:
         args.max_object_size = DEFAULT_MAX_OBJECT_SIZE
 
 
