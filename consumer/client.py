@@ -342,26 +342,11 @@ class Consumer:
     async def _opened(
         self, assembly: Assembly, target: Target, *, skip_same: bool, output: Output | None = None
     ) -> Reading | None:
-        """The reading of an assembled object (:meth:`_open`; with ``skip_same`` one equal to
-        the newest accepted gives None). An object over the spool threshold was read as it
-        arrived (:class:`~consumer.spool.Assembly`) and is opened in pieces
-        (:meth:`Pipeline.open_stream`) into ``output``, the reading's plaintext then empty, or
-        into memory; a smaller one is opened at once, its plaintext also written to ``output``."""
-        if not assembly.spilled:
-            reading = await self._open(assembly.data, target.resource_id, skip_same=skip_same)
-            if reading is not None and output is not None:
-                output.write(reading.plaintext)
-            return reading
-        obj = assembly.finish()
-        plaintext = bytearray()
-        metadata = await self.pipeline.open_stream(
-            obj,
-            target.resource_id,
-            assembly.ciphertext(obj),
-            plaintext.extend if output is None else output.write,
-            skip_same=skip_same,
+        """:meth:`Pipeline.open_assembled` (its plaintext also into ``output`` if given)."""
+        write = None if output is None else output.write
+        return await self.pipeline.open_assembled(
+            assembly, target.resource_id, skip_same=skip_same, write=write
         )
-        return None if metadata is None else Reading(bytes(plaintext), metadata)
 
     async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -478,28 +463,14 @@ class Consumer:
     ) -> Reading | None:
         assembly = self._assembly()
         try:
-            return await self._notified(
-                exchange, response, target, skip_same, on_reject, on_stale, assembly
-            )
-        finally:
-            assembly.close()
-
-    async def _notified(
-        self,
-        exchange: Exchange,
-        response: Any,
-        target: Target,
-        skip_same: bool,
-        on_reject: RejectHandler | None,
-        on_stale: StaleHandler | None,
-        assembly: Assembly,
-    ) -> Reading | None:
-        """:meth:`_notification`, its object assembled into ``assembly``."""
-        try:
             response = await self._assembled(exchange, response, target, assembly.feed)
         except TransportError as exc:  # one broken transfer does not end the observation
+            assembly.close()
             log.warning("%s: notification dropped: %s", target.resource_id, exc)
             return None
+        except BaseException:
+            assembly.close()
+            raise
         try:
             self._payload(response, target)
             try:
@@ -522,3 +493,5 @@ class Consumer:
             if on_reject is not None:
                 on_reject(exc)
             return None
+        finally:
+            assembly.close()

@@ -31,6 +31,11 @@ bytes that are expired, revoked or unverified; when that object is no longer val
 :class:`StaleCopy` is raised. Only an object that claims to be newer and fails a check is a
 rejection.
 
+A large object (over :data:`~consumer.spool.SPOOL_THRESHOLD`, read as it arrived into a spool:
+:mod:`consumer.spool`) takes the same steps in the same order (:meth:`Pipeline.open_stream`): its
+headers and the digest of its signed message stand for its bytes in steps 1-3, and in step 5 its
+ciphertext is authenticated whole before any plaintext is written; it is not held.
+
 What this module does not do: CoAP (:mod:`consumer.client`), keep state on disk
 (:mod:`consumer.store`), or decide whom to trust (:mod:`oscar_io.trust`).
 """
@@ -58,6 +63,7 @@ from oscar_io.trust import Trust
 
 from .commit import FreshnessCommits
 from .errors import StaleCopy
+from .spool import Assembly
 from .store import ConsumerStore
 
 __all__ = ["Pipeline"]
@@ -126,6 +132,35 @@ class Pipeline:
             await commits.settled(done)
         self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
         return reading
+
+    async def open_assembled(
+        self,
+        assembly: Assembly,
+        resource_id: str,
+        *,
+        skip_same: bool,
+        write: Write | None = None,
+    ) -> Reading | None:
+        """The reading of an object assembled by :class:`~consumer.spool.Assembly`: one that
+        stayed in memory by :meth:`open` (its plaintext also to ``write``, if given); one over
+        the spool threshold, read as it arrived, by :meth:`open_stream` into ``write`` (the
+        reading's plaintext is then empty) or, without one, into memory. Raises what
+        :meth:`open` raises."""
+        if not assembly.spilled:
+            reading = await self.open(assembly.data, resource_id, skip_same=skip_same)
+            if reading is not None and write is not None:
+                write(reading.plaintext)
+            return reading
+        obj = assembly.finish()
+        plaintext = bytearray()
+        metadata = await self.open_stream(
+            obj,
+            resource_id,
+            assembly.ciphertext(obj),
+            plaintext.extend if write is None else write,
+            skip_same=skip_same,
+        )
+        return None if metadata is None else Reading(bytes(plaintext), metadata)
 
     async def open_stream(
         self,
