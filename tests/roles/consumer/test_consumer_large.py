@@ -14,8 +14,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiocoap import ACK, NON, Message
+from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
 from as_harness import ROOT
 from consumer_harness import PRODUCER, TEMPERATURE, ProducerStandIn, World, build_world
 
@@ -255,3 +259,90 @@ async def test_the_size_limit_in_flags_and_config(world: World, tmp_path: Path) 
         assert sorted(os.listdir(tmp_path)) == ["consumer.toml", "state"]
     finally:
         await producer.close()
+
+
+class BlockwiseObservable(asyncio.DatagramProtocol):
+    """Serves one object and notifies its observer of each new one block-wise (RFC 7959 §2.6:
+    block 0 with Observe, NON; the rest when asked for), which aiocoap's server cannot do (as
+    test_large_proxy's RawObservable)."""
+
+    def __init__(self) -> None:
+        self.obj = b""
+        self.observer: tuple[Any, bytes] | None = None
+        self.number = 1
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def _block(self, number: int, observe: int | None) -> Message:
+        chunk = self.obj[number * 1024 : (number + 1) * 1024]
+        message = Message(code=Code.CONTENT, payload=chunk, content_format=18, max_age=60)
+        message.opt.etag = hashlib.sha256(self.obj).digest()[:8]
+        message.opt.observe = observe
+        if len(self.obj) > 1024:
+            more = (number + 1) * 1024 < len(self.obj)
+            message.opt.block2 = BlockOption.BlockwiseTuple(number, more, 6)
+        return message
+
+    def serve(self, obj: bytes) -> None:
+        self.obj = obj
+        if self.observer is not None:
+            self.number += 1
+            notification = self._block(0, self.number)
+            notification.mtype, notification.mid = NON, self.number
+            notification.token = self.observer[1]
+            self.transport.sendto(notification.encode(), self.observer[0])
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        request = Message.decode(data)
+        if request.code != Code.GET:
+            return
+        number = 0 if request.opt.block2 is None else request.opt.block2.block_number
+        if request.opt.observe == 0:
+            self.observer = (addr, request.token)
+        reply = self._block(number, self.number if request.opt.observe == 0 else None)
+        reply.mtype, reply.mid, reply.token = ACK, request.mid, request.token
+        self.transport.sendto(reply.encode(), addr)
+
+
+@pytest.mark.asyncio
+async def test_a_large_notification_is_spooled_and_opened(world: World, tmp_path: Path) -> None:
+    """An observation whose new object is over the spool threshold: read as it arrives, opened;
+    a forged large one is rejected and the observation goes on; nothing is left in the state
+    directory."""
+    server = BlockwiseObservable()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    state = tmp_path / "state"
+    rejected: list[InvalidObject] = []
+    following: list[bytes] = []
+
+    def on_reject(exc: InvalidObject) -> None:
+        rejected.append(exc)
+        server.serve(following.pop())
+
+    try:
+        server.serve(seal(world, b"small"))
+        async with Consumer(world.bundle("reader-1"), state) as consumer:
+            observation = consumer.observe(
+                f"coap://127.0.0.1:{port}/{TEMPERATURE}", on_reject=on_reject
+            )
+            assert (await asyncio.wait_for(anext(observation), 10)).plaintext == b"small"
+            big = os.urandom(SPOOL_THRESHOLD + 8192)
+            data = seal(world, big, CHACHA)
+            server.serve(data)
+            assert (await asyncio.wait_for(anext(observation), 30)).plaintext == big
+            assert spooled(state) == []
+            # A forged one is rejected (then, and not before, the next is served: a new object
+            # during a transfer would break it off) and the observation goes on.
+            last = os.urandom(3000)
+            following.append(seal(world, last))
+            server.serve(flipped(seal(world, os.urandom(SPOOL_THRESHOLD + 8192)), MIB))
+            assert (await asyncio.wait_for(anext(observation), 30)).plaintext == last
+            await observation.aclose()
+        assert len(rejected) == 1
+        assert spooled(state) == []
+    finally:
+        transport.close()
