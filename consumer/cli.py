@@ -5,11 +5,14 @@
     oscar-consumer --bundle FILE --state DIR get URI [-o FILE] [--json] [--proxy URI]
     oscar-consumer --bundle FILE --state DIR observe URI [--count N] [--json] [--proxy URI]
 
-``get`` writes the plaintext to stdout as it is (or to ``-o FILE``, written atomically with mode
-0600); ``observe`` writes each reading's plaintext followed by a newline. With ``--json`` each
+``get`` writes the plaintext to stdout as it is (or to ``-o FILE``, mode 0600, in bounded memory
+however large the object: the file appears, whole, only once the signature and the AEAD tag have
+verified); ``observe`` writes each reading's plaintext followed by a newline. With ``--json`` each
 reading is one JSON line: ``value`` (text for text content formats that are valid UTF-8, else
 base64, as ``encoding`` says), ``producer``, ``resource``, ``epoch``, ``seq``, ``iat``, ``exp``,
-``content_format``.
+``content_format``; with ``-o``, ``output`` and ``length`` instead of ``value`` and ``encoding``.
+``--max-object-size`` (``max_object_size`` in the config) is the largest object taken, 64 MiB +
+4 KiB by default; objects over 1 MiB are spooled to the state directory and checked as they arrive.
 
 A stale copy (a valid object older than one this consumer accepted before: a proxy's cache within
 its Max-Age after a direct read, or a replay) is never accepted and is not a rejection: ``get``
@@ -54,9 +57,8 @@ from oscar_io.clikit import (
     read_toml,
 )
 from oscar_io.errors import BundleError, StateError, UsageError
-from oscar_io.statefiles import atomic_write
 
-from .client import DEFAULT_TIMEOUT, Consumer, parse_target
+from .client import DEFAULT_MAX_OBJECT_SIZE, DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, StaleCopy, TransportError
 
 log = logging.getLogger("oscar.consumer")
@@ -107,6 +109,24 @@ def _positive(text: str) -> float:
     return value
 
 
+#: The most ``--max-object-size`` may say: 1 GiB (objects are spooled to the state directory).
+MAX_OBJECT_SIZE_LIMIT = 1 << 30
+
+
+def _object_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number of bytes") from None
+    return _check_object_size(value, argparse.ArgumentTypeError)
+
+
+def _check_object_size(value: int, error: type[Exception]) -> int:
+    if not 1024 <= value <= MAX_OBJECT_SIZE_LIMIT:
+        raise error(f"max_object_size must be 1024 to {MAX_OBJECT_SIZE_LIMIT} bytes")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -128,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML with any of: bundle, state, timeout, proxy (flags override it)",
+        help="TOML with any of: bundle, state, timeout, proxy, max_object_size (flags override it)",
     )
     parser.add_argument("--bundle", metavar="FILE", help="credentials bundle")
     parser.add_argument("--state", metavar="DIR", help="state directory (made with mode 0700)")
@@ -137,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="S",
         help=f"seconds to wait for an answer (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-object-size",
+        type=_object_size,
+        metavar="BYTES",
+        help=f"largest object taken (default: {DEFAULT_MAX_OBJECT_SIZE}, 64 MiB + 4 KiB; at most "
+        f"{MAX_OBJECT_SIZE_LIMIT})",
     )
     add_logging_arguments(parser, default="warning")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -158,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         "get", help="fetch one reading", description="Fetch, verify and open one reading."
     )
     common(get)
-    get.add_argument("-o", "--output", metavar="FILE", help="write the plaintext here (0600)")
+    get.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the plaintext here (0600), in bounded memory however large the object; the "
+        "file appears only once every check has passed",
+    )
     observe = commands.add_parser(
         "observe",
         help="observe a resource",
@@ -190,18 +223,26 @@ def _warn_stale(stale: StaleCopy, instead: bool) -> None:
 
 
 async def _get(consumer: Consumer, args: argparse.Namespace) -> int:
-    reading = await consumer.get(
-        args.uri, resource=args.resource, proxy=args.proxy, on_stale=_warn_stale
-    )
-    if args.output is not None:
-        try:
-            atomic_write(Path(args.output), reading.plaintext, 0o600)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
+    if args.output is None:
+        reading = await consumer.get(
+            args.uri, resource=args.resource, proxy=args.proxy, on_stale=_warn_stale
+        )
+        _write_out(
+            reading_json(reading).encode("ascii") + b"\n" if args.json else reading.plaintext
+        )
+        return 0
+    try:
+        metadata = await consumer.get_file(
+            args.uri, args.output, resource=args.resource, proxy=args.proxy, on_stale=_warn_stale
+        )
+        length = os.stat(args.output).st_size
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
     if args.json:
-        _write_out(reading_json(reading).encode("ascii") + b"\n")
-    elif args.output is None:
-        _write_out(reading.plaintext)
+        doc = json.loads(reading_json(Reading(b"", metadata)))
+        del doc["value"], doc["encoding"]
+        doc.update(output=str(args.output), length=length)
+        _write_out(json.dumps(doc).encode("ascii") + b"\n")
     return 0
 
 
@@ -245,6 +286,7 @@ def _apply_config(args: argparse.Namespace) -> None:
             "state": str,
             "timeout": (int, float),
             "proxy": str,
+            "max_object_size": int,
         }
         unknown = set(doc) - set(kinds)
         if unknown:
@@ -256,18 +298,27 @@ def _apply_config(args: argparse.Namespace) -> None:
                 value = str(path.parent / os.path.expanduser(str(value)))  # ~user: as is
             if key == "timeout" and not value > 0:
                 raise UsageError(f"{path}: timeout must be positive")
+            if key == "max_object_size":
+                try:
+                    _check_object_size(value, ValueError)
+                except ValueError as exc:
+                    raise UsageError(f"{path}: {exc}") from None
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
     if args.bundle is None or args.state is None:
         raise UsageError("--bundle and --state are required (or a --config that gives them)")
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT
+    if getattr(args, "max_object_size", None) is None:
+        args.max_object_size = DEFAULT_MAX_OBJECT_SIZE
 
 
 async def _run(args: argparse.Namespace) -> int:
     parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
-    async with Consumer(args.bundle, args.state, timeout=args.timeout) as consumer:
+    async with Consumer(
+        args.bundle, args.state, timeout=args.timeout, max_object_size=args.max_object_size
+    ) as consumer:
         if args.command == "get":
             return await _get(consumer, args)
         return await _observe(consumer, args)

@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from oscar.errors import InvalidObject
-from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, DEFAULT_MAX_OBJECT_SIZE, Reading
+from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, ObjectMetadata, Reading
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
 from oscar_io.blockwise import DEFAULT_WINDOW, check_window
@@ -53,15 +53,20 @@ from oscar_io.trust import Trust
 from .coap import Exchange, assemble, cache_fresh_in, cancel
 from .errors import StaleCopy
 from .pipeline import Pipeline
+from .spool import Assembly, Output
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .target import Target, parse_target
 
-__all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
+__all__ = ["DEFAULT_MAX_OBJECT_SIZE", "DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
 log = logging.getLogger("oscar.consumer")
 
 #: Seconds to wait for a CoAP or AS response.
 DEFAULT_TIMEOUT = 10.0
+#: The largest object a consumer takes by default: a 64 MiB representation (a producer's largest)
+#: plus its headers and tag (a large one is read as it arrives, in bounded memory:
+#: :mod:`consumer.spool`).
+DEFAULT_MAX_OBJECT_SIZE = (64 << 20) + 4096
 
 #: Called with each rejected notification of an observation (the observation goes on).
 RejectHandler = Callable[[InvalidObject], None]
@@ -235,7 +240,11 @@ class Consumer:
         """Await an aiocoap response (for at most ``timeout`` seconds, unless ``wait`` is false),
         translating every failure to :class:`TransportError`."""
         try:
-            return await asyncio.wait_for(awaitable, self.timeout if wait else None)
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns the answer when it arrives
+            # as the caller is cancelled, swallowing the cancellation (a large transfer has
+            # answers arriving all the time: a cancelled get would run on to the end).
+            async with asyncio.timeout(self.timeout if wait else None):
+                return await awaitable
         except TimeoutError:
             raise TimedOut(f"no answer from {target.peer} within {self.timeout:g} s") from None
         except Exception as exc:
@@ -274,16 +283,70 @@ class Consumer:
         """
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
-        exchange = await self._request(target, observe=False)
-        response = await self._assembled(exchange, exchange.response, target)
+        return await self._get(target, on_stale, None)
+
+    async def get_file(
+        self,
+        uri: str,
+        path: str | os.PathLike[str],
+        *,
+        resource: str | None = None,
+        proxy: str | None = None,
+        on_stale: StaleHandler | None = None,
+    ) -> ObjectMetadata:
+        """:meth:`get` with the plaintext written to the file ``path`` (mode 0600), in bounded
+        memory however large the object (:mod:`consumer.spool`): the file appears, whole, only
+        once every check has passed, the signature and the AEAD tag included; a refused object
+        leaves it as it was. Returns the reading's metadata; raises what :meth:`get` raises, and
+        OSError when the file cannot be written."""
+        target = parse_target(uri, resource=resource, proxy=proxy)
+        await self.start()
+        output = Output(path)
         try:
-            return await self.open_object(self._payload(response, target), target.resource_id)
-        except StaleCopy as stale:
+            metadata = (await self._get(target, on_stale, output)).metadata
+            output.commit()
+        finally:
+            output.discard()
+        return metadata
+
+    async def _get(
+        self, target: Target, on_stale: StaleHandler | None, output: Output | None
+    ) -> Reading:
+        """The reading of the target's current object, its plaintext also written to ``output``
+        if given (see :meth:`_opened`)."""
+        exchange = await self._request(target, observe=False)
+        response = exchange.response
+        assembly = self._assembly()
+        try:
+            response = await self._assembled(exchange, response, target, assembly.feed)
+            self._payload(response, target)  # the code and content format
             try:
-                return await self._stale_answer(stale, response, target, on_stale)
-            except StaleCopy:
-                log.info("%s", stale.describe())  # raised to the caller: a trace, not a warning
-                raise
+                reading = await self._opened(assembly, target, skip_same=False, output=output)
+            except StaleCopy as stale:
+                try:
+                    reading = await self._stale_answer(stale, response, target, on_stale)
+                except StaleCopy:
+                    log.info("%s", stale.describe())  # raised to the caller: a trace
+                    raise
+                if output is not None:
+                    output.write(reading.plaintext)
+        finally:
+            assembly.close()
+        if reading is None:  # pragma: no cover - only skip_same=True skips
+            raise InvalidObject("object skipped")
+        return reading
+
+    def _assembly(self) -> Assembly:
+        return Assembly(max_size=self.max_object_size, directory=self.store.directory)
+
+    async def _opened(
+        self, assembly: Assembly, target: Target, *, skip_same: bool, output: Output | None = None
+    ) -> Reading | None:
+        """:meth:`Pipeline.open_assembled` (its plaintext also into ``output`` if given)."""
+        write = None if output is None else output.write
+        return await self.pipeline.open_assembled(
+            assembly, target.resource_id, skip_same=skip_same, write=write
+        )
 
     async def _request(self, target: Target, *, observe: bool) -> Exchange:
         """Send a request, answering one Echo challenge (RFC 9175: a proxy that must not
@@ -307,15 +370,27 @@ class Consumer:
             self._dtls_connections[str(target.proxy)] = response.remote
         return Exchange(context, message, request, response)
 
-    async def _assembled(self, exchange: Exchange, first: Any, target: Target) -> Any:
+    async def _assembled(
+        self,
+        exchange: Exchange,
+        first: Any,
+        target: Target,
+        sink: Callable[[bytes], object] | None = None,
+    ) -> Any:
         """The whole response whose first block is ``first`` (:func:`consumer.coap.assemble`,
-        within :attr:`max_object_size`)."""
+        within :attr:`max_object_size`), its payload handed to ``sink`` if given."""
 
         async def respond(awaitable: Any) -> Any:
             return await self._response(awaitable, target)
 
         return await assemble(
-            exchange, first, target.peer, self.max_object_size, respond, window=self.block_window
+            exchange,
+            first,
+            target.peer,
+            self.max_object_size,
+            respond,
+            window=self.block_window,
+            sink=sink,
         )
 
     async def observe(
@@ -386,15 +461,20 @@ class Consumer:
         on_reject: RejectHandler | None,
         on_stale: StaleHandler | None = None,
     ) -> Reading | None:
+        assembly = self._assembly()
         try:
-            response = await self._assembled(exchange, response, target)
+            response = await self._assembled(exchange, response, target, assembly.feed)
         except TransportError as exc:  # one broken transfer does not end the observation
+            assembly.close()
             log.warning("%s: notification dropped: %s", target.resource_id, exc)
             return None
+        except BaseException:
+            assembly.close()
+            raise
         try:
-            payload = self._payload(response, target)
+            self._payload(response, target)
             try:
-                return await self._open(payload, target.resource_id, skip_same=skip_same)
+                return await self._opened(assembly, target, skip_same=skip_same)
             except StaleCopy as stale:
                 if not skip_same:  # the first answer: the newest reading held, if still valid
                     with contextlib.suppress(StaleCopy):
@@ -413,3 +493,5 @@ class Consumer:
             if on_reject is not None:
                 on_reject(exc)
             return None
+        finally:
+            assembly.close()

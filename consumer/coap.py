@@ -57,6 +57,7 @@ async def assemble(
     max_size: int,
     respond: Callable[[Any], Awaitable[Any]],
     window: int = DEFAULT_WINDOW,
+    sink: Callable[[bytes], object] | None = None,
 ) -> Any:
     """The whole response whose first block is ``first``: the further Block2 blocks are asked
     for with up to ``window`` requests in flight (:func:`oscar_io.blockwise.fetch_rest`; each
@@ -68,15 +69,25 @@ async def assemble(
     round trip, so it is turned off for our requests and done here. Raises
     :class:`InvalidObject` when the announced (Size2) or received size exceeds the limit,
     :class:`TransportError` for a broken transfer.
+
+    With ``sink`` (a large object spooled and read as it arrives, :mod:`consumer.spool`) the
+    payload of a 2.05 protected object, every block of it, goes there in order and the response
+    returned has an empty payload; ``sink``'s :class:`InvalidObject` ends the transfer at once.
     """
     from aiocoap import CON
     from aiocoap.optiontypes import BlockOption
 
     block2 = first.opt.block2
+    wanted = first.code.dotted == "2.05" and first.opt.content_format == CONTENT_FORMAT_COSE_SIGN1
     if block2 is None or (not block2.more and block2.block_number == 0):
         first.opt.block2 = None
+        if sink is not None and wanted:
+            if len(first.payload) > max_size:
+                raise InvalidObject("object exceeds the size limit")
+            sink(first.payload)
+            first.payload = b""
         return first
-    if first.code.dotted != "2.05" or first.opt.content_format != CONTENT_FORMAT_COSE_SIGN1:
+    if not wanted:
         return first  # refused as it is by _payload: no more of it is asked for
     size2 = first.opt.size2
     if size2 is not None and size2 > max_size:
@@ -97,7 +108,7 @@ async def assemble(
 
     allow_in_flight(exchange.context, window)
     try:
-        payload = await fetch_rest(first, ask, max_size=max_size, window=window)
+        payload = await fetch_rest(first, ask, max_size=max_size, window=window, sink=sink)
     except TooLarge:
         raise InvalidObject("object exceeds the size limit (block-wise)") from None
     except BrokenTransfer as exc:

@@ -126,7 +126,7 @@ class HeldObjects:
         refuses."""
         if not is_resource_id(resource_id):
             raise ValueError("not a resource id")
-        if len(held.data) > self._max_bytes:
+        if not held.data or len(held.data) > self._max_bytes:  # empty: read as it arrived
             self.drop(resource_id)
             return
         if self.directory is None:

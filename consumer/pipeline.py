@@ -31,18 +31,31 @@ bytes that are expired, revoked or unverified; when that object is no longer val
 :class:`StaleCopy` is raised. Only an object that claims to be newer and fails a check is a
 rejection.
 
+A large object (over :data:`~consumer.spool.SPOOL_THRESHOLD`, read as it arrived into a spool:
+:mod:`consumer.spool`) takes the same steps in the same order (:meth:`Pipeline.open_stream`): its
+headers and the digest of its signed message stand for its bytes in steps 1-3, and in step 5 its
+ciphertext is authenticated whole before any plaintext is written; it is not held.
+
 What this module does not do: CoAP (:mod:`consumer.client`), keep state on disk
 (:mod:`consumer.store`), or decide whom to trust (:mod:`oscar_io.trust`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from oscar.aeadstream import Pass, Write
 from oscar.errors import InvalidObject
 from oscar.keys import KeyCache
-from oscar.objects import Reading, open_verified
+from oscar.objects import (
+    ObjectMetadata,
+    Reading,
+    StreamedObject,
+    open_verified,
+    open_verified_stream,
+)
 from oscar_io.asclient import AsClient
 from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, AsError, AsUnavailable
@@ -50,6 +63,7 @@ from oscar_io.trust import Trust
 
 from .commit import FreshnessCommits
 from .errors import StaleCopy
+from .spool import Assembly
 from .store import ConsumerStore
 
 __all__ = ["Pipeline"]
@@ -118,6 +132,79 @@ class Pipeline:
             await commits.settled(done)
         self.store.put_held(resource_id, m.epoch, m.seq, data)  # writes only if news to it
         return reading
+
+    async def open_assembled(
+        self,
+        assembly: Assembly,
+        resource_id: str,
+        *,
+        skip_same: bool,
+        write: Write | None = None,
+    ) -> Reading | None:
+        """The reading of an object assembled by :class:`~consumer.spool.Assembly`: one that
+        stayed in memory by :meth:`open` (its plaintext also to ``write``, if given); one over
+        the spool threshold, read as it arrived, by :meth:`open_stream` into ``write`` (the
+        reading's plaintext is then empty) or, without one, into memory. Raises what
+        :meth:`open` raises."""
+        if not assembly.spilled:
+            reading = await self.open(assembly.data, resource_id, skip_same=skip_same)
+            if reading is not None and write is not None:
+                write(reading.plaintext)
+            return reading
+        obj = assembly.finish()
+        plaintext = bytearray()
+        metadata = await self.open_stream(
+            obj,
+            resource_id,
+            assembly.ciphertext(obj),
+            plaintext.extend if write is None else write,
+            skip_same=skip_same,
+        )
+        return None if metadata is None else Reading(bytes(plaintext), metadata)
+
+    async def open_stream(
+        self,
+        obj: StreamedObject,
+        resource_id: str,
+        ciphertext: Pass,
+        write: Write,
+        *,
+        skip_same: bool = False,
+    ) -> ObjectMetadata | None:
+        """:meth:`open` for a large object read as it arrived (:mod:`consumer.spool`): steps 1-3
+        on its headers and the digest of its signed message, 4, then 5 with the ciphertext
+        authenticated whole before any plaintext goes to ``write``
+        (:func:`oscar.opening.open_verified_stream`, in a worker thread: a large object takes
+        a while). What ``write`` received is released only when this returns. Such an object is
+        not held (too large: :mod:`consumer.held` drops the older one), so a stale copy of it is
+        a :class:`StaleCopy` with no reading instead. With ``skip_same`` an object equal to the
+        newest accepted gives None. Raises what :meth:`open` raises."""
+        now = int(self._clock())
+        obj, _ = await self.trust.check_stream(obj, resource_id, now)
+        m = obj.metadata
+        commits = self.commits
+        version = (m.epoch, m.seq)
+        newest = commits.newest(resource_id)
+        is_same = newest == version
+        if is_same and skip_same:
+            return None
+        if newest is not None and version < newest:
+            raise StaleCopy(resource_id, version, newest)
+        if not is_same:
+            commits.check(resource_id, m.epoch, m.seq)
+        if self.store.secret(resource_id, m.epoch) is None:
+            await self._fetch_secret(resource_id, m.epoch)
+        self._keys.keys_for(resource_id, m.epoch, m.aead)  # derived here, not in the thread
+        await asyncio.to_thread(open_verified_stream, obj, ciphertext, write, secrets=self._keys)
+        if not is_same:
+            done = commits.accept(resource_id, m.epoch, m.seq, b"")  # b"": not held
+            if done is not None:
+                await done
+            return m
+        done = commits.waiting(resource_id, version)
+        if done is not None:
+            await commits.settled(done)
+        return m
 
     async def close(self) -> None:
         """Wait for the freshness saves under way to end."""

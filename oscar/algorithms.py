@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
     decode_dss_signature,
     encode_dss_signature,
 )
@@ -59,6 +60,7 @@ AES_CCM_16_64_128_ID, A128GCM_ID, A256GCM_ID, CHACHA20_POLY1305_ID = 10, 1, 3, 2
 # Made once: building these per signature shows up in the per-object cost.
 _SIGN_ES256 = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _VERIFY_ES256 = ec.ECDSA(hashes.SHA256())
+_VERIFY_ES256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,29 @@ class SignatureAlgorithm:
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise TypeError("EdDSA needs an Ed25519 private key")
         return key.sign
+
+    @property
+    def hashes_incrementally(self) -> bool:
+        """Whether a signature can be checked from a digest of the message (:meth:`verify_digest`):
+        ES256 signs SHA-256 of the message; EdDSA (PureEdDSA) needs the message itself."""
+        return self.cose_id == ES256_ID
+
+    def verify_digest(self, key: PublicKey, signature: bytes, digest: bytes) -> None:
+        """:meth:`verify` for a message given by its SHA-256 ``digest`` (ES256 only: ValueError
+        for another algorithm); raises :class:`InvalidObject` if the signature does not verify."""
+        if not self.hashes_incrementally:
+            raise ValueError(f"{self.name} cannot verify a digest")
+        if len(signature) != self.signature_length:
+            raise InvalidObject("signature has the wrong length")
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise InvalidObject("signer key does not match the signature algorithm")
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        try:
+            key.verify(der, digest, _VERIFY_ES256_PREHASHED)
+        except InvalidSignature:
+            raise InvalidObject("bad signature") from None
 
     def verify(self, key: PublicKey, signature: bytes, data: bytes) -> None:
         """Check ``signature`` over ``data``; raises :class:`InvalidObject` if it does not verify.

@@ -28,7 +28,16 @@ from typing import NamedTuple, Union
 
 from .errors import MalformedCBOR
 
-__all__ = ["DEFAULT_MAX_DEPTH", "MalformedCBOR", "Tag", "diagnostic", "dumps", "head", "loads"]
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "MalformedCBOR",
+    "Tag",
+    "decode_item",
+    "diagnostic",
+    "dumps",
+    "head",
+    "loads",
+]
 
 DEFAULT_MAX_DEPTH = 16
 MAX_DEPTH = 256
@@ -177,6 +186,16 @@ def loads(
     if pos != end:
         raise MalformedCBOR("trailing bytes after the CBOR item")
     return value
+
+
+def decode_item(
+    data: bytes, pos: int, end: int, depth: int, limits: list[int]
+) -> tuple[Value, int]:
+    """One strict item at ``pos`` of ``data[:end]`` and the position after it, for a reader that
+    takes a message apart piece by piece (:mod:`oscar.streaming`): ``depth`` is the item's own
+    depth in the message, ``limits`` is ``[max_depth, items left]``, spent as :func:`loads`
+    spends it. Raises :class:`MalformedCBOR` (``"truncated"`` when ``end`` comes too soon)."""
+    return _item(data, pos, end, depth, limits)
 
 
 def head(major: int, argument: int) -> bytes:

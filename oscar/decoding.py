@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import certs
-from .algorithms import aead_for, signature_for
-from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, Sign1
+from .algorithms import SignatureAlgorithm, aead_for, signature_for
+from .cose import ALG, CONTENT_TYPE, KID, PARTIAL_IV, Encrypt0, HeaderMap, Sign1
 from .errors import InvalidObject
 from .keys import MAX_SEQ
 from .model import (
@@ -33,7 +33,13 @@ from .model import (
 from .names import is_device_id, is_resource_id, owns
 from .pinned import read_pinned
 
-__all__ = ["ProtectedObject", "read_generic"]
+__all__ = [
+    "ProtectedObject",
+    "SignedHeader",
+    "check_encrypt0_headers",
+    "check_sign1_headers",
+    "read_generic",
+]
 
 
 _SIGN1_LABELS = frozenset({ALG, KID, CWT_CLAIMS, EPOCH, SEQ})
@@ -77,10 +83,33 @@ class ProtectedObject(NamedTuple):
 def read_generic(data: bytes) -> ProtectedObject:
     """Decode with the generic strict COSE layer; checks 2 and 3, :class:`InvalidObject` if not."""
     sign1 = Sign1.from_bytes(data)
-    header = sign1.protected_map
+    outer = check_sign1_headers(sign1.protected_map, sign1.unprotected)
+    encrypt0 = Encrypt0.from_bytes(sign1.payload)
+    metadata = check_encrypt0_headers(
+        outer, encrypt0.protected_map, encrypt0.unprotected, len(encrypt0.ciphertext)
+    )
+    return ProtectedObject(metadata, sign1, encrypt0)
+
+
+class SignedHeader(NamedTuple):
+    """What the Sign1 protected header says, checked (:func:`check_sign1_headers`)."""
+
+    producer_id: str
+    resource_id: str
+    epoch: int
+    seq: int
+    iat: int
+    exp: int
+    signature_algorithm: SignatureAlgorithm
+    kid: bytes
+
+
+def check_sign1_headers(header: HeaderMap, unprotected: HeaderMap) -> SignedHeader:
+    """The checks of the Sign1 headers, in the order :func:`read_generic` makes them (the
+    incremental reader, :mod:`oscar.streaming`, makes the very same); :class:`InvalidObject`."""
     if header.keys() != _SIGN1_LABELS:
         raise InvalidObject("Sign1 protected header has missing or unknown labels")
-    if sign1.unprotected:
+    if unprotected:
         raise InvalidObject("Sign1 unprotected header is not empty")
     signature_algorithm = signature_for(header[ALG])
     kid = header[KID]
@@ -103,32 +132,38 @@ def read_generic(data: bytes) -> ProtectedObject:
         raise InvalidObject("exp precedes iat")
     epoch = _uint(header[EPOCH], "epoch")
     seq = _uint(header[SEQ], "seq")
+    return SignedHeader(
+        str(producer_id), str(resource_id), epoch, seq, iat, exp, signature_algorithm, kid
+    )
 
-    encrypt0 = Encrypt0.from_bytes(sign1.payload)
-    inner = encrypt0.protected_map
+
+def check_encrypt0_headers(
+    outer: SignedHeader, inner: HeaderMap, unprotected: HeaderMap, ciphertext_length: int
+) -> ObjectMetadata:
+    """The checks of the Encrypt0 headers against the Sign1's, in :func:`read_generic`'s order;
+    the object's metadata, or :class:`InvalidObject`."""
     if inner.keys() != _ENC_LABELS:
         raise InvalidObject("Encrypt0 protected header has missing or unknown labels")
-    if encrypt0.unprotected.keys() != {PARTIAL_IV}:
+    if unprotected.keys() != {PARTIAL_IV}:
         raise InvalidObject("Encrypt0 unprotected header is not exactly the Partial IV")
     aead = aead_for(inner[ALG])
     content_format = inner[CONTENT_TYPE]
     if type(content_format) is not int or not 0 <= content_format <= 0xFFFF:
         raise InvalidObject("content type is not a CoAP content format")
-    piv = encrypt0.unprotected[PARTIAL_IV]
-    if type(piv) is not bytes or piv != partial_iv(seq) or len(piv) > _MAX_PIV_LENGTH:
+    piv = unprotected[PARTIAL_IV]
+    if type(piv) is not bytes or piv != partial_iv(outer.seq) or len(piv) > _MAX_PIV_LENGTH:
         raise InvalidObject("Partial IV does not encode the signed seq minimally")
-    if len(encrypt0.ciphertext) < aead.tag_length:
+    if ciphertext_length < aead.tag_length:
         raise InvalidObject("ciphertext shorter than the tag")
-    metadata = ObjectMetadata(
-        producer_id,
-        resource_id,
-        epoch,
-        seq,
-        iat,
-        exp,
+    return ObjectMetadata(
+        outer.producer_id,
+        outer.resource_id,
+        outer.epoch,
+        outer.seq,
+        outer.iat,
+        outer.exp,
         content_format,
         aead,
-        signature_algorithm,
-        kid,
+        outer.signature_algorithm,
+        outer.kid,
     )
-    return ProtectedObject(metadata, sign1, encrypt0)

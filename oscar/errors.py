@@ -18,7 +18,8 @@ reason is always built from the library's own fixed phrases, never from a value 
 object or from a secret.
 
 Foreign exceptions are translated at one place each: ``cryptography``'s failed tag or signature
-(``InvalidTag``, ``InvalidSignature``) in :mod:`oscar.algorithms`, its certificate failures in
+(``InvalidTag``, ``InvalidSignature``) in :mod:`oscar.algorithms` (in
+:mod:`oscar.aeadstream` for the AEADs run in pieces), its certificate failures in
 :mod:`oscar.certs`, the CBOR decoder's ``MalformedCBOR`` in :mod:`oscar.cose`. The pinned reader's
 ``_NotPinned`` is control flow that never leaves :mod:`oscar.pinned`.
 

@@ -11,7 +11,10 @@ their one public face: it re-exports them, so ``from oscar.objects import …`` 
 :mod:`oscar.decoding`       :class:`ProtectedObject` and the generic strict decoder
 :mod:`oscar.pinned`         the fast reader of the pinned layout (the decoder's first try)
 :mod:`oscar.sealer`         :class:`Sealer` and :func:`seal`
-:mod:`oscar.opening`        :func:`verify`, :func:`open`, :func:`open_verified`
+:mod:`oscar.opening`        :func:`verify`, :func:`open`, :func:`open_verified`, and for large
+                            objects :func:`verify_stream`, :func:`open_verified_stream`
+:mod:`oscar.streaming`      :class:`ObjectReader`: an object read as it arrives, bounded memory
+:mod:`oscar.aeadstream`     decrypting a long ciphertext in pieces, after its tag verifies
 ==========================  =====================================================================
 
 Incoming objects go through the checks in DESIGN order, and any failure raises the one opaque
@@ -57,8 +60,17 @@ from .model import (
     external_aad,
     object_etag,
 )
-from .opening import Signer, SignerLookup, open, open_verified, verify
+from .opening import (
+    Signer,
+    SignerLookup,
+    open,
+    open_verified,
+    open_verified_stream,
+    verify,
+    verify_stream,
+)
 from .sealer import Sealer, seal
+from .streaming import ObjectReader, StreamedObject
 
 __all__ = [
     "CONTENT_FORMAT_COSE_SIGN1",
@@ -72,15 +84,19 @@ __all__ = [
     "SEQ",
     "SUB",
     "ObjectMetadata",
+    "ObjectReader",
     "ProtectedObject",
     "Reading",
     "Sealer",
     "Signer",
     "SignerLookup",
+    "StreamedObject",
     "external_aad",
     "object_etag",
     "open",
     "open_verified",
+    "open_verified_stream",
     "seal",
     "verify",
+    "verify_stream",
 ]

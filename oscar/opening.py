@@ -3,8 +3,10 @@
 :func:`verify` checks an object without any secret (the proxy's view): the signer, the signature,
 expiry and ``iat``. :func:`open` verifies, checks freshness, decrypts and records the object as the
 newest accepted; :func:`open_verified` is its second half, for a caller that must fetch the secret
-after the signature has been checked. Every failure raises the one opaque
-:class:`~oscar.errors.InvalidObject`.
+after the signature has been checked. :func:`verify_stream` and :func:`open_verified_stream` are
+the same for a large object read as it arrived (:mod:`oscar.streaming`): the same checks in the
+same order, the ciphertext authenticated whole before any plaintext is written
+(:mod:`oscar.aeadstream`). Every failure raises the one opaque :class:`~oscar.errors.InvalidObject`.
 
 What this module does not do: decode (:mod:`oscar.decoding`), look up certificates or secrets
 itself (the caller hands in a key, a certificate or a lookup function), or keep time (``now`` is an
@@ -19,15 +21,31 @@ from typing import TypeAlias
 from cryptography import x509
 
 from . import certs
+from .aeadstream import Pass, Write, decrypt_to
 from .algorithms import PublicKey
 from .cose import Encrypt0
 from .decoding import ProtectedObject
 from .errors import CertificateError, InvalidObject
 from .freshness import FreshnessState
 from .keys import ContentKeys, KeyCache, SecretLookup
-from .model import DEFAULT_MAX_CLOCK_SKEW, DEFAULT_MAX_OBJECT_SIZE, Reading, external_aad
+from .model import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DEFAULT_MAX_OBJECT_SIZE,
+    ObjectMetadata,
+    Reading,
+    external_aad,
+)
+from .streaming import StreamedObject
 
-__all__ = ["Signer", "SignerLookup", "open", "open_verified", "verify"]
+__all__ = [
+    "Signer",
+    "SignerLookup",
+    "open",
+    "open_verified",
+    "open_verified_stream",
+    "verify",
+    "verify_stream",
+]
 
 #: The signer of an object: a trusted :class:`~oscar.certs.ProducerKey` (fastest), a certificate
 #: (checked on every call), or a bare public key.
@@ -37,7 +55,7 @@ SignerLookup = Callable[[str, bytes], "Signer | None"]
 
 
 def _resolve_signer(
-    obj: ProtectedObject,
+    obj: ProtectedObject | StreamedObject,
     signer: Signer | SignerLookup,
     now: int,
     trust_anchor: x509.Certificate | None,
@@ -116,16 +134,48 @@ def verify(
         if isinstance(data, ProtectedObject)
         else ProtectedObject.from_bytes(data, max_size=max_size)
     )
+    _check(obj, signer, now, resource_id, trust_anchor, revoked_serials, max_clock_skew)
+    return obj
+
+
+def verify_stream(
+    obj: StreamedObject,
+    *,
+    signer: Signer | SignerLookup,
+    now: int,
+    resource_id: str | None = None,
+    trust_anchor: x509.Certificate | None = None,
+    revoked_serials: Container[int] = (),
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
+) -> StreamedObject:
+    """:func:`verify` for an object read as it arrived (:class:`~oscar.streaming.ObjectReader`):
+    the same checks in the same order, its signature checked from the digest of its message.
+    Returns ``obj``; raises :class:`InvalidObject` if any check fails."""
+    _check(obj, signer, now, resource_id, trust_anchor, revoked_serials, max_clock_skew)
+    return obj
+
+
+def _check(
+    obj: ProtectedObject | StreamedObject,
+    signer: Signer | SignerLookup,
+    now: int,
+    resource_id: str | None,
+    trust_anchor: x509.Certificate | None,
+    revoked_serials: Container[int],
+    max_clock_skew: int,
+) -> None:
     m = obj.metadata
     if resource_id is not None and m.resource_id != resource_id:
         raise InvalidObject("object is for another resource")
     public_key = _resolve_signer(obj, signer, now, trust_anchor, revoked_serials)
-    obj.sign1.verify(public_key, m.signature_algorithm)
+    if isinstance(obj, StreamedObject):
+        obj.verify_signature(public_key)
+    else:
+        obj.sign1.verify(public_key, m.signature_algorithm)
     if now > m.exp:
         raise InvalidObject("object expired")
     if m.iat > now + max_clock_skew:
         raise InvalidObject("object issued in the future")
-    return obj
 
 
 def open(
@@ -173,6 +223,44 @@ def open_verified(
     m = obj.metadata
     if freshness is not None:
         freshness.check(m.resource_id, m.epoch, m.seq)
+    keys = _content_keys(secrets, m)
+    aad = Encrypt0.to_be_encrypted(
+        obj.encrypt0.protected, external_aad(m.producer_id, m.resource_id, m.epoch, m.seq)
+    )
+    plaintext = m.aead.decrypt(keys.cipher, keys.nonce(m.seq), obj.encrypt0.ciphertext, aad)
+    if freshness is not None:
+        freshness.accept(m.resource_id, m.epoch, m.seq)
+    return Reading(plaintext, m)
+
+
+def open_verified_stream(
+    obj: StreamedObject,
+    ciphertext: Pass,
+    write: Write,
+    *,
+    secrets: SecretLookup | KeyCache,
+    freshness: FreshnessState | None = None,
+) -> ObjectMetadata:
+    """:func:`open_verified` for an object read as it arrived and that :func:`verify` has just
+    accepted: check freshness, authenticate the whole ciphertext, then decrypt it into ``write``
+    (:func:`oscar.aeadstream.decrypt_to`), record. ``ciphertext`` makes a fresh pass over the
+    object's ciphertext (tag included: ``obj.ciphertext_length`` bytes from
+    ``obj.ciphertext_offset`` of the object). What ``write`` received is released only when
+    this returns: on :class:`InvalidObject` the caller discards it. Returns the metadata."""
+    m = obj.metadata
+    if freshness is not None:
+        freshness.check(m.resource_id, m.epoch, m.seq)
+    keys = _content_keys(secrets, m)
+    aad = Encrypt0.to_be_encrypted(
+        obj.encrypt0_protected, external_aad(m.producer_id, m.resource_id, m.epoch, m.seq)
+    )
+    decrypt_to(m.aead, keys.key, keys.nonce(m.seq), aad, ciphertext, obj.ciphertext_length, write)
+    if freshness is not None:
+        freshness.accept(m.resource_id, m.epoch, m.seq)
+    return m
+
+
+def _content_keys(secrets: SecretLookup | KeyCache, m: ObjectMetadata) -> ContentKeys:
     if isinstance(secrets, KeyCache):
         keys = secrets.keys_for(m.resource_id, m.epoch, m.aead)
     else:
@@ -182,10 +270,4 @@ def open_verified(
         )
     if keys is None:
         raise InvalidObject("no access secret for this resource and epoch")
-    aad = Encrypt0.to_be_encrypted(
-        obj.encrypt0.protected, external_aad(m.producer_id, m.resource_id, m.epoch, m.seq)
-    )
-    plaintext = m.aead.decrypt(keys.cipher, keys.nonce(m.seq), obj.encrypt0.ciphertext, aad)
-    if freshness is not None:
-        freshness.accept(m.resource_id, m.epoch, m.seq)
-    return Reading(plaintext, m)
+    return keys

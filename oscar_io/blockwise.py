@@ -16,7 +16,8 @@ exchange), and takes their answers strictly in order:
   answers, errors included, never looked at);
 - memory: the object assembled into one buffer (appending, no quadratic copying) and at most
   ``window`` answers waiting to be appended; the buffer is copied once into the ``bytes``
-  returned (for that moment, twice the object).
+  returned (for that moment, twice the object). With a ``sink`` (a large object spooled and
+  checked as it arrives), each block goes there instead and nothing is assembled.
 
 Failures raise :class:`BrokenTransfer` or :class:`TooLarge` (both :class:`BlockwiseError`), with
 nothing returned and every outstanding request cancelled; the caller maps them to its own errors
@@ -164,8 +165,20 @@ def check_window(window: int) -> int:
     return window
 
 
-async def fetch_rest(first: Any, ask: Ask, *, max_size: int, window: int = DEFAULT_WINDOW) -> bytes:
+async def fetch_rest(
+    first: Any,
+    ask: Ask,
+    *,
+    max_size: int,
+    window: int = DEFAULT_WINDOW,
+    sink: Callable[[bytes], object] | None = None,
+) -> bytes:
     """The whole payload of the transfer whose first answer (block 0) is ``first``.
+
+    With ``sink``, each block's payload (the first one's included) is handed to it in order as
+    it is taken, nothing is assembled and ``b""`` is returned: memory is then ``window``
+    answers, whatever the object's size. What ``sink`` raises propagates (the requests
+    outstanding cancelled).
 
     ``first`` must carry a Block2 option. Raises :class:`BrokenTransfer`, :class:`TooLarge`,
     ``ValueError`` for a bad ``window``, and whatever ``ask`` raises.
@@ -183,14 +196,18 @@ async def fetch_rest(first: Any, ask: Ask, *, max_size: int, window: int = DEFAU
     if size2 is not None and size2 > max_size:
         raise TooLarge("a Block2 transfer announced larger than any object")
     buffer = bytearray(first.payload)
-    if len(buffer) > max_size:
+    taken = len(buffer)  # bytes taken so far, into the buffer or the sink
+    if taken > max_size:
         raise TooLarge("a Block2 transfer larger than any object")
-    if not block2.more:
-        if len(buffer) > size:
-            raise BrokenTransfer("a Block2 block longer than its size")
-        return bytes(buffer)
-    if len(buffer) != size:
+    if not block2.more and taken > size:
+        raise BrokenTransfer("a Block2 block longer than its size")
+    if block2.more and taken != size:
         raise BrokenTransfer("a Block2 block shorter than its size, not the last")
+    if sink is not None:
+        sink(bytes(buffer))
+        buffer = bytearray()
+    if not block2.more:
+        return bytes(buffer)
 
     reachable = -(-max_size // size)  # blocks 0 .. reachable-1 start below the limit
     planned = -(-size2 // size) if size2 else None  # blocks announced (Size2), if any
@@ -199,7 +216,7 @@ async def fetch_rest(first: Any, ask: Ask, *, max_size: int, window: int = DEFAU
     number = 1  # the next block number to append
     try:
         while True:
-            if len(buffer) >= max_size:  # more is announced, and the limit is reached
+            if taken >= max_size:  # more is announced, and the limit is reached
                 raise TooLarge("a Block2 transfer larger than any object")
             if planned is not None and number >= planned:
                 planned = None  # Size2 was short of the truth: go on as without it
@@ -223,9 +240,13 @@ async def fetch_rest(first: Any, ask: Ask, *, max_size: int, window: int = DEFAU
                 raise BrokenTransfer("a Block2 block shorter than its size, not the last")
             if len(data) > size:
                 raise BrokenTransfer("a Block2 block longer than its size")
-            if len(buffer) + len(data) > max_size:
+            if taken + len(data) > max_size:
                 raise TooLarge("a Block2 transfer larger than any object")
-            buffer += data
+            taken += len(data)
+            if sink is None:
+                buffer += data
+            else:
+                sink(data)
             del reply, data
             if not got.more:
                 return bytes(buffer)

@@ -44,7 +44,13 @@ from cryptography.hazmat.primitives import serialization
 
 from oscar.certs import ProducerKey, key_id
 from oscar.errors import CertificateError, InvalidObject
-from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, ProtectedObject, verify
+from oscar.objects import (
+    DEFAULT_MAX_OBJECT_SIZE,
+    ProtectedObject,
+    StreamedObject,
+    verify,
+    verify_stream,
+)
 
 from .bundle import Bundle
 from .coaperrors import TransportError
@@ -180,17 +186,36 @@ class Trust:
         Raises :class:`InvalidObject`, :class:`TransportError`, :class:`AccessDenied`.
         """
         obj = ProtectedObject.from_bytes(data, max_size=max_size)
+        key = await self._checked(obj, resource_id, now)
+        return obj, key
+
+    async def check_stream(
+        self, obj: StreamedObject, resource_id: str, now: int
+    ) -> tuple[StreamedObject, ProducerKey]:
+        """:meth:`check` for an object read as it arrived (:class:`oscar.streaming.ObjectReader`
+        did the decoding and the size limit): the same checks, in the same order."""
+        key = await self._checked(obj, resource_id, now)
+        return obj, key
+
+    async def _checked(
+        self, obj: ProtectedObject | StreamedObject, resource_id: str, now: int
+    ) -> ProducerKey:
         m = obj.metadata
         if m.resource_id != resource_id:
             raise InvalidObject("object is for another resource")
         key = await self.signer(m.kid, now)
-        verify(obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor)
+        if isinstance(obj, StreamedObject):
+            verify_stream(
+                obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor
+            )
+        else:
+            verify(obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor)
         revoked = await self.revoked_serials(now)
         try:
             key.check(m.producer_id, now, revoked)
         except CertificateError as exc:
             raise InvalidObject(f"signer not acceptable: {exc}") from None
-        return obj, key
+        return key
 
     async def revoked_serials(self, now: int) -> frozenset[int]:
         """The serials the CA has revoked, from a CRL current at ``now``.

@@ -63,8 +63,10 @@ __all__ = [
 Value = Callable[[], "bytes | Awaitable[bytes | None] | None"]
 
 MAX_PERIOD = 0xFFFF_FFFF
-#: The largest plaintext a producer seals: one MiB (an object then stays under oscar's size limit).
-MAX_VALUE_SIZE = 1 << 20
+#: The largest plaintext a producer seals: 64 MiB, a consumer's default limit less the headers
+#: (consumer.client.DEFAULT_MAX_OBJECT_SIZE); one over 1 MiB needs consumers and proxies that
+#: take it (a proxy's limits.max_object_size is 1 MiB + 4 KiB unless raised). Sealed in memory.
+MAX_VALUE_SIZE = 64 << 20
 #: The most observers a configuration may allow (about 600 MiB of aiocoap state).
 MAX_OBSERVERS = 65_536
 

@@ -30,6 +30,9 @@
     relays = 1024                      # upstream observations at once, in all
     relays_per_client = 64             # ... that one client's registrations hold
     block_window = 8                   # blocks of a large upstream object asked for at once
+    max_object_size = 1052672          # largest object fetched, published or cached (bytes;
+                                       # 1 MiB + 4 KiB by default, at most 64 MiB, and 8 MiB
+                                       # with cluster)
 
 Every check happens before anything starts; a bad value is a :class:`ConfigError`.
 """
@@ -44,6 +47,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from oscar import names
+from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 from oscar_io import ports
 from oscar_io.blockwise import MAX_WINDOW
 from oscar_io.clikit import read_toml
@@ -51,6 +55,8 @@ from oscar_io.errors import ConfigError
 from oscar_io.urls import redacted, user_part_unclear
 
 __all__ = [
+    "CLUSTER_MAX_OBJECT_SIZE",
+    "MAX_OBJECT_SIZE",
     "ConfigError",
     "Limits",
     "ProxyConfig",
@@ -60,6 +66,16 @@ __all__ = [
     "parse_metrics",
     "parse_reverse",
 ]
+
+
+#: The most ``limits.max_object_size`` may be: the proxy assembles, verifies and caches an object
+#: whole in memory (the consumer spools and streams; the proxy does not yet), so each upstream
+#: fetch or notification in progress may hold this much.
+MAX_OBJECT_SIZE = 64 << 20
+#: ... and with ``cluster``: every new object goes whole to every instance in one pub/sub message
+#: and sits in the store's memory; Redis's default pub/sub output buffer limit (32 MB hard, 8 MB
+#: soft for 60 s) would cut off a subscriber sent much more.
+CLUSTER_MAX_OBJECT_SIZE = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,9 @@ class Limits:
     relays_per_client: int = 64
     #: Blocks of a large upstream object asked for at once (:mod:`oscar_io.blockwise`), 1 to 64.
     block_window: int = 8
+    #: The largest object fetched from an upstream, published, verified or cached, in bytes:
+    #: 1,024 to :data:`MAX_OBJECT_SIZE`, at most :data:`CLUSTER_MAX_OBJECT_SIZE` in a cluster.
+    max_object_size: int = DEFAULT_MAX_OBJECT_SIZE
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -101,6 +120,8 @@ class Limits:
                 raise ConfigError(f"limits.{f.name} is 0 to 3600 seconds")
         if self.block_window > MAX_WINDOW:
             raise ConfigError(f"limits.block_window is 1 to {MAX_WINDOW}")
+        if not 1024 <= self.max_object_size <= MAX_OBJECT_SIZE:
+            raise ConfigError(f"limits.max_object_size is 1024 to {MAX_OBJECT_SIZE} bytes")
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,11 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if self.cluster is not None:
             check_cluster_url(self.cluster)
+            if self.limits.max_object_size > CLUSTER_MAX_OBJECT_SIZE:
+                raise ConfigError(
+                    f"limits.max_object_size is at most {CLUSTER_MAX_OBJECT_SIZE} bytes with "
+                    "cluster (each new object goes whole to every instance through the store)"
+                )
         elif self.cluster_password_file is not None:
             raise ConfigError("cluster_password_file without cluster")
         if not self.plain and not self.dtls:

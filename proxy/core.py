@@ -244,7 +244,9 @@ class Proxy:
         now = int(self.now())
         token = origin.set(origin_of(upstream, resource_id))
         try:
-            obj, key = await self.trust.check(data, resource_id, now)
+            obj, key = await self.trust.check(
+                data, resource_id, now, max_size=self.limits.max_object_size
+            )
             m = obj.metadata
         except AccessDenied as exc:  # the AS refused this proxy a certificate or the CRL
             raise TransportError(str(exc)) from None
@@ -384,7 +386,12 @@ class Proxy:
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
         """``first`` with the rest of its blocks (:func:`proxy.upstream.complete`)."""
         return await complete(
-            ctx, request, first, self.limits.upstream_timeout, window=self.limits.block_window
+            ctx,
+            request,
+            first,
+            self.limits.upstream_timeout,
+            window=self.limits.block_window,
+            max_size=self.limits.max_object_size,
         )
 
     async def _take(

@@ -54,7 +54,6 @@ from aiocoap.resource import ObservableResource
 
 from oscar import names
 from oscar.errors import InvalidObject
-from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 
@@ -189,7 +188,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             pipe.add_response(Message(code=Code.FORBIDDEN), is_last=True)
             return
         block1 = request.opt.block1
-        if len(request.payload) + (block1.start if block1 else 0) > DEFAULT_MAX_OBJECT_SIZE:
+        limit = self.proxy.limits.max_object_size
+        if len(request.payload) + (block1.start if block1 else 0) > limit:
             pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:

@@ -39,7 +39,12 @@ def upstream_failure(exc: Exception, source: str) -> str:
 
 
 async def complete(
-    ctx: Any, request: Any, first: Any, timeout: float, window: int = DEFAULT_WINDOW
+    ctx: Any,
+    request: Any,
+    first: Any,
+    timeout: float,
+    window: int = DEFAULT_WINDOW,
+    max_size: int = DEFAULT_MAX_OBJECT_SIZE,
 ) -> Any:
     """``first`` (an answer or a notification) with the rest of its blocks, if it has more.
 
@@ -47,7 +52,7 @@ async def complete(
     blocks until the proxy runs out of memory), copies the whole payload for each block it
     appends and asks for one block per round trip. Here up to ``window`` blocks are asked for
     at once (:func:`oscar_io.blockwise.fetch_rest`), every exchange (one block) has ``timeout``
-    seconds, the object may grow to :data:`~oscar.objects.DEFAULT_MAX_OBJECT_SIZE` and no
+    seconds, the object may grow to ``max_size`` (the proxy's ``limits.max_object_size``) and no
     further, every block must be the one asked for, full but the last, and carry the first
     one's ETag (RFC 7959 §2.4; the rest of a notification is asked for without Observe, §2.6).
     Raises :class:`UpstreamError`, and what aiocoap raises.
@@ -72,7 +77,7 @@ async def complete(
 
     allow_in_flight(ctx, window)
     try:
-        payload = await fetch_rest(first, ask, max_size=DEFAULT_MAX_OBJECT_SIZE, window=window)
+        payload = await fetch_rest(first, ask, max_size=max_size, window=window)
     except BlockwiseError as exc:
         raise UpstreamError(str(exc)) from None
     first.payload = payload

@@ -121,6 +121,7 @@ PROCESS: dict[str, Starts] = {
         "test_a_stale_first_notification_without_a_held_reading_is_reported_once",
         "test_many_large_objects_held_do_not_break_later_reads",
     ),
+    "test_consumer_large": every(),
     "test_consumer_ingest": only(
         "test_nothing_released_before_a_kill_is_released_again",
         "test_readings_in_flight_of_one_resource_through_the_pipeline",

@@ -39,6 +39,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 PROFILE = "a128gcm-es256"
 #: The proxy's limits.block_window here: not the default, so a test sees the limit used.
 WINDOW = DEFAULT_WINDOW - 3
+#: The proxy's limits.max_object_size here: above the default (1 MiB + 4 KiB), so that objects
+#: over a mebibyte go through and the cut-off is this limit, not the default.
+LIMIT = (2 << 20) + 4096
 
 
 @dataclass
@@ -192,7 +195,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         lambda: observable, local_addr=("127.0.0.1", 0)
     )
     config = root / "proxy.toml"  # a window other than the default: the limit is the one used
-    config.write_text(f"[limits]\nblock_window = {WINDOW}\n")
+    config.write_text(f"[limits]\nblock_window = {WINDOW}\nmax_object_size = {LIMIT}\n")
     proxy = ProxyProcess(
         root / "cache-1.json",
         root / "proxy-state",
@@ -206,7 +209,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         "debug",
     )
     try:
-        sealers = await _sealers(root, "big", "film")
+        sealers = await _sealers(root, "big", "film", "reel")
         await asyncio.to_thread(proxy.start)
         yield World(root, d, standin, relay, raw, observable, proxy, sealers)
     finally:
@@ -263,14 +266,28 @@ async def test_a_mebibyte_goes_through_the_proxy_block_wise_then_is_a_hit(world:
 
 
 async def test_an_upstream_transfer_larger_than_any_object_is_cut_off(world: World) -> None:
-    junk = os.urandom(DEFAULT_MAX_OBJECT_SIZE + 200 * 1024)
+    junk = os.urandom(LIMIT + 200 * 1024)
     world.standin.resource("sensor/huge").serve(junk, max_age=60)
     blocks = gets(world)
     response = await proxy_get(world.proxy.uri("sensor/huge"))
     assert response.code == Code.BAD_GATEWAY
     fetched = gets(world) - blocks
-    assert fetched <= DEFAULT_MAX_OBJECT_SIZE // 1024 + 1 < len(junk) // 1024
+    assert fetched <= LIMIT // 1024 + 1 < len(junk) // 1024
     assert "larger than any object" in world.proxy.log()
+
+
+async def test_an_object_over_a_mebibyte_within_the_configured_limit(world: World) -> None:
+    """limits.max_object_size lets a 1.5 MiB object through the proxy (fetched, verified,
+    cached, served block-wise); the consumer spools it and reads it as it arrives."""
+    plaintext = os.urandom(3 << 19)
+    assert len(plaintext) > DEFAULT_MAX_OBJECT_SIZE
+    obj = world.sealers["reel"].seal(
+        seq=1, iat=0, exp=2_000_000_000, content_format=42, plaintext=plaintext
+    )
+    world.standin.resource("sensor/reel").serve(obj, max_age=60)
+    async with Consumer(world.root / "c1.json") as consumer:
+        reading = await consumer.get(world.proxy.uri("sensor/reel"))
+    assert reading.plaintext == plaintext
 
 
 @pytest.mark.parametrize(
@@ -316,9 +333,9 @@ async def test_a_block_wise_notification_is_assembled_checked_and_cached(world: 
         assert (await asyncio.wait_for(anext(observation), 30)).plaintext == small
         before = await stats(world)
 
-        observable.serve(os.urandom(DEFAULT_MAX_OBJECT_SIZE + 100 * 1024))
+        observable.serve(os.urandom(LIMIT + 100 * 1024))
         await asyncio.to_thread(wait_until, lambda: "is dropped" in world.proxy.log(), 30)
-        assert observable.continuations <= DEFAULT_MAX_OBJECT_SIZE // 1024 + 1
+        assert observable.continuations <= LIMIT // 1024 + 1
         assert "larger than any object" in world.proxy.log()
 
         observable.continuations = 0

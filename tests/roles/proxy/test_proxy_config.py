@@ -119,3 +119,26 @@ def test_the_metrics_address_is_host_and_port(tmp_path: Path) -> None:
         doc["metrics"] = bad
         with pytest.raises(ConfigError, match="metrics"):
             config_from_mapping(doc, base=tmp_path)
+
+
+def test_the_object_size_limit_is_checked(tmp_path: Path) -> None:
+    """limits.max_object_size: 1 KiB to 64 MiB, at most 8 MiB in a cluster; each refusal one
+    clear error."""
+    doc: dict[str, object] = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683"}
+    assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == (1 << 20) + 4096
+    doc["limits"] = {"max_object_size": 64 << 20}
+    assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == 64 << 20
+    refusals = {
+        "is 1024 to 67108864 bytes": [{"max_object_size": n} for n in (1023, (64 << 20) + 1)],
+        "positive whole number": [{"max_object_size": v} for v in (0, True, 2.5, "1")],
+    }
+    for why, cases in refusals.items():
+        for limits in cases:
+            doc["limits"] = limits
+            with pytest.raises(ConfigError, match=why):
+                config_from_mapping(doc, base=tmp_path)
+    doc.update(cluster="redis://127.0.0.1:6379/0", limits={"max_object_size": 8 << 20})
+    assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == 8 << 20
+    doc["limits"] = {"max_object_size": (8 << 20) + 1}
+    with pytest.raises(ConfigError, match="at most 8388608 bytes with cluster"):
+        config_from_mapping(doc, base=tmp_path)
