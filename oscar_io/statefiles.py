@@ -21,7 +21,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from oscar import cbor
 
@@ -34,6 +34,7 @@ __all__ = [
     "StateError",
     "atomic_write",
     "private_dir",
+    "read_bounded",
     "read_state_file",
 ]
 
@@ -151,12 +152,33 @@ def read_state_file(path: Path, *, private: bool = False) -> bytes | None:
         if private and info.st_mode & 0o077:
             raise StateError(f"{path} is readable by others: chmod 600 it")
         try:
-            data = f.read(MAX_STATE_FILE + 1)
+            data = read_bounded(f, MAX_STATE_FILE, info.st_size)
         except OSError as exc:
             raise StateError(f"cannot read {path}: {exc.strerror}") from None
     if len(data) > MAX_STATE_FILE:
         raise StateError(f"{path} is over {MAX_STATE_FILE} bytes")
     return data
+
+
+def read_bounded(f: BinaryIO, limit: int, size_hint: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``f`` (one more than allowed: the caller refuses it).
+
+    ``f.read(n)`` allocates ``n`` bytes before reading: with ``limit`` as ``n``, each read of a
+    small state file (every freshness save) or a producer's value file (every poll) made a 64 MiB
+    allocation. This reads the size the file had (``size_hint``, from fstat) and one byte more,
+    then, only if the file grew meanwhile, goes on in 1 MiB pieces up to the bound."""
+    want = min(limit, max(size_hint, 0)) + 1
+    first = f.read(want)
+    if len(first) < want or len(first) > limit:
+        return first
+    pieces, total = [first], len(first)
+    while total <= limit:
+        piece = f.read(min(1 << 20, limit + 1 - total))
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
 
 
 def _check_owner(path: Path, info: os.stat_result, what: str) -> None:

@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from oscar_io.statefiles import read_bounded
+
 from .config import MAX_VALUE_SIZE, ResourceSpec
 
 __all__ = ["FileSource", "read", "run"]
@@ -64,7 +66,7 @@ class FileSource:
             return None
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_VALUE_SIZE + 1)
+                data = read_bounded(f, MAX_VALUE_SIZE, st.st_size)
         except OSError as exc:
             log.warning("%s: cannot read %s: %s", self.name, path, exc.strerror)
             return None
@@ -104,11 +106,33 @@ async def read(spec: ResourceSpec) -> bytes | None:
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), max(10.0, spec.interval))
+        async with asyncio.timeout(max(10.0, spec.interval)):
+            out = await _bounded_output(process)
+            if out is not None:
+                await process.wait()
     except TimeoutError:
+        out = b""
+    if process.returncode is None:  # timed out, or wrote too much: stopped, not waited for
         process.kill()
         await process.wait()
-        raise RuntimeError("the command timed out") from None
+        if out is not None:
+            raise RuntimeError("the command timed out")
+    if out is None:  # more than a value may hold: stopped reading, not kept in memory
+        raise RuntimeError(f"the command wrote more than {MAX_VALUE_SIZE} bytes")
     if process.returncode != 0:
         raise RuntimeError(f"the command exited with status {process.returncode}")
     return out
+
+
+async def _bounded_output(process: asyncio.subprocess.Process) -> bytes | None:
+    """The command's standard output, or None once it passes :data:`MAX_VALUE_SIZE`."""
+    stdout = process.stdout
+    if stdout is None:  # not piped: nothing to read
+        return b""
+    pieces, total = [], 0
+    while piece := await stdout.read(1 << 20):
+        total += len(piece)
+        if total > MAX_VALUE_SIZE:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
