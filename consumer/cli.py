@@ -58,6 +58,7 @@ from oscar_io.statefiles import atomic_write
 
 from .client import DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, StaleCopy, TransportError
+from .transport import DEFAULT_TCP_THRESHOLD, check_threshold
 
 log = logging.getLogger("oscar.consumer")
 
@@ -117,6 +118,15 @@ def _count(text: str) -> int:
     return value
 
 
+def _threshold(text: str) -> int | str:
+    if text == "off":
+        return text
+    try:
+        return check_threshold(int(text)) or 0
+    except ValueError:
+        raise argparse.ArgumentTypeError("is a number of bytes (0 to 4294967295) or off") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oscar-consumer`` argument parser, one subcommand per operation."""
     parser = OneLineParser(
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML with any of: bundle, state, timeout, proxy (flags override it)",
+        help="TOML with any of: bundle, state, timeout, proxy, tcp_threshold (flags override it)",
     )
     parser.add_argument("--bundle", metavar="FILE", help="credentials bundle")
     parser.add_argument("--state", metavar="DIR", help="state directory (made with mode 0700)")
@@ -137,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="S",
         help=f"seconds to wait for an answer (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--tcp-threshold",
+        type=_threshold,
+        metavar="BYTES",
+        help="objects announced (Size2) at least this large come over CoAP over TCP from the "
+        "same port, falling back to UDP; 'off': never "
+        f"(default: {DEFAULT_TCP_THRESHOLD})",
     )
     add_logging_arguments(parser, default="warning")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -245,6 +263,7 @@ def _apply_config(args: argparse.Namespace) -> None:
             "state": str,
             "timeout": (int, float),
             "proxy": str,
+            "tcp_threshold": (int, str),
         }
         unknown = set(doc) - set(kinds)
         if unknown:
@@ -256,18 +275,30 @@ def _apply_config(args: argparse.Namespace) -> None:
                 value = str(path.parent / os.path.expanduser(str(value)))  # ~user: as is
             if key == "timeout" and not value > 0:
                 raise UsageError(f"{path}: timeout must be positive")
+            if key == "tcp_threshold":
+                try:
+                    value = _threshold(str(value)) if value == "off" else check_threshold(value)
+                except (ValueError, argparse.ArgumentTypeError):
+                    raise UsageError(
+                        f'{path}: tcp_threshold is a number of bytes (0 to 4294967295) or "off"'
+                    ) from None
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
     if args.bundle is None or args.state is None:
         raise UsageError("--bundle and --state are required (or a --config that gives them)")
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT
+    if args.tcp_threshold is None:
+        args.tcp_threshold = DEFAULT_TCP_THRESHOLD
 
 
 async def _run(args: argparse.Namespace) -> int:
     parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
-    async with Consumer(args.bundle, args.state, timeout=args.timeout) as consumer:
+    threshold = None if args.tcp_threshold == "off" else args.tcp_threshold
+    async with Consumer(
+        args.bundle, args.state, timeout=args.timeout, tcp_threshold=threshold
+    ) as consumer:
         if args.command == "get":
             return await _get(consumer, args)
         return await _observe(consumer, args)

@@ -55,6 +55,7 @@ from .errors import StaleCopy
 from .pipeline import Pipeline
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .target import Target, parse_target
+from .transport import DEFAULT_TCP_THRESHOLD, TcpRoute
 
 __all__ = ["DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
@@ -91,6 +92,7 @@ class Consumer:
         max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
         max_secrets: int = DEFAULT_MAX_SECRETS,
         block_window: int = DEFAULT_WINDOW,
+        tcp_threshold: int | None = DEFAULT_TCP_THRESHOLD,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(bundle, Bundle):
@@ -104,6 +106,9 @@ class Consumer:
         self.max_object_size = max_object_size
         #: Blocks of a large object asked for at once (:mod:`oscar_io.blockwise`; 1 to 64).
         self.block_window = check_window(block_window)
+        #: Objects announced this large or larger come over CoAP over TCP (None: never), falling
+        #: back to UDP (:mod:`consumer.transport`).
+        self.tcp = TcpRoute(tcp_threshold, timeout=timeout, max_size=max_object_size)
         self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
         self.trust = Trust(bundle, self.store.trust, self._as)
         self.pipeline = Pipeline(
@@ -161,6 +166,7 @@ class Consumer:
 
     async def close(self) -> None:
         await self.pipeline.close()  # the readings accepted are saved before anything stops
+        await self.tcp.close()
         self._dtls_connections.clear()
         dtls, self._dtls = self._dtls, {}
         for context in dtls.values():
@@ -308,8 +314,12 @@ class Consumer:
         return Exchange(context, message, request, response)
 
     async def _assembled(self, exchange: Exchange, first: Any, target: Target) -> Any:
-        """The whole response whose first block is ``first`` (:func:`consumer.coap.assemble`,
-        within :attr:`max_object_size`)."""
+        """The whole response whose first block is ``first``: over TCP for a large object
+        (:mod:`consumer.transport`), else :func:`consumer.coap.assemble`, within
+        :attr:`max_object_size`."""
+        whole = await self.tcp.fetch(first, target)
+        if whole is not None:
+            return whole
 
         async def respond(awaitable: Any) -> Any:
             return await self._response(awaitable, target)

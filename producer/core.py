@@ -139,8 +139,22 @@ class Producer:
             from .server import serve
 
             limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
+            tls = None
+            if config.tls:  # its certificate from the AS CA; clients need one from the same CA
+                from oscar_io.coaptcp import server_tls
+
+                tls = server_tls(
+                    self.certificate_pem,
+                    certs.private_key_pem(self.signing_key.private_key),
+                    bundle.ca_certificate,
+                )
             self.server = await serve(
-                self.device_id, self.resources.values(), *config.listen, limits
+                self.device_id,
+                self.resources.values(),
+                *config.listen,
+                limits,
+                tcp=config.tcp,
+                tls=tls,
             )
         if self._publisher is not None:  # after the observers: they are told first
             for published in self.resources.values():
