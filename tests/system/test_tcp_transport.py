@@ -1,0 +1,169 @@
+"""Large objects over CoAP over TCP and TLS end to end: a real AS, an embedded producer serving UDP,
+TCP and TLS, consumers choosing TCP by the announced size and falling back to UDP, and TLS with
+certificates the AS issued."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiocoap import GET, Context, Message
+from as_harness import free_port
+from cryptography.hazmat.primitives.serialization import Encoding
+from system_harness import Deployment
+
+from consumer import Consumer
+from oscar import certs
+from oscar_io import coaptcp
+from oscar_io.asclient import AsClient
+from oscar_io.bundle import Bundle
+from oscar_io.coaperrors import TransportError
+from producer import Producer, ProducerConfig, ResourceSpec
+
+IMAGE = os.urandom(1 << 20)  # 1 MiB: well above the TCP threshold
+SMALL = os.urandom(8 << 10)  # 8 KiB: block-wise over UDP, below the threshold
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(tmp_path_factory.mktemp("tcp"))
+    d.enroll("consumer", "reader")
+    d.start_as()
+    yield d
+    d.close()
+
+
+@dataclass
+class Served:
+    producer: Producer
+    port: int
+    reader: Path
+
+    def uri(self, path: str) -> str:
+        return f"coap://127.0.0.1:{self.port}/{self.producer.device_id}/{path}"
+
+
+_count = iter(range(100))
+
+
+async def start_producer(d: Deployment, tmp: Path, *, tcp: bool, tls: bool) -> Served:
+    device_id = f"camera-{next(_count)}"
+    port = free_port()
+    bundle = d.enroll("producer", device_id)
+    d.grant("reader", f"{device_id}/*")
+    config = ProducerConfig(
+        bundle=bundle,
+        state=tmp / device_id,
+        listen=("127.0.0.1", port),
+        resources=[
+            ResourceSpec("image", content_format=42, profile="a128gcm-es256"),
+            ResourceSpec("small", content_format=42, profile="a128gcm-es256"),
+        ],
+        tcp=tcp,
+        tls=tls,
+    )
+    producer = Producer(config)
+    await producer.start()
+    sealed = {path: asyncio.Event() for path in ("image", "small")}
+    for path, event in sealed.items():
+        producer.resources[path].on_change.append(lambda *_, e=event: e.set())  # type: ignore[misc]
+    producer.update("image", IMAGE)
+    producer.update("small", SMALL)
+    for path, event in sealed.items():  # sealed once the AS has given the secret
+        if producer.resources[path].obj is None:
+            await asyncio.wait_for(event.wait(), 10)
+    return Served(producer, port, d.root / "reader.json")
+
+
+@pytest_asyncio.fixture
+async def served(deployment: Deployment, tmp_path: Path) -> AsyncIterator[Served]:
+    s = await start_producer(deployment, tmp_path, tcp=True, tls=True)
+    try:
+        yield s
+    finally:
+        await s.producer.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_large_object_comes_over_tcp_and_opens_as_over_udp(served: Served) -> None:
+    async with Consumer(served.reader, tcp_threshold=None) as udp_only:
+        over_udp = await udp_only.get(served.uri("image"))
+        assert udp_only.tcp.fetched == 0
+    async with Consumer(served.reader) as consumer:  # the default threshold: 32 KiB
+        over_tcp = await consumer.get(served.uri("image"))
+        assert consumer.tcp.fetched == 1 and consumer.tcp.fallbacks == 0
+        small = await consumer.get(served.uri("small"))  # 8 KiB, announced: stays on UDP
+        assert consumer.tcp.fetched == 1
+    assert over_tcp.plaintext == over_udp.plaintext == IMAGE
+    assert over_tcp.metadata == over_udp.metadata
+    assert small.plaintext == SMALL
+    async with Consumer(served.reader, tcp_threshold=0) as eager:  # every block-wise object
+        assert (await eager.get(served.uri("small"))).plaintext == SMALL
+        assert eager.tcp.fetched == 1
+
+
+@pytest.mark.asyncio
+async def test_without_tcp_at_the_producer_the_consumer_falls_back_to_udp(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    served = await start_producer(deployment, tmp_path, tcp=False, tls=False)
+    try:
+        async with Consumer(served.reader) as consumer:
+            assert (await consumer.get(served.uri("image"))).plaintext == IMAGE
+            assert consumer.tcp.fetched == 0 and consumer.tcp.fallbacks == 1
+            # The refused peer rests: the next large object does not try TCP again.
+            assert (await consumer.get(served.uri("image"))).plaintext == IMAGE
+            assert consumer.tcp.fallbacks == 1
+    finally:
+        await served.producer.stop()
+
+
+@pytest.mark.asyncio
+async def test_tls_with_certificates_the_as_issued(
+    deployment: Deployment, served: Served, tmp_path: Path
+) -> None:
+    """A device holding a certificate from the AS CA (here a producer's, asked for over DTLS as
+    a producer does) fetches over coaps+tcp and checks the server is the producer; a client
+    without one is refused in the handshake."""
+    bundle = Bundle.load(deployment.enroll("producer", "camera-client"))
+    key = certs.generate_signing_key()
+    async with AsClient(bundle) as client:
+        der = await client.request_certificate(
+            certs.make_csr(key, bundle.device_id).public_bytes(Encoding.DER)
+        )
+    from cryptography import x509
+
+    cert_pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+    rid_uri = served.uri("image")
+    udp = await Context.create_client_context(transports=["udp6"])
+    try:
+        raw_udp = (await udp.request(Message(code=GET, uri=rid_uri)).response).payload
+    finally:
+        await udp.shutdown()
+    tls_uri = coaptcp.tcp_uri(rid_uri, tls=True)
+    good = await coaptcp.client_context(
+        coaptcp.client_tls(bundle.ca_certificate, cert_pem, certs.private_key_pem(key))
+    )
+    anonymous = await coaptcp.client_context(coaptcp.client_tls(bundle.ca_certificate))
+    try:
+        response = await coaptcp.fetch(
+            good,
+            Message(code=GET, uri=tls_uri),
+            max_size=4 << 20,
+            timeout=5.0,
+            peer=tls_uri,
+            expect_device=served.producer.device_id,
+        )
+        assert response.payload == raw_udp  # the same protected bytes
+        with pytest.raises(TransportError):
+            await coaptcp.fetch(
+                anonymous, Message(code=GET, uri=tls_uri), max_size=4 << 20, timeout=5.0, peer="p"
+            )
+    finally:
+        await good.shutdown()
+        await anonymous.shutdown()
