@@ -4,7 +4,7 @@
 
     oscar-proxy --bundle proxy-1.json --state /var/lib/oscar/proxy --listen 127.0.0.1:5683 \\
         [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls] \\
-        [--cluster redis://HOST:PORT/DB]
+        [--tcp] [--cluster redis://HOST:PORT/DB]
     oscar-proxy stats --state /var/lib/oscar/proxy [--json]
 
 ``stats`` asks the running proxy for its live counters over ``STATE/stats.sock``
@@ -13,7 +13,8 @@
 Forward proxying (Proxy-Uri) is always on; each ``--reverse`` maps a path prefix to a producer
 (``/PREFIX/REST`` is fetched from ``coap://HOST:PORT/PREFIX/REST``). Plain CoAP is served on the
 listen port and DTLS-PSK on the next one (identities: devices enrolled at the AS, keyed with link
-PSKs the AS derives for this proxy). Flags override the configuration file (see
+PSKs the AS derives for this proxy); with ``--tcp`` also CoAP over TCP on the listen port (GETs,
+large objects in BERT blocks: :mod:`oscar_io.coaptcp`). Flags override the configuration file (see
 :mod:`proxy.config` for its format and the limits).
 
 With ``--cluster`` (or ``cluster`` in the configuration), the instances of one bundle share their
@@ -36,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from oscar_io import aiocoap_fixes
+from oscar_io import aiocoap_fixes, coaptcp
 from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
 from oscar_io.clikit import (
     OneLineParser,
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        default=None,
+        help="also serve CoAP over TCP (RFC 8323) on the listen port (default: off)",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -118,6 +125,7 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "reverse": reverse,
         "plain": False if args.no_plain else None,
         "dtls": False if args.no_dtls else None,
+        "tcp": args.tcp,
         "cluster": check_cluster_url(args.cluster) if args.cluster is not None else None,
         "cluster_password_file": args.cluster_password_file,
     }
@@ -139,6 +147,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     for each in ports:  # before any work: a port in use changes no state
         ensure_port_free(host, each)
+    if config.tcp:
+        coaptcp.ensure_tcp_port_free(host, port)
     ensure_state_free(config.state)  # nor a state directory another proxy uses
     proxy = Proxy(config)
     proxy.open()
@@ -151,15 +161,23 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
     ctx = None
+    tcp = None
     stats: asyncio.Server | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
-        ctx = await Context.create_server_context(
-            site, bind=(host, port), transports=transports, server_credentials=creds
-        )
+        if transports:
+            ctx = await Context.create_server_context(
+                site, bind=(host, port), transports=transports, server_credentials=creds
+            )
         for each in ports:
             ensure_alone_on_port(host, each)
-        if config.plain and os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
+        if config.tcp:
+            tcp = await coaptcp.serve(site, host, port, tcp=True)
+        if (
+            ctx is not None
+            and config.plain
+            and os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0")
+        ):
             FastPath(site).install(ctx)  # cache hits before aiocoap (proxy.fastpath)
         try:
             stats = await serve_stats(config.state, proxy.counters)
@@ -169,14 +187,17 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "serving%s%s",
+            "serving%s%s%s",
             f" coap://{shown}:{port}" if config.plain else "",
             f" coaps://{shown}:{port + 1}" if config.dtls else "",
+            f" coap+tcp://{shown}:{port}" if config.tcp else "",
         )
         await stop.wait()
     finally:
         await stop_tasks(tasks)
         close_stats(config.state, stats)
+        if tcp is not None:
+            await tcp.shutdown()
         if ctx is not None:
             await ctx.shutdown()
         await proxy.close()

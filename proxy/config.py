@@ -6,6 +6,7 @@
                                        # (DTLS cannot bind a wildcard such as 0.0.0.0)
     plain = true                       # false: DTLS only
     dtls = true                        # false: plain CoAP only (no publishing)
+    tcp = false                        # true: also CoAP over TCP (RFC 8323) on the listen port
     cluster = "redis://10.0.0.5:6379/0"  # instances of one bundle sharing a Redis-protocol store
                                        # (proxy.cluster); rediss:// for TLS
     cluster_password_file = "/etc/oscar/redis.pass"  # the password (first line), not in the URL
@@ -110,6 +111,9 @@ class ProxyConfig:
     reverse: dict[str, str] = field(default_factory=dict)
     plain: bool = True
     dtls: bool = True
+    #: Also serve over CoAP over TCP on the listen port (oscar_io.coaptcp): large objects in BERT
+    #: blocks; GETs only (a PUT needs the DTLS identity).
+    tcp: bool = False
     limits: Limits = field(default_factory=Limits)
     #: The cluster store's URL (:func:`check_cluster_url`); None: a proxy alone (SQLite cache).
     cluster: str | None = None
@@ -143,8 +147,10 @@ class ProxyConfig:
             check_cluster_url(self.cluster)
         elif self.cluster_password_file is not None:
             raise ConfigError("cluster_password_file without cluster")
-        if not self.plain and not self.dtls:
-            raise ConfigError("plain and dtls are both off: nothing to listen on")
+        if type(self.tcp) is not bool:
+            raise ConfigError("tcp is true or false")
+        if not self.plain and not self.dtls and not self.tcp:
+            raise ConfigError("plain, dtls and tcp are all off: nothing to listen on")
         if self.dtls and _unspecified(self.listen[0]):
             # aiocoap's DTLS server cannot bind a wildcard address (ValueError at start).
             raise ConfigError(
@@ -263,6 +269,7 @@ def config_from_mapping(
         "reverse",
         "plain",
         "dtls",
+        "tcp",
         "limits",
         "cluster",
         "cluster_password_file",
@@ -286,7 +293,7 @@ def config_from_mapping(
         if not isinstance(doc["listen"], str):
             raise ConfigError(f'{where}: listen is "HOST:PORT"')
         values["listen"] = parse_listen(doc["listen"])
-    for flag in ("plain", "dtls"):
+    for flag in ("plain", "dtls", "tcp"):
         if flag in doc:
             if not isinstance(doc[flag], bool):
                 raise ConfigError(f"{where}: {flag} is true or false")

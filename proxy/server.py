@@ -22,6 +22,10 @@ payload take 10 bytes or more (a resource id ``x/y`` of 9 characters or more, an
 shorter ones it is up to 6 bytes larger (``a/b``: 8 bytes and the token), within RFC 9175's bound
 of three times: sending nothing there instead would lock every plain-CoAP client of a short
 resource id out. Refusals to unproven peers carry no text.
+Over CoAP over TCP (``tcp`` in the configuration: :mod:`oscar_io.coaptcp`) the same site answers
+GETs, a large object in BERT blocks; the TCP handshake has proven the client's address, so no
+Echo is asked for; a PUT there is refused like any other without a DTLS identity. A block-wise
+answer carries Size2 (the object's size), so that a client can choose TCP from its first block.
 The counters answer plain CoAP from loopback only (no spoofed source reaches loopback from
 outside: Linux drops such packets as martians); anyone else gets 4.03.
 
@@ -55,6 +59,7 @@ from aiocoap.resource import ObservableResource
 from oscar import names
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
+from oscar_io import coaptcp
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 
@@ -68,6 +73,8 @@ __all__ = ["BadTarget", "ProxySite", "proxied"]
 log = logging.getLogger("oscar.proxy")
 
 STATS_PATH = (".well-known", "oscar-stats")
+#: Objects larger than this go out block-wise over UDP and carry Size2.
+SIZE2_FROM = 1024
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
@@ -251,6 +258,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 etag=entry.etag,
                 max_age=max_age,
             )
+            if len(entry.obj) > SIZE2_FROM:  # block-wise: the size, in every block
+                response.opt.size2 = len(entry.obj)
         return response, entry
 
     def _challenge(self, request: Message) -> Message | None:
@@ -271,9 +280,11 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
 
     def _proven(self, request: Message) -> bool:
-        """Whether the request's source is proven: DTLS, a verified address, or an admitted
-        observation's notification."""
+        """Whether the request's source is proven: DTLS, TCP (its handshake), a verified
+        address, or an admitted observation's notification."""
         if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
+            return True
+        if coaptcp.is_tcp(request.remote):
             return True
         return self.addresses.is_verified(_address(request.remote))
 

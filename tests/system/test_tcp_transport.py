@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from aiocoap import GET, Context, Message
+from aiocoap import GET, PUT, Context, Message
+from aiocoap.numbers.codes import Code
 from as_harness import free_port
+from proxy_harness import ProxyProcess
 from cryptography.hazmat.primitives.serialization import Encoding
 from system_harness import Deployment
 
@@ -167,3 +169,41 @@ async def test_tls_with_certificates_the_as_issued(
     finally:
         await good.shutdown()
         await anonymous.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_the_proxy_serves_a_large_object_over_tcp_and_refuses_a_put_there(
+    deployment: Deployment, served: Served, tmp_path: Path
+) -> None:
+    """A proxy with ``--tcp``: the consumer's first block comes over UDP (with the Echo
+    challenge), the object over TCP from the proxy's cache, the same plaintext; a PUT over TCP
+    has no DTLS identity and is refused."""
+    rid = f"{served.producer.device_id}/image"
+    proxy = ProxyProcess(
+        deployment.enroll("proxy", "proxy-tcp"),
+        tmp_path / "proxy",
+        "--tcp",
+        "--reverse",
+        f"{served.producer.device_id}=coap://127.0.0.1:{served.port}",
+    )
+    proxy.start()
+    try:
+        async with Consumer(served.reader) as consumer:
+            reading = await consumer.get(proxy.uri(rid))
+            assert reading.plaintext == IMAGE
+            assert consumer.tcp.fetched == 1 and consumer.tcp.fallbacks == 0
+        context = await coaptcp.client_context()
+        try:
+            put = Message(
+                code=PUT,
+                uri=coaptcp.tcp_uri(proxy.uri(rid)),
+                payload=b"\xd2" * 40,
+                content_format=18,
+            )
+            answer = await coaptcp.fetch(context, put, max_size=1 << 20, timeout=5.0, peer="p")
+            assert answer.code == Code.FORBIDDEN
+        finally:
+            await context.shutdown()
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
