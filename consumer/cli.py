@@ -288,7 +288,7 @@ def _apply_config(args: argparse.Namespace) -> None:
         raise UsageError("--bundle and --state are required (or a --config that gives them)")
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT
-    if args.tcp_threshold is None:
+    if getattr(args, "tcp_threshold", None) is None:
         args.tcp_threshold = DEFAULT_TCP_THRESHOLD
 
 

@@ -55,8 +55,9 @@ log = logging.getLogger("oscar.producer")
 
 #: Max-Age of a 5.03 (no current object): ask again soon.
 RETRY_AFTER = 5
-#: Objects larger than this go out block-wise over UDP and carry Size2.
-SIZE2_FROM = 1024
+#: Objects larger than this go out block-wise over UDP (aiocoap 0.4.17 answers block-wise unasked
+#: above 1,124 bytes) and carry Size2; smaller ones go in one message, as before, without it.
+SIZE2_FROM = 1124
 #: Set to ``off`` (or ``0``) to serve without the fast path (comparisons, debugging).
 FASTPATH_ENV = "OSCAR_PRODUCER_FASTPATH"
 

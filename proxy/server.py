@@ -73,8 +73,9 @@ __all__ = ["BadTarget", "ProxySite", "proxied"]
 log = logging.getLogger("oscar.proxy")
 
 STATS_PATH = (".well-known", "oscar-stats")
-#: Objects larger than this go out block-wise over UDP and carry Size2.
-SIZE2_FROM = 1024
+#: Objects larger than this go out block-wise over UDP (aiocoap 0.4.17 answers block-wise unasked
+#: above 1,124 bytes) and carry Size2; smaller ones go in one message, as before, without it.
+SIZE2_FROM = 1124
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
@@ -258,7 +259,9 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 etag=entry.etag,
                 max_age=max_age,
             )
-            if len(entry.obj) > SIZE2_FROM:  # block-wise: the size, in every block
+            if len(entry.obj) > SIZE2_FROM and request.opt.observe is None:
+                # block-wise: the size, in every block (not in an observation's answers: the
+                # fast path renders those, without Size2, and a client may choose TCP by a GET)
                 response.opt.size2 = len(entry.obj)
         return response, entry
 
