@@ -201,7 +201,7 @@ async def serve(
         site, bind=(host, port), transports=transports, _ssl_context=tls
     )
     for interface in context.request_interfaces:
-        server = getattr(interface, "token_interface", None)
+        server: Any = getattr(interface, "token_interface", None)
         if isinstance(getattr(server, "_pool", None), set):
             server._pool = _Pool()
     return context
@@ -254,7 +254,7 @@ async def client_context(tls: ssl.SSLContext | None = None) -> Any:
     )
     if tls is not None:
         for interface in context.request_interfaces:
-            transport = getattr(interface, "token_interface", None)
+            transport: Any = getattr(interface, "token_interface", None)
             if getattr(transport, "_scheme", None) == TLS_SCHEME:
                 transport._ssl_context_factory = lambda hostinfo: tls
     return context

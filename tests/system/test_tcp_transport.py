@@ -15,8 +15,8 @@ import pytest_asyncio
 from aiocoap import GET, PUT, Context, Message
 from aiocoap.numbers.codes import Code
 from as_harness import free_port
-from proxy_harness import ProxyProcess
 from cryptography.hazmat.primitives.serialization import Encoding
+from proxy_harness import ProxyProcess
 from system_harness import Deployment
 
 from consumer import Consumer
