@@ -317,7 +317,7 @@ class Consumer:
         """The whole response whose first block is ``first``: over TCP for a large object
         (:mod:`consumer.transport`), else :func:`consumer.coap.assemble`, within
         :attr:`max_object_size`."""
-        whole = await self.tcp.fetch(first, target)
+        whole = await self.tcp.over_tcp(first, target)
         if whole is not None:
             return whole
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from oscar.errors import InvalidObject
-from oscar.objects import object_etag
+from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
+from oscar_io import coaptcp
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TransportError
@@ -55,6 +56,9 @@ __all__ = ["Proxy", "Stats", "Unavailable", "UpstreamError", "upstream_failure"]
 
 log = logging.getLogger("oscar.proxy")
 _T = TypeVar("_T")
+#: Upstream objects announced (Size2) at least this large come over TCP where the origin offers
+#: it, else block-wise over UDP as before (the consumer's default threshold too).
+UPSTREAM_TCP_THRESHOLD = 32 * 1024
 
 
 class Unavailable(Exception):
@@ -110,6 +114,12 @@ class Proxy:
             per_origin=config.limits.signer_lookups_per_origin, total=config.limits.signer_lookups
         )
         self._upstream: Any = None
+        #: Large upstream objects over CoAP over TCP where the origin offers it (same port).
+        self.tcp = coaptcp.Route(
+            UPSTREAM_TCP_THRESHOLD,
+            timeout=self.limits.upstream_timeout,
+            max_size=DEFAULT_MAX_OBJECT_SIZE,
+        )
         # Keyed by (resource id, upstream URI): a client naming some other upstream in a
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
@@ -199,6 +209,7 @@ class Proxy:
 
     async def close(self) -> None:
         await self.relays.close()
+        await self.tcp.close()
         if self._upstream is not None:
             await self._upstream.shutdown()
             self._upstream = None
@@ -382,7 +393,11 @@ class Proxy:
         return await self.complete(ctx, request, first)
 
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
-        """``first`` with the rest of its blocks (:func:`proxy.upstream.complete`)."""
+        """``first`` with the rest of its blocks: a large object over TCP when the origin
+        offers it (:class:`oscar_io.coaptcp.Route`), else :func:`proxy.upstream.complete`."""
+        whole = await self.tcp.instead(request, first)
+        if whole is not None:
+            return whole
         return await complete(
             ctx, request, first, self.limits.upstream_timeout, window=self.limits.block_window
         )

@@ -35,6 +35,7 @@ SMALL = os.urandom(8 << 10)  # 8 KiB: block-wise over UDP, below the threshold
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d = Deployment(tmp_path_factory.mktemp("tcp"))
     d.enroll("consumer", "reader")
+    d.enroll("producer", "camera-client")  # known to the AS from its start (no race)
     d.start_as()
     yield d
     d.close()
@@ -132,7 +133,7 @@ async def test_tls_with_certificates_the_as_issued(
     """A device holding a certificate from the AS CA (here a producer's, asked for over DTLS as
     a producer does) fetches over coaps+tcp and checks the server is the producer; a client
     without one is refused in the handshake."""
-    bundle = Bundle.load(deployment.enroll("producer", "camera-client"))
+    bundle = Bundle.load(deployment.root / "camera-client.json")
     key = certs.generate_signing_key()
     async with AsClient(bundle) as client:
         der = await client.request_certificate(
@@ -171,13 +172,23 @@ async def test_tls_with_certificates_the_as_issued(
         await anonymous.shutdown()
 
 
+def tcp_connections(producer: Producer) -> int:
+    """Connections the producer's CoAP over TCP listener holds now."""
+    for interface in producer.server.tcp.request_interfaces:
+        pool = getattr(interface.token_interface, "_pool", None)
+        if pool is not None:
+            return len(pool)
+    raise AssertionError("no TCP listener")
+
+
 @pytest.mark.asyncio
 async def test_the_proxy_serves_a_large_object_over_tcp_and_refuses_a_put_there(
     deployment: Deployment, served: Served, tmp_path: Path
 ) -> None:
-    """A proxy with ``--tcp``: the consumer's first block comes over UDP (with the Echo
-    challenge), the object over TCP from the proxy's cache, the same plaintext; a PUT over TCP
-    has no DTLS identity and is refused."""
+    """A proxy with ``--tcp``: its upstream fetch of the large object goes over TCP (the
+    producer offers it), the consumer's first block comes over UDP (with the Echo challenge),
+    the object over TCP from the proxy's cache, the same plaintext; a PUT over TCP has no DTLS
+    identity and is refused."""
     rid = f"{served.producer.device_id}/image"
     proxy = ProxyProcess(
         deployment.enroll("proxy", "proxy-tcp"),
@@ -188,10 +199,12 @@ async def test_the_proxy_serves_a_large_object_over_tcp_and_refuses_a_put_there(
     )
     proxy.start()
     try:
+        assert tcp_connections(served.producer) == 0
         async with Consumer(served.reader) as consumer:
             reading = await consumer.get(proxy.uri(rid))
             assert reading.plaintext == IMAGE
             assert consumer.tcp.fetched == 1 and consumer.tcp.fallbacks == 0
+        assert tcp_connections(served.producer) == 1  # the proxy's, kept for the next fetch
         context = await coaptcp.client_context()
         try:
             put = Message(
