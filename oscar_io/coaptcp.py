@@ -65,7 +65,9 @@ __all__ = [
     "client_tls",
     "ensure_tcp_port_free",
     "fetch",
+    "peer_certificate",
     "peer_device",
+    "put",
     "serve",
     "server_tls",
     "tcp_uri",
@@ -158,10 +160,9 @@ def client_tls(
     return context
 
 
-def peer_device(remote: Any) -> str | None:
-    """The device id in the certificate the TLS peer of ``remote`` (an aiocoap RFC 8323
-    connection) presented and the handshake verified; None for plain TCP, UDP, or a certificate
-    that names no well-formed device."""
+def peer_certificate(remote: Any) -> x509.Certificate | None:
+    """The certificate the TLS peer of ``remote`` (an aiocoap RFC 8323 connection) presented
+    and the handshake verified under the AS CA; None for plain TCP, UDP or anything else."""
     transport = getattr(remote, "_transport", None)
     if transport is None or getattr(remote, "scheme", None) != TLS_SCHEME:
         return None
@@ -170,8 +171,20 @@ def peer_device(remote: Any) -> str | None:
     if not der:
         return None
     try:
-        return device_id_of(x509.load_der_x509_certificate(der))
-    except (ValueError, CertificateError):
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def peer_device(remote: Any) -> str | None:
+    """The device id in :func:`peer_certificate`; None without one, or for a certificate that
+    names no well-formed device."""
+    certificate = peer_certificate(remote)
+    if certificate is None:
+        return None
+    try:
+        return device_id_of(certificate)
+    except CertificateError:
         return None
 
 
@@ -364,6 +377,31 @@ async def fetch(
     first.payload = bytes(buffer)
     first.opt.block2 = None
     return first
+
+
+async def put(
+    context: Any, message: Any, *, timeout: float, peer: str, expect_device: str | None = None
+) -> Any:
+    """The answer to ``message`` (a PUT to a ``coap+tcp``/``coaps+tcp`` URI) through ``context``:
+    a large payload goes in BERT Block1 blocks (aiocoap's), the whole within ``timeout`` seconds.
+    With ``expect_device`` the TLS peer must be that device (checked on the answer: the payload
+    is a protected object, nothing a wrong server could read more of than an eavesdropper).
+    Raises :class:`TransportError`."""
+    request = context.request(message)
+    try:
+        response = await asyncio.wait_for(request.response, timeout)
+    except TimeoutError:
+        raise TimedOut(f"no answer from {peer} within {timeout:g} s") from None
+    except TransportError:
+        raise
+    except Exception as exc:
+        failure = translate(exc, peer)
+        if failure is None:
+            raise
+        raise failure from None
+    if expect_device is not None and peer_device(response.remote) != expect_device:
+        raise TransportError(f"{peer} is not {expect_device} (its TLS certificate)")
+    return response
 
 
 # --- choosing TCP ---------------------------------------------------------------------------------

@@ -131,9 +131,18 @@ class Producer:
             if spec.file is not None:
                 self._files[spec.path] = FileSource(spec.file, spec.interval, published.resource_id)
         if config.publish:
+            from oscar_io.coaptcp import client_tls
+
             from .publish import Publisher
 
-            self._publisher = Publisher(config.publish, self.device_id, client.link)
+            publish_tls = client_tls(  # large objects to an OSCAR proxy over TLS if it offers it
+                bundle.ca_certificate,
+                self.certificate_pem,
+                certs.private_key_pem(self.signing_key.private_key),
+            )
+            self._publisher = Publisher(
+                config.publish, self.device_id, client.link, tls=publish_tls
+            )
         if config.listen is not None:
             from .observers import ObserverLimits
             from .server import serve

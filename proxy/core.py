@@ -191,6 +191,13 @@ class Proxy:
         self.lookups.shared = cluster.take
         await cluster.open()
 
+    async def revoked_serials(self) -> frozenset[int]:
+        """The certificate serials the AS CA has revoked (:meth:`oscar_io.trust.Trust.
+        revoked_serials`); TransportError when no current CRL can be had."""
+        if self._trust is None:
+            raise TransportError("cannot check revocation: the proxy is not open")
+        return await self._trust.revoked_serials(int(self.now()))
+
     async def as_client(self) -> AsClient:
         if self._as_client is None:
             self._as_client = AsClient(self.bundle, timeout=10.0)

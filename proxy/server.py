@@ -24,8 +24,11 @@ of three times: sending nothing there instead would lock every plain-CoAP client
 resource id out. Refusals to unproven peers carry no text.
 Over CoAP over TCP (``tcp`` in the configuration: :mod:`oscar_io.coaptcp`) the same site answers
 GETs, a large object in BERT blocks; the TCP handshake has proven the client's address, so no
-Echo is asked for; a PUT there is refused like any other without a DTLS identity. A block-wise
-answer carries Size2 (the object's size), so that a client can choose TCP from its first block.
+Echo is asked for; a PUT there is refused like any other without an identity. Over CoAP over TLS
+(``tls``) the identity is the device the client's certificate from the AS CA names, not revoked
+(the CRL is checked for each PUT: 5.03 when it cannot be), so owners may publish there too.
+A block-wise answer carries Size2 (the object's size), so that a client can choose TCP from its
+first block.
 The counters answer plain CoAP from loopback only (no spoofed source reaches loopback from
 outside: Linux drops such packets as martians); anyone else gets 4.03.
 
@@ -92,10 +95,11 @@ class BadTarget(Exception):
 
 
 def identity(remote: Any) -> str | None:
-    """The device id a DTLS session authenticated, or None (plain CoAP)."""
+    """The device id a DTLS session authenticated, or the one a TLS peer's certificate from the
+    AS CA names (its revocation is checked where it matters: a PUT); None for plain CoAP."""
     claims: Any = getattr(remote, "authenticated_claims", ())
     if len(claims) != 1:
-        return None
+        return coaptcp.peer_device(remote)
     return device_of_label(claims[0])
 
 
@@ -299,6 +303,16 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 "refused a PUT of %s from %s", resource_id, device or "an unauthenticated peer"
             )
             return Message(code=Code.FORBIDDEN)
+        certificate = coaptcp.peer_certificate(request.remote)
+        if certificate is not None:  # TLS: the certificate must not be revoked (fail closed)
+            try:
+                revoked = await self.proxy.revoked_serials()
+            except TransportError:
+                return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
+            if certificate.serial_number in revoked:
+                self.proxy.stats.publish_refused += 1
+                log.info("refused a PUT of %s from %s: certificate revoked", resource_id, device)
+                return Message(code=Code.FORBIDDEN)
         if request.opt.content_format != 18:
             return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
         try:

@@ -15,6 +15,7 @@ import pytest_asyncio
 from aiocoap import GET, PUT, Context, Message
 from aiocoap.numbers.codes import Code
 from as_harness import free_port
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from proxy_harness import ProxyProcess
 from system_harness import Deployment
@@ -25,7 +26,7 @@ from oscar_io import coaptcp
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TransportError
-from producer import Producer, ProducerConfig, ResourceSpec
+from producer import Producer, ProducerConfig, PublishTarget, ResourceSpec
 
 IMAGE = os.urandom(1 << 20)  # 1 MiB: well above the TCP threshold
 SMALL = os.urandom(8 << 10)  # 8 KiB: block-wise over UDP, below the threshold
@@ -139,8 +140,6 @@ async def test_tls_with_certificates_the_as_issued(
         der = await client.request_certificate(
             certs.make_csr(key, bundle.device_id).public_bytes(Encoding.DER)
         )
-    from cryptography import x509
-
     cert_pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
     rid_uri = served.uri("image")
     udp = await Context.create_client_context(transports=["udp6"])
@@ -218,5 +217,70 @@ async def test_the_proxy_serves_a_large_object_over_tcp_and_refuses_a_put_there(
         finally:
             await context.shutdown()
     finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
+
+
+@pytest.mark.asyncio
+async def test_a_producer_publishes_a_large_object_to_the_proxy_over_tls(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """A proxy with ``--tls`` (its certificate issued by the AS at start) takes a 1 MiB object
+    PUT over TLS by its owner (the producer's AS certificate), serves it (over TCP to the
+    consumer), refuses a PUT over TLS from a certified device that does not own the resource,
+    and a client without a certificate in the handshake."""
+    proxy = ProxyProcess(
+        deployment.enroll("proxy", "proxy-tls"), tmp_path / "proxy", "--tcp", "--tls"
+    )
+    proxy.start()
+    device_id = f"camera-{next(_count)}"
+    bundle = deployment.enroll("producer", device_id)
+    deployment.grant("reader", f"{device_id}/*")
+    producer = Producer(
+        ProducerConfig(
+            bundle=bundle,
+            state=tmp_path / device_id,
+            resources=[ResourceSpec("image", content_format=42, profile="a128gcm-es256")],
+            publish=[PublishTarget(proxy.secure_address, proxy="proxy-tls")],
+        )
+    )
+    rid = f"{device_id}/image"
+    try:
+        await producer.start()
+        producer.update("image", IMAGE)
+        publisher = producer._publisher
+        for _ in range(200):  # no event to await in another process: poll, 10 s at most
+            if publisher.published_tls[0] or publisher.failures[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert publisher.published_tls == [1] and publisher.failures == [0]
+        async with Consumer(deployment.root / "reader.json") as consumer:
+            assert (await consumer.get(proxy.uri(rid))).plaintext == IMAGE
+            assert consumer.tcp.fetched == 1
+        client = Bundle.load(deployment.root / "camera-client.json")
+        key = certs.generate_signing_key()
+        async with AsClient(client) as as_client:
+            der = await as_client.request_certificate(
+                certs.make_csr(key, client.device_id).public_bytes(Encoding.DER)
+            )
+        cert_pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+        uri = coaptcp.tcp_uri(proxy.uri(rid), tls=True)
+        stranger = await coaptcp.client_context(
+            coaptcp.client_tls(client.ca_certificate, cert_pem, certs.private_key_pem(key))
+        )
+        anonymous = await coaptcp.client_context(coaptcp.client_tls(client.ca_certificate))
+        try:
+            put = Message(code=PUT, uri=uri, payload=b"\xd2" * 40, content_format=18)
+            answer = await coaptcp.put(
+                stranger, put, timeout=5.0, peer=uri, expect_device="proxy-tls"
+            )
+            assert answer.code == Code.FORBIDDEN  # certified, but not the owner
+            with pytest.raises(TransportError):
+                await coaptcp.put(anonymous, put, timeout=5.0, peer=uri)
+        finally:
+            await stranger.shutdown()
+            await anonymous.shutdown()
+    finally:
+        await producer.stop()
         proxy.stop()
     assert "Traceback" not in proxy.log()
