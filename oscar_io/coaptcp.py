@@ -17,9 +17,10 @@ Python's ``ssl`` has no PSK, so the DTLS link PSKs cannot be used here.
 
 Over TCP aiocoap 0.4.17 announces (CSM) a Max-Message-Size of 1 MiB and block-wise support, and
 its server then answers a large object in BERT blocks (szx 7, up to 1023 KiB each). Its client
-would assemble them without any bound, so :func:`fetch` does it here: one BERT block after the
-other (each is most of a MiB: one round trip per MiB), same code and ETag, never more than
-``max_size`` bytes.
+would assemble them without any bound, so :func:`fetch` does it here: with Size2 up to
+:data:`WINDOW` BERT blocks asked for at once (4 blocks of 1023 KiB in flight at most), else one
+after the other; same code and ETag, every block the one asked for, never more than ``max_size``
+bytes.
 
 A client chooses TCP with a :class:`Route`: after the first block of an answer over UDP, an
 object announced (Size2) at least ``threshold`` bytes large is fetched again over ``coap+tcp``
@@ -52,6 +53,7 @@ from oscar.certs import device_id_of
 from oscar.errors import CertificateError
 from oscar_io.coaperrors import TimedOut, TransportError, translate
 from oscar_io.ports import PortInUse
+from oscar_io.tasks import stop_tasks
 
 __all__ = [
     "FIRST_TIMEOUT",
@@ -81,6 +83,8 @@ TLS_SCHEME = "coaps+tcp"
 BERT = 7  # the block size exponent of BERT (RFC 8323 §6)
 #: Seconds the first answer over TCP may take (connection included) before UDP goes on.
 FIRST_TIMEOUT = 3.0
+#: BERT blocks asked for at once when the size is announced (each up to 1023 KiB: memory).
+WINDOW = 4
 #: Seconds a peer whose TCP failed is not tried over TCP again.
 RETRY_AFTER = 60.0
 #: Peers remembered as resting at most (beyond, a failed peer is simply tried again next time).
@@ -321,7 +325,8 @@ async def fetch(
     expect_device: str | None = None,
 ) -> Any:
     """The whole answer to ``message`` (a GET to a ``coap+tcp``/``coaps+tcp`` URI) through
-    ``context`` (:func:`client_context`): its BERT blocks asked for one after the other, each
+    ``context`` (:func:`client_context`): its BERT blocks asked for (:data:`WINDOW` at once
+    when Size2 announces the size, else one after the other), each
     answer within ``timeout`` seconds (the first, connection included, within
     ``first_timeout`` if given), never more than ``max_size`` bytes. With
     ``expect_device`` the TLS peer must be that device. The answer comes back with no Block2
@@ -344,36 +349,67 @@ async def fetch(
     buffer = bytearray(first.payload)
     if len(buffer) > max_size:
         raise BrokenBert(f"{peer}: the object exceeds the size limit")
-    got = block2
-    while got.more:
-        unit = 1024 if got.size_exponent == BERT else got.size
-        if not buffer or len(buffer) % unit:  # BERT: each block a multiple of 1 KiB
-            raise BrokenBert(f"{peer}: a block shorter than its size, not the last")
-        if len(buffer) >= max_size:
-            raise BrokenBert(f"{peer}: the object exceeds the size limit")
-        number = len(buffer) // unit
+    unit = 1024 if block2.size_exponent == BERT else block2.size
+    if block2.more and (not buffer or len(buffer) % unit):  # BERT: a multiple of 1 KiB
+        raise BrokenBert(f"{peer}: a block shorter than its size, not the last")
+
+    def ask(number: int) -> asyncio.Task[Any]:
         following = message.copy(
             mid=None,
             token=None,
             remote=first.remote,
-            block2=BlockOption.BlockwiseTuple(number, False, got.size_exponent),
+            block2=BlockOption.BlockwiseTuple(number, False, block2.size_exponent),
         )
-        reply = await _answer(context, following, timeout, peer)
-        got = reply.opt.block2
-        if (
-            reply.code != first.code
-            or got is None
-            or got.block_number != number
-            or got.size_exponent != block2.size_exponent
-        ):
-            raise BrokenBert(f"{peer} broke the block-wise transfer off or out of order")
-        if reply.opt.etag != first.opt.etag:
-            raise BrokenBert(f"{peer}: the object changed during its transfer")
-        if got.more and not reply.payload:
-            raise BrokenBert(f"{peer}: an empty block, not the last")
-        if len(buffer) + len(reply.payload) > max_size:
-            raise BrokenBert(f"{peer}: the object exceeds the size limit")
-        buffer += reply.payload
+        return asyncio.create_task(_answer(context, following, timeout, peer))
+
+    # With Size2, up to WINDOW blocks of the first block's size are asked for at once (one
+    # round trip for several MiB); without it, one after the other.
+    step = len(buffer) // unit
+    window = WINDOW if size2 is not None else 1
+    tasks: dict[int, asyncio.Task[Any]] = {}
+    asked = expected = step
+    more = block2.more
+    try:
+        while more:
+            if len(buffer) >= max_size:
+                raise BrokenBert(f"{peer}: the object exceeds the size limit")
+            while (
+                len(tasks) < window
+                and asked * unit < max_size
+                and (asked * unit < size2 if size2 is not None else asked == expected)
+            ):
+                tasks[asked] = ask(asked)
+                asked += step
+            if expected not in tasks:
+                raise BrokenBert(f"{peer}: more than the size it announced")
+            reply = await tasks.pop(expected)
+            got = reply.opt.block2
+            if (
+                reply.code != first.code
+                or got is None
+                or got.block_number != expected
+                or got.size_exponent != block2.size_exponent
+            ):
+                raise BrokenBert(f"{peer} broke the block-wise transfer off or out of order")
+            if reply.opt.etag != first.opt.etag:
+                raise BrokenBert(f"{peer}: the object changed during its transfer")
+            more = got.more
+            if more and (
+                len(reply.payload) != step * unit
+                if window > 1
+                else not reply.payload or len(reply.payload) % unit
+            ):
+                raise BrokenBert(f"{peer}: a block shorter than its size, not the last")
+            if len(buffer) + len(reply.payload) > max_size:
+                raise BrokenBert(f"{peer}: the object exceeds the size limit")
+            buffer += reply.payload
+            del reply
+            expected = len(buffer) // unit
+            if window == 1:
+                asked = expected
+    finally:
+        if tasks:
+            await stop_tasks(tasks.values())
     first.payload = bytes(buffer)
     first.opt.block2 = None
     return first

@@ -62,9 +62,10 @@ class Ca:
 class Blob(Resource):  # type: ignore[misc]
     """The object, block-wise as aiocoap serves it; records the Block2 option of every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, payload: bytes = OBJECT, size2: int | None = None) -> None:
         super().__init__()
         self.blocks: list[tuple[str, Any]] = []
+        self.payload, self.size2 = payload, size2
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return True
@@ -75,7 +76,10 @@ class Blob(Resource):  # type: ignore[misc]
         await super().render_to_pipe(pipe)
 
     async def render_get(self, request: Message) -> Message:
-        return Message(code=Code.CONTENT, payload=OBJECT, etag=b"e1", content_format=18)
+        response = Message(code=Code.CONTENT, payload=self.payload, etag=b"e1", content_format=18)
+        if self.size2 is not None:
+            response.opt.size2 = self.size2
+        return response
 
 
 @dataclass
@@ -253,3 +257,29 @@ async def test_no_listener_asked_for_is_an_error() -> None:
     with pytest.raises(ValueError):
         await coaptcp.serve(Site(), "127.0.0.1", free_port(), tcp=False)
     await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_with_size2_several_bert_blocks_are_in_flight_and_a_short_announce_is_refused(
+    ca: Ca,
+) -> None:
+    big = os.urandom(5 << 20)
+    honest, short, huge = Blob(big, len(big)), Blob(big, 2 << 20), Blob(big, 64 << 20)
+    site = Site()
+    site.add_resource(("honest",), honest)
+    site.add_resource(("short",), short)
+    site.add_resource(("huge",), huge)
+    port = free_port()
+    context = await coaptcp.serve(site, "127.0.0.1", port, tcp=True)
+    try:
+        response = await get(f"coap+tcp://127.0.0.1:{port}/honest", max_size=8 << 20)
+        assert response.payload == big
+        numbers = [b.block_number for _, b in honest.blocks if b is not None]
+        assert numbers == [1023 * k for k in range(1, 6)]  # 5 MiB + 0: blocks of 1023 KiB
+        with pytest.raises(coaptcp.BrokenBert, match="more than the size it announced"):
+            await get(f"coap+tcp://127.0.0.1:{port}/short", max_size=8 << 20)
+        with pytest.raises(coaptcp.BrokenBert, match="announced"):
+            await get(f"coap+tcp://127.0.0.1:{port}/huge", max_size=8 << 20)
+        assert len(huge.blocks) == 1  # refused on its first block's Size2
+    finally:
+        await context.shutdown()
