@@ -283,3 +283,18 @@ async def test_with_size2_several_bert_blocks_are_in_flight_and_a_short_announce
         assert len(huge.blocks) == 1  # refused on its first block's Size2
     finally:
         await context.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_wildcard_listener_serves_ipv4_and_ipv6_clients() -> None:
+    """asyncio would bind ``::`` v6-only: the wildcard becomes every family, as UDP's is."""
+    site = Site()
+    blob = Blob(b"small", None)
+    site.add_resource(("blob",), blob)
+    port = free_port()
+    context = await coaptcp.serve(site, "::", port, tcp=True)
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert (await get(f"coap+tcp://{host}:{port}/blob")).payload == b"small"
+    finally:
+        await context.shutdown()
