@@ -236,8 +236,8 @@ async def serve(
         transports.append("tlsserver")
     if not transports:
         raise ValueError("a TCP listener serves coap+tcp, coaps+tcp or both")
-    # asyncio binds an IPv6 listener v6-only: for the wildcard, every address family (None).
-    bound = None if host in ("::", "0.0.0.0") else host
+    # asyncio binds an IPv6 listener v6-only: for "::" (dual-stack over UDP), every family.
+    bound = None if host == "::" else host
     context = await Context.create_server_context(
         site, bind=(bound, port), transports=transports, _ssl_context=tls
     )
