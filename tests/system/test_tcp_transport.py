@@ -37,6 +37,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     d = Deployment(tmp_path_factory.mktemp("tcp"))
     d.enroll("consumer", "reader")
     d.enroll("producer", "camera-client")  # known to the AS from its start (no race)
+    d.enroll("producer", "camera-revoked")
     d.start_as()
     yield d
     d.close()
@@ -127,6 +128,42 @@ async def test_without_tcp_at_the_producer_the_consumer_falls_back_to_udp(
         await served.producer.stop()
 
 
+async def as_certificate(bundle: Bundle) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) the AS issues the device over DTLS, as a producer asks."""
+    key = certs.generate_signing_key()
+    async with AsClient(bundle) as client:
+        der = await client.request_certificate(
+            certs.make_csr(key, bundle.device_id).public_bytes(Encoding.DER)
+        )
+    pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+    return pem, certs.private_key_pem(key)
+
+
+@pytest.mark.asyncio
+async def test_a_put_over_tls_with_a_revoked_certificate_is_refused(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The TLS handshake checks the chain only; the proxy checks the CRL before a PUT over TLS
+    (a device revoked after its certificate was issued: 4.03, before any look at the object)."""
+    bundle = Bundle.load(deployment.root / "camera-revoked.json")
+    cert_pem, key_pem = await as_certificate(bundle)
+    deployment.admin("revoke", "--device", "camera-revoked")
+    proxy = ProxyProcess(deployment.enroll("proxy", "proxy-crl"), tmp_path / "proxy", "--tls")
+    proxy.start()
+    context = await coaptcp.client_context(
+        coaptcp.client_tls(bundle.ca_certificate, cert_pem, key_pem)
+    )
+    try:
+        uri = coaptcp.tcp_uri(proxy.uri("camera-revoked/image"), tls=True)
+        put = Message(code=PUT, uri=uri, payload=b"\xd2" * 40, content_format=18)
+        answer = await coaptcp.put(context, put, timeout=5.0, peer=uri, expect_device="proxy-crl")
+        assert answer.code == Code.FORBIDDEN
+    finally:
+        await context.shutdown()
+        proxy.stop()
+    assert "certificate revoked" in proxy.log()
+
+
 @pytest.mark.asyncio
 async def test_tls_with_certificates_the_as_issued(
     deployment: Deployment, served: Served, tmp_path: Path
@@ -135,12 +172,7 @@ async def test_tls_with_certificates_the_as_issued(
     a producer does) fetches over coaps+tcp and checks the server is the producer; a client
     without one is refused in the handshake."""
     bundle = Bundle.load(deployment.root / "camera-client.json")
-    key = certs.generate_signing_key()
-    async with AsClient(bundle) as client:
-        der = await client.request_certificate(
-            certs.make_csr(key, bundle.device_id).public_bytes(Encoding.DER)
-        )
-    cert_pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+    cert_pem, key_pem = await as_certificate(bundle)
     rid_uri = served.uri("image")
     udp = await Context.create_client_context(transports=["udp6"])
     try:
@@ -149,7 +181,7 @@ async def test_tls_with_certificates_the_as_issued(
         await udp.shutdown()
     tls_uri = coaptcp.tcp_uri(rid_uri, tls=True)
     good = await coaptcp.client_context(
-        coaptcp.client_tls(bundle.ca_certificate, cert_pem, certs.private_key_pem(key))
+        coaptcp.client_tls(bundle.ca_certificate, cert_pem, key_pem)
     )
     anonymous = await coaptcp.client_context(coaptcp.client_tls(bundle.ca_certificate))
     try:
@@ -203,6 +235,9 @@ async def test_the_proxy_serves_a_large_object_over_tcp_and_refuses_a_put_there(
             reading = await consumer.get(proxy.uri(rid))
             assert reading.plaintext == IMAGE
             assert consumer.tcp.fetched == 1 and consumer.tcp.fallbacks == 0
+            # As a forward proxy: the same Proxy-Uri to the proxy's TCP port.
+            forwarded = await consumer.get(served.uri("image"), proxy=proxy.address)
+            assert forwarded.plaintext == IMAGE and consumer.tcp.fetched == 2
         assert tcp_connections(served.producer) == 1  # the proxy's, kept for the next fetch
         context = await coaptcp.client_context()
         try:
@@ -258,15 +293,10 @@ async def test_a_producer_publishes_a_large_object_to_the_proxy_over_tls(
             assert (await consumer.get(proxy.uri(rid))).plaintext == IMAGE
             assert consumer.tcp.fetched == 1
         client = Bundle.load(deployment.root / "camera-client.json")
-        key = certs.generate_signing_key()
-        async with AsClient(client) as as_client:
-            der = await as_client.request_certificate(
-                certs.make_csr(key, client.device_id).public_bytes(Encoding.DER)
-            )
-        cert_pem = x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+        cert_pem, key_pem = await as_certificate(client)
         uri = coaptcp.tcp_uri(proxy.uri(rid), tls=True)
         stranger = await coaptcp.client_context(
-            coaptcp.client_tls(client.ca_certificate, cert_pem, certs.private_key_pem(key))
+            coaptcp.client_tls(client.ca_certificate, cert_pem, key_pem)
         )
         anonymous = await coaptcp.client_context(coaptcp.client_tls(client.ca_certificate))
         try:
