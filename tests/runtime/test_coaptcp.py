@@ -298,3 +298,42 @@ async def test_a_wildcard_listener_serves_ipv4_and_ipv6_clients() -> None:
             assert (await get(f"coap+tcp://{host}:{port}/blob")).payload == b"small"
     finally:
         await context.shutdown()
+
+
+def connections(context: Any) -> int:
+    for interface in context.request_interfaces:
+        pool = getattr(interface.token_interface, "_pool", None)
+        if pool is not None:
+            return len(pool)
+    raise AssertionError("no TCP listener")
+
+
+@pytest.mark.asyncio
+async def test_a_route_keeps_connections_to_a_bounded_number_of_peers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_PEERS distinct peers, a Route closes every connection it holds (aiocoap keeps
+    them until the peer closes): a forward proxy's clients cannot make it hold unboundedly many."""
+    monkeypatch.setattr(coaptcp, "MAX_PEERS", 2)
+    blob = Blob(b"\xd2" * 3000, 3000)
+    site = Site()
+    site.add_resource(("blob",), blob)
+    servers = []
+    route = coaptcp.Route(0, timeout=5.0, max_size=1 << 20)
+    try:
+        for _ in range(3):
+            port = free_port()
+            servers.append(await coaptcp.serve(site, "127.0.0.1", port, tcp=True))
+            uri = f"coap+tcp://127.0.0.1:{port}/blob"
+            got = await route.fetch(Message(code=GET, uri=uri), f"127.0.0.1:{port}", "blob")
+            assert got is not None and got.payload == blob.payload
+        assert route.fetched == 3
+        deadline = time.monotonic() + 5.0
+        while connections(servers[0]) or connections(servers[1]):  # released by the route
+            assert time.monotonic() < deadline, "the first peers' connections stay open"
+            await asyncio.sleep(0.02)
+        assert connections(servers[2]) == 1
+    finally:
+        await route.close()
+        for server in servers:
+            await server.shutdown()
