@@ -89,6 +89,10 @@ WINDOW = 4
 RETRY_AFTER = 60.0
 #: Peers remembered as resting at most (beyond, a failed peer is simply tried again next time).
 MAX_RESTING = 1024
+#: Peers a :class:`Route` keeps connections to at most: aiocoap keeps every connection until the
+#: peer closes it, so past this many distinct peers every connection is closed (a proxy's forward
+#: clients could otherwise name origins until it runs out of file descriptors).
+MAX_PEERS = 32
 CONTENT_FORMAT_COSE_SIGN1 = 18
 
 
@@ -476,6 +480,7 @@ class Route:
         self._tls = tls
         self._clock = clock
         self._context: Any = None
+        self._peers: set[str] = set()
         #: Peers (their TCP URI's authority) whose TCP failed, and until when they rest.
         self._resting: dict[str, float] = {}
         #: Objects fetched over TCP, and TCP attempts that fell back to UDP (tests, benchmarks).
@@ -502,6 +507,9 @@ class Route:
         now = self._clock()
         if self._resting.get(peer, now) > now:
             return None
+        if peer not in self._peers and len(self._peers) >= MAX_PEERS:
+            await self.close()  # every connection closed; the next ones on a new context
+        self._peers.add(peer)
         try:
             if self._context is None:
                 self._context = await client_context(self._tls)
@@ -547,5 +555,6 @@ class Route:
 
     async def close(self) -> None:
         context, self._context = self._context, None
+        self._peers.clear()
         if context is not None:
             await context.shutdown()
