@@ -6,7 +6,7 @@ unless configured), the whole object is fetched again over ``coap+tcp`` from the
 port number (:func:`oscar_io.coaptcp.tcp_uri`; through a plain-CoAP forward proxy: the proxy's TCP
 port, with the same Proxy-Uri) in BERT blocks. If that fails in any way, the UDP transfer goes on
 from its first block as if TCP had not been tried, and the peer rests from TCP for a while
-(:class:`oscar_io.coaptcp.Route`). A first answer without Size2 (the size unknown) stays on UDP.
+(:class:`oscar_io.tcproute.Route`). A first answer without Size2 (the size unknown) stays on UDP.
 
 What TCP changes: only the hop. The object is the same bytes, checked by the same pipeline. Over
 a DTLS proxy (``PROXY_ID=coaps://``) nothing changes: the consumer has no certificate for TLS (the
@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from oscar_io import coaptcp
-from oscar_io.coaptcp import check_threshold
+from oscar_io.tcproute import Route, check_threshold
 
 from .target import Target
 
@@ -33,8 +33,8 @@ __all__ = ["DEFAULT_TCP_THRESHOLD", "TcpRoute", "check_threshold"]
 DEFAULT_TCP_THRESHOLD = 32 * 1024
 
 
-class TcpRoute(coaptcp.Route):
-    """:class:`oscar_io.coaptcp.Route` for the consumer's targets."""
+class TcpRoute(Route):
+    """:class:`oscar_io.tcproute.Route` for the consumer's targets."""
 
     def wanted(self, first: Any, target: Target | None = None) -> bool:
         return (target is None or target.proxy_id is None) and super().wanted(first)

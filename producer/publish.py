@@ -12,7 +12,7 @@ TLS (RFC 8323, BERT blocks) to the same host and port number on TCP (``coaps+tcp
 ``tls`` listener), with the producer's certificate from the AS CA, the proxy's certificate
 required to name the proxy's device id. When that fails (the proxy does not offer TLS, no
 answer, another peer), the PUT goes over DTLS as before, and that proxy is not tried over TLS
-again for :data:`oscar_io.coaptcp.RETRY_AFTER` seconds. An error answer over TLS is the proxy's
+again for :data:`oscar_io.tcproute.RETRY_AFTER` seconds. An error answer over TLS is the proxy's
 answer, as over DTLS.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 from oscar_io import coaperrors, coaptcp
 from oscar_io.tasks import stop_tasks
+from oscar_io.tcproute import RETRY_AFTER
 
 from .config import PublishTarget
 
@@ -172,7 +173,7 @@ class Publisher:
         except coaperrors.TransportError as exc:
             if len(self._tls_resting) >= 64:
                 self._tls_resting.clear()
-            self._tls_resting[peer] = now + coaptcp.RETRY_AFTER
+            self._tls_resting[peer] = now + RETRY_AFTER
             log.info("publishing %s over TLS failed (%s); over DTLS instead", resource_id, exc)
             return False
         if not response.code.is_successful():

@@ -33,13 +33,13 @@ from typing import Any, TypeVar
 
 from oscar.errors import InvalidObject
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE, object_etag
-from oscar_io import coaptcp
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, BundleError
 from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
+from oscar_io.tcproute import Route
 from oscar_io.trust import CertificateSource, Trust
 
 from . import shared
@@ -115,7 +115,7 @@ class Proxy:
         )
         self._upstream: Any = None
         #: Large upstream objects over CoAP over TCP where the origin offers it (same port).
-        self.tcp = coaptcp.Route(
+        self.tcp = Route(
             UPSTREAM_TCP_THRESHOLD,
             timeout=self.limits.upstream_timeout,
             max_size=DEFAULT_MAX_OBJECT_SIZE,
@@ -401,7 +401,7 @@ class Proxy:
 
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
         """``first`` with the rest of its blocks: a large object over TCP when the origin
-        offers it (:class:`oscar_io.coaptcp.Route`), else :func:`proxy.upstream.complete`."""
+        offers it (:class:`oscar_io.tcproute.Route`), else :func:`proxy.upstream.complete`."""
         whole = await self.tcp.instead(request, first)
         if whole is not None:
             return whole

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from oscar import certs
-from oscar_io import coaptcp
+from oscar_io import coaptcp, tcproute
 from oscar_io.coaperrors import TransportError
 from oscar_io.ports import PortInUse
 
@@ -314,12 +314,12 @@ async def test_a_route_keeps_connections_to_a_bounded_number_of_peers(
 ) -> None:
     """Past MAX_PEERS distinct peers, a Route closes every connection it holds (aiocoap keeps
     them until the peer closes): a forward proxy's clients cannot make it hold unboundedly many."""
-    monkeypatch.setattr(coaptcp, "MAX_PEERS", 2)
+    monkeypatch.setattr(tcproute, "MAX_PEERS", 2)
     blob = Blob(b"\xd2" * 3000, 3000)
     site = Site()
     site.add_resource(("blob",), blob)
     servers = []
-    route = coaptcp.Route(0, timeout=5.0, max_size=1 << 20)
+    route = tcproute.Route(0, timeout=5.0, max_size=1 << 20)
     try:
         for _ in range(3):
             port = free_port()
