@@ -15,6 +15,7 @@ Modules:
 - :mod:`~consumer.pipeline`: the checks and opening of every object received;
 - :mod:`~consumer.target`: request URIs, proxies, the resource an answer must be of;
 - :mod:`~consumer.coap`: one exchange as sent, bounded block-wise assembly;
+- :mod:`~consumer.transport`: large objects over CoAP over TCP above a threshold, else UDP;
 - :mod:`~consumer.store` (the encrypted state directory: secrets, freshness) and
   :mod:`~consumer.held` (the newest object accepted per resource);
 - :mod:`~consumer.errors`: :class:`StaleCopy` and the names below; :mod:`~consumer.cli`.

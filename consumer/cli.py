@@ -60,6 +60,7 @@ from oscar_io.errors import BundleError, StateError, UsageError
 
 from .client import DEFAULT_MAX_OBJECT_SIZE, DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, StaleCopy, TransportError
+from .transport import DEFAULT_TCP_THRESHOLD, check_threshold
 
 log = logging.getLogger("oscar.consumer")
 
@@ -137,6 +138,15 @@ def _count(text: str) -> int:
     return value
 
 
+def _threshold(text: str) -> int | str:
+    if text == "off":
+        return text
+    try:
+        return check_threshold(int(text)) or 0
+    except ValueError:
+        raise argparse.ArgumentTypeError("is a number of bytes (0 to 4294967295) or off") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``oscar-consumer`` argument parser, one subcommand per operation."""
     parser = OneLineParser(
@@ -148,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML with any of: bundle, state, timeout, proxy, max_object_size (flags override it)",
+        help="TOML with any of: bundle, state, timeout, proxy, max_object_size, tcp_threshold "
+        "(flags override it)",
     )
     parser.add_argument("--bundle", metavar="FILE", help="credentials bundle")
     parser.add_argument("--state", metavar="DIR", help="state directory (made with mode 0700)")
@@ -164,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help=f"largest object taken (default: {DEFAULT_MAX_OBJECT_SIZE}, 64 MiB + 4 KiB; at most "
         f"{MAX_OBJECT_SIZE_LIMIT})",
+    )
+    parser.add_argument(
+        "--tcp-threshold",
+        type=_threshold,
+        metavar="BYTES",
+        help="objects announced (Size2) at least this large come over CoAP over TCP from the "
+        "same port, falling back to UDP; 'off': never "
+        f"(default: {DEFAULT_TCP_THRESHOLD})",
     )
     add_logging_arguments(parser, default="warning")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -287,6 +306,7 @@ def _apply_config(args: argparse.Namespace) -> None:
             "timeout": (int, float),
             "proxy": str,
             "max_object_size": int,
+            "tcp_threshold": (int, str),
         }
         unknown = set(doc) - set(kinds)
         if unknown:
@@ -303,6 +323,13 @@ def _apply_config(args: argparse.Namespace) -> None:
                     _check_object_size(value, ValueError)
                 except ValueError as exc:
                     raise UsageError(f"{path}: {exc}") from None
+            if key == "tcp_threshold":
+                try:
+                    value = _threshold(str(value)) if value == "off" else check_threshold(value)
+                except (ValueError, argparse.ArgumentTypeError):
+                    raise UsageError(
+                        f'{path}: tcp_threshold is a number of bytes (0 to 4294967295) or "off"'
+                    ) from None
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
     if args.bundle is None or args.state is None:
@@ -311,13 +338,20 @@ def _apply_config(args: argparse.Namespace) -> None:
         args.timeout = DEFAULT_TIMEOUT
     if getattr(args, "max_object_size", None) is None:
         args.max_object_size = DEFAULT_MAX_OBJECT_SIZE
+    if getattr(args, "tcp_threshold", None) is None:
+        args.tcp_threshold = DEFAULT_TCP_THRESHOLD
 
 
 async def _run(args: argparse.Namespace) -> int:
     parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
+    threshold = None if args.tcp_threshold == "off" else args.tcp_threshold
     async with Consumer(
-        args.bundle, args.state, timeout=args.timeout, max_object_size=args.max_object_size
+        args.bundle,
+        args.state,
+        timeout=args.timeout,
+        max_object_size=args.max_object_size,
+        tcp_threshold=threshold,
     ) as consumer:
         if args.command == "get":
             return await _get(consumer, args)

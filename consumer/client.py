@@ -56,6 +56,7 @@ from .pipeline import Pipeline
 from .spool import Assembly, Output
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .target import Target, parse_target
+from .transport import DEFAULT_TCP_THRESHOLD, TcpRoute
 
 __all__ = ["DEFAULT_MAX_OBJECT_SIZE", "DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
@@ -96,6 +97,7 @@ class Consumer:
         max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
         max_secrets: int = DEFAULT_MAX_SECRETS,
         block_window: int = DEFAULT_WINDOW,
+        tcp_threshold: int | None = DEFAULT_TCP_THRESHOLD,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(bundle, Bundle):
@@ -109,6 +111,9 @@ class Consumer:
         self.max_object_size = max_object_size
         #: Blocks of a large object asked for at once (:mod:`oscar_io.blockwise`; 1 to 64).
         self.block_window = check_window(block_window)
+        #: Objects announced this large or larger come over CoAP over TCP (None: never), falling
+        #: back to UDP (:mod:`consumer.transport`).
+        self.tcp = TcpRoute(tcp_threshold, timeout=timeout, max_size=max_object_size)
         self.store = ConsumerStore(state_dir, bundle.state_key("consumer"), max_secrets=max_secrets)
         self.trust = Trust(bundle, self.store.trust, self._as)
         self.pipeline = Pipeline(
@@ -166,6 +171,7 @@ class Consumer:
 
     async def close(self) -> None:
         await self.pipeline.close()  # the readings accepted are saved before anything stops
+        await self.tcp.close()
         self._dtls_connections.clear()
         dtls, self._dtls = self._dtls, {}
         for context in dtls.values():
@@ -377,8 +383,12 @@ class Consumer:
         target: Target,
         sink: Callable[[bytes], object] | None = None,
     ) -> Any:
-        """The whole response whose first block is ``first`` (:func:`consumer.coap.assemble`,
-        within :attr:`max_object_size`), its payload handed to ``sink`` if given."""
+        """The whole response whose first block is ``first``: over TCP for a large object
+        (:mod:`consumer.transport`), else :func:`consumer.coap.assemble`, within
+        :attr:`max_object_size`; its payload handed to ``sink`` as it arrives if given."""
+        whole = await self.tcp.over_tcp(first, target, sink)
+        if whole is not None:
+            return whole
 
         async def respond(awaitable: Any) -> Any:
             return await self._response(awaitable, target)

@@ -18,6 +18,9 @@ Modules:
   :mod:`~oscar_io.dtls_cookie`), :mod:`~oscar_io.dtls_client`, :mod:`~oscar_io.aiocoap_fixes`:
   the DTLS and aiocoap glue; :mod:`~oscar_io.ports`, :mod:`~oscar_io.peers`, :mod:`~oscar_io.tasks`;
 - :mod:`~oscar_io.coaperrors`: the one map of aiocoap's exceptions to OSCAR's transport errors;
+- :mod:`~oscar_io.coaptcp`: CoAP over TCP and TLS (RFC 8323, BERT, mutual TLS under the AS CA),
+  :mod:`~oscar_io.tcproute`: when to take TCP and the fall-back to UDP,
+  :mod:`~oscar_io.tlscert`: a TLS certificate from the AS for a key made at start;
 - :mod:`~oscar_io.trust`: producer certificates and revocation, checked against the AS CA, with
   its sealed cache in :mod:`~oscar_io.localstore` (shared by the consumer and the proxy);
 - :mod:`~oscar_io.clikit`: the command-line kit of every program; :mod:`~oscar_io.tool`: the

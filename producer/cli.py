@@ -4,7 +4,7 @@
 
     oscar-producer --bundle sensor-1.json --state state/ --listen 127.0.0.1:5683 \\
         --resource temperature=/run/temp.txt [--resource PATH=FILE ...]
-    oscar-producer --config producer.toml [--listen HOST:PORT] [--log-level debug]
+    oscar-producer --config producer.toml [--listen HOST:PORT] [--tcp] [--tls] [--log-level debug]
 
 Each ``--resource PATH=FILE`` serves the file's content as the protected resource
 ``<producer id>/PATH`` and seals a new object whenever the file changes; ``--content-format``,
@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from oscar.profiles import PROFILES
+from oscar_io import coaptcp
 from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
 from oscar_io.clikit import (
     OneLineParser,
@@ -89,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address of the CoAP server (default: the configuration file's; without one the "
         "producer serves nothing and only publishes)",
+    )
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        default=None,
+        help="also serve CoAP over TCP (RFC 8323) on the listen port "
+        "(default: the configuration file's, else off)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="also serve CoAP over TLS on the listen port + 1, with the producer's certificate; "
+        "clients need a certificate from the AS CA (default: the configuration file's, else off)",
     )
     parser.add_argument(
         "--resource",
@@ -222,6 +237,8 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
         "max_observers_per_address": args.max_observers_per_address,
         "metrics": parse_listen(args.metrics, what="--metrics") if args.metrics else None,
         "metrics_per_resource": args.metrics_per_resource,
+        "tcp": args.tcp,
+        "tls": args.tls,
         "resources": specs,
         "publish": publish,
     }
@@ -239,6 +256,11 @@ async def run(config: ProducerConfig) -> None:
     quiet_undecodable_datagrams(loop, log)
     if config.listen is not None:  # before any work: a port in use changes no state
         ensure_port_free(*config.listen)
+        host, port = config.listen
+        if config.tcp:
+            coaptcp.ensure_tcp_port_free(host, port)
+        if config.tls:
+            coaptcp.ensure_tcp_port_free(host, coaptcp.tls_port(port))
     if config.metrics is not None:
         check_metrics_address(*config.metrics)
     producer = Producer(config)

@@ -10,6 +10,8 @@ or from a TOML file (:func:`load_config`; relative paths are relative to the fil
     bundle = "sensor-1.json"
     state = "/var/lib/oscar/producer"
     listen = "127.0.0.1:5683"          # leave out to serve nothing (a producer that only publishes)
+    tcp = false                        # also CoAP over TCP (RFC 8323) on the listen port
+    tls = false                        # also CoAP over TLS on the listen port + 1 (mutual, AS CA)
     key_algorithm = "ES256"            # or "EdDSA" (for the *-eddsa profiles)
     max_observers = 256                # Observe registrations held at once, in all
     max_observers_per_address = 16     # ... and from one IP address
@@ -196,6 +198,11 @@ class ProducerConfig:
     #: whether resource ids label the per-resource families (``metrics_per_resource``).
     metrics: tuple[str, int] | None = None
     metrics_per_resource: bool = False
+    #: Also serve over CoAP over TCP on the listen port (large objects in BERT blocks).
+    tcp: bool = False
+    #: Also serve over CoAP over TLS on the listen port + 1: the producer's certificate from the
+    #: AS CA, clients must present one from the same CA (oscar_io.coaptcp).
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.key_algorithm not in ("ES256", "EdDSA"):
@@ -215,6 +222,14 @@ class ProducerConfig:
             raise ConfigError("nothing to do: give listen, publish, or both")
         if type(self.sequence_window) is not int or not 1 <= self.sequence_window <= 1 << 20:
             raise ConfigError("sequence_window is 1 to 1048576")
+        for key in ("tcp", "tls"):
+            value = getattr(self, key)
+            if type(value) is not bool:
+                raise ConfigError(f"{key} is true or false")
+            if value and self.listen is None:
+                raise ConfigError(f"{key} = true needs listen (the TCP port is the listen port)")
+        if self.tls and self.listen is not None and self.listen[1] >= 65535:
+            raise ConfigError("tls = true needs a listen port below 65535 (TLS takes port + 1)")
         _uint(self.max_observers, MAX_OBSERVERS, "max_observers")
         _uint(self.max_observers_per_address, MAX_OBSERVERS, "max_observers_per_address")
 
@@ -246,6 +261,8 @@ _TOP = {
     "max_observers_per_address",
     "metrics",
     "metrics_per_resource",
+    "tcp",
+    "tls",
 }
 _RESOURCE = {
     "path",
@@ -343,7 +360,14 @@ def config_from_mapping(
         if not isinstance(doc["metrics_per_resource"], bool):
             raise ConfigError(f"{where}: metrics_per_resource is true or false")
         values["metrics_per_resource"] = doc["metrics_per_resource"]
-    for key in ("key_algorithm", "sequence_window", "max_observers", "max_observers_per_address"):
+    for key in (
+        "key_algorithm",
+        "sequence_window",
+        "max_observers",
+        "max_observers_per_address",
+        "tcp",
+        "tls",
+    ):
         if key in doc:
             values[key] = doc[key]
     for key, value in overrides.items():

@@ -138,17 +138,40 @@ class Producer:
             if spec.file is not None:
                 self._files[spec.path] = FileSource(spec.file, spec.interval, published.resource_id)
         if config.publish:
+            from oscar_io.coaptcp import client_tls
+
             from .publish import Publisher
 
-            self._publisher = Publisher(config.publish, self.device_id, client.link)
+            publish_tls = client_tls(  # large objects to an OSCAR proxy over TLS if it offers it
+                bundle.ca_certificate,
+                self.certificate_pem,
+                certs.private_key_pem(self.signing_key.private_key),
+            )
+            self._publisher = Publisher(
+                config.publish, self.device_id, client.link, tls=publish_tls
+            )
         if config.listen is not None:
             from .observers import ObserverLimits
             from .server import serve
 
             limits = ObserverLimits(config.max_observers, config.max_observers_per_address)
             self.observer_limits = limits
+            tls = None
+            if config.tls:  # its certificate from the AS CA; clients need one from the same CA
+                from oscar_io.coaptcp import server_tls
+
+                tls = server_tls(
+                    self.certificate_pem,
+                    certs.private_key_pem(self.signing_key.private_key),
+                    bundle.ca_certificate,
+                )
             self.server = await serve(
-                self.device_id, self.resources.values(), *config.listen, limits
+                self.device_id,
+                self.resources.values(),
+                *config.listen,
+                limits,
+                tcp=config.tcp,
+                tls=tls,
             )
         if self._publisher is not None:  # after the observers: they are told first
             for published in self.resources.values():

@@ -6,17 +6,28 @@ matters — an older one would be refused by the proxy as a rollback anyway — 
 away collects at most one pending object per resource, and gets it when it answers again (retried
 with backoff from 1 to 30 s). ``coaps://`` targets use the DTLS-PSK credentials of their
 configuration, or for an OSCAR proxy the link PSK from the AS; the DTLS transport loads only then.
+
+An object of at least :data:`TLS_THRESHOLD` bytes for an OSCAR proxy goes instead over CoAP over
+TLS (RFC 8323, BERT blocks) to the same host and port number on TCP (``coaps+tcp``: the proxy's
+``tls`` listener), with the producer's certificate from the AS CA, the proxy's certificate
+required to name the proxy's device id. When that fails (the proxy does not offer TLS, no
+answer, another peer), the PUT goes over DTLS as before, and that proxy is not tried over TLS
+again for :data:`oscar_io.tcproute.RETRY_AFTER` seconds. An error answer over TLS is the proxy's
+answer, as over DTLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from oscar_io import coaperrors
+from oscar_io import coaperrors, coaptcp
 from oscar_io.tasks import stop_tasks
+from oscar_io.tcproute import RETRY_AFTER
 
 from .config import PublishTarget
 
@@ -25,6 +36,8 @@ __all__ = ["Publisher"]
 log = logging.getLogger("oscar.producer")
 
 TIMEOUT = 10.0
+#: Objects this large or larger go to an OSCAR proxy over TLS where it offers it.
+TLS_THRESHOLD = 32 * 1024
 
 
 class Publisher:
@@ -35,8 +48,15 @@ class Publisher:
         targets: Sequence[PublishTarget],
         device_id: str,
         link: Callable[[str], Awaitable[bytes]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.targets = list(targets)
+        #: The producer's TLS client context (its certificate), or None: DTLS only.
+        self._tls = tls
+        self._tls_ctx: Any = None
+        self._tls_resting: dict[str, float] = {}
+        #: Objects published over TLS (the rest of ``published`` went over DTLS or CoAP).
+        self.published_tls = [0 for _ in self.targets]
         self.device_id = device_id
         self._link = link
         self._pending: list[dict[str, tuple[bytes, int]]] = [{} for _ in self.targets]
@@ -126,9 +146,46 @@ class Publisher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
 
+    async def _put_tls(
+        self, target: PublishTarget, resource_id: str, obj: bytes, max_age: int
+    ) -> bool:
+        """The PUT over TLS, if this object and target call for it: True when the proxy
+        answered success there; False to go over DTLS. Raises for an error answer."""
+        from aiocoap import PUT, Message
+
+        secure = target.resource_uri(resource_id)
+        if self._tls is None or target.proxy is None or len(obj) < TLS_THRESHOLD:
+            return False
+        if not secure.startswith("coaps://"):
+            return False
+        uri = "coaps+tcp://" + secure.removeprefix("coaps://")
+        peer = uri.split("/", 3)[2]
+        now = time.monotonic()
+        if self._tls_resting.get(peer, now) > now:
+            return False
+        try:
+            if self._tls_ctx is None:
+                self._tls_ctx = await coaptcp.client_context(self._tls)
+            message = Message(code=PUT, uri=uri, payload=obj, content_format=18, max_age=max_age)
+            response = await coaptcp.put(
+                self._tls_ctx, message, timeout=TIMEOUT, peer=peer, expect_device=target.proxy
+            )
+        except coaperrors.TransportError as exc:
+            if len(self._tls_resting) >= 64:
+                self._tls_resting.clear()
+            self._tls_resting[peer] = now + RETRY_AFTER
+            log.info("publishing %s over TLS failed (%s); over DTLS instead", resource_id, exc)
+            return False
+        if not response.code.is_successful():
+            raise coaperrors.error_answer(response.code, "the target answered")
+        self.published_tls[self.targets.index(target)] += 1
+        return True
+
     async def _put(self, target: PublishTarget, resource_id: str, obj: bytes, max_age: int) -> None:
         from aiocoap import PUT, Message
 
+        if await self._put_tls(target, resource_id, obj, max_age):
+            return
         ctx = await self._context()
         request = ctx.request(
             Message(
@@ -146,6 +203,9 @@ class Publisher:
 
     async def close(self) -> None:
         await stop_tasks(self._tasks)
+        tls, self._tls_ctx = self._tls_ctx, None
+        if tls is not None:
+            await tls.shutdown()
         if self._ctx is not None:
             await self._ctx.shutdown()
             self._ctx = None

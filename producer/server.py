@@ -18,7 +18,12 @@ with the object of its first block even if the producer re-seals meanwhile.
 ``OSCAR_PRODUCER_FASTPATH=off`` in the environment leaves the fast path out;
 ``context.fast_path.enabled = False`` switches it off while serving.
 
-Plain CoAP (UDP) only: the objects are protected end to end, and no DTLS code is loaded.
+Plain CoAP over UDP, and optionally (``tcp``/``tls`` in the configuration) the same site over
+CoAP over TCP on the same port number and over TLS on the port + 1 (:mod:`oscar_io.coaptcp`),
+where large objects go in BERT blocks; a block-wise answer carries Size2 so that a client can
+choose TCP from the first block. The TLS listener presents the producer's certificate from the AS
+CA and requires a client certificate from the same CA. The objects are protected end to end, and
+no DTLS code is loaded; the fast path and Observe over UDP are as they were.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,7 +40,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.resource import ObservableResource, Site, WKCResource
 
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
-from oscar_io import aiocoap_fixes
+from oscar_io import aiocoap_fixes, coaptcp
 from oscar_io.ports import PortInUse, ensure_alone_on_port, ensure_port_free
 
 from . import duplicates
@@ -49,6 +55,9 @@ log = logging.getLogger("oscar.producer")
 
 #: Max-Age of a 5.03 (no current object): ask again soon.
 RETRY_AFTER = 5
+#: Objects larger than this go out block-wise over UDP (aiocoap 0.4.17 answers block-wise unasked
+#: above 1,124 bytes) and carry Size2; smaller ones go in one message, as before, without it.
+SIZE2_FROM = 1124
 #: Set to ``off`` (or ``0``) to serve without the fast path (comparisons, debugging).
 FASTPATH_ENV = "OSCAR_PRODUCER_FASTPATH"
 
@@ -96,21 +105,32 @@ class ObjectResource(ObservableResource):  # type: ignore[misc]
         max_age = published.max_age(now)
         if published.etag in (request.opt.etags or ()):
             return Message(code=Code.VALID, etag=published.etag, max_age=max_age)
-        return Message(
+        response = Message(
             code=Code.CONTENT,
             payload=published.obj,
             content_format=CONTENT_FORMAT_COSE_SIGN1,
             etag=published.etag,
             max_age=max_age,
         )
+        if len(published.obj) > SIZE2_FROM:  # block-wise: the size, in every block (RFC 7959 §4)
+            response.opt.size2 = len(published.obj)
+        return response
 
 
 class ProducerContext(Context):  # type: ignore[misc]
-    """aiocoap's server context, with the fast path in front of it (None when left out)."""
+    """aiocoap's server context, with the fast path in front of it (None when left out), and
+    the TCP/TLS listener's context beside it (None when not configured): shut down with it."""
 
     fast_path: FastPath | None = None
     #: The served resources by their Uri-Path segments (their request counts: the metrics').
     routes: dict[tuple[bytes, ...], ObjectResource] = {}  # noqa: RUF012 (set per instance)
+    tcp: Any = None
+
+    async def shutdown(self) -> None:
+        tcp, self.tcp = self.tcp, None
+        if tcp is not None:
+            await tcp.shutdown()
+        await super().shutdown()
 
 
 def build_site(
@@ -137,10 +157,14 @@ async def serve(
     host: str,
     port: int,
     limits: ObserverLimits | None = None,
+    *,
+    tcp: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> ProducerContext:
     """Serve ``resources`` at ``/<device_id>/<path>`` on ``host``:``port``, their observers
-    bounded by ``limits`` (shared by all; default: the configuration's defaults). The caller
-    shuts the context down."""
+    bounded by ``limits`` (shared by all; default: the configuration's defaults); with ``tcp``
+    also over ``coap+tcp`` on the same port, with ``tls`` (:func:`oscar_io.coaptcp.server_tls`)
+    over ``coaps+tcp`` on port + 1. The caller shuts the context down."""
     aiocoap_fixes.apply()  # observers that leave abruptly: no tracebacks
     site, routes = build_site(
         device_id, resources, limits if limits is not None else default_limits()
@@ -155,10 +179,21 @@ async def serve(
         await context.shutdown()
         raise
     context.routes = routes
+    if tcp or tls is not None:
+        try:
+            context.tcp = await coaptcp.serve(site, host, port, tcp=tcp, tls=tls)
+        except BaseException:
+            await context.shutdown()
+            raise
     duplicates.bound(context)  # a flood of requests costs at most LIMIT entries of memory
     if os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
         fast_path = FastPath(routes)
         if fast_path.install(context):
             context.fast_path = fast_path
-    log.info("serving coap://%s:%d", host if ":" not in host else f"[{host}]", port)
+    shown = host if ":" not in host else f"[{host}]"
+    log.info("serving coap://%s:%d", shown, port)
+    if tcp:
+        log.info("serving coap+tcp://%s:%d", shown, port)
+    if tls is not None:
+        log.info("serving coaps+tcp://%s:%d", shown, coaptcp.tls_port(port))
     return context

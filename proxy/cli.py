@@ -4,7 +4,7 @@
 
     oscar-proxy --bundle proxy-1.json --state /var/lib/oscar/proxy --listen 127.0.0.1:5683 \\
         [--reverse PREFIX=coap://HOST:PORT ...] [--config proxy.toml] [--no-plain | --no-dtls] \\
-        [--cluster redis://HOST:PORT/DB]
+        [--tcp] [--tls] [--cluster redis://HOST:PORT/DB]
     oscar-proxy stats --state /var/lib/oscar/proxy [--json]
 
 ``stats`` asks the running proxy for its live counters over ``STATE/stats.sock``
@@ -13,7 +13,10 @@
 Forward proxying (Proxy-Uri) is always on; each ``--reverse`` maps a path prefix to a producer
 (``/PREFIX/REST`` is fetched from ``coap://HOST:PORT/PREFIX/REST``). Plain CoAP is served on the
 listen port and DTLS-PSK on the next one (identities: devices enrolled at the AS, keyed with link
-PSKs the AS derives for this proxy). Flags override the configuration file (see
+PSKs the AS derives for this proxy); with ``--tcp`` also CoAP over TCP on the listen port (GETs,
+large objects in BERT blocks: :mod:`oscar_io.coaptcp`), and with ``--tls`` CoAP over TLS on the
+next port (TCP), with a certificate the AS issues at start (:mod:`oscar_io.tlscert`): clients
+need one from the AS CA, and owners may publish there. Flags override the configuration file (see
 :mod:`proxy.config` for its format and the limits).
 
 With ``--cluster`` (or ``cluster`` in the configuration), the instances of one bundle share their
@@ -36,7 +39,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from oscar_io import aiocoap_fixes
+from oscar.errors import CertificateError
+from oscar_io import aiocoap_fixes, coaptcp
 from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
 from oscar_io.clikit import (
     OneLineParser,
@@ -50,6 +54,7 @@ from oscar_io.errors import AsError, BundleError, StateError
 from oscar_io.metrics import MetricsServer, MetricsUnavailable, check_metrics_address, serve_metrics
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
 from oscar_io.tasks import stop_tasks
+from oscar_io.tlscert import issue_for_tls
 
 from .config import (
     ConfigError,
@@ -105,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plain", action="store_true", help="serve DTLS only")
     parser.add_argument("--no-dtls", action="store_true", help="serve plain CoAP only")
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        default=None,
+        help="also serve CoAP over TCP (RFC 8323) on the listen port (default: off)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="also serve CoAP over TLS on PORT+1 (TCP) with a certificate from the AS; clients "
+        "need one from the AS CA (default: off)",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -127,6 +145,8 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "reverse": reverse,
         "plain": False if args.no_plain else None,
         "dtls": False if args.no_dtls else None,
+        "tcp": args.tcp,
+        "tls": args.tls,
         "cluster": check_cluster_url(args.cluster) if args.cluster is not None else None,
         "cluster_password_file": args.cluster_password_file,
         "metrics": parse_metrics(args.metrics) if args.metrics is not None else None,
@@ -149,6 +169,10 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     ports = ([port] if config.plain else []) + ([port + 1] if config.dtls else [])
     for each in ports:  # before any work: a port in use changes no state
         ensure_port_free(host, each)
+    if config.tcp:
+        coaptcp.ensure_tcp_port_free(host, port)
+    if config.tls:
+        coaptcp.ensure_tcp_port_free(host, coaptcp.tls_port(port))
     ensure_state_free(config.state)  # nor a state directory another proxy uses
     if config.metrics is not None:
         check_metrics_address(*config.metrics)
@@ -159,20 +183,38 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
     except BaseException:
         await proxy.close()
         raise
+    tls = None
+    if config.tls:  # a certificate from the AS for a key made now (oscar_io.tlscert)
+        try:
+            cert_pem, key_pem = await issue_for_tls(
+                await proxy.as_client(), proxy.bundle, int(proxy.now())
+            )
+        except (AsError, CertificateError) as exc:
+            await proxy.close()
+            raise StateError(f"no TLS certificate from the AS: {exc}") from None
+        tls = coaptcp.server_tls(cert_pem, key_pem, proxy.bundle.ca_certificate)
     site = ProxySite(proxy, echo_key=proxy.bundle.state_key("proxy echo"))
     creds = IndexedCreds()
     transports = (["udp6"] if config.plain else []) + (["tinydtls_server"] if config.dtls else [])
     ctx = None
+    tcp = None
     stats: asyncio.Server | None = None
     exporter: MetricsServer | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
-        ctx = await Context.create_server_context(
-            site, bind=(host, port), transports=transports, server_credentials=creds
-        )
+        if transports:
+            ctx = await Context.create_server_context(
+                site, bind=(host, port), transports=transports, server_credentials=creds
+            )
         for each in ports:
             ensure_alone_on_port(host, each)
-        if config.plain and os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0"):
+        if config.tcp or tls is not None:
+            tcp = await coaptcp.serve(site, host, port, tcp=config.tcp, tls=tls)
+        if (
+            ctx is not None
+            and config.plain
+            and os.environ.get(FASTPATH_ENV, "on").lower() not in ("off", "0")
+        ):
             FastPath(site).install(ctx)  # cache hits before aiocoap (proxy.fastpath)
         try:
             stats = await serve_stats(config.state, proxy.counters)
@@ -184,16 +226,21 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "serving%s%s",
+            "serving%s%s%s",
             f" coap://{shown}:{port}" if config.plain else "",
             f" coaps://{shown}:{port + 1}" if config.dtls else "",
+            f" coap+tcp://{shown}:{port}" if config.tcp else "",
         )
+        if tls is not None:
+            log.info("serving coaps+tcp://%s:%d", shown, coaptcp.tls_port(port))
         await stop.wait()
     finally:
         await stop_tasks(tasks)
         if exporter is not None:
             await exporter.close()
         close_stats(config.state, stats)
+        if tcp is not None:
+            await tcp.shutdown()
         if ctx is not None:
             await ctx.shutdown()
         await proxy.close()

@@ -6,6 +6,9 @@
                                        # (DTLS cannot bind a wildcard such as 0.0.0.0)
     plain = true                       # false: DTLS only
     dtls = true                        # false: plain CoAP only (no publishing)
+    tcp = false                        # true: also CoAP over TCP (RFC 8323) on the listen port
+    tls = false                        # true: also CoAP over TLS on port+1 (TCP): a certificate
+                                       # from the AS at start; clients need one from the AS CA
     cluster = "redis://10.0.0.5:6379/0"  # instances of one bundle sharing a Redis-protocol store
                                        # (proxy.cluster); rediss:// for TLS
     cluster_password_file = "/etc/oscar/redis.pass"  # the password (first line), not in the URL
@@ -132,6 +135,12 @@ class ProxyConfig:
     reverse: dict[str, str] = field(default_factory=dict)
     plain: bool = True
     dtls: bool = True
+    #: Also serve over CoAP over TCP on the listen port (oscar_io.coaptcp): large objects in BERT
+    #: blocks; GETs only (a PUT needs the DTLS identity).
+    tcp: bool = False
+    #: Also serve over CoAP over TLS on the listen port + 1 (TCP), with a certificate the AS
+    #: issues at start; clients need one from the AS CA; owners may publish there.
+    tls: bool = False
     limits: Limits = field(default_factory=Limits)
     #: The cluster store's URL (:func:`check_cluster_url`); None: a proxy alone (SQLite cache).
     cluster: str | None = None
@@ -172,8 +181,11 @@ class ProxyConfig:
                 )
         elif self.cluster_password_file is not None:
             raise ConfigError("cluster_password_file without cluster")
-        if not self.plain and not self.dtls:
-            raise ConfigError("plain and dtls are both off: nothing to listen on")
+        for flag in ("tcp", "tls"):
+            if type(getattr(self, flag)) is not bool:
+                raise ConfigError(f"{flag} is true or false")
+        if not (self.plain or self.dtls or self.tcp or self.tls):
+            raise ConfigError("plain, dtls, tcp and tls are all off: nothing to listen on")
         if self.dtls and _unspecified(self.listen[0]):
             # aiocoap's DTLS server cannot bind a wildcard address (ValueError at start).
             raise ConfigError(
@@ -302,6 +314,8 @@ def config_from_mapping(
         "reverse",
         "plain",
         "dtls",
+        "tcp",
+        "tls",
         "limits",
         "cluster",
         "cluster_password_file",
@@ -326,7 +340,7 @@ def config_from_mapping(
         if not isinstance(doc["listen"], str):
             raise ConfigError(f'{where}: listen is "HOST:PORT"')
         values["listen"] = parse_listen(doc["listen"])
-    for flag in ("plain", "dtls"):
+    for flag in ("plain", "dtls", "tcp", "tls"):
         if flag in doc:
             if not isinstance(doc[flag], bool):
                 raise ConfigError(f"{where}: {flag} is true or false")

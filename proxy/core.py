@@ -39,6 +39,7 @@ from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, BundleError
 from oscar_io.localstore import TrustCache
 from oscar_io.statefiles import private_dir
+from oscar_io.tcproute import Route
 from oscar_io.trust import CertificateSource, Trust
 
 from . import shared
@@ -55,6 +56,9 @@ __all__ = ["Proxy", "Stats", "Unavailable", "UpstreamError", "upstream_failure"]
 
 log = logging.getLogger("oscar.proxy")
 _T = TypeVar("_T")
+#: Upstream objects announced (Size2) at least this large come over TCP where the origin offers
+#: it, else block-wise over UDP as before (the consumer's default threshold too).
+UPSTREAM_TCP_THRESHOLD = 32 * 1024
 
 
 class Unavailable(Exception):
@@ -110,6 +114,12 @@ class Proxy:
             per_origin=config.limits.signer_lookups_per_origin, total=config.limits.signer_lookups
         )
         self._upstream: Any = None
+        #: Large upstream objects over CoAP over TCP where the origin offers it (same port).
+        self.tcp = Route(
+            UPSTREAM_TCP_THRESHOLD,
+            timeout=self.limits.upstream_timeout,
+            max_size=self.limits.max_object_size,
+        )
         # Keyed by (resource id, upstream URI): a client naming some other upstream in a
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
@@ -181,6 +191,13 @@ class Proxy:
         self.lookups.shared = cluster.take
         await cluster.open()
 
+    async def revoked_serials(self) -> frozenset[int]:
+        """The certificate serials the AS CA has revoked (:meth:`oscar_io.trust.Trust.
+        revoked_serials`); TransportError when no current CRL can be had."""
+        if self._trust is None:
+            raise TransportError("cannot check revocation: the proxy is not open")
+        return await self._trust.revoked_serials(int(self.now()))
+
     async def as_client(self) -> AsClient:
         if self._as_client is None:
             self._as_client = AsClient(self.bundle, timeout=10.0)
@@ -199,6 +216,7 @@ class Proxy:
 
     async def close(self) -> None:
         await self.relays.close()
+        await self.tcp.close()
         if self._upstream is not None:
             await self._upstream.shutdown()
             self._upstream = None
@@ -384,7 +402,11 @@ class Proxy:
         return await self.complete(ctx, request, first)
 
     async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
-        """``first`` with the rest of its blocks (:func:`proxy.upstream.complete`)."""
+        """``first`` with the rest of its blocks: a large object over TCP when the origin
+        offers it (:class:`oscar_io.tcproute.Route`), else :func:`proxy.upstream.complete`."""
+        whole = await self.tcp.instead(request, first)
+        if whole is not None:
+            return whole
         return await complete(
             ctx,
             request,

@@ -22,6 +22,13 @@ payload take 10 bytes or more (a resource id ``x/y`` of 9 characters or more, an
 shorter ones it is up to 6 bytes larger (``a/b``: 8 bytes and the token), within RFC 9175's bound
 of three times: sending nothing there instead would lock every plain-CoAP client of a short
 resource id out. Refusals to unproven peers carry no text.
+Over CoAP over TCP (``tcp`` in the configuration: :mod:`oscar_io.coaptcp`) the same site answers
+GETs, a large object in BERT blocks; the TCP handshake has proven the client's address, so no
+Echo is asked for; a PUT there is refused like any other without an identity. Over CoAP over TLS
+(``tls``) the identity is the device the client's certificate from the AS CA names, not revoked
+(the CRL is checked for each PUT: 5.03 when it cannot be), so owners may publish there too.
+A block-wise answer carries Size2 (the object's size), so that a client can choose TCP from its
+first block.
 The counters answer plain CoAP from loopback only (no spoofed source reaches loopback from
 outside: Linux drops such packets as martians); anyone else gets 4.03.
 
@@ -54,6 +61,7 @@ from aiocoap.resource import ObservableResource
 
 from oscar import names
 from oscar.errors import InvalidObject
+from oscar_io import coaptcp
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 
@@ -67,6 +75,9 @@ __all__ = ["BadTarget", "ProxySite", "proxied"]
 log = logging.getLogger("oscar.proxy")
 
 STATS_PATH = (".well-known", "oscar-stats")
+#: Objects larger than this go out block-wise over UDP (aiocoap 0.4.17 answers block-wise unasked
+#: above 1,124 bytes) and carry Size2; smaller ones go in one message, as before, without it.
+SIZE2_FROM = 1124
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
@@ -83,10 +94,11 @@ class BadTarget(Exception):
 
 
 def identity(remote: Any) -> str | None:
-    """The device id a DTLS session authenticated, or None (plain CoAP)."""
+    """The device id a DTLS session authenticated, or the one a TLS peer's certificate from the
+    AS CA names (its revocation is checked where it matters: a PUT); None for plain CoAP."""
     claims: Any = getattr(remote, "authenticated_claims", ())
     if len(claims) != 1:
-        return None
+        return coaptcp.peer_device(remote)
     return device_of_label(claims[0])
 
 
@@ -251,6 +263,10 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 etag=entry.etag,
                 max_age=max_age,
             )
+            if len(entry.obj) > SIZE2_FROM and request.opt.observe is None:
+                # block-wise: the size, in every block (not in an observation's answers: the
+                # fast path renders those, without Size2, and a client may choose TCP by a GET)
+                response.opt.size2 = len(entry.obj)
         return response, entry
 
     def _challenge(self, request: Message) -> Message | None:
@@ -271,9 +287,11 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return Message(code=Code.UNAUTHORIZED, echo=self.addresses.challenge(address))
 
     def _proven(self, request: Message) -> bool:
-        """Whether the request's source is proven: DTLS, a verified address, or an admitted
-        observation's notification."""
+        """Whether the request's source is proven: DTLS, TCP (its handshake), a verified
+        address, or an admitted observation's notification."""
         if identity(request.remote) is not None or self._admitted.get(id(request)) is request:
+            return True
+        if coaptcp.is_tcp(request.remote):
             return True
         return self.addresses.is_verified(_address(request.remote))
 
@@ -285,6 +303,16 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 "refused a PUT of %s from %s", resource_id, device or "an unauthenticated peer"
             )
             return Message(code=Code.FORBIDDEN)
+        certificate = coaptcp.peer_certificate(request.remote)
+        if certificate is not None:  # TLS: the certificate must not be revoked (fail closed)
+            try:
+                revoked = await self.proxy.revoked_serials()
+            except TransportError:
+                return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
+            if certificate.serial_number in revoked:
+                self.proxy.stats.publish_refused += 1
+                log.info("refused a PUT of %s from %s: certificate revoked", resource_id, device)
+                return Message(code=Code.FORBIDDEN)
         if request.opt.content_format != 18:
             return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
         try:

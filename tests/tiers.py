@@ -161,6 +161,7 @@ PROCESS: dict[str, Starts] = {
         "test_planted_temporary_names_cannot_receive_the_producer_key",
         "test_the_as_database_is_0600_whatever_the_umask",
     ),
+    "test_tcp_transport": every(),
 }
 
 #: Parameters that start a process in whichever test takes them, by (parameter, value): the AS's
