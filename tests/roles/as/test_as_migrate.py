@@ -327,7 +327,7 @@ def test_a_source_of_an_older_schema_is_migrated_forward_then_copied(
     assert code == 0, err
     assert "audit log intact on both sides: empty" in out
     con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 4  # as any command would do
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 5  # as any command would do
     con.close()
     after = asyncio.run(read_devices(state))
     assert after == (["old-1"], 7)

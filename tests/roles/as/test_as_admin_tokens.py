@@ -1,0 +1,144 @@
+"""The admin console's tokens in the AS store, on SQLite and PostgreSQL (``backing``): issued
+once, stored as a keyed hash only, one live token per name, expiry, revocation, audit; shared by
+two stores (two AS instances) on one database; and ``oscar-as admin-token`` on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import pytest_asyncio
+from pg_harness import Backing
+
+from authz_server.ca import init_state
+from authz_server.cli import main
+from authz_server.store import Conflict, NoSuchRecord, Store
+from authz_server.store.admins import TOKEN_PREFIX
+
+NOW = 1_800_000_000
+
+
+@pytest_asyncio.fixture
+async def store(backing: Backing) -> Store:
+    s = await init_state(
+        backing.state, as_uri="coaps://127.0.0.1:5684", now=NOW, database=backing.database
+    )
+    yield s
+    await s.close()
+
+
+@pytest.mark.asyncio
+async def test_a_token_logs_its_admin_in_and_only_its_hash_is_stored(
+    store: Store, backing: Backing
+) -> None:
+    token = await store.issue_admin_token("alice", NOW + 3600, NOW)
+    assert token.startswith(TOKEN_PREFIX) and len(token) >= len(TOKEN_PREFIX) + 43
+    admin = await store.admin_of_token(token, NOW + 1)
+    assert admin is not None and admin.name == "alice" and admin.expires_at == NOW + 3600
+    # Not the token nor any part of its random text is in the database.
+    raw = await backing.raw_bytes()
+    assert token.encode() not in raw and token[len(TOKEN_PREFIX) :].encode() not in raw
+    assert store.admins.token_hash(token) in raw
+    # Wrong, altered, malformed tokens: nobody.
+    assert await store.admin_of_token(token[:-1] + ("A" if token[-1] != "A" else "B"), NOW) is None
+    assert await store.admin_of_token("", NOW) is None
+    assert await store.admin_of_token(TOKEN_PREFIX + "x" * 500, NOW) is None
+    assert "alice" not in repr(store.admins) and token not in repr(admin)
+
+
+@pytest.mark.asyncio
+async def test_expiry_revocation_and_one_live_token_per_name(store: Store) -> None:
+    token = await store.issue_admin_token("alice", NOW + 60, NOW)
+    assert await store.admin_of_token(token, NOW + 59) is not None
+    assert await store.admin_of_token(token, NOW + 60) is None  # expired
+    with pytest.raises(ValueError):
+        await store.issue_admin_token("bob", NOW - 1, NOW)
+    for bad in ("", "a b", "<script>", "x" * 33, "-lead"):
+        with pytest.raises(ValueError):
+            await store.issue_admin_token(bad, None, NOW)
+    bob = await store.issue_admin_token("bob", None, NOW)
+    with pytest.raises(Conflict):
+        await store.issue_admin_token("bob", None, NOW + 1)
+    await store.revoke_admin_token("bob", NOW + 2)
+    assert await store.admin_of_token(bob, NOW + 3) is None
+    with pytest.raises(Conflict):
+        await store.revoke_admin_token("bob", NOW + 3)
+    with pytest.raises(NoSuchRecord):
+        await store.revoke_admin_token("carol", NOW + 3)
+    again = await store.issue_admin_token("bob", None, NOW + 4)  # a revoked name: a new token
+    assert again != bob and await store.admin_of_token(bob, NOW + 5) is None
+    assert (await store.admin_of_token(again, NOW + 5)).name == "bob"  # type: ignore[union-attr]
+    # The expired alice may get a new token too.
+    await store.issue_admin_token("alice", None, NOW + 61)
+    status = {a.name: a.status(NOW + 62) for a in await store.admin_list()}
+    assert status == {"alice": "active", "bob": "active"}
+    records = [(r.actor, r.action, r.subject) for r in await store.audit_records()][1:]
+    assert records == [
+        ("admin", "admin-token", "alice"),
+        ("admin", "admin-token", "bob"),
+        ("admin", "revoke-admin-token", "bob"),
+        ("admin", "admin-token", "bob"),
+        ("admin", "admin-token", "alice"),
+    ]
+    assert all(again not in json.dumps(r.detail) for r in await store.audit_records())
+    assert (await store.verify_audit())[0]
+
+
+@pytest.mark.asyncio
+async def test_two_instances_on_one_database_share_the_tokens(
+    store: Store, backing: Backing
+) -> None:
+    other = await Store.open(backing.state, database=backing.database)
+    try:
+        token = await store.issue_admin_token("alice", None, NOW)
+        assert (await other.admin_of_token(token, NOW)).name == "alice"  # type: ignore[union-attr]
+        await other.revoke_admin_token("alice", NOW + 1, actor="admin:root")
+        assert await store.admin_of_token(token, NOW + 2) is None
+    finally:
+        await other.close()
+    last = (await store.recent_audit(limit=1))[0]
+    assert (last.actor, last.action, last.subject) == ("admin:root", "revoke-admin-token", "alice")
+
+
+def test_the_command_prints_the_token_once_lists_and_revokes(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = str(tmp_path / "state")
+    assert main(["init", "--state", state]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "admin-token",
+                "--state",
+                state,
+                "--name",
+                "ops-1",
+                "--expires",
+                "2099-01-01T00:00:00Z",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert token.startswith(TOKEN_PREFIX) and "\n" not in token and "ops-1" in err
+    assert main(["admin-token", "--state", state, "--name", "ops-1"]) == 1  # live already
+    assert "live token" in capsys.readouterr().err
+    assert main(["admin-token", "--state", state, "--list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(a["name"], a["status"]) for a in listed] == [("ops-1", "active")]
+    assert token not in json.dumps(listed)
+    assert main(["admin-token", "--state", state, "--revoke", "ops-1"]) == 0
+    capsys.readouterr()
+    assert main(["admin-token", "--state", state, "--list"]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["admin-token", "--state", state, "--name", "x y"]) == 2
+    assert main(["admin-token", "--state", state, "--name", "late", "--expires", "1000"]) == 2
+    con = sqlite3.connect(tmp_path / "state" / "as.db")
+    try:
+        assert [r[0] for r in con.execute("SELECT name FROM admins")] == ["ops-1"]
+    finally:
+        con.close()
