@@ -169,6 +169,7 @@ class Store:
         self.revoke_admin_token = admins.revoke_admin_token
         self.admin_of_token = admins.admin_of_token
         self.admin_list = admins.admins
+        self.admin = admins.admin
         # The audit chain.
         self.denials = audit.denials
         self.audit = audit.audit

@@ -36,7 +36,7 @@ from .schema import Conflict, NoSuchRecord
 __all__ = ["TOKEN_PREFIX", "Admin", "AdminTokens"]
 
 #: What every token starts with (recognisable in a secret scanner, never part of the hash's key).
-TOKEN_PREFIX = "oscar-admin-"
+TOKEN_PREFIX = "oscar-admin-"  # noqa: S105 (a prefix, not a secret)
 _TOKEN_BYTES = 32
 #: The HMAC input that derives the token key: no audit chain input (which starts with 0x87 at
 #: offset 0 or 32) nor a checkpoint's (0xff * 33) starts so.
@@ -99,6 +99,10 @@ class AdminTokens:
             )
         return token
 
+    async def admin(self, name: str) -> Admin | None:
+        row = await self.db.one(self.db.sql.ADMIN, (name,))
+        return None if row is None else Admin(*row)
+
     async def admins(self) -> list[Admin]:
         return [Admin(*row) for row in await self.db.all(self.db.sql.ADMINS)]
 
@@ -119,7 +123,7 @@ class AdminTokens:
         malformed: the caller says no without telling which)."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 100:
             return None
-        row = await self.db.one(self.db.sql.ADMIN_BY_TOKEN, (self.token_hash(token),))
+        row = await self.db.one(self.db.sql.ADMIN_OF_HASH, (self.token_hash(token),))
         if row is None:
             return None
         admin = Admin(*row)
