@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "extra; plain HTTP: loopback or a management network)",
     )
     serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve the admin console at https://HOST:PORT/ (a bare PORT: 127.0.0.1; default: "
+        "off; needs the ops extra; log in with a token of admin-token)",
+    )
+    serve.add_argument(
         "--metrics-per-resource",
         action="store_true",
         default=None,
