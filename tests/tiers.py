@@ -55,6 +55,7 @@ def only(*names: str) -> Starts:
 #: name, parameters aside). A module not named here starts none.
 PROCESS: dict[str, Starts] = {
     "test_as_audit_flood": every(),
+    "test_as_console_browser": every(),
     "test_as_cli": only(
         "test_init_records_a_postgresql_database_and_every_command_uses_it",
         "test_module_entry_point",

@@ -4,7 +4,8 @@ rules in one place, login and logout.
 Every response carries: a Content-Security-Policy that allows nothing but the console's own
 style sheet, images and forms (``default-src 'none'; style-src 'self'; img-src 'self';
 form-action 'self'; frame-ancestors 'none'; base-uri 'none'``: no script runs, inline or not),
-``X-Frame-Options: DENY``, ``Cache-Control: no-store``, ``Referrer-Policy: no-referrer``,
+``X-Frame-Options: DENY``, ``Cache-Control: no-store``, ``Referrer-Policy: same-origin`` (no
+address of the console leaves it; ``no-referrer`` would make browsers send ``Origin: null``),
 ``X-Content-Type-Options: nosniff`` and HSTS.
 
 Every request, before any view:
@@ -67,7 +68,9 @@ HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it browsers send "Origin: null" with a form's POST, and the
+    # Origin check below would refuse the console's own forms.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",
