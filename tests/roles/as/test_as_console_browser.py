@@ -358,7 +358,7 @@ def test_a_form_posted_from_another_origin_is_refused(admin: Any, env: Env) -> N
     ).encode()
 
     class Evil(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.end_headers()
