@@ -250,7 +250,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self._key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(self._key, hashes.SHA256())
         )
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem
         key_pem = key.private_bytes(

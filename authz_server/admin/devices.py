@@ -22,7 +22,7 @@ from oscar.names import is_device_id
 from oscar_io.bundle import LINK_PSK_LENGTH
 
 from ..ca import credentials_bundle
-from ..store import ROLES, NoSuchRecord
+from ..store import ROLES, AuditRecord, NoSuchRecord
 from .app import CONSOLE, attempt, html_response, session_of
 from .html import esc, form, hidden, link, page, state, table, when
 
@@ -32,7 +32,7 @@ __all__ = ["add_routes"]
 MAX_LISTED = 500
 
 
-def _records_rows(records: list) -> list[list[str]]:
+def _records_rows(records: list[AuditRecord]) -> list[list[str]]:
     return [
         [esc(r.seq), when(r.at), esc(r.actor), esc(r.action), esc(r.subject), state(r.result)]
         for r in records

@@ -17,7 +17,7 @@ from aiohttp import web
 from oscar.names import is_resource_id
 
 from ..cli.common import epoch_runs
-from ..store import NoSuchRecord
+from ..store import NoSuchRecord, Resource
 from .app import CONSOLE, attempt, html_response, session_of
 from .html import esc, form, hidden, link, page, state, table, when
 
@@ -74,7 +74,7 @@ async def resources_page(request: web.Request) -> web.Response:
     return html_response(page("Resources", body, session, "/resources"))
 
 
-async def _resource_or_back(request: web.Request, resource_id: str):  # type: ignore[no-untyped-def]
+async def _resource_or_back(request: web.Request, resource_id: str) -> Resource:
     console = request.app[CONSOLE]
     resource = await console.store.resource(resource_id) if is_resource_id(resource_id) else None
     if resource is None:
