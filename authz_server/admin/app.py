@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -103,8 +104,9 @@ class ConsoleState:
 
 
 CONSOLE = web.AppKey("console", ConsoleState)
-#: The request's session, set by the middleware for every view but the login's.
-SESSION = "oscar.session"
+#: The request's session, set by the middleware for every view but the login's (a typed key
+#: where aiohttp has them, 3.13 on: it warns about a plain one).
+SESSION: Any = web.RequestKey("session", Session) if hasattr(web, "RequestKey") else "oscar.session"
 
 _OPEN = frozenset({"/login", "/console.css"})
 

@@ -479,9 +479,7 @@ ADMIN_SET = (
     "token_hash = excluded.token_hash, created_at = excluded.created_at, "
     "expires_at = excluded.expires_at, revoked_at = NULL"
 )
-ADMIN_OF_HASH = (
-    "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = $1"
-)
+ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = $1"
 ADMIN_REVOKE = "UPDATE admins SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
 
 # --- a copy from SQLite (migrate.py) -------------------------------------------------------------

@@ -526,9 +526,7 @@ ADMIN_SET = (
     "token_hash = excluded.token_hash, created_at = excluded.created_at, "
     "expires_at = excluded.expires_at, revoked_at = NULL"
 )
-ADMIN_OF_HASH = (
-    "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = ?"
-)
+ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = ?"
 ADMIN_REVOKE = "UPDATE admins SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
 
 # --- copying the database to PostgreSQL (migrate.py) ---------------------------------------------
