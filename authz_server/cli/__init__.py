@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin",
         metavar="HOST:PORT",
-        help="serve the admin console at https://HOST:PORT/ (a bare PORT: 127.0.0.1; default: "
-        "off; needs the ops extra; log in with a token of admin-token)",
+        help="serve the admin console at https://HOST:PORT/, a bare PORT on 127.0.0.1 (needs the "
+        "ops extra; log in with a token of admin-token) (default: off)",
     )
     serve.add_argument(
         "--metrics-per-resource",
