@@ -219,6 +219,9 @@ async def login(request: web.Request) -> web.Response:
         return web.Response(
             status=401, text=_login_page("That token is not valid."), content_type="text/html"
         )
+    earlier = state.sessions.get(request.cookies.get(COOKIE), state.mono())
+    if earlier is not None:  # a login replaces the browser's session: a new id, a new token
+        state.sessions.end(earlier)
     session = state.sessions.start(admin.name, admin.created_at, state.mono())
     await state.store.audit(session.actor, "login", "console", "ok", {"from": source}, now)
     log.info("console: %s logged in from %s", admin.name, source)

@@ -28,6 +28,7 @@ from .html import esc, form, hidden, link, page, state, table, when
 
 __all__ = ["add_routes"]
 
+_PLURAL = {"producer": "producers", "consumer": "consumers", "proxy": "proxies"}
 #: Devices listed on one page at most (a filter narrows them).
 MAX_LISTED = 500
 
@@ -59,7 +60,9 @@ async def overview(request: web.Request) -> web.Response:
             f'<div class="l">{esc(label)}</div></div>'
         )
 
-    cards = "".join(card(by_role[(role, "active")], f"active {role}s") for role in ROLES) + "".join(
+    cards = "".join(
+        card(by_role[(role, "active")], f"active {_PLURAL[role]}") for role in ROLES
+    ) + "".join(
         (
             card(sum(1 for d in devices if d.status == "revoked"), "revoked devices"),
             card(len(resources), "live resources"),

@@ -214,7 +214,7 @@ def apply_serve_config(args: argparse.Namespace) -> None:
             raise UsageError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")
         for key, value in doc.items():
             kind = SERVE_KEYS[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise UsageError(f"{args.config}: {key} has the wrong type")
             if key in ("log_json", "metrics_per_resource"):
                 setattr(args, key, bool(getattr(args, key)) or value)

@@ -180,3 +180,23 @@ def test_the_admin_flag_binds_loopback_unless_a_host_is_named() -> None:
             admin_arg(bad)
     with pytest.raises(ConsoleUnavailable):
         check_console_address("0.0.0.0", 8443)  # noqa: S104 (refused, the point)
+
+
+def test_the_toml_file_may_turn_the_console_on(tmp_path: Path) -> None:
+    from authz_server.cli import build_parser
+    from authz_server.cli.serve import apply_serve_config
+
+    config = tmp_path / "as.toml"
+    for value, expected in (("8443", ("127.0.0.1", 8443)), ('"[::1]:9443"', ("::1", 9443))):
+        config.write_text(f'state = "s"\nlisten = "127.0.0.1:5684"\nadmin = {value}\n')
+        args = build_parser().parse_args(["serve", "--config", str(config)])
+        apply_serve_config(args)
+        assert admin_arg(args.admin) == expected
+    # The flag wins over the file.
+    args = build_parser().parse_args(["serve", "--config", str(config), "--admin", "7443"])
+    apply_serve_config(args)
+    assert admin_arg(args.admin) == ("127.0.0.1", 7443)
+    config.write_text('state = "s"\nlisten = "127.0.0.1:5684"\nadmin = true\n')
+    args = build_parser().parse_args(["serve", "--config", str(config)])
+    with pytest.raises(UsageError):
+        apply_serve_config(args)
