@@ -1,6 +1,8 @@
-"""The admin console's tokens in the AS store, on SQLite and PostgreSQL (``backing``): issued
-once, stored as a keyed hash only, one live token per name, expiry, revocation, audit; shared by
-two stores (two AS instances) on one database; and ``oscar-as admin-token`` on the command line.
+"""The admin console's parts of the AS store, on SQLite and PostgreSQL (``backing``): tokens
+issued once, stored as a keyed hash only, one live token per name, expiry, revocation, audit;
+shared by two stores (two AS instances) on one database; ``oscar-as admin-token`` on the command
+line; and what the console's pages call beyond the CLI's methods (one resource's destruction, the
+newest audit records, actions audited under the admin's name).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pg_harness import Backing
 
 from authz_server.ca import init_state
 from authz_server.cli import main
-from authz_server.store import Conflict, NoSuchRecord, Store
+from authz_server.store import Conflict, NoSuchRecord, Resource, Store
 from authz_server.store.admins import TOKEN_PREFIX
 
 NOW = 1_800_000_000
@@ -100,6 +102,51 @@ async def test_two_instances_on_one_database_share_the_tokens(
         await other.close()
     last = (await store.recent_audit(limit=1))[0]
     assert (last.actor, last.action, last.subject) == ("admin:root", "revoke-admin-token", "alice")
+
+
+@pytest.mark.asyncio
+async def test_the_consoles_store_calls_are_audited_under_the_admins_name(
+    store: Store, backing: Backing
+) -> None:
+    actor = "admin:alice"
+    await store.add_device("sensor-1", "producer", bytes(16), NOW, actor=actor)
+    await store.add_device("phone-1", "consumer", bytes(range(16)), NOW, actor=actor)
+    rids = ("sensor-1/a", "sensor-1/b")
+    await store.register_resources(
+        [Resource(r, "sensor-1", 0, "ccm-es256", 60, 0, NOW) for r in rids]
+    )
+    await store.add_grant("phone-1", "sensor-1/*", None, NOW, actor=actor)
+    await store.rotate(rids[0], NOW + 1, actor=actor, reason="console")
+    await store.rotate(rids[1], NOW + 1, actor=actor, reason="console")
+    await store.compromise(rids[0], None, NOW + 2, actor=actor)
+    secret = (await store.epoch(rids[0], 1, with_secret=True)).secret  # type: ignore[union-attr]
+    # One resource's retired epochs, now: the other resource's stay.
+    assert await store.destroy_retired(rids[0], NOW + 3, actor=actor) == [1, 2]
+    assert await store.destroy_retired(rids[0], NOW + 4, actor=actor) == []
+    with pytest.raises(NoSuchRecord):
+        await store.destroy_retired("sensor-1/none", NOW + 4, actor=actor)
+    states = {r: [(e.epoch, e.state) for e in await store.epochs(r)] for r in rids}
+    assert states[rids[0]] == [(1, "destroyed"), (2, "destroyed"), (3, "active"), (4, "pre-active")]
+    assert states[rids[1]] == [(1, "deactivated"), (2, "active"), (3, "pre-active")]
+    assert (await store.epoch(rids[0], 1, with_secret=True)).secret is None  # type: ignore[union-attr]
+    assert secret is not None and secret not in await backing.raw_bytes()
+    await store.revoke_grants("phone-1", "sensor-1/*", NOW + 5, actor=actor)
+    await store.revoke_device("phone-1", NOW + 6, actor=actor)
+    mine = [(r.action, r.subject) for r in await store.audit_records() if r.actor == actor]
+    assert mine == [
+        ("enroll", "sensor-1"), ("enroll", "phone-1"), ("grant", "phone-1"),
+        ("rotate", rids[0]), ("rotate", rids[1]), ("compromise", rids[0]),
+        ("destroy", rids[0]), ("destroy", rids[0]), ("revoke-grant", "phone-1"),
+        ("revoke-device", "phone-1"),
+    ]  # fmt: skip
+    # The newest records first, a page at a time.
+    everything = await store.audit_records()
+    newest = await store.recent_audit(limit=3)
+    assert [r.seq for r in newest] == [r.seq for r in everything[::-1][:3]]
+    older = await store.recent_audit(newest[-1].seq - 1, 2)
+    assert [r.seq for r in older] == [newest[-1].seq - 1, newest[-1].seq - 2]
+    assert older[0] == everything[older[0].seq - 1]
+    assert await store.recent_audit(0, 5) == []
 
 
 def test_the_command_prints_the_token_once_lists_and_revokes(
