@@ -1,4 +1,5 @@
-"""The console's audit page: the newest records filtered by actor, action, subject and result
+"""The console's audit pages: the live events (the newest records, the page reloading itself
+every few seconds with no script); the newest records filtered by actor, action, subject and result
 (each a case-insensitive substring), a page at a time going back; the chain's verification; the
 filtered records as a JSON download.
 
@@ -145,6 +146,30 @@ async def export(request: web.Request) -> web.Response:
     )
 
 
+#: Seconds between two reloads of the live events page.
+LIVE_REFRESH = 5
+#: Records the live events page shows.
+LIVE_SHOWN = 50
+
+
+async def events_page(request: web.Request) -> web.Response:
+    """The newest records as they come: the page reloads itself (a meta refresh, no script)."""
+    console = request.app[CONSOLE]
+    session = session_of(request)
+    records = await console.store.recent_audit(limit=LIVE_SHOWN)
+    rows = [
+        [esc(r.seq), when(r.at), esc(r.actor), esc(r.action), esc(r.subject), state(r.result)]
+        for r in records
+    ]
+    body = (
+        f'<p class="muted">The newest {LIVE_SHOWN} audit records, reloaded every '
+        f"{LIVE_REFRESH} s.</p>"
+        + table(("seq", "at", "actor", "action", "subject", "result"), rows, "no record yet")
+    )
+    return html_response(page("Live events", body, session, "/events", refresh=LIVE_REFRESH))
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/events", events_page)
     app.router.add_get("/audit", audit_page)
     app.router.add_get("/audit/export", export)

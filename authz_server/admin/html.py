@@ -158,14 +158,18 @@ _NAV = (
     ("/grants", "Grants"),
     ("/resources", "Resources"),
     ("/audit", "Audit"),
+    ("/events", "Live events"),
 )
 
 
 _HERE = ' class="here"'
 
 
-def page(title: str, body: str, session: Session | None, here: str = "") -> str:
-    """A whole page: the header (navigation, who is logged in, logout) and the flashes."""
+def page(
+    title: str, body: str, session: Session | None, here: str = "", *, refresh: int = 0
+) -> str:
+    """A whole page: the header (navigation, who is logged in, logout) and the flashes;
+    reloaded by the browser every ``refresh`` seconds if given (no script needed)."""
     top = '<span class="brand">OSCAR AS console</span>'
     if session is not None:
         links = "".join(
@@ -183,7 +187,8 @@ def page(title: str, body: str, session: Session | None, here: str = "") -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{esc(title)} · OSCAR AS</title><link rel="stylesheet" href="/console.css">'
+        + (f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh > 0 else "")
+        + f'<title>{esc(title)} · OSCAR AS</title><link rel="stylesheet" href="/console.css">'
         f"</head><body><header>{top}</header><main>{flashes}<h1>{esc(title)}</h1>{body}"
         "</main></body></html>"
     )

@@ -186,6 +186,7 @@ def test_login_shows_every_page_with_the_security_headers(browser: Any, env: Env
         for path, title in (
             ("/devices", "Devices"), ("/grants", "Grants"), ("/resources", "Resources"),
             ("/audit", "Audit"), ("/resource?id=" + TEMP, "Resource " + TEMP),
+            ("/events", "Live events"),
         ):  # fmt: skip
             response = page.goto(env.base + path)
             assert response.status == 200 and page.inner_text("h1") == title
@@ -343,6 +344,18 @@ def test_the_audit_page_filters_verifies_and_exports(admin: Any, env: Env) -> No
     assert exported and {r["actor"] for r in exported} == {"admin:alice"}
     assert [r["seq"] for r in exported] == sorted((r["seq"] for r in exported), reverse=True)
     assert ("admin:alice", "audit-export", "audit") in env.audit()
+
+
+def test_the_live_events_page_shows_a_new_record_by_itself(admin: Any, env: Env) -> None:
+    page = admin
+    page.goto(env.base + "/events")
+    assert "ping-from-the-test" not in page.inner_text("main")
+    env.store_call(
+        lambda s: s.audit("tester", "ping-from-the-test", "events", "ok", {}, int(time.time()))
+    )
+    # No click, no script: the page reloads itself (every 5 s).
+    page.wait_for_selector("td:has-text('ping-from-the-test')", timeout=15_000)
+    shot(page, "events")
 
 
 # --- refusals --------------------------------------------------------------------------------
