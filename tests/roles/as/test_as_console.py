@@ -1,13 +1,17 @@
-"""The admin console without a browser: in this process, on a real SQLite store, over real TLS
-(aiohttp's client): the certificate chains to the AS CA and names the bound address; the Host,
-Origin, CSRF and session rules; the login rate limit; sessions' idle and absolute expiry and the
-one-time bundle (pure state, a pinned clock); ``--admin`` parsing.
+"""The admin console without a browser: in this process, on a real store (SQLite, then
+PostgreSQL: ``backing``), over real TLS (aiohttp's client): the certificate chains to the AS CA
+and names the bound address; the Host, Origin, CSRF and session rules; the login rate limit;
+sessions' idle and absolute expiry and the one-time bundle (pure state, a pinned clock);
+``--admin`` parsing, and ``oscar-as serve --admin`` refusing an address it cannot serve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from cryptography import x509
+from pg_harness import Backing
 
 from authz_server.admin import ConsoleUnavailable, check_console_address, start_console
 from authz_server.admin.sessions import SessionPolicy, Sessions
@@ -22,6 +27,7 @@ from authz_server.ca import CertificateAuthority, init_state
 from authz_server.cli.common import UsageError
 from authz_server.cli.serve import admin_arg
 from authz_server.store import Store
+from demo.system import free_port
 
 NOW = 1_900_000_000
 
@@ -46,17 +52,19 @@ class Env:
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+async def env(backing: Backing) -> AsyncIterator[Env]:
     import time
 
     now = int(time.time())
-    store = await init_state(tmp_path / "state", as_uri="coaps://127.0.0.1", now=now)
+    store = await init_state(
+        backing.state, as_uri="coaps://127.0.0.1", now=now, database=backing.database
+    )
     token = await store.issue_admin_token("alice", None, now)
     ca = await CertificateAuthority.load(store)
     console = await start_console(store, ca, "127.0.0.1", 0, now)
     try:
-        yield Env(store, console.url.rstrip("/"), tmp_path / "state" / "ca.pem", token,
-                  tmp_path / "state")  # fmt: skip
+        state = backing.state
+        yield Env(store, console.url.rstrip("/"), state / "ca.pem", token, state)
     finally:
         await console.close()
         await store.close()
@@ -90,9 +98,8 @@ async def test_the_certificate_chains_to_the_as_ca_and_names_the_address(env: En
     ca = x509.load_pem_x509_certificate(env.ca_pem.read_bytes())
     assert cert.issuer == ca.subject
     # Its key is nowhere on disk: the state directory holds what init made, nothing more.
-    assert sorted(p.name for p in env.state.iterdir() if not p.name.startswith("as.db")) == [
-        "ca.pem", "master.key",
-    ]  # fmt: skip
+    made = {p.name for p in env.state.iterdir() if not p.name.startswith("as.db")}
+    assert made - {"database.url"} == {"ca.pem", "master.key"}
 
 
 @pytest.mark.asyncio
@@ -200,3 +207,26 @@ def test_the_toml_file_may_turn_the_console_on(tmp_path: Path) -> None:
     args = build_parser().parse_args(["serve", "--config", str(config)])
     with pytest.raises(UsageError):
         apply_serve_config(args)
+
+
+def test_serve_refuses_an_admin_address_it_cannot_serve(tmp_path: Path) -> None:
+    from authz_server.cli import main
+
+    state = tmp_path / "state"
+    assert main(["init", "--state", str(state)]) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for admin, code, says in (
+            (str(busy), 1, f"--admin 127.0.0.1:{busy}"),
+            ("0.0.0.0:8443", 2, "not the any-address"),
+        ):
+            run = subprocess.run(
+                [sys.executable, "-m", "authz_server", "serve", "--state", str(state),
+                 "--listen", f"127.0.0.1:{free_port()}", "--admin", admin],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert run.returncode == code, run.stderr
+            assert run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
+            assert run.stderr.startswith("oscar-as serve: error: ")
