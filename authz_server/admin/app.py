@@ -19,6 +19,8 @@ Every request, before any view:
   too old, and its admin's token is still live in the store (a revocation or expiry ends the
   session at the next request, on every instance).
 
+A database that cannot answer makes any request a 503 (the session cannot be checked: closed).
+
 Login takes a token of ``oscar-as admin-token``: at most ``login_burst`` attempts per source
 address, then one per ``60 / login_per_minute`` seconds (429 beyond). A success starts a session
 (audited ``login`` under ``admin:NAME``); a failure is a tallied denial (actor ``console``,
@@ -40,7 +42,7 @@ from aiohttp import web
 from oscar_io.errors import UsageError
 
 from ..ratelimit import RateLimit
-from ..store import Store, StoreError
+from ..store import DatabaseError, Store, StoreError
 from .html import STYLE, esc, page
 from .sessions import Session, SessionPolicy, Sessions
 
@@ -120,6 +122,8 @@ async def attempt(session: Session, work: Awaitable[str]) -> bool:
     ValueError) flashed as an error, the state unchanged. Whether it was done."""
     try:
         message = await work
+    except DatabaseError:
+        raise  # a 503 (the guard), not a refusal of the action
     except (StoreError, UsageError, ValueError) as exc:
         session.flash("error", str(exc))
         return False
@@ -145,7 +149,16 @@ def _refused(status: int, text: str) -> web.Response:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The rules of the module docstring, before any view."""
+    """The rules of the module docstring, before any view; a database that cannot answer (the
+    session check's read included) is a 503, failing closed."""
+    try:
+        return await _guarded(request, handler)
+    except DatabaseError as exc:
+        log.warning("console: %s %s: %s", request.method, request.path, exc)
+        return _refused(503, "the AS database is unavailable; try again")
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[CONSOLE]
     if request.host not in state.hosts:
         return _refused(421, "this console answers to its own address only")

@@ -8,6 +8,7 @@ sessions' idle and absolute expiry and the one-time bundle (pure state, a pinned
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from cryptography import x509
-from pg_harness import Backing
+from pg_harness import Backing, PgCluster
 
 from authz_server.admin import ConsoleUnavailable, check_console_address, start_console
 from authz_server.admin.sessions import SessionPolicy, Sessions
@@ -51,23 +52,26 @@ class Env:
         )
 
 
-@pytest_asyncio.fixture
-async def env(backing: Backing) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def console_on(state: Path, database: str | None) -> AsyncIterator[Env]:
     import time
 
     now = int(time.time())
-    store = await init_state(
-        backing.state, as_uri="coaps://127.0.0.1", now=now, database=backing.database
-    )
+    store = await init_state(state, as_uri="coaps://127.0.0.1", now=now, database=database)
     token = await store.issue_admin_token("alice", None, now)
     ca = await CertificateAuthority.load(store)
     console = await start_console(store, ca, "127.0.0.1", 0, now)
     try:
-        state = backing.state
         yield Env(store, console.url.rstrip("/"), state / "ca.pem", token, state)
     finally:
         await console.close()
         await store.close()
+
+
+@pytest_asyncio.fixture
+async def env(backing: Backing) -> AsyncIterator[Env]:
+    async with console_on(backing.state, backing.database) as started:
+        yield started
 
 
 async def login(client: aiohttp.ClientSession, env: Env, token: str | None = None) -> int:
@@ -230,3 +234,34 @@ def test_serve_refuses_an_admin_address_it_cannot_serve(tmp_path: Path) -> None:
             assert run.returncode == code, run.stderr
             assert run.stderr.count("\n") == 1 and says in run.stderr, run.stderr
             assert run.stderr.startswith("oscar-as serve: error: ")
+
+
+@pytest.mark.asyncio
+async def test_a_database_that_cannot_answer_is_a_503_then_the_console_goes_on(
+    tmp_path: Path,
+) -> None:
+    cluster = await asyncio.to_thread(PgCluster.start)  # its own: this test stops it
+    try:
+        database = await asyncio.to_thread(cluster.new_database)
+        async with (
+            console_on(tmp_path / "state", database) as env,
+            env.client(verify=False) as client,
+        ):
+            assert await login(client, env) == 303
+            async with client.get(env.base + "/devices") as r:
+                assert r.status == 200
+            await asyncio.to_thread(cluster.halt)  # an operator stops PostgreSQL
+            for path in ("/devices", "/"):
+                async with client.get(env.base + path, allow_redirects=False) as r:
+                    assert r.status == 503 and "unavailable" in await r.text()  # closed
+            await asyncio.to_thread(cluster.resume)
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:  # the backend connects again after its backoff; the session lives on
+                async with client.get(env.base + "/devices", allow_redirects=False) as r:
+                    if r.status == 200:
+                        break
+                    assert r.status == 503
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.2)
+    finally:
+        cluster.stop()
