@@ -24,7 +24,7 @@ from oscar_io.bundle import LINK_PSK_LENGTH
 from ..ca import credentials_bundle
 from ..store import ROLES, AuditRecord, NoSuchRecord
 from .app import CONSOLE, attempt, html_response, session_of
-from .html import esc, form, hidden, link, page, state, table, when
+from .html import esc, form, hidden, link, page, query, state, table, when
 
 __all__ = ["add_routes"]
 
@@ -89,12 +89,12 @@ async def overview(request: web.Request) -> web.Response:
 async def devices_page(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     session = session_of(request)
-    query = request.query.get("q", "")[:64]
+    wanted = request.query.get("q", "")[:64]
     role = request.query.get("role", "")
     devices = [
         d
         for d in await console.store.devices()
-        if (not query or query.lower() in d.id.lower()) and (role not in ROLES or d.role == role)
+        if (not wanted or wanted.lower() in d.id.lower()) and (role not in ROLES or d.role == role)
     ]
     rows = []
     for d in devices[:MAX_LISTED]:
@@ -117,7 +117,7 @@ async def devices_page(request: web.Request) -> web.Response:
     )
     search = (
         '<form class="panel" method="get" action="/devices">'
-        f'<label>Id contains<input name="q" value="{esc(query)}" maxlength="64"></label>'
+        f'<label>Id contains<input name="q" value="{esc(wanted)}" maxlength="64"></label>'
         f'<label>Role<select name="role">{options}</select></label>'
         '<button type="submit" class="quiet">Filter</button></form>'
     )
@@ -215,19 +215,14 @@ async def enroll(request: web.Request) -> web.Response:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         psk = os.urandom(LINK_PSK_LENGTH)
         now = console.wall()
-        await console.store.add_device(device_id, role, psk, now, actor=session.actor)
+        # The bundle first: a state that cannot make one enrolls nothing.
         bundle = await credentials_bundle(console.store, device_id, role, psk)
+        await console.store.add_device(device_id, role, psk, now, actor=session.actor)
         key = session.keep_bundle(device_id, bundle, console.mono())
-        raise web.HTTPSeeOther("/devices/enrolled?" + _query(d=key))
+        raise web.HTTPSeeOther("/devices/enrolled?" + query(d=key))
 
     await attempt(session, work())
     raise web.HTTPSeeOther("/devices")
-
-
-def _query(**values: str) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(values)
 
 
 async def enrolled(request: web.Request) -> web.Response:
@@ -241,7 +236,7 @@ async def enrolled(request: web.Request) -> web.Response:
             f"<p>Enrolled <strong>{esc(held[0])}</strong>. Its credentials bundle holds its PSK: "
             "it can be downloaded <strong>once</strong>, within ten minutes, from this session. "
             "Hand it to the device over a safe channel.</p>"
-            f'<p><a class="download" href="/devices/bundle?{esc(_query(d=key))}" download>'
+            f'<p><a class="download" href="/devices/bundle?{esc(query(d=key))}" download>'
             "Download the credentials bundle</a></p>"
         )
     return html_response(page("Device enrolled", body, session, "/devices"))

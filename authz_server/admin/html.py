@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import html
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlencode
 
 from .sessions import Session
 
@@ -28,6 +29,8 @@ __all__ = [
     "hidden",
     "link",
     "page",
+    "query",
+    "state",
     "table",
     "when",
 ]
@@ -113,11 +116,14 @@ def cell(value: object) -> str:
     return f"<td>{esc(value)}</td>"
 
 
-def link(href: str, text: object, **query: object) -> str:
-    """A link to a console path (fixed by the caller) with escaped, URL-encoded query values."""
-    from urllib.parse import urlencode
+def query(**values: object) -> str:
+    """A URL's query string of ``values`` (URL-encoded; escape it with :func:`esc` in HTML)."""
+    return urlencode({k: str(v) for k, v in values.items()})
 
-    target = href + ("?" + urlencode({k: str(v) for k, v in query.items()}) if query else "")
+
+def link(href: str, text: object, **values: object) -> str:
+    """A link to a console path (fixed by the caller) with escaped, URL-encoded query values."""
+    target = href + ("?" + query(**values) if values else "")
     return f'<a href="{esc(target)}">{esc(text)}</a>'
 
 

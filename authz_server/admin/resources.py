@@ -19,7 +19,7 @@ from oscar.names import is_resource_id
 from ..cli.common import epoch_runs
 from ..store import NoSuchRecord, Resource
 from .app import CONSOLE, attempt, html_response, session_of
-from .html import esc, form, hidden, link, page, state, table, when
+from .html import esc, form, hidden, link, page, query, state, table, when
 
 __all__ = ["add_routes"]
 
@@ -48,10 +48,10 @@ ACTIONS = {
 async def resources_page(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     session = session_of(request)
-    query = request.query.get("q", "")[:255]
+    wanted = request.query.get("q", "")[:255]
     rows = []
     for resource in await console.store.resources():
-        if query and query.lower() not in resource.id.lower():
+        if wanted and wanted.lower() not in resource.id.lower():
             continue
         epochs = await console.store.epochs(resource.id)
         rows.append(
@@ -67,7 +67,7 @@ async def resources_page(request: web.Request) -> web.Response:
             break
     search = (
         '<form class="panel" method="get" action="/resources">'
-        f'<label>Id contains<input name="q" value="{esc(query)}" maxlength="255"></label>'
+        f'<label>Id contains<input name="q" value="{esc(wanted)}" maxlength="255"></label>'
         '<button type="submit" class="quiet">Filter</button></form>'
     )
     body = search + table(("id", "producer", "profile", "rotation", "epochs"), rows, "none")
@@ -168,14 +168,8 @@ async def act(request: web.Request) -> web.Response:
 
     await attempt(session, work())
     if is_resource_id(resource_id):
-        raise web.HTTPSeeOther("/resource?" + _query(id=resource_id))
+        raise web.HTTPSeeOther("/resource?" + query(id=resource_id))
     raise web.HTTPSeeOther("/resources")
-
-
-def _query(**values: str) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(values)
 
 
 def add_routes(app: web.Application) -> None:
