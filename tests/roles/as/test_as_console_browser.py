@@ -32,17 +32,12 @@ from typing import Any
 
 import pytest
 from as_harness import AsProcess, Client, make_state
+from playwright import sync_api as playwright_api
 
 from authz_server.store import Resource, Store
 from demo.system import free_port
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make deps)"
-)
-
 TEMP, HUMID = "sensor-1/temperature", "sensor-1/humidity"
 #: Under the 64 characters a denial's subject keeps (store/denials.py).
 PAYLOAD = '<img src=x onerror="window.__pwned=1"><script>alert(2)</script>'
@@ -123,6 +118,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture(scope="module")
 def browser(env: Env) -> Iterator[Any]:
+    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: make deps installs it"
     with playwright_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
