@@ -2,7 +2,8 @@
 #
 #   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin,
 #                   postgresql (the server binaries the AS store's tests run on PostgreSQL with),
-#                   redis-server (the proxy cluster's tests start private servers of it)
+#                   redis-server (the proxy cluster's tests start private servers of it),
+#                   chromium (the admin console's browser tests drive it headless)
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make check      the fast tier, under a minute: lint, format check, typecheck, import contracts,
@@ -62,6 +63,7 @@ deps:
 	@$(call apt_install,coap-client-openssl,libcoap3-bin)
 	@$(call apt_install_unless,/usr/lib/postgresql/*/bin/initdb,postgresql)
 	@$(call apt_install,redis-server,redis-server)
+	@$(call apt_install,chromium,chromium chromium-driver)
 
 venv: $(STAMP)
 

@@ -12,6 +12,7 @@ Randomness (the CA key, serial numbers) comes from the operating system; the tim
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import secrets
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oscar import certs
 from oscar.errors import CertificateError
@@ -35,11 +38,21 @@ from .store import (
     check_database_url,
 )
 
-__all__ = ["CA_CERT_NAME", "CertificateAuthority", "as_uris", "init_state", "set_as_uris"]
+__all__ = [
+    "CA_CERT_NAME",
+    "CertificateAuthority",
+    "as_uris",
+    "credentials_bundle",
+    "init_state",
+    "set_as_uris",
+]
 
 CA_CERT_NAME = "ca.pem"
 CA_LIFETIME = 10 * 365 * 86_400
 DEVICE_CERT_LIFETIME = 365 * 86_400
+#: The admin console's server certificate: issued at each start, so it outlives no AS run that
+#: lasts less than this (browsers cap a server certificate at 398 days).
+SERVER_CERT_LIFETIME = 397 * 86_400
 
 
 async def init_state(
@@ -125,6 +138,28 @@ async def set_as_uris(store: Store, uris: Sequence[str], now: int) -> None:
         await store.audit_log.append("admin", "set-as-uris", "as", "ok", {"as_uris": listed}, now)
 
 
+async def credentials_bundle(
+    store: Store, device_id: str, role: str, psk: bytes, uris: Sequence[str] | None = None
+) -> bytes:
+    """A device's credentials bundle (JSON: id, role, as_uri, as_uris, psk_identity, psk_hex,
+    ca_cert_pem), what ``oscar-as enroll`` writes and the console hands out once: the only
+    places a PSK leaves the AS. ``uris``: the AS instances (default: those recorded)."""
+    ca_pem = await store.get_meta("ca_cert")
+    if not isinstance(ca_pem, bytes):
+        raise StoreError("the database holds no CA certificate")
+    listed = list(uris) if uris else await as_uris(store)
+    bundle = {
+        "id": device_id,
+        "role": role,
+        "as_uri": listed[0],
+        "as_uris": listed,
+        "psk_identity": device_id,
+        "psk_hex": psk.hex(),
+        "ca_cert_pem": ca_pem.decode("ascii"),
+    }
+    return json.dumps(bundle, indent=2).encode("ascii") + b"\n"
+
+
 def _serial() -> int:
     # RFC 5280: positive, at most 20 octets; 159 random bits leave the sign bit clear.
     return secrets.randbits(159) | 1
@@ -171,6 +206,59 @@ class CertificateAuthority:
             not_before=now - 300,
             not_after=min(now + lifetime, int(self.certificate.not_valid_after_utc.timestamp())),
         )
+
+    def issue_server_certificate(
+        self, hosts: Sequence[str], now: int, lifetime: int = SERVER_CERT_LIFETIME
+    ) -> tuple[bytes, bytes]:
+        """A TLS server certificate for ``hosts`` (IP addresses or DNS names, the first one the
+        subject's common name) and its fresh ES256 key: (certificate chain PEM, key PEM). The
+        key is made here and returned, never stored: the caller keeps it in memory (the admin
+        console, :mod:`authz_server.admin.tls`). ValueError for no host."""
+        if not hosts:
+            raise ValueError("a server certificate names at least one host")
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        key = ec.generate_private_key(ec.SECP256R1())
+        utc = datetime.UTC
+        ca_end = int(self.certificate.not_valid_after_utc.timestamp())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(_serial())
+            .not_valid_before(datetime.datetime.fromtimestamp(now - 300, utc))
+            .not_valid_after(datetime.datetime.fromtimestamp(min(now + lifetime, ca_end), utc))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return chain, key_pem
 
     def revocation_list(self, revoked: list[tuple[int, int]], now: int, validity: int) -> bytes:
         """A DER X.509 CRL of ``(serial, revoked at)`` pairs, valid for ``validity`` seconds."""

@@ -55,6 +55,11 @@ def only(*names: str) -> Starts:
 #: name, parameters aside). A module not named here starts none.
 PROCESS: dict[str, Starts] = {
     "test_as_audit_flood": every(),
+    "test_as_console_browser": every(),
+    "test_as_console": only(
+        "test_serve_refuses_an_admin_address_it_cannot_serve",
+        "test_a_database_that_cannot_answer_is_a_503_then_the_console_goes_on",
+    ),
     "test_as_cli": only(
         "test_init_records_a_postgresql_database_and_every_command_uses_it",
         "test_module_entry_point",

@@ -3,7 +3,8 @@
 Every command works on a state directory (``--state``): ``init`` makes one; ``enroll``, ``grant``,
 ``revoke``, ``rotate``, ``compromise``, ``destroy`` and ``set-as-uris`` change it; ``migrate``
 moves its database from SQLite to PostgreSQL; ``devices``, ``resources``, ``grants`` and
-``audit`` read it; ``serve`` runs the server (:mod:`authz_server.server`, imported only by that
+``audit`` read it; ``admin-token`` issues, lists and revokes the admin console's tokens;
+``serve`` runs the server (:mod:`authz_server.server`, imported only by that
 command). The admin commands talk to the database directly, so they work whether or not a server
 is running; the server notices their changes through the store's change counter.
 
@@ -18,7 +19,8 @@ bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
 The package: this module (the parser and :func:`main`, the one place exceptions become exit
 statuses), :mod:`.common` (argument types, store access, terminal output), :mod:`.enrolment`
 (``init``, ``enroll``, ``set-as-uris``), :mod:`.keys` (``grant``, ``revoke``, ``rotate``,
-``compromise``, ``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.migrate`
+``compromise``, ``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.admins`
+(``admin-token``), :mod:`.migrate`
 (``migrate``), :mod:`.serve` (``serve``).
 
 What it does not do: decide policy (that is :mod:`authz_server.store` and the server), or speak
@@ -38,6 +40,7 @@ from oscar_io.clikit import OneLineParser, add_logging_arguments, fail, parse_ar
 
 from ..envelope import MasterKeyError, VaultError
 from ..store import ROLES, Conflict, NoSuchRecord, StoreError
+from .admins import cmd_admin_token
 from .audit import cmd_audit, parse_head
 from .common import DEFAULT_AS_URI, PROG, Handler, Refused, UsageError, days, not_negative, positive
 from .enrolment import cmd_enroll, cmd_init, cmd_set_as_uris
@@ -169,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "extra; plain HTTP: loopback or a management network)",
     )
     serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve the admin console at https://HOST:PORT/, a bare PORT on 127.0.0.1 (needs the "
+        "ops extra; log in with a token of admin-token) (default: off)",
+    )
+    serve.add_argument(
         "--metrics-per-resource",
         action="store_true",
         default=None,
@@ -219,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         required=True,
         help="an empty PostgreSQL database, postgresql://USER@HOST:PORT/DB",
+    )
+
+    admin = listing("admin-token", cmd_admin_token, "issue, list or revoke admin console tokens")
+    which = admin.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", metavar="NAME", help="issue a token for this admin (printed once)")
+    which.add_argument("--list", action="store_true", help="list the admins")
+    which.add_argument("--revoke", metavar="NAME", help="revoke this admin's token")
+    admin.add_argument(
+        "--expires", metavar="TIME", help="seconds since 1970 or ISO 8601 UTC (default: no end)"
     )
 
     listing("devices", cmd_devices, "list devices")

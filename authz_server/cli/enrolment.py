@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from oscar.algorithms import PublicKey
 from oscar.names import require_device_id
 from oscar_io.bundle import LINK_PSK_LENGTH
 
-from ..ca import CA_CERT_NAME, as_uris, init_state, set_as_uris
+from ..ca import CA_CERT_NAME, as_uris, credentials_bundle, init_state, set_as_uris
 from ..store import (
     DATABASE_NAME,
     DB_NAME,
@@ -115,21 +114,11 @@ def cmd_enroll(args: argparse.Namespace, now: int) -> int:
         psk = os.urandom(LINK_PSK_LENGTH)  # tinydtls's limit, for a device PSK as for a link's
 
         async def body(store: Store) -> bytes:
-            ca_pem = await store.get_meta("ca_cert")
-            if not isinstance(ca_pem, bytes):
-                raise StoreError("the database holds no CA certificate")
             uris = override or await as_uris(store)
+            if not isinstance(await store.get_meta("ca_cert"), bytes):
+                raise StoreError("the database holds no CA certificate")
             await store.add_device(device_id, args.role, psk, now)
-            bundle = {
-                "id": device_id,
-                "role": args.role,
-                "as_uri": uris[0],
-                "as_uris": uris,
-                "psk_identity": device_id,
-                "psk_hex": psk.hex(),
-                "ca_cert_pem": ca_pem.decode("ascii"),
-            }
-            return json.dumps(bundle, indent=2).encode("ascii") + b"\n"
+            return await credentials_bundle(store, device_id, args.role, psk, uris)
 
         data = run_on_store(args, body)
         if fd < 0:

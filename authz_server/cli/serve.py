@@ -1,5 +1,9 @@
 """``oscar-as serve``: the settings (flags over a TOML file over the defaults), checked before
-anything starts, then :func:`authz_server.server.serve` until SIGTERM/SIGINT.
+anything starts, then :func:`authz_server.server.serve` until SIGTERM/SIGINT; with ``--admin``,
+the admin console (:mod:`authz_server.admin`) beside it on the same event loop.
+
+The console holds a store handle of its own on the same database, as the admin CLI does: what it
+changes reaches the server through the store's change counter, as the CLI's changes do.
 
 The one command line of the AS: systemd, the tests, the demo and the benchmarks all start it this
 way. The network stack (:mod:`authz_server.server`) is imported only when the command runs, so
@@ -11,14 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import logging
 import math
 import os
 import signal
+import time
+from typing import Any
 
 from oscar_io.clikit import configure_logging, fail, read_toml
 from oscar_io.metrics import MetricsUnavailable, check_metrics_address
 from oscar_io.ports import PortInUse, ensure_port_free, parse_listen
 
+from ..admin import ConsoleUnavailable, check_console_address
 from ..store import Store
 from .common import PROG, UsageError, with_store
 
@@ -52,6 +60,33 @@ def metrics_arg(text: str | None) -> tuple[str, int] | None:
         raise UsageError(f"--metrics: {exc}") from None
 
 
+def admin_arg(text: str | int | None) -> tuple[str, int] | None:
+    """``--admin PORT`` (loopback, 127.0.0.1), ``HOST:PORT`` or ``[IPv6]:PORT`` (None: off). A
+    host other than loopback only when named; never the any-address (the certificate names the
+    address browsers use)."""
+    if text is None:
+        return None
+    text = str(text)
+    try:
+        if text.isdigit():
+            host, port = "127.0.0.1", int(text)
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is not from 1 to 65535")
+        else:
+            host, port = parse_listen(text)
+    except ValueError as exc:
+        raise UsageError(f"--admin: {exc}") from None
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if unspecified:
+        raise UsageError(
+            "--admin needs the address browsers use (its certificate names it), not the any-address"
+        )
+    return host, port
+
+
 def cmd_serve(args: argparse.Namespace, now: int) -> int:
     """Run the AS: CoAP over DTLS-PSK on HOST:PORT (the DTLS port; a specific address, not the
     any-address). SIGTERM or SIGINT stops it cleanly (exit status 0). Logs go to stderr.
@@ -59,11 +94,14 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
     apply_serve_config(args)
     host, port = listen_arg(args.listen)
     metrics = metrics_arg(args.metrics)
+    admin = admin_arg(args.admin)
     try:  # before anything else (no database opened): exit 1, so that systemd tries again
         ensure_port_free(host, port)
         if metrics is not None:
             check_metrics_address(*metrics)
-    except (PortInUse, MetricsUnavailable) as exc:
+        if admin is not None:
+            check_console_address(*admin)
+    except (PortInUse, MetricsUnavailable, ConsoleUnavailable) as exc:
         return fail(f"{PROG} serve", str(exc), 1)
     # A missing or unreadable state directory is a one-line error before anything starts.
     asyncio.run(with_store(args.state, _nothing, args.database))
@@ -81,6 +119,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        console = None if admin is None else await _start_console(args, *admin)
         try:
             await serve(
                 args.state,
@@ -94,6 +133,8 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
                 per_resource_metrics=bool(args.metrics_per_resource),
             )
         finally:
+            if console is not None:
+                await _stop_console(*console)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
 
@@ -103,6 +144,29 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
 
 async def _nothing(store: Store) -> None:
     return None
+
+
+async def _start_console(args: argparse.Namespace, host: str, port: int) -> tuple[Any, Store]:
+    """The admin console on its own store handle (the admin CLI's way to the database)."""
+    from ..admin import start_console
+    from ..ca import CertificateAuthority
+
+    store = await Store.open(args.state, database=args.database)
+    try:
+        ca = await CertificateAuthority.load(store)
+        console = await start_console(store, ca, host, port, int(time.time()))
+    except BaseException:
+        await store.close()
+        raise
+    logging.getLogger("oscar.as").info("admin console at %s", console.url)
+    return console, store
+
+
+async def _stop_console(console: Any, store: Store) -> None:
+    try:
+        await console.close()
+    finally:
+        await store.close()
 
 
 #: What ``serve`` runs with unless a flag or ``--config`` says otherwise: the defaults of
@@ -137,6 +201,7 @@ SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "log_json": bool,
     "metrics": str,
     "metrics_per_resource": bool,
+    "admin": (str, int),
 }
 
 
@@ -149,7 +214,7 @@ def apply_serve_config(args: argparse.Namespace) -> None:
             raise UsageError(f"{args.config}: unknown setting(s) {', '.join(sorted(unknown))}")
         for key, value in doc.items():
             kind = SERVE_KEYS[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise UsageError(f"{args.config}: {key} has the wrong type")
             if key in ("log_json", "metrics_per_resource"):
                 setattr(args, key, bool(getattr(args, key)) or value)

@@ -25,6 +25,7 @@ The package, by composition (each component holds the one backend, and the other
     ├── keyring    Keyring         .keyring     resources, epochs, rotation, destruction
     ├── deliveries Deliveries      .deliveries  secrets handed out (grouped commits)
     ├── audit_log  AuditLog        .audit       the audit chain, pruning; .denials tallies refusals
+    ├── admins     AdminTokens     .admins      the admin console's named tokens (hashed)
     └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL,
                                                 .postgres_backend runs .postgres's
 
@@ -58,6 +59,7 @@ from oscar_io.urls import redacted, user_part_unclear
 
 from ..envelope import Envelope, MasterKeyError, VaultError, read_master_key
 from .access import Access
+from .admins import Admin, AdminTokens
 from .audit import AuditLog
 from .backend import Backend
 from .deliveries import Deliveries
@@ -89,6 +91,7 @@ __all__ = [
     "DB_NAME",
     "MASTER_KEY_NAME",
     "ROLES",
+    "Admin",
     "AuditRecord",
     "Conflict",
     "DatabaseError",
@@ -160,6 +163,13 @@ class Store:
         self.keyring = keyring = Keyring(db, envelope, audit)
         self.access = access = Access(db, envelope, audit, keyring)
         self.registry = registry = Registry(db, envelope, audit, access)
+        self.admins = admins = AdminTokens(db, envelope, audit)
+        # The admin console's tokens.
+        self.issue_admin_token = admins.issue_admin_token
+        self.revoke_admin_token = admins.revoke_admin_token
+        self.admin_of_token = admins.admin_of_token
+        self.admin_list = admins.admins
+        self.admin = admins.admin
         # The audit chain.
         self.denials = audit.denials
         self.audit = audit.audit
@@ -167,6 +177,7 @@ class Store:
         self.flush_denials = audit.flush_denials
         self.audit_records = audit.audit_records
         self.audit_head = audit.audit_head
+        self.recent_audit = audit.recent_audit
         self.verify_audit = audit.verify_audit
         self.prune_audit = audit.prune_audit
         self.record_delivery = self.deliveries.record_delivery
@@ -184,6 +195,7 @@ class Store:
         self.compromise = keyring.compromise
         self.due_rotations = keyring.due_rotations
         self.destroy_expired = keyring.destroy_expired
+        self.destroy_retired = keyring.destroy_retired
         # Grants and exclusions.
         self.add_grant = access.add_grant
         self.add_grants = access.add_grants

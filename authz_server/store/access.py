@@ -39,6 +39,8 @@ class Access:
         pattern: str,
         until: int | None,
         now: int,
+        *,
+        actor: str = "admin",
     ) -> list[str]:
         """Grant ``consumer_id`` the resources matching ``pattern`` until ``until``.
 
@@ -47,10 +49,10 @@ class Access:
         sealed while it was shut out becomes readable.
         Returns the resources rotated.
         """
-        return await self.add_grants([(consumer_id, pattern, until)], now)
+        return await self.add_grants([(consumer_id, pattern, until)], now, actor=actor)
 
     async def add_grants(
-        self, grants: Sequence[tuple[str, str, int | None]], now: int
+        self, grants: Sequence[tuple[str, str, int | None]], now: int, *, actor: str = "admin"
     ) -> list[str]:
         """Grant each (consumer, pattern, until) as :meth:`add_grant` does, in order, all in one
         transaction (one commit for a bulk grant). :class:`Conflict`, and nothing granted, if
@@ -79,7 +81,7 @@ class Access:
             for consumer_id, pattern, until in grants:
                 rotated = await self._readmit(consumer_id, pattern, excluded, now)
                 records.append(
-                    ("admin", "grant", consumer_id, "ok",
+                    (actor, "grant", consumer_id, "ok",
                      {"pattern": pattern, "until": until, "rotated": rotated}, now)
                 )  # fmt: skip
                 rotated_all.extend(rotated)
@@ -106,14 +108,16 @@ class Access:
             rotated.append(resource_id)
         return rotated
 
-    async def revoke_grants(self, consumer_id: str, pattern: str | None, now: int) -> list[str]:
+    async def revoke_grants(
+        self, consumer_id: str, pattern: str | None, now: int, *, actor: str = "admin"
+    ) -> list[str]:
         """Revoke the consumer's grants (those with exactly ``pattern``, or all): every resource
         it could read rotates at once and it is excluded from the new epoch on. Returns the
         resources rotated."""
         async with self.db.transaction():
             rotated = await self.end_grants_of(consumer_id, pattern, now, required=True)
             await self.audit.append(
-                "admin",
+                actor,
                 "revoke-grant",
                 consumer_id,
                 "ok",

@@ -206,6 +206,14 @@ class AuditLog:
             for row in rows
         ]
 
+    async def recent_audit(self, before: int | None = None, limit: int = 100) -> list[AuditRecord]:
+        """At most ``limit`` records at or before seq ``before`` (default: the newest), newest
+        first: one indexed range read however long the log (the console's pages)."""
+        rows = await self.db.all(
+            self.db.sql.RECORDS_BEFORE, (2**62 if before is None else before, limit)
+        )
+        return [AuditRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
+
     async def audit_head(self) -> tuple[int, bytes]:
         """The last record's sequence number and chain value (0, b"" for an empty log).
 

@@ -200,7 +200,9 @@ class Keyring:
         await self._insert_epoch(resource_id, new_active + 1, PRE_ACTIVE, now)
         return int(new_active)
 
-    async def compromise(self, resource_id: str, epoch: int | None, now: int) -> int:
+    async def compromise(
+        self, resource_id: str, epoch: int | None, now: int, *, actor: str = "admin"
+    ) -> int:
         """Mark an epoch compromised (the active one by default) and move on at once: the
         pre-active epoch becomes active and a new pre-active epoch is made (a compromised
         pre-active epoch is simply replaced). Returns the active epoch afterwards."""
@@ -220,7 +222,7 @@ class Keyring:
             row = await self.db.one(sql.ACTIVE_EPOCH, (resource_id,))
             new_active = int(row[0])
             await self.audit.append(
-                "admin",
+                actor,
                 "compromise",
                 resource_id,
                 "ok",
@@ -251,6 +253,24 @@ class Keyring:
                 actor, "rotate", resource_id, "ok", {"epoch": epoch, "reason": reason}, now
             )
             return epoch
+
+    async def destroy_retired(self, resource_id: str, now: int, *, actor: str) -> list[int]:
+        """Destroy every deactivated and compromised epoch of one resource now, whatever its
+        retention (the console's destroy, behind its confirmation): overwritten, then cleared,
+        each audited. Returns the epochs destroyed (none: nothing changed)."""
+        sql = self.db.sql
+        async with self.db.transaction() as tx:
+            if await self.db.one(sql.RESOURCE, (resource_id,)) is None:
+                raise NoSuchRecord(f"no resource {resource_id!r}")
+            epochs = [int(row[0]) for row in await self.db.all(sql.RETIRED_OF, (resource_id,))]
+            for epoch in epochs:
+                await self.db.execute(sql.EPOCH_OVERWRITE, (resource_id, epoch))
+                await self.db.execute(sql.EPOCH_DESTROY, (resource_id, epoch))
+                await self.audit.append(actor, "destroy", resource_id, "ok", {"epoch": epoch}, now)
+            tx.count = bool(epochs)
+        if epochs:
+            await self.db.erase_freed()
+        return epochs
 
     async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
         """Destroy deactivated and compromised epochs older than ``retention`` seconds: the secret

@@ -60,7 +60,7 @@ __all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]
 
 _T = TypeVar("_T")
 
-#: Every table of the schema (version 4) and its columns, as SQLite has them; in the order a copy
+#: Every table of the schema (version 5) and its columns, as SQLite has them; in the order a copy
 #: fills them (parents before children). PostgreSQL's ``meta`` has the value in typed columns
 #: (:func:`.postgres.meta_params`). A table or column the source has and this does not name,
 #: or the reverse, stops a copy before anything is written.
@@ -84,6 +84,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "deliveries": ("device_id", "resource_id", "epoch", "delivered_at"),
     "audit": ("seq", "at", "actor", "action", "subject", "result", "detail", "chain"),
     "audit_checkpoint": ("id", "seq", "chain", "at", "mac"),
+    "admins": ("name", "token_hash", "created_at", "expires_at", "revoked_at"),
 }
 _TARGET_META = ("key", "bytes", "text", "number")
 #: Rows sent per ``COPY``.

@@ -282,6 +282,10 @@ ROTATION_DUE = (
     "SELECT 1 FROM epochs WHERE resource_id = $1 AND state = 'active' AND rotate_at IS NOT NULL "
     "AND rotate_at <= $2"
 )
+RETIRED_OF = (
+    "SELECT epoch FROM epochs WHERE resource_id = $1 AND state IN ('deactivated', 'compromised') "
+    "ORDER BY epoch"
+)
 RETIRED_BEFORE = (
     "SELECT resource_id, epoch FROM epochs WHERE state IN ('deactivated', "
     "'compromised') AND deactivated_at <= $1"
@@ -461,6 +465,22 @@ CHAINED_RECORDS_AFTER = (
     "WHERE seq > $1 ORDER BY seq"
 )
 HEAD = "SELECT bytes FROM meta WHERE key = 'audit_head'"
+RECORDS_BEFORE = (
+    "SELECT seq, at, actor, action, subject, result, detail FROM audit WHERE seq <= $1 "
+    "ORDER BY seq DESC LIMIT $2"
+)
+
+# --- the admin console's tokens (admins.py) -----------------------------------------------------
+
+ADMIN = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE name = $1"
+ADMINS = "SELECT name, created_at, expires_at, revoked_at FROM admins ORDER BY name"
+ADMIN_SET = (
+    "INSERT INTO admins VALUES ($1, $2, $3, $4, NULL) ON CONFLICT (name) DO UPDATE SET "
+    "token_hash = excluded.token_hash, created_at = excluded.created_at, "
+    "expires_at = excluded.expires_at, revoked_at = NULL"
+)
+ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = $1"
+ADMIN_REVOKE = "UPDATE admins SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
 
 # --- a copy from SQLite (migrate.py) -------------------------------------------------------------
 
@@ -476,7 +496,7 @@ TABLE_COLUMNS = (
 #: the search path): the tables, the version's table and the functions.
 SCHEMA_OBJECTS = (
     *("meta", "devices", "certificates", "resources", "epochs", "grants", "exclusions"),
-    *("deliveries", "audit", "audit_checkpoint", "schema_version"),
+    *("deliveries", "audit", "audit_checkpoint", "admins", "schema_version"),
     *("audit_append_only", "audit_prune_only", "oscar_glob", "oscar_match"),
 )
 #: Those of :data:`SCHEMA_OBJECTS` (bound as ``$1``) that exist already.

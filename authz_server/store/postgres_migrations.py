@@ -200,4 +200,14 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION audit_prune_only();
     """,
+    # 5: the admin console's named tokens (a keyed hash of each, never the token).
+    """
+    CREATE TABLE admins (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        token_hash BYTEA NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT,
+        revoked_at BIGINT
+    );
+    """,
 ]

@@ -31,11 +31,15 @@ class Registry:
 
     # --- devices ---------------------------------------------------------------------------------
 
-    async def add_device(self, device_id: str, role: str, psk: bytes, now: int) -> None:
+    async def add_device(
+        self, device_id: str, role: str, psk: bytes, now: int, *, actor: str = "admin"
+    ) -> None:
         """Enroll a device with its PSK; :class:`Conflict` if the id was ever used."""
-        await self.add_devices([(device_id, role, psk)], now)
+        await self.add_devices([(device_id, role, psk)], now, actor=actor)
 
-    async def add_devices(self, devices: Sequence[tuple[str, str, bytes]], now: int) -> None:
+    async def add_devices(
+        self, devices: Sequence[tuple[str, str, bytes]], now: int, *, actor: str = "admin"
+    ) -> None:
         """Enroll (id, role, PSK) devices as :meth:`add_device` does, all in one transaction
         (one commit for a bulk enrolment). :class:`Conflict`, and nothing enrolled, if an id was
         ever used or is listed twice; ValueError for an unknown role."""
@@ -63,7 +67,7 @@ class Registry:
                 ],
             )
             await self.audit.append_many(
-                [("admin", "enroll", device_id, "ok", {"role": role}, now)
+                [(actor, "enroll", device_id, "ok", {"role": role}, now)
                  for device_id, role, _ in devices]
             )  # fmt: skip
 
@@ -91,7 +95,7 @@ class Registry:
         except VaultError as exc:
             raise StoreError(str(exc)) from None
 
-    async def revoke_device(self, device_id: str, now: int) -> list[str]:
+    async def revoke_device(self, device_id: str, now: int, *, actor: str = "admin") -> list[str]:
         """Revoke a device: PSK erased, certificates revoked, grants revoked (with rotation of
         every resource a consumer could read). Returns the resources rotated."""
         sql = self.db.sql
@@ -113,7 +117,7 @@ class Registry:
                 # entitled; its certificate, revoked above, vouches for nothing new).
                 await self.db.execute(sql.PRODUCER_EPOCHS_COMPROMISE, (now, device_id))
             await self.audit.append(
-                "admin", "revoke-device", device_id, "ok", {"rotated": rotated}, now
+                actor, "revoke-device", device_id, "ok", {"rotated": rotated}, now
             )
             revoked = rotated
         await self.db.erase_freed()  # the PSK's old ciphertext must not linger in the WAL

@@ -156,6 +156,17 @@ MIGRATIONS: list[str] = [
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only (prune behind a checkpoint)');
         END;
     """,
+    # 5: the admin console's named tokens (see store/admins.py): a keyed hash of each, never the
+    # token; one row per admin name, replaced when a new token is issued under a free name.
+    """
+    CREATE TABLE admins (
+        name TEXT PRIMARY KEY,
+        token_hash BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -358,6 +369,11 @@ ROTATION_DUE = (
 )
 #: No ORDER BY (the caller sorts): it would draw SQLite to the primary key, a scan of every
 #: epoch, instead of the index of retired epochs.
+#: One resource's retired epochs (the console's destroy, for that resource now).
+RETIRED_OF = (
+    "SELECT epoch FROM epochs WHERE resource_id = ? AND state IN ('deactivated', 'compromised') "
+    "ORDER BY epoch"
+)
 RETIRED_BEFORE = (
     "SELECT resource_id, epoch FROM epochs WHERE state IN ('deactivated', "
     "'compromised') AND deactivated_at <= ?"
@@ -494,6 +510,24 @@ CHAINED_RECORDS_AFTER = (
     "WHERE seq > ? ORDER BY seq"
 )
 HEAD = "SELECT value FROM meta WHERE key = 'audit_head'"
+#: The newest records at or before a seq, newest first (the console's pages of the log).
+RECORDS_BEFORE = (
+    "SELECT seq, at, actor, action, subject, result, detail FROM audit WHERE seq <= ? "
+    "ORDER BY seq DESC LIMIT ?"
+)
+
+# --- the admin console's tokens (admins.py) -----------------------------------------------------
+
+ADMIN = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE name = ?"
+ADMINS = "SELECT name, created_at, expires_at, revoked_at FROM admins ORDER BY name"
+#: A new token under a name: a row of its own, or the row of a revoked or expired token replaced.
+ADMIN_SET = (
+    "INSERT INTO admins VALUES (?, ?, ?, ?, NULL) ON CONFLICT(name) DO UPDATE SET "
+    "token_hash = excluded.token_hash, created_at = excluded.created_at, "
+    "expires_at = excluded.expires_at, revoked_at = NULL"
+)
+ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = ?"
+ADMIN_REVOKE = "UPDATE admins SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
 
 # --- copying the database to PostgreSQL (migrate.py) ---------------------------------------------
 

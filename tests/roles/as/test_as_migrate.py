@@ -77,6 +77,7 @@ async def populate(state: Path) -> dict[str, bytes]:
         await store.revoke_device("phone-3", NOW - 3)
         await store.record_delivery("phone-1", TEMP, 3, NOW - 2)
         await store.record_link_delivery("sensor-1", "cloud-1", NOW - 2)
+        ADMIN_TOKENS[:] = [await store.issue_admin_token("ops", None, NOW - 2)]
         await store.audit_denial("phone-3", "secret", TEMP, "unknown device", NOW - 1)
         await store.audit_denial("phone-3", "secret", TEMP, "unknown device", NOW - 1)
         await store.flush_denials(drain=True)
@@ -85,6 +86,10 @@ async def populate(state: Path) -> dict[str, bytes]:
     finally:
         await store.close()
     return psks
+
+
+#: The admin token populate issued (the copy must accept it).
+ADMIN_TOKENS: list[str] = []
 
 
 async def answers(store: Store) -> dict[str, Any]:
@@ -117,6 +122,8 @@ async def answers(store: Store) -> dict[str, Any]:
         "changes": await store.changes(),
         "ca_key": await store.ca_key(),
         "meta": [await store.get_meta(k) for k in ("ca_cert", "as_uri")],
+        "admins": await store.admin_list(),
+        "admin_of_token": [await store.admin_of_token(t, NOW) for t in ADMIN_TOKENS],
     }
 
 
@@ -171,6 +178,7 @@ def test_a_populated_sqlite_as_migrated_answers_the_same_on_postgresql(
     assert code == 0, err
     before = asyncio.run(read(state))
     assert before["verify"][0] and "after the checkpoint" in before["verify"][1]
+    assert before["admin_of_token"][0].name == "ops"  # the copy must let it in too
     states = {e.state for epochs in before["epochs"].values() for e in epochs}
     assert states == {"destroyed", "deactivated", "compromised", "active", "pre-active"}
     source_counts = _sqlite_counts(state)
@@ -269,13 +277,13 @@ def test_a_target_holding_an_as_or_its_names_is_refused_and_unchanged(
 
     asyncio.run(other_as())
     held = asyncio.run(count_tables(pg_database))
-    refused(pg_database, "holds an AS already (schema 4)")
+    refused(pg_database, "holds an AS already (schema 5)")
     assert asyncio.run(count_tables(pg_database)) == held
     # The same AS of another schema version.
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 3"))
-    refused(pg_database, "holds an AS already (schema 3; this program's is 4)")
+    refused(pg_database, "holds an AS already (schema 3; this program's is 5)")
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 99"))
-    refused(pg_database, "(schema 99; this program's is 4)")
+    refused(pg_database, "(schema 99; this program's is 5)")
     assert asyncio.run(count_tables(pg_database)) == held
     # A database with a table of an AS's name (another application's): refused, untouched.
     clash = pg_cluster.new_database()
@@ -299,7 +307,7 @@ def test_a_source_of_a_newer_schema_is_refused_untouched(
     sqlite_before = sqlite_bytes(state)
     code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
     assert (code, out) == (2, "") and ERROR_LINE.fullmatch(err), err
-    assert "schema 9, newer than this program's 4" in err
+    assert "schema 9, newer than this program's 5" in err
     assert sqlite_bytes(state) == sqlite_before
     assert asyncio.run(objects(pg_database)) == []
     assert not (state / "database.url").exists()
@@ -327,7 +335,7 @@ def test_a_source_of_an_older_schema_is_migrated_forward_then_copied(
     assert code == 0, err
     assert "audit log intact on both sides: empty" in out
     con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 4  # as any command would do
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 5  # as any command would do
     con.close()
     after = asyncio.run(read_devices(state))
     assert after == (["old-1"], 7)
