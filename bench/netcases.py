@@ -75,22 +75,24 @@ def show(result: Result | None) -> str:
     return f"{result.seconds:.3f}"
 
 
-def plan(size: int, previous: tuple[int, Result] | None, cap: float) -> Result | None:
+def plan(
+    size: int, previous: tuple[int, Result] | None, cap: float, *, estimate: bool = True
+) -> Result | None:
     """What to report instead of running a transfer of ``size``, or None to run it.
 
     ``previous`` is the same case's result at the next smaller size on the same link. Over the
     cap there means over here too; a size limit there means one here; an estimate (its time
     times the size ratio, from at least :data:`EXTRAPOLATE_FROM`) over the cap is reported, not
-    run."""
+    run (unless ``estimate`` is false: then it runs up to the cap)."""
     if previous is None:
         return None
     prev_size, prev = previous
     if prev.kind in ("over", "limit", "fail"):
         return Result(cap if prev.kind == "over" else 0.0, prev.kind)
-    if prev_size >= EXTRAPOLATE_FROM:
-        estimate = prev.seconds * size / prev_size
-        if estimate > cap:
-            return Result(estimate, "estimate")
+    if estimate and prev_size >= EXTRAPOLATE_FROM:
+        guess = prev.seconds * size / prev_size
+        if guess > cap:
+            return Result(guess, "estimate")
     return None
 
 

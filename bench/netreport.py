@@ -66,7 +66,7 @@ def ratio_cell(ours: Result | None, other: Result | None, faster: bool) -> str:
         mark = "<" if faster else ">"
     else:
         mark = ""
-    return f"{mark}{value:.3g}x"
+    return f"{mark}{value:,.0f}x" if value >= 1000 else f"{mark}{value:.3g}x"
 
 
 def print_table(results: Results, sizes: Sequence[int], cases: Sequence[str], ours: str) -> None:
@@ -76,7 +76,7 @@ def print_table(results: Results, sizes: Sequence[int], cases: Sequence[str], ou
     print("  / tcp = ours / TCP copy")
     width = max(11, *(len(c) + 2 for c in cases))
     head = "".join(f"{c:>{width}}" for c in cases)
-    print(f"  {'link':<18}{'size':>7}{head}{'x aiocoap':>11}{'/ tcp':>9}")
+    print(f"  {'link':<18}{'size':>7}{head}{'x aiocoap':>12}{'/ tcp':>10}")
     for link, by_case in results.items():
         for size in sizes:
             cells = "".join(
@@ -86,7 +86,7 @@ def print_table(results: Results, sizes: Sequence[int], cases: Sequence[str], ou
             mine = by_case.get((size, ours))
             vs_aiocoap = ratio_cell(mine, by_case.get((size, "aiocoap")), faster=True)
             vs_tcp = ratio_cell(mine, by_case.get((size, "tcp")), faster=False)
-            print(f"  {link.label:<18}{label(size):>7}{cells}{vs_aiocoap:>11}{vs_tcp:>9}")
+            print(f"  {link.label:<18}{label(size):>7}{cells}{vs_aiocoap:>12}{vs_tcp:>10}")
 
 
 def rtt_plot(results: Results, size: int = MIB) -> Plot:

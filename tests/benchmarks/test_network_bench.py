@@ -50,6 +50,7 @@ def test_plan_runs_what_fits_and_reports_what_cannot() -> None:
     estimate = plan(MIB, (100 * KIB, Result(7.0, "measured")), cap)
     assert estimate is not None and estimate.kind == "estimate"
     assert estimate.seconds == pytest.approx(7.0 * 10.24)
+    assert plan(MIB, (100 * KIB, Result(7.0, "measured")), cap, estimate=False) is None  # ours
     assert plan(10 * MIB, (MIB, Result(cap, "over")), cap) == Result(cap, "over")
     assert plan(10 * MIB, (MIB, Result(0.0, "limit")), cap) == Result(0.0, "limit")
     assert plan(10 * MIB, (MIB, Result(0.0, "fail")), cap) == Result(0.0, "fail")
@@ -129,6 +130,7 @@ def test_ratios_mark_bounds_and_estimates() -> None:
     assert ratio_cell(ours, Result(0.4, "measured"), faster=False) == "2.5x"
     assert ratio_cell(Result(30.0, "over"), Result(0.4, "measured"), faster=False) == ">75x"
     assert ratio_cell(ours, Result(53.0, "estimate"), faster=True) == "~53x"
+    assert ratio_cell(Result(0.002, "measured"), Result(6.0, "measured"), faster=True) == "3,000x"
     assert ratio_cell(Result(0.0, "limit"), Result(9.0, "measured"), faster=True) == "-"
 
 
