@@ -1,37 +1,37 @@
-"""Objects on emulated links: transfer time against RTT and loss, beside aiocoap, libcoap, TCP.
+"""Objects on emulated links: the consumer library against aiocoap, libcoap and a TCP copy.
 
-The "before" measurement of issue 17. A real AS, producer (profile ``a128gcm-es256``, content
-format 42) and proxy (``--no-dtls``, ``--reverse`` to the producer) on 127.0.0.1, and between the
-client and each server a link emulator (:mod:`bench.linkemu`, a separate process, restarted for
-every link: RTT 0, 10 and 50 ms, loss 0 and 1 %; ``--quick``: RTT 0 and 50 ms, no loss). The
-client is an aiocoap client context in this process (Block2 assembled by aiocoap, as a consumer's
-transport does; verify and decrypt, a few milliseconds for 1 MiB, are measured by
-``consumer_open``). Objects of 64 B, 100 KiB, 1 MiB, 10 MiB (``--quick``: not 10 MiB). Cases:
+Issue 17's matrix in one run. A real AS, producer (profile ``a128gcm-es256``), proxy (plain CoAP
+for consumers, DTLS for publishing, ``--reverse`` to the producer, ``[limits] block_window``) and
+a publishing producer, all on 127.0.0.1; between the client and each server a link emulator
+(:mod:`bench.linkemu`, a separate process, restarted for every link; its ports stay the same for
+the run): RTT 0, 10 and 50 ms, loss 0 and 1 % (``--quick``: RTT 0 and 50 ms, no loss). Objects of
+64 B, 100 KiB, 1 MiB, 10 MiB (``--quick``: not 10 MiB). The columns (:data:`CASES`):
 
-- ``producer``: the protected object straight from the producer (producer → consumer);
-- ``proxy-hit``: the same object from the proxy's cache (warmed before, off the emulated link);
-- ``aiocoap``: :mod:`bench.plain_server` serving exactly the object's bytes, block-wise;
-- ``libcoap``: libcoap's ``coap-server-openssl`` holding the same bytes (PUT before, off the
-  link), fetched by ``coap-client-openssl -b 1024``, block-wise;
-- ``libcoap-qblock``: the same with Q-Block (``-L 5`` at both ends: RFC 9177 where both ends
-  support it, libcoap 4.3.1);
-- ``tcp``: the ceiling, a plain TCP copy of the same bytes (connect, an 8-byte request, the bytes)
-  through the relay's emulated TCP (slow start modelled; see :mod:`bench.linkemu`).
+- ``prod-w8``, ``prod-w64``: the consumer library (:class:`consumer.Consumer`, ``block_window``
+  8 and 64) getting the object from the producer: windowed Block2, verify and decrypt included;
+- ``hit-w8``, ``hit-w64``: the same from the proxy's cache (warmed before, off the link);
+- ``publish``: the publishing producer gets a new value (its file rewritten), seals it and PUTs
+  it to the proxy over DTLS through the link; once the proxy holds it (its ETag, polled off the
+  link), the consumer (W = 64) gets it from the proxy through the link: the whole time;
+- ``aiocoap``: :mod:`bench.plain_server` serving exactly the object's bytes, aiocoap's block-wise;
+- ``libcoap``: ``coap-client`` fetching the same bytes from libcoap's ``coap-server`` (Q-Block
+  tried, see :mod:`bench.netcases`);
+- ``tcp``: the ceiling, a plain TCP copy of the same bytes through the relay's emulated TCP.
 
-Not possible yet: 10 MiB from the producer or the proxy (the producer's largest value is 1 MiB),
-so the 10 MiB rows have only the baselines (random bytes of that size); producer publishing to
-the proxy (the PUT goes over DTLS, once per new object, with no event to time it from outside).
+On lossy links the W = 8 columns are not run (``-``). Objects over the producer's largest value
+(``producer.config.MAX_VALUE_SIZE``) give ``limit`` in the columns of ours; the 10 MiB baselines
+then move random bytes of that size. The proxy and the consumer get a 64 MiB object limit where
+they take one (``[limits] max_object_size``, ``Consumer(max_object_size=)``).
 
-Every case has a time budget (60 s; ``--quick`` 10 s): a transfer not done by then is cancelled
-and reported as ``> budget`` (its value is the budget, a lower bound). A case whose smaller size
-already went over the budget on the same link is not run; one whose estimate from the next
-smaller size of at least 100 KiB (its time times the size ratio: block-wise transfer time grows
-with the number of blocks) exceeds the budget is not run either and is reported as that
-estimate, marked so. The TCP copy always runs. Printed too: the relay's CPU seconds per link.
+Bounded time (:func:`bench.netcases.plan`): each transfer has a cap (60 s; 30 s on lossy links;
+``--quick`` 10 s) and is reported as ``> cap`` past it; one whose smaller size went over is not
+run, nor one whose estimate from the next smaller size is over the cap (``~N est``). The TCP copy
+always runs; so does the target case (ours, 10 MiB, 1 % loss, RTT 0) up to 120 s.
 
-Rows per link and size: each case's seconds against aiocoap's (lower is better); then the ratios
-issue 17 sets as targets, not met today: 1 MiB at 50 ms RTT ≥ 20 times faster than aiocoap and
-within 3 times the TCP copy; 1 MiB at RTT 0 (through the relay) ≥ 50 MB/s.
+Extension point, "ours over coap+tcp": add to :data:`ENDPOINTS` the producer's (or proxy's)
+coap+tcp port as a ``"tcp"`` endpoint (the relay then carries it with its emulated TCP) and one
+``Case`` to :data:`CASES` naming that endpoint: the consumer's URI becomes ``coap+tcp://``. The
+producer's own flag for listening on TCP is the only other line (in :func:`_setup`).
 """
 
 from __future__ import annotations
@@ -44,182 +44,250 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from aiocoap import GET, Context, Message
+from aiocoap import Context
 
 from . import Figure, Plot, Settings
+from .netcases import (
+    Result,
+    aiocoap_get,
+    consumer_get,
+    first_block,
+    label,
+    libcoap_get,
+    plan,
+    tcp_copy,
+    tcp_server,
+    timed,
+)
+from .netreport import Link, figures, print_table
 from .testbed import Testbed, cpu_seconds, free_port
 
-__all__ = ["run"]
+__all__ = ["CASES", "ENDPOINTS", "Case", "run"]
 
 PRODUCER = "bench-producer"
+PUBLISHER = "bench-pub"
 PROXY = "bench-proxy"
+CONSUMER = "bench-consumer"
 PROFILE = "a128gcm-es256"
 SIZES = (64, 100 << 10, 1 << 20, 10 << 20)
-PRODUCER_MAX = 1 << 20  # the producer's largest value
-CASES = ("producer", "proxy-hit", "aiocoap", "libcoap", "libcoap-qblock", "tcp")
-#: The smallest size whose time is extrapolated (64 B is all latency, no blocks).
-EXTRAPOLATE_FROM = 100 << 10
-COAP_CLIENT = "/usr/bin/coap-client-openssl"
+BIG_WINDOW = 64
+#: The object limit asked of the consumer and the proxy (where the proxy takes one).
+MAX_OBJECT = (64 << 20) + 4096
+CAP, LOSS_CAP, QUICK_CAP, TARGET_CAP = 60.0, 30.0, 10.0, 120.0
 COAP_SERVER = "/usr/bin/coap-server-openssl"
 
 
-def _label(size: int) -> str:
-    if size >= 1 << 20:
-        return f"{size >> 20}MiB"
-    return f"{size >> 10}KiB" if size >= 1 << 10 else f"{size}B"
+@dataclass(frozen=True)
+class Case:
+    """One column: ``kind`` is ``consumer`` (the consumer library, ``window`` blocks in flight,
+    at ``endpoint``), ``publish``, ``aiocoap``, ``libcoap`` or ``tcp``."""
 
-
-class Result(NamedTuple):
-    seconds: float
-    kind: str  # "measured", "over" (budget hit: a lower bound), "estimate" (not run)
-
-
-class Ports(NamedTuple):
-    producer: int
-    proxy: int
-    plain: int
-    libcoap: int
-    tcp: int
-
-
-async def _get(ctx: Context, uri: str, timeout: float) -> bytes:
-    """The payload of a GET (answering the proxy's Echo challenge); RuntimeError unless 2.05."""
-    message = Message(code=GET, uri=uri)
-    response = await asyncio.wait_for(ctx.request(message).response, timeout)
-    if response.code.dotted == "4.01" and response.opt.echo is not None:
-        message = Message(code=GET, uri=uri)
-        message.opt.echo = response.opt.echo
-        response = await asyncio.wait_for(ctx.request(message).response, timeout)
-    if response.code.dotted != "2.05":
-        raise RuntimeError(f"GET {uri}: {response.code}")
-    payload: bytes = response.payload
-    return payload
-
-
-async def _libcoap(uri: str, out: Path, qblock: bool, budget: float) -> bool:
-    argv = [COAP_CLIENT, "-m", "get", "-b", "1024", "-B", str(int(budget) + 1), "-o", str(out)]
-    if qblock:
-        argv += ["-L", "5"]
-    out.unlink(missing_ok=True)
-    process = await asyncio.create_subprocess_exec(
-        *argv, uri, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        await asyncio.wait_for(process.wait(), budget)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return False
-    return True
-
-
-async def _tcp_copy(port: int, size: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(size.to_bytes(8, "big"))
-        await writer.drain()
-        return await reader.readexactly(size)
-    finally:
-        writer.close()
-
-
-async def _tcp_server(data: dict[int, bytes]) -> asyncio.Server:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            size = int.from_bytes(await reader.readexactly(8), "big")
-            writer.write(data[size])
-            await writer.drain()
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-
-async def _case(
-    name: str, size: int, ctx: Context, relay: Ports, want: bytes, scratch: Path, budget: float
-) -> Result:
-    """One transfer through the relay; its seconds, or the budget if it was not done in time."""
-    label = _label(size)
-    start = time.perf_counter()
-    try:
-        if name in ("producer", "proxy-hit"):
-            port = relay.producer if name == "producer" else relay.proxy
-            got = await _get(ctx, f"coap://127.0.0.1:{port}/{PRODUCER}/{label}", budget)
-        elif name == "aiocoap":
-            got = await _get(ctx, f"coap://127.0.0.1:{relay.plain}/o{label}", budget)
-        elif name.startswith("libcoap"):
-            out = scratch / "libcoap.out"
-            uri = f"coap://127.0.0.1:{relay.libcoap}/o{label}"
-            if not await _libcoap(uri, out, name.endswith("qblock"), budget):
-                return Result(budget, "over")
-            got = out.read_bytes()
-            if len(got) != len(want):  # -B gave up: a partial file
-                return Result(budget, "over")
-        else:
-            got = await asyncio.wait_for(_tcp_copy(relay.tcp, len(want)), budget)
-    except TimeoutError:
-        return Result(budget, "over")
-    seconds = time.perf_counter() - start
-    if got != want:
-        raise RuntimeError(f"{name} {label}: {len(got)} bytes, not the object's {len(want)}")
-    return Result(seconds, "measured")
-
-
-class Link(NamedTuple):
-    rtt_ms: int
-    loss: float
+    name: str
+    kind: str
+    endpoint: str
+    window: int = BIG_WINDOW
+    lossy: bool = True  # run on lossy links too
 
     @property
-    def label(self) -> str:
-        return f"rtt{self.rtt_ms}ms-loss{self.loss * 100:g}%"
+    def ours(self) -> bool:
+        return self.kind in ("consumer", "publish")
+
+
+#: Relay endpoints: name -> protocol ("udp": datagrams, "tcp": the emulated TCP stream).
+ENDPOINTS = {
+    "producer": "udp",
+    "proxy": "udp",
+    "proxy-dtls": "udp",
+    "plain": "udp",
+    "libcoap": "udp",
+    "tcp": "tcp",
+    # "producer-tcp": "tcp",  # ours over coap+tcp: the producer's coap+tcp port (extension)
+}
+
+CASES = (
+    Case("prod-w8", "consumer", "producer", 8, lossy=False),
+    Case("prod-w64", "consumer", "producer"),
+    Case("hit-w8", "consumer", "proxy", 8, lossy=False),
+    Case("hit-w64", "consumer", "proxy"),
+    Case("publish", "publish", "proxy"),
+    # Case("prod-coap+tcp", "consumer", "producer-tcp"),  # ours over coap+tcp (extension)
+    Case("aiocoap", "aiocoap", "plain"),
+    Case("libcoap", "libcoap", "libcoap"),
+    Case("tcp", "tcp", "tcp"),
+)
+#: The case the targets are judged on.
+OURS = "prod-w64"
+
+
+@dataclass
+class Bed:
+    """What the transfers need: servers' ports, objects, plaintexts, consumers."""
+
+    bed: Testbed
+    ports: dict[str, int]  # endpoint -> the server's port
+    objs: dict[int, bytes]  # size -> the protected object (random bytes past the producer's max)
+    plain: dict[int, bytes]  # size -> the plaintext, for sizes the producer serves
+    bundles: dict[str, Path]
+    producer_max: int
+    consumers: dict[int, Any] = field(default_factory=dict)  # window -> Consumer
+    relay: dict[str, int] = field(default_factory=dict)  # endpoint -> the relay's port
+    publish_etag: bytes | None = None
+    publish_value: bytes = b""
+    notes: set[str] = field(default_factory=set)
+
+
+def _scheme(endpoint: str) -> str:
+    return "coap+tcp" if ENDPOINTS[endpoint] == "tcp" else "coap"
+
+
+async def _transfer(b: Bed, case: Case, size: int, cap: float) -> Result:
+    """One transfer of ``case`` through the relay."""
+    from oscar.errors import InvalidObject
+    from oscar_io.coaperrors import TransportError
+
+    port = b.relay[case.endpoint]
+    obj = b.objs[size]
+    uri = f"coap://127.0.0.1:{port}/o{label(size)}"
+    if case.kind == "aiocoap":
+        return await timed(aiocoap_get(b.consumers[0], uri), obj, cap, "aiocoap")
+    if case.kind == "libcoap":
+        out = b.bed.dir / "libcoap.out"
+        return await timed(libcoap_get(uri, out, cap, len(obj)), obj, cap, "libcoap")
+    if case.kind == "tcp":
+        return await timed(tcp_copy(port, len(obj)), obj, cap, "tcp")
+    if size > b.producer_max:
+        b.notes.add(f"limit: the producer's largest value is {b.producer_max} bytes")
+        return Result(0.0, "limit")
+    consumer = b.consumers[case.window]
+    uri = f"{_scheme(case.endpoint)}://127.0.0.1:{port}/{PRODUCER}/{label(size)}"
+    try:
+        if case.kind == "publish":
+            return await asyncio.wait_for(_publish(b, size, cap), cap + 1)
+        return await timed(consumer_get(consumer, uri)(), b.plain[size], cap, case.name)
+    except (InvalidObject, TransportError) as exc:
+        b.notes.add(f"{case.name} {label(size)}: {exc}")
+        return Result(0.0, "fail")
+    except TimeoutError:
+        return Result(cap, "over")
+
+
+async def _publish(b: Bed, size: int, cap: float) -> Result:
+    """A new value of ``size`` for the publisher, until the consumer has it from the proxy.
+
+    A new ETag at the proxy is the sign to fetch; an object that is not the new value (one the
+    publisher was still retrying when the case before gave up on it) means wait for the next."""
+    value = os.urandom(size)
+    direct = f"coap://127.0.0.1:{b.ports['proxy']}/{PUBLISHER}/obj"
+    uri = f"coap://127.0.0.1:{b.relay['proxy']}/{PUBLISHER}/obj"
+    failures = b.bed.log("publisher").count("failed")
+    start = time.perf_counter()
+    _write_value(b, value)
+    while time.perf_counter() - start < cap:
+        etag, code = await first_block(b.consumers[0], direct)
+        if code == "2.05" and etag != b.publish_etag:
+            b.publish_etag = etag
+            rest = cap - (time.perf_counter() - start)
+            got = await asyncio.wait_for(b.consumers[BIG_WINDOW].get(uri), rest)
+            if got.plaintext == value:
+                return Result(time.perf_counter() - start, "measured")
+            continue
+        if b.bed.log("publisher").count("failed") > failures:
+            b.notes.add("publish: " + b.bed.log("publisher").strip().splitlines()[-1][-200:])
+            return Result(0.0, "fail")
+        await asyncio.sleep(0.01)  # polling the proxy off the link: it has no event to await
+    return Result(cap, "over")
+
+
+def _write_value(b: Bed, value: bytes) -> None:
+    """The publisher's value file, replaced at once (never read half written)."""
+    tmp = b.bed.dir / "pub.tmp"
+    tmp.write_bytes(value)
+    tmp.replace(b.bed.dir / "pub.bin")
+
+
+def _start_publisher(b: Bed) -> subprocess.Popen[bytes]:
+    """The publishing producer, through the relay to the proxy's DTLS port; ready once the proxy
+    holds its first object."""
+    b.publish_value = os.urandom(64)
+    _write_value(b, b.publish_value)
+    argv = ["-m", "producer", "--bundle", str(b.bundles[PUBLISHER]),
+            "--state", str(b.bed.dir / "publisher-state"), "--profile", PROFILE,
+            "--resource", f"obj={b.bed.dir / 'pub.bin'}", "--content-format", "42",
+            "--interval", "0.05", "--max-age", "3600", "--log-level", "info",
+            "--publish", f"{PROXY}=coaps://127.0.0.1:{b.relay['proxy-dtls']}"]  # fmt: skip
+    return b.bed.spawn("publisher", argv, ready=f"producer {PUBLISHER} ready".encode(), timeout=60)
+
+
+async def _wait_published(b: Bed, timeout: float) -> bool:
+    """Whether the publisher's first value reached the proxy within ``timeout`` (read by the
+    consumer off the link)."""
+    direct = f"coap://127.0.0.1:{b.ports['proxy']}/{PUBLISHER}/obj"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        etag, code = await first_block(b.consumers[0], direct)
+        if code == "2.05" and etag != b.publish_etag:
+            b.publish_etag = etag
+            with contextlib.suppress(Exception):  # tried again until the deadline
+                reading = await b.consumers[BIG_WINDOW].get(direct)
+                if reading.plaintext == b.publish_value:
+                    return True
+        await asyncio.sleep(0.05)  # polling the proxy off the link: it has no event to await
+    return False
+
+
+def _cap(link: Link, quick: bool) -> float:
+    return QUICK_CAP if quick else LOSS_CAP if link.loss else CAP
 
 
 async def _measure_link(
-    bed: Testbed,
-    link: Link,
-    ports: Ports,
-    objs: dict[int, bytes],
-    budget: float,
-    sizes: tuple[int, ...],
+    b: Bed, link: Link, sizes: tuple[int, ...], quick: bool
 ) -> dict[tuple[int, str], Result]:
     """Every case and size through one relay process for ``link``."""
-    relay = Ports(*(free_port() for _ in range(5)))
     argv = ["-m", "bench.linkemu", "--rtt-ms", str(link.rtt_ms), "--loss", str(link.loss),
             "--seed", "17"]  # fmt: skip
-    for target, listen in zip(ports[:4], relay[:4], strict=True):
-        argv += ["--udp", f"127.0.0.1:{listen}=127.0.0.1:{target}"]
-    argv += ["--tcp", f"127.0.0.1:{relay.tcp}=127.0.0.1:{ports.tcp}"]
-    emu = bed.spawn(f"linkemu-{link.label}", argv, ready=b"linkemu ready")
+    for name, proto in ENDPOINTS.items():
+        argv += [f"--{proto}", f"127.0.0.1:{b.relay[name]}=127.0.0.1:{b.ports[name]}"]
+    emu = b.bed.spawn(f"linkemu-{link.label}", argv, ready=b"linkemu ready")
     cpu = cpu_seconds(emu.pid)
-    ctx = await Context.create_client_context(transports=["udp6"])
+    publisher = await asyncio.to_thread(_start_publisher, b)
     results: dict[tuple[int, str], Result] = {}
     start = time.monotonic()
     try:
-        await _get(ctx, f"coap://127.0.0.1:{relay.proxy}/{PRODUCER}/64B", 30.0)  # the Echo
+        published = await _wait_published(b, 60)
+        if not published:
+            b.notes.add(f"publish {link.label}: the publisher's first object never came")
         for i, size in enumerate(sizes):
-            for name in CASES:
-                if name in ("producer", "proxy-hit") and size > PRODUCER_MAX:
+            for case in CASES:
+                if link.loss and not case.lossy:
                     continue
-                prev = results.get((sizes[i - 1], name)) if i else None
-                if name != "tcp" and prev is not None and prev.kind == "over":
-                    results[size, name] = Result(budget, "over")
+                if case.kind == "publish" and not published:
+                    results[size, case.name] = Result(0.0, "fail")
                     continue
-                if name != "tcp" and prev is not None and sizes[i - 1] >= EXTRAPOLATE_FROM:
-                    estimate = prev.seconds * size / sizes[i - 1]
-                    if estimate > budget:
-                        results[size, name] = Result(estimate, "estimate")
-                        continue
-                results[size, name] = await _case(
-                    name, size, ctx, relay, objs[size], bed.dir, budget
-                )
+                cap = _cap(link, quick)
+                target = case.name == OURS and link.loss and link.rtt_ms == 0 and size == sizes[-1]
+                previous = (sizes[i - 1], results[sizes[i - 1], case.name]) if i else None
+                # Ours up to 1 MiB always runs (to the cap): the subject, not a baseline.
+                extrapolate = not (case.kind == "consumer" and size <= 1 << 20)
+                instead = plan(size, previous, cap, estimate=extrapolate)
+                if case.kind == "tcp":
+                    instead = None
+                if case.ours and size > b.producer_max:
+                    b.notes.add(f"limit: the producer's largest value is {b.producer_max} bytes")
+                    instead = Result(0.0, "limit")
+                if target and not quick and (instead is None or instead.kind != "limit"):
+                    cap, instead = TARGET_CAP, None
+                if instead is None:
+                    instead = await _transfer(b, case, size, cap)
+                results[size, case.name] = instead
     finally:
-        await ctx.shutdown()
         used = cpu_seconds(emu.pid) - cpu
-        bed.stop(emu)
-    log = bed.log(f"linkemu-{link.label}")
+        b.bed.stop(publisher)
+        b.bed.stop(emu)
+    log = b.bed.log(f"linkemu-{link.label}")
     stats = [line for line in log.splitlines() if line.startswith("linkemu stats")]
     print(
         f"  link {link.label}: {time.monotonic() - start:.0f} s, relay CPU {used:.2f} s; "
@@ -229,171 +297,159 @@ async def _measure_link(
     return results
 
 
-def _show(result: Result | None) -> str:
-    if result is None:
-        return "n/a"
-    if result.kind == "over":
-        return f"> {result.seconds:g}"
-    return f"~{result.seconds:.0f} est" if result.kind == "estimate" else f"{result.seconds:.3f}"
+def _proxy_config(bed: Testbed) -> Path:
+    """``[limits]``: the big window upstream, and the object limit where the proxy takes one."""
+    from proxy.config import Limits
+
+    lines = ["[limits]", f"block_window = {BIG_WINDOW}"]
+    if "max_object_size" in {f.name for f in fields(Limits)}:
+        lines.append(f"max_object_size = {MAX_OBJECT}")
+    return bed.write("proxy.toml", ("\n".join(lines) + "\n").encode())
 
 
-UNITS = {"measured": "s", "over": "s (> budget: lower bound)", "estimate": "s (estimate, not run)"}
-BASE_NOTE = {"measured": "", "over": ", > budget: lower bound", "estimate": ", estimate, not run"}
+def _setup(bed: Testbed, sizes: tuple[int, ...], stack: contextlib.ExitStack) -> Bed:
+    """Start the AS, producer, proxy, plain server, coap-server (stopped by ``stack``)."""
+    from producer.config import MAX_VALUE_SIZE
 
-
-def _setup(
-    bed: Testbed, sizes: tuple[int, ...], stack: contextlib.ExitStack
-) -> tuple[Ports, dict[int, bytes]]:
-    """Start the AS, producer, proxy, plain server, coap-server (stopped by ``stack``); the
-    objects' bytes by size."""
-    bundles = bed.start_as({PRODUCER: "producer", PROXY: "proxy"})
-    port = free_port()
+    bundles = bed.start_as(
+        {PRODUCER: "producer", PUBLISHER: "producer", PROXY: "proxy", CONSUMER: "consumer"},
+        grants=[(CONSUMER, f"{PRODUCER}/*"), (CONSUMER, f"{PUBLISHER}/*")],
+    )
+    ports = {name: free_port() for name in ENDPOINTS}
+    plain: dict[int, bytes] = {}
     argv = ["-m", "producer", "--bundle", str(bundles[PRODUCER]),
-            "--state", str(bed.dir / "producer-state"), "--listen", f"127.0.0.1:{port}",
+            "--state", str(bed.dir / "producer-state"),
+            "--listen", f"127.0.0.1:{ports['producer']}",
             "--profile", PROFILE, "--content-format", "42", "--max-age", "3600",
             "--log-level", "info"]  # fmt: skip
     for size in sizes:
-        if size <= PRODUCER_MAX:
-            value = bed.write(f"{_label(size)}.bin", os.urandom(size))
-            argv += ["--resource", f"{_label(size)}={value}"]
+        if size <= MAX_VALUE_SIZE:
+            plain[size] = os.urandom(size)
+            argv += ["--resource", f"{label(size)}={bed.write(f'{label(size)}.bin', plain[size])}"]
     bed.spawn("producer", argv, ready=f"producer {PRODUCER} ready".encode(), timeout=60)
-    proxy_port = free_port()
     bed.spawn(
         "proxy",
         ["-m", "proxy", "--bundle", str(bundles[PROXY]), "--state", str(bed.dir / "proxy"),
-         "--listen", f"127.0.0.1:{proxy_port}", "--no-dtls",
-         "--reverse", f"{PRODUCER}=coap://127.0.0.1:{port}"],
+         "--listen", f"127.0.0.1:{ports['proxy']}", "--config", str(_proxy_config(bed)),
+         "--reverse", f"{PRODUCER}=coap://127.0.0.1:{ports['producer']}"],
         ready=b"serving coap://",
     )  # fmt: skip
-
-    async def fetch() -> dict[int, bytes]:
-        ctx = await Context.create_client_context(transports=["udp6"])
-        objs: dict[int, bytes] = {}
-        try:
-            for size in sizes:
-                if size > PRODUCER_MAX:
-                    objs[size] = os.urandom(size)
-                    continue
-                uri = f"coap://127.0.0.1:{port}/{PRODUCER}/{_label(size)}"
-                deadline = time.monotonic() + 60
-                while size not in objs:
-                    response = await ctx.request(Message(code=GET, uri=uri)).response
-                    if response.code.dotted == "2.05":
-                        objs[size] = response.payload
-                    elif time.monotonic() > deadline:
-                        raise RuntimeError(f"{uri}: no object")
-                    else:
-                        await asyncio.sleep(0.2)
-                hit = await _get(
-                    ctx, f"coap://127.0.0.1:{proxy_port}/{PRODUCER}/{_label(size)}", 60
-                )
-                if hit != objs[size]:
-                    raise RuntimeError("the proxy's object is not the producer's")
-        finally:
-            await ctx.shutdown()
-        return objs
-
-    objs = asyncio.run(fetch())
-    plain_port = free_port()
-    plain_argv = ["-m", "bench.plain_server", "--listen", f"127.0.0.1:{plain_port}",
-                  "--content-format", "18"]  # fmt: skip
-    libcoap_port = free_port()
+    ports["proxy-dtls"] = ports["proxy"] + 1
+    b = Bed(bed, ports, {}, plain, bundles, MAX_VALUE_SIZE)
     server = subprocess.Popen(
-        [COAP_SERVER, "-A", "127.0.0.1", "-p", str(libcoap_port), "-d", "20", "-L", "5"],
+        [COAP_SERVER, "-A", "127.0.0.1", "-p", str(ports["libcoap"]), "-d", "20", "-L", "5"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     stack.callback(bed.stop, server)
-    time.sleep(0.5)  # coap-server prints nothing when ready; a PUT before it binds times out
-    for size, obj in objs.items():
-        path = bed.write(f"o{_label(size)}.cose", obj)
-        plain_argv += ["--file", f"o{_label(size)}={path}"]
-        uri = f"coap://127.0.0.1:{libcoap_port}/o{_label(size)}"
-        put = [COAP_CLIENT, "-m", "put", "-b", "1024", "-L", "5", "-B", "60", "-f", str(path)]
-        subprocess.run([*put, uri], check=True, timeout=120, capture_output=True)
-    bed.spawn("plain", plain_argv, ready=b"plain server ready")
-    return Ports(port, proxy_port, plain_port, libcoap_port, 0), objs
+    return b
+
+
+async def _fetch_objects(b: Bed, sizes: tuple[int, ...]) -> None:
+    """Each object from the producer (waiting for it), the proxy's cache warmed with it."""
+    ctx = b.consumers[0]
+    for size in sizes:
+        if size > b.producer_max:
+            b.objs[size] = os.urandom(size)
+            continue
+        uri = f"coap://127.0.0.1:{b.ports['producer']}/{PRODUCER}/{label(size)}"
+        deadline = time.monotonic() + 60
+        while size not in b.objs:
+            with contextlib.suppress(RuntimeError):
+                b.objs[size] = await aiocoap_get(ctx, uri)
+            if size not in b.objs:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{uri}: no object")
+                await asyncio.sleep(0.2)
+        hit = await aiocoap_get(
+            ctx, f"coap://127.0.0.1:{b.ports['proxy']}/{PRODUCER}/{label(size)}"
+        )
+        if hit != b.objs[size]:
+            raise RuntimeError("the proxy's object is not the producer's")
+
+
+def _serve_baselines(b: Bed) -> None:
+    """The plain aiocoap server and coap-server holding each object's bytes."""
+    argv = ["-m", "bench.plain_server", "--listen", f"127.0.0.1:{b.ports['plain']}",
+            "--content-format", "18"]  # fmt: skip
+    for size, obj in b.objs.items():
+        path = b.bed.write(f"o{label(size)}.cose", obj)
+        argv += ["--file", f"o{label(size)}={path}"]
+        uri = f"coap://127.0.0.1:{b.ports['libcoap']}/o{label(size)}"
+        put = ["/usr/bin/coap-client-openssl", "-m", "put", "-b", "1024", "-L", "5", "-B", "60",
+               "-f", str(path), uri]  # fmt: skip
+        for attempt in range(20):  # coap-server prints nothing when ready
+            if subprocess.run(put, timeout=120, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1 * attempt)
+    b.bed.spawn("plain", argv, ready=b"plain server ready")
+
+
+class Measured(NamedTuple):
+    results: dict[Link, dict[tuple[int, str], Result]]
+    direct_1mib: float | None  # the consumer's 1 MiB from the producer, no relay (best of 3)
+    objs: dict[int, bytes]
+
+
+def _measure(settings: Settings, bed: Testbed, stack: contextlib.ExitStack) -> Measured:
+    sizes = SIZES[:3] if settings.quick else SIZES
+    rtts = (0, 50) if settings.quick else (0, 10, 50)
+    losses = (0.0,) if settings.quick else (0.0, 0.01)
+    links = [Link(rtt, loss) for loss in losses for rtt in rtts]
+    b = _setup(bed, sizes, stack)
+
+    async def all_links() -> Measured:
+        from consumer import Consumer
+
+        b.consumers[0] = await Context.create_client_context(transports=["udp6"])
+        await _fetch_objects(b, sizes)
+        await asyncio.to_thread(_serve_baselines, b)
+        server = await tcp_server({len(o): o for o in b.objs.values()})
+        b.ports["tcp"] = server.sockets[0].getsockname()[1]
+        b.relay = {name: free_port() for name in ENDPOINTS}
+        direct: float | None = None
+        try:
+            for window in (8, BIG_WINDOW):
+                b.consumers[window] = Consumer(
+                    b.bundles[CONSUMER], None, block_window=window, max_object_size=MAX_OBJECT,
+                    timeout=TARGET_CAP,
+                )  # fmt: skip
+                await b.consumers[window].start()
+                for size in b.plain:  # the secrets from the AS, off the link
+                    uri = f"coap://127.0.0.1:{b.ports['producer']}/{PRODUCER}/{label(size)}"
+                    await b.consumers[window].get(uri)
+            if 1 << 20 in b.plain:  # best of 3 for each window
+                uri = f"coap://127.0.0.1:{b.ports['producer']}/{PRODUCER}/1MiB"
+                times = []
+                for window in (8, BIG_WINDOW) * 3:
+                    got = await timed(
+                        consumer_get(b.consumers[window], uri)(), b.plain[1 << 20], 30, "1MiB"
+                    )
+                    times.append(got.seconds)
+                direct = min(times)
+            results = {link: await _measure_link(b, link, sizes, settings.quick) for link in links}
+        finally:
+            server.close()
+            for key, client in b.consumers.items():
+                await (client.shutdown() if key == 0 else client.close())
+        for note in sorted(b.notes):
+            print(f"  note: {note}")
+        return Measured(results, direct, b.objs)
+
+    return asyncio.run(all_links())
 
 
 def run(settings: Settings) -> Iterator[Figure | Plot]:
     """Start the servers; per emulated link, every case and size; yield the figures and plot."""
     logging.getLogger("coap").setLevel(logging.ERROR)
-    budget = 10.0 if settings.quick else 60.0
-    sizes = SIZES[:3] if settings.quick else SIZES
-    rtts = (0, 50) if settings.quick else (0, 10, 50)
-    losses = (0.0,) if settings.quick else (0.0, 0.01)
-    links = [Link(rtt, loss) for loss in losses for rtt in rtts]
+    logging.getLogger("oscar.consumer").setLevel(logging.ERROR)
     with (
         Testbed("oscar-bench-network-") as bed,
         contextlib.ExitStack() as stack,
         warnings.catch_warnings(),
     ):
         warnings.filterwarnings("ignore", "DTLS module did not shut down", UserWarning)
-        ports, objs = _setup(bed, sizes, stack)
-
-        async def all_links() -> dict[Link, dict[tuple[int, str], Result]]:
-            server = await _tcp_server({len(o): o for o in objs.values()})
-            tcp_port = server.sockets[0].getsockname()[1]
-            try:
-                return {
-                    link: await _measure_link(
-                        bed, link, ports._replace(tcp=tcp_port), objs, budget, sizes
-                    )
-                    for link in links
-                }
-            finally:
-                server.close()
-
-        measured = asyncio.run(all_links())
-
-    print("  seconds per transfer (n/a: not possible; > B: over the budget; est: not run)")
-    print("  " + f"{'link':<20}{'size':>7}" + "".join(f"{c:>15}" for c in CASES))
-    for link, results in measured.items():
-        for size in sizes:
-            row = "".join(f"{_show(results.get((size, c))):>15}" for c in CASES)
-            print(f"  {link.label:<20}{_label(size):>7}{row}", flush=True)
-    for link, results in measured.items():
-        for size in sizes:
-            base = results[size, "aiocoap"]
-            for name in CASES[:2] + CASES[3:]:
-                result = results.get((size, name))
-                if result is None:
-                    continue
-                yield Figure(
-                    f"network/{_label(size)}/{link.label}/{name}",
-                    result.seconds,
-                    UNITS[result.kind],
-                    "plain aiocoap block-wise, same bytes, same link" + BASE_NOTE[base.kind],
-                    base.seconds,
-                    lower_is_better=True,
-                )
-    mib = 1 << 20
-    far = measured.get(Link(50, 0.0), {})
-    if (mib, "producer") in far:
-        ours = far[mib, "producer"]
-        yield Figure("network/target/1MiB-50ms/vs-aiocoap", ours.seconds, UNITS[ours.kind],
-                     "plain aiocoap block-wise", far[mib, "aiocoap"].seconds,
-                     min_ratio=20, lower_is_better=True)  # fmt: skip
-        yield Figure("network/target/1MiB-50ms/vs-tcp", ours.seconds, UNITS[ours.kind],
-                     "plain TCP copy", far[mib, "tcp"].seconds,
-                     min_ratio=1 / 3, lower_is_better=True)  # fmt: skip
-    near = measured.get(Link(0, 0.0), {}).get((mib, "producer"))
-    if near is not None:
-        rate = len(objs[mib]) / near.seconds / 1e6
-        yield Figure("network/target/1MiB-loopback", rate, "MB/s", min_value=50)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for link, results in measured.items():
-        if link.loss:
-            continue
-        for name in CASES:
-            result = results.get((mib, name))
-            if result is not None and result.kind == "measured":
-                series.setdefault(name, []).append((float(link.rtt_ms), result.seconds))
-    yield Plot(
-        "network",
-        "1 MiB over an emulated link, no loss",
-        "RTT (ms)",
-        "transfer time (s)",
-        series,
-        logy=True,
-    )
+        measured = _measure(settings, bed, stack)
+    sizes = sorted(measured.objs)
+    print_table(measured.results, sizes, [c.name for c in CASES], OURS)
+    yield from figures(measured.results, sizes, [c.name for c in CASES], OURS, measured.direct_1mib)

@@ -137,6 +137,9 @@ PROCESS: dict[str, Starts] = {
     "test_failures": every(),
     "test_interop": every(),
     "test_large_proxy": every(),
+    "test_network_bench": only(
+        "test_coap_client_takes_our_command_line_and_a_silent_server_hits_the_cap"
+    ),
     "test_ports": only(
         "test_a_second_as_on_the_same_port_refuses_to_start",
         "test_a_second_producer_on_the_same_port_refuses_to_start",
