@@ -25,9 +25,10 @@ UNITS = {"measured": "s", "over": "s (> cap: lower bound)", "estimate": "s (esti
 BASE_NOTE = {"measured": "", "over": ", > cap: lower bound", "estimate": ", estimate, not run"}
 #: Plot legend per case (cases not listed are not drawn).
 PLOT_SERIES = {
-    "prod-w64": "ours, producer (W=64)",
-    "prod-w8": "ours, producer (W=8)",
-    "hit-w64": "ours, proxy hit (W=64)",
+    "prod-tcp": "ours, producer (large objects over CoAP over TCP)",
+    "prod-w64": "ours, producer (UDP, W=64)",
+    "prod-w8": "ours, producer (UDP, W=8)",
+    "hit-w64": "ours, proxy hit (UDP, W=64)",
     "aiocoap": "aiocoap block-wise",
     "libcoap": "libcoap coap-client",
     "tcp": "TCP copy",

@@ -91,6 +91,9 @@ class Case:
     endpoint: str
     window: int = BIG_WINDOW
     lossy: bool = True  # run on lossy links too
+    #: The consumer takes large objects over CoAP over TCP (its default threshold): the
+    #: producer listens on TCP too, and the relay carries TCP on the UDP port's number.
+    tcp: bool = False
 
     @property
     def ours(self) -> bool:
@@ -105,22 +108,25 @@ ENDPOINTS = {
     "plain": "udp",
     "libcoap": "udp",
     "tcp": "tcp",
-    # "producer-tcp": "tcp",  # ours over coap+tcp: the producer's coap+tcp port (extension)
+    "producer-tcp": "tcp",  # the producer's coap+tcp port: the same number as its UDP port
 }
+#: Key of the consumer that takes large objects over TCP in ``Bed.consumers`` (0: aiocoap's
+#: context; the others by their window, UDP only).
+TCP_CONSUMER = -1
 
 CASES = (
+    Case("prod-tcp", "consumer", "producer", tcp=True),
     Case("prod-w8", "consumer", "producer", 8, lossy=False),
     Case("prod-w64", "consumer", "producer"),
     Case("hit-w8", "consumer", "proxy", 8, lossy=False),
     Case("hit-w64", "consumer", "proxy"),
     Case("publish", "publish", "proxy"),
-    # Case("prod-coap+tcp", "consumer", "producer-tcp"),  # ours over coap+tcp (extension)
     Case("aiocoap", "aiocoap", "plain"),
     Case("libcoap", "libcoap", "libcoap"),
     Case("tcp", "tcp", "tcp"),
 )
 #: The case the targets are judged on.
-OURS = "prod-w64"
+OURS = "prod-tcp"
 
 
 @dataclass
@@ -162,7 +168,7 @@ async def _transfer(b: Bed, case: Case, size: int, cap: float) -> Result:
     if size > b.producer_max:
         b.notes.add(f"limit: the producer's largest value is {b.producer_max} bytes")
         return Result(0.0, "limit")
-    consumer = b.consumers[case.window]
+    consumer = b.consumers[TCP_CONSUMER if case.tcp else case.window]
     uri = f"{_scheme(case.endpoint)}://127.0.0.1:{port}/{PRODUCER}/{label(size)}"
     try:
         if case.kind == "publish":
@@ -316,10 +322,11 @@ def _setup(bed: Testbed, sizes: tuple[int, ...], stack: contextlib.ExitStack) ->
         grants=[(CONSUMER, f"{PRODUCER}/*"), (CONSUMER, f"{PUBLISHER}/*")],
     )
     ports = {name: free_port() for name in ENDPOINTS}
+    ports["producer-tcp"] = ports["producer"]  # coap+tcp on the UDP port's number
     plain: dict[int, bytes] = {}
     argv = ["-m", "producer", "--bundle", str(bundles[PRODUCER]),
             "--state", str(bed.dir / "producer-state"),
-            "--listen", f"127.0.0.1:{ports['producer']}",
+            "--listen", f"127.0.0.1:{ports['producer']}", "--tcp",
             "--profile", PROFILE, "--content-format", "42", "--max-age", "3600",
             "--log-level", "info"]  # fmt: skip
     for size in sizes:
@@ -400,6 +407,7 @@ def _measure(settings: Settings, bed: Testbed, stack: contextlib.ExitStack) -> M
 
     async def all_links() -> Measured:
         from consumer import Consumer
+        from consumer.transport import DEFAULT_TCP_THRESHOLD
 
         b.consumers[0] = await Context.create_client_context(transports=["udp6"])
         await _fetch_objects(b, sizes)
@@ -407,23 +415,25 @@ def _measure(settings: Settings, bed: Testbed, stack: contextlib.ExitStack) -> M
         server = await tcp_server({len(o): o for o in b.objs.values()})
         b.ports["tcp"] = server.sockets[0].getsockname()[1]
         b.relay = {name: free_port() for name in ENDPOINTS}
+        b.relay["producer-tcp"] = b.relay["producer"]  # the consumer's TCP: the same number
         direct: float | None = None
         try:
-            for window in (8, BIG_WINDOW):
-                b.consumers[window] = Consumer(
-                    b.bundles[CONSUMER], None, block_window=window, max_object_size=MAX_OBJECT,
-                    timeout=TARGET_CAP,
+            for key in (8, BIG_WINDOW, TCP_CONSUMER):
+                b.consumers[key] = Consumer(
+                    b.bundles[CONSUMER], None, block_window=max(key, BIG_WINDOW),
+                    max_object_size=MAX_OBJECT, timeout=TARGET_CAP,
+                    tcp_threshold=DEFAULT_TCP_THRESHOLD if key == TCP_CONSUMER else None,
                 )  # fmt: skip
-                await b.consumers[window].start()
+                await b.consumers[key].start()
                 for size in b.plain:  # the secrets from the AS, off the link
                     uri = f"coap://127.0.0.1:{b.ports['producer']}/{PRODUCER}/{label(size)}"
-                    await b.consumers[window].get(uri)
-            if 1 << 20 in b.plain:  # best of 3 for each window
+                    await b.consumers[key].get(uri)
+            if 1 << 20 in b.plain:  # best of 3 for each consumer, straight to the producer
                 uri = f"coap://127.0.0.1:{b.ports['producer']}/{PRODUCER}/1MiB"
                 times = []
-                for window in (8, BIG_WINDOW) * 3:
+                for key in (8, BIG_WINDOW, TCP_CONSUMER) * 3:
                     got = await timed(
-                        consumer_get(b.consumers[window], uri)(), b.plain[1 << 20], 30, "1MiB"
+                        consumer_get(b.consumers[key], uri)(), b.plain[1 << 20], 30, "1MiB"
                     )
                     times.append(got.seconds)
                 direct = min(times)

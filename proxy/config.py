@@ -73,8 +73,9 @@ __all__ = [
 
 #: The most ``limits.max_object_size`` may be: the proxy assembles, verifies and caches an object
 #: whole in memory (the consumer spools and streams; the proxy does not yet), so each upstream
-#: fetch or notification in progress may hold this much.
-MAX_OBJECT_SIZE = 64 << 20
+#: fetch or notification in progress may hold this much. A producer's largest value (64 MiB) and
+#: its headers, as the consumer's default limit.
+MAX_OBJECT_SIZE = (64 << 20) + 4096
 #: ... and with ``cluster``: every new object goes whole to every instance in one pub/sub message
 #: and sits in the store's memory; Redis's default pub/sub output buffer limit (32 MB hard, 8 MB
 #: soft for 60 s) would cut off a subscriber sent much more.

@@ -126,10 +126,10 @@ def test_the_object_size_limit_is_checked(tmp_path: Path) -> None:
     clear error."""
     doc: dict[str, object] = {"bundle": "b.json", "state": "s", "listen": "127.0.0.1:5683"}
     assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == (1 << 20) + 4096
-    doc["limits"] = {"max_object_size": 64 << 20}
-    assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == 64 << 20
+    doc["limits"] = {"max_object_size": (64 << 20) + 4096}
+    assert config_from_mapping(doc, base=tmp_path).limits.max_object_size == (64 << 20) + 4096
     refusals = {
-        "is 1024 to 67108864 bytes": [{"max_object_size": n} for n in (1023, (64 << 20) + 1)],
+        "is 1024 to 67112960 bytes": [{"max_object_size": n} for n in (1023, (64 << 20) + 4097)],
         "positive whole number": [{"max_object_size": v} for v in (0, True, 2.5, "1")],
     }
     for why, cases in refusals.items():
