@@ -18,36 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from oscar_io.metrics import Metrics
+from oscar_io.metrics import OUTCOMES, Metrics, outcome_of
 
 from .api import is_endpoint
 
 __all__ = ["OUTCOMES", "AsMetrics", "endpoint_label", "outcome_of"]
-
-#: The outcomes a request is counted under.
-OUTCOMES = (
-    "ok", "unauthorized", "forbidden", "not_found", "rate_limited", "too_large", "bad_request",
-    "unavailable", "error",
-)  # fmt: skip
-
-_OUTCOME_OF_CODE = {
-    "4.01": "unauthorized",
-    "4.03": "forbidden",
-    "4.04": "not_found",
-    "4.29": "rate_limited",
-    "4.13": "too_large",
-    "5.03": "unavailable",
-}
-
-
-def outcome_of(dotted: str) -> str:
-    """The outcome label of a response code (``2.05`` -> ``ok``)."""
-    if dotted.startswith("2."):
-        return "ok"
-    known = _OUTCOME_OF_CODE.get(dotted)
-    if known is not None:
-        return known
-    return "bad_request" if dotted.startswith("4.") else "error"
 
 
 def endpoint_label(method: str, path: tuple[str, ...]) -> str:

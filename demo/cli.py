@@ -123,7 +123,7 @@ def _explore(story: Story, log: LiveLog) -> None:
         log.line(log.paint(f"  # {what}", "dim"))
         log.line(f"  {command}")
     log.line()
-    log.line(log.paint("For operators (plain HTTP, loopback):", "bold"))
+    log.line(log.paint("For operators (on loopback):", "bold"))
     for what, url in story.endpoints():
         log.line(f"  {what}: {url}")
     running = [c for c in system.children if c.process.poll() is None]

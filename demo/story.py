@@ -77,6 +77,10 @@ class Story:
         self.meter_port = free_port()
         #: Where each daemon serves its Prometheus metrics (``--metrics``).
         self.metrics_ports = {name: free_tcp_port() for name in ("as", PROXY, "meter-1")}
+        #: The AS's admin console (``--admin``), and the token the demo's admin logs in with
+        #: (issued by ``oscar-as admin-token``; shown only with --keep-running).
+        self.console_port = free_tcp_port()
+        self.console_token = ""
         self.meter_value = system.path("meter-1-power.txt")
         self.sleeper_value = system.path("sleeper-1-reading.txt")
         self.as_server: Child | None = None
@@ -204,6 +208,7 @@ class Story:
         log.section(1, "Set up: an AS, two producers, a proxy, two consumers, one process each")
         with log.step("AS state made") as step:
             self.admin("init", "--as-uri", self.as_uri)
+            self.console_token = self.admin("admin-token", "--name", "demo").strip()
             step.done(f"AS state made (CA, audit log) for {self.as_uri}")
         with log.step("enrolling devices") as step:
             roles = [*((p, "producer") for p in PRODUCERS), (PROXY, "proxy")]
@@ -227,7 +232,8 @@ class Story:
             self.as_server = system.spawn(
                 "as", "authz_server", "serve", "--state", str(system.path("as")),
                 "--listen", f"{HOST}:{self.as_port}", "--min-rotation-period", "1",
-                "--tick", "0.2", *self.metrics("as"), ready="serving coaps://", stop_last=True,
+                "--tick", "0.2", *self.metrics("as"), "--admin", f"{HOST}:{self.console_port}",
+                ready="serving coaps://", stop_last=True,
             )  # fmt: skip
             step.done(f"AS serving {self.as_uri} (pid {self.as_server.process.pid})")
         # the proxy and the meter start side by side; the sleeper needs the proxy
@@ -423,8 +429,15 @@ class Story:
         return "--metrics", f"{HOST}:{self.metrics_ports[name]}"
 
     def endpoints(self) -> list[tuple[str, str]]:
-        """Where the running system serves operators: (what, URL)."""
+        """Where the running system serves operators: (what, URL), the console's token too."""
+        ca = self.system.path("as") / "ca.pem"
         return [
+            (
+                f"the admin console (its certificate is from the AS CA, {ca})",
+                f"https://{HOST}:{self.console_port}/",
+            ),
+            ("  its login token (admin demo)", self.console_token),
+        ] + [
             (f"{who} metrics (Prometheus text)", f"http://{HOST}:{port}/metrics")
             for who, port in (
                 ("the AS's", self.metrics_ports["as"]),

@@ -28,12 +28,14 @@ from typing import Any
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "OUTCOMES",
     "Family",
     "Histogram",
     "Metrics",
     "MetricsServer",
     "MetricsUnavailable",
     "check_metrics_address",
+    "outcome_of",
     "serve_metrics",
 ]
 
@@ -43,6 +45,32 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
+
+
+#: The outcomes a daemon counts its answers under (from the response code, :func:`outcome_of`).
+OUTCOMES = (
+    "ok", "unauthorized", "forbidden", "not_found", "rate_limited", "too_large", "bad_request",
+    "unavailable", "error",
+)  # fmt: skip
+
+_OUTCOME_OF_CODE = {
+    "4.01": "unauthorized",
+    "4.03": "forbidden",
+    "4.04": "not_found",
+    "4.29": "rate_limited",
+    "4.13": "too_large",
+    "5.03": "unavailable",
+}
+
+
+def outcome_of(dotted: str) -> str:
+    """The outcome label of a CoAP response code (``2.05`` -> ``ok``)."""
+    if dotted.startswith("2."):
+        return "ok"
+    known = _OUTCOME_OF_CODE.get(dotted)
+    if known is not None:
+        return known
+    return "bad_request" if dotted.startswith("4.") else "error"
 
 
 class Histogram:
@@ -188,6 +216,9 @@ def check_metrics_address(host: str, port: int) -> None:
         raise MetricsUnavailable(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As the server binds (SO_REUSEADDR): a restart finds its old connections in TIME_WAIT,
+        # which must not count as the port being taken; a listening socket still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
@@ -244,7 +275,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer
     app.router.add_get("/metrics", scrape)  # HEAD too
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=False)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()
     except BaseException:

@@ -221,7 +221,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         except OSError as exc:  # the proxy serves without: its counters stay at the CoAP endpoint
             log.warning("no live counters for oscar-proxy stats: %s", exc.strerror or exc)
         if config.metrics is not None:
-            exporter = await serve_metrics(proxy_metrics(proxy.counters), *config.metrics)
+            exporter = await serve_metrics(proxy_metrics(proxy), *config.metrics)
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host

@@ -38,6 +38,7 @@ from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, BundleError
 from oscar_io.localstore import TrustCache
+from oscar_io.metrics import Histogram
 from oscar_io.statefiles import private_dir
 from oscar_io.tcproute import Route
 from oscar_io.trust import CertificateSource, Trust
@@ -103,6 +104,9 @@ class Proxy:
         self.limits = config.limits
         self._clock = clock
         self.stats = Stats()
+        #: Answers through aiocoap (not the fast paths'), by (method, outcome), and their times.
+        self.answers: dict[tuple[str, str], int] = {}
+        self.answer_seconds = Histogram()
         # Set by open(): see the properties below.
         self._bundle: Bundle | None = None
         self._cache: Cache | None = None

@@ -20,7 +20,7 @@ No label holds a resource name, an address or an object byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 from oscar_io.metrics import Metrics
 
@@ -57,9 +57,21 @@ _CLUSTER = {
 }
 
 
-def proxy_metrics(counters: Callable[[], dict[str, int]]) -> Metrics:
-    """The families of a proxy whose live counters ``counters()`` returns."""
+def proxy_metrics(proxy: Any) -> Metrics:
+    """The families of a running :class:`~proxy.core.Proxy`: its live counters
+    (``proxy.counters()``) and its answers through aiocoap (``proxy.answers``,
+    ``proxy.answer_seconds``)."""
+    counters = proxy.counters
     m = Metrics("oscar_proxy")
+    answers = m.counter(
+        "requests",
+        "Requests answered through aiocoap (not the fast paths), by method and outcome.",
+        "method",
+        "outcome",
+    )
+    answer_seconds = m.histogram(
+        "request_seconds", "Seconds to answer a request through aiocoap (fetches included)."
+    )
     hits = m.counter("cache_hits", "Requests answered from the cache.", "path")
     plain = {key: m.counter(name, text) for key, (name, text) in _COUNTERS.items()}
     publications = m.counter(
@@ -74,6 +86,9 @@ def proxy_metrics(counters: Callable[[], dict[str, int]]) -> Metrics:
     up = m.gauge("cluster_up", "1 if the shared store answers, 0 if not (clustered only).")
 
     def read() -> None:
+        for key, count in proxy.answers.items():
+            answers.set(*key, value=count)
+        answer_seconds.values[()] = proxy.answer_seconds
         doc = counters()
         fast = doc.get("fast_hits", 0)
         hits.set("fast", value=fast)

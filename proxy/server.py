@@ -52,6 +52,7 @@ import functools
 import ipaddress
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -64,6 +65,7 @@ from oscar.errors import InvalidObject
 from oscar_io import coaptcp
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
+from oscar_io.metrics import outcome_of
 
 from .core import Proxy, Unavailable
 from .echo import AddressCheck, challenge_size
@@ -213,6 +215,18 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             await interfaces.Resource._render_to_pipe(self, pipe)
 
     async def render(self, request: Message) -> Message:
+        started = time.perf_counter()
+        answer = await self._render(request)
+        proxy = self.proxy
+        key = (
+            request.code.name if request.code.is_request() else "other",
+            outcome_of(answer.code.dotted),
+        )
+        proxy.answers[key] = proxy.answers.get(key, 0) + 1
+        proxy.answer_seconds.observe(time.perf_counter() - started)
+        return answer
+
+    async def _render(self, request: Message) -> Message:
         if tuple(request.opt.uri_path) == STATS_PATH and request.opt.proxy_uri is None:
             return self._stats(request)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from authz_server.metrics import AsMetrics
 from oscar_io.metrics import Metrics
@@ -21,7 +22,7 @@ def _exported() -> set[str]:
     """Every series name the three daemons' families export (per-resource ones included)."""
     families: list[Metrics] = [
         AsMetrics(per_resource=True).metrics,
-        proxy_metrics(dict),
+        proxy_metrics(SimpleNamespace(counters=dict, answers={}, answer_seconds=None)),
         producer_metrics(None, per_resource=True),
     ]
     names = set()

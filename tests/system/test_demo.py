@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -92,6 +93,22 @@ def test_the_demo_runs_every_step_and_leaves_nothing_behind() -> None:
                 ["bash", "-c", shlex.join(argv)], capture_output=True, text=True, timeout=60
             )
             assert done.returncode == 0, (argv, done.stderr)
+        # The console: HTTPS under the AS CA's certificate, its login page, and a token.
+        text = "".join(lines)
+        console = re.search(
+            r"^  the admin console \(its certificate is from the AS CA, (\S+)\): (https://\S+)$",
+            text,
+            re.M,
+        )
+        assert console, text
+        token = re.search(
+            r"^    its login token \(admin demo\): (oscar-admin-[A-Za-z0-9_-]{43})$", text, re.M
+        )
+        assert token, text
+        trusted = ssl.create_default_context(cafile=console.group(1))
+        login = console.group(2) + "login"
+        with urllib.request.urlopen(login, timeout=10, context=trusted) as page:  # noqa: S310
+            assert page.status == 200 and "token" in page.read().decode().lower()
         # Where the metrics are: each answers with its daemon's families.
         urls = re.findall(
             r"^  (.+) metrics \(Prometheus text\): (http://\S+)$", "".join(lines), re.M

@@ -704,6 +704,13 @@ async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> No
     assert before["hits"] <= hits <= after["hits"]
     assert after["hits"] + after["misses"] > before["hits"] + before["misses"]  # the read above
     assert series("process_open_fds") > 0
+    # Answers through aiocoap (the fast path's are its hits): the read above took that way or
+    # the fast one; each is counted by outcome, with its time.
+    answered = sum(
+        float(v)
+        for k, v in re.findall(r"^(oscar_proxy_requests_total\{[^}]*\}) (\S+)$", text, re.M)
+    )
+    assert answered == series("oscar_proxy_request_seconds_count") > 0
     assert "meter" not in text and "sensor" not in text  # no resource name in a label
 
 
