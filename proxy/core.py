@@ -81,6 +81,8 @@ class Stats:
     revalidations: int = 0
     stale_served: int = 0
     rejected: int = 0
+    #: Objects whose signature and certificate checked out (fetched or published).
+    verified: int = 0
     upstream_errors: int = 0
     upstream_requests: int = 0
     published: int = 0
@@ -270,6 +272,7 @@ class Proxy:
                 data, resource_id, now, max_size=self.limits.max_object_size
             )
             m = obj.metadata
+            self.stats.verified += 1
         except AccessDenied as exc:  # the AS refused this proxy a certificate or the CRL
             raise TransportError(str(exc)) from None
         except InvalidObject as exc:

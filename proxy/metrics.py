@@ -5,7 +5,8 @@ families, read at each scrape.
 - ``oscar_proxy_cache_hits_total{path}`` (``fast``: answered before aiocoap; ``slow``), and
   ``oscar_proxy_cache_misses_total``, ``..._revalidations_total``, ``..._stale_served_total``;
 - ``oscar_proxy_upstream_fetches_total``, ``oscar_proxy_upstream_errors_total``;
-- ``oscar_proxy_objects_rejected_total`` (failed verification), ``oscar_proxy_publications_total
+- ``oscar_proxy_objects_verified_total``, ``oscar_proxy_objects_rejected_total`` (failed
+  verification), ``oscar_proxy_publications_total
   {outcome}`` (``accepted``, ``refused``), ``oscar_proxy_echo_challenges_total``,
   ``oscar_proxy_signer_lookups_refused_total``, ``oscar_proxy_observations_declined_total``,
   ``oscar_proxy_evictions_total``;
@@ -37,6 +38,7 @@ _COUNTERS = {
     "upstream_requests": ("upstream_fetches", "Requests the proxy sent upstream."),
     "upstream_errors": ("upstream_errors", "Upstream requests that failed."),
     "rejected": ("objects_rejected", "Objects that failed verification (never cached)."),
+    "verified": ("objects_verified", "Objects whose signature and signer checked out."),
     "echo_challenges": ("echo_challenges", "Echo challenges sent to unproven addresses."),
     "evictions": ("evictions", "Cache entries evicted for room."),
     "observations_declined": ("observations_declined", "Observe registrations over a bound."),

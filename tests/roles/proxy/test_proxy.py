@@ -692,6 +692,7 @@ async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> No
         "oscar_proxy_cache_misses_total": "misses",
         "oscar_proxy_upstream_fetches_total": "upstream_requests",
         "oscar_proxy_objects_rejected_total": "rejected",
+        "oscar_proxy_objects_verified_total": "verified",
         "oscar_proxy_echo_challenges_total": "echo_challenges",
         'oscar_proxy_publications_total{outcome="accepted"}': "published",
         'oscar_proxy_publications_total{outcome="refused"}': "publish_refused",
@@ -704,6 +705,7 @@ async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> No
     assert before["hits"] <= hits <= after["hits"]
     assert after["hits"] + after["misses"] > before["hits"] + before["misses"]  # the read above
     assert series("process_open_fds") > 0
+    assert after["verified"] >= 4  # the fetched and published objects of the tests before
     # Answers through aiocoap (the fast path's are its hits): the read above took that way or
     # the fast one; each is counted by outcome, with its time.
     answered = sum(
