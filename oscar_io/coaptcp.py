@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import weakref
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ from oscar.certs import device_id_of
 from oscar.errors import CertificateError
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1
 from oscar_io.coaperrors import TimedOut, TransportError, translate
-from oscar_io.ports import PortInUse
+from oscar_io.ports import PortInUse, tcp_bind_error
 from oscar_io.tasks import stop_tasks
 
 __all__ = [
@@ -183,17 +182,13 @@ def is_tcp(remote: Any) -> bool:
 def ensure_tcp_port_free(host: str, port: int) -> None:
     """:class:`~oscar_io.ports.PortInUse` when a TCP listener holds ``host``:``port`` (aiocoap
     binds with SO_REUSEPORT, so a second server would bind too and share the connections)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise PortInUse(
-                f"TCP port {shown} is in use by another process ({exc.strerror}); "
-                "stop it or choose another port"
-            ) from None
+    problem = tcp_bind_error(host, port)
+    if problem is not None:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise PortInUse(
+            f"TCP port {shown} is in use by another process ({problem}); "
+            "stop it or choose another port"
+        )
 
 
 async def serve(

@@ -21,10 +21,11 @@ import bisect
 import contextlib
 import importlib.util
 import math
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from .ports import tcp_bind_error
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -210,19 +211,9 @@ def check_metrics_address(host: str, port: int) -> None:
     for module, package in (("aiohttp", "aiohttp"), ("prometheus_client", "prometheus-client")):
         if importlib.util.find_spec(module) is None:
             raise MetricsUnavailable(f"--metrics needs {package}: pip install 'oscar-iot[ops]'")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise MetricsUnavailable(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        # As the server binds (SO_REUSEADDR): a restart finds its old connections in TIME_WAIT,
-        # which must not count as the port being taken; a listening socket still does.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise MetricsUnavailable(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
+    problem = tcp_bind_error(host, port)
+    if problem is not None:
+        raise MetricsUnavailable(f"--metrics {host}:{port}: {problem}")
 
 
 class MetricsServer:

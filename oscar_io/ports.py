@@ -29,6 +29,7 @@ __all__ = [
     "ensure_port_free",
     "others_on_port",
     "parse_listen",
+    "tcp_bind_error",
 ]
 
 
@@ -166,3 +167,22 @@ def parse_listen(text: str, *, lowest: int = 1, highest: int = 65535) -> tuple[s
             f"to {highest}"
         )
     return host, int(port)
+
+
+def tcp_bind_error(host: str, port: int) -> str | None:
+    """Why a TCP server could not bind ``host``:``port`` now (a listener holds it, the address
+    is not this machine's or does not resolve), in a few words; None if it could. Probed as
+    servers bind, with SO_REUSEADDR: connections of an earlier run in TIME_WAIT do not count,
+    a listening socket does."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return None

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from oscar_io.ports import tcp_bind_error
 
 if TYPE_CHECKING:
     from ..ca import CertificateAuthority
@@ -57,19 +58,9 @@ def check_console_address(host: str, port: int) -> None:
             )
     except ValueError:
         pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ConsoleUnavailable(f"--admin {_joined(host, port)}: {exc.strerror or exc}") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ConsoleUnavailable(
-                f"--admin {_joined(host, port)}: {exc.strerror or exc}"
-            ) from None
+    problem = tcp_bind_error(host, port)
+    if problem is not None:
+        raise ConsoleUnavailable(f"--admin {_joined(host, port)}: {problem}")
 
 
 @dataclass
