@@ -276,7 +276,11 @@ async def client_context(tls: ssl.SSLContext | None = None) -> Any:
 
 
 async def _answer(context: Any, message: Any, timeout: float, peer: str) -> Any:
-    request = context.request(message, handle_blockwise=False)
+    return await _response(context.request(message, handle_blockwise=False), timeout, peer)
+
+
+async def _response(request: Any, timeout: float, peer: str) -> Any:
+    """The answer to an aiocoap ``request`` within ``timeout`` seconds, or our TransportError."""
     try:
         return await asyncio.wait_for(request.response, timeout)
     except TimeoutError:
@@ -421,18 +425,7 @@ async def put(
     With ``expect_device`` the TLS peer must be that device (checked on the answer: the payload
     is a protected object, nothing a wrong server could read more of than an eavesdropper).
     Raises :class:`TransportError`."""
-    request = context.request(message)
-    try:
-        response = await asyncio.wait_for(request.response, timeout)
-    except TimeoutError:
-        raise TimedOut(f"no answer from {peer} within {timeout:g} s") from None
-    except TransportError:
-        raise
-    except Exception as exc:
-        failure = translate(exc, peer)
-        if failure is None:
-            raise
-        raise failure from None
+    response = await _response(context.request(message), timeout, peer)
     if expect_device is not None and peer_device(response.remote) != expect_device:
         raise TransportError(f"{peer} is not {expect_device} (its TLS certificate)")
     return response

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ports import tcp_bind_error
+from .webserve import start_site
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -264,16 +265,5 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer
 
     app = web.Application()
     app.router.add_get("/metrics", scrape)  # HEAD too
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        bound = server.sockets[0].getsockname()[1]
+    runner, bound = await start_site(app, host, port)
     return MetricsServer(runner, host, bound)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oscar_io.ports import tcp_bind_error
+from oscar_io.webserve import start_site
 
 if TYPE_CHECKING:
     from ..ca import CertificateAuthority
@@ -108,17 +109,6 @@ async def start_console(
 
     state = ConsoleState(store, frozenset(), policy or SessionPolicy())
     app = make_app(state, routes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        bound = server.sockets[0].getsockname()[1]
+    runner, bound = await start_site(app, host, port, ssl_context=context)
     state.hosts = frozenset(_joined(name, bound) for name in certificate_hosts(host))
     return Console(runner, host, bound, chain)
