@@ -51,6 +51,7 @@ __all__ = [
     "end_sessions",
     "label_of",
     "mark_established",
+    "session_count",
 ]
 
 log = logging.getLogger("oscar.dtls")
@@ -183,6 +184,11 @@ def _close(pool: Any, sockaddr: Any, connection: Any, reason: str) -> None:
         # The DTLS object's callbacks point back at the connection: a reference cycle that only
         # the cyclic GC would free, late. Nothing will use a peer that never made a request.
         connection._dtls_socket = None
+
+
+def session_count(ctx: Any) -> int:
+    """The DTLS server's connections now (sessions and handshakes in progress)."""
+    return len(_pool(ctx)._connections)
 
 
 def end_sessions(ctx: Any, label: str) -> int:

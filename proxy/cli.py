@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ from oscar_io.clikit import (
     fail,
     parse_args,
 )
-from oscar_io.dtls import IndexedCreds, end_sessions, label_of
+from oscar_io.dtls import IndexedCreds, end_sessions, label_of, session_count
 from oscar_io.errors import AsError, BundleError, StateError
 from oscar_io.metrics import MetricsServer, MetricsUnavailable, check_metrics_address, serve_metrics
 from oscar_io.ports import ensure_alone_on_port, ensure_port_free
@@ -221,7 +222,9 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
         except OSError as exc:  # the proxy serves without: its counters stay at the CoAP endpoint
             log.warning("no live counters for oscar-proxy stats: %s", exc.strerror or exc)
         if config.metrics is not None:
-            exporter = await serve_metrics(proxy_metrics(proxy), *config.metrics)
+            dtls = ctx if config.dtls else None
+            sessions = None if dtls is None else functools.partial(session_count, dtls)
+            exporter = await serve_metrics(proxy_metrics(proxy, sessions), *config.metrics)
         if config.dtls:
             tasks.append(asyncio.create_task(_refresh_links(proxy, creds, ctx), name="links"))
         shown = f"[{host}]" if ":" in host else host

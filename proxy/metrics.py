@@ -10,7 +10,8 @@ families, read at each scrape.
   {outcome}`` (``accepted``, ``refused``), ``oscar_proxy_echo_challenges_total``,
   ``oscar_proxy_signer_lookups_refused_total``, ``oscar_proxy_observations_declined_total``,
   ``oscar_proxy_evictions_total``;
-- gauges: ``oscar_proxy_observers{path}``, ``oscar_proxy_upstream_observations``, and the cache's
+- gauges: ``oscar_proxy_dtls_sessions``, ``oscar_proxy_observers{path}``,
+  ``oscar_proxy_upstream_observations``, and the cache's
   ``oscar_proxy_cache_entries{tier}`` / ``oscar_proxy_cache_bytes{tier}`` (``memory``, ``disk``);
 - in a cluster, ``oscar_proxy_cluster_*`` (this instance's store reads, writes, events, waits,
   refusals, outages, leases) and ``oscar_proxy_cluster_up``. The cluster-wide sums of
@@ -21,6 +22,7 @@ No label holds a resource name, an address or an object byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from oscar_io.metrics import Metrics
@@ -59,12 +61,13 @@ _CLUSTER = {
 }
 
 
-def proxy_metrics(proxy: Any) -> Metrics:
+def proxy_metrics(proxy: Any, dtls_sessions: Callable[[], int] | None = None) -> Metrics:
     """The families of a running :class:`~proxy.core.Proxy`: its live counters
-    (``proxy.counters()``) and its answers through aiocoap (``proxy.answers``,
-    ``proxy.answer_seconds``)."""
+    (``proxy.counters()``), its answers through aiocoap (``proxy.answers``,
+    ``proxy.answer_seconds``), and its DTLS server's connections (``dtls_sessions()``)."""
     counters = proxy.counters
     m = Metrics("oscar_proxy")
+    sessions = m.gauge("dtls_sessions", "DTLS connections (sessions and handshakes) held now.")
     answers = m.counter(
         "requests",
         "Requests answered through aiocoap (not the fast paths), by method and outcome.",
@@ -88,6 +91,8 @@ def proxy_metrics(proxy: Any) -> Metrics:
     up = m.gauge("cluster_up", "1 if the shared store answers, 0 if not (clustered only).")
 
     def read() -> None:
+        if dtls_sessions is not None:
+            sessions.set(value=dtls_sessions())
         for key, count in proxy.answers.items():
             answers.set(*key, value=count)
         answer_seconds.values[()] = proxy.answer_seconds

@@ -706,6 +706,7 @@ async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> No
     assert after["hits"] + after["misses"] > before["hits"] + before["misses"]  # the read above
     assert series("process_open_fds") > 0
     assert after["verified"] >= 4  # the fetched and published objects of the tests before
+    assert series("oscar_proxy_dtls_sessions") >= 1  # the publishers' and readers' sessions
     # Answers through aiocoap (the fast path's are its hits): the read above took that way or
     # the fast one; each is counted by outcome, with its time.
     answered = sum(
