@@ -385,7 +385,7 @@ def test_a_version_1_database_is_migrated_forward(backing: Backing) -> None:
         version = (
             "SELECT version FROM schema_version" if backing.postgres else "PRAGMA user_version"
         )
-        assert (await backing.execute(version))[0][0] == dialect.SCHEMA_VERSION == 5
+        assert (await backing.execute(version))[0][0] == dialect.SCHEMA_VERSION == 6
 
     asyncio.run(check())
 
