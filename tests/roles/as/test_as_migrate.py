@@ -287,9 +287,9 @@ def test_a_target_holding_an_as_or_its_names_is_refused_and_unchanged(
     assert asyncio.run(count_tables(pg_database)) == held
     # The same AS of another schema version.
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 3"))
-    refused(pg_database, "holds an AS already (schema 3; this program's is 5)")
+    refused(pg_database, "holds an AS already (schema 3; this program's is 6)")
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 99"))
-    refused(pg_database, "(schema 99; this program's is 5)")
+    refused(pg_database, "(schema 99; this program's is 6)")
     assert asyncio.run(count_tables(pg_database)) == held
     # A database with a table of an AS's name (another application's): refused, untouched.
     clash = pg_cluster.new_database()
@@ -313,7 +313,7 @@ def test_a_source_of_a_newer_schema_is_refused_untouched(
     sqlite_before = sqlite_bytes(state)
     code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
     assert (code, out) == (2, "") and ERROR_LINE.fullmatch(err), err
-    assert "schema 9, newer than this program's 5" in err
+    assert "schema 9, newer than this program's 6" in err
     assert sqlite_bytes(state) == sqlite_before
     assert asyncio.run(objects(pg_database)) == []
     assert not (state / "database.url").exists()
