@@ -46,13 +46,18 @@ def _count(facts: dict[str, object], key: str) -> str:
     return esc(value) if type(value) is int else "-"
 
 
-def _database(facts: dict[str, object]) -> str:
-    value = facts.get("database")
-    if value is True:
-        return "reachable"
-    if value is False:
-        return UNREACHABLE
-    return "-"
+def _facts(facts: dict[str, object]) -> str:
+    """What the instance reported, one fact a line (counts as numbers only)."""
+    database = facts.get("database")
+    reached = "reachable" if database is True else UNREACHABLE if database is False else "-"
+    return "<br>".join(
+        (
+            f"database {reached}",
+            f"{_count(facts, 'connections')} DTLS connections",
+            f"{_count(facts, 'devices')} devices allowed",
+            f"{_count(facts, 'observations')} /keys observations",
+        )
+    )
 
 
 def instances_section(instances: list[Instance], now: float) -> str:
@@ -61,21 +66,15 @@ def instances_section(instances: list[Instance], now: float) -> str:
     rows = [
         [
             esc(i.address),
-            esc(f"{i.host} pid {i.pid}"),
+            f"{esc(i.host)}<br>pid {esc(i.pid)}",
             _moment(i.started_at),
-            f"{_moment(i.seen_at)} ({esc(_ago(now - i.seen_at))})",
+            f"{_moment(i.seen_at)}<br>{esc(_ago(now - i.seen_at))}",
             HEALTHY if i.healthy(now) else NOT_RESPONDING,
-            _database(i.facts),
-            _count(i.facts, "connections"),
-            _count(i.facts, "devices"),
-            _count(i.facts, "observations"),
+            _facts(i.facts),
         ]
         for i in sorted(instances, key=lambda i: (not i.healthy(now), i.address, i.started_at))
     ]
-    header = (
-        "address", "host", "started", "last seen", "health", "database",
-        "DTLS connections", "devices allowed", "/keys observations",
-    )  # fmt: skip
+    header = ("address", "host", "started", "last seen", "health", "facts at the last beat")
     return f"<h2>AS instances ({esc(healthy)} of {esc(len(instances))} healthy)</h2>" + table(
         header, rows, "no AS instance is running on this database"
     )
