@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -80,11 +81,9 @@ async def test_two_stores_on_one_database_list_each_others_instances(
 
 @pytest.mark.asyncio
 async def test_the_heartbeat_task_goes_on_when_the_database_refuses_a_beat(
-    tmp_path: object, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pathlib import Path
-
-    state = Path(str(tmp_path)) / "state"
+    state = tmp_path / "state"
     store = await init_state(state, as_uri="coaps://127.0.0.1:5684", now=int(time.time()))
     ca = await CertificateAuthority.load(store)
     server = _Server(store, ca, ServeOptions(heartbeat=0.05))
