@@ -15,7 +15,11 @@ CoAP on any port). Around the site it runs:
   each decided again inside its write transaction: done once however many instances run on one
   database;
 - the audit retention of :mod:`authz_server.retention` (hourly, a task of its own): records older
-  than ``audit_retention`` days are pruned behind a checkpoint, as ``oscar-as audit prune`` does.
+  than ``audit_retention`` days are pruned behind a checkpoint, as ``oscar-as audit prune`` does;
+- a heartbeat (every ``heartbeat`` seconds, a task of its own): one row per running instance in
+  the store (:mod:`authz_server.store.instances`: a random id per start, the listen address,
+  host, pid, and a few health facts), which the admin console's overview lists; a beat the
+  database cannot take is skipped (the next one tries again), a clean stop deletes the row.
 
 Every request is checked, in order (:mod:`authz_server.site`): the DTLS identity (a credentials
 label) names a device; its rate limit; the payload size; then the endpoint, which checks that the
@@ -36,8 +40,11 @@ import contextlib
 import gc
 import logging
 import math
+import os
+import secrets
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +62,7 @@ from .metrics import AsMetrics
 from .ratelimit import RateLimit
 from .retention import keep_audit
 from .site import AuthorizationSite
-from .store import DatabaseError, DatabaseUnavailable, Store, StoreError
+from .store import DatabaseError, DatabaseUnavailable, Instance, Store, StoreError
 
 __all__ = ["ServeOptions", "serve"]
 
@@ -73,6 +80,7 @@ class ServeOptions:
     min_rotation_period: int = 60  # shortest rotation period a producer may ask for (0 = never)
     audit_retention: float = 365  # days an audit record is kept (0 = forever); see retention.py
     audit_prune_every: float = 3600.0  # seconds between two applications of audit_retention
+    heartbeat: float = 5.0  # seconds between two heartbeats in the store (the console's health)
 
     def __post_init__(self) -> None:
         if type(self.min_rotation_period) is not int or self.min_rotation_period < 1:
@@ -97,6 +105,9 @@ class ServeOptions:
         every = self.audit_prune_every
         if type(every) not in (int, float) or not 0 < every <= 86_400:
             raise ValueError("audit_prune_every must be more than 0 and at most 86400 seconds")
+        beat = self.heartbeat
+        if type(beat) not in (int, float) or not 0 < beat <= 60:
+            raise ValueError("heartbeat must be more than 0 and at most 60 seconds")
 
 
 def _joined(host: str, port: int) -> str:
@@ -133,6 +144,7 @@ class _Server:
         self.site = AuthorizationSite(self.endpoints, self.limit, self._end_later, metrics=metrics)
         self.ctx: Any = None
         self.guard: ConnectionGuard | None = None
+        self.database_up = True  # whether the watcher's last tick reached the database
 
     def _end_later(self, device_id: str) -> None:
         # Let the 4.01 go out on the session first, then close it.
@@ -222,6 +234,7 @@ class _Server:
             await asyncio.sleep(self.options.tick)
             try:
                 changes = await self.store.changes()
+                self.database_up = True
                 if unavailable:
                     unavailable = False
                     log.info("the database is reachable again")
@@ -241,6 +254,7 @@ class _Server:
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as exc:
+                self.database_up = False
                 if self.metrics is not None:
                     self.metrics.database_up.set(value=0)
                 if not unavailable:
@@ -252,6 +266,31 @@ class _Server:
             except Exception:
                 # A locked or briefly unavailable database must not stop the server.
                 log.exception("background work failed; retrying")
+
+    def facts(self) -> dict[str, Any]:
+        """What the heartbeat says of this instance (counts and flags, never a name or secret)."""
+        return {
+            "database": self.database_up,
+            "connections": 0 if self.guard is None else len(self.guard),
+            "devices": len(self.creds.device_ids()),
+            "observations": len(self.site.observed()),
+        }
+
+    async def heartbeat(self, me: Instance) -> None:
+        """Write ``me``'s row every ``heartbeat`` seconds, until cancelled. A beat the database
+        does not take is skipped: the next one tries again (logged once until one succeeds)."""
+        failing = False
+        while True:
+            try:
+                await self.store.beat(replace(me, seen_at=time.time(), facts=self.facts()))
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never stops the server
+                if not failing:
+                    failing = True
+                    log.warning("heartbeat not written (%s); trying again", type(exc).__name__)
+            await asyncio.sleep(self.options.heartbeat)
 
 
 async def serve(
@@ -287,6 +326,7 @@ async def serve(
     store = await Store.open(Path(state_dir), database=database)
     server: _Server | None = None
     tasks: list[asyncio.Task[None]] = []
+    me: Instance | None = None
     exporter: MetricsServer | None = None
     try:
         ca = await CertificateAuthority.load(store)
@@ -309,7 +349,13 @@ async def serve(
             as_metrics.watch(server.guard, server.creds, server.site)
             exporter = await serve_metrics(as_metrics.metrics, *metrics)
             log.info("metrics at http://%s/metrics", _joined(exporter.host, exporter.port))
+        started = time.time()
+        me = Instance(
+            secrets.token_hex(8), _joined(host, port), socket.gethostname(), os.getpid(),
+            started, started, float(options.heartbeat),
+        )  # fmt: skip
         tasks = [
+            asyncio.create_task(server.heartbeat(me), name="oscar-as heartbeat"),
             asyncio.create_task(server.guard.run(), name="oscar-as connection guard"),
             asyncio.create_task(server.watch(), name="oscar-as watcher"),
             asyncio.create_task(
@@ -345,6 +391,9 @@ async def serve(
                 server.guard.drain()
                 server.guard.uninstall()
             await server.ctx.shutdown()
+        if me is not None:  # a clean stop: the console no longer lists it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(store.remove_instance(me.id), 5.0)
         await store.close()
         if tasks:  # it served
             log.info("stopped")

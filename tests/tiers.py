@@ -66,6 +66,7 @@ PROCESS: dict[str, Starts] = {
     ),
     "test_as_duties": only("test_two_as_processes_rotate_each_due_resource_once"),
     "test_as_failover": every(),
+    "test_as_health": every(),
     "test_as_storm": every(),
     "test_as_failover_roles": every(),
     "test_as_metrics": only(

@@ -9,6 +9,7 @@ The package, one idea per module::
                login (rate limited, audited) and logout
     html       page layout, tables, forms, the style sheet; every value escaped
     devices    overview; devices: list, one device, enrol (bundle once), revoke
+    health     the overview's AS instances: each one's heartbeat and health
     grants     grants: list, preview of a pattern, add, revoke
     resources  resources: list, timeline of epochs, rotate / compromise / destroy (confirmed)
     audit      the audit log: filter, verify, export as JSON

@@ -13,6 +13,7 @@ What it does not do: grants, resources or the audit log's own page (:mod:`.grant
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from oscar_io.bundle import LINK_PSK_LENGTH
 from ..ca import credentials_bundle
 from ..store import ROLES, AuditRecord, NoSuchRecord
 from .app import CONSOLE, attempt, html_response, session_of
+from .health import instances_section
 from .html import esc, form, hidden, link, page, query, state, table, when
 
 __all__ = ["add_routes"]
@@ -53,6 +55,7 @@ async def overview(request: web.Request) -> web.Response:
     soon = [r for r in await store.due_rotations(now + 3600) if r not in set(due)]
     recent = await store.recent_audit(limit=500)
     denials = [r for r in recent if r.result == "denied"][:10]
+    instances = await store.instance_list()
 
     def card(number: object, label: str) -> str:
         return (
@@ -76,7 +79,8 @@ async def overview(request: web.Request) -> web.Response:
     ]
     body = (
         f'<div class="cards">{cards}</div>'
-        "<h2>Epochs due for rotation</h2>"
+        + instances_section(instances, time.time())
+        + "<h2>Epochs due for rotation</h2>"
         + table(("resource", "due"), due_rows, "nothing due within an hour")
         + "<h2>Recent denials</h2>"
         + table(("seq", "at", "actor", "action", "subject", "result"), _records_rows(denials))

@@ -72,11 +72,13 @@ button.quiet { background: #fff; color: var(--accent); }
 .flash { padding: 8px 12px; margin-bottom: 12px; border: 1px solid var(--line); background: #fff; }
 .flash.ok { border-color: var(--ok); color: var(--ok); }
 .flash.error { border-color: var(--bad); color: var(--bad); }
-.state { padding: 1px 8px; border-radius: 10px; font-size: 12px; background: #e7ebf0; }
-.state-active { background: #d7f0dd; color: var(--ok); }
+.state { padding: 1px 8px; border-radius: 10px; font-size: 12px; background: #e7ebf0;
+         white-space: nowrap; }
+.state-active, .state-healthy { background: #d7f0dd; color: var(--ok); }
 .state-pre-active { background: #dde9fb; color: var(--accent); }
 .state-deactivated { background: #eceff3; color: var(--muted); }
-.state-compromised, .state-revoked, .state-denied { background: #fbe0de; color: var(--bad); }
+.state-compromised, .state-revoked, .state-denied, .state-not-responding {
+    background: #fbe0de; color: var(--bad); }
 .state-destroyed, .state-expired { background: #3a4150; color: #fff; }
 .muted { color: var(--muted); }
 .confirm { background: #fff; border: 2px solid var(--bad); padding: 16px; max-width: 640px; }

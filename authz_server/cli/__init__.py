@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         positive(float),
         "how often to apply --audit-retention, in seconds (at most 86400)",
     )
+    tunable(
+        "--heartbeat",
+        "S",
+        positive(float),
+        "how often this instance records its health in the database, for the console (at most 60)",
+    )
     serve.add_argument(
         "--metrics",
         metavar="HOST:PORT",

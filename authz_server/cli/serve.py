@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace, now: int) -> int:
 
     names = (
         "retention", "rate", "burst", "max_connections", "tick", "crl_validity",
-        "min_rotation_period", "audit_retention", "audit_prune_every",
+        "min_rotation_period", "audit_retention", "audit_prune_every", "heartbeat",
     )  # fmt: skip
     options = ServeOptions(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     configure_logging(args.log_level, json_lines=args.log_json)
@@ -182,6 +182,7 @@ SERVE_DEFAULTS: dict[str, int | float] = {
     "min_rotation_period": 60,
     "audit_retention": 365,
     "audit_prune_every": 3600.0,
+    "heartbeat": 5.0,
 }
 
 #: ``serve``'s TOML keys (the flags' names with ``_``) and the type each takes.
@@ -197,6 +198,7 @@ SERVE_KEYS: dict[str, type | tuple[type, ...]] = {
     "min_rotation_period": int,
     "audit_retention": (int, float),
     "audit_prune_every": (int, float),
+    "heartbeat": (int, float),
     "log_level": str,
     "log_json": bool,
     "metrics": str,
@@ -228,7 +230,10 @@ def apply_serve_config(args: argparse.Namespace) -> None:
         args.log_level = "info"
     if args.log_level not in ("debug", "info", "warning", "error"):
         raise UsageError("log_level is debug, info, warning or error")
-    positive = ("rate", "burst", "max_connections", "tick", "crl_validity", "audit_prune_every")
+    positive = (
+        *("rate", "burst", "max_connections", "tick", "crl_validity", "audit_prune_every"),
+        "heartbeat",
+    )
     for key in ("retention", *positive):
         value = getattr(args, key)
         if value is not None and (value < 0 or (value == 0 and key != "retention")):

@@ -26,6 +26,7 @@ The package, by composition (each component holds the one backend, and the other
     ├── deliveries Deliveries      .deliveries  secrets handed out (grouped commits)
     ├── audit_log  AuditLog        .audit       the audit chain, pruning; .denials tallies refusals
     ├── admins     AdminTokens     .admins      the admin console's named tokens (hashed)
+    ├── instances  Instances       .instances   the running AS instances' heartbeats
     └── db         Backend         .backend     the interface; .sqlite_backend runs .sqlite's SQL,
                                                 .postgres_backend runs .postgres's
 
@@ -63,6 +64,7 @@ from .admins import Admin, AdminTokens
 from .audit import AuditLog
 from .backend import Backend
 from .deliveries import Deliveries
+from .instances import Instance, Instances
 from .keyring import Keyring
 from .registry import Registry
 from .schema import (
@@ -98,6 +100,7 @@ __all__ = [
     "DatabaseUnavailable",
     "Device",
     "Epoch",
+    "Instance",
     "NoSuchRecord",
     "Resource",
     "Store",
@@ -170,6 +173,11 @@ class Store:
         self.admin_of_token = admins.admin_of_token
         self.admin_list = admins.admins
         self.admin = admins.admin
+        # The running instances' heartbeats.
+        self.instances = instances = Instances(db)
+        self.beat = instances.beat
+        self.remove_instance = instances.remove
+        self.instance_list = instances.instances
         # The audit chain.
         self.denials = audit.denials
         self.audit = audit.audit

@@ -11,7 +11,8 @@ checked, and pointing the state directory at the copy.
    key must open it; an older schema is migrated forward in place, a newer one refused before
    anything is written);
 3. the source is read in one read transaction (a snapshot: what an AS or admin command commits
-   meanwhile is not half in it): its tables and columns must be :data:`TABLES`, its audit chain
+   meanwhile is not half in it): its tables and columns must be :data:`TABLES` (and the
+   :data:`EPHEMERAL` ones, which are not copied), its audit chain
    must verify; then, in one PostgreSQL transaction, the schema is made at the current version
    (the migrations of :mod:`.postgres`, under their advisory lock), every row of every table is
    copied verbatim (``COPY``; ciphertexts stay sealed under the master key, which never enters
@@ -56,11 +57,11 @@ from .postgres_backend import PostgresBackend
 from .postgres_connections import DRIVER_ERRORS, MAINTENANCE_TIMEOUT, close_quietly, is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
 
-__all__ = ["COPY_BATCH", "TABLES", "Migrated", "migrate"]
+__all__ = ["COPY_BATCH", "EPHEMERAL", "TABLES", "Migrated", "migrate"]
 
 _T = TypeVar("_T")
 
-#: Every table of the schema (version 5) and its columns, as SQLite has them; in the order a copy
+#: Every table of the schema (version 6) and its columns, as SQLite has them; in the order a copy
 #: fills them (parents before children). PostgreSQL's ``meta`` has the value in typed columns
 #: (:func:`.postgres.meta_params`). A table or column the source has and this does not name,
 #: or the reverse, stops a copy before anything is written.
@@ -86,6 +87,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "audit_checkpoint": ("id", "seq", "chain", "at", "mac"),
     "admins": ("name", "token_hash", "created_at", "expires_at", "revoked_at"),
 }
+#: Tables of the schema a copy leaves empty: the running instances' heartbeats (each instance
+#: writes its row again on the new database; a copy is made with the AS stopped anyway).
+EPHEMERAL = ("instances",)
 _TARGET_META = ("key", "bytes", "text", "number")
 #: Rows sent per ``COPY``.
 COPY_BATCH = 5000
@@ -259,6 +263,7 @@ def _read_source(reader: SnapshotReader, source: Store) -> Migrated:
     if version != sqlite.SCHEMA_VERSION:  # opening migrated it: only a newer program's writes
         raise StoreError(f"the SQLite database has schema {version}, not {sqlite.SCHEMA_VERSION}")
     tables = [r[0] for rows in reader.batches(sqlite.SCHEMA_TABLES, (), 100) for r in rows]
+    tables = [table for table in tables if table not in EPHEMERAL]
     if sorted(tables) != sorted(TABLES):
         extra = sorted(set(tables) ^ set(TABLES))
         raise StoreError(f"the SQLite database's tables differ from the schema's: {extra}")

@@ -482,6 +482,19 @@ ADMIN_SET = (
 ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = $1"
 ADMIN_REVOKE = "UPDATE admins SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
 
+# --- the instances' heartbeats (instances.py) ----------------------------------------------------
+
+INSTANCE_SET = (
+    "INSERT INTO instances VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET "
+    "seen_at = excluded.seen_at, every = excluded.every, facts = excluded.facts"
+)
+INSTANCES_PRUNE = "DELETE FROM instances WHERE seen_at < $1"
+INSTANCE_DELETE = "DELETE FROM instances WHERE id = $1"
+INSTANCES = (
+    "SELECT id, address, host, pid, started_at, seen_at, every, facts FROM instances "
+    "ORDER BY address, started_at, id"
+)
+
 # --- a copy from SQLite (migrate.py) -------------------------------------------------------------
 
 SCHEMA_TABLES = (
@@ -496,7 +509,8 @@ TABLE_COLUMNS = (
 #: the search path): the tables, the version's table and the functions.
 SCHEMA_OBJECTS = (
     *("meta", "devices", "certificates", "resources", "epochs", "grants", "exclusions"),
-    *("deliveries", "audit", "audit_checkpoint", "admins", "schema_version"),
+    *("deliveries", "audit", "audit_checkpoint", "admins", "instances"),
+    "schema_version",
     *("audit_append_only", "audit_prune_only", "oscar_glob", "oscar_match"),
 )
 #: Those of :data:`SCHEMA_OBJECTS` (bound as ``$1``) that exist already.

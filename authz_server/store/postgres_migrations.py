@@ -210,4 +210,17 @@ MIGRATIONS: list[str] = [
         revoked_at BIGINT
     );
     """,
+    # 6: the running instances' heartbeats (ephemeral, not migrated).
+    """
+    CREATE TABLE instances (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        address TEXT COLLATE "C" NOT NULL,
+        host TEXT COLLATE "C" NOT NULL,
+        pid BIGINT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL,
+        every DOUBLE PRECISION NOT NULL,
+        facts TEXT COLLATE "C" NOT NULL
+    );
+    """,
 ]

@@ -167,6 +167,19 @@ MIGRATIONS: list[str] = [
         revoked_at INTEGER
     );
     """,
+    # 6: the running instances' heartbeats (see store/instances.py): ephemeral, not migrated.
+    """
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        seen_at REAL NOT NULL,
+        every REAL NOT NULL,
+        facts TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -528,6 +541,19 @@ ADMIN_SET = (
 )
 ADMIN_OF_HASH = "SELECT name, created_at, expires_at, revoked_at FROM admins WHERE token_hash = ?"
 ADMIN_REVOKE = "UPDATE admins SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+
+# --- the instances' heartbeats (instances.py) ----------------------------------------------------
+
+INSTANCE_SET = (
+    "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+    "seen_at = excluded.seen_at, every = excluded.every, facts = excluded.facts"
+)
+INSTANCES_PRUNE = "DELETE FROM instances WHERE seen_at < ?"
+INSTANCE_DELETE = "DELETE FROM instances WHERE id = ?"
+INSTANCES = (
+    "SELECT id, address, host, pid, started_at, seen_at, every, facts FROM instances "
+    "ORDER BY address, started_at, id"
+)
 
 # --- copying the database to PostgreSQL (migrate.py) ---------------------------------------------
 

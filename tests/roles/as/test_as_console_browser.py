@@ -176,6 +176,9 @@ def test_login_shows_every_page_with_the_security_headers(browser: Any, env: Env
         page.wait_for_url(env.base + "/")
         assert "alice" in page.inner_text("header")
         assert page.inner_text(".cards").count("active consumers") == 1
+        # The one instance (SQLite), healthy: its heartbeat is written as it starts.
+        main = page.inner_text("main")
+        assert "AS instances (1 of 1 healthy)" in main and f"127.0.0.1:{env.server.port}" in main
         shot(page, "overview")
         cookie = next(c for c in page.context.cookies() if c["name"] == "__Host-oscar-console")
         assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"

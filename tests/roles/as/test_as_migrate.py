@@ -26,8 +26,8 @@ from pg_harness import PgCluster
 
 from authz_server.ca import init_state
 from authz_server.cli import main
-from authz_server.store import Resource, Store, postgres
-from authz_server.store.migrate import TABLES
+from authz_server.store import Instance, Resource, Store, postgres
+from authz_server.store.migrate import EPHEMERAL, TABLES
 
 NOW = int(time.time())
 T0 = NOW - 10 * 86_400  # the state directory's first days, pruned from the audit log
@@ -81,6 +81,8 @@ async def populate(state: Path) -> dict[str, bytes]:
         await store.audit_denial("phone-3", "secret", TEMP, "unknown device", NOW - 1)
         await store.audit_denial("phone-3", "secret", TEMP, "unknown device", NOW - 1)
         await store.flush_denials(drain=True)
+        # A running instance's heartbeat: ephemeral, not copied (EPHEMERAL).
+        await store.beat(Instance("i-1", "127.0.0.1:5684", "h", 1, NOW - 2, NOW - 1, 5.0))
         through, deleted = await store.prune_audit(T0 + 1, NOW)
         assert through > 0 and deleted == through  # a checkpoint, the oldest records gone
     finally:
@@ -198,6 +200,10 @@ def test_a_populated_sqlite_as_migrated_answers_the_same_on_postgresql(
     assert sqlite_bytes(state) == sqlite_before  # the SQLite file untouched, kept
 
     assert asyncio.run(count_tables(pg_database)) == source_counts
+    assert (
+        _sqlite_count(state, "instances") == 1
+        and asyncio.run(count_rows(pg_database, "instances")) == 0
+    )  # the heartbeats are not copied: each instance writes its own again
     after = asyncio.run(read(state))  # the state directory now opens PostgreSQL
     assert after == before
     assert (state / "master.key").exists()
@@ -277,13 +283,13 @@ def test_a_target_holding_an_as_or_its_names_is_refused_and_unchanged(
 
     asyncio.run(other_as())
     held = asyncio.run(count_tables(pg_database))
-    refused(pg_database, "holds an AS already (schema 5)")
+    refused(pg_database, "holds an AS already (schema 6)")
     assert asyncio.run(count_tables(pg_database)) == held
     # The same AS of another schema version.
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 3"))
-    refused(pg_database, "holds an AS already (schema 3; this program's is 5)")
+    refused(pg_database, "holds an AS already (schema 3; this program's is 6)")
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 99"))
-    refused(pg_database, "(schema 99; this program's is 5)")
+    refused(pg_database, "(schema 99; this program's is 6)")
     assert asyncio.run(count_tables(pg_database)) == held
     # A database with a table of an AS's name (another application's): refused, untouched.
     clash = pg_cluster.new_database()
@@ -307,7 +313,7 @@ def test_a_source_of_a_newer_schema_is_refused_untouched(
     sqlite_before = sqlite_bytes(state)
     code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
     assert (code, out) == (2, "") and ERROR_LINE.fullmatch(err), err
-    assert "schema 9, newer than this program's 5" in err
+    assert "schema 9, newer than this program's 6" in err
     assert sqlite_bytes(state) == sqlite_before
     assert asyncio.run(objects(pg_database)) == []
     assert not (state / "database.url").exists()
@@ -335,7 +341,7 @@ def test_a_source_of_an_older_schema_is_migrated_forward_then_copied(
     assert code == 0, err
     assert "audit log intact on both sides: empty" in out
     con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 5  # as any command would do
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 6  # as any command would do
     con.close()
     after = asyncio.run(read_devices(state))
     assert after == (["old-1"], 7)
@@ -493,7 +499,8 @@ def test_tables_are_every_table_and_column_of_the_sqlite_schema() -> None:
         for statement in sqlite.split_script(script):
             con.execute(statement)
     tables = [r[0] for r in con.execute(sqlite.SCHEMA_TABLES)]
-    assert sorted(tables) == sorted(TABLES)
+    assert sorted(tables) == sorted((*TABLES, *EPHEMERAL))
+    assert set(EPHEMERAL) < set(postgres.SCHEMA_OBJECTS)
     for table, columns in TABLES.items():
         assert tuple(r[0] for r in con.execute(sqlite.TABLE_COLUMNS, (table,))) == columns
     assert set(TABLES) < set(postgres.SCHEMA_OBJECTS)
@@ -501,6 +508,22 @@ def test_tables_are_every_table_and_column_of_the_sqlite_schema() -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _sqlite_count(state: Path, table: str) -> int:
+    con = sqlite3.connect(state / "as.db")
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
+    finally:
+        con.close()
+
+
+async def count_rows(url: str, table: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(postgres.count_rows(table)))
+    finally:
+        await conn.close()
 
 
 def _sqlite_counts(state: Path) -> dict[str, int]:
