@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -198,13 +199,32 @@ class StandIn:
             await self.ctx.shutdown()
 
 
+_used_loopback: set[str] = set()
+
+
+def _fresh_loopback() -> str:
+    """A loopback address other than 127.0.0.1 that this process has not used before."""
+    while True:
+        address = (
+            f"127.{random.randrange(1, 255)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+        )
+        if address not in _used_loopback:
+            _used_loopback.add(address)
+            return address
+
+
 class RawClient:
     """One UDP socket (one source address): CoAP datagrams out and in, sizes as on the wire.
     Blocking: call :meth:`exchange` through ``asyncio.to_thread``."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, *, fresh: bool = False) -> None:
+        """``fresh``: from a loopback address (127.x.y.z) no client of this test run used, so
+        that no proxy can have proven it: an ephemeral port the kernel hands out again may be
+        one an earlier client proved (answered an Echo) from 127.0.0.1."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.settimeout(timeout)
+        if fresh:
+            self.sock.bind((_fresh_loopback(), 0))
         self.sock.connect(("127.0.0.1", port))
         self._mid = 0x1000
 

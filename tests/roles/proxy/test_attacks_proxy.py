@@ -439,7 +439,7 @@ async def test_an_unproven_address_gets_nothing_larger_than_its_request_and_no_u
     before, upstream = await stats(world.proxy), len(world.relay.requests)
     asked = {rid: r.requests for rid, r in world.standin.resources.items()}
     for kind, make in requests.items():
-        client = RawClient(world.proxy.port)  # a new, unproven address each time
+        client = RawClient(world.proxy.port, fresh=True)  # a new, unproven address each time
         try:
             request, reply, decoded = await asyncio.to_thread(client.exchange, make())
         finally:

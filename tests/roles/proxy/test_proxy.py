@@ -470,14 +470,14 @@ async def test_the_newest_valid_object_is_served_while_the_upstream_fails_until_
 async def test_unverified_plain_clients_get_an_echo_challenge_not_the_object(
     world: World, secure: Context
 ) -> None:
-    client = RawClient(world.proxy.port)
+    client = RawClient(world.proxy.port, fresh=True)
     try:
         for message in (
             lambda: Message(code=GET, uri_path=("meter", "power")),
             lambda: Message(code=GET, proxy_uri=world.producer.uri("meter/power")),
             lambda: Message(code=GET, uri_path=("meter", "power"), observe=0),
         ):
-            challenged = RawClient(world.proxy.port)  # a new address each time
+            challenged = RawClient(world.proxy.port, fresh=True)  # a new address each time
             try:
                 request, reply, decoded = await asyncio.to_thread(challenged.exchange, message())
             finally:
@@ -497,7 +497,7 @@ async def test_unverified_plain_clients_get_an_echo_challenge_not_the_object(
         assert ProtectedObject.from_bytes(decoded.payload).metadata.resource_id == "meter/power"
         assert len(reply) > 3 * len(request)  # only now that the address is verified
         # an Echo made for another address proves nothing
-        other = RawClient(world.proxy.port)
+        other = RawClient(world.proxy.port, fresh=True)
         try:
             _, _, decoded = await asyncio.to_thread(
                 other.exchange, Message(code=GET, uri_path=("meter", "power"), echo=echo)
@@ -514,7 +514,7 @@ async def test_unverified_plain_clients_get_an_echo_challenge_not_the_object(
 async def test_a_verified_plain_clients_hits_take_the_fast_path(world: World) -> None:
     """The running proxy answers a verified client's cache hits on its fast path
     (proxy/fastpath.py; tests/roles/proxy/test_proxy_fastpath.py compares the bytes)."""
-    client = RawClient(world.proxy.port)
+    client = RawClient(world.proxy.port, fresh=True)
     get = lambda **kw: Message(code=GET, uri_path=("meter", "power"), **kw)  # noqa: E731
     try:
         _, _, challenge = await asyncio.to_thread(client.exchange, get())
@@ -658,7 +658,7 @@ async def test_counters_from_the_cli_and_from_loopback(world: World) -> None:
     assert live["upstream_requests"] >= doc["upstream_requests"]
     assert live["rejected"] >= doc["rejected"] and live["disk_entries"] >= 4
     # one more challenge: the CLI shows it at once (the counters are asked of the running proxy)
-    client = RawClient(world.proxy.port)
+    client = RawClient(world.proxy.port, fresh=True)
     try:
         message = Message(code=GET, uri_path=("meter", "power"))
         _, _, reply = await asyncio.to_thread(client.exchange, message)

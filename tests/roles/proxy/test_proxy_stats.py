@@ -68,7 +68,7 @@ def counters(state: Path) -> dict[str, int]:
 
 def challenge(proxy: ProxyProcess) -> None:
     """One plain-CoAP GET from a new address: the proxy answers 4.01 and counts a challenge."""
-    client = RawClient(proxy.port)
+    client = RawClient(proxy.port, fresh=True)
     try:
         _, _, reply = client.exchange(Message(code=GET, uri_path=("meter", "power")))
     finally:
