@@ -173,9 +173,9 @@ BIG = 6 * MIB
 @pytest.mark.asyncio
 async def test_mebibytes_by_the_cli_in_bounded_memory(world: World, tmp_path: Path) -> None:
     """6 MiB over real CoAP on loopback into ``get -o`` (10 MiB by hand: +0.5 MiB as well): the
-    plaintext is right and the process's peak RSS grows by far less than the object over a 100 KiB run's (and by more
-    than it when the plaintext goes to stdout: the measure can tell); a tampered 2 MiB object
-    exits 1 and leaves no file, no spool."""
+    plaintext is right and the process's peak RSS grows by far less than the object over a
+    100 KiB run's (and by more than it when the plaintext goes to stdout: the measure can tell);
+    a tampered 2 MiB object exits 1 and leaves no file, no spool."""
     producer = await ProducerStandIn().start()
     state = tmp_path / "state"
     try:
