@@ -109,7 +109,11 @@ ENDPOINTS = {
     "libcoap": "udp",
     "tcp": "tcp",
     "producer-tcp": "tcp",  # the producer's coap+tcp port: the same number as its UDP port
+    "proxy-tls": "tcp",  # the proxy's coaps+tcp port: the same number as its DTLS port
 }
+#: What the publisher logs when a publication failed (and is retried): not its "over TLS
+#: failed (...); over DTLS instead", which is a fall-back, not a failure.
+PUBLISH_FAILED = "failed: "
 #: Key of the consumer that takes large objects over TCP in ``Bed.consumers`` (0: aiocoap's
 #: context; the others by their window, UDP only).
 TCP_CONSUMER = -1
@@ -189,7 +193,7 @@ async def _publish(b: Bed, size: int, cap: float) -> Result:
     value = os.urandom(size)
     direct = f"coap://127.0.0.1:{b.ports['proxy']}/{PUBLISHER}/obj"
     uri = f"coap://127.0.0.1:{b.relay['proxy']}/{PUBLISHER}/obj"
-    failures = b.bed.log("publisher").count("failed")
+    failures = b.bed.log("publisher").count(PUBLISH_FAILED)
     start = time.perf_counter()
     _write_value(b, value)
     while time.perf_counter() - start < cap:
@@ -201,7 +205,7 @@ async def _publish(b: Bed, size: int, cap: float) -> Result:
             if got.plaintext == value:
                 return Result(time.perf_counter() - start, "measured")
             continue
-        if b.bed.log("publisher").count("failed") > failures:
+        if b.bed.log("publisher").count(PUBLISH_FAILED) > failures:
             b.notes.add("publish: " + b.bed.log("publisher").strip().splitlines()[-1][-200:])
             return Result(0.0, "fail")
         await asyncio.sleep(0.01)  # polling the proxy off the link: it has no event to await
@@ -338,10 +342,11 @@ def _setup(bed: Testbed, sizes: tuple[int, ...], stack: contextlib.ExitStack) ->
         "proxy",
         ["-m", "proxy", "--bundle", str(bundles[PROXY]), "--state", str(bed.dir / "proxy"),
          "--listen", f"127.0.0.1:{ports['proxy']}", "--config", str(_proxy_config(bed)),
-         "--reverse", f"{PRODUCER}=coap://127.0.0.1:{ports['producer']}"],
+         "--reverse", f"{PRODUCER}=coap://127.0.0.1:{ports['producer']}", "--tls"],
         ready=b"serving coap://",
     )  # fmt: skip
     ports["proxy-dtls"] = ports["proxy"] + 1
+    ports["proxy-tls"] = ports["proxy"] + 1  # TLS publishing: TCP, the DTLS port's number
     b = Bed(bed, ports, {}, plain, bundles, MAX_VALUE_SIZE)
     server = subprocess.Popen(
         [COAP_SERVER, "-A", "127.0.0.1", "-p", str(ports["libcoap"]), "-d", "20", "-L", "5"],
@@ -416,6 +421,7 @@ def _measure(settings: Settings, bed: Testbed, stack: contextlib.ExitStack) -> M
         b.ports["tcp"] = server.sockets[0].getsockname()[1]
         b.relay = {name: free_port() for name in ENDPOINTS}
         b.relay["producer-tcp"] = b.relay["producer"]  # the consumer's TCP: the same number
+        b.relay["proxy-tls"] = b.relay["proxy-dtls"]  # the publisher's TLS: the same number
         direct: float | None = None
         try:
             for key in (8, BIG_WINDOW, TCP_CONSUMER):
