@@ -126,7 +126,16 @@ async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(
         await asyncio.to_thread(proxy.start)
         await asyncio.to_thread(producer.start)
         tasks = [asyncio.create_task(stream.write()), asyncio.create_task(stream.read())]
-        await asyncio.sleep(3)
+
+        async def flowing(since: float) -> None:
+            """Until a fresh reading after ``since`` (at most 8 s: the bound asserted below),
+            then a second more of the stream."""
+            deadline = time.monotonic() + 8.0
+            while stream.fresh_after(since) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+
+        await flowing(time.monotonic())
 
         async def outage(role: str, kill: object, start: object) -> None:
             began = time.monotonic()
@@ -134,7 +143,7 @@ async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(
             await asyncio.sleep(1.0)
             await asyncio.to_thread(start)  # type: ignore[arg-type]
             outages.append((role, began))
-            await asyncio.sleep(4)
+            await flowing(began + 1.0)
 
         assert d.server is not None
         await outage("as", d.server.kill, d.start_as)
@@ -146,7 +155,7 @@ async def test_kill_9_and_restart_each_role_during_a_stream_of_readings(
                 break
             await asyncio.sleep(0.02)
         outages.append(("consumer", began))
-        await asyncio.sleep(4)
+        await flowing(began + 1.0)
         stream.stop()
         await asyncio.gather(*tasks)
     finally:
