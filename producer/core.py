@@ -273,9 +273,16 @@ class Producer:
                     ):
                         published.state_outlived = True
                 watch = client.watch_keys(published.resource_id, liveness=LIVENESS)
+                # The first state (the registration of the observation) is bounded by the
+                # client's own attempt timeout, which fails loudly and resets a dead session. Cut
+                # off by a keepalive shorter than that (a rotation period under 40 s), it was
+                # retried silently on the dead session until another resource's failure reset
+                # it: a producer sealed nothing for tens of seconds after an AS came back.
+                wait: float | None = None
                 try:
                     while True:
-                        state = await asyncio.wait_for(anext(watch), keepalive)
+                        state = await asyncio.wait_for(anext(watch), wait)
+                        wait = keepalive
                         if state.profile != spec.profile:
                             log.error(
                                 "%s: the AS has profile %s registered",

@@ -260,6 +260,7 @@ async def test_both_sides_keep_working_without_the_as_until_their_secrets_expire
         wait_until(lambda: "sealing nothing new" in s.producer.log(), timeout=period + 5)
 
         s.d.start_as()  # back: both catch up
+        back = time.monotonic()
         for _ in range(60):
             status, out, err = await consumer_cli(s.d, "c1", "get", "--json", s.uri("power"))
             if status == 0 and json.loads(out)["epoch"] > warm_epoch + 1:
@@ -267,6 +268,9 @@ async def test_both_sides_keep_working_without_the_as_until_their_secrets_expire
             await asyncio.sleep(0.5)
         assert status == 0, err
         assert json.loads(out)["value"] == "next epoch"
+        # Within one rotation (the producer seals under the next epoch the AS makes) and the
+        # retries: before, one resource's key following could stay stuck for tens of seconds.
+        assert time.monotonic() - back < 3 * period + 10, time.monotonic() - back
     finally:
         s.close()
 
