@@ -30,6 +30,7 @@ from .errors import CertificateError
 from .names import is_device_id, require_device_id
 
 __all__ = [
+    "SIGNING_KEY_USAGE",
     "ProducerKey",
     "SigningKey",
     "check_certificate",
@@ -134,6 +135,21 @@ def make_csr(key: PrivateKey, device_id: str) -> x509.CertificateSigningRequest:
     )
 
 
+#: The key usage of every end-entity certificate the AS issues (devices, its TLS servers): digital
+#: signatures only.
+SIGNING_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def make_ca_certificate(
     ca_key: PrivateKey, name: str, *, serial: int, not_before: int, not_after: int
 ) -> x509.Certificate:
@@ -203,20 +219,7 @@ def issue_certificate(
         .not_valid_before(_utc(not_before))
         .not_valid_after(_utc(not_after))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(SIGNING_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
