@@ -207,10 +207,14 @@ class BodyStore:
             if (meta[1], meta[2]) != tuple(version):
                 raise BodyError(f"the body of {resource_id} is of another version")
             if time.time() - info.st_mtime >= _TOUCH_SECONDS:
-                os.utime(fd)  # the eviction order: refreshed at most once a minute
+                with contextlib.suppress(OSError):  # only the eviction order would suffer
+                    os.utime(fd)  # refreshed at most once a minute
         except _Corrupt:
             os.close(fd)
             self._corrupt(resource_id, info.st_ino)
+        except OSError as exc:  # fstat: _meta turns every failure of its reads into _Corrupt
+            os.close(fd)
+            raise BodyError(f"the body of {resource_id} cannot be read: {exc.strerror}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -277,6 +277,7 @@ def test_nothing_in_clear_on_disk_and_no_key_in_reprs(tmp_path: Path) -> None:
     assert b"RECOGNISABLE" not in raw
     assert RID.encode() not in raw and b"camera" not in raw
     assert not any("camera" in p.name for p in tmp_path.iterdir())
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.iterdir())
     writer = store.spool()
     for text in (repr(store), repr(writer)):
         assert KEY.hex() not in text and "key" not in text.lower()
