@@ -351,15 +351,20 @@ class BodyWriter:
 
     def write(self, data: bytes) -> None:
         """Append ``data``; each full chunk is sealed and written once more data follows it (the
-        last chunk is flagged at commit). OSError propagates; RuntimeError after commit/abort."""
+        last chunk is flagged at commit). OSError propagates (the spool is removed: the writer is
+        aborted); RuntimeError after commit/abort."""
         self._check()
         view = memoryview(data)
-        while view:
-            if len(self._buffer) == CHUNK:
-                self._flush(last=False)
-            take = CHUNK - len(self._buffer)
-            self._buffer += view[:take]
-            view = view[take:]
+        try:
+            while view:
+                if len(self._buffer) == CHUNK:
+                    self._flush(last=False)
+                take = CHUNK - len(self._buffer)
+                self._buffer += view[:take]
+                view = view[take:]
+        except BaseException:
+            self.abort()
+            raise
         self._received += len(data)
 
     def commit(self, resource_id: str, version: tuple[int, int]) -> int:
@@ -371,7 +376,11 @@ class BodyWriter:
         self._check()
         try:
             epoch, seq = version
-            if not self._received or type(resource_id) is not str or len(resource_id) > 255:
+            if (
+                not self._received
+                or type(resource_id) is not str
+                or not 0 < len(resource_id) <= 255
+            ):
                 raise ValueError("a body is not empty; its resource id is 1 to 255 characters")
             if min(epoch, seq) < 0:
                 raise ValueError("a body's version is two non-negative integers")
@@ -397,8 +406,9 @@ class BodyWriter:
         self._done = True
         self._buffer = bytearray()
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):  # the spool goes in any case
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
 

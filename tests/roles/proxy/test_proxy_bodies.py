@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import stat
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from oscar_io.errors import StateError
 from oscar_io.sealing import OVERHEAD, Sealer
-from proxy.bodies import CACHED_CHUNKS, CHUNK, BodyError, BodyStore, BodyWriter
+from proxy.bodies import CACHED_CHUNKS, CHUNK, BodyError, BodyStore
 
 KEY = bytes(range(32))
 RID = "sensor-1/camera"
@@ -351,12 +352,61 @@ def test_a_bad_commit_changes_nothing(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     put(store, RID, data(10))
     before = store.total_bytes
-    for rid, version in [(RID, (-1, 2)), ("x" * 256, V1), (RID, (1,))]:
+    for rid, version in [(RID, (-1, 2)), ("x" * 256, V1), ("", V1), (RID, (1,))]:
         writer = store.spool()
         writer.write(b"new")
         with pytest.raises((ValueError, TypeError)):
             writer.commit(rid, version)  # type: ignore[arg-type]
-        assert isinstance(writer, BodyWriter)
+        with pytest.raises(RuntimeError):  # the writer is finished, its spool removed
+            writer.write(b"more")
     assert list(tmp_path.glob("*.part")) == []
     assert store.total_bytes == before
     assert store.read(RID, V1, 0, 10) == data(10)
+
+
+def test_a_failed_write_removes_the_spool(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    writer = store.spool()
+    writer.write(data(100))
+    os.close(writer._fd)  # the disk fails under it (EBADF stands for EIO or ENOSPC)
+    with pytest.raises(OSError):
+        writer.write(data(2 * CHUNK))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        writer.commit(RID, V1)
+
+
+def test_reads_beside_commits_in_threads_never_see_a_torn_body(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_at(tmp_path)
+    bodies = {seq: data(CHUNK + 17, seed=seq) for seq in range(1, 41)}
+    put(store, RID, bodies[1], version=(1, 1))
+    newest = [1]
+    outcomes: list[str] = []
+
+    def reader() -> None:
+        while newest[0] < 40:
+            seq = newest[0]
+            try:
+                got = store.read(RID, (1, seq), 0, CHUNK + 17)
+            except BodyError as exc:
+                outcomes.append(str(exc))
+                continue
+            outcomes.append("same" if got == bodies[seq] else "different")
+
+    thread = threading.Thread(target=reader)
+    with caplog.at_level(logging.WARNING, logger="oscar.proxy"):
+        thread.start()
+        try:
+            for seq in range(2, 41):
+                put(store, RID, bodies[seq], version=(1, seq), step=CHUNK)
+                newest[0] = seq
+        finally:
+            newest[0] = 40  # the reader stops even if a commit failed
+            thread.join()
+    assert "same" in outcomes
+    assert all(o == "same" or o.endswith("is of another version") for o in outcomes)
+    assert caplog.records == []
+    assert store.read(RID, (1, 40), 0, CHUNK + 17) == bodies[40]
+    assert len(files(tmp_path)) == 1
