@@ -349,7 +349,7 @@ class BodyWriter:
         """Plaintext bytes written so far."""
         return self._received
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``; each full chunk is sealed and written once more data follows it (the
         last chunk is flagged at commit). OSError propagates (the spool is removed: the writer is
         aborted); RuntimeError after commit/abort."""
