@@ -385,14 +385,16 @@ async def test_the_proxy_passes_a_40_mib_object_in_bounded_memory(
             deployment, tmp_path, "huge-fetched", listen=("127.0.0.1", port), tcp=True
         )
         producers.append(served)
-        target = PublishTarget(proxy.secure_address, proxy="proxy-huge")
-        publishing = await huge_producer(deployment, tmp_path, "huge-published", publish=[target])
-        producers.append(publishing)
         proxy.reset_peak()
         before = proxy.rss_kib()
         async with Consumer(deployment.root / "reader.json") as consumer:
             fetched = await consumer.get(proxy.uri(f"{served.device_id}/huge"))
             assert fetched.plaintext == HUGE and consumer.tcp.fetched == 1
+            target = PublishTarget(proxy.secure_address, proxy="proxy-huge")
+            publishing = await huge_producer(
+                deployment, tmp_path, "huge-published", publish=[target]
+            )
+            producers.append(publishing)
             publisher = publishing._publisher
             for _ in range(400):  # no event to await in another process: poll, 20 s at most
                 if publisher.published_tls[0] or publisher.failures[0]:
