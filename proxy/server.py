@@ -390,7 +390,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
             if intake is None:  # more to come
                 return Message(code=Code.CONTINUE, block1=block1)
-            data = intake
+            data = intake if intake.spilled else intake.data
         try:
             await self.proxy.publish(resource_id, data, request.opt.max_age)
         except InvalidObject:
