@@ -150,11 +150,13 @@ class Route:
         self.fetched += 1
         return response
 
-    async def instead(self, request: Any, first: Any) -> Any | None:
+    async def instead(
+        self, request: Any, first: Any, sink: Callable[[bytes], object] | None = None
+    ) -> Any | None:
         """For ``request`` (a GET to a ``coap://`` URI, sent over UDP) whose first answer is
         ``first``: the whole object over TCP from the same host and port number when
         :meth:`wanted` says so (a plain GET of the URI: no ETag, Observe or Block2); None: go on
-        over UDP."""
+        over UDP. ``sink``: as for :meth:`fetch`."""
         if not self.wanted(first):
             return None
         from aiocoap import GET, Message
@@ -163,7 +165,7 @@ class Route:
             uri = tcp_uri(request.get_request_uri())
         except ValueError:
             return None
-        return await self.fetch(Message(code=GET, uri=uri), uri.split("/", 3)[2], uri)
+        return await self.fetch(Message(code=GET, uri=uri), uri.split("/", 3)[2], uri, sink)
 
     async def close(self) -> None:
         context, self._context = self._context, None

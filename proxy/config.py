@@ -21,6 +21,7 @@
     memory_bytes = 67108864
     disk_entries = 100000
     disk_bytes = 1073741824
+    large_bytes = 1073741824           # disk for the bodies of objects above 1 MiB (on disk only)
     published_max_age = 60             # Max-Age of an object PUT without one
     max_fresh = 300                    # the most freshness any Max-Age gives an entry
     upstream_timeout = 5.0             # seconds per upstream request (per block of a large one)
@@ -71,10 +72,10 @@ __all__ = [
 ]
 
 
-#: The most ``limits.max_object_size`` may be: the proxy assembles, verifies and caches an object
-#: whole in memory (the consumer spools and streams; the proxy does not yet), so each upstream
-#: fetch or notification in progress may hold this much. A producer's largest value (64 MiB) and
-#: its headers, as the consumer's default limit.
+#: The most ``limits.max_object_size`` may be: a producer's largest value (64 MiB) and its
+#: headers, as the consumer's default limit. An object above 1 MiB is spooled to disk as it
+#: arrives, verified as it passes and served from there (:mod:`proxy.large`): the proxy's memory
+#: does not grow with it.
 MAX_OBJECT_SIZE = (64 << 20) + 4096
 #: ... and with ``cluster``: every new object goes whole to every instance in one pub/sub message
 #: and sits in the store's memory; Redis's default pub/sub output buffer limit (32 MB hard, 8 MB
@@ -88,6 +89,9 @@ class Limits:
     memory_bytes: int = 64 << 20
     disk_entries: int = 100_000
     disk_bytes: int = 1 << 30
+    #: Disk the bodies of large objects (above 1 MiB, :mod:`proxy.bodies`) may take, beside
+    #: ``disk_bytes``; the least recently used go first.
+    large_bytes: int = 1 << 30
     published_max_age: int = 60
     #: Longest freshness any origin's Max-Age may give an entry: bounds how long an origin named
     #: by a forward-proxy client could keep a shared entry from being refreshed.

@@ -8,9 +8,10 @@ holds. A bad object is counted and dropped: never cached, never served.
 
 Lookups (:meth:`Proxy.lookup`) serve a fresh entry at once; otherwise one upstream request per
 resource is in flight at a time (concurrent misses wait for it), with the entry's upstream ETag for
-a 2.03 revalidation. A large object comes block by block (Block2), assembled by the proxy with
-the object size limit and ``upstream_timeout`` per block (:meth:`Proxy._fetch`), and is checked
-whole before any byte of it is served. When the upstream fails, the newest valid entry is served
+a 2.03 revalidation (:mod:`proxy.fetching`). An object in blocks (Block2, or BERT over TCP) is
+taken in as it arrives within the object size limit and ``upstream_timeout`` per block; one
+above 1 MiB is spooled to disk and hashed as it passes (:mod:`proxy.large`), and no object is
+served before it is checked whole. When the upstream fails, the newest valid entry is served
 until its ``exp``, and the upstream is left alone for ``upstream_backoff`` seconds.
 
 Observations (:mod:`proxy.relays`): the downstream observers of a resource that are relayed
@@ -23,7 +24,6 @@ each new object is pushed to all observers of the resource (also a published one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -43,15 +43,17 @@ from oscar_io.statefiles import private_dir
 from oscar_io.tcproute import Route
 from oscar_io.trust import CertificateSource, Trust
 
-from . import shared
+from . import fetching, shared
+from .bodies import BodyError, BodyStore
 from .cache import Cache
 from .cluster import ClusterStore, ClusterUnavailable, Verdict
 from .config import ProxyConfig
 from .diskcache import DiskCache
 from .entry import Entry
+from .large import Intake
 from .lookups import BudgetedAs, LookupBudget, origin, origin_of
 from .relays import Relays
-from .upstream import UpstreamError, complete, upstream_failure
+from .upstream import UpstreamError, upstream_failure
 
 __all__ = ["Proxy", "Stats", "Unavailable", "UpstreamError", "upstream_failure"]
 
@@ -113,6 +115,8 @@ class Proxy:
         self._bundle: Bundle | None = None
         self._cache: Cache | None = None
         self._trust: Trust | None = None
+        #: The bodies of large objects, on disk (None in a cluster: objects whole in memory).
+        self.bodies: BodyStore | None = None
         self._as_client: AsClient | None = None
         #: The store the instances of a cluster share (``--cluster``); None: a proxy alone.
         self.cluster: ClusterStore | None = None
@@ -129,7 +133,8 @@ class Proxy:
         # Keyed by (resource id, upstream URI): a client naming some other upstream in a
         # Proxy-Uri (one that never answers, say) must not hold up or back off the others.
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry | None]] = {}
-        self._backoff: dict[tuple[str, str], float] = {}
+        #: Until when each (resource, origin) is left alone after a failure.
+        self.backoff: dict[tuple[str, str], float] = {}
         #: Observers and upstream observations per (resource, origin), bounded.
         self.relays = Relays(self)
         self.on_new_object: list[Callable[[str], None]] = []
@@ -171,6 +176,11 @@ class Proxy:
                 bundle.state_key("proxy storage"),
                 max_entries=self.limits.disk_entries,
                 max_bytes=self.limits.disk_bytes,
+            )
+            self.bodies = BodyStore(
+                state / "large",
+                bundle.state_key("proxy storage"),
+                max_bytes=self.limits.large_bytes,
             )
         else:  # the cluster store is the backend: this instance keeps its memory layer only
             self.cluster = ClusterStore(
@@ -259,8 +269,9 @@ class Proxy:
 
     # --- checking objects ---
 
-    async def check(self, data: bytes, resource_id: str, upstream: str | None) -> Entry:
-        """Verify ``data`` as an object of ``resource_id`` (no secret involved).
+    async def check(self, data: bytes | Intake, resource_id: str, upstream: str | None) -> Entry:
+        """Verify ``data`` as an object of ``resource_id`` (no secret involved): its bytes, or
+        a large object's spool (:class:`proxy.large.Intake`; the entry then holds its length).
 
         Raises :class:`InvalidObject` (counted as rejected) and :class:`TransportError` when the
         AS is needed (a certificate, a CRL) and cannot be reached: then nothing is cached.
@@ -268,10 +279,14 @@ class Proxy:
         now = int(self.now())
         token = origin.set(origin_of(upstream, resource_id))
         try:
-            obj, key = await self.trust.check(
-                data, resource_id, now, max_size=self.limits.max_object_size
-            )
-            m = obj.metadata
+            if isinstance(data, Intake):
+                streamed, key = await self.trust.check_stream(data.finish(), resource_id, now)
+                m, raw, body = streamed.metadata, b"", data.received
+            else:
+                obj, key = await self.trust.check(
+                    data, resource_id, now, max_size=self.limits.max_object_size
+                )
+                m, raw, body = obj.metadata, bytes(data), 0
             self.stats.verified += 1
         except AccessDenied as exc:  # the AS refused this proxy a certificate or the CRL
             raise TransportError(str(exc)) from None
@@ -283,7 +298,7 @@ class Proxy:
             origin.reset(token)
         return Entry(
             resource_id=resource_id,
-            obj=bytes(data),
+            obj=raw,
             epoch=m.epoch,
             seq=m.seq,
             exp=m.exp,
@@ -293,7 +308,37 @@ class Proxy:
             upstream=upstream,
             upstream_etag=None,
             fresh_until=0.0,
+            body=body,
         )
+
+    def keep_body(self, entry: Entry, intake: Intake) -> None:
+        """Make a large entry's body (checked, in ``intake``) the one served, unless what is
+        held is as new and readable or newer (:meth:`store` then decides, as for any object).
+        OSError if it cannot be written (then nothing is cached)."""
+        newest = self.cache.newest(entry.resource_id)
+        if newest is not None and entry.version < newest:
+            return
+        held = self.cache.get(entry.resource_id)
+        if held is not None and held.version == entry.version and self.readable(held):
+            return
+        intake.commit(entry.resource_id, entry.version)
+
+    def readable(self, entry: Entry) -> bool:
+        """Whether the entry's object can be served: in memory, or its body on disk."""
+        if not entry.body:
+            return True
+        try:
+            return (
+                self.bodies is not None and self.bodies.size(entry.resource_id, entry.version) > 0
+            )
+        except BodyError:
+            return False
+
+    def lost(self, entry: Entry) -> None:
+        """A large entry whose body cannot be read (evicted from disk, altered): forgotten, so
+        that the next lookup fetches it again (its version is still remembered)."""
+        log.info("the body of %s is gone from the disk: forgotten", entry.resource_id)
+        self.cache.drop(entry.resource_id)
 
     def valid(self, entry: Entry | None) -> Entry | None:
         """The entry if it may still be served (not past its ``exp``)."""
@@ -325,7 +370,7 @@ class Proxy:
         if held is not None and entry.version == held.version:
             # The same object again: keep the bytes first seen (a re-signed copy, such as
             # ECDSA's (r, n - s) twin, is not new: same ETag, one entry); it renews the entry
-            # only from the entry's own origin (see _take).
+            # only from the entry's own origin (see fetching.take).
             if entry.upstream == held.upstream:
                 self.cache.touch(held.refreshed(entry.fresh_until))
             return False
@@ -357,7 +402,7 @@ class Proxy:
                 return entry
             raise Unavailable("4.04", "nothing cached for this resource")
         key = (resource_id, source)
-        if entry is not None and now < self._backoff.get(key, 0.0):
+        if entry is not None and now < self.backoff.get(key, 0.0):
             self.stats.stale_served += 1
             return entry
         future = self._inflight.get(key)
@@ -383,106 +428,20 @@ class Proxy:
         return result
 
     async def refresh(self, resource_id: str, source: str, entry: Entry | None) -> Entry | None:
-        from aiocoap import GET, Message
+        """Fetch ``resource_id`` from ``source`` now (:func:`proxy.fetching.refresh`)."""
+        return await fetching.refresh(self, resource_id, source, entry)
 
-        ctx = await self.upstream()
-        request = Message(code=GET, uri=source)
-        if entry is not None and entry.upstream_etag is not None and entry.upstream == source:
-            request.opt.etags = (entry.upstream_etag,)
-            self.stats.revalidations += 1
-        else:
-            self.stats.misses += 1
-        self.stats.upstream_requests += 1
-        try:
-            response = await self._fetch(ctx, request)
-        except Exception as exc:
-            why = upstream_failure(exc, source)
-            return self._upstream_failed(resource_id, source, entry, why)
-        return await self._take(resource_id, source, entry, response)
-
-    async def _fetch(self, ctx: Any, request: Any) -> Any:
-        """The upstream's answer to ``request``, a Block2 answer assembled by :meth:`complete`.
-        Raises :class:`UpstreamError`, and what aiocoap raises (TimeoutError and the like)."""
-        first = await asyncio.wait_for(
-            ctx.request(request, handle_blockwise=False).response, self.limits.upstream_timeout
-        )
-        return await self.complete(ctx, request, first)
-
-    async def complete(self, ctx: Any, request: Any, first: Any) -> Any:
-        """``first`` with the rest of its blocks: a large object over TCP when the origin
-        offers it (:class:`oscar_io.tcproute.Route`), else :func:`proxy.upstream.complete`."""
-        whole = await self.tcp.instead(request, first)
-        if whole is not None:
-            return whole
-        return await complete(
-            ctx,
-            request,
-            first,
-            self.limits.upstream_timeout,
-            window=self.limits.block_window,
-            max_size=self.limits.max_object_size,
-        )
-
-    async def _take(
-        self, resource_id: str, source: str, entry: Entry | None, response: Any
-    ) -> Entry | None:
-        """Fold one upstream response into the cache; the entry to serve (or None)."""
-        now = self.now()
-        max_age = min(
-            response.opt.max_age if response.opt.max_age is not None else 60, self.limits.max_fresh
-        )
-        code = response.code.dotted
-        if code == "2.03":
-            # Only the origin the entry came from, asked with its ETag, may renew it: any other
-            # origin a forward-proxy client names could otherwise freeze the shared entry.
-            own = entry is not None and entry.upstream == source and entry.upstream_etag
-            if entry is None or not own or response.opt.etag not in (None, entry.upstream_etag):
-                return self.valid(entry)
-            fresh = entry.refreshed(now + max_age)
-            self.cache.touch(fresh)
-            self._backoff.pop((resource_id, source), None)
-            if self.cluster is not None:  # the renewed freshness for every instance
-                with contextlib.suppress(ClusterUnavailable):
-                    await self.cluster.put(fresh, refresh=True)
-            return self.valid(fresh)
-        if code != "2.05" or response.opt.content_format != 18:
-            return self._upstream_failed(resource_id, source, entry, f"answer {code}")
-        try:
-            new = await self.check(bytes(response.payload), resource_id, source)
-        except InvalidObject:
-            return self.valid(entry)  # keep serving what we hold, if anything
-        except TransportError as exc:
-            log.warning("cannot verify an object of %s: %s", resource_id, exc)
-            return self._upstream_failed(resource_id, source, entry, "AS unavailable")
-        fresh = _with(new, upstream_etag=response.opt.etag, fresh_until=now + max_age)
-        self._backoff.pop((resource_id, source), None)
-        self.relays.served(resource_id, source)
-        try:
-            if await self.store(fresh):
-                return fresh
-        except ClusterUnavailable:  # not taken: the cluster could not check it is the newest
-            return self.valid(entry)
-        held = self.cache.get(resource_id)
-        return self.valid(held)
-
-    def _upstream_failed(
-        self, resource_id: str, source: str, entry: Entry | None, why: str
-    ) -> Entry | None:
-        self.stats.upstream_errors += 1
-        self._backoff[(resource_id, source)] = self.now() + self.limits.upstream_backoff
-        if len(self._backoff) > 10_000:
-            self._backoff.pop(next(iter(self._backoff)))
-        log.info("upstream of %s failed: %s", resource_id, why)
-        valid = self.valid(entry)
-        if valid is not None:
-            self.stats.stale_served += 1
-        return valid
+    async def complete(self, ctx: Any, request: Any, first: Any) -> tuple[Any, Intake | None]:
+        """``first`` with the rest of its blocks (:func:`proxy.fetching.complete`)."""
+        return await fetching.complete(self, ctx, request, first)
 
     # --- publishing ---
 
-    async def publish(self, resource_id: str, data: bytes, max_age: int | None) -> bool:
-        """Take an object PUT by its owner. True if it is new; InvalidObject if rejected
-        (rollbacks included); TransportError when it cannot be verified now."""
+    async def publish(self, resource_id: str, data: bytes | Intake, max_age: int | None) -> bool:
+        """Take an object PUT by its owner (its bytes, or a large one's spool: the caller
+        closes it). True if it is new; InvalidObject if rejected (rollbacks included);
+        TransportError when it cannot be verified now; OSError when a large object's body
+        cannot be written."""
         entry = await self.check(data, resource_id, None)
         if self.cluster is not None:  # what the cluster holds: its upstream, its version
             try:
@@ -504,6 +463,8 @@ class Proxy:
             upstream=held.upstream if held is not None else None,
             fresh_until=self.now() + age,
         )
+        if isinstance(data, Intake):
+            self.keep_body(entry, data)
         try:
             new = await self.store(entry)
         except ClusterUnavailable as exc:  # not accepted: the PUT gets 5.03
@@ -527,10 +488,13 @@ class Proxy:
                 return f"{base}/{resource_id}"
         return None
 
-    async def notified(self, resource_id: str, source: str, response: Any) -> None:
-        """Take a relay's notification of ``resource_id`` from ``source`` like a fetch."""
+    async def notified(
+        self, resource_id: str, source: str, response: Any, intake: Intake | None = None
+    ) -> None:
+        """Take a relay's notification of ``resource_id`` from ``source`` (and a large
+        object's ``intake``, :meth:`complete`) like a fetch."""
         held = self.cache.get(resource_id)
-        await self._take(resource_id, source, held, response)
+        await fetching.take(self, resource_id, source, held, response, intake)
 
 
 def _opened(value: _T | None) -> _T:

@@ -17,7 +17,9 @@ layer) would do, this does with the same limits and the same bytes:
   :func:`proxy.shared.take`), one encoding of the entry for all observers; per observer only
   the header (type, a message ID of aiocoap's sequence), token and Observe number (1, 2, ...)
   differ, and a 2.03 where an observer's registration named the new ETag. aiocoap sends an
-  observation's notifications whole whatever their size (no Block2), and so does this. Each is a
+  observation's notifications whole whatever their size (no Block2), and so does this, but for
+  a large object (its body on disk, :mod:`proxy.large`): its notification carries block 0 of
+  1 KiB (RFC 7959 §2.6), and the observer asks for the rest. Each is a
   hit (``hits``, ``fast_hits``) as the slow path's rendering is. An entry not fresh in memory at
   that moment (a Max-Age of 0, say) is looked up per observer as the slow path renders it
   (:meth:`Proxy.lookup <proxy.core.Proxy.lookup>`: a refresh, a stale answer, or a 5.0x with
@@ -63,8 +65,10 @@ from aiocoap.numbers.constants import TransportTuning
 
 from oscar_io.coapfast import option, uint
 
+from .bodies import BodyError
 from .core import Unavailable
 from .entry import Entry
+from .large import cut
 from .relays import client_of
 
 if TYPE_CHECKING:
@@ -78,6 +82,7 @@ _ETAG = 4
 _OBSERVE = 6
 _CONTENT_FORMAT = 12
 _MAX_AGE = 14
+_BLOCK2 = 23
 _CONTENT = 0x45
 _VALID = 0x43
 #: How many recent message IDs per observer a RST may name (its answer, its last notifications).
@@ -131,11 +136,15 @@ class _Encoded:
 
     __slots__ = ("content", "etag", "valid")
 
-    def __init__(self, entry: Entry, max_age: int) -> None:
+    def __init__(self, entry: Entry, max_age: int, proxy: Proxy) -> None:
         age = option(_MAX_AGE - _CONTENT_FORMAT, uint(max_age))
         self.etag = option(_ETAG, entry.etag)
         # After Observe (6): Content-Format 18, Max-Age, the object; a 2.03: Max-Age only.
-        self.content = option(_CONTENT_FORMAT - _OBSERVE, b"\x12") + age + b"\xff" + entry.obj
+        payload = entry.obj
+        if entry.body:  # a large object: block 0 of 1 KiB (szx 6), more to follow
+            payload = cut(entry, proxy.bodies, 0, 6, 1024)[0]
+            age += option(_BLOCK2 - _MAX_AGE, b"\x0e")
+        self.content = option(_CONTENT_FORMAT - _OBSERVE, b"\x12") + age + b"\xff" + payload
         self.valid = option(_MAX_AGE - _OBSERVE, uint(max_age))
 
 
@@ -213,7 +222,7 @@ class FastObserve:
     def first(self, observer: Observer, entry: Entry, now: float) -> bytes:
         """The registration's answer (``Observe: 0``) to an observer :meth:`register` took: a
         NON, or for a CON registration the ACK with its message ID (kept for a repeat)."""
-        encoded = _Encoded(entry, _max_age(entry, now))
+        encoded = _Encoded(entry, _max_age(entry, now), self.proxy)
         if not observer.con:
             return self._encode(observer, entry, encoded)[0]
         answer = self._encode(observer, entry, encoded, ack=observer.mid)[0]
@@ -311,13 +320,18 @@ class FastObserve:
         proxy = self.proxy
         entry = proxy.cache.in_memory(resource_id)
         now = proxy.now()
-        if entry is None or not now < entry.fresh_until or now > entry.exp:
+        if (
+            entry is None
+            or not now < entry.fresh_until
+            or now > entry.exp
+            or not proxy.readable(entry)
+        ):
             for observer in observers:  # rendered as the slow path renders it: a lookup
                 task = asyncio.get_running_loop().create_task(self._looked_up(observer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
-        encoded = _Encoded(entry, _max_age(entry, now))
+        encoded = _Encoded(entry, _max_age(entry, now), self.proxy)
         stats = proxy.stats
         for observer in observers:
             stats.hits += 1
@@ -336,7 +350,12 @@ class FastObserve:
             self._last(observer, 0xA0, b"")
             return
         if not observer.ended:
-            encoded = _Encoded(entry, _max_age(entry, self.proxy.now()))
+            try:
+                encoded = _Encoded(entry, _max_age(entry, self.proxy.now()), self.proxy)
+            except BodyError:  # its body gone from the disk: forgotten, fetched again next time
+                self.proxy.lost(entry)
+                self._last(observer, 0xA3, option(_MAX_AGE, b"\x01"))  # 5.03
+                return
             self._send_notification(observer, entry, encoded)
 
     def _last(self, observer: Observer, code: int, options: bytes) -> None:

@@ -219,7 +219,7 @@ class FastPath:
         max_age = int(max(0.0, min(entry.fresh_until - now, entry.exp - now)))
         encoded = self._encoded.get(resource_id)
         if encoded is None or encoded.entry is not entry or encoded.max_age != max_age:
-            if len(entry.obj) > UNSOLICITED_LIMIT:
+            if entry.size > UNSOLICITED_LIMIT:
                 return None  # block-wise: aiocoap's
             if encoded is None and len(self._encoded) >= self.proxy.limits.memory_entries:
                 self._encoded.clear()

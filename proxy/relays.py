@@ -32,6 +32,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from oscar.errors import InvalidObject
 from oscar_io.peers import address_key, host_of
 from oscar_io.tasks import stop_tasks
 
@@ -253,7 +254,9 @@ class Relays:
             request = ctx.request(message, handle_blockwise=False)
             try:
                 first = await asyncio.wait_for(request.response, self.limits.upstream_timeout)
-                await proxy.notified(resource_id, source, await proxy.complete(ctx, message, first))
+                await proxy.notified(
+                    resource_id, source, *await proxy.complete(ctx, message, first)
+                )
                 if first.opt.observe is None:
                     raise UpstreamError("the upstream does not take observers")
                 delay = 1.0
@@ -300,12 +303,13 @@ class Relays:
                 return
             silence = _silence(notification)
             try:
-                notification = await proxy.complete(ctx, message, notification)
-            except UpstreamError as exc:  # the next notification brings the next one
+                notification, intake = await proxy.complete(ctx, message, notification)
+            except (UpstreamError, InvalidObject) as exc:  # the next one brings the next value
                 proxy.stats.upstream_errors += 1
-                log.info("a notification of %s is dropped: %s", resource_id, exc)
+                why = getattr(exc, "reason", exc)
+                log.info("a notification of %s is dropped: %s", resource_id, why)
                 continue
-            await proxy.notified(resource_id, source, notification)
+            await proxy.notified(resource_id, source, notification, intake)
 
 
 def _silence(response: Any) -> float:

@@ -28,7 +28,10 @@ Echo is asked for; a PUT there is refused like any other without an identity. Ov
 (``tls``) the identity is the device the client's certificate from the AS CA names, not revoked
 (the CRL is checked for each PUT: 5.03 when it cannot be), so owners may publish there too.
 A block-wise answer carries Size2 (the object's size), so that a client can choose TCP from its
-first block.
+first block. Block2 is the site's own (aiocoap would keep each answer whole for every client
+that asks block-wise): every block is cut from the entry when it is asked for, from memory or,
+for a large object, read from disk (:func:`proxy.large.cut`), so blocks may be asked for in any
+order and several at once, and the proxy holds no object whole for a block-wise transfer.
 The counters answer plain CoAP from loopback only (no spoofed source reaches loopback from
 outside: Linux drops such packets as martians); anyone else gets 4.03.
 
@@ -58,6 +61,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiocoap import Message, interfaces
 from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
 from aiocoap.resource import ObservableResource
 
 from oscar import names
@@ -67,9 +71,12 @@ from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
 from oscar_io.metrics import outcome_of
 
+from .bodies import BodyError
 from .core import Proxy, Unavailable
 from .echo import AddressCheck, challenge_size
 from .entry import Entry
+from .large import BadBlock, Intake, cut
+from .publishing import BlockRefused, Uploads
 from .relays import client_of
 
 __all__ = ["BadTarget", "ProxySite", "proxied"]
@@ -83,6 +90,8 @@ SIZE2_FROM = 1124
 _CODES = {
     "4.00": Code.BAD_REQUEST,
     "4.04": Code.NOT_FOUND,
+    "4.08": Code.REQUEST_ENTITY_INCOMPLETE,
+    "4.13": Code.REQUEST_ENTITY_TOO_LARGE,
     "5.02": Code.BAD_GATEWAY,
     "5.03": Code.SERVICE_UNAVAILABLE,
     "5.05": Code.PROXYING_NOT_SUPPORTED,
@@ -170,6 +179,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         #: Observation requests (by id) whose first answer passed the amplification guard: their
         #: notifications are rendered from the same request and need no new proof of address.
         self._admitted: dict[int, Message | None] = {}
+        #: Publishers' Block1 uploads under way (proxy.publishing).
+        self.uploads = Uploads(lambda: proxy.bodies, max_size=lambda: proxy.limits.max_object_size)
         proxy.on_new_object.append(self._notify)
 
     # --- targets ---
@@ -190,7 +201,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
     # --- request path ---
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
-        return True
+        # a GET's blocks are cut here (_get), a PUT's taken in by proxy.publishing
+        return False
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
@@ -203,7 +215,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             return
         block1 = request.opt.block1
         limit = self.proxy.limits.max_object_size
-        if len(request.payload) + (block1.start if block1 else 0) > limit:
+        announced = request.opt.size1 or 0
+        if announced > limit or len(request.payload) + (block1.start if block1 else 0) > limit:
             pipe.add_response(Message(code=Code.REQUEST_ENTITY_TOO_LARGE), is_last=True)
             return
         if request.opt.observe == 0 and request.code == Code.GET:
@@ -253,9 +266,10 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
         return Message(code=Code.METHOD_NOT_ALLOWED)
 
     async def _get(
-        self, request: Message, resource_id: str, upstream: str | None
+        self, request: Message, resource_id: str, upstream: str | None, *, again: bool = True
     ) -> tuple[Message, Entry | None]:
-        """The answer to a GET, and the entry it serves (if any)."""
+        """The answer to a GET, and the entry it serves (if any). A large entry whose body is
+        gone from the disk is forgotten and looked up ``again`` (once): fetched anew."""
         challenge = self._challenge(request)
         if challenge is not None:
             return challenge, None
@@ -271,17 +285,46 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             response = Message(code=Code.VALID, etag=entry.etag, max_age=max_age)
         else:
             response = Message(
-                code=Code.CONTENT,
-                payload=entry.obj,
-                content_format=18,
-                etag=entry.etag,
-                max_age=max_age,
+                code=Code.CONTENT, content_format=18, etag=entry.etag, max_age=max_age
             )
-            if len(entry.obj) > SIZE2_FROM and request.opt.observe is None:
+            try:
+                self._fill(response, request, entry)
+            except BadBlock as exc:
+                return Message(code=Code.BAD_REQUEST, payload=str(exc).encode()), None
+            except BodyError:
+                self.proxy.lost(entry)
+                if not again:
+                    return Message(code=Code.SERVICE_UNAVAILABLE, max_age=1), None
+                return await self._get(request, resource_id, upstream, again=False)
+            if entry.size > SIZE2_FROM and request.opt.observe is None:
                 # block-wise: the size, in every block (not in an observation's answers: the
                 # fast path renders those, without Size2, and a client may choose TCP by a GET)
-                response.opt.size2 = len(entry.obj)
+                response.opt.size2 = entry.size
         return response, entry
+
+    def _fill(self, response: Message, request: Message, entry: Entry) -> None:
+        """The object, or the block of it asked for (block 0 when it does not fit in one
+        message): RFC 7959 §2.4, with BERT over TCP (RFC 8323 §6). A block larger than the
+        transport takes is answered with the largest it does (block numbers scaled)."""
+        remote = request.remote
+        block2 = request.opt.block2
+        largest = remote.maximum_block_size_exp
+        if block2 is None:
+            # whole if it fits, and an observation's answers whole as aiocoap sends them (as
+            # the fast paths do) unless the object is a large one on disk: then block 0
+            whole = request.opt.observe is not None and not entry.body
+            if whole or entry.size <= remote.maximum_payload_size:
+                response.payload = entry.obj
+                return
+            number, szx = 0, largest
+        else:
+            number, szx = block2.block_number, block2.size_exponent
+            if szx > largest:  # BERT (7) numbers blocks of 1 KiB, as 6 does
+                number <<= min(szx, 6) - min(largest, 6)
+                szx = largest
+        payload, more = cut(entry, self.proxy.bodies, number, szx, remote.maximum_payload_size)
+        response.payload = payload
+        response.opt.block2 = BlockOption.BlockwiseTuple(number, more, szx)
 
     def _challenge(self, request: Message) -> Message | None:
         """No amplification: an unproven plain-CoAP address gets 4.01 + Echo and nothing else
@@ -329,13 +372,35 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 return Message(code=Code.FORBIDDEN)
         if request.opt.content_format != 18:
             return Message(code=Code.UNSUPPORTED_CONTENT_FORMAT)
+        block1 = request.opt.block1
+        data: bytes | Intake = bytes(request.payload)
+        intake = None
+        if block1 is not None:
+            payload, request.payload = bytes(request.payload), b""
+            # (taken: aiocoap's requests sit in reference cycles until the collector runs,
+            # which counts objects, not bytes; BERT blocks are up to 1 MiB each)
+            try:
+                intake = self.uploads.block(device, resource_id, block1, payload)
+            except BlockRefused as exc:
+                return Message(code=_CODES[exc.code], payload=str(exc).encode(), max_age=5)
+            except InvalidObject:
+                return Message(code=Code.BAD_REQUEST, payload=b"object rejected")
+            except OSError as exc:
+                log.warning("cannot spool a PUT of %s: %s", resource_id, exc.strerror)
+                return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
+            if intake is None:  # more to come
+                return Message(code=Code.CONTINUE, block1=block1)
+            data = intake if intake.spilled else intake.data
         try:
-            await self.proxy.publish(resource_id, bytes(request.payload), request.opt.max_age)
+            await self.proxy.publish(resource_id, data, request.opt.max_age)
         except InvalidObject:
             return Message(code=Code.BAD_REQUEST, payload=b"object rejected")
-        except TransportError:
+        except (TransportError, OSError):
             return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
-        return Message(code=Code.CHANGED)
+        finally:
+            if intake is not None:
+                intake.close()
+        return Message(code=Code.CHANGED, block1=block1)
 
     def _stats(self, request: Message) -> Message:
         if identity(request.remote) is None and not _loopback(request.remote):

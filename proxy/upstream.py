@@ -11,6 +11,7 @@ What this module does not do: decide what to fetch or keep (:mod:`proxy.core`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from oscar.objects import DEFAULT_MAX_OBJECT_SIZE
@@ -45,6 +46,7 @@ async def complete(
     timeout: float,
     window: int = DEFAULT_WINDOW,
     max_size: int = DEFAULT_MAX_OBJECT_SIZE,
+    sink: Callable[[bytes], object] | None = None,
 ) -> Any:
     """``first`` (an answer or a notification) with the rest of its blocks, if it has more.
 
@@ -55,6 +57,8 @@ async def complete(
     seconds, the object may grow to ``max_size`` (the proxy's ``limits.max_object_size``) and no
     further, every block must be the one asked for, full but the last, and carry the first
     one's ETag (RFC 7959 §2.4; the rest of a notification is asked for without Observe, §2.6).
+    With ``sink``, every block's payload (the first one's too) goes there in order and the
+    answer's payload is empty (:func:`oscar_io.blockwise.fetch_rest`).
     Raises :class:`UpstreamError`, and what aiocoap raises.
     """
     from aiocoap import CON
@@ -77,7 +81,7 @@ async def complete(
 
     allow_in_flight(ctx, window)
     try:
-        payload = await fetch_rest(first, ask, max_size=max_size, window=window)
+        payload = await fetch_rest(first, ask, max_size=max_size, window=window, sink=sink)
     except BlockwiseError as exc:
         raise UpstreamError(str(exc)) from None
     first.payload = payload

@@ -109,13 +109,21 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """The process's resident memory now (``VmHWM``: its peak since the start or since
+        :meth:`reset_peak`), in KiB."""
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {field}")
+
+    def reset_peak(self) -> None:
+        """Reset the process's peak resident memory (VmHWM) to what it holds now."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as clear:
+            clear.write("5")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit status."""
