@@ -133,6 +133,10 @@ class BodyStore:
         """Bytes of the committed bodies' files on disk."""
         return self._total
 
+    def __len__(self) -> int:
+        """The committed bodies."""
+        return self._count
+
     def spool(self) -> BodyWriter:
         """A new spool file; OSError if it cannot be made."""
         salt = secrets.token_bytes(_SALT)

@@ -258,6 +258,8 @@ class Proxy:
             "memory_bytes": self.cache.memory_bytes,
             "disk_entries": len(self.cache.disk) if self.cache.disk else 0,
             "disk_bytes": self.cache.disk.size if self.cache.disk else 0,
+            "large_entries": len(self.bodies) if self.bodies is not None else 0,
+            "large_bytes": self.bodies.total_bytes if self.bodies is not None else 0,
         }
         cluster = self.cluster
         if cluster is not None:

@@ -12,7 +12,8 @@ families, read at each scrape.
   ``oscar_proxy_evictions_total``;
 - gauges: ``oscar_proxy_dtls_sessions``, ``oscar_proxy_observers{path}``,
   ``oscar_proxy_upstream_observations``, and the cache's
-  ``oscar_proxy_cache_entries{tier}`` / ``oscar_proxy_cache_bytes{tier}`` (``memory``, ``disk``);
+  ``oscar_proxy_cache_entries{tier}`` / ``oscar_proxy_cache_bytes{tier}`` (``memory``, ``disk``,
+  ``large``: the bodies on disk of objects above 1 MiB);
 - in a cluster, ``oscar_proxy_cluster_*`` (this instance's store reads, writes, events, waits,
   refusals, outages, leases) and ``oscar_proxy_cluster_up``. The cluster-wide sums of
   ``oscar-proxy stats`` are left out: Prometheus sums the instances itself.
@@ -108,7 +109,7 @@ def proxy_metrics(proxy: Any, dtls_sessions: Callable[[], int] | None = None) ->
         observers.set("fast", value=fast_observers)
         observers.set("slow", value=doc.get("observers", 0) - fast_observers)
         relays.set(value=doc.get("upstream_observations", 0))
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "disk", "large"):
             entries.set(tier, value=doc.get(f"{tier}_entries", 0))
             size.set(tier, value=doc.get(f"{tier}_bytes", 0))
         if "cluster_up" in doc:

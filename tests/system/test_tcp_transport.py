@@ -5,6 +5,7 @@ certificates the AS issued."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from as_harness import free_port
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from proxy_harness import ProxyProcess
-from system_harness import Deployment
+from system_harness import Deployment, coap_get
 
 from consumer import Consumer
 from oscar import certs
@@ -408,6 +409,9 @@ async def test_the_proxy_passes_a_40_mib_object_in_bounded_memory(
         objects = [p.resources["huge"].obj for p in producers]
         bodies = sorted((tmp_path / "proxy" / "large").iterdir())
         assert len(bodies) == 2
+        stats = json.loads((await coap_get(proxy.uri(".well-known/oscar-stats"))).payload)
+        assert stats["large_entries"] == 2
+        assert stats["large_bytes"] == sum(path.stat().st_size for path in bodies)
         for path in bodies:
             stored = path.read_bytes()
             assert len(stored) > len(HUGE)

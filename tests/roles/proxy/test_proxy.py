@@ -697,6 +697,8 @@ async def test_the_metrics_endpoint_serves_the_live_counters(world: World) -> No
         'oscar_proxy_publications_total{outcome="accepted"}': "published",
         'oscar_proxy_publications_total{outcome="refused"}': "publish_refused",
         'oscar_proxy_cache_entries{tier="disk"}': "disk_entries",
+        'oscar_proxy_cache_entries{tier="large"}': "large_entries",
+        'oscar_proxy_cache_bytes{tier="large"}': "large_bytes",
     }
     for name, key in pairs.items():
         assert before[key] <= series(name) <= after[key], (name, before[key], after[key])
