@@ -32,6 +32,9 @@ Modules, from the bottom up::
       sealer      Sealer, seal
       opening     verify, open, open_verified (checks 4 to 7)
       objects     the public face of the five above
+    multi-part objects (plain and partial access, docs/PROTOCOL.md "Multi-part objects"):
+      parts        Part, seal_parts, MultiPartObject and its strict decoder
+      partsopening verify_parts, open_parts, open_parts_verified (per part: opened / not granted)
 
 The exception tree (:mod:`oscar.errors`; every exception class of the core is defined there)::
 
@@ -74,6 +77,8 @@ from .objects import (
     seal,
     verify,
 )
+from .parts import MultiPartObject, Part, PartsMetadata, seal_parts
+from .partsopening import OpenedPart, PartsReading, open_parts, open_parts_verified, verify_parts
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile, profile_by_name
 from .sequence import SequenceAllocator, SequenceStore
 
@@ -89,8 +94,13 @@ __all__ = [
     "FreshnessState",
     "InvalidObject",
     "KeyCache",
+    "MultiPartObject",
     "ObjectMetadata",
+    "OpenedPart",
     "OscarError",
+    "Part",
+    "PartsMetadata",
+    "PartsReading",
     "PlaintextTooLarge",
     "ProducerKey",
     "Profile",
@@ -103,8 +113,12 @@ __all__ = [
     "SigningKey",
     "object_etag",
     "open",
+    "open_parts",
+    "open_parts_verified",
     "open_verified",
     "profile_by_name",
     "seal",
+    "seal_parts",
     "verify",
+    "verify_parts",
 ]

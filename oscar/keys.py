@@ -8,6 +8,10 @@ For a resource ``rid``, epoch ``e`` and AEAD ``alg``::
                               info=CBOR["OSCAR iv", rid, e, alg, nonce_len], L=nonce_len)
     nonce(seq)  = base_iv XOR seq, big-endian, left-padded to nonce_len (RFC 9052 §3.1)
 
+A part of a multi-part object (:mod:`oscar.parts`) derives its keys from its own secret with the
+labels ``"OSCAR part key"`` / ``"OSCAR part iv"`` and ``[…, rid, part name, e, alg, len]``
+(:meth:`ContentKeys.derive_part`).
+
 Secret material never appears in a ``repr``: :class:`AccessSecret` and :class:`ContentKeys` hide it.
 Derivation costs two HKDF calls, so :class:`KeyCache` keeps a bounded number of derived key sets
 for callers that open many objects of one epoch. This module stores nothing on disk and makes no
@@ -102,6 +106,39 @@ class ContentKeys:
             raise ValueError("resource id must be text and epoch a non-negative integer")
         key_info = cbor.dumps(["OSCAR key", resource_id, epoch, aead.cose_id, aead.key_length])
         iv_info = cbor.dumps(["OSCAR iv", resource_id, epoch, aead.cose_id, aead.nonce_length])
+        return cls._from_infos(secret, resource_id, epoch, aead, key_info, iv_info)
+
+    @classmethod
+    def derive_part(
+        cls, secret: AccessSecret, resource_id: str, part: str, epoch: int, aead: AeadAlgorithm
+    ) -> ContentKeys:
+        """The key set of one encrypted part of a multi-part object (:mod:`oscar.parts`): as
+        :meth:`derive`, with the labels ``"OSCAR part key"`` / ``"OSCAR part iv"`` and the part's
+        name in the info, so it never equals a single-part key set nor another part's."""
+        if not isinstance(secret, AccessSecret):
+            raise TypeError("secret must be an AccessSecret")
+        if not isinstance(resource_id, str) or not isinstance(part, str):
+            raise ValueError("resource id and part name must be text")
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError("epoch must be a non-negative integer")
+        key_info = cbor.dumps(
+            ["OSCAR part key", resource_id, part, epoch, aead.cose_id, aead.key_length]
+        )
+        iv_info = cbor.dumps(
+            ["OSCAR part iv", resource_id, part, epoch, aead.cose_id, aead.nonce_length]
+        )
+        return cls._from_infos(secret, resource_id, epoch, aead, key_info, iv_info)
+
+    @classmethod
+    def _from_infos(
+        cls,
+        secret: AccessSecret,
+        resource_id: str,
+        epoch: int,
+        aead: AeadAlgorithm,
+        key_info: bytes,
+        iv_info: bytes,
+    ) -> ContentKeys:
         key = hkdf_sha256(secret.value, key_info, aead.key_length)
         base_iv = hkdf_sha256(secret.value, iv_info, aead.nonce_length)
         return cls(resource_id, epoch, aead, key, base_iv, aead.cipher(key))

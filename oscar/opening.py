@@ -16,7 +16,7 @@ argument).
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from cryptography import x509
 
@@ -43,6 +43,7 @@ __all__ = [
     "open",
     "open_verified",
     "open_verified_stream",
+    "resolve_signer",
     "verify",
     "verify_stream",
 ]
@@ -54,14 +55,25 @@ Signer: TypeAlias = "certs.ProducerKey | x509.Certificate | PublicKey"
 SignerLookup = Callable[[str, bytes], "Signer | None"]
 
 
-def _resolve_signer(
-    obj: ProtectedObject | StreamedObject,
+class _Signed(Protocol):
+    """What :func:`resolve_signer` reads of an object's signed header."""
+
+    @property
+    def producer_id(self) -> str: ...
+    @property
+    def kid(self) -> bytes: ...
+
+
+def resolve_signer(
+    m: _Signed,
     signer: Signer | SignerLookup,
     now: int,
     trust_anchor: x509.Certificate | None,
     revoked_serials: Container[int],
 ) -> PublicKey:
-    m = obj.metadata
+    """The public key of the signer of an object whose signed header says ``m`` (producer id and
+    kid): check 4 of :mod:`oscar.objects`. Raises :class:`InvalidObject` if the signer is unknown
+    or not acceptable. (Also used for multi-part objects, :mod:`oscar.partsopening`.)"""
     if type(signer) is certs.ProducerKey and (
         trust_anchor is None or signer.anchor is trust_anchor
     ):
@@ -167,7 +179,7 @@ def _check(
     m = obj.metadata
     if resource_id is not None and m.resource_id != resource_id:
         raise InvalidObject("object is for another resource")
-    public_key = _resolve_signer(obj, signer, now, trust_anchor, revoked_serials)
+    public_key = resolve_signer(m, signer, now, trust_anchor, revoked_serials)
     if isinstance(obj, StreamedObject):
         obj.verify_signature(public_key)
     else:
