@@ -246,6 +246,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event) -> None:
             await tcp.shutdown()
         if ctx is not None:
             await ctx.shutdown()
+        site.uploads.close()  # the spools of uploads under way
         await proxy.close()
         log.info("stopped")
 
