@@ -19,7 +19,7 @@
 
 IPv6 multicast on Linux's loopback interface does not work (joined sockets on ``lo`` receive
 nothing, with or without an ``ff00::/8`` route); on a veth interface it does, looped back to the
-sending host too (``tests/netns_harness.py`` makes one inside the test's namespace).
+sending host too (``bench.netns`` makes one inside the namespace of a test or benchmark).
 
 What this module does not do: decide what goes to a group or what to answer (the producer's
 ``producer.groups`` and the consumer's ``consumer.groups``), check objects, or anything with
