@@ -13,7 +13,10 @@ is left out) and N consumers as raw UDP sockets in this process:
 
 Per value: the producer's datagrams (unicast: notifications the sockets received, retransmissions
 included; multicast: the producer's own count of group sends) and its CPU time
-(``time.process_time`` in the producer, read before and after the values). Targets: one
+(``getrusage`` in the producer, read before and after the values: user time, and user plus
+system time). On loopback the kernel copies a group datagram to each joined socket within the
+sender's ``sendto``, so the producer's *system* time grows with N there; on a real link the
+sender hands one frame to the interface and the copies happen at the receivers. Targets: one
 datagram per value in multicast, and producer CPU flat in N.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -44,7 +48,12 @@ _OBSERVE, _URI_PATH = 6, 11
 @dataclass(frozen=True)
 class Case:
     datagrams_per_value: float
-    cpu_us_per_value: float
+    user_us_per_value: float
+    system_us_per_value: float
+
+    @property
+    def cpu_us_per_value(self) -> float:
+        return self.user_us_per_value + self.system_us_per_value
 
 
 # --- the producer process ---
@@ -98,7 +107,8 @@ async def _serve(mode: str, port: int, group_port: int) -> None:
                 print("ok", flush=True)
             elif line == "cpu":
                 sent = groups.sent if groups is not None else limits.notifications
-                print(f"{time.process_time()} {sent}", flush=True)
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                print(f"{usage.ru_utime} {usage.ru_stime} {sent}", flush=True)
             else:
                 break
     finally:
@@ -166,9 +176,10 @@ class _Producer:
         self.proc.stdin.flush()
         return self._line()
 
-    def cpu(self) -> tuple[float, int]:
-        seconds, sent = self.ask("cpu").split()
-        return float(seconds), int(sent)
+    def cpu(self) -> tuple[float, float, int]:
+        """The producer's user and system CPU seconds so far, and its datagrams sent."""
+        user, system, sent = self.ask("cpu").split()
+        return float(user), float(system), int(sent)
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -198,14 +209,18 @@ def _case(mode: str, n: int, values: int) -> Case:
             sockets = [receiver_socket(Group(GROUP, group_port), "127.0.0.1") for _ in range(n)]
             for sock in sockets:
                 sock.setblocking(True)
-        cpu0, sent0 = producer.cpu()
+        user0, system0, sent0 = producer.cpu()
         received = 0
         for _ in range(values):
             producer.ask("v")
             received += _receive(sockets, 1)
-        cpu1, sent1 = producer.cpu()
+        user1, system1, sent1 = producer.cpu()
         datagrams = received if mode == "unicast" else sent1 - sent0
-        return Case(datagrams / values, (cpu1 - cpu0) / values * 1e6)
+        return Case(
+            datagrams / values,
+            (user1 - user0) / values * 1e6,
+            (system1 - system0) / values * 1e6,
+        )
     finally:
         for sock in sockets:
             sock.close()
@@ -234,6 +249,14 @@ def run(settings: Settings) -> Iterator[Figure]:
                 lower_is_better=True,
             )
             yield Figure(
+                f"N={n}: producer user CPU per value, multicast",
+                group.user_us_per_value,
+                "us",
+                baseline="unicast Observe",
+                baseline_value=unicast.user_us_per_value,
+                lower_is_better=True,
+            )
+            yield Figure(
                 f"N={n}: producer CPU per value, multicast",
                 group.cpu_us_per_value,
                 "us",
@@ -241,11 +264,13 @@ def run(settings: Settings) -> Iterator[Figure]:
                 baseline_value=unicast.cpu_us_per_value,
                 lower_is_better=True,
             )
-    print("\n  N    datagrams/value (unicast | multicast)   CPU us/value (unicast | multicast)")
-    for n, unicast, group in rows:
+    print("\n  per value   datagrams         user CPU (us)      user+system CPU (us)")
+    print("  N           unicast | group   unicast | group     unicast | group")
+    for n, u, g in rows:
         print(
-            f"  {n:<4} {unicast.datagrams_per_value:>12.1f} | {group.datagrams_per_value:<12.1f}"
-            f"        {unicast.cpu_us_per_value:>10.0f} | {group.cpu_us_per_value:.0f}"
+            f"  {n:<10} {u.datagrams_per_value:>8.1f} | {g.datagrams_per_value:<5.1f}"
+            f" {u.user_us_per_value:>9.0f} | {g.user_us_per_value:<6.0f}"
+            f" {u.cpu_us_per_value:>9.0f} | {g.cpu_us_per_value:.0f}"
         )
 
 

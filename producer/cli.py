@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ADDRESS:PORT",
         help="send each new object once to this group and answer group GETs on it "
-        "(repeatable; IPv6 as [ADDRESS]:PORT; added to the configuration file's)",
+        "(repeatable; IPv6 as [ADDRESS]:PORT; added to the configuration file's; default: none)",
     )
     parser.add_argument(
         "--multicast-interface",
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--multicast-interface6",
         metavar="NAME|IPV6",
-        help="the interface (name, or one of its IPv6 addresses) for IPv6 groups",
+        help="the interface (name, or one of its IPv6 addresses) for IPv6 groups "
+        "(default: none; required with an IPv6 group)",
     )
     parser.add_argument(
         "--multicast-leisure",
