@@ -233,7 +233,7 @@ def run(settings: Settings) -> Iterator[Figure]:
     if reason is not None:
         print(f"  skipped: {reason}", flush=True)
         return
-    values = 10 if settings.quick else 40
+    values = 10 if settings.quick else 100
     rows = []
     with netns.multicast_namespace():
         for n in COUNTS:

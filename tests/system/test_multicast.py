@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from as_harness import free_port
+from as_harness import ROOT, free_port
 from netns_harness import IPV4_INTERFACE, IPV6_INTERFACE, Namespace, available, multicast_namespace
 from system_harness import Deployment
 
@@ -259,3 +260,31 @@ async def test_an_ipv6_group_on_a_veth_interface(deployment: Deployment, tmp_pat
             assert meter.groups.sent == 1
     finally:
         await meter.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_command_line_reads_a_group(
+    deployment: Deployment, meters: tuple[Group, list[Producer]], tmp_path: Path
+) -> None:
+    g, producers = meters
+    for p, value in zip(producers, (b"a-2", b"b-2"), strict=True):
+        await sealed(p, "temp", value)
+    base = ["-m", "consumer", "--bundle", str(deployment.root / "reader-2.json")]
+    base += ["--state", str(tmp_path / "cli")]
+    command = [*base, "group-get", str(g), "temp", "--interface", IPV4_INTERFACE, "--wait", "1"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert out == b"meter-a/temp a-2\nmeter-b/temp b-2\n"
+    nobody = [*base, "group-get", str(group()), "temp", "--interface", IPV4_INTERFACE]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *nobody, "--wait", "0.3", stderr=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 4 and b"timed out: no producer" in err
