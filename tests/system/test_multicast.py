@@ -4,6 +4,7 @@ interfaces): a real AS process, embedded producers sending to groups, consumers 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -158,8 +159,9 @@ async def test_every_listener_gets_each_value_from_one_datagram(
 
 @pytest.mark.asyncio
 async def test_a_replayed_or_forged_datagram_to_the_group_is_refused(
-    deployment: Deployment, meters: tuple[Group, list[Producer]]
+    deployment: Deployment, meters: tuple[Group, list[Producer]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "oscar.consumer")
     g, (meter, _) = meters
     loop = asyncio.get_running_loop()
     tap = multicast.receiver_socket(g, IPV4_INTERFACE)  # what an attacker on the link records
@@ -183,6 +185,8 @@ async def test_a_replayed_or_forged_datagram_to_the_group_is_refused(
             assert reading.plaintext == b"newest"
             assert (lst.stale, lst.duplicates, lst.rejected) == (1, 1, 2)
             assert lst.dropped == 1 and lst.accepted == 3
+            dropped = [r for r in caplog.records if "datagram dropped" in r.getMessage()]
+            assert len(dropped) == 1  # three bad datagrams, one log line: no flood
     finally:
         tap.close()
         sender.close()
