@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from as_harness import ROOT, free_port
-from netns_harness import IPV4_INTERFACE, IPV6_INTERFACE, Namespace, available, multicast_namespace
+from netns_harness import (
+    IPV4_INTERFACE,
+    IPV6_INTERFACE,
+    IPV6_OTHER,
+    Namespace,
+    available,
+    multicast_namespace,
+)
 from system_harness import Deployment
 
 from consumer import Consumer
@@ -262,6 +269,10 @@ async def test_an_ipv6_group_on_a_veth_interface(deployment: Deployment, tmp_pat
             resource_id, reading = await next_reading(aiter(listener))
             assert (resource_id, reading.plaintext) == ("meter-6/temp", b"v6")
             assert meter.groups.sent == 1
+            # A group GET over IPv6: from the veth's other end, through the Echo round trip.
+            readings = await consumer.group_get(str(g), "temp", timeout=1.0, interface=IPV6_OTHER)
+            assert {r: v.plaintext for r, v in readings.items()} == {"meter-6/temp": b"v6"}
+            assert (meter.groups.challenged, meter.groups.answered) == (1, 1)
     finally:
         await meter.stop()
 
