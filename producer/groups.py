@@ -27,8 +27,10 @@ a random leisure (``multicast_leisure``, uniform in [0, leisure]). An unknown re
 request or anything malformed gets nothing (§8.2: no error answers to a group). **No
 amplification**: a requester whose address is not proven gets at most a 4.01 Unauthorized with
 an Echo option (RFC 9175, :mod:`oscar_io.echo`), and only when that answer is no larger than its
-request; repeating the request with the Echo value, by unicast to the address the 4.01 came from
-(answered at once, no leisure), proves the address for a while, and the object comes back.
+request, and at most one per :data:`CHALLENGE_INTERVAL` per address (a spoofed flood makes a
+group of K producers send the victim at most K small datagrams per interval); repeating the
+request with the Echo value, by unicast to the address the 4.01 came from (answered at once, no
+leisure), proves the address for a while, and the object comes back.
 Pending answers are bounded (:data:`MAX_PENDING`); beyond that requests are dropped.
 
 What it does not do: serve unicast (``producer.server``), group security (the objects are
@@ -41,6 +43,8 @@ import asyncio
 import logging
 import os
 import socket
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -67,12 +71,17 @@ from oscar_io.multicast import (
 
 from .published import Published
 
-__all__ = ["MAX_PENDING", "GroupService"]
+__all__ = ["CHALLENGE_INTERVAL", "MAX_PENDING", "GroupService"]
 
 log = logging.getLogger("oscar.producer")
 
 #: Group answers waiting for their leisure at once, at most.
 MAX_PENDING = 1024
+#: Seconds between two 4.01 challenges to one address: a spoofed flood of group GETs makes each
+#: producer of the group send the victim at most one small datagram per interval.
+CHALLENGE_INTERVAL = 1.0
+#: Addresses whose last challenge is remembered, at most (the oldest forgotten first).
+MAX_CHALLENGED = 65_536
 _CONTENT_FORMAT = (multicast.CONTENT_FORMAT, uint(CONTENT_FORMAT_COSE_SIGN1))
 
 
@@ -110,6 +119,7 @@ class GroupService:
         self._receivers: list[asyncio.DatagramTransport] = []
         self._pending: set[asyncio.TimerHandle] = set()
         self._observe: dict[str, int] = {}
+        self._challenged: OrderedDict[str, float] = OrderedDict()
         self._logged_large: set[str] = set()
 
     def __repr__(self) -> str:
@@ -253,10 +263,18 @@ class GroupService:
             if answer is not None:
                 self.answered += 1
             return answer
+        now = time.monotonic()
+        last = self._challenged.get(host)
+        if last is not None and now - last < CHALLENGE_INTERVAL:
+            return None  # challenged a moment ago: a flood in its name gets no more
         challenge = encode(
             NON, UNAUTHORIZED, new_mid(), message.token, [(ECHO, self.check.challenge(host))]
         )
         if len(challenge) > len(data):  # never more than the request to an unproven address
             return None
         self.challenged += 1
+        self._challenged[host] = now
+        self._challenged.move_to_end(host)
+        while len(self._challenged) > MAX_CHALLENGED:
+            self._challenged.popitem(last=False)
         return challenge
