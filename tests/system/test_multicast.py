@@ -29,6 +29,7 @@ from consumer import Consumer
 from oscar_io import multicast
 from oscar_io.multicast import CONTENT, ECHO, GET, NON, UNAUTHORIZED, URI_PATH, Group
 from producer import Producer, ProducerConfig, ResourceSpec
+from producer.metrics import producer_metrics
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -305,3 +306,12 @@ async def test_the_command_line_reads_a_group(
     )
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 4 and b"timed out: no producer" in err
+
+
+@pytest.mark.asyncio
+async def test_the_group_counters_are_metrics(meters: tuple[Group, list[Producer]]) -> None:
+    _, (meter, _) = meters
+    await sealed(meter, "temp", b"counted")
+    families = {f.name: f.values for f in producer_metrics(meter).read()}
+    assert families["oscar_producer_group_datagrams"][()] == meter.groups.sent >= 1
+    assert families["oscar_producer_group_requests"][("challenged",)] == 0
