@@ -17,7 +17,9 @@ nothing. An object equal to the newest accepted is skipped (``duplicates``); an 
 replay) is refused (``stale``); anything else that is not a valid object of a resource listened
 for is dropped and counted (``dropped``, ``rejected``), logged at most once per
 :data:`LOG_INTERVAL` seconds: a flood to the group costs counters, not log lines. Datagrams wait
-in a bounded queue (:data:`QUEUE`); when it is full the newest is dropped (counted).
+in a bounded queue (:data:`QUEUE`); when it is full the newest is dropped (counted). An object
+whose secret cannot be had now (the AS out of reach) is dropped and counted too; a refusal by
+the AS (:class:`AccessDenied`: this consumer is not granted the resource) ends the iteration.
 
 **Group GET** (:func:`group_get`): one NON GET to the group for ``/<path>``; every producer of
 the group that serves ``<path>`` answers after its leisure. A producer that does not know this
@@ -26,7 +28,8 @@ Echo option of 8 zero bytes, :data:`PLACEHOLDER`, so that it is as large as that
 never larger than the request); the request is then
 repeated once, by unicast, to that producer with the Echo value, and the object comes back. Each
 object is checked by the pipeline against the resource it names (``<producer>/<path>``: the
-signer must own it); answers that fail are left out. Returns what came within the timeout.
+signer must own it); answers that fail, or whose secret this consumer is not granted, are left
+out. Returns what came within the timeout.
 
 What this module does not do: multicast sockets (:mod:`oscar_io.multicast`), checks
 (:mod:`consumer.pipeline`), or block-wise transfers (an object too large for one datagram is
@@ -50,12 +53,12 @@ from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, Reading
 from oscar_io import multicast
 from oscar_io.multicast import ANY_INTERFACE, CONTENT, ECHO, GET, NON, UNAUTHORIZED, URI_PATH, Group
 
-from .errors import StaleCopy
+from .errors import AccessDenied, StaleCopy, TransportError
 
 if TYPE_CHECKING:
     from .client import Consumer
 
-__all__ = ["LOG_INTERVAL", "QUEUE", "GroupListener", "group_get"]
+__all__ = ["LOG_INTERVAL", "MAX_RETRIES", "PLACEHOLDER", "QUEUE", "GroupListener", "group_get"]
 
 log = logging.getLogger("oscar.consumer")
 
@@ -65,6 +68,8 @@ QUEUE = 256
 #: as large as the 4.01 challenge a producer may send back to an address it does not know (it
 #: never sends more than the request: a short GET would get nothing at all).
 PLACEHOLDER = bytes(8)
+#: Producers a group GET repeats its request to with their Echo value, at most.
+MAX_RETRIES = 64
 #: Seconds between two log lines about dropped or rejected group datagrams.
 LOG_INTERVAL = 60.0
 
@@ -166,6 +171,9 @@ class GroupListener:
             except StaleCopy:
                 self.stale += 1  # a replay, or a reordered older object: never accepted
                 continue
+            except TransportError as exc:  # the AS out of reach for a new epoch's secret
+                self._drop(f"not opened: {exc}")
+                continue
             except InvalidObject as exc:
                 self._drop(f"rejected: {exc.reason}", rejected=True)
                 continue
@@ -202,7 +210,8 @@ async def group_get(
     target = _group(group)
     if not timeout > 0:
         raise ValueError("timeout must be a positive number of seconds")
-    segments = [s.encode() for s in path.strip("/").split("/")]
+    wanted = path.strip("/")
+    segments = [s.encode() for s in wanted.split("/")]
     token = os.urandom(8)
 
     def request(echo: bytes = PLACEHOLDER) -> bytes:
@@ -236,23 +245,25 @@ async def group_get(
                 continue
             if message.code == UNAUTHORIZED:
                 echo = message.first(ECHO)
-                if echo is not None and addr not in retried:  # once per producer
+                # Once per producer, and a bounded number in all: a forged 4.01 makes this
+                # consumer send one small unicast GET, never a stream of them.
+                if echo is not None and addr not in retried and len(retried) < MAX_RETRIES:
                     retried.add(addr)
                     transport.sendto(request(echo), addr)
                 continue
             if message.code != CONTENT or not message.payload:
                 continue
-            resource_id = _resource_of(message.payload, "/".join(
-                s.decode() for s in segments
-            ), consumer.max_object_size)  # fmt: skip
+            resource_id = _resource_of(message.payload, wanted, consumer.max_object_size)
             if resource_id is None or resource_id in readings:
                 continue
             try:
                 reading = await consumer.pipeline.open(
                     message.payload, resource_id, skip_same=False
                 )
-            except (InvalidObject, StaleCopy) as exc:
-                log.warning("group GET %s: an answer from %s rejected: %s", path, addr[0], exc)
+            except (InvalidObject, AccessDenied, TransportError) as exc:
+                # One producer's answer (rejected, not granted, its secret out of reach) does
+                # not spoil the others'.
+                log.warning("group GET %s: an answer from %s left out: %s", path, addr[0], exc)
                 continue
             if reading is not None:
                 readings[resource_id] = reading
