@@ -25,7 +25,7 @@ from netns_harness import (
 )
 from system_harness import Deployment
 
-from consumer import Consumer
+from consumer import AccessDenied, Consumer
 from oscar_io import multicast
 from oscar_io.multicast import CONTENT, ECHO, GET, NON, UNAUTHORIZED, URI_PATH, Group
 from producer import Producer, ProducerConfig, ResourceSpec
@@ -47,6 +47,7 @@ def deployment(netns: Namespace, tmp_path_factory: pytest.TempPathFactory) -> It
     d = Deployment(tmp_path_factory.mktemp("mcast"))
     for i in range(READERS):
         d.enroll("consumer", f"reader-{i}")
+    d.enroll("consumer", "outsider")  # granted nothing
     for name in ("meter-a", "meter-b", "meter-6"):
         d.enroll("producer", name)
         for i in range(READERS):
@@ -199,6 +200,24 @@ async def test_a_replayed_or_forged_datagram_to_the_group_is_refused(
         tap.close()
         sender.close()
         await consumer.close()
+
+
+@pytest.mark.asyncio
+async def test_joining_a_group_grants_nothing(
+    deployment: Deployment, meters: tuple[Group, list[Producer]]
+) -> None:
+    g, (meter, _) = meters
+    async with (
+        Consumer(deployment.root / "outsider.json") as outsider,
+        outsider.join_group(str(g), ["meter-a/temp"], interface=IPV4_INTERFACE) as listener,
+    ):
+        await sealed(meter, "temp", b"secret reading")
+        with pytest.raises(AccessDenied):  # the datagram came; its secret is not the outsider's
+            await next_reading(aiter(listener))
+        assert listener.accepted == 0
+        readings = await outsider.group_get(str(g), "temp", timeout=0.5, interface=IPV4_INTERFACE)
+        assert readings == {}  # the group GET's answers came too, and opened to nothing
+        assert meter.groups.answered == 1
 
 
 @pytest.mark.asyncio
