@@ -334,3 +334,11 @@ async def test_the_group_counters_are_metrics(meters: tuple[Group, list[Producer
     families = {f.name: f.values for f in producer_metrics(meter).read()}
     assert families["oscar_producer_group_datagrams"][()] == meter.groups.sent >= 1
     assert families["oscar_producer_group_requests"][("challenged",)] == 0
+
+
+def test_the_namespace_goes_away_on_failure_and_the_thread_comes_back(netns: Namespace) -> None:
+    with pytest.raises(ZeroDivisionError), multicast_namespace() as inner:
+        assert inner.current() and not netns.current()
+        _ = 1 / 0
+    assert netns.current()  # back where it was
+    assert not Path(f"/run/netns/{inner.name}").exists()
