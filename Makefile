@@ -3,7 +3,8 @@
 #   make deps       system packages: autotools (DTLSSocket builds from source), libcoap3-bin,
 #                   postgresql (the server binaries the AS store's tests run on PostgreSQL with),
 #                   redis-server (the proxy cluster's tests start private servers of it),
-#                   chromium (the admin console's browser tests drive it headless)
+#                   chromium (the admin console's browser tests drive it headless),
+#                   iproute2 (the multicast tests make a private network namespace)
 #   make .stamp-venv  create .venv and install the project with the [test] extra
 #   make demo       create .venv, install, run oscar-demo (ARGS passed to it, e.g. --keep-running)
 #   make check      the fast tier, under a minute: lint, format check, typecheck, import contracts,
@@ -61,6 +62,7 @@ endef
 deps:
 	@$(call apt_install,autoreconf automake,autoconf automake libtool)
 	@$(call apt_install,coap-client-openssl,libcoap3-bin)
+	@$(call apt_install,ip,iproute2)
 	@$(call apt_install_unless,/usr/lib/postgresql/*/bin/initdb,postgresql)
 	@$(call apt_install,redis-server,redis-server)
 	@$(call apt_install,chromium,chromium chromium-driver)

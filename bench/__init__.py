@@ -54,6 +54,7 @@ MODULES = (
     "network",
     "producer_footprint",
     "producer_observers",
+    "multicast",
     "as_flood",
     "audit_verify",
     "audit_retention",

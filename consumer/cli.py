@@ -4,6 +4,8 @@
 
     oscar-consumer --bundle FILE --state DIR get URI [-o FILE] [--json] [--proxy URI]
     oscar-consumer --bundle FILE --state DIR observe URI [--count N] [--json] [--proxy URI]
+    oscar-consumer --bundle FILE --state DIR listen GROUP RID... [--interface ADDR] [--count N]
+    oscar-consumer --bundle FILE --state DIR group-get GROUP PATH [--interface ADDR] [--wait S]
 
 ``get`` writes the plaintext to stdout as it is (or to ``-o FILE``, mode 0600, in bounded memory
 however large the object: the file appears, whole, only once the signature and the AEAD tag have
@@ -20,6 +22,13 @@ prints one ``oscar-consumer: warning:`` line (what was served, what this consume
 the cache will ask its origin again) and gives the newest reading it holds, checked again now
 (exit 0); if that one is no longer valid, the error line says ``stale copy:`` (exit 4).
 ``observe`` warns and goes on.
+
+``listen`` joins a multicast group (``224.0.1.187:5683``, ``[ff05::fd]:5683``) on ``--interface``
+(an IPv4 address, or an IPv6 interface's name or address) and writes each new reading of the
+resources named as ``observe`` does; datagrams that are not valid objects are dropped (logged).
+``group-get`` sends one GET for ``PATH`` (e.g. ``temperature``) to a group and writes, per producer
+that answered within ``--wait`` seconds (default 2), a line ``<resource id> <plaintext>`` (or
+the JSON line); none at all is exit 4. Every object is checked as any other.
 
 Exit status: 0 success; 1 an object was rejected (for ``observe``: at least one notification was,
 each reported on its own line while observing goes on); 2 bad usage, an unusable bundle or a
@@ -56,7 +65,9 @@ from oscar_io.clikit import (
     parse_args,
     read_toml,
 )
+from oscar_io.coaperrors import TimedOut
 from oscar_io.errors import BundleError, StateError, UsageError
+from oscar_io.multicast import ANY_INTERFACE, Group
 
 from .client import DEFAULT_MAX_OBJECT_SIZE, DEFAULT_TIMEOUT, Consumer, parse_target
 from .errors import AccessDenied, StaleCopy, TransportError
@@ -219,6 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(observe)
     observe.add_argument("--count", type=_count, metavar="N", help="stop after N readings")
+
+    def group_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("group", metavar="GROUP", help="ADDRESS:PORT or [IPv6]:PORT")
+        sub.add_argument(
+            "--interface",
+            metavar="ADDR",
+            default=ANY_INTERFACE,
+            help="IPv4 address, or IPv6 interface name or address, to join and send on "
+            "(default: the system's choice, IPv4 only)",
+        )
+        sub.add_argument("--json", action="store_true", help="one JSON line per reading")
+
+    listen = commands.add_parser(
+        "listen",
+        help="receive the new readings sent to a multicast group",
+        description="Join a multicast group and write each new reading of the resources named.",
+    )
+    group_args(listen)
+    listen.add_argument("resources", metavar="RID", nargs="+", help="<producer>/<path>")
+    listen.add_argument("--count", type=_count, metavar="N", help="stop after N readings")
+    group_get = commands.add_parser(
+        "group-get",
+        help="read a resource from every producer of a multicast group",
+        description="One GET to a multicast group; each producer's reading, checked.",
+    )
+    group_args(group_get)
+    group_get.add_argument("path", metavar="PATH", help="the resource's path under each producer")
+    group_get.add_argument(
+        "--wait", type=_positive, default=2.0, metavar="S", help="seconds to collect answers"
+    )
     return parser
 
 
@@ -295,6 +336,36 @@ async def _observe(consumer: Consumer, args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+async def _listen(consumer: Consumer, args: argparse.Namespace) -> int:
+    received = 0
+    async with consumer.join_group(args.group, args.resources, interface=args.interface) as group:
+        async for _, reading in group:
+            _write_out(
+                reading_json(reading).encode("ascii") + b"\n"
+                if args.json
+                else reading.plaintext + b"\n"
+            )
+            received += 1
+            if args.count is not None and received >= args.count:
+                break
+    return 0
+
+
+async def _group_get(consumer: Consumer, args: argparse.Namespace) -> int:
+    readings = await consumer.group_get(
+        args.group, args.path, timeout=args.wait, interface=args.interface
+    )
+    if not readings:
+        raise TimedOut(f"no producer of group {args.group} answered in {args.wait:g} s")
+    for resource_id, reading in sorted(readings.items()):
+        _write_out(
+            reading_json(reading).encode("ascii") + b"\n"
+            if args.json
+            else resource_id.encode() + b" " + reading.plaintext + b"\n"
+        )
+    return 0
+
+
 def _apply_config(args: argparse.Namespace) -> None:
     """Fill what the flags leave unset from ``--config``; bundle and state are required."""
     if args.config is not None:
@@ -343,7 +414,10 @@ def _apply_config(args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    parse_target(args.uri, resource=args.resource, proxy=args.proxy)  # bad usage: change nothing
+    if args.command in ("get", "observe"):  # bad usage: change nothing
+        parse_target(args.uri, resource=args.resource, proxy=args.proxy)
+    else:
+        Group.parse(args.group)
     quiet_undecodable_datagrams(asyncio.get_running_loop(), log)
     threshold = None if args.tcp_threshold == "off" else args.tcp_threshold
     async with Consumer(
@@ -355,6 +429,10 @@ async def _run(args: argparse.Namespace) -> int:
     ) as consumer:
         if args.command == "get":
             return await _get(consumer, args)
+        if args.command == "listen":
+            return await _listen(consumer, args)
+        if args.command == "group-get":
+            return await _group_get(consumer, args)
         return await _observe(consumer, args)
 
 

@@ -37,8 +37,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from oscar.errors import InvalidObject
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, ObjectMetadata, Reading
@@ -48,6 +48,7 @@ from oscar_io.blockwise import DEFAULT_WINDOW, check_window
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TimedOut, TransportError, error_answer, translate
 from oscar_io.errors import AccessDenied, AsError, BundleError
+from oscar_io.multicast import ANY_INTERFACE
 from oscar_io.trust import Trust
 
 from .coap import Exchange, assemble, cache_fresh_in, cancel
@@ -57,6 +58,9 @@ from .spool import Assembly, Output
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
 from .target import Target, parse_target
 from .transport import DEFAULT_TCP_THRESHOLD, TcpRoute
+
+if TYPE_CHECKING:
+    from .groups import GroupListener
 
 __all__ = ["DEFAULT_MAX_OBJECT_SIZE", "DEFAULT_TIMEOUT", "Consumer", "Target", "parse_target"]
 
@@ -225,6 +229,26 @@ class Consumer:
         else:
             log.warning("%s; the newest reading held is given instead", stale.describe())
         return reading
+
+    # --- multicast groups (consumer.groups) -------------------------------------------------------
+
+    def join_group(
+        self, group: str, resources: Sequence[str], *, interface: str = ANY_INTERFACE
+    ) -> GroupListener:
+        """The readings of ``resources`` sent to ``group`` (:class:`~consumer.groups.GroupListener`:
+        ``async with`` it, then ``async for resource_id, reading in it``), each checked as any."""
+        from .groups import GroupListener
+
+        return GroupListener(self, group, resources, interface=interface)
+
+    async def group_get(
+        self, group: str, path: str, *, timeout: float = 2.0, interface: str = ANY_INTERFACE
+    ) -> dict[str, Reading]:
+        """One GET for ``path`` to ``group``: each producer's checked reading, by resource id
+        (:func:`consumer.groups.group_get`)."""
+        from .groups import group_get
+
+        return await group_get(self, group, path, timeout=timeout, interface=interface)
 
     # --- CoAP -------------------------------------------------------------------------------------
 

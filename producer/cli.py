@@ -40,6 +40,7 @@ from oscar_io.clikit import (
 )
 from oscar_io.errors import BundleError, StateError
 from oscar_io.metrics import MetricsServer, MetricsUnavailable, check_metrics_address, serve_metrics
+from oscar_io.multicast import Group
 from oscar_io.ports import ensure_port_free
 
 from .config import (
@@ -199,6 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="label per-resource metrics with resource ids (default: off)",
     )
+    parser.add_argument(
+        "--multicast",
+        action="append",
+        default=[],
+        metavar="ADDRESS:PORT",
+        help="send each new object once to this group and answer group GETs on it "
+        "(repeatable; IPv6 as [ADDRESS]:PORT; added to the configuration file's; default: none)",
+    )
+    parser.add_argument(
+        "--multicast-interface",
+        metavar="IPV4",
+        help="the IPv4 address whose interface joins and sends to groups "
+        f"(default: {_CONFIG.multicast_interface}, the system's choice)",
+    )
+    parser.add_argument(
+        "--multicast-interface6",
+        metavar="NAME|IPV6",
+        help="the interface (name, or one of its IPv6 addresses) for IPv6 groups "
+        "(default: none; required with an IPv6 group)",
+    )
+    parser.add_argument(
+        "--multicast-leisure",
+        type=float,
+        metavar="SECONDS",
+        help=f"answers to a group GET wait up to this long (default: {_CONFIG.multicast_leisure})",
+    )
     add_logging_arguments(parser)
     return parser
 
@@ -241,6 +268,10 @@ def _config(args: argparse.Namespace) -> ProducerConfig:
         "tls": args.tls,
         "resources": specs,
         "publish": publish,
+        "multicast": [Group.parse(text) for text in args.multicast] or None,
+        "multicast_interface": args.multicast_interface,
+        "multicast_interface6": args.multicast_interface6,
+        "multicast_leisure": args.multicast_leisure,
     }
     if args.config is not None:
         return load_config(args.config, **overrides)

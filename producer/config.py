@@ -15,6 +15,11 @@ or from a TOML file (:func:`load_config`; relative paths are relative to the fil
     key_algorithm = "ES256"            # or "EdDSA" (for the *-eddsa profiles)
     max_observers = 256                # Observe registrations held at once, in all
     max_observers_per_address = 16     # ... and from one IP address
+    multicast = ["224.0.1.187:5683"]   # each new object once to each group; group GETs answered
+    multicast_interface = "127.0.0.1"  # IPv4 groups joined and sent on (default 0.0.0.0: any)
+    multicast_interface6 = "eth0"      # IPv6 groups: an interface name or one of its addresses
+    multicast_hops = 1                 # TTL / hop limit of group datagrams
+    multicast_leisure = 1.0            # answers to a group GET wait 0 to this many seconds
 
     [[resource]]
     path = "temperature"               # the resource is <producer id>/temperature
@@ -37,6 +42,7 @@ the field, and nothing is written to the state directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +53,7 @@ from urllib.parse import urlsplit
 from oscar import names
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 from oscar_io import ports
+from oscar_io.multicast import ANY_INTERFACE, Group
 
 from .errors import ConfigError
 
@@ -203,6 +210,14 @@ class ProducerConfig:
     #: Also serve over CoAP over TLS on the listen port + 1: the producer's certificate from the
     #: AS CA, clients must present one from the same CA (oscar_io.coaptcp).
     tls: bool = False
+    #: Multicast groups every new object goes to, once each (producer.groups); group GETs to
+    #: them are answered. Per producer, not per resource: a CoAP group is a group of endpoints
+    #: (RFC 7390), and a group GET names a resource of each of them.
+    multicast: Sequence[Group] = ()
+    multicast_interface: str = ANY_INTERFACE
+    multicast_interface6: str | None = None
+    multicast_hops: int = 1
+    multicast_leisure: float = 1.0
 
     def __post_init__(self) -> None:
         if self.key_algorithm not in ("ES256", "EdDSA"):
@@ -218,8 +233,8 @@ class ProducerConfig:
                     f"resource {spec.path!r}: profile {spec.profile} signs with {signs_with}, "
                     f"but the producer key is {self.key_algorithm} (set key_algorithm)"
                 )
-        if self.listen is None and not self.publish:
-            raise ConfigError("nothing to do: give listen, publish, or both")
+        if self.listen is None and not self.publish and not self.multicast:
+            raise ConfigError("nothing to do: give listen, publish, multicast, or several")
         if type(self.sequence_window) is not int or not 1 <= self.sequence_window <= 1 << 20:
             raise ConfigError("sequence_window is 1 to 1048576")
         for key in ("tcp", "tls"):
@@ -232,6 +247,32 @@ class ProducerConfig:
             raise ConfigError("tls = true needs a listen port below 65535 (TLS takes port + 1)")
         _uint(self.max_observers, MAX_OBSERVERS, "max_observers")
         _uint(self.max_observers_per_address, MAX_OBSERVERS, "max_observers_per_address")
+        self._check_multicast()
+
+    def _check_multicast(self) -> None:
+        if not all(isinstance(group, Group) for group in self.multicast):
+            raise ConfigError("multicast is a list of groups")
+        if len(set(self.multicast)) != len(self.multicast):
+            raise ConfigError("multicast: a group is listed twice")
+        if any(":" in g.address for g in self.multicast) and not self.multicast_interface6:
+            raise ConfigError("multicast: an IPv6 group needs multicast_interface6")
+        try:
+            ipaddress.IPv4Address(str(self.multicast_interface))
+            if not isinstance(self.multicast_interface, str):
+                raise ValueError
+        except ValueError:
+            raise ConfigError("multicast_interface is an IPv4 address") from None
+        if self.multicast_interface6 is not None and (
+            not isinstance(self.multicast_interface6, str) or not self.multicast_interface6
+        ):
+            raise ConfigError("multicast_interface6 is an interface name or IPv6 address")
+        if type(self.multicast_hops) is not int or not 1 <= self.multicast_hops <= 255:
+            raise ConfigError("multicast_hops is 1 to 255")
+        leisure = self.multicast_leisure
+        if not isinstance(leisure, (int, float)) or isinstance(leisure, bool):
+            raise ConfigError("multicast_leisure is 0 to 60 seconds")
+        if not 0 <= leisure <= 60:
+            raise ConfigError("multicast_leisure is 0 to 60 seconds")
 
 
 def parse_listen(text: str, *, what: str = "") -> tuple[str, int]:
@@ -263,6 +304,11 @@ _TOP = {
     "metrics_per_resource",
     "tcp",
     "tls",
+    "multicast",
+    "multicast_interface",
+    "multicast_interface6",
+    "multicast_hops",
+    "multicast_leisure",
 }
 _RESOURCE = {
     "path",
@@ -360,6 +406,11 @@ def config_from_mapping(
         if not isinstance(doc["metrics_per_resource"], bool):
             raise ConfigError(f"{where}: metrics_per_resource is true or false")
         values["metrics_per_resource"] = doc["metrics_per_resource"]
+    if "multicast" in doc:
+        groups = doc["multicast"]
+        if not isinstance(groups, list):
+            raise ConfigError(f'{where}: multicast is a list of "ADDRESS:PORT"')
+        values["multicast"] = [Group.parse(text) for text in groups]
     for key in (
         "key_algorithm",
         "sequence_window",
@@ -367,14 +418,18 @@ def config_from_mapping(
         "max_observers_per_address",
         "tcp",
         "tls",
+        "multicast_interface",
+        "multicast_interface6",
+        "multicast_hops",
+        "multicast_leisure",
     ):
         if key in doc:
             values[key] = doc[key]
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("resources", "publish"):  # the flags' add to the file's
-            values[key] = [*values[key], *value]
+        if key in ("resources", "publish", "multicast"):  # the flags' add to the file's
+            values[key] = [*values.get(key, ()), *value]
         else:
             values[key] = value
     if values["bundle"] is None or values["state"] is None:

@@ -78,6 +78,8 @@ class Producer:
         #: The observers' bounds and counts (None when serving nothing).
         self.observer_limits: Any = None
         self._publisher: Any = None
+        #: The multicast groups (producer.groups.GroupService), None without any.
+        self.groups: Any = None
         self._files: dict[str, FileSource] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -173,6 +175,22 @@ class Producer:
                 tcp=config.tcp,
                 tls=tls,
             )
+        if config.multicast:
+            from .groups import GroupService
+
+            self.groups = GroupService(
+                self.device_id,
+                self.resources.values(),
+                config.multicast,
+                interface=config.multicast_interface,
+                interface6=config.multicast_interface6,
+                hops=config.multicast_hops,
+                leisure=config.multicast_leisure,
+                echo_key=bundle.state_key("producer-echo"),
+            )
+            await self.groups.start()
+            for published in self.resources.values():  # once per value, whatever the listeners
+                published.on_change.append(functools.partial(self.groups.notify, published))
         if self._publisher is not None:  # after the observers: they are told first
             for published in self.resources.values():
                 published.on_change.append(functools.partial(self.publish, published))
@@ -195,6 +213,9 @@ class Producer:
         await stop_tasks(tasks)
         if self._publisher is not None:
             await self._publisher.close()
+        if self.groups is not None:
+            self.groups.close()
+            self.groups = None
         if self.server is not None:
             await self.server.shutdown()
             self.server = None

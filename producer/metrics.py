@@ -10,6 +10,10 @@ figures are those the producer keeps anyway).
 - ``oscar_producer_observers`` (held now), ``oscar_producer_observations_refused_total``,
   ``oscar_producer_observations_displaced_total``, ``oscar_producer_notifications_total``;
 - ``oscar_producer_publications_total{outcome}`` (PUTs to proxies: ``accepted``, ``failed``);
+- with ``multicast`` (:mod:`producer.groups`): ``oscar_producer_group_datagrams_total``
+  (notifications sent to groups, one per object per group), ``oscar_producer_group_too_large_total``
+  (objects not sent to groups: over one datagram), ``oscar_producer_group_requests_total{outcome}``
+  (group GETs: ``answered`` with the object, ``challenged`` with a 4.01 Echo, ``ignored``);
 - ``oscar_producer_resources_unsealable``: resources with no epoch secret they may seal under now
   (the AS away past both known epochs, or never reached): the alarm to set.
 
@@ -43,6 +47,9 @@ def producer_metrics(producer: Any, *, per_resource: bool = False) -> Metrics:
     displaced = m.counter("observations_displaced", "Unconfirmed observations displaced.")
     notifications = m.counter("notifications", "Observe notifications sent.")
     publications = m.counter("publications", "Objects published to proxies, by outcome.", "outcome")
+    group_datagrams = m.counter("group_datagrams", "Notifications sent to multicast groups.")
+    group_too_large = m.counter("group_too_large", "Objects too large for a group datagram.")
+    group_requests = m.counter("group_requests", "Group GETs, by outcome.", "outcome")
     unsealable = m.gauge(
         "resources_unsealable", "Resources without an epoch secret they may seal under now."
     )
@@ -76,6 +83,12 @@ def producer_metrics(producer: Any, *, per_resource: bool = False) -> Metrics:
             refused.set(value=limits.refused)
             displaced.set(value=limits.displaced)
             notifications.set(value=limits.notifications)
+        groups = getattr(producer, "groups", None)
+        if groups is not None:
+            group_datagrams.set(value=groups.sent)
+            group_too_large.set(value=groups.too_large)
+            for outcome in ("answered", "challenged", "ignored"):
+                group_requests.set(outcome, value=getattr(groups, outcome))
         publisher = producer.publisher
         if publisher is not None:
             publications.set("accepted", value=sum(publisher.published))

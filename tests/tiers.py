@@ -170,6 +170,7 @@ PROCESS: dict[str, Starts] = {
         "test_planted_temporary_names_cannot_receive_the_producer_key",
         "test_the_as_database_is_0600_whatever_the_umask",
     ),
+    "test_multicast": every(),
     "test_tcp_transport": every(),
 }
 
