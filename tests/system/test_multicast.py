@@ -31,7 +31,6 @@ from oscar_io.multicast import CONTENT, ECHO, GET, NON, UNAUTHORIZED, URI_PATH, 
 from producer import Producer, ProducerConfig, ResourceSpec
 from producer.metrics import producer_metrics
 
-
 READERS = 3
 
 
