@@ -3,8 +3,9 @@
 RFC 7252 §11.3 and RFC 9175 §2.4: a server must not answer an unauthenticated request with a
 response much larger than the request, unless the client showed that it receives at its claimed
 address. A request to a multicast group multiplies that by the number of servers in the group,
-so the producer's group responder (``producer.groups``) answers an unproven requester with at most
-a 4.01 Unauthorized carrying an Echo option, no larger than the request; a client that repeats
+so the producer's group responder (``producer.groups``) and the proxy (``proxy.server``, for
+every plain-CoAP request) answer an unproven requester with at most a 4.01 Unauthorized carrying
+an Echo option, no larger than the request; a client that repeats
 its request with that Echo value has proved its address, which is then trusted for
 :data:`VERIFIED_FOR` seconds (a bounded table).
 
@@ -13,8 +14,7 @@ HMAC over (time, address), valid for :data:`ECHO_LIFETIME` seconds, under a key 
 from its bundle) or made at start. The 4.01 carrying it is 4 bytes, the token and 10 bytes of
 option (:func:`challenge_size`).
 
-This is the recipe of ``proxy.echo`` (the proxy's unicast rule), here in the runtime so that any
-role can use it; the proxy keeps its own copy until it is moved onto this one.
+It was the proxy's (``proxy.echo``) and moved here when the producer needed it too.
 
 What it does not do: send anything, or decide which requests need a proof.
 """

@@ -8,7 +8,7 @@ and keeps its cache encrypted at rest. It can check objects; it can never read t
 Modules:
 
 - :mod:`proxy.core`: :class:`Proxy`, verification, lookups, upstream fetches, publishing;
-- :mod:`proxy.server`: :class:`~proxy.server.ProxySite`, the CoAP face; :mod:`proxy.echo`: the
+- :mod:`proxy.server`: :class:`~proxy.server.ProxySite`, the CoAP face; :mod:`oscar_io.echo`: the
   Echo challenge (no amplification); :mod:`proxy.relays`: observers and the upstream observations
   they hold, bounded; :mod:`proxy.fastpath`: cache hits of verified plain-CoAP clients answered
   before aiocoap, byte for byte as the site would;

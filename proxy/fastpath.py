@@ -13,7 +13,7 @@ when it is exactly:
   and optionally ETag options (1 to 8 bytes each), and an empty Observe (a registration:
   :mod:`proxy.fastobserve` takes it and sends its notifications); nothing else (no other
   Observe, Echo, Block2, Accept, Uri-Host, Proxy-Scheme...);
-- from a remote whose address the Echo check has proven (:class:`proxy.echo.AddressCheck`,
+- from a remote whose address the Echo check has proven (:class:`oscar_io.echo.AddressCheck`,
   the site's): an unproven one goes to aiocoap, which challenges it (4.01 and Echo);
 - for a resource whose entry is in memory (not only on disk), fresh (before ``fresh_until``)
   and valid (not past ``exp``), and whose object goes out in one message (at most aiocoap's

@@ -16,7 +16,7 @@ Refusals: 4.00 a malformed request or a rejected object (one opaque answer; the 
 4.03 a PUT by anyone but the owner over DTLS, 4.04 nothing to serve, 4.13 an object over the size
 limit, 5.02 the upstream gave nothing valid, 5.03 the AS is needed to verify and cannot be reached,
 5.05 a scheme other than ``coap``. Plain-CoAP clients whose address is not verified get 4.01 with
-an Echo option instead of a reply (:mod:`proxy.echo`), before any lookup, fetch or AS request.
+an Echo option instead of a reply (:mod:`oscar_io.echo`), before any lookup, fetch or AS request.
 The 4.01 (4 bytes, the token, a 10-byte option) is no larger than a request whose options and
 payload take 10 bytes or more (a resource id ``x/y`` of 9 characters or more, any Proxy-Uri); for
 shorter ones it is up to 6 bytes larger (``a/b``: 8 bytes and the token), within RFC 9175's bound
@@ -69,11 +69,11 @@ from oscar.errors import InvalidObject
 from oscar_io import coaptcp
 from oscar_io.coaperrors import TransportError
 from oscar_io.dtls import device_of_label
+from oscar_io.echo import AddressCheck, challenge_size
 from oscar_io.metrics import outcome_of
 
 from .bodies import BodyError
 from .core import Proxy, Unavailable
-from .echo import AddressCheck, challenge_size
 from .entry import Entry
 from .large import BadBlock, Intake, cut
 from .publishing import BlockRefused, Uploads
@@ -167,7 +167,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
     """Every path of the proxy (it is the site's root resource)."""
 
     def __init__(self, proxy: Proxy, *, echo_key: bytes | None = None) -> None:
-        """``echo_key``: the proxy identity's key for Echo values (:mod:`proxy.echo`), so that
+        """``echo_key``: the proxy identity's key for Echo values (:mod:`oscar_io.echo`), so that
         its instances accept each other's; None: one of this site's own."""
         super().__init__()
         self.proxy = proxy

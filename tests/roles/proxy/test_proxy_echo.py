@@ -1,4 +1,4 @@
-"""The proxy's Echo values (proxy/echo.py) across the instances of one proxy identity (issue 16):
+"""The proxy's Echo values (oscar_io/echo.py) across the instances of one proxy identity (issue 16):
 what one instance issues, another with the same key accepts, for the same address, within the
 lifetime by the wall clock (the instances' monotonic clocks have nothing in common); another
 key, another address or an old value proves nothing."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.echo import ECHO_LIFETIME, ECHO_SIZE, AddressCheck
+from oscar_io.echo import ECHO_LIFETIME, ECHO_SIZE, AddressCheck
 
 KEY = bytes(range(32))
 ADDRESS, OTHER = "192.0.2.7:5683", "192.0.2.8:5683"
