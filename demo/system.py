@@ -49,16 +49,27 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
-    """A UDP port on 127.0.0.1 that is free now (the kernel's pick), at least 2: aiocoap's DTLS
-    server serves on its bind port + 1, so port - 1 must be a valid bind port.
+    """A port on 127.0.0.1 that is free now for UDP and for TCP (the kernel's UDP pick), at least
+    2: aiocoap's DTLS server serves on its bind port + 1, so port - 1 must be a valid bind port;
+    CoAP over TCP (``--tcp``) listens on the same number, and a UDP pick can be a TCP port in use
+    (another connection's ephemeral port, say).
 
     Shared with the tests and the benchmarks."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             port: int = s.getsockname()[1]
-        if port >= 2:
+        if port >= 2 and _tcp_free(port):
             return port
+
+
+def _tcp_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_tcp_port() -> int:
@@ -70,7 +81,8 @@ def free_tcp_port() -> int:
 
 
 def free_port_pair() -> int:
-    """A UDP port P on 127.0.0.1 such that P and P + 1 are both free now (plain CoAP and DTLS)."""
+    """A port P on 127.0.0.1 such that P and P + 1 are both free now, for UDP (plain CoAP and
+    DTLS) and TCP (CoAP over TCP and TLS)."""
     while True:
         port = free_port()
         if port >= 65535:
@@ -80,6 +92,8 @@ def free_port_pair() -> int:
                 s.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
+        if not _tcp_free(port + 1):  # CoAP over TLS listens there (``--tls``)
+            continue
         return port
 
 
