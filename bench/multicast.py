@@ -264,6 +264,24 @@ def run(settings: Settings) -> Iterator[Figure]:
                 baseline_value=unicast.cpu_us_per_value,
                 lower_is_better=True,
             )
+    if rows:  # issue 19's targets: one datagram per value, and producer CPU flat in N
+        one = all(g.datagrams_per_value == 1.0 for _, _, g in rows)
+        yield Figure(
+            "multicast/target/one-datagram-per-value",
+            float(one),
+            f"1 = one datagram per value at every N ({', '.join(str(n) for n in COUNTS)})",
+            min_value=1,
+        )
+        (n_low, _, low), (n_high, _, high) = rows[0], rows[-1]
+        yield Figure(
+            f"multicast/target/cpu-flat-N{n_high}-vs-N{n_low}",
+            high.cpu_us_per_value,
+            "us",
+            baseline=f"N={n_low}",
+            baseline_value=low.cpu_us_per_value,
+            min_ratio=1 / 3,  # within 3x from 1 to 200 members (unicast: over 100x)
+            lower_is_better=True,
+        )
     print("\n  per value   datagrams         user CPU (us)      user+system CPU (us)")
     print("  N           unicast | group   unicast | group     unicast | group")
     for n, u, g in rows:
