@@ -16,7 +16,9 @@ proxy's verify-before-cache (:mod:`proxy.core`):
   is :class:`~oscar_io.coaperrors.TransportError`: the consumer (or proxy) fails closed rather
   than trust a key that may have been revoked meanwhile.
 - :meth:`Trust.check`: all of an object's checks that need no secret, on top of the two above
-  (the consumer's pipeline and the proxy's verify-before-cache).
+  (the consumer's pipeline and the proxy's verify-before-cache); :meth:`Trust.check_any` the
+  same for a single-part or a multi-part object (:mod:`oscar.parts`), for the proxy, which
+  caches both without reading either.
 
 What it needs is narrow: a :class:`TrustStore` (what was learnt, kept between runs:
 :class:`oscar_io.localstore.TrustCache`) and a :class:`CertificateSource` (the two AS lookups:
@@ -51,6 +53,8 @@ from oscar.objects import (
     verify,
     verify_stream,
 )
+from oscar.parts import MultiPartObject
+from oscar.partsopening import verify_parts
 
 from .bundle import Bundle
 from .coaperrors import TransportError
@@ -189,6 +193,23 @@ class Trust:
         key = await self._checked(obj, resource_id, now)
         return obj, key
 
+    async def check_any(
+        self, data: bytes, resource_id: str, now: int, *, max_size: int = DEFAULT_MAX_OBJECT_SIZE
+    ) -> tuple[ProtectedObject | MultiPartObject, ProducerKey]:
+        """:meth:`check` for a single-part object, else the same checks, in the same order, for
+        a multi-part one (:func:`oscar.verify_parts`); an object that is neither is refused
+        with the single-part decoder's reason."""
+        try:
+            single = ProtectedObject.from_bytes(data, max_size=max_size)
+        except InvalidObject as exc:
+            try:
+                multi = MultiPartObject.from_bytes(data, max_size=max_size)
+            except InvalidObject:
+                raise exc from None
+            key = await self._checked(multi, resource_id, now)
+            return multi, key
+        return single, await self._checked(single, resource_id, now)
+
     async def check_stream(
         self, obj: StreamedObject, resource_id: str, now: int
     ) -> tuple[StreamedObject, ProducerKey]:
@@ -198,13 +219,17 @@ class Trust:
         return obj, key
 
     async def _checked(
-        self, obj: ProtectedObject | StreamedObject, resource_id: str, now: int
+        self, obj: ProtectedObject | StreamedObject | MultiPartObject, resource_id: str, now: int
     ) -> ProducerKey:
         m = obj.metadata
         if m.resource_id != resource_id:
             raise InvalidObject("object is for another resource")
         key = await self.signer(m.kid, now)
-        if isinstance(obj, StreamedObject):
+        if isinstance(obj, MultiPartObject):
+            verify_parts(
+                obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor
+            )
+        elif isinstance(obj, StreamedObject):
             verify_stream(
                 obj, signer=key, now=now, resource_id=resource_id, trust_anchor=self._anchor
             )

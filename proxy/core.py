@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from oscar.errors import InvalidObject
-from oscar.objects import object_etag
+from oscar.objects import ObjectMetadata, object_etag
+from oscar.parts import PartsMetadata
 from oscar_io.asclient import AsClient
 from oscar_io.bundle import Bundle
 from oscar_io.coaperrors import TransportError
@@ -280,12 +281,13 @@ class Proxy:
         """
         now = int(self.now())
         token = origin.set(origin_of(upstream, resource_id))
+        m: ObjectMetadata | PartsMetadata  # a multi-part object's epoch is 0: by seq alone
         try:
             if isinstance(data, Intake):
                 streamed, key = await self.trust.check_stream(data.finish(), resource_id, now)
                 m, raw, body = streamed.metadata, b"", data.received
             else:
-                obj, key = await self.trust.check(
+                obj, key = await self.trust.check_any(  # single-part or multi-part
                     data, resource_id, now, max_size=self.limits.max_object_size
                 )
                 m, raw, body = obj.metadata, bytes(data), 0

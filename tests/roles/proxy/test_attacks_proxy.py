@@ -42,7 +42,17 @@ from proxy_harness import (
 from system_harness import Deployment, coap_get
 
 from consumer import Consumer
-from oscar import AccessSecret, ProtectedObject, Sealer, certs, object_etag, profile_by_name
+from oscar import (
+    AccessSecret,
+    Part,
+    ProtectedObject,
+    Sealer,
+    certs,
+    object_etag,
+    open_parts,
+    profile_by_name,
+    seal_parts,
+)
 from oscar.algorithms import PrivateKey
 from oscar_io.asclient import AsClient
 from oscar_io.aswire import KeyState
@@ -239,6 +249,56 @@ async def test_no_device_but_the_owner_over_dtls_can_publish(world: World, secur
     finally:
         for ctx in (owner, other, plain):
             await ctx.shutdown()
+
+
+async def test_a_multi_part_object_is_verified_cached_and_served_without_being_read(
+    world: World, secure: Context
+) -> None:
+    """Issue 19's objects of several parts (oscar.parts) pass the proxy as single-part ones do:
+    verified without any secret (the owner's signature over every part), cached and served byte
+    for byte, opened by whoever holds a part's secret and by nobody else; one signed by another
+    key, or older than the one held, is refused and changes nothing."""
+    rid = "sensor/parts"
+    clinicians, operators = AccessSecret(os.urandom(32)), AccessSecret(os.urandom(32))
+
+    def sealed(seq: int, key: PrivateKey | None = None) -> bytes:
+        t = now()
+        return seal_parts(
+            parts=[
+                Part("public", b"ward 3", 0),
+                Part("measurements", b"HR 72", 0, secret=clinicians, epoch=1),
+                Part("location", b"room 12", 0, secret=operators, epoch=1),
+            ],
+            producer_id="sensor", resource_id=rid, seq=seq, iat=t, exp=t + 600,
+            signing_key=key or world.keys["sensor"], profile=profile_by_name("a128gcm-es256"),
+        )  # fmt: skip
+
+    owner = await dtls_context(world.proxy, "sensor", world.links["sensor"])
+    try:
+        before = await stats(world.proxy)
+        obj = sealed(5)
+        assert (await send(owner, put(world.proxy, rid, obj))).code == Code.CHANGED
+        served = (await send(secure, held(world.proxy, rid))).payload
+        assert served == obj
+        reading = open_parts(
+            served,
+            secrets=lambda r, part, e: clinicians if part == "measurements" else None,
+            signer=world.keys["sensor"].public_key(),
+            now=now(),
+            resource_id=rid,
+        )
+        assert reading.part("measurements").plaintext == b"HR 72"  # type: ignore[union-attr]
+        assert reading.part("public").plaintext == b"ward 3"  # type: ignore[union-attr]
+        assert reading.not_granted == ("location",)
+        forged = sealed(6, key=world.keys["other"])  # a valid object, of the wrong signer
+        assert (await send(owner, put(world.proxy, rid, forged))).code == Code.BAD_REQUEST
+        assert (await send(owner, put(world.proxy, rid, sealed(4)))).code == Code.BAD_REQUEST
+        assert (await send(secure, held(world.proxy, rid))).payload == obj
+        after = await stats(world.proxy)
+        assert after["published"] == before["published"] + 1
+        assert after["rejected"] >= before["rejected"] + 2
+    finally:
+        await owner.shutdown()
 
 
 async def test_no_origin_can_replace_or_create_an_entry_with_an_object_it_may_not_give(
