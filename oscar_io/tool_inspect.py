@@ -17,7 +17,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 
-from oscar import algorithms, cbor, objects
+from oscar import algorithms, cbor, objects, parts
 from oscar.cose import ALG, CONTENT_TYPE, CRIT, IV, KID, PARTIAL_IV, Encrypt0, Sign1
 from oscar.errors import InvalidObject
 
@@ -33,6 +33,7 @@ _HEADER_LABELS: dict[int | str, str] = {
     objects.CWT_CLAIMS: "CWT claims",
     objects.EPOCH: "epoch",
     objects.SEQ: "seq",
+    parts.PARTS: "parts",
 }
 _CLAIM_LABELS: dict[int | str, str] = {
     1: "iss",
@@ -134,9 +135,31 @@ def describe(data: bytes) -> list[str]:
     try:
         objects.ProtectedObject.from_bytes(data)
     except InvalidObject as exc:
-        lines.append(f"structure: not an OSCAR protected object ({exc.reason})")
-    else:
-        lines.append("structure: an OSCAR protected object (signature, signer, expiry not checked)")
+        try:
+            multi = parts.MultiPartObject.from_bytes(data)
+        except InvalidObject:
+            lines.append(f"structure: not an OSCAR protected object ({exc.reason})")
+            return lines
+        lines += _parts(multi)
+        return lines
+    lines.append("structure: an OSCAR protected object (signature, signer, expiry not checked)")
+    return lines
+
+
+def _parts(obj: parts.MultiPartObject) -> list[str]:
+    """A multi-part object's parts (issue 19): name, audience, sizes; never a part's bytes."""
+    lines = [f"parts ({len(obj.items)}), in order:"]
+    for descriptor, item in zip(obj.metadata.parts, obj.items, strict=True):
+        name = printable(descriptor.name)
+        cf = descriptor.content_format
+        if isinstance(item, bytes):
+            lines.append(f"  {name}: plain, content format {cf}, {len(item)} bytes")
+        else:
+            lines.append(
+                f"  {name}: encrypted under its own secret, epoch {descriptor.epoch}, "
+                f"content format {cf}, {len(item.ciphertext)} bytes of ciphertext (with the tag)"
+            )
+    lines.append("structure: an OSCAR multi-part object (signature, signer, expiry not checked)")
     return lines
 
 

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from oscar import certs
+from oscar import AccessSecret, Part, certs, profile_by_name, seal_parts
 from oscar.algorithms import ES256, PrivateKey, signature_algorithm_of_key
 from oscar.cose import Sign1
 from oscar.objects import ProtectedObject
@@ -395,6 +395,44 @@ def test_inspect_names_the_headers_and_says_not_verified(run: Run, sealed: Path)
     ):
         assert part in text, part
     assert PLAINTEXT not in result.out
+
+
+def test_inspect_shows_the_parts_of_a_multi_part_object_and_none_of_their_bytes(
+    run: Run, pems: Pems, tmp_path: Path
+) -> None:
+    """Issue 19: each part's name, audience (plain, or encrypted under its own secret at an
+    epoch), content format and size, in order; not a byte of any part, plain or encrypted."""
+    key = certs.load_private_key(pems.private["ES256"].read_bytes())
+    secret = AccessSecret(os.urandom(32))
+    obj = tmp_path / "parts.cose"
+    obj.write_bytes(
+        seal_parts(
+            parts=[
+                Part("public", b"PUBLIC-WARD-3", 0),
+                Part("measurements", b"SECRET-HR-72", 50, secret=secret, epoch=4),
+            ],
+            producer_id=PRODUCER,
+            resource_id=RESOURCE,
+            seq=9,
+            iat=NOW,
+            exp=NOW + 60,
+            signing_key=key,
+            profile=profile_by_name("a128gcm-es256"),
+        )
+    )
+    result = run("inspect", "--in", obj)
+    assert result.code == 0, result.err
+    text = result.out.decode()
+    for shown in (
+        "-65539 parts: [",
+        "parts (2), in order:",
+        "public: plain, content format 0, 13 bytes",
+        "measurements: encrypted under its own secret, epoch 4, content format 50, 28 bytes",
+        "an OSCAR multi-part object",
+    ):
+        assert shown in text, shown
+    assert b"SECRET-HR-72" not in result.out and b"PUBLIC-WARD-3" not in result.out
+    assert "not an OSCAR protected object" not in text
 
 
 def test_inspect_diag_prints_the_whole_object(run: Run, sealed: Path) -> None:
