@@ -196,3 +196,33 @@ def test_an_upload_of_junk_is_refused_as_it_arrives(tmp_path: Path) -> None:
             uploads.block("d", "d/a", block, junk[number * size : (number + 1) * size])
     assert len(uploads) == 0
     assert list((tmp_path / "large").iterdir()) == []
+
+
+def test_a_notification_of_a_large_object_carries_block_0_from_the_store(tmp_path: Path) -> None:
+    """The fast observations' notification of an object whose body is on disk: block 0 of
+    1 KiB with Block2 (0, more, szx 6) after Max-Age, as RFC 7959 §2.6 has it; the observer asks
+    for the rest. (An object in memory is sent whole, as aiocoap sends it.)"""
+    from types import SimpleNamespace
+
+    from aiocoap import Message
+
+    from proxy.fastobserve import _Encoded
+
+    bodies = store(tmp_path)
+    intake = Intake(bodies, max_size=LIMIT)
+    feed(intake, BIG)
+    intake.finish()
+    intake.commit(RESOURCE, (3, 7))
+    entry = entry_of(BIG, body=len(BIG))
+    encoded = _Encoded(entry, 30, SimpleNamespace(bodies=bodies))  # type: ignore[arg-type]
+    # the notification's options after Observe, as the fast path puts them on the wire
+    message = Message.decode(b"\x50\x45\x00\x01" + b"\x61\x01" + encoded.content)
+    assert message.opt.block2 is not None
+    assert (message.opt.block2.block_number, message.opt.block2.more) == (0, True)
+    assert message.opt.block2.size_exponent == 6 and message.opt.max_age == 30
+    assert message.payload == BIG[:1024] and message.opt.content_format == 18
+    small = entry_of(seal(b"reading"))
+    whole = Message.decode(
+        b"\x50\x45\x00\x01" + b"\x61\x01" + _Encoded(small, 30, None).content  # type: ignore[arg-type]
+    )
+    assert whole.payload == small.obj and whole.opt.block2 is None
