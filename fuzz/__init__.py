@@ -17,7 +17,7 @@ Targets:
 ``as_endpoints``     ``authz_server.api.Endpoints.handle`` on a real store: ApiError only, and a
                      BadRequest changes no stored state
 ``proxy_target``     ``proxy.server.ProxySite.target`` on decoded CoAP requests: BadTarget only;
-                     ``proxy.echo.AddressCheck.prove``: a bool, never an exception
+                     ``oscar_io.echo.AddressCheck.prove``: a bool, never an exception
 ``producer_fastpath`` ``producer.fastpath.FastPath.answer``: None or bytes, never an exception
 ``proxy_fastpath``   ``proxy.fastpath.FastPath.answer``: None or bytes, never an exception; only
                      GETs the site reads as a held resource, answered 2.05 or 2.03 as it would

@@ -3,7 +3,7 @@
 The input is a CoAP datagram; what aiocoap cannot decode never reaches the proxy and is skipped.
 Contract (proxy/server.py): :meth:`ProxySite.target` refuses with ``BadTarget`` and nothing else;
 what it accepts names a well-formed resource id and an upstream that is None or a ``coap://`` URI
-for that resource. (proxy/echo.py) :meth:`AddressCheck.prove` answers True or False for any Echo
+for that resource. (oscar_io/echo.py) :meth:`AddressCheck.prove` answers True or False for any Echo
 value and never raises; a value it issued itself proves the address.
 """
 
@@ -15,9 +15,9 @@ from aiocoap import Message
 from aiocoap.numbers.types import Type
 
 from oscar import names
+from oscar_io.echo import AddressCheck
 from proxy.config import ProxyConfig
 from proxy.core import Proxy
-from proxy.echo import AddressCheck
 from proxy.server import BadTarget, ProxySite
 
 from ._common import expect
