@@ -36,6 +36,7 @@ memory beyond a small LRU of decrypted chunks (:data:`CACHED_CHUNKS`), or know a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -55,12 +56,14 @@ from oscar_io.errors import StateError
 from oscar_io.sealing import OVERHEAD, Sealer, SealError
 from oscar_io.statefiles import private_dir
 
-__all__ = ["CACHED_CHUNKS", "CHUNK", "BodyError", "BodyStore", "BodyWriter"]
+__all__ = ["CACHED_CHUNKS", "CHUNK", "MAX_SPOOLS", "BodyError", "BodyStore", "BodyWriter"]
 
 log = logging.getLogger("oscar.proxy")
 
 #: Plaintext bytes per sealed chunk.
 CHUNK = 1 << 16
+#: Spools open at once (bodies being taken in), beyond which :meth:`BodyStore.spool` refuses.
+MAX_SPOOLS = 16
 #: Decrypted chunks kept for in-order block reads (16 chunks: 1 MiB).
 CACHED_CHUNKS = 16
 _FORMAT = b"\x01"
@@ -104,11 +107,16 @@ class _Corrupt(Exception):
 class BodyStore:
     """The directory of large bodies (see the module docstring); safe to share between threads."""
 
-    def __init__(self, directory: Path, storage_key: bytes, *, max_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, storage_key: bytes, *, max_bytes: int, max_spools: int = MAX_SPOOLS
+    ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must not be negative")
         self._dir = Path(directory)
         self._max_bytes = max_bytes
+        self._max_spools = max_spools
+        #: Spools open now (bodies being taken in): at most max_spools.
+        self.spooling = 0
         self._count = self._total = 0
         try:
             private_dir(self._dir)
@@ -138,7 +146,24 @@ class BodyStore:
         return self._count
 
     def spool(self) -> BodyWriter:
-        """A new spool file; OSError if it cannot be made."""
+        """A new spool file; OSError if it cannot be made, or (EBUSY) if ``max_spools`` are open
+        already: the disk that transfers under way take is bounded too (each by the object size
+        limit), not only the bodies kept."""
+        with self._lock:
+            if self.spooling >= self._max_spools:
+                raise OSError(errno.EBUSY, "too many large objects being taken in at once")
+            self.spooling += 1
+        try:
+            return self._spool()
+        except BaseException:
+            self._released()
+            raise
+
+    def _released(self) -> None:
+        with self._lock:
+            self.spooling -= 1
+
+    def _spool(self) -> BodyWriter:
         salt = secrets.token_bytes(_SALT)
         path = self._dir / f"{secrets.token_hex(16)}.part"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -401,6 +426,7 @@ class BodyWriter:
             self.abort()
             raise
         self._done = True
+        self._store._released()
         return self._received
 
     def abort(self) -> None:
@@ -408,6 +434,7 @@ class BodyWriter:
         if self._done:
             return
         self._done = True
+        self._store._released()
         self._buffer = bytearray()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1

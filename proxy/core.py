@@ -318,7 +318,7 @@ class Proxy:
     def keep_body(self, entry: Entry, intake: Intake) -> None:
         """Make a large entry's body (checked, in ``intake``) the one served, unless what is
         held is as new and readable or newer (:meth:`store` then decides, as for any object).
-        OSError if it cannot be written (then nothing is cached)."""
+        :class:`~proxy.large.SpoolError` if it cannot be written (then nothing is cached)."""
         newest = self.cache.newest(entry.resource_id)
         if newest is not None and entry.version < newest:
             return
@@ -444,7 +444,7 @@ class Proxy:
     async def publish(self, resource_id: str, data: bytes | Intake, max_age: int | None) -> bool:
         """Take an object PUT by its owner (its bytes, or a large one's spool: the caller
         closes it). True if it is new; InvalidObject if rejected (rollbacks included);
-        TransportError when it cannot be verified now; OSError when a large object's body
+        TransportError when it cannot be verified now; SpoolError when a large object's body
         cannot be written."""
         entry = await self.check(data, resource_id, None)
         if self.cluster is not None:  # what the cluster holds: its upstream, its version

@@ -26,7 +26,7 @@ from oscar_io.coaperrors import TransportError
 from . import upstream
 from .cluster import ClusterUnavailable
 from .entry import Entry
-from .large import Intake
+from .large import Intake, SpoolError
 from .upstream import upstream_failure
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ async def refresh(proxy: Proxy, resource_id: str, source: str, entry: Entry | No
     proxy.stats.upstream_requests += 1
     try:
         response, intake = await _fetch(proxy, ctx, request)
+    except SpoolError as exc:  # the disk (full, failing, too many at once): served as held
+        return upstream_failed(proxy, resource_id, source, entry, str(exc))
     except InvalidObject as exc:  # a large object refused as it arrived
         proxy.stats.rejected += 1
         log.info("rejected an object for %s: %s", resource_id, getattr(exc, "reason", exc))
@@ -175,8 +177,8 @@ async def _take_answer(
     if intake is not None:
         try:
             proxy.keep_body(fresh, intake)
-        except OSError as exc:
-            return upstream_failed(proxy, resource_id, source, entry, f"disk: {exc.strerror}")
+        except SpoolError as exc:
+            return upstream_failed(proxy, resource_id, source, entry, str(exc))
     proxy.backoff.pop((resource_id, source), None)
     proxy.relays.served(resource_id, source)
     try:

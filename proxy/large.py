@@ -31,10 +31,16 @@ from oscar.streaming import ObjectReader, StreamedObject
 from .bodies import BodyStore, BodyWriter
 from .entry import Entry
 
-__all__ = ["LARGE_FROM", "BadBlock", "Intake", "cut"]
+__all__ = ["LARGE_FROM", "BadBlock", "Intake", "SpoolError", "cut"]
 
 #: Objects larger than this are spooled to disk as they arrive and served from there.
 LARGE_FROM = 1 << 20
+
+
+class SpoolError(Exception):
+    """A large object's body cannot be spooled or kept: the disk failed or is full, or too many
+    large objects are being taken in at once (:data:`proxy.bodies.MAX_SPOOLS`). The transfer
+    fails as an upstream failure or a 5.03 to its publisher; nothing is cached."""
 
 
 class BadBlock(Exception):
@@ -44,7 +50,8 @@ class BadBlock(Exception):
 class Intake:
     """One object's bytes as they arrive (see the module docstring). :meth:`feed` raises
     :class:`~oscar.errors.InvalidObject` once the object is known to be unacceptable (larger
-    than ``max_size``, headers that do not decode), OSError when the spool cannot be written."""
+    than ``max_size``, headers that do not decode), :class:`SpoolError` when the spool cannot be
+    made or written."""
 
     def __init__(
         self, bodies: BodyStore | None, *, max_size: int, threshold: int = LARGE_FROM
@@ -90,14 +97,24 @@ class Intake:
             return
         self._reader.feed(data)  # first: nothing unacceptable is written
         assert self._writer is not None  # noqa: S101 (set with the reader)
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except OSError as exc:
+            raise SpoolError(f"the body store: {exc.strerror}") from None
 
     def _spill(self, bodies: BodyStore) -> None:
         data, self._memory = self._memory, bytearray()
         reader = ObjectReader(max_size=self._max_size)
         reader.feed(data)
-        self._reader, self._writer = reader, bodies.spool()
-        self._writer.write(data)  # a bytearray: not copied
+        try:
+            writer = bodies.spool()
+        except OSError as exc:
+            raise SpoolError(f"the body store: {exc.strerror}") from None
+        self._reader, self._writer = reader, writer
+        try:
+            writer.write(data)  # a bytearray: not copied
+        except OSError as exc:
+            raise SpoolError(f"the body store: {exc.strerror}") from None
 
     def finish(self) -> StreamedObject:
         """The spooled object's headers, digest and layout; InvalidObject if it is incomplete."""
@@ -107,11 +124,14 @@ class Intake:
 
     def commit(self, resource_id: str, version: tuple[int, int]) -> int:
         """Make the body the one served for ``resource_id`` at ``version`` (it has passed every
-        check); its length. OSError if it cannot be written."""
+        check); its length. :class:`SpoolError` if it cannot be written."""
         if self._writer is None or self._done:
             raise ValueError("no spooled object to commit")
         self._done = True
-        return self._writer.commit(resource_id, version)
+        try:
+            return self._writer.commit(resource_id, version)
+        except OSError as exc:
+            raise SpoolError(f"the body store: {exc.strerror}") from None
 
     def close(self) -> None:
         """Remove the spool unless it was committed (idempotent)."""

@@ -79,7 +79,8 @@ class Uploads:
         once this was the last block (the caller publishes it and closes it), else None
         (answer 2.31). Raises :class:`BlockRefused`, InvalidObject when the bytes so far are
         known not to be an acceptable object (larger than the limit, headers that do not
-        decode), and OSError when the spool cannot be written (the upload is dropped)."""
+        decode), and :class:`~proxy.large.SpoolError` when the spool cannot be made or written (the
+        upload is dropped)."""
         self._sweep()
         key = (device, resource_id)
         number, more, szx = block1.block_number, block1.more, block1.size_exponent

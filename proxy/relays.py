@@ -38,6 +38,7 @@ from oscar_io.tasks import stop_tasks
 
 from .cluster import LEASE_RENEW, ClusterUnavailable
 from .entry import Entry
+from .large import SpoolError
 
 if TYPE_CHECKING:
     from .core import Proxy
@@ -304,7 +305,7 @@ class Relays:
             silence = _silence(notification)
             try:
                 notification, intake = await proxy.complete(ctx, message, notification)
-            except (UpstreamError, InvalidObject) as exc:  # the next one brings the next value
+            except (UpstreamError, InvalidObject, SpoolError) as exc:  # the next brings the next
                 proxy.stats.upstream_errors += 1
                 why = getattr(exc, "reason", exc)
                 log.info("a notification of %s is dropped: %s", resource_id, why)

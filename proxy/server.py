@@ -75,7 +75,7 @@ from oscar_io.metrics import outcome_of
 from .bodies import BodyError
 from .core import Proxy, Unavailable
 from .entry import Entry
-from .large import BadBlock, Intake, cut
+from .large import BadBlock, Intake, SpoolError, cut
 from .publishing import BlockRefused, Uploads
 from .relays import client_of
 
@@ -385,8 +385,8 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
                 return Message(code=_CODES[exc.code], payload=str(exc).encode(), max_age=5)
             except InvalidObject:
                 return Message(code=Code.BAD_REQUEST, payload=b"object rejected")
-            except OSError as exc:
-                log.warning("cannot spool a PUT of %s: %s", resource_id, exc.strerror)
+            except SpoolError as exc:
+                log.warning("cannot spool a PUT of %s: %s", resource_id, exc)
                 return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
             if intake is None:  # more to come
                 return Message(code=Code.CONTINUE, block1=block1)
@@ -395,7 +395,7 @@ class ProxySite(ObservableResource):  # type: ignore[misc]
             await self.proxy.publish(resource_id, data, request.opt.max_age)
         except InvalidObject:
             return Message(code=Code.BAD_REQUEST, payload=b"object rejected")
-        except (TransportError, OSError):
+        except (TransportError, SpoolError):
             return Message(code=Code.SERVICE_UNAVAILABLE, max_age=5)
         finally:
             if intake is not None:

@@ -18,7 +18,7 @@ from oscar.errors import InvalidObject
 from oscar.objects import object_etag
 from proxy.bodies import BodyError, BodyStore
 from proxy.entry import Entry
-from proxy.large import LARGE_FROM, BadBlock, Intake, cut
+from proxy.large import LARGE_FROM, BadBlock, Intake, SpoolError, cut
 from proxy.publishing import IDLE, PER_DEVICE, BlockRefused, Uploads
 from testkit import NOW, PRODUCER, RESOURCE, SECRET
 
@@ -226,3 +226,32 @@ def test_a_notification_of_a_large_object_carries_block_0_from_the_store(tmp_pat
         b"\x50\x45\x00\x01" + b"\x61\x01" + _Encoded(small, 30, None).content  # type: ignore[arg-type]
     )
     assert whole.payload == small.obj and whole.opt.block2 is None
+
+
+def test_the_spools_open_at_once_are_bounded(tmp_path: Path) -> None:
+    """The disk transfers under way take is bounded (MAX_SPOOLS, each by the size limit), not
+    only the bodies kept: past it a spool is refused (EBUSY), and a commit or an abort frees one."""
+    import errno
+
+    from proxy.bodies import MAX_SPOOLS
+
+    bodies = store(tmp_path)
+    writers = [bodies.spool() for _ in range(MAX_SPOOLS)]
+    with pytest.raises(OSError) as refused:
+        bodies.spool()
+    assert refused.value.errno == errno.EBUSY
+    intake = Intake(bodies, max_size=LIMIT)
+    with pytest.raises(SpoolError, match="too many large objects"):  # refused, nothing left
+        feed(intake, BIG)
+    intake.close()
+    writers.pop().abort()
+    writers.pop().abort()
+    again = Intake(bodies, max_size=LIMIT)
+    feed(again, BIG)
+    again.finish()
+    again.commit(RESOURCE, (3, 7))
+    assert bodies.spooling == MAX_SPOOLS - 2
+    for writer in writers:
+        writer.abort()
+    assert bodies.spooling == 0
+    assert [p.name for p in (tmp_path / "large").iterdir() if p.name.endswith(".part")] == []
