@@ -96,6 +96,19 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.store!r})"
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    @property
+    def max_object_size(self) -> int:
+        return self._max_object_size
+
+    @property
+    def as_client(self) -> Callable[[], Awaitable[AsClient]]:
+        """Makes (once) and gives the AS client."""
+        return self._as_client
+
     async def open(self, data: bytes, resource_id: str, *, skip_same: bool) -> Reading | None:
         """The reading of ``data``, an object that must be of ``resource_id``; with ``skip_same``
         an object equal to the newest accepted gives None.
