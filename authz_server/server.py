@@ -195,7 +195,8 @@ class _Server:
             if self.metrics is not None:
                 self.metrics.grants_expired.inc()
                 for resource_id in rotated:
-                    self.metrics.rotated(resource_id, "grant expired")
+                    if "#" not in resource_id:  # "resource#part": a part's rotation
+                        self.metrics.rotated(resource_id, "grant expired")
         for resource_id in await self.store.due_rotations(now):
             try:
                 epoch = await self.store.rotate_if_due(
