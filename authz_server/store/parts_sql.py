@@ -50,6 +50,12 @@ class PartsSql:
         "FROM part_epochs WHERE resource_id = ? "
         "ORDER BY part, epoch"
     )
+    #: The live epochs of every part of the resources listed (a JSON list): the ``/keys``
+    #: observers' fingerprints, in one query however many are observed.
+    LIVE_IN: str = (
+        "SELECT resource_id, part, epoch FROM part_epochs WHERE state IN ('active', 'pre-active') "
+        "AND resource_id IN (SELECT value FROM json_each(?))"
+    )
     GRANT_INSERT: str = (
         "INSERT INTO part_grants (consumer_id, resource_id, part, granted_at) VALUES (?, ?, ?, ?)"
     )
@@ -116,6 +122,10 @@ class PartsSql:
 def _postgres(text: str) -> str:
     if ":" in text.replace("::", ""):
         return Named(text.replace(":epoch IS NULL", "CAST(:epoch AS BIGINT) IS NULL"))
+    text = text.replace(
+        "IN (SELECT value FROM json_each(?))",
+        "= ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))",
+    )
     pieces = text.split("?")
     return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
 
