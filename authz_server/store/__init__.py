@@ -205,7 +205,6 @@ class Store:
         self.rotate_if_due = keyring.rotate_if_due
         self.compromise = keyring.compromise
         self.due_rotations = keyring.due_rotations
-        self.destroy_expired = keyring.destroy_expired
         self.destroy_retired = keyring.destroy_retired
         # Grants and exclusions.
         self.add_grant = access.add_grant
@@ -307,6 +306,13 @@ class Store:
         except BaseException:
             await db.close()
             raise
+
+    async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
+        """Destroy the epochs (the resources', then their parts') deactivated or compromised
+        more than ``retention`` seconds ago; returns (resource, epoch) and
+        (``resource#part``, epoch) destroyed. See :meth:`Keyring.destroy_expired`."""
+        destroyed = await self.keyring.destroy_expired(now, retention)
+        return destroyed + await self.parts.destroy_expired(now, retention)
 
     async def close(self) -> None:
         """Write every counted denial, then close the database; closing twice is harmless."""

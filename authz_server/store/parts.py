@@ -23,9 +23,13 @@ exclusion of P covers at e. Revoking one audience rotates only what it could rea
 Every change is one transaction with its audit record (actor, ``declare-parts``,
 ``grant-part``, ``revoke-part``); no record, log line or repr holds a secret.
 
-What this module does not do: rotate parts on the resource's schedule, or destroy retired part
-epochs (only revocations and readmissions rotate a part; see the notes of issue 19); decide who
-asks (:mod:`authz_server.api_keys`).
+Retired part epochs are destroyed past the retention as the resources' are
+(:meth:`Parts.destroy_expired`, run with the store's), and a revoked producer's live part epochs
+are compromised with its resources'.
+
+What this module does not do: rotate parts on the resource's schedule, or on an operator's
+``rotate``/``compromise`` of the resource (only revocations and readmissions rotate a part; see
+the notes of issue 19); decide who asks (:mod:`authz_server.api_keys`).
 """
 
 from __future__ import annotations
@@ -244,6 +248,33 @@ class Parts:
             self._epoch_row(resource_id, part, new + 1, PRE_ACTIVE, now, None),
         )
         return new
+
+    async def producer_revoked(self, producer_id: str, now: int) -> None:
+        """Inside the caller's transaction (a producer's revocation): every live epoch of its
+        resources' parts compromised, as its resources' own are."""
+        await self.db.execute(self.sql.PRODUCER_COMPROMISE, (now, producer_id))
+
+    async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
+        """Destroy the parts' deactivated and compromised epochs older than ``retention``
+        seconds (overwritten, then cleared, each audited), read again inside the write
+        transaction as :meth:`.keyring.Keyring.destroy_expired` does. Returns
+        (``resource#part``, epoch) destroyed."""
+        sql = self.sql
+        if not await self.db.all(sql.RETIRED_BEFORE, (now - retention,)):
+            return []
+        async with self.db.transaction() as tx:
+            rows = await self.db.all(sql.RETIRED_BEFORE, (now - retention,))
+            for resource_id, part, epoch in rows:
+                await self.db.execute(sql.EPOCH_OVERWRITE, (resource_id, part, epoch))
+                await self.db.execute(sql.EPOCH_DESTROY, (resource_id, part, epoch))
+                await self.audit.append(
+                    "as", "destroy", resource_id, "ok", {"part": part, "epoch": epoch}, now
+                )
+            tx.count = bool(rows)
+            destroyed = [(f"{r}#{p}", int(e)) for r, p, e in rows]
+        if destroyed:
+            await self.db.erase_freed()
+        return destroyed
 
     # --- grants ----------------------------------------------------------------------------------
 

@@ -56,6 +56,25 @@ class PartsSql:
         "SELECT resource_id, part, epoch FROM part_epochs WHERE state IN ('active', 'pre-active') "
         "AND resource_id IN (SELECT value FROM json_each(?))"
     )
+    #: A revoked producer's parts: every live epoch compromised (as its resources' are).
+    PRODUCER_COMPROMISE: str = (
+        "UPDATE part_epochs SET state = 'compromised', deactivated_at = ? "
+        "WHERE state IN ('active', 'pre-active') AND resource_id IN "
+        "(SELECT id FROM resources WHERE producer_id = ?)"
+    )
+    RETIRED_BEFORE: str = (
+        "SELECT resource_id, part, epoch FROM part_epochs WHERE state IN ('deactivated', "
+        "'compromised') AND deactivated_at <= ? ORDER BY resource_id, part, epoch"
+    )
+    #: Overwrite before clearing (SQLite's secure_delete zeroes the freed pages).
+    EPOCH_OVERWRITE: str = (
+        "UPDATE part_epochs SET secret = zeroblob(length(secret)) "
+        "WHERE resource_id = ? AND part = ? AND epoch = ?"
+    )
+    EPOCH_DESTROY: str = (
+        "UPDATE part_epochs SET secret = NULL, state = 'destroyed' "
+        "WHERE resource_id = ? AND part = ? AND epoch = ?"
+    )
     GRANT_INSERT: str = (
         "INSERT INTO part_grants (consumer_id, resource_id, part, granted_at) VALUES (?, ?, ?, ?)"
     )
@@ -126,6 +145,7 @@ def _postgres(text: str) -> str:
         "IN (SELECT value FROM json_each(?))",
         "= ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))",
     )
+    text = text.replace("zeroblob(length(secret))", "decode(repeat('00', length(secret)), 'hex')")
     pieces = text.split("?")
     return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
 

@@ -186,3 +186,28 @@ def test_the_parts_statements_exist_in_both_dialects_and_are_parameterized() -> 
         lite, pg = getattr(parts_sql.SQLITE, f.name), getattr(parts_sql.POSTGRES, f.name)
         assert "?" not in pg and ("$1" in pg) == ("?" in lite or ":device" in lite), f.name
         assert isinstance(pg, postgres.Named) == (":device" in lite), f.name
+
+
+@pytest.mark.asyncio
+async def test_retired_part_epochs_are_destroyed_past_the_retention(
+    store: Store, backing: Backing
+) -> None:
+    await store.parts.grant("clinician", RID, "measurements", NOW)
+    old = next(e.secret for e in await store.parts.live_epochs(RID) if e.part == "measurements")
+    assert old is not None
+    await store.parts.revoke("clinician", RID, "measurements", NOW + 10)  # epoch 1 deactivated
+    assert await store.destroy_expired(NOW + 15, 10) == []  # not yet
+    assert await store.destroy_expired(NOW + 20, 10) == [(f"{RID}#measurements", 1)]
+    states = {(e.part, e.epoch): e.state for e in await store.parts.epochs(RID)}
+    assert states[("measurements", 1)] == "destroyed" and states[("location", 1)] == "active"
+    view = await store.parts.view("sensor-1", RID, "measurements", 1, NOW + 20)
+    assert view.epoch is not None and view.epoch.secret is None
+    assert old not in await backing.raw_bytes()
+    assert await store.destroy_expired(NOW + 30, 10) == []  # once
+
+
+@pytest.mark.asyncio
+async def test_a_revoked_producers_part_epochs_are_compromised(store: Store) -> None:
+    await store.revoke_device("sensor-1", NOW + 5)
+    states = {(e.part, e.epoch): e.state for e in await store.parts.epochs(RID)}
+    assert set(states.values()) == {"compromised"} and len(states) == 4
