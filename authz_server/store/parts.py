@@ -27,9 +27,13 @@ Retired part epochs are destroyed past the retention as the resources' are
 (:meth:`Parts.destroy_expired`, run with the store's), and a revoked producer's live part epochs
 are compromised with its resources'.
 
-What this module does not do: rotate parts on the resource's schedule, or on an operator's
-``rotate``/``compromise`` of the resource (only revocations and readmissions rotate a part; see
-the notes of issue 19); decide who asks (:mod:`authz_server.api_keys`).
+Each part also rotates on a schedule of its own: its active epoch's age reaching the resource's
+rotation period (:meth:`Parts.due_rotations`, :meth:`Parts.rotate_if_due`, run by the server's
+duties with the resources').
+
+What this module does not do: rotate or compromise parts on an operator's ``rotate`` or
+``compromise`` of the resource, or rotate a late part when a consumer asks for its pre-active
+epoch (see the notes of issue 19); decide who asks (:mod:`authz_server.api_keys`).
 """
 
 from __future__ import annotations
@@ -150,7 +154,10 @@ class Parts:
         chosen = check_parts(declared)
         async with self.db.transaction():
             await self.keyring.insert_resources([resource])
-            await self._insert(resource.id, chosen, resource.registered_at, resource.producer_id)
+            await self._insert(
+                resource.id, chosen, resource.registered_at, resource.producer_id,
+                resource.rotation_period,
+            )  # fmt: skip
 
     async def declare(
         self, resource_id: str, declared: Sequence[tuple[str, str]], now: int, *, actor: str
@@ -158,14 +165,15 @@ class Parts:
         """Declare the parts of a registered resource that has none (the operator's)."""
         chosen = check_parts(declared)
         async with self.db.transaction():
-            if await self.db.one(self.db.sql.RESOURCE, (resource_id,)) is None:
+            row = await self.db.one(self.db.sql.RESOURCE, (resource_id,))
+            if row is None:
                 raise NoSuchRecord(f"no resource {resource_id!r}")
             if await self.db.all(self.sql.PARTS_OF, (resource_id,)):
                 raise Conflict(f"resource {resource_id!r} declares its parts already")
-            await self._insert(resource_id, chosen, now, actor)
+            await self._insert(resource_id, chosen, now, actor, Resource(*row).rotation_period)
 
     async def _insert(
-        self, resource_id: str, chosen: list[tuple[str, str]], now: int, actor: str
+        self, resource_id: str, chosen: list[tuple[str, str]], now: int, actor: str, period: int
     ) -> None:
         await self.db.executemany(
             self.sql.PART_INSERT,
@@ -174,7 +182,8 @@ class Parts:
         rows = []
         for name, kind in chosen:
             if kind == ENCRYPTED:
-                rows.append(self._epoch_row(resource_id, name, 1, ACTIVE, now, now))
+                due = now + period if period > 0 else None
+                rows.append(self._epoch_row(resource_id, name, 1, ACTIVE, now, now, due))
                 rows.append(self._epoch_row(resource_id, name, 2, PRE_ACTIVE, now, None))
         await self.db.executemany(self.sql.PART_EPOCH_INSERT, rows)
         await self.audit.append(
@@ -182,12 +191,19 @@ class Parts:
         )
 
     def _epoch_row(
-        self, resource_id: str, part: str, epoch: int, state: str, now: int, activated: int | None
-    ) -> tuple[str, str, int, str, bytes, int, int | None]:
+        self,
+        resource_id: str,
+        part: str,
+        epoch: int,
+        state: str,
+        now: int,
+        activated: int | None,
+        due: int | None = None,
+    ) -> tuple[str, str, int, str, bytes, int, int | None, int | None]:
         secret = self._envelope.encrypt(
             self.keyring._new_secret(), part_secret_context(resource_id, part, epoch)
         )
-        return (resource_id, part, epoch, state, secret, now, activated)
+        return (resource_id, part, epoch, state, secret, now, activated, due)
 
     async def parts(self, resource_id: str) -> list[tuple[str, str]]:
         """(name, kind) of the resource's parts, in order (none: a single-part resource)."""
@@ -242,12 +258,34 @@ class Parts:
             raise NoSuchRecord(f"no encrypted part {part!r} of {resource_id!r} to rotate")
         await self.db.execute(sql.EPOCH_DEACTIVATE, (now, resource_id, part, states[ACTIVE]))
         new = states[PRE_ACTIVE]
-        await self.db.execute(sql.EPOCH_ACTIVATE, (now, resource_id, part, new))
+        await self.db.execute(
+            sql.EPOCH_ACTIVATE, {"now": now, "resource": resource_id, "part": part, "epoch": new}
+        )
         await self.db.execute(
             sql.PART_EPOCH_INSERT,
             self._epoch_row(resource_id, part, new + 1, PRE_ACTIVE, now, None),
         )
         return new
+
+    async def due_rotations(self, now: int) -> list[tuple[str, str]]:
+        """(resource, part) whose active epoch has lived the resource's rotation period: what
+        was due when read; rotate each with :meth:`rotate_if_due`, which decides again."""
+        return [(str(r), str(p)) for r, p in await self.db.all(self.sql.DUE_ROTATIONS, (now,))]
+
+    async def rotate_if_due(self, resource_id: str, part: str, now: int) -> int | None:
+        """Rotate the part on its schedule if still due once the write transaction holds the
+        write lock (else None: another instance did), audited; returns the new active epoch.
+        A part rotates on its own schedule (its active epoch's age), not with the resource."""
+        async with self.db.transaction() as tx:
+            if await self.db.one(self.sql.ROTATION_DUE, (resource_id, part, now)) is None:
+                tx.count = False
+                return None
+            epoch = await self.advance(resource_id, part, now)
+            await self.audit.append(
+                "as", "rotate", resource_id, "ok",
+                {"part": part, "epoch": epoch, "reason": "schedule"}, now,
+            )  # fmt: skip
+            return epoch
 
     async def producer_revoked(self, producer_id: str, now: int) -> None:
         """Inside the caller's transaction (a producer's revocation): every live epoch of its

@@ -31,11 +31,14 @@ SQLITE_MIGRATION = """
         created_at INTEGER NOT NULL,
         activated_at INTEGER,
         deactivated_at INTEGER,
+        rotate_at INTEGER,
         PRIMARY KEY (resource_id, part, epoch),
         FOREIGN KEY (resource_id, part) REFERENCES parts(resource_id, name)
     );
     CREATE INDEX part_epochs_live ON part_epochs(resource_id, part, state)
         WHERE state IN ('active', 'pre-active');
+    CREATE INDEX part_epochs_due ON part_epochs(rotate_at)
+        WHERE state = 'active' AND rotate_at IS NOT NULL;
     CREATE TABLE part_grants (
         consumer_id TEXT NOT NULL REFERENCES devices(id),
         resource_id TEXT NOT NULL,
@@ -75,11 +78,14 @@ POSTGRES_MIGRATION = """
         created_at BIGINT NOT NULL,
         activated_at BIGINT,
         deactivated_at BIGINT,
+        rotate_at BIGINT,
         PRIMARY KEY (resource_id, part, epoch),
         FOREIGN KEY (resource_id, part) REFERENCES parts(resource_id, name)
     );
     CREATE INDEX part_epochs_live ON part_epochs(resource_id, part, state)
         WHERE state IN ('active', 'pre-active');
+    CREATE INDEX part_epochs_due ON part_epochs(rotate_at)
+        WHERE state = 'active' AND rotate_at IS NOT NULL;
     CREATE TABLE part_grants (
         consumer_id TEXT COLLATE "C" NOT NULL REFERENCES devices(id),
         resource_id TEXT COLLATE "C" NOT NULL,
@@ -105,7 +111,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "parts": ("resource_id", "name", "position", "kind"),
     "part_epochs": (
         *("resource_id", "part", "epoch", "state", "secret"),
-        *("created_at", "activated_at", "deactivated_at"),
+        *("created_at", "activated_at", "deactivated_at", "rotate_at"),
     ),
     "part_grants": ("consumer_id", "resource_id", "part", "granted_at", "revoked_at"),
     "part_exclusions": (

@@ -10,6 +10,7 @@ What this module does not do: run anything (:mod:`.parts` does, through the back
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
 from .postgres import Named
@@ -25,7 +26,7 @@ class PartsSql:
     PART_INSERT: str = "INSERT INTO parts (resource_id, name, position, kind) VALUES (?, ?, ?, ?)"
     PART_EPOCH_INSERT: str = (
         "INSERT INTO part_epochs (resource_id, part, epoch, state, secret, created_at, "
-        "activated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        "activated_at, rotate_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     )
     LIVE_STATES: str = (
         "SELECT epoch, state FROM part_epochs WHERE resource_id = ? AND part = ? "
@@ -35,9 +36,19 @@ class PartsSql:
         "UPDATE part_epochs SET state = 'deactivated', deactivated_at = ? "
         "WHERE resource_id = ? AND part = ? AND epoch = ?"
     )
+    #: The part's next scheduled rotation: the resource's rotation period after activation.
     EPOCH_ACTIVATE: str = (
-        "UPDATE part_epochs SET state = 'active', activated_at = ? "
-        "WHERE resource_id = ? AND part = ? AND epoch = ?"
+        "UPDATE part_epochs SET state = 'active', activated_at = :now, rotate_at = :now + "
+        "(SELECT NULLIF(rotation_period, 0) FROM resources WHERE id = :resource) "
+        "WHERE resource_id = :resource AND part = :part AND epoch = :epoch"
+    )
+    DUE_ROTATIONS: str = (
+        "SELECT resource_id, part FROM part_epochs WHERE state = 'active' "
+        "AND rotate_at IS NOT NULL AND rotate_at <= ? ORDER BY resource_id, part"
+    )
+    ROTATION_DUE: str = (
+        "SELECT 1 FROM part_epochs WHERE resource_id = ? AND part = ? AND state = 'active' "
+        "AND rotate_at IS NOT NULL AND rotate_at <= ?"
     )
     #: The live epochs of every part of a resource, secrets included (the ``/keys`` reply).
     LIVE_OF: str = (
@@ -139,7 +150,7 @@ class PartsSql:
 
 
 def _postgres(text: str) -> str:
-    if ":" in text.replace("::", ""):
+    if re.search(r"(?<![:\w]):[a-z_]+", text):
         return Named(text.replace(":epoch IS NULL", "CAST(:epoch AS BIGINT) IS NULL"))
     text = text.replace(
         "IN (SELECT value FROM json_each(?))",
