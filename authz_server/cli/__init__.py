@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = rotate.add_mutually_exclusive_group(required=True)
     what.add_argument("--resource", metavar="RID")
     what.add_argument("--due", action="store_true", help="every resource whose rotation is due")
+    rotate.add_argument("--part", metavar="NAME", help="only this encrypted part of --resource")
 
     compromise = command("compromise", cmd_compromise, "mark an epoch compromised")
     compromise.add_argument("--resource", metavar="RID", required=True)

@@ -29,7 +29,7 @@ from .common import (
     table,
     time_arg,
 )
-from .parts import grant_part, part_grants, revoke_part
+from .parts import grant_part, part_grants, revoke_part, rotate_part
 
 __all__ = [
     "cmd_compromise",
@@ -82,10 +82,13 @@ def cmd_revoke(args: argparse.Namespace, now: int) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, now: int) -> int:
-    """Rotate a resource now (--resource), or every resource whose rotation is due (--due): the
-    pre-active epoch becomes active, the active one is deactivated, a new pre-active one is made.
+    """Rotate a resource now (--resource; one of its parts with --part), or every resource whose
+    rotation is due (--due): the pre-active epoch becomes active, the active one is deactivated,
+    a new pre-active one is made.
     """
     rid = None if args.resource is None else require_resource_id(args.resource)
+    if args.part is not None:
+        return rotate_part(args, now)
 
     async def body(store: Store) -> list[tuple[str, int]]:
         if rid is not None:

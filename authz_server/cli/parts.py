@@ -1,6 +1,6 @@
 """The commands of a resource's parts: ``oscar-as parts`` (declare a registered resource's parts,
-or list them with their epochs), and the ``--part`` forms of ``grant``, ``revoke`` and
-``grants`` (one encrypted part of one resource).
+or list them with their epochs), and the ``--part`` forms of ``grant``, ``revoke``, ``rotate``
+and ``grants`` (one encrypted part of one resource).
 
 What it does not do: decide policy (the store does, in one transaction per command,
 :mod:`authz_server.store.parts`); print a secret (the listings name epochs and states only).
@@ -18,7 +18,7 @@ from ..store import Store
 from ..store.parts import KINDS
 from .common import UsageError, epoch_runs, listed, print_json, printable, run_on_store, table
 
-__all__ = ["cmd_parts", "grant_part", "part_grants", "revoke_part"]
+__all__ = ["cmd_parts", "grant_part", "part_grants", "revoke_part", "rotate_part"]
 
 PART_GRANT_FIELDS = ("consumer_id", "resource_id", "part", "granted_at", "revoked_at")
 
@@ -99,6 +99,19 @@ def revoke_part(args: argparse.Namespace, now: int) -> int:
     rotated = run_on_store(args, lambda store: store.parts.revoke(consumer, resource_id, part, now))
     done = [f"{resource_id}#{part}"] if rotated else []
     print(f"revoked {consumer}'s grant of {resource_id} part {part}; rotated: {listed(done)}")
+    return 0
+
+
+def rotate_part(args: argparse.Namespace, now: int) -> int:
+    """``rotate --resource R --part P``: rotate that encrypted part now (the others stay)."""
+    if args.resource is None:
+        raise UsageError("--part needs --resource RID")
+    resource_id = require_resource_id(args.resource)
+    part = _part(args.part)
+    epoch = run_on_store(
+        args, lambda store: store.parts.rotate(resource_id, part, now, actor="admin")
+    )
+    print(f"rotated {resource_id} part {part}: epoch {epoch} active")
     return 0
 
 

@@ -267,6 +267,18 @@ class Parts:
         )
         return new
 
+    async def rotate(self, resource_id: str, part: str, now: int, *, actor: str) -> int:
+        """Rotate one encrypted part now (the operator's), audited; returns its new active
+        epoch. :class:`NoSuchRecord` for no such encrypted part."""
+        async with self.db.transaction():
+            await self._encrypted_part(resource_id, part)
+            epoch = await self.advance(resource_id, part, now)
+            await self.audit.append(
+                actor, "rotate", resource_id, "ok",
+                {"part": part, "epoch": epoch, "reason": "manual"}, now,
+            )  # fmt: skip
+            return epoch
+
     async def due_rotations(self, now: int) -> list[tuple[str, str]]:
         """(resource, part) whose active epoch has lived the resource's rotation period: what
         was due when read; rotate each with :meth:`rotate_if_due`, which decides again."""

@@ -68,6 +68,11 @@ def test_declare_grant_revoke_and_list_parts(parted: Cli) -> None:
     listed = json.loads(parted.ok("parts", "--resource", RID, "--json").out)
     assert listed[1]["epochs"] == [[1, "deactivated"], [2, "active"], [3, "pre-active"]]
     assert listed[2]["epochs"] == [[1, "active"], [2, "pre-active"]]  # location: untouched
+    out = parted.ok("rotate", "--resource", RID, "--part", "location")
+    assert out.out == f"rotated {RID} part location: epoch 2 active\n"
+    listed = json.loads(parted.ok("parts", "--resource", RID, "--json").out)
+    assert listed[2]["epochs"] == [[1, "deactivated"], [2, "active"], [3, "pre-active"]]
+    assert listed[1]["epochs"][-1] == [3, "pre-active"]  # measurements: untouched
     # No output of any of these held a secret; the audit names the part, not a secret.
     audit = parted.ok("audit", "--json").out
     assert "revoke-part" in audit and "grant-part" in audit and "declare-parts" in audit
@@ -95,6 +100,9 @@ def test_declare_grant_revoke_and_list_parts(parted: Cli) -> None:
         ("revoke", "--consumer", "clinician", "--resource", RID, "--part", "location"),
         ("revoke", "--consumer", "clinician", "--part", "location"),
         ("revoke", "--device", "clinician", "--part", "location"),
+        ("rotate", "--resource", RID, "--part", "summary"),  # plain: no secret to rotate
+        ("rotate", "--resource", RID, "--part", "nope"),
+        ("rotate", "--due", "--part", "location"),
     ],
 )  # fmt: skip
 def test_bad_part_commands_are_one_line_and_change_nothing(
