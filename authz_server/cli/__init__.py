@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     compromise = command("compromise", cmd_compromise, "mark an epoch compromised")
     compromise.add_argument("--resource", metavar="RID", required=True)
     compromise.add_argument("--epoch", metavar="N", type=positive(int), help="(default: active)")
+    compromise.add_argument("--part", metavar="NAME", help="an epoch of this encrypted part")
 
     destroy = command("destroy", cmd_destroy, "destroy secrets past their retention")
     destroy.add_argument("--retention", metavar="S", type=not_negative, required=True)

@@ -29,7 +29,7 @@ from .common import (
     table,
     time_arg,
 )
-from .parts import grant_part, part_grants, revoke_part, rotate_part
+from .parts import compromise_part, grant_part, part_grants, revoke_part, rotate_part
 
 __all__ = [
     "cmd_compromise",
@@ -113,6 +113,8 @@ def cmd_compromise(args: argparse.Namespace, now: int) -> int:
     pre-active epoch becomes active and a new pre-active one is made.
     """
     rid = require_resource_id(args.resource)
+    if args.part is not None:
+        return compromise_part(args, now)
 
     async def body(store: Store) -> tuple[int, int]:
         target = await store.epoch(rid, args.epoch)

@@ -1,6 +1,6 @@
 """The commands of a resource's parts: ``oscar-as parts`` (declare a registered resource's parts,
-or list them with their epochs), and the ``--part`` forms of ``grant``, ``revoke``, ``rotate``
-and ``grants`` (one encrypted part of one resource).
+or list them with their epochs), and the ``--part`` forms of ``grant``, ``revoke``, ``rotate``,
+``compromise`` and ``grants`` (one encrypted part of one resource).
 
 What it does not do: decide policy (the store does, in one transaction per command,
 :mod:`authz_server.store.parts`); print a secret (the listings name epochs and states only).
@@ -18,7 +18,14 @@ from ..store import Store
 from ..store.parts import KINDS
 from .common import UsageError, epoch_runs, listed, print_json, printable, run_on_store, table
 
-__all__ = ["cmd_parts", "grant_part", "part_grants", "revoke_part", "rotate_part"]
+__all__ = [
+    "cmd_parts",
+    "compromise_part",
+    "grant_part",
+    "part_grants",
+    "revoke_part",
+    "rotate_part",
+]
 
 PART_GRANT_FIELDS = ("consumer_id", "resource_id", "part", "granted_at", "revoked_at")
 
@@ -112,6 +119,19 @@ def rotate_part(args: argparse.Namespace, now: int) -> int:
         args, lambda store: store.parts.rotate(resource_id, part, now, actor="admin")
     )
     print(f"rotated {resource_id} part {part}: epoch {epoch} active")
+    return 0
+
+
+def compromise_part(args: argparse.Namespace, now: int) -> int:
+    """``compromise --resource R --part P [--epoch N]``: that part's epoch (the active one by
+    default) compromised, the part moved on at once; the other parts stay."""
+    resource_id = require_resource_id(args.resource)
+    part = _part(args.part)
+    epoch, active = run_on_store(
+        args,
+        lambda store: store.parts.compromise(resource_id, part, args.epoch, now, actor="admin"),
+    )
+    print(f"{resource_id} part {part}: epoch {epoch} compromised; epoch {active} active")
     return 0
 
 

@@ -52,6 +52,7 @@ from .backend import Backend
 from .keyring import Keyring
 from .schema import (
     ACTIVE,
+    DEACTIVATED,
     PRE_ACTIVE,
     Conflict,
     NoSuchRecord,
@@ -278,6 +279,38 @@ class Parts:
                 {"part": part, "epoch": epoch, "reason": "manual"}, now,
             )  # fmt: skip
             return epoch
+
+    async def compromise(
+        self, resource_id: str, part: str, epoch: int | None, now: int, *, actor: str
+    ) -> tuple[int, int]:
+        """Mark an epoch of one encrypted part compromised (the active one by default) and move
+        on at once, as :meth:`.keyring.Keyring.compromise` does for a resource: an active one
+        is replaced by the pre-active one, a pre-active one by a new epoch after it. Returns
+        (the epoch compromised, the active epoch afterwards); the other parts stay."""
+        sql = self.sql
+        async with self.db.transaction():
+            await self._encrypted_part(resource_id, part)
+            row = await self.db.one(sql.EPOCH_STATE, (resource_id, part, epoch, epoch))
+            if row is None:
+                raise NoSuchRecord(f"no such epoch of {resource_id!r} part {part!r}")
+            target, state = int(row[0]), str(row[1])
+            if state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED):
+                raise Conflict(f"epoch {target} of part {part!r} is {state} already")
+            if state == ACTIVE:
+                await self.advance(resource_id, part, now)
+            await self.db.execute(sql.EPOCH_COMPROMISE, (now, resource_id, part, target))
+            if state == PRE_ACTIVE:
+                await self.db.execute(
+                    sql.PART_EPOCH_INSERT,
+                    self._epoch_row(resource_id, part, target + 1, PRE_ACTIVE, now, None),
+                )
+            live = await self.db.all(sql.LIVE_STATES, (resource_id, part))
+            active = next(int(e) for e, s in live if s == ACTIVE)
+            await self.audit.append(
+                actor, "compromise", resource_id, "ok",
+                {"part": part, "epoch": target, "active": active}, now,
+            )  # fmt: skip
+            return target, active
 
     async def due_rotations(self, now: int) -> list[tuple[str, str]]:
         """(resource, part) whose active epoch has lived the resource's rotation period: what

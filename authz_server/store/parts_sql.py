@@ -42,6 +42,14 @@ class PartsSql:
         "(SELECT NULLIF(rotation_period, 0) FROM resources WHERE id = :resource) "
         "WHERE resource_id = :resource AND part = :part AND epoch = :epoch"
     )
+    EPOCH_STATE: str = (
+        "SELECT epoch, state FROM part_epochs WHERE resource_id = ? AND part = ? AND "
+        "(epoch = ? OR (? IS NULL AND state = 'active'))"
+    )
+    EPOCH_COMPROMISE: str = (
+        "UPDATE part_epochs SET state = 'compromised', deactivated_at = COALESCE("
+        "deactivated_at, ?) WHERE resource_id = ? AND part = ? AND epoch = ?"
+    )
     DUE_ROTATIONS: str = (
         "SELECT resource_id, part FROM part_epochs WHERE state = 'active' "
         "AND rotate_at IS NOT NULL AND rotate_at <= ? ORDER BY resource_id, part"
@@ -156,6 +164,7 @@ def _postgres(text: str) -> str:
         "IN (SELECT value FROM json_each(?))",
         "= ANY(ARRAY(SELECT jsonb_array_elements_text(?::jsonb)))",
     )
+    text = text.replace("(? IS NULL AND", "(CAST(? AS BIGINT) IS NULL AND")
     text = text.replace("zeroblob(length(secret))", "decode(repeat('00', length(secret)), 'hex')")
     pieces = text.split("?")
     return pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))

@@ -251,3 +251,25 @@ async def test_the_servers_duties_rotate_due_parts_and_destroy_retired_ones(stor
     states = {(e.part, e.epoch): e.state for e in await store.parts.epochs(RID)}
     assert states[("location", 1)] == states[("measurements", 1)] == "destroyed"
     assert not await server.schedule(NOW + 3661)  # nothing left to do
+
+
+@pytest.mark.asyncio
+async def test_compromising_one_parts_epoch_moves_that_part_on_alone(store: Store) -> None:
+    assert await store.parts.compromise(RID, "location", None, NOW + 1, actor="admin") == (1, 2)
+    assert await store.parts.compromise(RID, "location", 3, NOW + 2, actor="admin") == (3, 2)
+    states = {(e.part, e.epoch): e.state for e in await store.parts.epochs(RID)}
+    assert [states[("location", n)] for n in (1, 2, 3, 4)] == [
+        "compromised", "active", "compromised", "pre-active",
+    ]  # fmt: skip
+    assert live(await store.parts.live_epochs(RID), "measurements") == {
+        "active": 1, "pre-active": 2,
+    }  # fmt: skip
+    with pytest.raises(Conflict):
+        await store.parts.compromise(RID, "location", 1, NOW + 3, actor="admin")
+    with pytest.raises(NoSuchRecord):
+        await store.parts.compromise(RID, "location", 9, NOW + 3, actor="admin")
+    with pytest.raises(NoSuchRecord):
+        await store.parts.compromise(RID, "summary", None, NOW + 3, actor="admin")
+    # A compromised epoch is still readable to those entitled, as a resource's is.
+    await store.parts.grant("clinician", RID, "location", NOW + 4)
+    assert await readable(store, "clinician", "location", 1)

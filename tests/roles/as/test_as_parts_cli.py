@@ -73,6 +73,14 @@ def test_declare_grant_revoke_and_list_parts(parted: Cli) -> None:
     listed = json.loads(parted.ok("parts", "--resource", RID, "--json").out)
     assert listed[2]["epochs"] == [[1, "deactivated"], [2, "active"], [3, "pre-active"]]
     assert listed[1]["epochs"][-1] == [3, "pre-active"]  # measurements: untouched
+    out = parted.ok("compromise", "--resource", RID, "--part", "location", "--epoch", "3")
+    assert out.out == f"{RID} part location: epoch 3 compromised; epoch 2 active\n"
+    listed = json.loads(parted.ok("parts", "--resource", RID, "--json").out)
+    assert listed[2]["epochs"] == [
+        [1, "deactivated"], [2, "active"], [3, "compromised"], [4, "pre-active"],
+    ]  # fmt: skip
+    out = parted.ok("compromise", "--resource", RID, "--part", "location")  # the active one
+    assert out.out == f"{RID} part location: epoch 2 compromised; epoch 4 active\n"
     # No output of any of these held a secret; the audit names the part, not a secret.
     audit = parted.ok("audit", "--json").out
     assert "revoke-part" in audit and "grant-part" in audit and "declare-parts" in audit
@@ -103,6 +111,8 @@ def test_declare_grant_revoke_and_list_parts(parted: Cli) -> None:
         ("rotate", "--resource", RID, "--part", "summary"),  # plain: no secret to rotate
         ("rotate", "--resource", RID, "--part", "nope"),
         ("rotate", "--due", "--part", "location"),
+        ("compromise", "--resource", RID, "--part", "summary"),
+        ("compromise", "--resource", RID, "--part", "location", "--epoch", "9"),
     ],
 )  # fmt: skip
 def test_bad_part_commands_are_one_line_and_change_nothing(
