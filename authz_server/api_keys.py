@@ -124,6 +124,14 @@ async def part_secret(
     view = await api.store.parts.view(device.id, resource_id, part, wanted, now)
     if not view.active:  # revoked since authenticate() found it active (Endpoints.known)
         raise await api.inactive(device.id, now)
+    if not owner and view.readable and view.epoch is not None and view.epoch.state == PRE_ACTIVE:
+        # The producer switched at the boundary by its own clock and the scheduler is late
+        # (as rotate_if_due below, for a part): rotate if due, then look again.
+        if await api.store.parts.rotate_if_due(resource_id, part, now) is not None:
+            log.info("rotated %s part %s (due, on request)", resource_id, part)
+        view = await api.store.parts.view(device.id, resource_id, part, wanted, now)
+        if not view.active:
+            raise await api.inactive(device.id, now)
     resource = await api.store.resource(resource_id)
     epoch = view.epoch
     if owner:

@@ -32,8 +32,9 @@ rotation period (:meth:`Parts.due_rotations`, :meth:`Parts.rotate_if_due`, run b
 duties with the resources').
 
 What this module does not do: rotate or compromise parts on an operator's ``rotate`` or
-``compromise`` of the resource, or rotate a late part when a consumer asks for its pre-active
-epoch (see the notes of issue 19); decide who asks (:mod:`authz_server.api_keys`).
+``compromise`` of the resource (see the notes of issue 19); decide who asks
+(:mod:`authz_server.api_keys`, which also rotates a part whose schedule is late when a consumer
+asks for its pre-active epoch, as for a resource).
 """
 
 from __future__ import annotations
@@ -320,7 +321,10 @@ class Parts:
     async def rotate_if_due(self, resource_id: str, part: str, now: int) -> int | None:
         """Rotate the part on its schedule if still due once the write transaction holds the
         write lock (else None: another instance did), audited; returns the new active epoch.
-        A part rotates on its own schedule (its active epoch's age), not with the resource."""
+        A part rotates on its own schedule (its active epoch's age), not with the resource.
+        Not due when read first: no write transaction at all (the request path calls this)."""
+        if await self.db.one(self.sql.ROTATION_DUE, (resource_id, part, now)) is None:
+            return None
         async with self.db.transaction() as tx:
             if await self.db.one(self.sql.ROTATION_DUE, (resource_id, part, now)) is None:
                 tx.count = False

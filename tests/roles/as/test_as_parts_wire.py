@@ -179,3 +179,18 @@ async def test_bad_parts_at_registration_are_refused_and_register_nothing(
     assert again.code == Code.CHANGED
     sixteen = [[f"p{i}", "encrypted"] for i in range(16)]
     assert (await api.handle(register(sixteen, "many"))).code == Code.CREATED
+
+
+@pytest.mark.asyncio
+async def test_a_late_part_rotation_happens_when_a_consumer_asks_for_the_next_epoch(
+    api: Endpoints, store: Store
+) -> None:
+    await store.parts.grant("clinician", RID, "measurements", NOW)
+    ask = Request("clinician", "GET", ("secret",), ("r=" + RID, "p=measurements", "e=2"))
+    with pytest.raises(Forbidden):  # not due yet: the pre-active epoch stays shut
+        await api.handle(ask)
+    api.clock = lambda: NOW + 3600  # the producer's boundary passed; the scheduler is late
+    got = cbor.loads((await api.handle(ask)).payload)
+    assert (got["epoch"], got["state"]) == (2, "active")
+    doc = await keys(api)
+    assert doc["parts"][1]["active"]["epoch"] == 2 and doc["parts"][2]["active"]["epoch"] == 1
