@@ -31,8 +31,8 @@ from .messages import (
     resource_id_param,
 )
 from .store import DatabaseError, Device, Resource, StoreError
-from .store.parts import ENCRYPTED, PartEpoch
-from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE
+from .store.parts import ENCRYPTED
+from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE, PartEpoch
 
 if TYPE_CHECKING:
     from .api import Endpoints

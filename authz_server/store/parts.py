@@ -6,7 +6,8 @@ by anyone, no secret) or ``encrypted`` (at least one). Each encrypted part has e
 like a resource's (epoch 1 active and 2 pre-active at declaration; a rotation activates the
 pre-active one, deactivates the active one and makes a new pre-active one), each with a fresh
 secret (:meth:`.keyring.Keyring._new_secret`) stored only through the envelope, bound to
-(resource, part, epoch) by :func:`part_secret_context`.
+(resource, part, epoch) by :func:`.schema.part_secret_context` (the records, ``PartEpoch`` and
+``PartView``, are :mod:`.schema`'s).
 
 Who may read part P of resource R at epoch e: the owning producer (any epoch not destroyed); a
 consumer with a live grant of the whole resource (today's pattern grants) or of P alone, whom no
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from oscar.parts import MAX_PARTS, is_part_name
@@ -57,29 +57,17 @@ from .schema import (
     PRE_ACTIVE,
     Conflict,
     NoSuchRecord,
+    PartEpoch,
+    PartView,
     Resource,
     StoreError,
+    part_secret_context,
 )
 
-__all__ = [
-    "ENCRYPTED",
-    "KINDS",
-    "PLAIN",
-    "PartEpoch",
-    "PartView",
-    "Parts",
-    "check_parts",
-    "part_secret_context",
-]
+__all__ = ["ENCRYPTED", "KINDS", "PLAIN", "Parts", "check_parts"]
 
 PLAIN, ENCRYPTED = "plain", "encrypted"
 KINDS = (PLAIN, ENCRYPTED)
-
-
-def part_secret_context(resource_id: str, part: str, epoch: int) -> bytes:
-    """What the envelope binds a part's secret to (never a resource secret's context, which
-    starts ``secret\\x00``)."""
-    return b"\x00".join((b"part secret", resource_id.encode(), part.encode(), str(epoch).encode()))
 
 
 def check_parts(declared: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -102,35 +90,6 @@ def check_parts(declared: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     if ENCRYPTED not in {kind for _, kind in out}:
         raise ValueError("at least one part must be encrypted")
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class PartEpoch:
-    """One epoch of one encrypted part (its secret, decrypted, only when asked for)."""
-
-    resource_id: str
-    part: str
-    epoch: int
-    state: str
-    created_at: int
-    activated_at: int | None
-    deactivated_at: int | None
-    secret: bytes | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class PartView:
-    """What a part secret request is decided on (one point read)."""
-
-    kind: str | None  # None: no such part
-    epoch: PartEpoch | None
-    granted: bool
-    excluded: bool
-    active: bool
-
-    @property
-    def readable(self) -> bool:
-        return self.granted and not self.excluded
 
 
 class Parts:
