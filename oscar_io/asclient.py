@@ -353,12 +353,19 @@ class AsClient:
             _field(reply, "resource", str), _field(reply, "epoch", int), code == "2.01"
         )
 
-    async def secret(self, resource_id: str, epoch: int | None = None) -> SecretGrant:
-        """GET /secret: the access secret of (resource, epoch), the active epoch by default."""
+    async def secret(
+        self, resource_id: str, epoch: int | None = None, *, part: str | None = None
+    ) -> SecretGrant:
+        """GET /secret: the access secret of (resource, epoch), the active epoch by default;
+        with ``part``, that encrypted part's secret (``p=``; issue 19's multi-part objects)."""
         query = {"r": resource_id}
         if epoch is not None:
             query["e"] = str(epoch)
+        if part is not None:
+            query["p"] = part
         reply = await self.call("GET", "secret", query)
+        if part is not None and (not isinstance(reply, dict) or reply.get("part") != part):
+            raise AsError("the AS answered for another part")
         try:
             grant = SecretGrant(
                 _text(reply["resource"]),
