@@ -63,6 +63,7 @@ from .messages import (
     uint_at_most,
 )
 from .store import Conflict, DatabaseUnavailable, Device, Resource, Store
+from .store.parts import check_parts
 from .store.schema import ACTIVE  # a device status as the store keeps it
 
 __all__ = [
@@ -111,6 +112,14 @@ ENDPOINTS: tuple[tuple[str, str, bool], ...] = (
     ("link", "oscar.as.link", False),
     ("links", "oscar.as.links", False),
 )
+
+
+def is_part_list(value: object) -> bool:
+    """A ``parts`` value of ``POST /resources``: a list of [name, kind] text pairs (the rules on
+    names and kinds are :func:`~authz_server.store.parts.check_parts`')."""
+    return type(value) is list and all(
+        type(p) is list and len(p) == 2 and all(type(x) is str for x in p) for p in value
+    )
 
 
 def link_format() -> bytes:
@@ -325,8 +334,15 @@ class Endpoints:
                 "max_age": uint_at_most(MAX_UINT32),
                 "rotation_period": uint_at_most(MAX_UINT32),
             },
+            {"parts": is_part_list},
         )
         resource_id = resource_id_param(f"{device.id}/{body['path']}")
+        declared = None
+        if "parts" in body:
+            try:
+                declared = check_parts([tuple(p) for p in body["parts"]])
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
         if body["profile"] not in PROFILES:
             raise BadRequest("unknown profile; choose one of " + ", ".join(PROFILES))
         if 0 < body["rotation_period"] < self.min_rotation_period:
@@ -338,22 +354,30 @@ class Endpoints:
         if existing is None:
             if len(await self.store.resources(device.id)) >= MAX_RESOURCES_PER_PRODUCER:
                 raise await self.deny(device, "register", resource_id, "resource quota", now)
+            resource = Resource(
+                resource_id,
+                device.id,
+                body["content_format"],
+                body["profile"],
+                body["max_age"],
+                body["rotation_period"],
+                now,
+            )
             try:
-                await self.store.register_resource(
-                    Resource(
-                        resource_id,
-                        device.id,
-                        body["content_format"],
-                        body["profile"],
-                        body["max_age"],
-                        body["rotation_period"],
-                        now,
-                    )
-                )
+                if declared is None:
+                    await self.store.register_resource(resource)
+                else:  # the resource and its parts in one transaction
+                    await self.store.parts.register_resource(resource, declared)
                 code = Code.CREATED
                 log.info("registered %s", resource_id)
             except Conflict:  # registered in the meantime: answer as for an existing one
                 pass
+        if (
+            code != Code.CREATED
+            and declared is not None
+            and await self.store.parts.parts(resource_id) != declared
+        ):
+            raise BadRequest("the resource is registered with other parts")
         epoch = await self.store.epoch(resource_id)
         if epoch is None:
             raise ApiError("the resource has no active epoch")
@@ -381,13 +405,17 @@ class Endpoints:
         ]
         return Reply.cbor(Code.CONTENT, {"resources": listed})
 
-    async def key_fingerprint(self, resource_id: str) -> tuple[int, ...]:
-        """What a /keys observer cares about, without secrets: (active, pre-active) epochs."""
+    async def key_fingerprint(self, resource_id: str) -> tuple[Any, ...]:
+        """What a /keys observer cares about, without secrets: (active, pre-active) epochs, then
+        (part, epoch) of its parts' live epochs."""
         return (await self.key_fingerprints([resource_id]))[resource_id]
 
-    async def key_fingerprints(self, resource_ids: list[str]) -> dict[str, tuple[int, ...]]:
-        """:meth:`key_fingerprint` of each resource, in one query however many are observed."""
-        return await self.store.live_epochs(resource_ids)
+    async def key_fingerprints(self, resource_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """:meth:`key_fingerprint` of each resource (its parts' live epochs after its own), in
+        two queries however many are observed."""
+        own = await self.store.live_epochs(resource_ids)
+        parts = await self.store.parts.live_epoch_numbers(resource_ids)
+        return {rid: own[rid] + parts[rid] for rid in own}
 
 
 _Handler = Callable[[Endpoints, Device, Request, int], Any]

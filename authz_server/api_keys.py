@@ -1,6 +1,7 @@
 """The AS's key endpoints: ``GET /secret`` (an epoch's access secret, to a consumer with a live
-grant or to the owning producer) and ``GET /keys`` (a producer's active and pre-active epochs, the
-observable resource), as functions of :class:`authz_server.api.Endpoints`.
+grant or to the owning producer; with ``p=`` an encrypted part's, see :mod:`.store.parts`) and
+``GET /keys`` (a producer's active and pre-active epochs, its parts' too, the observable
+resource), as functions of :class:`authz_server.api.Endpoints`.
 
 A secret's first delivery to a device is audited, durably, before it leaves; the epochs' states are
 KMIP's as the store keeps them. What this module does not do: routing, authentication of the DTLS
@@ -10,12 +11,13 @@ identity and the audit of refusals (:mod:`authz_server.api`), storage (:mod:`aut
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiocoap.numbers.codes import Code
 
 from oscar import names
 from oscar.keys import AccessSecret
+from oscar.parts import is_part_name
 from oscar_io.aswire import EpochKey, KeyState
 
 from .messages import (
@@ -29,12 +31,13 @@ from .messages import (
     resource_id_param,
 )
 from .store import DatabaseError, Device, Resource, StoreError
-from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE
+from .store.parts import ENCRYPTED
+from .store.schema import ACTIVE, COMPROMISED, DEACTIVATED, PRE_ACTIVE, PartEpoch
 
 if TYPE_CHECKING:
     from .api import Endpoints
 
-__all__ = ["get_keys", "get_secret", "key_state", "rotate_if_due"]
+__all__ = ["get_keys", "get_secret", "key_state", "part_secret", "part_states", "rotate_if_due"]
 
 log = logging.getLogger("oscar.as")
 
@@ -43,16 +46,22 @@ log = logging.getLogger("oscar.as")
 
 
 async def get_secret(api: Endpoints, device: Device, request: Request, now: int) -> Reply:
-    query = parse_query(request, ("r", "e"))
+    query = parse_query(request, ("r", "e", "p"))
     if "r" not in query:
-        raise BadRequest("GET /secret takes r=<resource id> and optionally e=<epoch>")
+        raise BadRequest(
+            "GET /secret takes r=<resource id> and optionally e=<epoch>, p=<part name>"
+        )
     resource_id = resource_id_param(query["r"])
     wanted = epoch_number(query["e"]) if "e" in query else None
+    if "p" in query and not is_part_name(query["p"]):
+        raise BadRequest("a part name is 1 to 32 characters of A-Z a-z 0-9 . _ -, first alnum")
     if device.role == "proxy":
         raise await api.deny(device, "secret", resource_id, "proxies get no secrets", now)
     owner = names.owns(device.id, resource_id)
     if device.role != "consumer" and not owner:
         raise await api.deny(device, "secret", resource_id, "not the owner", now)
+    if "p" in query:
+        return await part_secret(api, device, resource_id, query["p"], wanted, owner, now)
     view = await api.store.secret_view(device.id, resource_id, wanted, now)
     if not view.active:  # revoked since authenticate() found it active (Endpoints.known)
         raise await api.inactive(device.id, now)
@@ -90,6 +99,64 @@ async def get_secret(api: Endpoints, device: Device, request: Request, now: int)
         Code.CONTENT,
         {
             "resource": resource_id,
+            "epoch": epoch.epoch,
+            "state": epoch.state,
+            "secret": epoch.secret,
+            "profile": resource.profile,
+        },
+    )
+
+
+async def part_secret(
+    api: Endpoints,
+    device: Device,
+    resource_id: str,
+    part: str,
+    wanted: int | None,
+    owner: bool,
+    now: int,
+) -> Reply:
+    """``GET /secret?r=&p=[&e=]``: an encrypted part's secret, to the owning producer (any epoch
+    not destroyed) or to a consumer whose live grant (of the whole resource, or of this part)
+    covers it and whom no exclusion of the part shuts out of that epoch (the active one by
+    default; a pre-active one is refused, as for a resource's). A consumer that may not read
+    it learns nothing more (4.03 whether the resource or part exists or not)."""
+    view = await api.store.parts.view(device.id, resource_id, part, wanted, now)
+    if not view.active:  # revoked since authenticate() found it active (Endpoints.known)
+        raise await api.inactive(device.id, now)
+    if not owner and view.readable and view.epoch is not None and view.epoch.state == PRE_ACTIVE:
+        # The producer switched at the boundary by its own clock and the scheduler is late
+        # (as rotate_if_due below, for a part): rotate if due, then look again.
+        if await api.store.parts.rotate_if_due(resource_id, part, now) is not None:
+            log.info("rotated %s part %s (due, on request)", resource_id, part)
+        view = await api.store.parts.view(device.id, resource_id, part, wanted, now)
+        if not view.active:
+            raise await api.inactive(device.id, now)
+    resource = await api.store.resource(resource_id)
+    epoch = view.epoch
+    if owner:
+        if resource is None or resource.producer_id != device.id or epoch is None:
+            raise NotFound("no such resource, encrypted part or epoch")
+    else:
+        if not view.readable:
+            raise await api.deny(device, "secret", resource_id, "no grant for this part", now)
+        if resource is None or epoch is None:
+            raise NotFound("no such resource, encrypted part or epoch")
+        if epoch.state == PRE_ACTIVE:
+            raise await api.deny(device, "secret", resource_id, "epoch not active yet", now)
+    if epoch.state not in (ACTIVE, PRE_ACTIVE, DEACTIVATED, COMPROMISED) or not epoch.secret:
+        raise NotFound("the epoch is destroyed")
+    # A part's delivery as (device, "resource#part", epoch): no resource id holds a '#'.
+    delivery = (device.id, f"{resource_id}#{part}", epoch.epoch)
+    if delivery not in api.delivered:
+        await api.store.record_delivery(*delivery, now)  # audited before the secret leaves
+        api.delivered.add(delivery)
+    log.debug("secret of %s part %s epoch %d to %s", resource_id, part, epoch.epoch, device.id)
+    return Reply.cbor(
+        Code.CONTENT,
+        {
+            "resource": resource_id,
+            "part": part,
             "epoch": epoch.epoch,
             "state": epoch.state,
             "secret": epoch.secret,
@@ -138,7 +205,45 @@ async def get_keys(api: Endpoints, device: Device, request: Request, now: int) -
     resource = await api.store.resource(resource_id)
     if resource is None or resource.producer_id != device.id:
         raise NotFound("no such resource")
-    return Reply.cbor(Code.CONTENT, (await key_state(api, resource)).to_cbor())
+    reply = (await key_state(api, resource)).to_cbor()
+    parts = await part_states(api, resource)
+    if parts:  # a single-part resource's reply stays as it was
+        reply["parts"] = parts
+    return Reply.cbor(Code.CONTENT, reply)
+
+
+async def part_states(api: Endpoints, resource: Resource) -> list[dict[str, Any]]:
+    """The owner's view of the resource's parts, in order: ``{"name", "kind"}`` for a plain
+    part, and for an encrypted one its active and pre-active epoch with their secrets, as the
+    resource's own are in the ``/keys`` reply (``active``: epoch, secret, activated_at;
+    ``next``: epoch, secret). Empty for a resource without parts."""
+    declared = await api.store.parts.parts(resource.id)
+    if not declared:
+        return []
+    live: dict[str, dict[str, PartEpoch]] = {}
+    for e in await api.store.parts.live_epochs(resource.id):
+        live.setdefault(e.part, {})[e.state] = e
+    out: list[dict[str, Any]] = []
+    for name, kind in declared:
+        if kind != ENCRYPTED:
+            out.append({"name": name, "kind": kind})
+            continue
+        active, upcoming = live.get(name, {}).get(ACTIVE), live.get(name, {}).get(PRE_ACTIVE)
+        if active is None or upcoming is None or not active.secret or not upcoming.secret:
+            raise ApiError("a part lacks an active or a pre-active epoch")
+        out.append(
+            {
+                "name": name,
+                "kind": kind,
+                "active": {
+                    "epoch": active.epoch,
+                    "secret": active.secret,
+                    "activated_at": active.activated_at,
+                },
+                "next": {"epoch": upcoming.epoch, "secret": upcoming.secret},
+            }
+        )
+    return out
 
 
 async def key_state(api: Endpoints, resource: Resource) -> KeyState:

@@ -198,9 +198,14 @@ def is_text(value: object) -> bool:
     return type(value) is str
 
 
-def parse_body(request: Request, fields: dict[str, Callable[[object], bool]]) -> dict[str, Any]:
-    """The request's CBOR map, which must have exactly the keys of ``fields``, each value passing
-    its check. BadRequest otherwise (the message names the rule, never echoes the value)."""
+def parse_body(
+    request: Request,
+    fields: dict[str, Callable[[object], bool]],
+    optional: dict[str, Callable[[object], bool]] | None = None,
+) -> dict[str, Any]:
+    """The request's CBOR map, which must have exactly the keys of ``fields`` (and may have
+    those of ``optional``), each value passing its check. BadRequest otherwise (the message
+    names the rule, never echoes the value)."""
     if request.content_format not in (None, CBOR_FORMAT):
         raise UnsupportedContentFormat()
     if len(request.payload) > MAX_PAYLOAD:
@@ -211,10 +216,14 @@ def parse_body(request: Request, fields: dict[str, Callable[[object], bool]]) ->
         raise BadRequest("the payload is not well-formed CBOR") from None
     if type(value) is not dict:
         raise BadRequest("the payload must be a CBOR map")
-    if set(value) != set(fields):
-        raise BadRequest("the map must have exactly the keys " + ", ".join(sorted(fields)))
-    for key, check in fields.items():
-        if not check(value[key]):
+    optional = optional or {}
+    if not set(fields) <= set(value) <= set(fields) | set(optional):
+        raise BadRequest(
+            "the map must have exactly the keys " + ", ".join(sorted(fields))
+            + "".join(f" (and optionally {key})" for key in sorted(optional))
+        )  # fmt: skip
+    for key, check in (fields | optional).items():
+        if key in value and not check(value[key]):
             raise BadRequest(f"{key!r} has the wrong type or is out of range")
     return cast(dict[str, Any], value)
 

@@ -195,7 +195,8 @@ class _Server:
             if self.metrics is not None:
                 self.metrics.grants_expired.inc()
                 for resource_id in rotated:
-                    self.metrics.rotated(resource_id, "grant expired")
+                    if "#" not in resource_id:  # "resource#part": a part's rotation
+                        self.metrics.rotated(resource_id, "grant expired")
         for resource_id in await self.store.due_rotations(now):
             try:
                 epoch = await self.store.rotate_if_due(
@@ -213,6 +214,18 @@ class _Server:
             log.info("rotated %s to epoch %d (schedule)", resource_id, epoch)
             if self.metrics is not None:
                 self.metrics.rotated(resource_id, "schedule")
+        for resource_id, part in await self.store.parts.due_rotations(now):
+            try:
+                epoch = await self.store.parts.rotate_if_due(resource_id, part, now)
+            except DatabaseError:
+                raise
+            except StoreError as exc:
+                done = True
+                log.warning("scheduled rotation of %s part %s failed: %s", resource_id, part, exc)
+                continue
+            if epoch is not None:
+                done = True
+                log.info("rotated %s part %s to epoch %d (schedule)", resource_id, part, epoch)
         for resource_id, epoch in await self.store.destroy_expired(now, self.options.retention):
             log.info("destroyed epoch %d of %s (retention over)", epoch, resource_id)
             done = True

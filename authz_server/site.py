@@ -59,7 +59,7 @@ class AuthorizationSite(CoapResource):  # type: ignore[misc]
         self._monotonic = monotonic
         self._observers: dict[str, set[Any]] = {}
         self._observed_remotes: dict[Any, int] = {}
-        self._fingerprints: dict[str, tuple[int, ...]] = {}
+        self._fingerprints: dict[str, tuple[Any, ...]] = {}
 
     @staticmethod
     def identity(remote: Any) -> str | None:

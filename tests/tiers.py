@@ -91,6 +91,7 @@ PROCESS: dict[str, Starts] = {
         "test_a_bad_command_timeout_is_one_clear_error_without_the_password",
         "test_the_command_timeout_is_5_s_unless_the_url_asks_for_another",
     ),
+    "test_as_parts_process": every(),
     "test_as_pg_restart": every(),
     "test_as_migrate": every(
         "test_a_bad_target_url_is_a_usage_error_before_anything",

@@ -1,7 +1,8 @@
 """``oscar-as``: the AS's admin tool and the entry point of its server.
 
 Every command works on a state directory (``--state``): ``init`` makes one; ``enroll``, ``grant``,
-``revoke``, ``rotate``, ``compromise``, ``destroy`` and ``set-as-uris`` change it; ``migrate``
+``revoke``, ``rotate``, ``compromise``, ``destroy``, ``parts --declare`` and ``set-as-uris``
+change it; ``migrate``
 moves its database from SQLite to PostgreSQL; ``devices``, ``resources``, ``grants`` and
 ``audit`` read it; ``admin-token`` issues, lists and revokes the admin console's tokens;
 ``serve`` runs the server (:mod:`authz_server.server`, imported only by that
@@ -19,7 +20,8 @@ bundle that ``enroll`` writes (mode 0600, or stdout with ``--out -``).
 The package: this module (the parser and :func:`main`, the one place exceptions become exit
 statuses), :mod:`.common` (argument types, store access, terminal output), :mod:`.enrolment`
 (``init``, ``enroll``, ``set-as-uris``), :mod:`.keys` (``grant``, ``revoke``, ``rotate``,
-``compromise``, ``destroy`` and the listings), :mod:`.audit` (``audit``), :mod:`.admins`
+``compromise``, ``destroy`` and the listings), :mod:`.parts` (``parts``, and ``--part`` of
+``grant``, ``revoke``, ``grants``), :mod:`.audit` (``audit``), :mod:`.admins`
 (``admin-token``), :mod:`.migrate`
 (``migrate``), :mod:`.serve` (``serve``).
 
@@ -55,6 +57,7 @@ from .keys import (
     cmd_rotate,
 )
 from .migrate import cmd_migrate
+from .parts import cmd_parts
 from .serve import SERVE_DEFAULTS, cmd_serve
 
 __all__ = ["SERVE_DEFAULTS", "UsageError", "build_parser", "main"]
@@ -200,21 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument(
         "--until", metavar="TIME", help="seconds since 1970 or ISO 8601 UTC (default: no end)"
     )
+    grant.add_argument("--part", metavar="NAME", help="only this encrypted part of --resource RID")
 
     revoke = command("revoke", cmd_revoke, "revoke grants or a device")
     who = revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--consumer", metavar="ID", help="revoke this consumer's grants")
     who.add_argument("--device", metavar="ID", help="revoke the device itself")
     revoke.add_argument("--resource", metavar="PATTERN", help="only the grant with this pattern")
+    revoke.add_argument("--part", metavar="NAME", help="only the grant of this part of --resource")
+
+    parts = listing("parts", cmd_parts, "declare or list a resource's parts")
+    parts.add_argument("--resource", metavar="RID", required=True)
+    parts.add_argument(
+        "--declare", metavar="NAME=KIND", nargs="+", help="plain or encrypted, in order"
+    )
 
     rotate = command("rotate", cmd_rotate, "rotate a resource's access secret")
     what = rotate.add_mutually_exclusive_group(required=True)
     what.add_argument("--resource", metavar="RID")
     what.add_argument("--due", action="store_true", help="every resource whose rotation is due")
+    rotate.add_argument("--part", metavar="NAME", help="only this encrypted part of --resource")
 
     compromise = command("compromise", cmd_compromise, "mark an epoch compromised")
     compromise.add_argument("--resource", metavar="RID", required=True)
     compromise.add_argument("--epoch", metavar="N", type=positive(int), help="(default: active)")
+    compromise.add_argument("--part", metavar="NAME", help="an epoch of this encrypted part")
 
     destroy = command("destroy", cmd_destroy, "destroy secrets past their retention")
     destroy.add_argument("--retention", metavar="S", type=not_negative, required=True)

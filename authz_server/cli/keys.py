@@ -29,6 +29,7 @@ from .common import (
     table,
     time_arg,
 )
+from .parts import compromise_part, grant_part, part_grants, revoke_part, rotate_part
 
 __all__ = [
     "cmd_compromise",
@@ -47,6 +48,8 @@ def cmd_grant(args: argparse.Namespace, now: int) -> int:
     until TIME or indefinitely. A consumer shut out of a resource by an earlier revocation gets
     back in only from a new epoch: that resource rotates.
     """
+    if args.part is not None:
+        return grant_part(args, now)
     consumer = require_device_id(args.consumer, "consumer id")
     pattern = resource_pattern(args.resource)
     until = None if args.until is None else time_arg(args.until, now)
@@ -62,6 +65,8 @@ def cmd_revoke(args: argparse.Namespace, now: int) -> int:
     device (PSK erased, certificates revoked, grants revoked). Every resource the consumer could
     read rotates at once and it is refused the new epoch and every later one.
     """
+    if args.part is not None:
+        return revoke_part(args, now)
     if args.device is not None:
         if args.resource is not None:
             raise UsageError("--resource goes with --consumer, not --device")
@@ -77,10 +82,13 @@ def cmd_revoke(args: argparse.Namespace, now: int) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, now: int) -> int:
-    """Rotate a resource now (--resource), or every resource whose rotation is due (--due): the
-    pre-active epoch becomes active, the active one is deactivated, a new pre-active one is made.
+    """Rotate a resource now (--resource; one of its parts with --part), or every resource whose
+    rotation is due (--due): the pre-active epoch becomes active, the active one is deactivated,
+    a new pre-active one is made.
     """
     rid = None if args.resource is None else require_resource_id(args.resource)
+    if args.part is not None:
+        return rotate_part(args, now)
 
     async def body(store: Store) -> list[tuple[str, int]]:
         if rid is not None:
@@ -105,6 +113,8 @@ def cmd_compromise(args: argparse.Namespace, now: int) -> int:
     pre-active epoch becomes active and a new pre-active one is made.
     """
     rid = require_resource_id(args.resource)
+    if args.part is not None:
+        return compromise_part(args, now)
 
     async def body(store: Store) -> tuple[int, int]:
         target = await store.epoch(rid, args.epoch)
@@ -169,7 +179,8 @@ def cmd_resources(args: argparse.Namespace, now: int) -> int:
 
 
 def cmd_grants(args: argparse.Namespace, now: int) -> int:
-    """List the grants, revoked and expired ones included, oldest first."""
+    """List the grants, revoked and expired ones included, oldest first; then the grants of one
+    part (``grant --part``)."""
     consumer = None if args.consumer is None else require_device_id(args.consumer, "consumer id")
     grants = []
     for row in run_on_store(args, lambda store: store.grants(consumer)):
@@ -178,9 +189,14 @@ def cmd_grants(args: argparse.Namespace, now: int) -> int:
         expired = until is not None and until <= now
         grant["status"] = "revoked" if revoked else "expired" if expired else "active"
         grants.append(grant)
+    parts = part_grants(args, consumer)
     if args.json:
-        print_json(grants)
+        print_json(grants + parts)
     else:
         header = (*GRANT_FIELDS, "status")
         table(header, [[*g.values()] for g in grants], times=("until", *GRANT_FIELDS[-2:]))
+        if parts:
+            print()
+            columns = ("consumer_id", "resource_id", "part", "granted_at", "revoked_at", "status")
+            table(columns, [[*g.values()] for g in parts], times=columns[3:5])
     return 0

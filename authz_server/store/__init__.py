@@ -22,6 +22,7 @@ The package, by composition (each component holds the one backend, and the other
     Store                          this module: opening, meta, the public methods
     ├── registry   Registry        .registry    devices, PSKs, proxy links, certificates
     ├── access     Access          .access      grants, exclusions, what a consumer may read
+    ├── parts      Parts           .parts       a resource's parts: their secrets, grants
     ├── keyring    Keyring         .keyring     resources, epochs, rotation, destruction
     ├── deliveries Deliveries      .deliveries  secrets handed out (grouped commits)
     ├── audit_log  AuditLog        .audit       the audit chain, pruning; .denials tallies refusals
@@ -66,6 +67,7 @@ from .backend import Backend
 from .deliveries import Deliveries
 from .instances import Instance, Instances
 from .keyring import Keyring
+from .parts import Parts
 from .registry import Registry
 from .schema import (
     CA_KEY_CONTEXT,
@@ -166,6 +168,7 @@ class Store:
         self.keyring = keyring = Keyring(db, envelope, audit)
         self.access = access = Access(db, envelope, audit, keyring)
         self.registry = registry = Registry(db, envelope, audit, access)
+        self.parts = access.parts = Parts(db, envelope, audit, keyring)
         self.admins = admins = AdminTokens(db, envelope, audit)
         # The admin console's tokens.
         self.issue_admin_token = admins.issue_admin_token
@@ -202,7 +205,6 @@ class Store:
         self.rotate_if_due = keyring.rotate_if_due
         self.compromise = keyring.compromise
         self.due_rotations = keyring.due_rotations
-        self.destroy_expired = keyring.destroy_expired
         self.destroy_retired = keyring.destroy_retired
         # Grants and exclusions.
         self.add_grant = access.add_grant
@@ -304,6 +306,13 @@ class Store:
         except BaseException:
             await db.close()
             raise
+
+    async def destroy_expired(self, now: int, retention: int) -> list[tuple[str, int]]:
+        """Destroy the epochs (the resources', then their parts') deactivated or compromised
+        more than ``retention`` seconds ago; returns (resource, epoch) and
+        (``resource#part``, epoch) destroyed. See :meth:`Keyring.destroy_expired`."""
+        destroyed = await self.keyring.destroy_expired(now, retention)
+        return destroyed + await self.parts.destroy_expired(now, retention)
 
     async def close(self) -> None:
         """Write every counted denial, then close the database; closing twice is harmless."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..envelope import Envelope, VaultError
 from .audit import AuditLog
 from .backend import Backend
 from .keyring import Keyring
 from .schema import Conflict, Epoch, NoSuchRecord, Resource, SecretView, StoreError, secret_context
+
+if TYPE_CHECKING:
+    from .parts import Parts
 
 __all__ = ["Access"]
 
@@ -30,6 +33,9 @@ class Access:
         self._envelope = envelope
         self.audit = audit
         self.keyring = keyring
+        #: The resources' parts (:mod:`.parts`): an ended whole-resource grant rotates the parts
+        #: it alone gave, a new one readmits to the parts it was shut out of.
+        self.parts: Parts | None = None
 
     # --- grants ----------------------------------------------------------------------------------
 
@@ -80,6 +86,8 @@ class Access:
             rotated_all: list[str] = []
             for consumer_id, pattern, until in grants:
                 rotated = await self._readmit(consumer_id, pattern, excluded, now)
+                if self.parts is not None:
+                    rotated += await self.parts.readmit_pattern(consumer_id, pattern, now)
                 records.append(
                     (actor, "grant", consumer_id, "ok",
                      {"pattern": pattern, "until": until, "rotated": rotated}, now)
@@ -112,8 +120,9 @@ class Access:
         self, consumer_id: str, pattern: str | None, now: int, *, actor: str = "admin"
     ) -> list[str]:
         """Revoke the consumer's grants (those with exactly ``pattern``, or all): every resource
-        it could read rotates at once and it is excluded from the new epoch on. Returns the
-        resources rotated."""
+        it could read rotates at once and it is excluded from the new epoch on (and from the
+        new epoch of each encrypted part of those it holds no grant of; all: its part grants
+        end too). Returns the resources rotated, then ``resource#part`` of the parts rotated."""
         async with self.db.transaction():
             rotated = await self.end_grants_of(consumer_id, pattern, now, required=True)
             await self.audit.append(
@@ -143,7 +152,10 @@ class Access:
             raise NoSuchRecord(
                 f"no grant of {consumer_id!r}" + (f" on {pattern!r}" if pattern else "")
             )
-        return await self._end_grants(consumer_id, chosen, now, keep_covered=False)
+        rotated = await self._end_grants(consumer_id, chosen, now, keep_covered=False)
+        if pattern is None and self.parts is not None:  # all its grants: its part grants too
+            rotated += await self.parts.end_all_part_grants(consumer_id, now)
+        return rotated
 
     async def _end_grants(
         self,
@@ -172,10 +184,14 @@ class Access:
             if any(fnmatch.fnmatchcase(rid, p) for p in patterns)
             and not any(fnmatch.fnmatchcase(rid, p) for p in remaining)
         ]
+        parts_rotated = []
         for resource_id in resources:
             new_epoch = await self.keyring.advance(resource_id, now)
             await self.db.execute(sql.EXCLUSION_INSERT, (consumer_id, resource_id, new_epoch, now))
-        return resources
+            if self.parts is not None:
+                for part in await self.parts.whole_grant_ended(consumer_id, resource_id, now):
+                    parts_rotated.append(f"{resource_id}#{part}")
+        return resources + parts_rotated
 
     async def expire_grants(self, now: int) -> list[tuple[str, list[str]]]:
         """End every grant whose ``until`` has passed as a revocation would: what it alone gave

@@ -58,34 +58,40 @@ class Keyring:
         twice = [i for i, n in Counter(ids).items() if n > 1]
         if twice:
             raise Conflict(f"resource {twice[0]!r} is listed twice")
-        sql = self.db.sql
         async with self.db.transaction():
-            row = await self.db.one(sql.RESOURCE_TAKEN, (sql.id_list(ids),))
-            if row is not None:
-                raise Conflict(f"resource {row[0]!r} is registered already")
-            await self.db.executemany(
-                sql.RESOURCE_INSERT,
-                [
-                    (r.id, r.producer_id, r.content_format, r.profile, r.max_age,
-                     r.rotation_period, r.registered_at)
-                    for r in resources
-                ],
-            )  # fmt: skip
-            epochs = []
-            for r in resources:
-                now = r.registered_at
-                due = now + r.rotation_period if r.rotation_period > 0 else None
-                epochs.append(self._epoch_row(r.id, 1, ACTIVE, now, activated=now, due=due))
-                epochs.append(self._epoch_row(r.id, 2, PRE_ACTIVE, now))
-            await self.db.executemany(sql.EPOCH_INSERT, epochs)
-            await self.audit.append_many(
-                [
-                    (r.producer_id, "register", r.id, "ok",
-                     {"profile": r.profile, "rotation_period": r.rotation_period},
-                     r.registered_at)
-                    for r in resources
-                ]
-            )  # fmt: skip
+            await self.insert_resources(resources)
+
+    async def insert_resources(self, resources: Sequence[Resource]) -> None:
+        """:meth:`register_resources`' statements and audit records, inside the caller's
+        transaction (a registration with parts: :meth:`.parts.Parts.register_resource`)."""
+        ids = [r.id for r in resources]
+        sql = self.db.sql
+        row = await self.db.one(sql.RESOURCE_TAKEN, (sql.id_list(ids),))
+        if row is not None:
+            raise Conflict(f"resource {row[0]!r} is registered already")
+        await self.db.executemany(
+            sql.RESOURCE_INSERT,
+            [
+                (r.id, r.producer_id, r.content_format, r.profile, r.max_age,
+                 r.rotation_period, r.registered_at)
+                for r in resources
+            ],
+        )  # fmt: skip
+        epochs = []
+        for r in resources:
+            now = r.registered_at
+            due = now + r.rotation_period if r.rotation_period > 0 else None
+            epochs.append(self._epoch_row(r.id, 1, ACTIVE, now, activated=now, due=due))
+            epochs.append(self._epoch_row(r.id, 2, PRE_ACTIVE, now))
+        await self.db.executemany(sql.EPOCH_INSERT, epochs)
+        await self.audit.append_many(
+            [
+                (r.producer_id, "register", r.id, "ok",
+                 {"profile": r.profile, "rotation_period": r.rotation_period},
+                 r.registered_at)
+                for r in resources
+            ]
+        )  # fmt: skip
 
     def _epoch_row(
         self,

@@ -53,6 +53,7 @@ from oscar_io.statefiles import atomic_write
 from . import Store, check_database_url, postgres, recorded_database, redacted, sqlite
 from .audit import walk_chain
 from .backend import Params, Row, SnapshotReader
+from .parts_schema import TABLES as PARTS_TABLES
 from .postgres_backend import PostgresBackend
 from .postgres_connections import DRIVER_ERRORS, MAINTENANCE_TIMEOUT, close_quietly, is_lost
 from .schema import DATABASE_NAME, DB_NAME, Conflict, StoreError
@@ -61,7 +62,7 @@ __all__ = ["COPY_BATCH", "EPHEMERAL", "TABLES", "Migrated", "migrate"]
 
 _T = TypeVar("_T")
 
-#: Every table of the schema (version 6) and its columns, as SQLite has them; in the order a copy
+#: Every table of the schema (version 7) and its columns, as SQLite has them; in the order a copy
 #: fills them (parents before children). PostgreSQL's ``meta`` has the value in typed columns
 #: (:func:`.postgres.meta_params`). A table or column the source has and this does not name,
 #: or the reverse, stops a copy before anything is written.
@@ -86,6 +87,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "audit": ("seq", "at", "actor", "action", "subject", "result", "detail", "chain"),
     "audit_checkpoint": ("id", "seq", "chain", "at", "mac"),
     "admins": ("name", "token_hash", "created_at", "expires_at", "revoked_at"),
+    **PARTS_TABLES,
 }
 #: Tables of the schema a copy leaves empty: the running instances' heartbeats (each instance
 #: writes its row again on the new database; a copy is made with the AS stopped anyway).

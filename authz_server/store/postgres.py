@@ -510,6 +510,7 @@ TABLE_COLUMNS = (
 SCHEMA_OBJECTS = (
     *("meta", "devices", "certificates", "resources", "epochs", "grants", "exclusions"),
     *("deliveries", "audit", "audit_checkpoint", "admins", "instances"),
+    *("parts", "part_epochs", "part_grants", "part_exclusions"),
     "schema_version",
     *("audit_append_only", "audit_prune_only", "oscar_glob", "oscar_match"),
 )

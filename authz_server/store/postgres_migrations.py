@@ -5,6 +5,8 @@ append-only triggers. :mod:`.postgres` holds the statements that run against it.
 
 from __future__ import annotations
 
+from .parts_schema import POSTGRES_MIGRATION as _PARTS
+
 __all__ = ["MIGRATIONS"]
 
 MIGRATIONS: list[str] = [
@@ -223,4 +225,5 @@ MIGRATIONS: list[str] = [
         facts TEXT COLLATE "C" NOT NULL
     );
     """,
+    _PARTS,  # 7: a resource's parts, their secrets, grants and exclusions
 ]

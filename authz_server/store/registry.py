@@ -116,6 +116,8 @@ class Registry:
                 # marking the live epochs compromised (objects it sealed stay readable to those
                 # entitled; its certificate, revoked above, vouches for nothing new).
                 await self.db.execute(sql.PRODUCER_EPOCHS_COMPROMISE, (now, device_id))
+                if self.access.parts is not None:
+                    await self.access.parts.producer_revoked(device_id, now)
             await self.audit.append(
                 actor, "revoke-device", device_id, "ok", {"rotated": rotated}, now
             )

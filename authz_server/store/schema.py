@@ -29,9 +29,12 @@ __all__ = [
     "Device",
     "Epoch",
     "NoSuchRecord",
+    "PartEpoch",
+    "PartView",
     "Resource",
     "SecretView",
     "StoreError",
+    "part_secret_context",
     "psk_context",
     "secret_context",
 ]
@@ -117,12 +120,47 @@ class AuditRecord:
     detail: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class PartEpoch:
+    """One epoch of one encrypted part (its secret, decrypted, only when asked for)."""
+
+    resource_id: str
+    part: str
+    epoch: int
+    state: str
+    created_at: int
+    activated_at: int | None
+    deactivated_at: int | None
+    secret: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PartView:
+    """What a part secret request is decided on (one point read)."""
+
+    kind: str | None  # None: no such part
+    epoch: PartEpoch | None
+    granted: bool
+    excluded: bool
+    active: bool
+
+    @property
+    def readable(self) -> bool:
+        return self.granted and not self.excluded
+
+
 def psk_context(device_id: str) -> bytes:
     return b"psk\x00" + device_id.encode()
 
 
 def secret_context(resource_id: str, epoch: int) -> bytes:
     return b"secret\x00" + resource_id.encode() + b"\x00" + str(epoch).encode()
+
+
+def part_secret_context(resource_id: str, part: str, epoch: int) -> bytes:
+    """What the envelope binds a part's secret to (never a resource secret's context, which
+    starts ``secret\\x00``)."""
+    return b"\x00".join((b"part secret", resource_id.encode(), part.encode(), str(epoch).encode()))
 
 
 CA_KEY_CONTEXT = b"ca key"

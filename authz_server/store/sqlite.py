@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .parts_schema import SQLITE_MIGRATION as _PARTS
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -180,6 +182,7 @@ MIGRATIONS: list[str] = [
         facts TEXT NOT NULL
     );
     """,
+    _PARTS,  # 7: a resource's parts, their secrets, grants and exclusions (see parts_schema.py)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -32,6 +32,7 @@ from authz_server.store.migrate import EPHEMERAL, TABLES
 NOW = int(time.time())
 T0 = NOW - 10 * 86_400  # the state directory's first days, pruned from the audit log
 TEMP, HUMID, OTHER = "sensor-1/temperature", "sensor-1/humidity", "sensor-2/pressure"
+PARTED = "sensor-2/vitals"  # a resource with parts (schema 7)
 ERROR_LINE = re.compile(r"^oscar-as migrate: error: \S[^\n]*\n$")
 PASSWORD = "s3cret-Pa55word"
 
@@ -67,6 +68,12 @@ async def populate(state: Path) -> dict[str, bytes]:
                 Resource(OTHER, "sensor-2", 50, "ccm-es256", 60, 3600, NOW - 100),
             ]
         )
+        await store.parts.register_resource(
+            Resource(PARTED, "sensor-2", 50, "ccm-es256", 60, 0, NOW - 100),
+            [("pub", "plain"), ("a", "encrypted"), ("b", "encrypted")],
+        )
+        await store.parts.grant("phone-1", PARTED, "a", NOW - 80)
+        await store.parts.grant("phone-2", PARTED, "b", NOW - 80)  # revoked below: an exclusion
         await store.add_grant("phone-1", "sensor-1/*", None, NOW - 90)
         await store.add_grant("phone-2", "sensor-1/*", None, NOW - 90)
         await store.add_grant("phone-3", TEMP, NOW + 86_400, NOW - 90)
@@ -108,6 +115,15 @@ async def answers(store: Store) -> dict[str, Any]:
         "resources": await store.resources(),
         "epochs": epochs,
         "grants": await store.grants(),
+        "parts": await store.parts.parts(PARTED),
+        "part_epochs": await store.parts.live_epochs(PARTED),
+        "part_grants": await store.parts.grants(),
+        "part_views": [
+            await store.parts.view(c, PARTED, p, e, NOW)
+            for c in ("phone-1", "phone-2")
+            for p in ("a", "b")
+            for e in (1, 2)
+        ],
         "excluded": await store.excluded_resources("phone-2"),
         "readable": await store.readable_resources("phone-1", NOW),
         "may_read": [
@@ -283,13 +299,13 @@ def test_a_target_holding_an_as_or_its_names_is_refused_and_unchanged(
 
     asyncio.run(other_as())
     held = asyncio.run(count_tables(pg_database))
-    refused(pg_database, "holds an AS already (schema 6)")
+    refused(pg_database, "holds an AS already (schema 7)")
     assert asyncio.run(count_tables(pg_database)) == held
     # The same AS of another schema version.
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 3"))
-    refused(pg_database, "holds an AS already (schema 3; this program's is 6)")
+    refused(pg_database, "holds an AS already (schema 3; this program's is 7)")
     asyncio.run(_execute(pg_database, "UPDATE schema_version SET version = 99"))
-    refused(pg_database, "(schema 99; this program's is 6)")
+    refused(pg_database, "(schema 99; this program's is 7)")
     assert asyncio.run(count_tables(pg_database)) == held
     # A database with a table of an AS's name (another application's): refused, untouched.
     clash = pg_cluster.new_database()
@@ -313,7 +329,7 @@ def test_a_source_of_a_newer_schema_is_refused_untouched(
     sqlite_before = sqlite_bytes(state)
     code, out, err = run("migrate", "--state", str(state), "--to", pg_database, capsys=capsys)
     assert (code, out) == (2, "") and ERROR_LINE.fullmatch(err), err
-    assert "schema 9, newer than this program's 6" in err
+    assert "schema 9, newer than this program's 7" in err
     assert sqlite_bytes(state) == sqlite_before
     assert asyncio.run(objects(pg_database)) == []
     assert not (state / "database.url").exists()
@@ -341,7 +357,7 @@ def test_a_source_of_an_older_schema_is_migrated_forward_then_copied(
     assert code == 0, err
     assert "audit log intact on both sides: empty" in out
     con = sqlite3.connect(state / "as.db")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 6  # as any command would do
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 7  # as any command would do
     con.close()
     after = asyncio.run(read_devices(state))
     assert after == (["old-1"], 7)
