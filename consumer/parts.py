@@ -7,7 +7,11 @@ freshness by seq alone (a multi-part object's version is ``(0, seq)``), then eac
 part's secret, asked of the AS per part (``GET /secret?r=&p=&e=``) and kept encrypted at rest
 like a resource's (under the key ``RESOURCE#PART``, which no resource id can be: ``#`` is not
 allowed in one). A part the AS refuses this consumer is *not granted* (reported, never
-guessed); a granted part that does not open fails the whole object, and nothing is accepted.
+guessed; the refusal is remembered for :data:`DENIAL_TTL` seconds, so that each reading does
+not ask again), and so is a part whose secret the consumer lacks while the AS cannot be reached
+(logged): the parts it holds secrets for, and the plain ones, still open — a consumer keeps
+reading while the AS is away. A granted part that does not open fails the whole object, and
+nothing is accepted.
 
 What this module does not do: fetch the object (:meth:`consumer.client.Consumer.get_parts`), or
 hold a copy for later (a multi-part reading is not kept as a held reading).
@@ -22,7 +26,6 @@ from oscar.errors import InvalidObject
 from oscar.keys import AccessSecret
 from oscar.parts import MultiPartObject
 from oscar.partsopening import PartsReading, open_parts_verified
-from oscar_io.coaperrors import TransportError
 from oscar_io.errors import AccessDenied, AsError, AsUnavailable
 
 from .errors import StaleCopy
@@ -30,9 +33,13 @@ from .errors import StaleCopy
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["open_parts", "part_key"]
+__all__ = ["DENIAL_TTL", "open_parts", "part_key"]
 
 log = logging.getLogger("oscar.consumer")
+
+#: Seconds a refusal of a part's secret is remembered (a grant made later is seen after this).
+DENIAL_TTL = 60.0
+_MAX_DENIALS = 1024
 
 
 def part_key(resource_id: str, part: str) -> str:
@@ -44,8 +51,9 @@ async def open_parts(pipeline: Pipeline, data: bytes, resource_id: str) -> Parts
     """The parts of ``data`` (an object of ``resource_id``) this consumer may read.
 
     Raises :class:`InvalidObject` (a single-part object included: :meth:`Pipeline.open` opens
-    those), :class:`StaleCopy` if it is older than the newest accepted, :class:`TransportError`
-    when the AS is needed and cannot be reached."""
+    those), :class:`StaleCopy` if it is older than the newest accepted, and what
+    :meth:`oscar_io.trust.Trust.check_any` raises (``TransportError`` when a certificate or the
+    CRL is needed and the AS cannot be reached)."""
     now = int(pipeline.clock())
     obj, _ = await pipeline.trust.check_any(
         data, resource_id, now, max_size=pipeline.max_object_size
@@ -82,17 +90,23 @@ async def _secret(
     held = pipeline.store.secret(key, epoch)
     if held is not None:
         return held
+    denials = pipeline.part_denials
+    now = pipeline.clock()
+    if denials.get((key, epoch), 0.0) > now:
+        return None
     client = await pipeline.as_client()
     try:
         grant = await client.secret(resource_id, epoch, part=part)
-    except AccessDenied:
-        return None
-    except AsUnavailable as exc:
-        raise TransportError(f"cannot get the secret of part {part}: {exc}") from None
-    except AsError as exc:
-        if exc.code in ("4.04", "4.10"):  # no such part or epoch (any more): not readable
+    except (AccessDenied, AsError) as exc:
+        if isinstance(exc, AsUnavailable) or (
+            not isinstance(exc, AccessDenied) and exc.code not in ("4.04", "4.10")
+        ):
+            log.info("%s: part %s not opened: the AS cannot say now (%s)", resource_id, part, exc)
             return None
-        raise TransportError(f"cannot get the secret of part {part}: {exc}") from None
+        if len(denials) >= _MAX_DENIALS:
+            denials.clear()
+        denials[(key, epoch)] = now + DENIAL_TTL  # refused, or no such part or epoch
+        return None
     pipeline.store.put_secret(key, epoch, grant.secret)
     log.info("access secret of %s part %s epoch %d from the AS", resource_id, part, epoch)
     return grant.secret

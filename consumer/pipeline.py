@@ -92,6 +92,8 @@ class Pipeline:
         self._keys = KeyCache(store.secret)
         #: The freshness as accepted, committed or waiting for its save (:mod:`consumer.commit`).
         self.commits = FreshnessCommits(store)
+        #: Refusals of part secrets, until when they hold (:mod:`consumer.parts`).
+        self.part_denials: dict[tuple[str, int], float] = {}
 
     def __repr__(self) -> str:
         return f"Pipeline({self.store!r})"
