@@ -4,6 +4,7 @@
 
     oscar-consumer --bundle FILE --state DIR get URI [-o FILE] [--json] [--proxy URI]
     oscar-consumer --bundle FILE --state DIR observe URI [--count N] [--json] [--proxy URI]
+    oscar-consumer --bundle FILE --state DIR parts URI [--proxy URI]
     oscar-consumer --bundle FILE --state DIR listen GROUP RID... [--interface ADDR] [--count N]
     oscar-consumer --bundle FILE --state DIR group-get GROUP PATH [--interface ADDR] [--wait S]
 
@@ -26,6 +27,8 @@ the cache will ask its origin again) and gives the newest reading it holds, chec
 ``listen`` joins a multicast group (``224.0.1.187:5683``, ``[ff05::fd]:5683``) on ``--interface``
 (an IPv4 address, or an IPv6 interface's name or address) and writes each new reading of the
 resources named as ``observe`` does; datagrams that are not valid objects are dropped (logged).
+``parts`` reads an object of several parts (issue 19) and writes one JSON line: each part this
+consumer may read (granted, or plain), in order, and ``not_granted``, the names of the others.
 ``group-get`` sends one GET for ``PATH`` (e.g. ``temperature``) to a group and writes, per producer
 that answered within ``--wait`` seconds (default 2), a line ``<resource id> <plaintext>`` (or
 the JSON line); none at all is exit 4. Every object is checked as any other.
@@ -56,6 +59,7 @@ from pathlib import Path
 
 from oscar.errors import InvalidObject, OscarError
 from oscar.objects import Reading
+from oscar.partsopening import PartsReading
 from oscar_io.aiocoap_fixes import quiet_undecodable_datagrams
 from oscar_io.clikit import (
     OneLineParser,
@@ -84,18 +88,37 @@ PROG = "oscar-consumer"
 TEXT_FORMATS = frozenset({0, 40, 41, 50, 51, 52, 110, 111, 320, 432})
 
 
+def _value(plaintext: bytes, content_format: int) -> tuple[str, str]:
+    """(value, encoding): UTF-8 text for a text format, else base64."""
+    if content_format in TEXT_FORMATS:
+        try:
+            return plaintext.decode("utf-8"), "text"
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(plaintext).decode("ascii"), "base64"
+
+
+def parts_json(reading: PartsReading) -> str:
+    """A multi-part reading as one line of JSON: the parts opened, in order, and the names of
+    those this consumer is not granted (ASCII only)."""
+    m = reading.metadata
+    parts = []
+    for part in reading.parts:
+        value, encoding = _value(part.plaintext, part.content_format)
+        parts.append(
+            {"name": part.name, "value": value, "encoding": encoding,
+             "content_format": part.content_format, "epoch": part.epoch}
+        )  # fmt: skip
+    return json.dumps(
+        {"producer": m.producer_id, "resource": m.resource_id, "seq": m.seq, "iat": m.iat,
+         "exp": m.exp, "parts": parts, "not_granted": list(reading.not_granted)}
+    )  # fmt: skip
+
+
 def reading_json(reading: Reading) -> str:
     """One reading as one line of JSON (ASCII only: nothing in it can drive a terminal)."""
     m = reading.metadata
-    value: str | None = None
-    if m.content_format in TEXT_FORMATS:
-        try:
-            value = reading.plaintext.decode("utf-8")
-        except UnicodeDecodeError:
-            value = None
-    encoding = "text"
-    if value is None:
-        value, encoding = base64.b64encode(reading.plaintext).decode("ascii"), "base64"
+    value, encoding = _value(reading.plaintext, m.content_format)
     return json.dumps(
         {
             "value": value,
@@ -222,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the plaintext here (0600), in bounded memory however large the object; the "
         "file appears only once every check has passed",
     )
+    parts = commands.add_parser(
+        "parts",
+        help="fetch a multi-part object: the parts this consumer may read",
+        description="Fetch and verify an object of several parts (issue 19); print, as one JSON "
+        "line, each part this consumer is granted (and the plain ones), and the names of the "
+        "others.",
+    )
+    common(parts)
     observe = commands.add_parser(
         "observe",
         help="observe a resource",
@@ -414,7 +445,7 @@ def _apply_config(args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.command in ("get", "observe"):  # bad usage: change nothing
+    if args.command in ("get", "observe", "parts"):  # bad usage: change nothing
         parse_target(args.uri, resource=args.resource, proxy=args.proxy)
     else:
         Group.parse(args.group)
@@ -429,6 +460,10 @@ async def _run(args: argparse.Namespace) -> int:
     ) as consumer:
         if args.command == "get":
             return await _get(consumer, args)
+        if args.command == "parts":
+            reading = await consumer.get_parts(args.uri, resource=args.resource, proxy=args.proxy)
+            _write_out(parts_json(reading).encode("ascii") + b"\n")
+            return 0
         if args.command == "listen":
             return await _listen(consumer, args)
         if args.command == "group-get":

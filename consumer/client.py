@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from oscar.errors import InvalidObject
 from oscar.objects import CONTENT_FORMAT_COSE_SIGN1, ObjectMetadata, Reading
+from oscar.partsopening import PartsReading
 from oscar_io import dtls_client
 from oscar_io.asclient import AsClient
 from oscar_io.blockwise import DEFAULT_WINDOW, check_window
@@ -53,6 +54,7 @@ from oscar_io.trust import Trust
 
 from .coap import Exchange, assemble, cache_fresh_in, cancel
 from .errors import StaleCopy
+from .parts import open_parts
 from .pipeline import Pipeline
 from .spool import Assembly, Output
 from .store import DEFAULT_MAX_SECRETS, ConsumerStore
@@ -314,6 +316,25 @@ class Consumer:
         target = parse_target(uri, resource=resource, proxy=proxy)
         await self.start()
         return await self._get(target, on_stale, None)
+
+    async def get_parts(
+        self, uri: str, *, resource: str | None = None, proxy: str | None = None
+    ) -> PartsReading:
+        """Fetch a multi-part object (issue 19) and open the parts this consumer is granted
+        (:mod:`consumer.parts`); ``not_granted`` names the others. Raises what :meth:`get`
+        raises (a stale copy is a :class:`StaleCopy`: no reading of parts is held)."""
+        target = parse_target(uri, resource=resource, proxy=proxy)
+        await self.start()
+        exchange = await self._request(target, observe=False)
+        assembly = self._assembly()
+        try:
+            response = await self._assembled(exchange, exchange.response, target, assembly.feed)
+            self._payload(response, target)  # the code and content format
+            if assembly.spilled:
+                raise InvalidObject("multi-part objects over 1 MiB are not read yet")
+            return await open_parts(self.pipeline, assembly.data, target.resource_id)
+        finally:
+            assembly.close()
 
     async def get_file(
         self,

@@ -92,9 +92,24 @@ class Pipeline:
         self._keys = KeyCache(store.secret)
         #: The freshness as accepted, committed or waiting for its save (:mod:`consumer.commit`).
         self.commits = FreshnessCommits(store)
+        #: Refusals of part secrets, until when they hold (:mod:`consumer.parts`).
+        self.part_denials: dict[tuple[str, int], float] = {}
 
     def __repr__(self) -> str:
         return f"Pipeline({self.store!r})"
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    @property
+    def max_object_size(self) -> int:
+        return self._max_object_size
+
+    @property
+    def as_client(self) -> Callable[[], Awaitable[AsClient]]:
+        """Makes (once) and gives the AS client."""
+        return self._as_client
 
     async def open(self, data: bytes, resource_id: str, *, skip_same: bool) -> Reading | None:
         """The reading of ``data``, an object that must be of ``resource_id``; with ``skip_same``

@@ -46,6 +46,7 @@ from oscar.errors import InvalidObject
 from oscar.freshness import FreshnessState
 from oscar.keys import ACCESS_SECRET_LENGTH, AccessSecret
 from oscar.names import is_resource_id
+from oscar.parts import is_part_name
 from oscar_io.aswire import uint
 from oscar_io.localstore import (
     CachedCertificate,
@@ -81,7 +82,11 @@ def _parse_secrets(doc: Any) -> OrderedDict[tuple[str, int], AccessSecret]:
         raise TypeError
     for entry in doc:
         rid, epoch, value = entry
-        if not is_resource_id(rid) or type(value) is not bytes:
+        # a resource's, or a part's (consumer.parts.part_key: RESOURCE#PART)
+        base, mark, part = rid.partition("#") if isinstance(rid, str) else ("", "", "")
+        if not is_resource_id(base) or (mark and not is_part_name(part)):
+            raise TypeError
+        if type(value) is not bytes:
             raise TypeError
         if len(value) != ACCESS_SECRET_LENGTH:
             raise ValueError

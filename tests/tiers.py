@@ -129,6 +129,7 @@ PROCESS: dict[str, Starts] = {
         "test_many_large_objects_held_do_not_break_later_reads",
     ),
     "test_consumer_large": every(),
+    "test_consumer_parts": every(),
     "test_consumer_ingest": only(
         "test_nothing_released_before_a_kill_is_released_again",
         "test_readings_in_flight_of_one_resource_through_the_pipeline",
