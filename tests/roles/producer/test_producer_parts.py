@@ -30,6 +30,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     d.enroll("consumer", "clinician")
     d.enroll("consumer", "passer-by")
     d.enroll("producer", "ward-1")
+    d.enroll("producer", "ward-2")
     d.start_as()
     yield d
     d.close()
@@ -111,3 +112,33 @@ async def test_a_producer_seals_parts_for_their_audiences_across_a_rotation_and_
         after = await sealed(producer, values)
         assert after.metadata.seq > last_seq
         assert epochs_of(after) == {"summary": None, "measurements": 1, "gps": 2}
+
+    # A lost state (the AS knew the resource, this state did not): seqs start far away, at
+    # random, so that no seq the lost state reserved is used again.
+    async with Producer(config(d, tmp_path / "lost", port)) as producer:
+        fresh = await sealed(producer, values)
+        assert fresh.metadata.seq >= 1 << 48
+
+
+@pytest.mark.asyncio
+async def test_part_values_come_from_their_files(deployment: Deployment, tmp_path: Path) -> None:
+    summary, measurements = tmp_path / "summary.txt", tmp_path / "m.json"
+    summary.write_bytes(b"ward 5")
+    measurements.write_bytes(b'{"hr": 60}')
+    parts = (PartSpec("summary", "plain", summary), PartSpec("m", "encrypted", measurements, 50))
+    spec = ResourceSpec("vitals", interval=0.05, profile="a128gcm-es256", parts=parts)
+    config = ProducerConfig(
+        bundle=deployment.root / "ward-2.json", state=tmp_path / "ward-2",
+        listen=("127.0.0.1", free_port()), resources=[spec],
+    )  # fmt: skip
+    async with Producer(config) as producer:
+        published = producer.resources["vitals"]
+        first = (
+            MultiPartObject.from_bytes(published.obj) if published.obj else await sealed(producer)
+        )
+        assert published.part_values == {"summary": b"ward 5", "m": b'{"hr": 60}'}
+        assert [p.content_format for p in first.metadata.parts] == [0, 50]
+        measurements.write_bytes(b'{"hr": 61}')
+        second = await sealed(producer)
+        assert second.metadata.seq > first.metadata.seq
+        assert published.part_values["m"] == b'{"hr": 61}'
