@@ -56,7 +56,8 @@ class PartEpochs:
         ok = [(p.name, p.kind) for p in parts] == [(p.name, p.kind) for p in self.specs]
         if not ok and not self._mismatch_reported:
             log.error(
-                "%s: the AS has other parts registered than configured: sealing nothing",
+                "%s: the key state's parts differ from the configured ones (names, kinds or "
+                "order): sealing nothing",
                 self.resource_id,
             )
         self._mismatch_reported = not ok

@@ -1,6 +1,7 @@
 """Parts in a producer's configuration and key state (issue 19): a TOML ``[[resource.part]]`` table
 loads, every bad declaration is one clear :class:`ConfigError`, and the ``/keys`` parts round-trip
-through :class:`KeyState` while a single-part state stays as it was."""
+through :class:`KeyState` while a single-part state stays as it was; each part switches epochs at
+its own boundary by the producer's clock (:class:`producer.partkeys.PartEpochs`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from oscar_io.aswire import EpochKey, KeyState, PartKeys
 from oscar_io.errors import AsError
 from producer import PartSpec, ResourceSpec, load_config
 from producer.config import ConfigError
+from producer.partkeys import PartEpochs
 
 HEAD = 'bundle = "b.json"\nstate = "st"\nlisten = "127.0.0.1:5683"\n[[resource]]\npath = "vitals"\n'
 
@@ -87,3 +89,32 @@ def test_key_states_with_parts_round_trip_and_single_part_ones_are_unchanged() -
     for bad in ([], [{"name": "m", "kind": "other"}], [{"name": "m", "kind": "encrypted"}]):
         with pytest.raises(AsError, match="malformed key state"):
             KeyState.from_cbor(single.to_cbor() | {"parts": bad})
+
+
+def test_each_part_switches_at_its_own_boundary_and_seals_nothing_past_the_last() -> None:
+    specs = (PartSpec("summary", "plain"), PartSpec("m"), PartSpec("gps"))
+    keys = PartEpochs("s/v", specs, 10)
+    values = {"summary": b"s", "m": b"m", "gps": b"g"}
+    assert keys.parts(values, 100) is None and not keys.may_seal(100)  # no keys yet
+    state = KeyState(
+        "s/v", "ccm-es256", 10, key(1), key(2, None),
+        (PartKeys("summary", "plain"), PartKeys("m", "encrypted", key(3, 100), key(4, None)),
+         PartKeys("gps", "encrypted", key(7, 105), key(8, None))),
+    )  # fmt: skip
+    assert keys.received(state)
+    assert not keys.received(state)  # the same epochs again: no re-seal
+    sealed = keys.parts(values, 109)
+    assert sealed is not None
+    assert [(p.name, p.epoch) for p in sealed] == [("summary", None), ("m", 3), ("gps", 7)]
+    assert keys.parts({"m": b"m", "gps": b"g"}, 109) is None  # a part without a value
+    assert keys.reached(110)  # m's boundary (100 + 10); gps's is 115
+    sealed = keys.parts(values, 110)
+    assert sealed is not None and [p.epoch for p in sealed] == [None, 4, 7]
+    assert keys.reached(115) and keys.may_seal(115)
+    assert not keys.reached(120)  # m's epoch 4 ended and no next secret is known
+    assert keys.parts(values, 120) is None and not keys.may_seal(120)
+    assert [p.next for p in keys.record()] == [None, None, None]
+
+    other = state._replace(parts=state.parts[1:])  # the AS has other parts: fail closed
+    assert not keys.received(other)
+    assert keys.parts(values, 120) is None and keys.record() == ()
