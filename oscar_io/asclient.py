@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -333,22 +333,22 @@ class AsClient:
         profile: str,
         max_age: int,
         rotation_period: int,
+        parts: Sequence[tuple[str, str]] = (),
     ) -> Registration:
         """POST /resources: (resource id, active epoch, whether the AS made it just now).
         Registering again with the same parameters is fine; different parameters update the
-        registration."""
-        code, reply = await self._exchange(
-            "POST",
-            "resources",
-            None,
-            {
-                "path": path,
-                "content_format": content_format,
-                "profile": profile,
-                "max_age": max_age,
-                "rotation_period": rotation_period,
-            },
-        )
+        registration. ``parts``: a multi-part resource's (name, "plain"|"encrypted") in order
+        (issue 19); without it the request is as it always was."""
+        body: dict[str, Any] = {
+            "path": path,
+            "content_format": content_format,
+            "profile": profile,
+            "max_age": max_age,
+            "rotation_period": rotation_period,
+        }
+        if parts:
+            body["parts"] = [[name, kind] for name, kind in parts]
+        code, reply = await self._exchange("POST", "resources", None, body)
         return Registration(
             _field(reply, "resource", str), _field(reply, "epoch", int), code == "2.01"
         )

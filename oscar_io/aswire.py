@@ -16,6 +16,7 @@ __all__ = [
     "CBOR_FORMAT",
     "EpochKey",
     "KeyState",
+    "PartKeys",
     "Registration",
     "SecretGrant",
     "decode_reply",
@@ -50,6 +51,59 @@ class EpochKey(NamedTuple):
     activated_at: int | None
 
 
+class PartKeys(NamedTuple):
+    """One part of a multi-part resource in a ``/keys`` reply (issue 19): its name and kind
+    (``"plain"`` or ``"encrypted"``) and, for an encrypted part, its own active and next epoch
+    (both None for a plain part; ``next`` None in a producer's record after it switched alone)."""
+
+    name: str
+    kind: str
+    active: EpochKey | None = None
+    next: EpochKey | None = None
+
+    def to_cbor(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.active is not None:
+            doc["active"] = {
+                "epoch": self.active.epoch,
+                "secret": self.active.secret.value,
+                "activated_at": self.active.activated_at,
+            }
+            doc["next"] = (
+                None
+                if self.next is None
+                else {"epoch": self.next.epoch, "secret": self.next.secret.value}
+            )
+        return doc
+
+    @classmethod
+    def from_cbor(cls, doc: Any, *, next_required: bool = True) -> PartKeys:
+        """TypeError/KeyError/ValueError if ``doc`` is not of this shape (the caller's AsError)."""
+        name, kind = text(doc["name"]), text(doc["kind"])
+        if kind == "plain":
+            return cls(name, kind)
+        if kind != "encrypted":
+            raise ValueError("unknown part kind")
+        active, upcoming = doc["active"], doc["next"]
+        following = (
+            None
+            if upcoming is None and not next_required
+            else EpochKey(
+                uint(upcoming["epoch"]), AccessSecret(byte_string(upcoming["secret"])), None
+            )
+        )
+        return cls(
+            name,
+            kind,
+            EpochKey(
+                uint(active["epoch"]),
+                AccessSecret(byte_string(active["secret"])),
+                uint(active["activated_at"]),
+            ),
+            following,
+        )
+
+
 class KeyState(NamedTuple):
     """A ``GET /keys`` reply: what a producer needs to seal now and after the next boundary."""
 
@@ -60,9 +114,12 @@ class KeyState(NamedTuple):
     #: Always set in a reply from the AS; None in a producer's own record after it switched to
     #: the next epoch by itself (at the boundary, with the AS out of reach).
     next: EpochKey | None
+    #: A multi-part resource's parts, in the declared order (the reply's ``parts``); empty for a
+    #: single-part resource, whose reply and record have no ``parts`` key.
+    parts: tuple[PartKeys, ...] = ()
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        doc = {
             "resource": self.resource_id,
             "profile": self.profile,
             "rotation_period": self.rotation_period,
@@ -75,6 +132,9 @@ class KeyState(NamedTuple):
             if self.next is None
             else {"epoch": self.next.epoch, "secret": self.next.secret.value},
         }
+        if self.parts:
+            doc["parts"] = [part.to_cbor() for part in self.parts]
+        return doc
 
     @classmethod
     def from_cbor(cls, doc: Any, *, next_required: bool = True) -> KeyState:
@@ -100,6 +160,12 @@ class KeyState(NamedTuple):
                 ),
                 following,
             )
+            if "parts" in doc:
+                raw = doc["parts"]
+                if type(raw) is not list or not raw:
+                    raise TypeError("parts is a non-empty list")
+                parts = tuple(PartKeys.from_cbor(p, next_required=next_required) for p in raw)
+                state = state._replace(parts=parts)
         except (KeyError, TypeError, ValueError):
             raise AsError("malformed key state from the AS") from None
         return state

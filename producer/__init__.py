@@ -3,8 +3,9 @@ number of consumers and caches; small enough for a Raspberry Pi class board.
 
 - :class:`Producer` (:mod:`producer.core`): the embeddable API — ``async with Producer(config) as
   p: p.update("temperature", b"21.5")``;
-- :class:`ProducerConfig`, :class:`ResourceSpec`, :class:`PublishTarget`, :func:`load_config`
-  (:mod:`producer.config`): resources from code or a TOML file;
+- :class:`ProducerConfig`, :class:`ResourceSpec`, :class:`PartSpec` (issue 19's parts),
+  :class:`PublishTarget`, :func:`load_config` (:mod:`producer.config`): resources from code or a
+  TOML file;
 - ``oscar-producer`` / ``python -m producer`` (:mod:`producer.cli`).
 
 Importing this package loads neither aiocoap nor the DTLS transport; starting a producer does.
@@ -47,12 +48,13 @@ failed PUT, retried).
 
 from __future__ import annotations
 
-from .config import ProducerConfig, PublishTarget, ResourceSpec, load_config
+from .config import PartSpec, ProducerConfig, PublishTarget, ResourceSpec, load_config
 from .core import Producer, Published
 from .errors import ConfigError, ProducerError
 
 __all__ = [
     "ConfigError",
+    "PartSpec",
     "Producer",
     "ProducerConfig",
     "ProducerError",

@@ -31,6 +31,18 @@ or from a TOML file (:func:`load_config`; relative paths are relative to the fil
     profile = "ccm-es256"              # see oscar.profiles
     rotation_period = 3600             # seconds per epoch; 0 = only on revocation
 
+    [[resource]]                       # a multi-part resource (issue 19): no file/command of its
+    path = "vitals"                    # own; one object of every part, sealed once per change
+    [[resource.part]]
+    name = "summary"                   # as oscar.parts.is_part_name; unique; 1 to 16 parts
+    kind = "plain"                     # signed, readable by anyone
+    file = "/run/summary.txt"          # or none: set by code (Producer.update_parts)
+    [[resource.part]]
+    name = "measurements"
+    kind = "encrypted"                 # its own secret (at least one part is encrypted)
+    file = "/run/measurements.json"
+    content_format = 50                # default: guessed from the file name, else 0
+
     [[publish]]                        # PUT every new object to <uri>/<resource id>
     uri = "coaps://proxy.example:5684"
     proxy = "cloud-1"                  # an OSCAR proxy's device id: the DTLS link PSK from the AS
@@ -51,6 +63,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from oscar import names
+from oscar.parts import MAX_PARTS, is_part_name
 from oscar.profiles import DEFAULT_PROFILE, PROFILES
 from oscar_io import ports
 from oscar_io.multicast import ANY_INTERFACE, Group
@@ -59,6 +72,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
+    "PartSpec",
     "ProducerConfig",
     "PublishTarget",
     "ResourceSpec",
@@ -95,6 +109,33 @@ def guess_content_format(path: Path) -> int:
     return _EXTENSIONS.get(path.suffix.lower(), 42)
 
 
+#: The kinds of a part (the AS wire's words).
+PART_KINDS = ("plain", "encrypted")
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One part of a multi-part resource: its name, kind, value source (a file, or set by code)
+    and the content format of its own representation."""
+
+    name: str
+    kind: str = "encrypted"
+    file: Path | None = None
+    content_format: int = 0
+
+    def __post_init__(self) -> None:
+        if not is_part_name(self.name):
+            raise ConfigError(
+                f"part {self.name!r}: a part name is 1 to 32 characters of A-Z a-z 0-9 . _ -, "
+                "starting with a letter or digit"
+            )
+        if self.kind not in PART_KINDS:
+            raise ConfigError(f"part {self.name!r}: kind is plain or encrypted")
+        if self.file is not None and not isinstance(self.file, Path):
+            raise ConfigError(f"part {self.name!r}: file is a path")
+        _uint(self.content_format, 0xFFFF, f"part {self.name!r}: content_format")
+
+
 @dataclass(frozen=True)
 class ResourceSpec:
     """One protected resource: its path under the producer id, value source and parameters."""
@@ -109,6 +150,8 @@ class ResourceSpec:
     lifetime: int = 3600
     profile: str = DEFAULT_PROFILE.name
     rotation_period: int = 3600
+    #: A multi-part resource's parts, in order (issue 19); empty: a single-part resource.
+    parts: tuple[PartSpec, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"resource {self.path!r}"
@@ -134,6 +177,24 @@ class ResourceSpec:
             raise ConfigError(f"{where}: lifetime must be at least 2 s and at least max_age")
         if self.profile not in PROFILES:
             raise ConfigError(f"{where}: unknown profile; choose one of {', '.join(PROFILES)}")
+        if self.parts:
+            self._check_parts(where)
+
+    def _check_parts(self, where: str) -> None:
+        parts = self.parts
+        if not isinstance(parts, tuple) or not all(isinstance(p, PartSpec) for p in parts):
+            raise ConfigError(f"{where}: parts is a tuple of PartSpec")
+        if len(parts) > MAX_PARTS:
+            raise ConfigError(f"{where}: at most {MAX_PARTS} parts")
+        names_seen = [p.name for p in parts]
+        if len(set(names_seen)) != len(names_seen):
+            raise ConfigError(f"{where}: two parts have the same name")
+        if not any(p.kind == "encrypted" for p in parts):
+            raise ConfigError(f"{where}: at least one part must be encrypted")
+        if self.file is not None or self.command is not None or self.callback is not None:
+            raise ConfigError(
+                f"{where}: a resource with parts takes its values per part (part file, or code)"
+            )
 
 
 @dataclass(frozen=True, repr=False)
@@ -320,7 +381,9 @@ _RESOURCE = {
     "lifetime",
     "profile",
     "rotation_period",
+    "part",
 }
+_PART = {"name", "kind", "file", "content_format"}
 _PUBLISH = {"uri", "psk_identity", "psk_hex", "proxy"}
 
 
@@ -358,7 +421,12 @@ def config_from_mapping(
         bad = set(item) - _RESOURCE
         if bad:
             raise ConfigError(f"{where}: resource {i + 1}: unknown key(s) {', '.join(sorted(bad))}")
-        args = {k: v for k, v in item.items() if k not in ("file", "command")}
+        args = {k: v for k, v in item.items() if k not in ("file", "command", "part")}
+        if "part" in item:
+            args["parts"] = tuple(
+                _part(p, f"{where}: resource {i + 1} part {j + 1}", resolve)
+                for j, p in enumerate(_tables(item["part"], f"{where}: [[resource.part]]"))
+            )
         if "file" in item:
             args["file"] = resolve(item["file"], f"resource {i + 1} file")
         if "command" in item:
@@ -435,6 +503,25 @@ def config_from_mapping(
     if values["bundle"] is None or values["state"] is None:
         raise ConfigError(f"{where}: bundle and state are required")
     return ProducerConfig(**values)
+
+
+def _part(item: dict[str, Any], where: str, resolve: Callable[[object, str], Path]) -> PartSpec:
+    bad = set(item) - _PART
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+    if "name" not in item:
+        raise ConfigError(f"{where}: needs a name")
+    file = resolve(item["file"], f"{where} file") if "file" in item else None
+    default_format = 0 if file is None else guess_content_format(file)
+    try:
+        return PartSpec(
+            item["name"],
+            item.get("kind", "encrypted"),
+            file,
+            item.get("content_format", default_format),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _tables(value: object, what: str) -> list[dict[str, Any]]:

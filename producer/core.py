@@ -81,6 +81,8 @@ class Producer:
         #: The multicast groups (producer.groups.GroupService), None without any.
         self.groups: Any = None
         self._files: dict[str, FileSource] = {}
+        #: A multi-part resource's part files, by resource path and part name.
+        self._part_files: dict[str, dict[str, FileSource]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.started = False
@@ -139,6 +141,15 @@ class Producer:
             self.resources[spec.path] = published
             if spec.file is not None:
                 self._files[spec.path] = FileSource(spec.file, spec.interval, published.resource_id)
+            part_files = {
+                part.name: FileSource(
+                    part.file, spec.interval, f"{published.resource_id}#{part.name}"
+                )
+                for part in spec.parts
+                if part.file is not None
+            }
+            if part_files:
+                self._part_files[spec.path] = part_files
         if config.publish:
             from oscar_io.coaptcp import client_tls
 
@@ -238,6 +249,15 @@ class Producer:
             raise KeyError(f"no resource {path!r}") from None
         return published.update(value)
 
+    def update_parts(self, path: str, values: dict[str, bytes]) -> bool:
+        """Set some parts' values of a multi-part resource from code; one object is sealed of
+        every part's current value if any changed (and every part has one). True if sealed."""
+        try:
+            published = self.resources[path]
+        except KeyError:
+            raise KeyError(f"no resource {path!r}") from None
+        return published.update_parts(values)
+
     def publish(self, published: Published) -> None:
         if self._publisher is not None and published.obj is not None:
             self._publisher.submit(
@@ -250,6 +270,16 @@ class Producer:
             value = source.poll(now_mono, waiting=published.value is None)
             if value is not None:
                 published.update(value)
+        part_files = self._part_files.get(published.spec.path)
+        if part_files:
+            changed = {}
+            for name, part_source in part_files.items():
+                waiting = name not in published.part_values
+                part_value = part_source.poll(now_mono, waiting=waiting)
+                if part_value is not None:
+                    changed[name] = part_value
+            if changed:
+                published.update_parts(changed)
 
     # --- background tasks ---
 
@@ -287,6 +317,7 @@ class Producer:
                         profile=spec.profile,
                         max_age=spec.max_age,
                         rotation_period=spec.rotation_period,
+                        parts=[(part.name, part.kind) for part in spec.parts],
                     )
                     registered = True
                     if not registration.created and not self.state.sequences.knows(

@@ -8,6 +8,11 @@ ask: raise the epoch floor, build the sealer, write the key state, log, re-seal.
 seal when it has no secret it may use, and never uses a sequence number twice
 (:class:`oscar.sequence.SequenceAllocator` over the producer's state).
 
+A resource that declares parts (issue 19) seals one multi-part object per value
+(:func:`oscar.seal_parts`), each encrypted part under its own part's epoch
+(:mod:`producer.partkeys`), its seq from one counter per resource that never restarts
+(``(resource id, 0)``); its values come per part (:meth:`Published.update_parts`).
+
 What it needs of its producer is :class:`Host` (the id, the signing key, the state directory,
 the sequence window and the clock); :class:`~producer.core.Producer` is one.
 
@@ -21,13 +26,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
 from oscar import certs
 from oscar.errors import PlaintextTooLarge, SequenceUnavailable
 from oscar.objects import Sealer, object_etag
+from oscar.parts import seal_parts
 from oscar.profiles import PROFILES
 from oscar.sequence import SequenceAllocator
 from oscar_io.aswire import EpochKey, KeyState
@@ -35,6 +41,7 @@ from oscar_io.metrics import Histogram
 
 from . import epochs
 from .config import MAX_VALUE_SIZE, ResourceSpec
+from .partkeys import PartEpochs
 from .state import ProducerState
 
 __all__ = ["Host", "Published"]
@@ -92,6 +99,11 @@ class Published:
         self._allocator: SequenceAllocator | None = None
         #: Set when the AS already knew the resource and this state had no record of it.
         self.state_outlived = False
+        #: A multi-part resource's parts' epochs and current values (None: single-part).
+        self.part_epochs = (
+            PartEpochs(self.resource_id, spec.parts, spec.rotation_period) if spec.parts else None
+        )
+        self.part_values: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"Published({self.resource_id!r}, epoch={self.epoch}, seq={self.seq})"
@@ -127,11 +139,23 @@ class Published:
         if not sequences.knows(self.resource_id):
             # Keys but no sequence record: the sequence file was lost or is an older copy.
             self.state_outlived = True
+        if self.part_epochs is not None:  # no floor: one seq counter that never restarts
+            self.epochs = epochs.restored(stored, 0).epochs
+            self.part_epochs.restore(stored)
+            return
         floor = sequences.floor(self.resource_id)
         self._take(epochs.restored(stored, floor), floor)
 
     def apply(self, state: KeyState) -> None:
         """A key state from the AS (a reply or a notification)."""
+        if self.part_epochs is not None:
+            self.epochs = epochs.received(self.epochs, state, 0).epochs
+            self.part_epochs.set_rotation_period(state.rotation_period)
+            switched = self.part_epochs.received(state)
+            self._save_keys()
+            if switched:
+                self.reseal()
+            return
         floor = self._host.state.sequences.floor(self.resource_id)
         step = epochs.received(self.epochs, state, floor)
         self._take(step, floor)
@@ -143,6 +167,15 @@ class Published:
 
     def tick(self, now: int) -> None:
         """Switch epochs at the boundary; re-seal an object before it goes stale."""
+        if self.part_epochs is not None:
+            self.epochs = epochs.reached(self.epochs, now, 0).epochs  # kept, not sealed under
+            switched = self.part_epochs.reached(now)
+            if switched:
+                self._save_keys()
+                self.reseal()
+            elif self.obj is not None and self.exp - now < self.spec.lifetime // 2:
+                self.reseal()
+            return
         floor = self._host.state.sequences.floor(self.resource_id)
         step = epochs.reached(self.epochs, now, floor)
         self._take(step, floor)
@@ -154,6 +187,8 @@ class Published:
             self.reseal()  # half the object's lifetime is gone: a fresh one for the caches
 
     def may_seal(self, now: int) -> bool:
+        if self.part_epochs is not None:
+            return bool(self.part_epochs.record()) and self.part_epochs.may_seal(now)
         return self._sealer is not None and self.epochs.may_seal(now)
 
     def _take(self, step: epochs.Step, floor: int) -> None:
@@ -209,6 +244,9 @@ class Published:
 
     def _save_keys(self) -> None:
         record = self.epochs.record(self.resource_id, self.spec.profile)
+        if record is not None and self.part_epochs is not None:
+            parts = self.part_epochs.record()
+            record = record._replace(parts=parts) if parts else None
         if record is not None:
             self._host.state.keys.put(record)
 
@@ -218,6 +256,8 @@ class Published:
         """A new value: seal it if it differs from the current one. True if an object was made."""
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError("a value is bytes")
+        if self.part_epochs is not None:
+            raise TypeError(f"{self.resource_id} has parts: set their values with update_parts")
         value = bytes(value)
         if len(value) > MAX_VALUE_SIZE:
             log.error(
@@ -232,8 +272,36 @@ class Published:
         self.value = value
         return self.reseal()
 
+    def update_parts(self, values: Mapping[str, bytes]) -> bool:
+        """New values of some parts of a multi-part resource: one object sealed of every part's
+        current value, if any changed and every part has one. True if an object was made.
+        KeyError for a part not declared, TypeError for a value not bytes or a single-part
+        resource; nothing is changed then."""
+        if self.part_epochs is None:
+            raise TypeError(f"{self.resource_id} has no parts: set its value with update")
+        declared = {p.name for p in self.spec.parts}
+        fresh = {}
+        for name, value in values.items():
+            if name not in declared:
+                raise KeyError(f"{self.resource_id} has no part {name!r}")
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError("a value is bytes")
+            fresh[name] = bytes(value)
+        merged = self.part_values | fresh
+        if sum(len(v) for v in merged.values()) > MAX_VALUE_SIZE:
+            log.error(
+                "%s: parts over the %d-byte limit; not sealed", self.resource_id, MAX_VALUE_SIZE
+            )
+            return False
+        if merged == self.part_values and self.obj is not None:
+            return False
+        self.part_values = merged
+        return self.reseal()
+
     def reseal(self) -> bool:
         """Seal the current value under the current epoch with a fresh seq."""
+        if self.part_epochs is not None:
+            return self._reseal_parts(self.part_epochs)
         if self.value is None:
             return False
         now = self._host.now()
@@ -270,6 +338,59 @@ class Published:
         self.sealed_count += 1
         self.seal_seconds.observe(time.perf_counter() - started)
         log.debug("%s: sealed epoch %d seq %d", self.resource_id, self.epoch, seq)
+        for notify in self.on_change:
+            notify()
+        return True
+
+    def _parts_allocator(self) -> SequenceAllocator:
+        """The one seq counter of a multi-part resource: ``(resource id, 0)``, never restarted
+        (a lost state starts it at a random far number, as :meth:`_activate` does an epoch)."""
+        if self._allocator is None:
+            sequences = self._host.state.sequences
+            if self.state_outlived and sequences.load(self.resource_id, 0) is None:
+                sequences.save(self.resource_id, 0, (1 << 48) + secrets.randbelow(1 << 47))
+                log.warning(
+                    "%s: the AS knew this resource but this state did not: its seqs start at a "
+                    "random number, so that no seq of a lost state is used again",
+                    self.resource_id,
+                )
+            self._allocator = SequenceAllocator(
+                sequences, self.resource_id, 0, self._host.sequence_window
+            )
+        return self._allocator
+
+    def _reseal_parts(self, part_epochs: PartEpochs) -> bool:
+        now = self._host.now()
+        parts = part_epochs.parts(self.part_values, now)
+        if parts is None:
+            if not part_epochs.record():
+                log.warning("%s: no part secrets yet; the values wait", self.resource_id)
+            return False
+        started = time.perf_counter()
+        try:
+            seq = self._parts_allocator().allocate()
+            obj = seal_parts(
+                parts=parts,
+                producer_id=self._host.device_id,
+                resource_id=self.resource_id,
+                seq=seq,
+                iat=now,
+                exp=now + self.spec.lifetime,
+                signing_key=self._host.signing_key,
+                profile=self.profile,
+            )
+        except SequenceUnavailable as exc:
+            log.error("%s: not sealed, fail closed: %s", self.resource_id, exc)
+            return False
+        except PlaintextTooLarge as exc:
+            log.error("%s: not sealed: %s", self.resource_id, exc)
+            return False
+        self.obj, self.iat, self.exp = obj, now, now + self.spec.lifetime
+        self.epoch, self.seq = 0, seq
+        self.etag = object_etag(self.resource_id, 0, seq)
+        self.sealed_count += 1
+        self.seal_seconds.observe(time.perf_counter() - started)
+        log.debug("%s: sealed parts seq %d", self.resource_id, seq)
         for notify in self.on_change:
             notify()
         return True

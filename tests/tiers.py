@@ -152,6 +152,7 @@ PROCESS: dict[str, Starts] = {
     "test_producer": every("test_toml_configuration"),
     "test_producer_cli": only("test_every_flag_has_a_description_and_a_default"),
     "test_producer_keys": every(),
+    "test_producer_parts": every(),
     "test_producer_sources": only(
         "test_a_command_gives_its_output_and_its_failures_are_errors",
         "test_a_command_writing_more_than_a_value_may_hold_is_stopped",
