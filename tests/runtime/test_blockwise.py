@@ -109,6 +109,7 @@ async def fetch(
     window: int = DEFAULT_WINDOW,
     max_size: int = 1 << 20,
     szx: int = 6,
+    timeout: float = 2.0,
 ) -> bytes:
     """What the proxy and the consumer do: block 0, then :func:`fetch_rest` with one timeout
     per exchange."""
@@ -125,7 +126,7 @@ async def fetch(
             block2=BlockOption.BlockwiseTuple(number, False, size_exponent),
             mtype=CON,
         )
-        return await asyncio.wait_for(answer(client, follow), 2)
+        return await asyncio.wait_for(answer(client, follow), timeout)
 
     assert allow_in_flight(client, window)
     return await fetch_rest(first, ask, max_size=max_size, window=window)
@@ -210,7 +211,7 @@ async def test_a_block_that_never_comes_times_out_and_the_rest_is_cancelled(
     blocks, client, uri = served
     blocks.payload, blocks.mode = os.urandom(40 * 1024), "silent"
     with pytest.raises(TimeoutError):
-        await fetch(client, uri, window=4)
+        await fetch(client, uri, window=4, timeout=0.5)
     assert max(blocks.requests) <= 3 + 4  # the window never moved past block 3
 
 
