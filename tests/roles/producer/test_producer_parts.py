@@ -104,14 +104,34 @@ async def test_a_producer_seals_parts_for_their_audiences_across_a_rotation_and_
             reading = await clinician.get_parts(uri)
             assert reading.part("measurements").plaintext == b"HR 80"  # type: ignore[union-attr]
             assert reading.not_granted == ("gps",)
-        last_seq = third.metadata.seq
+
+        # Revoking one audience: passer-by, granted gps, loses it; only gps rotates (the AS), the
+        # producer re-seals under its new epoch; the clinician's part is untouched.
+        d.admin("grant", "--consumer", "passer-by", "--resource", "ward-1/vitals", "--part", "gps")
+        async with Consumer(d.root / "passer-by.json", tmp_path / "passer-by") as passer_by:
+            reading = await passer_by.get_parts(uri)
+            assert reading.part("gps").plaintext == b"52.37,4.89"  # type: ignore[union-attr]
+            waiting = asyncio.ensure_future(sealed(producer))
+            await asyncio.sleep(0)
+            d.admin("revoke", "--consumer", "passer-by", "--resource", "ward-1/vitals",
+                    "--part", "gps")  # fmt: skip
+            fourth = await waiting
+            assert epochs_of(fourth) == {"summary": None, "measurements": 1, "gps": 3}
+            reading = await passer_by.get_parts(uri)
+            assert reading.metadata.seq == fourth.metadata.seq
+            assert reading.not_granted == ("measurements", "gps")
+            assert reading.part("summary").plaintext == b"ward 3"  # type: ignore[union-attr]
+        async with Consumer(d.root / "clinician.json", tmp_path / "clinician") as clinician:
+            reading = await clinician.get_parts(uri)
+            assert reading.part("measurements").plaintext == b"HR 80"  # type: ignore[union-attr]
+        last_seq = fourth.metadata.seq
 
     # A restart: the seq counter goes on above everything reserved before (no nonce reused),
-    # and the part keys come back from the state (gps still at epoch 2).
+    # and the part keys come back from the state (gps still at epoch 3).
     async with Producer(config(d, state, port)) as producer:
         after = await sealed(producer, values)
         assert after.metadata.seq > last_seq
-        assert epochs_of(after) == {"summary": None, "measurements": 1, "gps": 2}
+        assert epochs_of(after) == {"summary": None, "measurements": 1, "gps": 3}
 
     # A lost state (the AS knew the resource, this state did not): seqs start far away, at
     # random, so that no seq the lost state reserved is used again.
