@@ -400,8 +400,8 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
 
 SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
 #: On PostgreSQL each example makes a database, and the statements are the same rules in another
-#: dialect: fewer runs of the same machine (SQLite's 25 explore the rules; ~20 s -> ~10 s).
-PG_SETTINGS = settings(SETTINGS, max_examples=12)
+#: dialect: fewer runs of the same machine (SQLite's 25 explore the rules; ~20 s -> ~7 s).
+PG_SETTINGS = settings(SETTINGS, max_examples=8)
 
 
 @pytest.fixture(params=BACKENDS)

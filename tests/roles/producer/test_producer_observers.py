@@ -228,8 +228,9 @@ def test_an_observer_that_does_not_acknowledge_gets_one_notification_in_flight(
         for n in range(2, 12):
             write_atomic(value, str(n).encode())
             time.sleep(0.1)  # not needed for the outcome: values the producer sees one by one
-        got = receive_until(victim, lambda got: len(got) >= 2, 20.0)
-        # only retransmissions of the proof (at 2-3 s, then 4-6 s later): nothing new meanwhile
+        got = receive_until(victim, lambda got: len(got) >= 1, 20.0)
+        # a retransmission of the proof (at 2-3 s; the second would come 4-6 s later: waiting for
+        # it cost the suite 5 s and showed nothing more), nothing new meanwhile
         assert got, "the proof was not retransmitted"
         assert {(a.mtype, a.mid, a.observe) for a in got} == {(CON, proof.mid, 1)}
         # acknowledged: the newest value comes next (Observe 2), not the ten in between
