@@ -439,3 +439,57 @@ async def test_junk_and_truncated_datagrams_never_stop_the_server(served: Served
     answer = Message.decode(await served.exchange(sock, request(mid=0x4242)))
     assert answer.code == Code.CONTENT and answer.mid == 0x4242
     assert served.fast.answered == before + 1
+
+
+# --- the site's own Block2 (proxy.server._fill: aiocoap's Block2 cache is not used) --------------
+
+
+class _Remote:
+    """A request's remote as aiocoap's UDP (szx 6 at most, 1,124 bytes) or TCP with BERT."""
+
+    def __init__(self, *, bert: bool = False) -> None:
+        self.maximum_block_size_exp = 7 if bert else 6
+        self.maximum_payload_size = (1023 << 10) + 100 if bert else 1124
+        self.hostinfo = HOST
+        self.authenticated_claims = ()
+
+
+async def _block(site: ProxySite, rid: str, block2: Any, *, bert: bool = False) -> Message:
+    from aiocoap import GET
+    from aiocoap.optiontypes import BlockOption
+
+    request = Message(code=GET, uri_path=rid.split("/"))
+    if block2 is not None:
+        request.opt.block2 = BlockOption.BlockwiseTuple(*block2)
+    request.remote = _Remote(bert=bert)
+    return await site.render(request)
+
+
+@pytest.mark.asyncio
+async def test_the_site_cuts_each_block_itself_in_any_order() -> None:
+    """Every block of a cached object is cut when asked for, in any order (several at once from
+    a windowed client); a larger block than the transport takes is answered with the largest it
+    does, numbered to match (RFC 7959 §2.3); BERT over TCP in 1 KiB units; past the end 4.00;
+    Size2 on every block."""
+    site, _ = make_site()
+    site.addresses.prove(HOST, site.addresses.challenge(HOST))
+    big = entry("pub-2/blocks", 5000)
+    site.proxy.cache.put(big)
+    rid = "pub-2/blocks"
+    for number in (4, 0, 2):  # out of order
+        answer = await _block(site, rid, (number, False, 6))
+        assert answer.code == Code.CONTENT
+        assert answer.payload == big.obj[number * 1024 : (number + 1) * 1024]
+        assert answer.opt.block2.more == (number < 4) and answer.opt.size2 == 5000
+    unasked = await _block(site, rid, None)  # larger than a datagram: block 0, szx 6
+    assert (unasked.opt.block2.block_number, unasked.opt.block2.size_exponent) == (0, 6)
+    assert unasked.payload == big.obj[:1024]
+    small = await _block(site, rid, (9, False, 4))  # 256-byte blocks as asked
+    assert small.payload == big.obj[9 * 256 : 10 * 256] and small.opt.block2.size_exponent == 4
+    scaled = await _block(site, rid, (1, False, 7))  # BERT over UDP: 1 KiB blocks, block 1
+    assert (scaled.opt.block2.block_number, scaled.opt.block2.size_exponent) == (1, 6)
+    assert scaled.payload == big.obj[1024:2048]
+    bert = await _block(site, rid, (1, False, 7), bert=True)  # over TCP: the rest in one
+    assert bert.payload == big.obj[1024:] and not bert.opt.block2.more
+    past = await _block(site, rid, (5, False, 6))
+    assert past.code == Code.BAD_REQUEST
