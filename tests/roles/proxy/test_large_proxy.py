@@ -275,7 +275,8 @@ async def test_an_upstream_transfer_larger_than_any_object_is_cut_off(world: Wor
     # Past 1 MiB it is spooled and read as it arrives (proxy.large): junk is refused there,
     # before the limit (a real object announcing more than the limit would be too).
     assert fetched <= (1 << 20) // 1024 + WINDOW + 1 < len(junk) // 1024
-    assert "rejected an object for sensor/huge: COSE_Sign1 is not tagged" in world.proxy.log()
+    # refused at its headers (which reason depends on the random junk's first bytes)
+    assert "rejected an object for sensor/huge: " in world.proxy.log()
 
 
 async def test_an_object_over_a_mebibyte_within_the_configured_limit(world: World) -> None:
