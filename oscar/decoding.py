@@ -107,8 +107,23 @@ class SignedHeader(NamedTuple):
 def check_sign1_headers(header: HeaderMap, unprotected: HeaderMap) -> SignedHeader:
     """The checks of the Sign1 headers, in the order :func:`read_generic` makes them (the
     incremental reader, :mod:`oscar.streaming`, makes the very same); :class:`InvalidObject`."""
-    if header.keys() != _SIGN1_LABELS:
-        raise InvalidObject("Sign1 protected header has missing or unknown labels")
+    signature_algorithm, kid, producer_id, resource_id, iat, exp = check_signer_claims(
+        header, unprotected, _SIGN1_LABELS, "Sign1"
+    )
+    epoch = _uint(header[EPOCH], "epoch")
+    seq = _uint(header[SEQ], "seq")
+    return SignedHeader(producer_id, resource_id, epoch, seq, iat, exp, signature_algorithm, kid)
+
+
+def check_signer_claims(
+    header: HeaderMap, unprotected: HeaderMap, labels: frozenset[int], what: str
+) -> tuple[SignatureAlgorithm, bytes, str, str, int, int]:
+    """The Sign1 header checks both formats share, in order: exactly ``labels`` (``what`` names
+    the format in the error), no unprotected header, the algorithm, the kid, the CWT claims (a
+    well-formed producer owning a well-formed resource, iat no later than exp). Returns
+    (signature algorithm, kid, producer id, resource id, iat, exp); :class:`InvalidObject`."""
+    if header.keys() != labels:
+        raise InvalidObject(f"{what} protected header has missing or unknown labels")
     if unprotected:
         raise InvalidObject("Sign1 unprotected header is not empty")
     signature_algorithm = signature_for(header[ALG])
@@ -130,11 +145,7 @@ def check_sign1_headers(header: HeaderMap, unprotected: HeaderMap) -> SignedHead
     exp = _uint(claims[EXP], "exp")
     if exp < iat:
         raise InvalidObject("exp precedes iat")
-    epoch = _uint(header[EPOCH], "epoch")
-    seq = _uint(header[SEQ], "seq")
-    return SignedHeader(
-        str(producer_id), str(resource_id), epoch, seq, iat, exp, signature_algorithm, kid
-    )
+    return signature_algorithm, kid, str(producer_id), str(resource_id), iat, exp
 
 
 def check_encrypt0_headers(

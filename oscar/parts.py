@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import cbor, certs
-from .algorithms import PrivateKey, SignatureAlgorithm, signature_for
+from .algorithms import PrivateKey, SignatureAlgorithm
 from .cose import (
     ALG,
     CONTENT_TYPE,
@@ -61,7 +61,7 @@ from .cose import (
     _protected_header,
     _unprotected_map,
 )
-from .decoding import SignedHeader, check_encrypt0_headers
+from .decoding import SignedHeader, check_encrypt0_headers, check_signer_claims
 from .errors import InvalidObject, PlaintextTooLarge
 from .keys import MAX_SEQ, AccessSecret, ContentKeys
 from .model import (
@@ -74,7 +74,7 @@ from .model import (
     SUB,
     partial_iv,
 )
-from .names import is_device_id, is_resource_id, owns, require_device_id, require_resource_id
+from .names import owns, require_device_id, require_resource_id
 from .profiles import DEFAULT_PROFILE, Profile
 
 __all__ = [
@@ -99,7 +99,6 @@ PLAIN, ENCRYPTED = 0, 1
 MAX_PARTS = 16
 
 _LABELS = frozenset({ALG, KID, CWT_CLAIMS, SEQ, PARTS})
-_CWT_LABELS = frozenset({ISS, SUB, EXP, IAT})
 _PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 
@@ -243,32 +242,12 @@ def _uint(value: object, what: str) -> int:
 def _check_header(header: HeaderMap, unprotected: HeaderMap) -> PartsMetadata:
     """The Sign1 header checks of :func:`oscar.decoding.check_sign1_headers`, in its order, for
     the multi-part label set, then the descriptors."""
-    if header.keys() != _LABELS:
-        raise InvalidObject("multi-part protected header has missing or unknown labels")
-    if unprotected:
-        raise InvalidObject("Sign1 unprotected header is not empty")
-    signature_algorithm = signature_for(header[ALG])
-    kid = header[KID]
-    if type(kid) is not bytes or len(kid) != certs.KID_LENGTH:
-        raise InvalidObject("kid is not an 8-byte string")
-    claims = header[CWT_CLAIMS]
-    if type(claims) is not dict or claims.keys() != _CWT_LABELS:
-        raise InvalidObject("CWT claims are missing or unknown")
-    producer_id, resource_id = claims[ISS], claims[SUB]
-    if not is_device_id(producer_id):
-        raise InvalidObject("iss is not a well-formed producer id")
-    if not is_resource_id(resource_id):
-        raise InvalidObject("sub is not a well-formed resource id")
-    if not owns(producer_id, resource_id):
-        raise InvalidObject("resource does not belong to the issuing producer")
-    iat, exp = _uint(claims[IAT], "iat"), _uint(claims[EXP], "exp")
-    if exp < iat:
-        raise InvalidObject("exp precedes iat")
+    signature_algorithm, kid, producer_id, resource_id, iat, exp = check_signer_claims(
+        header, unprotected, _LABELS, "multi-part"
+    )
     seq = _uint(header[SEQ], "seq")
     parts = _descriptors(header[PARTS])
-    return PartsMetadata(
-        str(producer_id), str(resource_id), seq, iat, exp, signature_algorithm, kid, parts
-    )
+    return PartsMetadata(producer_id, resource_id, seq, iat, exp, signature_algorithm, kid, parts)
 
 
 def _descriptors(raw: cbor.Value) -> tuple[PartDescriptor, ...]:
