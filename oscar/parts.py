@@ -76,6 +76,7 @@ from .model import (
 )
 from .names import owns, require_device_id, require_resource_id
 from .profiles import DEFAULT_PROFILE, Profile
+from .sealer import signing_key_for
 
 __all__ = [
     "ENCRYPTED",
@@ -338,13 +339,7 @@ def seal_parts(
         raise ValueError("two parts have the same name")
     if all(p.secret is None for p in parts):
         raise ValueError("at least one part must be encrypted (no object goes unprotected)")
-    if not isinstance(signing_key, certs.SigningKey):
-        signing_key = certs.SigningKey.from_private_key(signing_key)
-    if signing_key.algorithm is not profile.signature:
-        raise ValueError(
-            f"profile {profile.name} signs with {profile.signature.name}, "
-            f"but the key is a {signing_key.algorithm.name} key"
-        )
+    signing_key = signing_key_for(profile, signing_key)
     aead = profile.aead
     limit = aead.max_plaintext
     for p in parts:

@@ -21,7 +21,7 @@ from .model import CWT_CLAIMS, EPOCH, EXP, IAT, ISS, SEQ, SUB, partial_iv
 from .names import owns, require_device_id, require_resource_id
 from .profiles import DEFAULT_PROFILE, Profile
 
-__all__ = ["Sealer", "seal"]
+__all__ = ["Sealer", "seal", "signing_key_for"]
 
 
 class Sealer:
@@ -66,13 +66,7 @@ class Sealer:
         if not owns(producer_id, resource_id):
             raise ValueError(f"resource {resource_id!r} is not of the form '{producer_id}/<path>'")
         _check_uint("epoch", epoch)
-        if not isinstance(signing_key, certs.SigningKey):
-            signing_key = certs.SigningKey.from_private_key(signing_key)
-        if signing_key.algorithm is not profile.signature:
-            raise ValueError(
-                f"profile {profile.name} signs with {profile.signature.name}, "
-                f"but the key is a {signing_key.algorithm.name} key"
-            )
+        signing_key = signing_key_for(profile, signing_key)
         aead = profile.aead
         if isinstance(secret, ContentKeys):
             if (secret.resource_id, secret.epoch, secret.aead) != (resource_id, epoch, aead):
@@ -184,6 +178,20 @@ _SIGN1_HEAD = head(6, SIGN1_TAG) + b"\x84"
 _ENCRYPT0_HEAD = head(6, ENCRYPT0_TAG) + b"\x83"
 _PIV_HEAD = head(5, 1) + dumps(PARTIAL_IV)  # the unprotected header {6: Partial IV}
 _IAT_LABEL = dumps(IAT)
+
+
+def signing_key_for(profile: Profile, key: PrivateKey | certs.SigningKey) -> certs.SigningKey:
+    """``key`` as a :class:`~oscar.certs.SigningKey`; ValueError unless ``profile`` signs with its
+    algorithm."""
+    signing_key = (
+        key if isinstance(key, certs.SigningKey) else certs.SigningKey.from_private_key(key)
+    )
+    if signing_key.algorithm is not profile.signature:
+        raise ValueError(
+            f"profile {profile.name} signs with {profile.signature.name}, "
+            f"but the key is a {signing_key.algorithm.name} key"
+        )
+    return signing_key
 
 
 def _check_uint(name: str, value: object) -> None:
